@@ -23,7 +23,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import yaml
+from .yamlio import read_yaml_mapping
 
 METHODS = ("fedprime", "fed-intra", "fed-inter", "fedavg-p", "pfpt", "fedprox-p", "centralized-p")
 DATASETS = ("embedded", "food101", "mmimdb")
@@ -426,17 +426,7 @@ def load_yaml_config(path: str | Path) -> dict[str, Any]:
     Returns the raw mapping (so it can be merged with other overrides); the values are
     checked by parsing them once here.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file {str(path)!r} does not exist")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"config file {str(path)!r} is not valid YAML: {exc}") from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"config file {str(path)!r} must hold a mapping of run-config keys")
+    data = read_yaml_mapping(path, "config file", ConfigError)
     parse_run_config(data)
     return data
 

@@ -48,12 +48,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import yaml
 
 from .cli import to_toml
 from .config import ConfigError, config_to_dict, parse_run_config
 from .data.missing import TEST_SETTINGS
 from .launch import APP_DIR, flower_env, run_flwr, stop_marked
+from .yamlio import read_yaml_mapping
 
 ABLATION_METHODS = ("fedavg-p", "fed-intra", "fed-inter", "fedprime")
 ROBUSTNESS_METHODS = ("fedprime", "fedavg-p", "centralized-p")
@@ -102,12 +102,7 @@ def load_plan(path: str | Path) -> Plan:
         ConfigError: naming the file, sub-grid and key that is wrong.
     """
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"grid file {str(path)!r} does not exist")
-    try:
-        spec = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"grid file {str(path)!r} is not valid YAML: {exc}") from None
+    spec = read_yaml_mapping(path, "grid file", ConfigError)
     unknown = set(spec) - {"name", "output", "federation", "base", "grids", "description"}
     if unknown:
         raise ConfigError(f"grid file {path}: unknown top-level key(s) {sorted(unknown)}")

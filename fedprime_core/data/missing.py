@@ -23,8 +23,8 @@ import enum
 from pathlib import Path
 
 import numpy as np
-import yaml
 
+from ..yamlio import read_yaml_mapping
 from .records import DataError
 
 
@@ -127,13 +127,8 @@ def load_missing_table(path: str | Path, num_clients: int) -> np.ndarray:
         1: [0.2, 0.0, 0.8]
     """
     path = Path(path)
-    if not path.is_file():
-        raise DataError(f"missing-table file {str(path)!r} does not exist")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise DataError(f"missing-table file {str(path)!r} is not valid YAML: {exc}") from None
-    if not isinstance(data, dict):
+    data = read_yaml_mapping(path, "missing-table file", DataError)
+    if not data:
         raise DataError(f"missing-table file {str(path)!r} must map client ids to mixtures")
 
     def parse(key: object, value: object) -> np.ndarray:
