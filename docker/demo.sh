@@ -1,0 +1,263 @@
+#!/usr/bin/env bash
+# FedPrime multi-client demo on Flower's Deployment Runtime with Docker Compose.
+#
+#   docker/demo.sh [--tls] [--gpu] [--no-build] [--keep]
+#
+# Builds the app image, starts a SuperLink, its ServerApp executor and three SuperNodes
+# with their ClientApp executors (docker/compose.yml), runs a small FedPrime federation on
+# them with `flwr run . <connection>`, waits for it to finish, prints the results and
+# tears the stack down (also when anything fails).
+#
+#   --tls       TLS between SuperNodes / ServerApp executor / flwr CLI and the SuperLink
+#               (docker/compose.tls.yml; certificates from docker/gen_certs.sh)
+#   --gpu       one GPU per ClientApp executor (docker/compose.gpu.yml; needs the NVIDIA
+#               container toolkit and a CUDA build of torch in the image, see docker/Dockerfile)
+#   --no-build  use the existing $FEDPRIME_IMAGE
+#   --keep      leave the stack running (stop it with the `down` command printed at the end)
+#
+# Environment (optional)
+#   BASE_IMAGE            base of the app image; default flwr/superexec:1.41.0 if it can be
+#                         pulled, else fedprime-base:local (made by docker/make_base_image.sh)
+#   FEDPRIME_IMAGE        app image tag, default fedprime-superexec:latest
+#   DEMO_RUN_CONFIG       extra run-config overrides, e.g. 'num-server-rounds=5 method="pfpt"'
+#   DEMO_TIMEOUT          seconds to wait for the run, default 1800
+#   FEDPRIME_RESULTS_DIR  where results land on this host, default docker/.build/results
+#   FEDPRIME_CACHE_SEED   a host folder of already prepared models (a FEDPRIME_CACHE, e.g.
+#                         ~/.cache/fedprime) copied into the shared model cache first, so
+#                         model-init finds tiny-vilt there instead of generating it again
+#   COMPOSE_PROJECT_NAME  default fedprime-demo
+#
+# The last line printed on success is `RESULTS <folder>`.
+set -euo pipefail
+
+HERE=$(cd "$(dirname "$0")" && pwd)
+ROOT=$(cd "$HERE/.." && pwd)
+TLS=0 GPU=0 BUILD=1 KEEP=0
+for arg in "$@"; do
+    case "$arg" in
+        --tls) TLS=1 ;;
+        --gpu) GPU=1 ;;
+        --no-build) BUILD=0 ;;
+        --keep) KEEP=1 ;;
+        -h | --help)
+            sed -n '2,30p' "$0"
+            exit 0
+            ;;
+        *)
+            echo "unknown option $arg (see --help)" >&2
+            exit 2
+            ;;
+    esac
+done
+
+FLWR_VERSION=1.41.0
+OFFICIAL_BASE="flwr/superexec:$FLWR_VERSION"
+export FEDPRIME_IMAGE=${FEDPRIME_IMAGE:-fedprime-superexec:latest}
+export COMPOSE_PROJECT_NAME=${COMPOSE_PROJECT_NAME:-fedprime-demo}
+export FEDPRIME_RESULTS_DIR=${FEDPRIME_RESULTS_DIR:-$HERE/.build/results}
+DEMO_TIMEOUT=${DEMO_TIMEOUT:-1800}
+T0=$(date +%s)
+stamp() { echo "[demo $(($(date +%s) - T0))s] $*"; }
+
+if ! docker info >/dev/null 2>&1; then
+    echo "no Docker engine is reachable (docker info failed). Start one first" \
+        "(on a machine without one: sudo docker/local-engine.sh start)." >&2
+    exit 1
+fi
+if docker compose version >/dev/null 2>&1; then
+    COMPOSE=(docker compose)
+elif command -v docker-compose >/dev/null 2>&1; then
+    COMPOSE=(docker-compose)
+else
+    echo "neither 'docker compose' nor 'docker-compose' is installed" >&2
+    exit 1
+fi
+if [ -x "$ROOT/.venv/bin/flwr" ]; then
+    FLWR="$ROOT/.venv/bin/flwr"
+    PY="$ROOT/.venv/bin/python"
+else
+    FLWR=$(command -v flwr) || {
+        echo "the flwr CLI is needed on this host: pip install 'flwr==$FLWR_VERSION'" >&2
+        exit 1
+    }
+    PY=$(command -v python3)
+fi
+
+# ------------------------------------------------------------------ images
+have_image() { docker image inspect "$1" >/dev/null 2>&1; }
+pullable() { have_image "$1" || docker pull -q "$1" >/dev/null 2>&1; }
+
+if [ "$BUILD" = 1 ] || ! have_image "$FEDPRIME_IMAGE"; then
+    if [ -z "${BASE_IMAGE:-}" ]; then
+        if pullable "$OFFICIAL_BASE"; then
+            BASE_IMAGE=$OFFICIAL_BASE
+        else
+            BASE_IMAGE=fedprime-base:local
+            stamp "$OFFICIAL_BASE cannot be pulled (no registry?); using the local base $BASE_IMAGE"
+            have_image "$BASE_IMAGE" || bash "$HERE/make_base_image.sh" "$BASE_IMAGE"
+        fi
+    fi
+    export BASE_IMAGE
+    stamp "building $FEDPRIME_IMAGE from $BASE_IMAGE"
+    bash "$HERE/build_image.sh" "$FEDPRIME_IMAGE"
+fi
+# SuperLink and SuperNodes: Flower's images where they can be had, else the app image
+# (it holds the same flwr; compose.yml sets the entrypoints explicitly).
+if [ -z "${SUPERLINK_IMAGE:-}" ]; then
+    if pullable "flwr/superlink:$FLWR_VERSION"; then SUPERLINK_IMAGE="flwr/superlink:$FLWR_VERSION"; else SUPERLINK_IMAGE=$FEDPRIME_IMAGE; fi
+fi
+if [ -z "${SUPERNODE_IMAGE:-}" ]; then
+    if pullable "flwr/supernode:$FLWR_VERSION"; then SUPERNODE_IMAGE="flwr/supernode:$FLWR_VERSION"; else SUPERNODE_IMAGE=$FEDPRIME_IMAGE; fi
+fi
+export SUPERLINK_IMAGE SUPERNODE_IMAGE
+stamp "images: app $FEDPRIME_IMAGE, superlink $SUPERLINK_IMAGE, supernode $SUPERNODE_IMAGE"
+
+# ------------------------------------------------------------------ stack
+FILES=(-f "$HERE/compose.yml")
+if [ "$TLS" = 1 ]; then
+    [ -f "$HERE/certs/ca.crt" ] || bash "$HERE/gen_certs.sh"
+    FILES+=(-f "$HERE/compose.tls.yml")
+fi
+[ "$GPU" = 1 ] && FILES+=(-f "$HERE/compose.gpu.yml")
+compose() { "${COMPOSE[@]}" "${FILES[@]}" "$@"; }
+
+SUPERLINK_PORT=${SUPERLINK_PORT:-$("$PY" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')}
+export SUPERLINK_PORT
+mkdir -p "$FEDPRIME_RESULTS_DIR"
+chmod a+rwx "$FEDPRIME_RESULTS_DIR" # the containers write as uid 49999 (Flower's `app` user)
+FLWR_HOME=$(mktemp -d "${TMPDIR:-/tmp}/fedprime-demo-flwr.XXXXXX")
+export FLWR_HOME FLWR_TELEMETRY_ENABLED=0 FLWR_DISABLE_UPDATE_CHECK=1
+LOGS="$FLWR_HOME/logs"
+mkdir -p "$LOGS"
+
+cleanup() {
+    rc=$?
+    set +e
+    if [ "$KEEP" = 1 ] && [ "$rc" = 0 ]; then
+        echo "stack left running; stop it with:"
+        echo "  COMPOSE_PROJECT_NAME=$COMPOSE_PROJECT_NAME ${COMPOSE[*]} ${FILES[*]} down -v"
+    else
+        compose logs --no-color >"$LOGS/compose.log" 2>&1
+        if [ "$rc" != 0 ]; then
+            echo "---- last container logs ----" >&2
+            tail -60 "$LOGS/compose.log" >&2
+        fi
+        stamp "tearing down"
+        compose down -v --remove-orphans >/dev/null 2>&1
+    fi
+    if [ -n "${RUN_DIR:-}" ] && [ -d "$RUN_DIR" ]; then
+        cp "$LOGS"/* "$RUN_DIR/" 2>/dev/null
+    fi
+    rm -rf "$FLWR_HOME"
+    exit "$rc"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+if [ -n "${FEDPRIME_CACHE_SEED:-}" ]; then
+    stamp "seeding the shared model cache from $FEDPRIME_CACHE_SEED"
+    # As root: the host's cache may be readable by its owner only; the copy goes to uid 49999.
+    compose run --rm -u 0 -v "$(cd "$FEDPRIME_CACHE_SEED" && pwd):/seed:ro" --entrypoint sh model-init -c \
+        'cd /seed && for d in */; do if [ -f "$d/model.safetensors" ]; then cp -r "$d" /cache/fedprime/; fi; done
+         chown -R 49999:49999 /cache && ls /cache/fedprime'
+fi
+stamp "preparing the shared model cache (model-init)"
+compose run --rm model-init
+stamp "starting the stack (SuperLink on 127.0.0.1:$SUPERLINK_PORT)"
+compose up -d
+
+# The flwr CLI's connection to this SuperLink, in a private FLWR_HOME.
+{
+    echo '[superlink]'
+    echo 'default = "fedprime-docker"'
+    echo
+    echo '[superlink.fedprime-docker]'
+    echo "address = \"127.0.0.1:$SUPERLINK_PORT\""
+    if [ "$TLS" = 1 ]; then
+        echo "root-certificates = \"$HERE/certs/ca.crt\""
+    else
+        echo 'insecure = true'
+    fi
+} >"$FLWR_HOME/config.toml"
+
+json_field() { "$PY" -c "import json,sys
+text = sys.stdin.read()
+start = text.find('{')
+data = json.loads(text[start:]) if start >= 0 else {}
+print(eval(sys.argv[1], {'d': data}))" "$1"; }
+
+stamp "waiting for 3 SuperNodes"
+for i in $(seq 1 120); do
+    online=$("$FLWR" supernode ls fedprime-docker --format json 2>/dev/null |
+        json_field "sum(n.get('status') == 'online' for n in d.get('nodes', []))" 2>/dev/null || echo 0)
+    [ "$online" -ge 3 ] && break
+    if [ "$i" = 120 ]; then
+        echo "only $online of 3 SuperNodes came online within 240 s" >&2
+        exit 1
+    fi
+    sleep 2
+done
+stamp "$online SuperNodes online"
+
+RUN_NAME="docker-demo-$(date +%Y%m%d-%H%M%S)"
+RUN_CONFIG="num-server-rounds=2 max-train-samples=600 max-test-samples=200 tau=8 kappa=2"
+RUN_CONFIG+=" min-available-nodes=3 missing-table=\"/fedprime/missing-table.yaml\""
+RUN_CONFIG+=" results-dir=\"/results\" run-name=\"$RUN_NAME\""
+extra=()
+[ -n "${DEMO_RUN_CONFIG:-}" ] && extra=(--run-config "$DEMO_RUN_CONFIG")
+stamp "flwr run . fedprime-docker --run-config '$RUN_CONFIG'"
+cd "$ROOT"
+"$FLWR" run . fedprime-docker --run-config "$RUN_CONFIG" "${extra[@]}" --format json >"$LOGS/flwr-run.json"
+RUN_ID=$(json_field "d['run-id']" <"$LOGS/flwr-run.json")
+stamp "run $RUN_ID started; waiting for it to finish (flwr ls)"
+RUN_T0=$(date +%s)
+status=""
+while :; do
+    status=$("$FLWR" ls fedprime-docker --run-id "$RUN_ID" --format json 2>/dev/null |
+        json_field "d['runs'][0]['status']" 2>/dev/null || echo unknown)
+    case "$status" in finished*) break ;; esac
+    if [ $(($(date +%s) - RUN_T0)) -gt "$DEMO_TIMEOUT" ]; then
+        echo "run $RUN_ID did not finish within $DEMO_TIMEOUT s (status: $status)" >&2
+        "$FLWR" stop "$RUN_ID" fedprime-docker >/dev/null 2>&1 || true
+        exit 1
+    fi
+    sleep 5
+done
+RUN_SECONDS=$(($(date +%s) - RUN_T0))
+"$FLWR" log "$RUN_ID" fedprime-docker --show >"$LOGS/flwr-log.txt" 2>&1 || true
+stamp "run $RUN_ID: $status after $RUN_SECONDS s"
+
+RUN_DIR="$FEDPRIME_RESULTS_DIR/$RUN_NAME"
+# The ServerApp writes as uid 49999, some files owner-only: make them readable on this host.
+compose exec -T superexec-serverapp chmod -R a+rX "/results/$RUN_NAME" >/dev/null 2>&1 || true
+if [ "$status" != "finished:completed" ] || [ ! -f "$RUN_DIR/summary.md" ]; then
+    echo "run $RUN_ID ended as '$status'; ServerApp log:" >&2
+    tail -40 "$LOGS/flwr-log.txt" >&2
+    exit 1
+fi
+
+echo
+cat "$RUN_DIR/summary.md"
+echo
+"$PY" - "$RUN_DIR" <<'EOF'
+import json
+import sys
+from pathlib import Path
+
+run = Path(sys.argv[1])
+clients = json.loads((run / "clients.json").read_text())
+print("| partition | train samples | complete | text-missing | image-missing | last round |")
+print("|---|---|---|---|---|---|")
+for key in sorted(clients, key=int):
+    c = clients[key]
+    print(
+        f"| {c['partition-id']} | {c['num-train']} | {c.get('complete', 0)} | {c.get('text-missing', 0)} "
+        f"| {c.get('image-missing', 0)} | {c.get('last-round', '')} |"
+    )
+rounds = [r for r in json.loads((run / "metrics.json").read_text()) if r.get("round", 0) > 0]
+print()
+print("accepted client updates per round:", ", ".join(f"round {r['round']}: {r.get('accepted')}" for r in rounds))
+EOF
+echo
+stamp "done: build+stack+run in $(($(date +%s) - T0)) s (federation $RUN_SECONDS s)"
+echo "RESULTS $RUN_DIR"

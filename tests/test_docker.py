@@ -1,0 +1,330 @@
+"""The Docker Compose deployment (docker/): static checks always, the real demo when Docker runs.
+
+The static tests parse docker/compose.yml and its GPU and TLS overrides with PyYAML and
+check them against the installed flwr's own ``--help`` (so a flag renamed by a Flower
+release fails here, not on a user's machine). The slow test runs ``docker/demo.sh``
+end to end; it needs a reachable Docker engine and is skipped otherwise (CI has none).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCKER = ROOT / "docker"
+FLWR_VERSION = "1.41.0"
+NUM_CLIENTS = 3
+
+
+def readme_services() -> list[str]:
+    """Service names in the first column of the README's Docker service table."""
+    text = (ROOT / "README.md").read_text()
+    section = text.split("\n## Docker demo\n", 1)[1].split("\n## ", 1)[0]
+    names: list[str] = []
+    for line in section.splitlines():
+        if line.startswith("| `"):
+            names += re.findall(r"`([a-z0-9-]+)`", line.split("|")[1])
+    return names
+
+
+def load(name: str) -> dict:
+    return yaml.safe_load((DOCKER / name).read_text())
+
+
+def services(name: str = "compose.yml") -> dict[str, dict]:
+    return load(name)["services"]
+
+
+def merged(*names: str) -> dict[str, dict]:
+    """Services after Compose's override rules for the keys used here (command replaced, rest merged)."""
+    out: dict[str, dict] = {}
+    for name in names:
+        for svc, spec in services(name).items():
+            out.setdefault(svc, {}).update(spec)
+    return out
+
+
+def flag_value(command: list[str], flag: str) -> str | None:
+    for i, arg in enumerate(command):
+        if arg == flag:
+            return command[i + 1]
+        if arg.startswith(flag + "="):
+            return arg.split("=", 1)[1]
+    return None
+
+
+def node_config(command: list[str]) -> dict[str, str]:
+    text = flag_value(command, "--node-config") or ""
+    return dict(item.split("=", 1) for item in text.split())
+
+
+def role(spec: dict) -> str:
+    """Which Flower binary a service runs (explicit entrypoint, else the app image's)."""
+    entry = spec.get("entrypoint")
+    if isinstance(entry, list):
+        return entry[0]
+    return entry or "flower-superexec"
+
+
+@functools.cache
+def help_flags(binary: str) -> frozenset[str]:
+    path = shutil.which(binary, path=str(Path(sys.executable).parent)) or shutil.which(binary)
+    if path is None:
+        pytest.skip(f"{binary} is not installed")
+    out = subprocess.run([path, "--help"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    return frozenset(re.findall(r"(--[a-z][a-z0-9-]*)", out.stdout))
+
+
+def assert_flags_known(spec: dict, service: str) -> None:
+    binary = role(spec)
+    known = help_flags(binary)
+    for arg in spec.get("command", []):
+        if arg.startswith("--"):
+            flag = arg.split("=", 1)[0]
+            assert flag in known, f"{service}: {binary} {FLWR_VERSION} has no flag {flag}"
+
+
+# ----------------------------------------------------------------------------- static
+
+
+def test_compose_has_every_service_the_readme_names():
+    svc = services()
+    named = readme_services()
+    assert len(named) >= 3 + 2 * NUM_CLIENTS, f"README's Docker section names too few services: {named}"
+    assert set(named) == set(svc), "README's service table and docker/compose.yml disagree"
+    for name in named:
+        assert name in svc, f"docker/compose.yml lacks service {name!r}"
+    assert len([s for s in svc if s.startswith("supernode-")]) >= 3
+
+
+@pytest.mark.parametrize("files", [("compose.yml",), ("compose.yml", "compose.tls.yml")])
+def test_every_flower_command_uses_flags_of_the_installed_flwr(files):
+    for name, spec in merged(*files).items():
+        if role(spec).startswith("flower-"):
+            assert_flags_known(spec, name)
+
+
+def test_supernodes_have_distinct_partitions_and_executors():
+    svc = services()
+    nodes = {name: spec for name, spec in svc.items() if name.startswith("supernode-")}
+    partitions = []
+    ports = {}
+    for name, spec in nodes.items():
+        cmd = spec["command"]
+        assert role(spec) == "flower-supernode"
+        assert flag_value(cmd, "--isolation") == "process", name
+        assert flag_value(cmd, "--superlink") == "superlink:8000", name
+        assert flag_value(cmd, "--host") == "0.0.0.0", name
+        config = node_config(cmd)
+        partitions.append(int(config["partition-id"]))
+        assert int(config["num-partitions"]) == len(nodes), name
+        ports[name] = flag_value(cmd, "--port")
+    assert sorted(partitions) == list(range(len(nodes))), "partition-ids must be 0..N-1, each once"
+
+    # Each SuperNode has exactly one ClientApp executor, connected to its Runtime API.
+    executors = {name: spec for name, spec in svc.items() if name.startswith("superexec-clientapp-")}
+    targets = sorted(flag_value(spec["command"], "--runtime-api-address") for spec in executors.values())
+    assert targets == sorted(f"{name}:{port}" for name, port in ports.items())
+
+
+def test_superlink_and_serverapp_executor():
+    svc = services()
+    link = svc["superlink"]["command"]
+    assert role(svc["superlink"]) == "flower-superlink"
+    assert flag_value(link, "--isolation") == "process"
+    assert "--insecure" in link and flag_value(link, "--port") == "8000"
+    # Only the SuperLink's port is published, and only on the host's loopback.
+    assert svc["superlink"]["ports"] == ["127.0.0.1:${SUPERLINK_PORT:-8000}:8000"]
+    for name, spec in svc.items():
+        if name != "superlink":
+            assert "ports" not in spec, f"{name} should not publish ports"
+    server = svc["superexec-serverapp"]
+    assert role(server) == "flower-superexec"
+    assert flag_value(server["command"], "--runtime-api-address") == "superlink:8000"
+    assert any(v.endswith(":/results") for v in server["volumes"]), "results must reach the host"
+
+
+def test_volumes_model_cache_shared_read_only_and_data_per_client():
+    svc = services()
+    data_volumes = []
+    for name, spec in svc.items():
+        if name.startswith("superexec-"):
+            assert "model-cache:/cache:ro" in spec["volumes"], name
+            env = spec["environment"]
+            assert env["FEDPRIME_CACHE"].startswith("/cache/") and env["HF_HOME"].startswith("/cache/")
+            assert env["FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"] == "1"
+        if name.startswith("superexec-clientapp-"):
+            data = [v for v in spec["volumes"] if v.endswith(":/data:ro")]
+            assert len(data) == 1, name
+            data_volumes.append(data[0])
+            assert "./missing-table.yaml:/fedprime/missing-table.yaml:ro" in spec["volumes"]
+    assert len(set(data_volumes)) == NUM_CLIENTS, "every client needs its own data volume"
+    assert "model-cache:/cache" in svc["model-init"]["volumes"]
+
+
+def test_missing_table_gives_each_client_its_own_mixture():
+    from fedprime_core.data.missing import load_missing_table
+
+    table = load_missing_table(DOCKER / "missing-table.yaml", NUM_CLIENTS)
+    assert table.shape == (NUM_CLIENTS, 3)
+    np.testing.assert_allclose(table.sum(axis=1), 1.0)
+    assert len({tuple(row) for row in table}) == NUM_CLIENTS
+
+
+def test_gpu_override_reserves_one_gpu_per_client():
+    base = services()
+    gpu = services("compose.gpu.yml")
+    clients = sorted(name for name in base if name.startswith("superexec-clientapp-"))
+    assert set(gpu) <= set(base), "the GPU override names a service compose.yml lacks"
+    assert sorted(gpu) == clients
+    device_ids = []
+    for name in clients:
+        devices = gpu[name]["deploy"]["resources"]["reservations"]["devices"]
+        assert len(devices) == 1, name
+        (dev,) = devices
+        assert dev["driver"] == "nvidia" and "gpu" in dev["capabilities"], name
+        ids = dev.get("device_ids")
+        assert (ids is not None and len(ids) == 1 and "count" not in dev) or (ids is None and dev["count"] == 1), name
+        device_ids.append(ids[0] if ids else None)
+    if all(device_ids):
+        assert len(set(device_ids)) == len(clients), "by default each client gets a GPU of its own"
+
+
+def test_tls_override():
+    base = services()
+    tls = load("compose.tls.yml")
+    svc = tls["services"]
+    assert set(svc) <= set(base)
+    link = svc["superlink"]["command"]
+    assert "--insecure" not in link
+    for flag in ("--ssl-ca-certfile", "--ssl-certfile", "--ssl-keyfile"):
+        assert flag_value(link, flag), flag
+    for name in [n for n in base if n.startswith("supernode-")]:
+        cmd = svc[name]["command"]
+        assert "--insecure" not in cmd and flag_value(cmd, "--root-certificates"), name
+        # The TLS variant must keep the node's identity.
+        assert node_config(cmd) == node_config(base[name]["command"]), name
+        assert flag_value(cmd, "--port") == flag_value(base[name]["command"], "--port"), name
+    server = svc["superexec-serverapp"]["command"]
+    assert "--insecure" not in server and flag_value(server, "--root-certificates")
+    files = {s["file"] for s in tls["secrets"].values()}
+    assert files == {"./certs/ca.crt", "./certs/server.pem", "./certs/server.key"}
+    ignored = (ROOT / ".gitignore").read_text().split()
+    assert "docker/certs/" in ignored, "generated certificates must stay out of git"
+
+
+def test_dockerfile_follows_flowers_layout():
+    text = (DOCKER / "Dockerfile").read_text()
+    assert f"ARG BASE_IMAGE=flwr/superexec:{FLWR_VERSION}" in text
+    import flwr
+
+    assert flwr.__version__ == FLWR_VERSION, "update the image tags in docker/ together with flwr"
+    assert "ARG TORCH_SPEC=" in text and "ARG TORCH_INDEX_URL=" in text
+    assert "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1" in text
+    assert 'ENTRYPOINT ["flower-superexec"]' in text
+
+
+@pytest.mark.parametrize(
+    "script", ["demo.sh", "build_image.sh", "make_base_image.sh", "local-engine.sh", "gen_certs.sh"]
+)
+def test_scripts_parse(script):
+    out = subprocess.run(["bash", "-n", str(DOCKER / script)], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+
+
+# ----------------------------------------------------------------------------- end to end
+
+
+def docker_engine() -> str | None:
+    """``None`` when a Docker engine answers, else why not."""
+    if shutil.which("docker") is None:
+        return "no docker CLI on this machine"
+    try:
+        out = subprocess.run(["docker", "info"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return f"docker info failed: {exc}"
+    if out.returncode != 0:
+        return "no Docker engine is reachable (docker info failed); start one to run the demo test"
+    return None
+
+
+def run_demo(env: dict[str, str], timeout: float) -> subprocess.CompletedProcess:
+    """Run docker/demo.sh; on a timeout, interrupt it so that its trap still tears the stack down."""
+    proc = subprocess.Popen(
+        ["bash", str(DOCKER / "demo.sh")],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGINT)  # demo.sh's trap runs `docker compose down -v`
+        try:
+            stdout, stderr = proc.communicate(timeout=180)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            stdout, stderr = proc.communicate()
+        pytest.fail(f"docker/demo.sh did not finish within {timeout} s:\n{(stdout + stderr)[-6000:]}")
+    return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
+
+
+@pytest.mark.slow
+def test_demo_runs_end_to_end_with_every_client_contributing(tmp_path):
+    reason = docker_engine()
+    if reason:
+        pytest.skip(reason)
+    from fedprime_core.backbones.tiny import ensure_tiny_vilt, fedprime_cache_dir
+
+    ensure_tiny_vilt()  # seeds the containers' model cache: no second generation (minutes)
+    env = {
+        **os.environ,
+        "FEDPRIME_RESULTS_DIR": str(tmp_path / "results"),
+        "FEDPRIME_CACHE_SEED": str(fedprime_cache_dir()),
+        "COMPOSE_PROJECT_NAME": "fedprime-test-" + re.sub(r"[^a-z0-9]", "", tmp_path.name.lower())[-12:],
+    }
+    out = run_demo(env, timeout=3600)
+    log = out.stdout + out.stderr
+    assert out.returncode == 0, log[-6000:]
+    match = re.search(r"^RESULTS (.+)$", out.stdout, re.MULTILINE)
+    assert match, log[-3000:]
+    run = Path(match.group(1))
+
+    clients = json.loads((run / "clients.json").read_text())
+    assert sorted(int(c["partition-id"]) for c in clients.values()) == list(range(NUM_CLIENTS))
+    # Each client trained with its own mixture from docker/missing-table.yaml.
+    table = yaml.safe_load((DOCKER / "missing-table.yaml").read_text())
+    for client in clients.values():
+        expected = table[int(client["partition-id"])]
+        np.testing.assert_allclose(
+            client["mixture"], [expected["complete"], expected["text-missing"], expected["image-missing"]]
+        )
+    records = [r for r in json.loads((run / "metrics.json").read_text()) if r["round"] > 0]
+    assert [r["round"] for r in records] == [1, 2]
+    for record in records:
+        assert record["accepted"] == NUM_CLIENTS and record["rejected"] == 0, record
+        assert np.isfinite(record["train-loss"])
+    assert "| final" in (run / "summary.md").read_text()
+    # Nothing of the demo stays up.
+    left = subprocess.run(
+        ["docker", "ps", "-q", "--filter", f"label=com.docker.compose.project={env['COMPOSE_PROJECT_NAME']}"],
+        capture_output=True,
+        text=True,
+    )
+    assert left.stdout.strip() == ""
