@@ -58,6 +58,21 @@ def test_each_bad_reply_is_rejected_with_its_reason(mutate, fragment):
     assert any(fragment in r for r in found), found
 
 
+def test_norm_and_finiteness_are_exact_where_the_squares_overflow_the_dtype():
+    """float16 squares of 300 overflow (max 65504): the values are finite and the norm is in bounds."""
+    update = good_update()
+    update.state["head.weight"] = np.full((2, 3), 30.0, np.float16)  # norm 73.5 < 100, squares 900: no overflow
+    assert reasons(update) == []
+    update.state["head.weight"] = np.array([[300.0, 0, 0], [0, 0, 0]], np.float16)  # 300^2 overflows float16
+    assert any("L2 norm 300" in r for r in reasons(update)), reasons(update)
+    update.state["head.weight"] = np.array([[90.0, 0, 0], [0, 0, 0]], np.float16)
+    update.state["pools.inter.keys"] = np.full((4, 3), 1e19, np.float32)  # squares overflow float32
+    found = reasons(update)
+    assert found == [f"array 'pools.inter.keys' has L2 norm {np.sqrt(12) * 1e19:.3g} above the bound 100"], found
+    update.state["pools.inter.keys"][1, 2] = -np.inf
+    assert any("'pools.inter.keys' contains NaN or Inf" in r for r in reasons(update))
+
+
 def test_non_updates_are_rejected_not_raised():
     assert "not a ClientUpdate" in reasons({"state": {}})[0]
     assert reasons(ClientUpdate(state=None, num_examples=1, usage={}))  # type: ignore[arg-type]
