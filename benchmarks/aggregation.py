@@ -1,0 +1,606 @@
+"""Server-side aggregation cost: ``align_prompts`` and ``pfpt_aggregate`` vs a per-centre Python loop.
+
+Input: ``n`` clients, each sending its ``tau = 20`` inter prompts of ``d = 768`` (ViLT-B/32's
+width) and their keys. The prompts lie around ``--centres`` (default 32) shared centres,
+the positions of a global pool: each client used ``tau`` distinct pool positions, and each
+prompt is its centre plus Gaussian noise (local drift), in a random order. Two cases:
+
+* **warm**: ``init_assignments`` are the pool positions each prompt started from this
+  round (what ``aggregate_round`` passes for FedPrime);
+* **cold**: no positions (clusters built from scratch by a sequential pass).
+
+For each ``n`` the script reports the median wall time of ``align_prompts`` (same
+arguments as ``fedprime_core.federated.aggregate_round``: keys, ``max_prompts=100``,
+5 sweeps), the share of it spent in the Hungarian solves, the sweeps actually run (the
+engine stops early at a fixed point), the clusters found and their purity against the
+true centres; the same for ``pfpt_aggregate`` (50 sweeps max); and the growth exponent
+(slope of log time against log n).
+
+Two loop implementations written here serve as the baseline:
+
+* ``loop``: the *same objective and candidate set* as the engine (existing clusters plus
+  one new-cluster column per prompt; Gaussian log-likelihood with the learned scale,
+  learned popularity logit, prior-predictive new-cluster cost), computed the
+  straightforward way of the reference ``NonparametricAgg``: a Python loop over candidate
+  centres with ``torch.distributions.Normal(...).log_prob`` per centre, one Adam step of
+  the scale / popularity nets per client per sweep, scipy's Hungarian per client. It runs
+  as many sweeps as the engine did on the same input. Above ``--loop-budget`` seconds it
+  stops and the total is extrapolated from the client steps done (marked in the output).
+* ``reference``: the reference's own scheme, where *every* local prompt is a candidate
+  centroid (``n * tau`` slots, trained by Adam), so one client step loops over
+  ``n * tau`` centres. Only a few client steps are timed; the sweep time is extrapolated
+  as ``n`` times the median client step.
+
+Run: ``python benchmarks/aggregation.py [--quick] [--out]``.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from typing import Any
+
+import _common  # noqa: F401  (puts the repository root on sys.path)
+import numpy as np
+import torch
+from _common import loglog_slope, machine, median_wall_cpu, parser, table, write_json
+from scipy.optimize import linear_sum_assignment
+from torch import nn
+from torch.distributions import Bernoulli, Independent, Normal
+
+from fedprime_core.aggregation import AlignmentResult, align_prompts, pfpt_aggregate
+from fedprime_core.backbones.base import Backbone
+from fedprime_core.federated import AggregationSettings, ClientUpdate, aggregate_round, validate_update
+from fedprime_core.methods import method_spec
+from fedprime_core.model import PromptedModel, PromptSettings, trainable_state
+
+TAU, DIM, MAX_PROMPTS, SWEEPS, PFPT_SWEEPS = 20, 768, 100, 5, 50
+_INFEASIBLE = -1.0e30
+
+
+# ---------------------------------------------------------------------------------------
+# Input
+# ---------------------------------------------------------------------------------------
+def make_round(
+    n: int, centres: int = 32, tau: int = TAU, dim: int = DIM, noise: float = 0.1, seed: int = 0
+) -> dict[str, Any]:
+    """One round of client uploads around shared centres (see the module docstring).
+
+    Centres are drawn like fresh prompts (uniform in [-1, 1], as ``PromptPool`` initialises
+    them); ``noise`` is the per-coordinate std of each client's drift.
+    """
+    if tau > centres:
+        raise ValueError("each client uses tau distinct pool positions: need centres >= tau")
+    rng = np.random.default_rng(seed)
+    pool = rng.uniform(-1.0, 1.0, (centres, dim))
+    pool_keys = rng.uniform(-1.0, 1.0, (centres, dim))
+    prompts, keys, positions = [], [], []
+    for _ in range(n):
+        pos = rng.choice(centres, tau, replace=False)  # random order: prompts arrive permuted
+        prompts.append(pool[pos] + noise * rng.standard_normal((tau, dim)))
+        keys.append(pool_keys[pos] + noise * rng.standard_normal((tau, dim)))
+        positions.append(pos)
+    weights = rng.integers(50, 500, n).astype(np.float64)  # client sample counts
+    return {
+        "prompts": prompts,
+        "keys": keys,
+        "positions": positions,
+        "weights": weights,
+        "centres": centres,
+        "pool": pool,
+        "pool-keys": pool_keys,
+    }
+
+
+def clustering_quality(assignments: list[np.ndarray], truth: list[np.ndarray]) -> dict[str, Any]:
+    """Clusters found and purity (share of prompts in their cluster's majority centre)."""
+    labels: dict[int, list[int]] = {}
+    for a, t in zip(assignments, truth):
+        for q, c in zip(np.asarray(a).tolist(), np.asarray(t).tolist()):
+            if q >= 0:
+                labels.setdefault(q, []).append(c)
+    total = sum(len(v) for v in labels.values())
+    majority = sum(max(np.bincount(v)) for v in labels.values())
+    return {"clusters": len(labels), "purity": round(majority / max(total, 1), 4)}
+
+
+# ---------------------------------------------------------------------------------------
+# The engine under test
+# ---------------------------------------------------------------------------------------
+def run_engine(data: dict[str, Any], kind: str, sweeps: int | None = None) -> AlignmentResult:
+    common = dict(client_keys=data["keys"], max_prompts=MAX_PROMPTS, seed=1)
+    if kind == "pfpt":
+        return pfpt_aggregate(data["prompts"], data["weights"], n_sweeps=sweeps or PFPT_SWEEPS, **common)
+    init = data["positions"] if kind == "warm" else None
+    return align_prompts(data["prompts"], data["weights"], init_assignments=init, n_sweeps=sweeps or SWEEPS, **common)
+
+
+# ---------------------------------------------------------------------------------------
+# Baseline 1: the same objective, computed per candidate centre in a Python loop
+# ---------------------------------------------------------------------------------------
+class LoopNets(nn.Module):
+    """Scale net ``D -> 128 -> D`` and popularity net ``D -> 128 -> 1``, started as the engine's."""
+
+    def __init__(self, dim: int, hidden: int = 128, min_scale: float = 0.02, seed: int = 1) -> None:
+        super().__init__()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            self.scale = nn.Sequential(nn.Linear(dim, hidden), nn.ReLU(), nn.Linear(hidden, dim))
+            self.pop = nn.Sequential(nn.Linear(dim, hidden), nn.ReLU(), nn.Linear(hidden, 1))
+        with torch.no_grad():
+            self.scale[2].weight.mul_(0.1)
+            self.scale[2].bias.fill_(3.0)
+        self.min_scale = min_scale
+
+    def sigma(self, centre: torch.Tensor) -> torch.Tensor:
+        return self.min_scale + (1.0 - self.min_scale) * torch.sigmoid(self.scale(centre))
+
+    def popularity(self, centre: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(self.pop(centre)).clamp(1e-4, 1 - 1e-4).view(())
+
+
+class BudgetExceeded(Exception):
+    pass
+
+
+def loop_align(
+    prompts: list[np.ndarray],
+    weights: np.ndarray,
+    init: list[np.ndarray] | None,
+    n_sweeps: int,
+    budget: float = float("inf"),
+    seed: int = 1,
+    lr: float = 1e-3,
+) -> dict[str, Any]:
+    """The engine's objective, the reference's way: loop over centres, one Adam step per client.
+
+    Returns the wall time (measured, or extrapolated from the client steps done when
+    ``budget`` seconds run out), the client steps done and planned, and the assignments.
+    """
+    start = time.perf_counter()
+    n = len(prompts)
+    stacked = np.concatenate(prompts)
+    offset = stacked.mean(axis=0)
+    spread = float(np.sqrt(np.mean((stacked - offset) ** 2))) or 1.0
+    z = [torch.from_numpy(((p - offset) / spread).astype(np.float32)) for p in prompts]
+    w = weights / weights.mean()
+    dim = stacked.shape[1]
+    nets = LoopNets(dim, seed=seed)
+    optimiser = torch.optim.Adam(nets.parameters(), lr=lr)
+    sums: dict[int, torch.Tensor] = {}
+    mass: dict[int, float] = {}
+    members: dict[int, int] = {}
+    assign = [[-1] * p.shape[0] for p in prompts]
+    rng = np.random.default_rng(seed)
+    new_logit = float(np.log(1.0 / max(n, 2)) - np.log1p(-1.0 / max(n, 2)))
+    counter = {"steps": 0, "next": 0}
+    planned = n * n_sweeps + (n if init is None else 0)
+
+    def add(t: int, p: int, q: int, sign: float) -> None:
+        if q not in sums:
+            sums[q], mass[q], members[q] = torch.zeros(dim), 0.0, 0
+        sums[q] += sign * float(w[t]) * z[t][p]
+        mass[q] += sign * float(w[t])
+        members[q] += int(sign)
+        if members[q] == 0:
+            del sums[q], mass[q], members[q]
+
+    def client_step(t: int) -> None:
+        if time.perf_counter() - start > budget:
+            raise BudgetExceeded
+        m = z[t].shape[0]
+        for p, q in enumerate(assign[t]):
+            if q >= 0:
+                add(t, p, q, -1.0)
+        active = list(sums)
+        used = set(assign[t])
+        columns, pop_logits, terms = [], [], []
+        variance = torch.zeros(dim)
+        for q in active:  # the per-candidate-centre loop
+            centre = (sums[q] / mass[q]).view(1, -1)
+            sigma = nets.sigma(centre)
+            loglik = Independent(Normal(centre, sigma), 1).log_prob(z[t])  # (m,)
+            u = nets.popularity(centre)
+            columns.append(loglik)
+            pop_logits.append(torch.log(u) - torch.log1p(-u))
+            variance += sigma.detach().pow(2).view(-1)
+            terms.append(Bernoulli(probs=u).log_prob(torch.tensor(1.0 if q in used else 0.0)))
+            terms += [loglik[p] for p, a in enumerate(assign[t]) if a == q]
+        if terms:  # one Adam step on this client's share of J
+            optimiser.zero_grad()
+            (-torch.stack(terms).sum()).backward()
+            optimiser.step()
+        variance = variance / len(active) if active else torch.ones(dim)
+        prior = Independent(Normal(torch.zeros(dim), torch.sqrt(1.0 + variance)), 1)
+        new_block = np.full((m, m), _INFEASIBLE)
+        for p in range(m):
+            new_block[p, p] = float(prior.log_prob(z[t][p])) + new_logit
+        if active:
+            gain = (torch.stack(columns, 1) + torch.stack(pop_logits)).detach().numpy().astype(np.float64)
+            gain = np.concatenate([gain, new_block], axis=1)
+        else:
+            gain = new_block
+        rows, cols = linear_sum_assignment(gain, maximize=True)
+        for p, c in zip(rows, cols):
+            if c < len(active):
+                q = active[c]
+            else:
+                q = counter["next"]  # a fresh cluster id (ids are never reused)
+                counter["next"] += 1
+            assign[t][p] = q
+            add(t, p, q, 1.0)
+        counter["steps"] += 1
+
+    extrapolated = False
+    setup = 0.0
+    try:
+        if init is not None:
+            for t, positions in enumerate(init):
+                for p, q in enumerate(positions.tolist()):
+                    assign[t][p] = q
+                    add(t, p, q, 1.0)
+            counter["next"] = max(sums) + 1
+        setup = time.perf_counter() - start
+        if init is None:
+            for t in rng.permutation(n):
+                client_step(int(t))
+        for _ in range(n_sweeps):
+            for t in rng.permutation(n):
+                client_step(int(t))
+    except BudgetExceeded:
+        extrapolated = True
+    elapsed = time.perf_counter() - start
+    # Extrapolate the client steps only; the set-up (standardising, the warm start) is measured.
+    seconds = setup + (elapsed - setup) * planned / max(counter["steps"], 1) if extrapolated else elapsed
+    return {
+        "seconds": seconds,
+        "extrapolated": extrapolated,
+        "client-steps-done": counter["steps"],
+        "client-steps-planned": planned,
+        "assignments": [np.asarray(a) for a in assign],
+    }
+
+
+# ---------------------------------------------------------------------------------------
+# Baseline 2: the reference's scheme (every local prompt is a candidate centroid)
+# ---------------------------------------------------------------------------------------
+def reference_client_step_seconds(prompts: list[np.ndarray], clients_to_time: int, seed: int = 1) -> list[float]:
+    """Wall time of ``clients_to_time`` client steps of the reference's alternating loop.
+
+    As in the reference ``NonparametricAgg.forward``: ``n * tau`` centroid slots (an Adam
+    parameter initialised with all local prompts), random initial one-hot assignments; a
+    client step loops over every slot for the Gaussian term and again for the Bernoulli
+    term, takes one Adam step and solves a ``tau x (n * tau)`` Hungarian problem.
+    """
+    n = len(prompts)
+    local = [torch.from_numpy(p.astype(np.float32)) for p in prompts]
+    slots = sum(p.shape[0] for p in prompts)
+    dim = local[0].shape[1]
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        cov_net = nn.Sequential(nn.Linear(dim, 128), nn.ReLU(), nn.Linear(128, dim), nn.Sigmoid())
+        bern_net = nn.Sequential(nn.Linear(dim, 128), nn.ReLU(), nn.Linear(128, 1), nn.Sigmoid())
+    centroids = nn.Parameter(torch.cat(local).clone())
+    optimiser = torch.optim.Adam([*cov_net.parameters(), *bern_net.parameters(), centroids])
+    rng = np.random.default_rng(seed)
+    onehot = []
+    for p in prompts:
+        zt = np.zeros((p.shape[0], slots), dtype=np.float32)
+        zt[np.arange(p.shape[0]), rng.permutation(slots)[: p.shape[0]]] = 1.0
+        onehot.append(zt)
+    times = []
+    for t in range(min(clients_to_time, n)):
+        start = time.perf_counter()
+        zt = torch.from_numpy(onehot[t])
+        used = zt.sum(0)
+        optimiser.zero_grad()
+        lik, gauss_cols = torch.zeros(()), []
+        for i in range(slots):
+            mean_i = centroids[i].view(1, -1)
+            lp = Independent(Normal(mean_i, cov_net(mean_i)), 1).log_prob(local[t])
+            gauss_cols.append(lp)
+            lik = lik + (zt[:, i] * lp).sum()
+        pop_cols = []
+        for i in range(slots):
+            prob_i = bern_net(centroids[i].view(1, -1)).view(())
+            lp = Bernoulli(probs=prob_i).log_prob(used[i] * torch.ones(zt.shape[0]))
+            pop_cols.append(lp)
+            lik = lik + (zt[:, i] * lp).sum()
+        (-lik).backward()
+        optimiser.step()
+        cost = (torch.stack(gauss_cols) + torch.stack(pop_cols)).t().detach().numpy()
+        rows, cols = linear_sum_assignment(cost, maximize=True)
+        onehot[t][:] = 0.0
+        onehot[t][rows, cols] = 1.0
+        times.append(time.perf_counter() - start)
+    return times
+
+
+# ---------------------------------------------------------------------------------------
+# The whole server-side round: validate_update + aggregate_round on ViLT-B/32-sized states
+# ---------------------------------------------------------------------------------------
+class _ShapeOnlyBackbone(Backbone):
+    """A backbone that only fixes the width (768) and depth, so the real model builds its trainable parts."""
+
+    def __init__(self, dim: int = DIM, layers: int = 12) -> None:
+        super().__init__()
+        self.hidden_size, self.num_layers = dim, layers
+
+    def embed(self, batch):  # pragma: no cover - never run
+        raise NotImplementedError
+
+    def run_layer(self, index, hidden, attn_mask):  # pragma: no cover - never run
+        raise NotImplementedError
+
+    def final_norm(self, hidden):  # pragma: no cover - never run
+        raise NotImplementedError
+
+
+def make_round_updates(data: dict[str, Any], seed: int = 0) -> tuple[dict[str, np.ndarray], list[ClientUpdate]]:
+    """ViLT-B/32-sized fedprime global state and one ``ClientUpdate`` per client of ``data``.
+
+    The global inter pool holds the ``centres`` pool prompts; each client returns the whole
+    pool with the prompts it used moved to its drifted copies (usage > 0 exactly there),
+    and every averaged array (intra pool, keys, query maps, pooler, head) perturbed.
+    """
+    model = PromptedModel(_ShapeOnlyBackbone(), method_spec("fedprime"), 8, PromptSettings(tau=TAU, kappa=5), seed=0)
+    state = trainable_state(model)
+    size = data["centres"]
+    state["pools.inter.prompts"] = data["pool"][:, None, :].astype(np.float32)  # the pool the clients started from
+    state["pools.inter.keys"] = data["pool-keys"].astype(np.float32)
+    rng = np.random.default_rng(seed)
+    updates = []
+    for t, (p, k, pos) in enumerate(zip(data["prompts"], data["keys"], data["positions"])):
+        local = {name: (v + 0.01 * rng.standard_normal(v.shape)).astype(np.float32) for name, v in state.items()}
+        local["pools.inter.prompts"][pos, 0] = p
+        local["pools.inter.keys"][pos] = k
+        usage = {"intra": rng.integers(0, 50, TAU), "inter": np.zeros(size, dtype=np.int64)}
+        usage["intra"][0] += 1
+        usage["inter"][pos] = rng.integers(1, 50, len(pos))
+        updates.append(ClientUpdate(local, int(data["weights"][t]), usage, str(t)))
+    return state, updates
+
+
+def server_round(state: dict[str, np.ndarray], updates: list[ClientUpdate]) -> dict[str, Any]:
+    """What ``FedPrimeStrategy.aggregate_train`` computes: validate every reply, then aggregate."""
+    spec = method_spec("fedprime")
+    expected = {k: v.shape for k, v in state.items()}
+    start = time.perf_counter()
+    for update in updates:
+        if validate_update(update, expected, spec.pools, 1e4):
+            raise RuntimeError("benchmark produced an invalid update")
+    validated = time.perf_counter() - start
+    _, report = aggregate_round(state, updates, spec, AggregationSettings(max_prompts=MAX_PROMPTS, sweeps=SWEEPS))
+    return {**report, "validate-seconds": validated}
+
+
+# ---------------------------------------------------------------------------------------
+# Main
+# ---------------------------------------------------------------------------------------
+def bench_engine(data: dict[str, Any], kind: str, reps: int) -> dict[str, Any]:
+    run_engine(data, kind)  # warm-up (torch kernels, allocator); not timed
+    seconds, times, cpu, result = median_wall_cpu(lambda: run_engine(data, kind), reps)
+    return {
+        "median-seconds": seconds,
+        "median-cpu-seconds": cpu,
+        "times": [round(x, 4) for x in times],
+        "hungarian-share": result.hungarian_seconds / result.total_seconds,
+        "sweeps-run": len(result.objective_trace) - 1,
+        **clustering_quality(result.assignments, data["positions"]),
+    }
+
+
+def warm_up() -> None:
+    """First use of torch.distributions / autograd / Adam imports and initialises a lot: not timed."""
+    small = make_round(3, seed=3)
+    loop_align(small["prompts"], small["weights"], None, 1)
+    reference_client_step_seconds(small["prompts"], 1)
+
+
+def main() -> None:
+    p = parser("aggregation", __doc__.splitlines()[0])
+    p.add_argument("--clients", default="10,50,100,500", help="comma-separated client counts n")
+    p.add_argument("--reps", type=int, default=3, help="timed repetitions per case (median reported)")
+    p.add_argument("--centres", type=int, default=32, help="shared centres the prompts lie around")
+    p.add_argument("--noise", type=float, default=0.1, help="per-coordinate std of each client's drift")
+    p.add_argument("--loop-budget", type=float, default=10.0, help="seconds before the loop baseline extrapolates")
+    p.add_argument("--reference-max-n", type=int, default=50, help="largest n at which the reference is timed")
+    p.add_argument("--round-max-n", type=int, default=100, help="largest n for the whole-round timing")
+    p.add_argument("--no-pfpt", action="store_true")
+    args = p.parse_args()
+    ns = [5, 10] if args.quick else [int(x) for x in args.clients.split(",")]
+    reps = 1 if args.quick else args.reps
+    budget = 1.0 if args.quick else args.loop_budget
+    ref_max = 10 if args.quick else args.reference_max_n
+    round_max = 10 if args.quick else args.round_max_n
+    threads = torch.get_num_threads()
+    info = machine()
+    print(f"machine: {info['cpu']}, {info['cores']} cores, torch {info['torch']} ({threads} threads)")
+    print(f"input: tau={TAU} prompts of d={DIM} per client around {args.centres} centres, noise {args.noise}\n")
+    warm_up()
+
+    rows: list[dict[str, Any]] = []
+    for n in ns:
+        data = make_round(n, centres=args.centres, noise=args.noise, seed=n)
+        row: dict[str, Any] = {"n": n}
+        for kind in ("warm", "cold") + (() if args.no_pfpt else ("pfpt",)):
+            row[kind] = bench_engine(data, kind, reps)
+            r = row[kind]
+            print(
+                f"n={n:4d} {kind:5s} {r['median-seconds']:7.3f} s (CPU {r['median-cpu-seconds']:.3f} s)  "
+                f"hungarian {100 * r['hungarian-share']:4.1f}%  sweeps {r['sweeps-run']}  "
+                f"clusters {r['clusters']}  purity {r['purity']}",
+                flush=True,
+            )
+        if threads > 1:
+            torch.set_num_threads(1)
+            try:
+                row["warm-1-thread"] = bench_engine(data, "warm", reps)
+            finally:
+                torch.set_num_threads(threads)
+            r = row["warm-1-thread"]
+            print(f"n={n:4d} warm, 1 torch thread {r['median-seconds']:7.3f} s (CPU {r['median-cpu-seconds']:.3f} s)")
+        if n <= round_max:
+            state, updates = make_round_updates(data)
+            server_round(state, updates)  # warm-up
+            seconds, times, cpu, report = median_wall_cpu(functools.partial(server_round, state, updates), reps)
+            row["server-round"] = {
+                "median-seconds": seconds,
+                "median-cpu-seconds": cpu,
+                "times": [round(x, 4) for x in times],
+                "validate-seconds": report["validate-seconds"],
+                "aggregate-round-seconds": report["aggregation-seconds"],
+                "align-seconds": report["inter-align-seconds"],
+                "fedavg-seconds": report["aggregation-seconds"] - report["inter-align-seconds"],
+                "client-state-bytes": int(sum(v.nbytes for v in updates[0].state.values())),
+            }
+            del state, updates
+            print(
+                f"n={n:4d} whole server round (validate + aggregate_round, ViLT-B/32 fedprime states): "
+                f"{seconds:.3f} s (CPU {cpu:.3f} s): validate {report['validate-seconds']:.3f} s, FedAvg "
+                f"{report['aggregation-seconds'] - report['inter-align-seconds']:.3f} s, "
+                f"alignment {report['inter-align-seconds']:.3f} s",
+                flush=True,
+            )
+        for kind in ("warm", "cold"):
+            sweeps = row[kind]["sweeps-run"]
+            init = data["positions"] if kind == "warm" else None
+            loop = loop_align(data["prompts"], data["weights"], init, sweeps, budget=budget)
+            quality = clustering_quality(loop.pop("assignments"), data["positions"])
+            row[f"loop-{kind}"] = {**loop, **quality, "sweeps": sweeps}
+            row[f"loop-{kind}"]["speedup"] = loop["seconds"] / row[kind]["median-seconds"]
+            print(
+                f"n={n:4d} loop-{kind} {loop['seconds']:7.3f} s{' (extrapolated)' if loop['extrapolated'] else ''}  "
+                f"sweeps {sweeps}  clusters {quality['clusters']}  purity {quality['purity']}  "
+                f"-> engine is {row[f'loop-{kind}']['speedup']:.1f}x faster",
+                flush=True,
+            )
+        if n <= ref_max:
+            step = reference_client_step_seconds(data["prompts"], 1)[0]
+            row["reference"] = {"client-step-seconds": step, "measured": True}
+            print(f"n={n:4d} reference scheme: {step:.3f} s per client step over {n * TAU} centroids", flush=True)
+        rows.append(row)
+
+    # Reference: sweep = n client steps; above --reference-max-n the step time is extrapolated
+    # with the power law fitted to the measured steps.
+    measured = [(r["n"], r["reference"]["client-step-seconds"]) for r in rows if "reference" in r]
+    slope = loglog_slope([m[0] for m in measured], [m[1] for m in measured]) if len(measured) >= 2 else None
+    for r in rows:
+        if "reference" not in r:
+            if slope is None:
+                continue
+            n0, s0 = measured[-1]
+            r["reference"] = {"client-step-seconds": s0 * (r["n"] / n0) ** slope, "measured": False}
+        ref = r["reference"]
+        ref["candidate-centroids"] = r["n"] * TAU
+        ref["sweep-seconds"] = ref["client-step-seconds"] * r["n"]
+        ref[f"{SWEEPS}-sweeps-seconds"] = ref["sweep-seconds"] * SWEEPS
+    growth = {
+        kind: loglog_slope([r["n"] for r in rows], [r[kind]["median-seconds"] for r in rows])
+        for kind in ("warm", "cold", "pfpt", "warm-1-thread")
+        if kind in rows[0]
+    }
+    with_round = [r for r in rows if "server-round" in r]
+    growth["server-round"] = loglog_slope(
+        [r["n"] for r in with_round], [r["server-round"]["median-seconds"] for r in with_round]
+    )
+    growth["loop-warm"] = loglog_slope([r["n"] for r in rows], [r["loop-warm"]["seconds"] for r in rows])
+    growth["reference-client-step"] = slope
+
+    print(
+        "\nalign_prompts (FedPrime: keys, max_prompts=100, 5 sweeps max) and pfpt_aggregate (50 sweeps max), median s:"
+    )
+    headers = ["n", "warm", "warm 1 thread", "hung. %", "sweeps", "cold", "hung. %", "sweeps", "clusters", "purity"]
+    if "pfpt" in rows[0]:
+        headers += ["pfpt", "sweeps"]
+    headers += ["whole round"]
+    body = []
+    for r in rows:
+        line = [r["n"], r["warm"]["median-seconds"], r.get("warm-1-thread", {}).get("median-seconds", "-")]
+        line += [100 * r["warm"]["hungarian-share"], r["warm"]["sweeps-run"]]
+        line += [r["cold"]["median-seconds"], 100 * r["cold"]["hungarian-share"], r["cold"]["sweeps-run"]]
+        line += [f"{r['warm']['clusters']}/{r['cold']['clusters']}", f"{r['warm']['purity']}/{r['cold']['purity']}"]
+        if "pfpt" in r:
+            line += [r["pfpt"]["median-seconds"], r["pfpt"]["sweeps-run"]]
+        line += [r["server-round"]["median-seconds"] if "server-round" in r else "-"]
+        body.append(line)
+    print(table(headers, body))
+    print("\nvs the loop baselines (same input; 'x' = baseline time / engine time):")
+    body = []
+    for r in rows:
+        lw, lc, ref = r["loop-warm"], r["loop-cold"], r.get("reference")
+        line = [
+            r["n"],
+            f"{lw['seconds']:.3g}{'*' if lw['extrapolated'] else ''}",
+            lw["speedup"],
+            f"{lc['seconds']:.3g}{'*' if lc['extrapolated'] else ''}",
+            lc["speedup"],
+        ]
+        if ref is not None:
+            mark = "" if ref["measured"] else "**"
+            line += [
+                f"{ref['client-step-seconds']:.3g}{mark}",
+                f"{ref['sweep-seconds']:.3g}",
+                f"{ref[f'{SWEEPS}-sweeps-seconds']:.3g}",
+                ref[f"{SWEEPS}-sweeps-seconds"] / r["warm"]["median-seconds"],
+            ]
+        else:
+            line += ["-", "-", "-", "-"]
+        body.append(line)
+    print(
+        table(
+            [
+                "n",
+                "loop warm",
+                "x",
+                "loop cold",
+                "x",
+                "ref s/client",
+                "ref s/sweep",
+                f"ref {SWEEPS} sweeps",
+                "x vs warm",
+            ],
+            body,
+        )
+    )
+    print(
+        "(* extrapolated from the client steps done within the loop budget; ** extrapolated from the measured "
+        "reference steps with their fitted power law; a reference sweep is n client steps)"
+    )
+    print(
+        "\ngrowth exponents (slope of log time vs log n): "
+        + ", ".join(f"{k} {v:.2f}" for k, v in growth.items() if v is not None)
+    )
+    hundred = next((r for r in rows if r["n"] == 100), None)
+    if hundred is not None:
+        t = hundred["warm"]["median-seconds"]
+        print(f"target: 100 clients aligned in < 2 s (warm align_prompts): {t:.2f} s -> {'met' if t < 2 else 'MISSED'}")
+        if "server-round" in hundred:
+            t = hundred["server-round"]["median-seconds"]
+            print(f"        whole server round for 100 clients: {t:.2f} s -> {'met' if t < 2 else 'MISSED'}")
+    write_json(
+        args.out,
+        {
+            "benchmark": "aggregation",
+            "machine": info,
+            "settings": {
+                "tau": TAU,
+                "dim": DIM,
+                "centres": args.centres,
+                "noise": args.noise,
+                "max-prompts": MAX_PROMPTS,
+                "sweeps": SWEEPS,
+                "pfpt-sweeps": PFPT_SWEEPS,
+                "reps": reps,
+                "loop-budget-seconds": budget,
+                "reference-max-n": ref_max,
+                "round-max-n": round_max,
+            },
+            "rows": rows,
+            "growth-exponent": growth,
+        },
+    )
+
+
+if __name__ == "__main__":
+    main()

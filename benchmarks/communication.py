@@ -1,0 +1,201 @@
+"""Bytes per client per round of every method, for ViLT-B/32, against the full model's size.
+
+The model is ``PromptedModel(ViltBackbone(ViltModel(ViltConfig())))``: random weights with
+exactly the architecture of ``dandelin/vilt-b32-mlm`` (hidden 768, 12 blocks, 384-px
+images, 32-px patches, 40 text positions), paper settings (tau 20, kappa 5, 1 token per
+prompt, 8 classes; fedavg-p: 16 tokens at blocks 0-5).
+
+* **download**: the global state the server sends each sampled client
+  (``FedPrimeStrategy.configure_train``: ``ArrayRecord.count_bytes()`` of the state, what
+  the run's ``bytes-sent`` metric counts).
+* **upload**: the client's reply (``server_app.messages.train_reply_content``): the trained
+  state (same names and shapes), plus the metrics, the prompt usage counts and the
+  client-info records.
+
+Aligned inter pools change size between rounds (the number of clusters, at most
+``inter-pool-max`` = 100): both the round-1 size (tau = 20) and the largest size are
+reported. Dividing the model's size by the upload gives how many rounds of uploads one
+full-model transfer is worth.
+
+Run: ``python benchmarks/communication.py [--quick] [--out]``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import _common  # noqa: F401  (puts the repository root on sys.path)
+import numpy as np
+from _common import machine, parser, table, write_json
+
+from fedprime_core.config import METHODS
+from fedprime_core.methods import method_spec
+from fedprime_core.model import PromptedModel, PromptSettings, state_nbytes, trainable_state
+
+NUM_CLASSES, TAU, KAPPA, INTER_POOL_MAX = 8, 20, 5, 100
+
+GROUPS = (
+    ("pools.intra.prompts", "intra prompts"),
+    ("pools.intra.keys", "intra keys"),
+    ("pools.intra.query", "intra query map"),
+    ("pools.inter.prompts", "inter prompts"),
+    ("pools.inter.keys", "inter keys"),
+    ("pools.inter.query", "inter query map"),
+    ("map_prompts", "missing-aware prompts"),
+    ("pooler", "pooler"),
+    ("head", "head"),
+)
+
+
+def build_backbone(quick: bool):
+    from transformers import ViltConfig, ViltModel
+
+    from fedprime_core.backbones.vilt import ViltBackbone
+
+    # --quick: a 2-block ViLT of the same width (the exchanged parts do not depend on depth,
+    # except fedavg-p's missing-aware prompts, which stop at the last block).
+    config = ViltConfig(num_hidden_layers=2) if quick else ViltConfig()
+    return ViltBackbone(ViltModel(config)), config
+
+
+def resized(state: dict[str, np.ndarray], pools: tuple[str, ...], size: int) -> dict[str, np.ndarray]:
+    """The state with the given pools holding ``size`` prompts (what clients receive later)."""
+    out = dict(state)
+    for pool in pools:
+        for part in ("prompts", "keys"):
+            key = f"pools.{pool}.{part}"
+            out[key] = np.zeros((size, *state[key].shape[1:]), dtype=np.float32)
+    return out
+
+
+def wire_bytes(state: dict[str, np.ndarray], spec) -> tuple[int, int]:
+    """(download, upload) bytes as the strategy and the ClientApp build them."""
+    from server_app.messages import state_to_record, train_reply_content
+
+    download = state_to_record(state).count_bytes()
+    usage = {pool: np.ones(state[f"pools.{pool}.prompts"].shape[0], dtype=np.int64) for pool in spec.pools}
+    metrics = {"num-examples": 1000, "train-loss": 1.0, "train-regulariser": 0.1, "train-seconds": 10.0, "steps": 32}
+    client = {
+        "partition-id": 0,
+        "num-train": 1000,
+        "mixture": [0.3, 0.35, 0.35],
+        "backbone-fingerprint": "0123456789abcdef",
+        "complete": 300,
+        "text-missing": 350,
+        "image-missing": 350,
+    }
+    content = train_reply_content(state, metrics, usage, client)
+    upload = sum(record.count_bytes() for record in content.values())
+    return int(download), int(upload)
+
+
+def breakdown(state: dict[str, np.ndarray]) -> dict[str, int]:
+    out = {}
+    for prefix, label in GROUPS:
+        nbytes = sum(v.nbytes for k, v in state.items() if k.startswith(prefix))
+        if nbytes:
+            out[label] = int(nbytes)
+    return out
+
+
+def main() -> None:
+    p = parser("communication", __doc__.splitlines()[0])
+    args = p.parse_args()
+    info = machine()
+    backbone, config = build_backbone(args.quick)
+    full_params = sum(t.numel() for t in backbone.vilt.parameters())
+    full_bytes = sum(t.numel() * t.element_size() for t in backbone.vilt.state_dict().values())
+    print(
+        f"ViLT{'-B/32' if not args.quick else ' (2-block quick variant)'}: {full_params / 1e6:.1f} M parameters, "
+        f"{full_bytes / 1e6:.1f} MB in float32 (hidden {config.hidden_size}, {config.num_hidden_layers} blocks, "
+        f"{config.image_size}-px images, {config.patch_size}-px patches, "
+        f"{config.max_position_embeddings} text positions)\n"
+    )
+    rows: list[dict[str, Any]] = []
+    for method in METHODS:
+        spec = method_spec(method)
+        model = PromptedModel(backbone, spec, NUM_CLASSES, PromptSettings(tau=TAU, kappa=KAPPA), seed=0)
+        state = trainable_state(model)
+        down, up = wire_bytes(state, spec)
+        row: dict[str, Any] = {
+            "method": method,
+            "trainable-parameters": int(sum(v.size for v in state.values())),
+            "state-bytes": state_nbytes(state),
+            "download-bytes": down,
+            "upload-bytes": up,
+            "breakdown-bytes": breakdown(state),
+            "aligned-pools": list(spec.aligned_pools),
+        }
+        if spec.aligned_pools:
+            big = resized(state, spec.aligned_pools, INTER_POOL_MAX)
+            row["download-bytes-max"], row["upload-bytes-max"] = wire_bytes(big, spec)
+        else:
+            row["download-bytes-max"], row["upload-bytes-max"] = down, up
+        row["full-model-over-upload"] = full_bytes / up
+        row["upload-share-of-full-model"] = up / full_bytes
+        rows.append(row)
+
+    def mb(x: int) -> str:
+        return f"{x / 1e6:.2f}"
+
+    print(f"bytes per client per round (MB = 10^6 bytes); inter pool {TAU} in round 1, up to {INTER_POOL_MAX}:")
+    print(
+        table(
+            [
+                "method",
+                "trainable params",
+                "download MB",
+                "upload MB",
+                f"down/up MB (pool {INTER_POOL_MAX})",
+                "% of full model",
+                "full model / upload",
+            ],
+            [
+                [
+                    r["method"],
+                    f"{r['trainable-parameters']:,}",
+                    mb(r["download-bytes"]),
+                    mb(r["upload-bytes"]),
+                    f"{mb(r['download-bytes-max'])} / {mb(r['upload-bytes-max'])}",
+                    f"{100 * r['upload-share-of-full-model']:.2f}",
+                    f"{r['full-model-over-upload']:.0f}x",
+                ]
+                for r in rows
+            ],
+        )
+    )
+    print(f"\nfull ViLT model: {mb(full_bytes)} MB ({full_params:,} parameters)")
+    labels = [label for _, label in GROUPS if any(label in r["breakdown-bytes"] for r in rows)]
+    print("\nwhere the bytes go (trained state, kB = 10^3 bytes, round-1 pool sizes):")
+    print(
+        table(
+            ["method", *labels],
+            [[r["method"], *(f"{r['breakdown-bytes'].get(lb, 0) / 1e3:.1f}" for lb in labels)] for r in rows],
+        )
+    )
+    print(
+        "\nupload = download + the reply's metrics, usage counts and client info (a few hundred bytes). "
+        "centralized-p has one data owner: its 'round' is the owner's training, nothing crosses a network "
+        "in practice."
+    )
+    write_json(
+        args.out,
+        {
+            "benchmark": "communication",
+            "machine": info,
+            "settings": {
+                "model": "ViltModel(ViltConfig())" + (" with 2 blocks (--quick)" if args.quick else ""),
+                "num-classes": NUM_CLASSES,
+                "tau": TAU,
+                "kappa": KAPPA,
+                "inter-pool-max": INTER_POOL_MAX,
+            },
+            "full-model-parameters": int(full_params),
+            "full-model-bytes": int(full_bytes),
+            "rows": rows,
+        },
+    )
+
+
+if __name__ == "__main__":
+    main()

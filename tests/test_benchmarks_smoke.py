@@ -1,0 +1,37 @@
+"""Every benchmark script runs end to end with its smallest settings and writes its JSON.
+
+Not a timing test: the figures are not checked, only that each script works. The Flower
+part of ``framework_overhead.py`` (a real ``flwr run``, about a minute) is left out here
+(``--skip-flower``); ``tests/test_e2e_simulation.py`` covers ``flwr run`` itself.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+pytestmark = pytest.mark.slow
+
+CASES = {
+    "aggregation": [],
+    "communication": [],
+    "throughput": [],
+    "framework_overhead": ["--skip-flower", "--skip-sequential"],
+}
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_benchmark_runs_quick(name, tmp_path):
+    out = tmp_path / f"{name}.json"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / f"{name}.py"), "--quick", "--out", str(out), *CASES[name]]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    payload = json.loads(out.read_text())
+    assert payload["benchmark"] == name
+    assert payload["machine"]["cores"] >= 1 and payload["machine"]["torch"]
