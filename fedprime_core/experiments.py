@@ -40,7 +40,9 @@ import dataclasses
 import hashlib
 import itertools
 import json
+import shutil
 import sys
+import tempfile
 import time
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
@@ -52,7 +54,7 @@ import numpy as np
 from .cli import to_toml
 from .config import ConfigError, config_to_dict, parse_run_config
 from .data.missing import TEST_SETTINGS
-from .launch import APP_DIR, flower_env, run_flwr, stop_marked
+from .launch import APP_DIR, flower_env, run_flwr, stage_app, stop_marked
 from .yamlio import read_yaml_mapping
 
 ABLATION_METHODS = ("fedavg-p", "fed-intra", "fed-inter", "fedprime")
@@ -160,8 +162,11 @@ def cell_status(plan: Plan, cell: Cell) -> tuple[str, int]:
     return ("done" if completed >= int(cell.config["num-server-rounds"]) else "partial"), completed
 
 
-def run_cell(plan: Plan, cell: Cell, home: Path, echo: bool = True) -> dict[str, Any]:
-    """Run (or resume) one cell with real `flwr run`; returns its status record."""
+def run_cell(plan: Plan, cell: Cell, home: Path, echo: bool = True, app_dir: Path | None = None) -> dict[str, Any]:
+    """Run (or resume) one cell with real `flwr run`; returns its status record.
+
+    ``app_dir``: where ``flwr run .`` runs (a :func:`~fedprime_core.launch.stage_app` copy; default the repository).
+    """
     status, completed = cell_status(plan, cell)
     if status == "done":
         return {"cell": cell.name, "status": "done", "skipped": True}
@@ -182,6 +187,7 @@ def run_cell(plan: Plan, cell: Cell, home: Path, echo: bool = True) -> dict[str,
         flower_env(home),
         log_path=run_dir / f"flwr-{int(time.time())}.log",
         echo=(lambda line: print(prefix + line, flush=True)) if echo else None,
+        cwd=app_dir,
     )
     seconds = time.perf_counter() - started
     final, _ = cell_status(plan, cell)
@@ -201,10 +207,12 @@ def run_plan(plan: Plan, echo: bool = True) -> list[dict[str, Any]]:
     home = plan.output / ".flwr-home"
     home.mkdir(exist_ok=True)
     records = []
+    staged = Path(tempfile.mkdtemp(prefix="fedprime-app-"))
     try:
+        app_dir = stage_app(staged / "app")  # flwr run walks its whole folder: stage the app alone
         for index, cell in enumerate(plan.cells, 1):
             print(f"== cell {index}/{len(plan.cells)}: {cell.name} ({', '.join(cell.grids)})", flush=True)
-            record = run_cell(plan, cell, home, echo=echo)
+            record = run_cell(plan, cell, home, echo=echo, app_dir=app_dir)
             records.append(record)
             if record["status"] == "failed":
                 print(
@@ -214,6 +222,7 @@ def run_plan(plan: Plan, echo: bool = True) -> list[dict[str, Any]]:
             (plan.output / "cells.json").write_text(json.dumps(records, indent=2))
     finally:
         stop_marked(f"FLWR_HOME={home}")  # the local SuperLink flwr run left in the background
+        shutil.rmtree(staged, ignore_errors=True)
     write_report(plan)
     return records
 
@@ -349,27 +358,34 @@ def _plot_convergence(plan: Plan, path_for: callable) -> list[Path]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    curves: dict[tuple[str, str], list[list[tuple[int, float, float]]]] = defaultdict(list)
+    # Train loss of every round; validation metric of the rounds the server evaluated
+    # (every ``eval-every`` rounds and the last).
+    losses: dict[tuple[str, str], list[dict[int, float]]] = defaultdict(list)
+    scores: dict[tuple[str, str], list[dict[int, float]]] = defaultdict(list)
     for cell in plan.cells:
         if cell.config["method"] == "centralized-p" and not in_kind(cell, "main"):
             continue
-        points = [
-            (r["round"], r.get("train-loss", np.nan), r["eval"]["val"].get(plan.metric, np.nan))
-            for r in _history(plan, cell)
-            if r.get("eval") and r["round"] > 0
-        ]
-        if points:
-            curves[(cell.config["missing-setting"], cell.config["method"])].append(points)
+        history = [r for r in _history(plan, cell) if r["round"] > 0 and not r.get("skipped")]
+        if not history:
+            continue
+        key = (cell.config["missing-setting"], cell.config["method"])
+        losses[key].append({r["round"]: r.get("train-loss", np.nan) for r in history})
+        scores[key].append(
+            {r["round"]: r["eval"].get("val", {}).get(plan.metric, np.nan) for r in history if r.get("eval")}
+        )
+
+    def mean_curve(runs: list[dict[int, float]]) -> tuple[list[int], list[float]]:
+        rounds = sorted({k for run in runs for k in run})
+        return rounds, [float(np.nanmean([run[k] for run in runs if k in run])) for k in rounds]
+
     written = []
-    for setting in sorted({s for s, _ in curves}):
+    for setting in sorted({s for s, _ in losses}):
         fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-        for (s, method), runs in sorted(curves.items()):
+        for (s, method), runs in sorted(losses.items()):
             if s != setting:
                 continue
-            rounds = sorted({p[0] for run in runs for p in run})
-            loss = [np.nanmean([p[1] for run in runs for p in run if p[0] == r]) for r in rounds]
-            val = [np.nanmean([p[2] for run in runs for p in run if p[0] == r]) for r in rounds]
-            axes[0].plot(rounds, loss, marker=".", label=method)
+            axes[0].plot(*mean_curve(runs), marker=".", label=method)
+            rounds, val = mean_curve(scores[(s, method)])
             axes[1].plot(rounds, [100 * v for v in val], marker=".", label=method)
         axes[0].set(title="train loss", xlabel="round")
         axes[1].set(title=f"validation {plan.metric} (%)", xlabel="round")

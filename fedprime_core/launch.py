@@ -9,6 +9,7 @@ This module starts programs; it does not import Flower.
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -18,6 +19,32 @@ from pathlib import Path
 
 #: Repository root (where pyproject.toml with the Flower app lives).
 APP_DIR = Path(__file__).resolve().parents[1]
+
+
+#: What a Flower app bundle (FAB) of this project needs: the app's packages and metadata.
+APP_FILES = ("pyproject.toml", "README.md", "fedprime_core", "server_app", "client_app")
+
+
+def stage_app(dest: Path) -> Path:
+    """Copy the app's own files (:data:`APP_FILES`) to ``dest`` and return it.
+
+    ``flwr run <dir>`` walks every file under ``<dir>`` before filtering them for the FAB;
+    in a checkout with an in-tree ``.venv`` and a growing ``results/`` that walk costs
+    about 8 s per run on 2 cores. Launchers that start many runs (the experiment grid)
+    run them from a staged copy instead. The copy is a snapshot: stage again after
+    editing the code.
+    """
+    dest = Path(dest)
+    if dest.exists():
+        shutil.rmtree(dest)
+    dest.mkdir(parents=True)
+    for name in APP_FILES:
+        src = APP_DIR / name
+        if src.is_dir():
+            shutil.copytree(src, dest / name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+        else:
+            shutil.copy2(src, dest / name)
+    return dest
 
 
 def flower_env(home: Path, extra: Mapping[str, str] | None = None) -> dict[str, str]:
@@ -82,8 +109,9 @@ def run_flwr(
     log_path: Path | None = None,
     timeout: float | None = None,
     echo: Callable[[str], None] | None = None,
+    cwd: Path | None = None,
 ) -> tuple[int, str]:
-    """Run ``flwr <args>`` in the app directory; stream its output to ``echo`` and ``log_path``.
+    """Run ``flwr <args>`` in ``cwd`` (default: the repository root); stream its output to ``echo`` and ``log_path``.
 
     Returns:
         ``(exit code, full output)``; exit code 124 when ``timeout`` expired.
@@ -93,7 +121,13 @@ def run_flwr(
     log = open(log_path, "w") if log_path else None  # noqa: SIM115 - closed below
     try:
         with subprocess.Popen(
-            cmd, cwd=APP_DIR, env=dict(env), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1
+            cmd,
+            cwd=cwd or APP_DIR,
+            env=dict(env),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            bufsize=1,
         ) as proc:
             start = time.monotonic()
             assert proc.stdout is not None
