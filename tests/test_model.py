@@ -143,3 +143,18 @@ def test_missing_aware_prompts_follow_the_sample_pattern(tiny_vilt, batch):
     present = set(batch["missing_type"].tolist())
     for pattern in range(3):
         assert (grads[pattern] > 0) == (pattern in present)
+
+
+def test_pretrained_source_is_a_checked_directory_or_a_hub_id(tmp_path):
+    from fedprime_core.backbones.base import resolve_pretrained_source
+    from fedprime_core.backbones.text_encoder import resolve_text_encoder_source
+    from fedprime_core.backbones.vilt import resolve_vilt_source
+
+    for resolve in (resolve_pretrained_source, resolve_vilt_source, resolve_text_encoder_source):
+        assert resolve("dandelin/vilt-b32-mlm") == "dandelin/vilt-b32-mlm"
+        with pytest.raises(FileNotFoundError, match="has no config.json"):
+            resolve(str(tmp_path))
+        with pytest.raises(FileNotFoundError, match="does not exist"):
+            resolve(str(tmp_path / "absent"))
+    (tmp_path / "config.json").write_text("{}")
+    assert resolve_vilt_source(str(tmp_path)) == str(tmp_path)

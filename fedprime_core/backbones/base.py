@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import abc
 from collections.abc import Mapping
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -113,3 +114,26 @@ class Backbone(nn.Module, abc.ABC):
         for module in self.trainable_modules().values():
             module.train(mode)
         return self
+
+
+def resolve_pretrained_source(model: str) -> str:
+    """A local ``save_pretrained`` directory or a hub id, as ``from_pretrained`` accepts it.
+
+    An existing directory must hold a ``config.json``; a value that looks like a path
+    (``/``, ``./``, ``../``, ``~``) must exist. Anything else is a hub id, resolved
+    through the HF cache (``HF_HOME``, ``HF_HUB_OFFLINE`` apply).
+
+    Raises:
+        FileNotFoundError: naming the directory and what to point ``model`` at instead.
+    """
+    path = Path(model).expanduser()
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(
+                f"model directory {str(path)!r} has no config.json; point 'model' at a directory "
+                "written by save_pretrained (or a HF snapshot folder) or use a hub id"
+            )
+        return str(path)
+    if model.startswith(("/", "./", "../", "~")):
+        raise FileNotFoundError(f"model directory {model!r} does not exist")
+    return model

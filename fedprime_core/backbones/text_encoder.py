@@ -59,7 +59,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .base import Backbone, Batch
+from .base import Backbone, Batch, resolve_pretrained_source
 from .tiny import _file_lock, fedprime_cache_dir
 
 LOGGER = logging.getLogger(__name__)
@@ -119,17 +119,7 @@ def resolve_text_encoder_source(model: str) -> str:
         raise ValueError(
             "model 'tiny-vilt' is a ViLT; the text-encoder backbone needs 'tiny-bert' or a BERT-family model"
         )
-    path = Path(model).expanduser()
-    if path.exists():
-        if not (path / "config.json").is_file():
-            raise FileNotFoundError(
-                f"model directory {str(path)!r} has no config.json; point 'model' at a directory "
-                "written by save_pretrained (or a HF snapshot folder) or use a hub id"
-            )
-        return str(path)
-    if model.startswith(("/", "./", "../", "~")):
-        raise FileNotFoundError(f"model directory {model!r} does not exist")
-    return model
+    return resolve_pretrained_source(model)
 
 
 # ---------------------------------------------------------------------------------------

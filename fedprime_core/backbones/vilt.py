@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from transformers import AutoTokenizer, ViltModel
 
-from .base import Backbone, Batch
+from .base import Backbone, Batch, resolve_pretrained_source
 from .tiny import TINY_VILT, ensure_tiny_vilt
 
 LOGGER = logging.getLogger(__name__)
@@ -50,17 +50,7 @@ def resolve_vilt_source(model: str) -> str:
     """Map the ``model`` config value to something ``from_pretrained`` accepts."""
     if model == TINY_VILT:
         return str(ensure_tiny_vilt())
-    path = Path(model).expanduser()
-    if path.exists():
-        if not (path / "config.json").is_file():
-            raise FileNotFoundError(
-                f"model directory {str(path)!r} has no config.json; point 'model' at a directory "
-                "written by save_pretrained (or a HF snapshot folder) or use a hub id"
-            )
-        return str(path)
-    if model.startswith(("/", "./", "../", "~")):
-        raise FileNotFoundError(f"model directory {model!r} does not exist")
-    return model  # a hub id, resolved through the HF cache (HF_HOME / HF_HUB_OFFLINE apply)
+    return resolve_pretrained_source(model)
 
 
 def interpolate_text_positions(model: ViltModel, length: int) -> None:
