@@ -50,9 +50,8 @@ from __future__ import annotations
 
 import importlib.util
 import logging
-import os
-import shutil
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -60,7 +59,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from .base import Backbone, Batch, resolve_pretrained_source
-from .tiny import _file_lock, fedprime_cache_dir
+from .tiny import fedprime_cache_dir, generate_once
 
 LOGGER = logging.getLogger(__name__)
 
@@ -397,12 +396,8 @@ def ensure_tiny_bert(directory: Path | None = None, steps: int = TINY_BERT_STEPS
     from ..data.embedded import build_embedded_tokenizer
 
     directory = directory or fedprime_cache_dir() / f"{TINY_BERT}-v{TINY_BERT_VERSION}"
-    marker = directory / "model.safetensors"
-    if marker.is_file():
-        return directory
-    with _file_lock(directory.with_name(directory.name + ".lock")):
-        if marker.is_file():
-            return directory
+
+    def build() -> tuple[Any, ...]:
         LOGGER.info("generating %s (one-off MLM pretraining, under a minute) in %s", TINY_BERT, directory)
         tokenizer = build_embedded_tokenizer()
         threads = torch.get_num_threads()
@@ -417,10 +412,6 @@ def ensure_tiny_bert(directory: Path | None = None, steps: int = TINY_BERT_STEPS
         finally:
             torch.set_num_threads(threads)
         LOGGER.info("%s MLM loss (last 50 steps): %.3f", TINY_BERT, loss)
-        tmp = directory.with_name(directory.name + f".tmp{os.getpid()}")
-        shutil.rmtree(tmp, ignore_errors=True)
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        shutil.rmtree(directory, ignore_errors=True)
-        tmp.rename(directory)
-    return directory
+        return model, tokenizer
+
+    return generate_once(directory, build)

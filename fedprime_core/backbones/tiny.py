@@ -27,7 +27,9 @@ import fcntl
 import logging
 import os
 import shutil
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -143,18 +145,39 @@ def _pretrain(model: ViltModel, tokenizer, image_processor, steps: int) -> dict[
     return losses
 
 
-def ensure_tiny_vilt(directory: Path | None = None, steps: int = PRETRAIN_STEPS) -> Path:
-    """Generate and pretrain ``tiny-vilt`` once; return its ``save_pretrained`` directory."""
-    from ..data.embedded import IMAGE_SIZE, build_embedded_tokenizer
-    from .vilt import make_image_processor
+def generate_once(directory: Path, build: Callable[[], Sequence[Any]]) -> Path:
+    """Make a ``save_pretrained`` directory once, safely across concurrent processes.
 
-    directory = directory or fedprime_cache_dir() / f"{TINY_VILT}-v{TINY_VILT_VERSION}"
+    If ``directory/model.safetensors`` exists, returns at once. Otherwise, under a file
+    lock (the other processes wait, then find it done), calls ``build()`` and saves every
+    object it returns (model, tokenizer, processor: anything with ``save_pretrained``)
+    into a temporary sibling that is renamed into place, so a crash never leaves a
+    half-written directory behind.
+    """
     marker = directory / "model.safetensors"
     if marker.is_file():
         return directory
     with _file_lock(directory.with_name(directory.name + ".lock")):
         if marker.is_file():  # another process finished it while we waited
             return directory
+        parts = build()
+        tmp = directory.with_name(directory.name + f".tmp{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        for part in parts:
+            part.save_pretrained(tmp)
+        shutil.rmtree(directory, ignore_errors=True)
+        tmp.rename(directory)
+    return directory
+
+
+def ensure_tiny_vilt(directory: Path | None = None, steps: int = PRETRAIN_STEPS) -> Path:
+    """Generate and pretrain ``tiny-vilt`` once; return its ``save_pretrained`` directory."""
+    from ..data.embedded import IMAGE_SIZE, build_embedded_tokenizer
+    from .vilt import make_image_processor
+
+    directory = directory or fedprime_cache_dir() / f"{TINY_VILT}-v{TINY_VILT_VERSION}"
+
+    def build() -> tuple[Any, ...]:
         LOGGER.info("generating %s (one-off pretraining, about a minute on 2 CPU cores) in %s", TINY_VILT, directory)
         tokenizer = build_embedded_tokenizer()
         image_processor = make_image_processor(shortest_edge=IMAGE_SIZE)
@@ -164,11 +187,6 @@ def ensure_tiny_vilt(directory: Path | None = None, steps: int = PRETRAIN_STEPS)
             smooth_patch_filters_(model, torch.Generator().manual_seed(TINY_VILT_SEED))
             losses = _pretrain(model, tokenizer, image_processor, steps) if steps else {}
         LOGGER.info("%s pretraining losses (last 50 steps): %s", TINY_VILT, losses)
-        tmp = directory.with_name(directory.name + f".tmp{os.getpid()}")
-        shutil.rmtree(tmp, ignore_errors=True)
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        image_processor.save_pretrained(tmp)
-        shutil.rmtree(directory, ignore_errors=True)
-        tmp.rename(directory)
-    return directory
+        return model, tokenizer, image_processor
+
+    return generate_once(directory, build)
