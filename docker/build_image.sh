@@ -4,7 +4,8 @@
 #   docker/build_image.sh [TAG]             # default TAG: $FEDPRIME_IMAGE or fedprime-superexec:latest
 #
 # Environment
-#   BASE_IMAGE        default flwr/superexec:1.41.0; e.g. fedprime-base:local (make_base_image.sh)
+#   FLWR_VERSION      default: the flwr installed on this host (docker/env.sh)
+#   BASE_IMAGE        default flwr/superexec:$FLWR_VERSION; e.g. fedprime-base:local (make_base_image.sh)
 #   TORCH_SPEC        default torch==2.13.0
 #   TORCH_INDEX_URL   default https://download.pytorch.org/whl/cpu, or empty when
 #                     PIP_FROM_HOST=1 (pip's own index and find-links, as on the host)
@@ -19,9 +20,10 @@
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
-TAG=${1:-${FEDPRIME_IMAGE:-fedprime-superexec:latest}}
-BASE_IMAGE=${BASE_IMAGE:-flwr/superexec:1.41.0}
-FLWR_VERSION=${FLWR_VERSION:-1.41.0}
+# shellcheck source=env.sh
+. "$ROOT/docker/env.sh"
+[ -n "$FLWR_VERSION" ] || exit 1
+TAG=${1:-$FEDPRIME_IMAGE}
 TORCH_SPEC=${TORCH_SPEC:-torch==2.13.0}
 case "$BASE_IMAGE" in
     flwr/*) PIP_FROM_HOST=${PIP_FROM_HOST:-0} ;;
@@ -32,8 +34,7 @@ if [ "$PIP_FROM_HOST" = 1 ]; then
 else
     TORCH_INDEX_URL=${TORCH_INDEX_URL-https://download.pytorch.org/whl/cpu}
 fi
-PYTHON=${PYTHON:-$(command -v python3)}
-[ -x "$ROOT/.venv/bin/python" ] && PYTHON=${PYTHON_FOR_PIP:-$ROOT/.venv/bin/python}
+PYTHON=${PYTHON_FOR_PIP:-$FEDPRIME_PYTHON}
 
 CTX="$ROOT/docker/.build/context"
 rm -rf "$CTX"
@@ -123,7 +124,7 @@ for v in HTTP_PROXY HTTPS_PROXY NO_PROXY http_proxy https_proxy no_proxy; do
     [ -n "${!v-}" ] && proxy_args+=(--build-arg "$v=${!v}")
 done
 
-echo "building $TAG from $BASE_IMAGE (torch: $TORCH_SPEC${TORCH_INDEX_URL:+ from $TORCH_INDEX_URL}) ..."
+echo "building $TAG from $BASE_IMAGE (flwr $FLWR_VERSION, torch: $TORCH_SPEC${TORCH_INDEX_URL:+ from $TORCH_INDEX_URL}) ..."
 start=$(date +%s)
 docker build \
     --network "${DOCKER_BUILD_NETWORK:-host}" \

@@ -16,8 +16,10 @@
 #   --keep      leave the stack running (stop it with the `down` command printed at the end)
 #
 # Environment (optional)
-#   BASE_IMAGE            base of the app image; default flwr/superexec:1.41.0 if it can be
-#                         pulled, else fedprime-base:local (made by docker/make_base_image.sh)
+#   FLWR_VERSION          Flower release of the images; default: the flwr installed on this
+#                         host (docker/env.sh), so the containers match the `flwr` CLI
+#   BASE_IMAGE            base of the app image; default flwr/superexec:$FLWR_VERSION if it can
+#                         be pulled, else fedprime-base:local (made by docker/make_base_image.sh)
 #   FEDPRIME_IMAGE        app image tag, default fedprime-superexec:latest
 #   DEMO_RUN_CONFIG       extra run-config overrides, e.g. 'num-server-rounds=5 method="pfpt"'
 #   DEMO_TIMEOUT          seconds to wait for the run, default 1800
@@ -50,9 +52,17 @@ for arg in "$@"; do
     esac
 done
 
-FLWR_VERSION=1.41.0
-OFFICIAL_BASE="flwr/superexec:$FLWR_VERSION"
-export FEDPRIME_IMAGE=${FEDPRIME_IMAGE:-fedprime-superexec:latest}
+# Image choices the user made; the rest is derived from the host's flwr (docker/env.sh).
+USER_BASE_IMAGE=${BASE_IMAGE:-} USER_SUPERLINK_IMAGE=${SUPERLINK_IMAGE:-} USER_SUPERNODE_IMAGE=${SUPERNODE_IMAGE:-}
+unset BASE_IMAGE SUPERLINK_IMAGE SUPERNODE_IMAGE
+# shellcheck source=env.sh
+. "$HERE/env.sh"
+if [ -z "$FLWR" ] || [ -z "$FLWR_VERSION" ]; then
+    echo "the flwr CLI is needed on this host: run the README's set-up (pip install -e .)" >&2
+    exit 1
+fi
+PY=$FEDPRIME_PYTHON
+OFFICIAL_BASE=$BASE_IMAGE
 export COMPOSE_PROJECT_NAME=${COMPOSE_PROJECT_NAME:-fedprime-demo}
 export FEDPRIME_RESULTS_DIR=${FEDPRIME_RESULTS_DIR:-$HERE/.build/results}
 DEMO_TIMEOUT=${DEMO_TIMEOUT:-1800}
@@ -72,23 +82,14 @@ else
     echo "neither 'docker compose' nor 'docker-compose' is installed" >&2
     exit 1
 fi
-if [ -x "$ROOT/.venv/bin/flwr" ]; then
-    FLWR="$ROOT/.venv/bin/flwr"
-    PY="$ROOT/.venv/bin/python"
-else
-    FLWR=$(command -v flwr) || {
-        echo "the flwr CLI is needed on this host: pip install 'flwr==$FLWR_VERSION'" >&2
-        exit 1
-    }
-    PY=$(command -v python3)
-fi
 
 # ------------------------------------------------------------------ images
 have_image() { docker image inspect "$1" >/dev/null 2>&1; }
 pullable() { have_image "$1" || docker pull -q "$1" >/dev/null 2>&1; }
 
 if [ "$BUILD" = 1 ] || ! have_image "$FEDPRIME_IMAGE"; then
-    if [ -z "${BASE_IMAGE:-}" ]; then
+    BASE_IMAGE=$USER_BASE_IMAGE
+    if [ -z "$BASE_IMAGE" ]; then
         if pullable "$OFFICIAL_BASE"; then
             BASE_IMAGE=$OFFICIAL_BASE
         else
@@ -103,14 +104,15 @@ if [ "$BUILD" = 1 ] || ! have_image "$FEDPRIME_IMAGE"; then
 fi
 # SuperLink and SuperNodes: Flower's images where they can be had, else the app image
 # (it holds the same flwr; compose.yml sets the entrypoints explicitly).
-if [ -z "${SUPERLINK_IMAGE:-}" ]; then
+SUPERLINK_IMAGE=$USER_SUPERLINK_IMAGE SUPERNODE_IMAGE=$USER_SUPERNODE_IMAGE
+if [ -z "$SUPERLINK_IMAGE" ]; then
     if pullable "flwr/superlink:$FLWR_VERSION"; then SUPERLINK_IMAGE="flwr/superlink:$FLWR_VERSION"; else SUPERLINK_IMAGE=$FEDPRIME_IMAGE; fi
 fi
-if [ -z "${SUPERNODE_IMAGE:-}" ]; then
+if [ -z "$SUPERNODE_IMAGE" ]; then
     if pullable "flwr/supernode:$FLWR_VERSION"; then SUPERNODE_IMAGE="flwr/supernode:$FLWR_VERSION"; else SUPERNODE_IMAGE=$FEDPRIME_IMAGE; fi
 fi
 export SUPERLINK_IMAGE SUPERNODE_IMAGE
-stamp "images: app $FEDPRIME_IMAGE, superlink $SUPERLINK_IMAGE, supernode $SUPERNODE_IMAGE"
+stamp "images (flwr $FLWR_VERSION): app $FEDPRIME_IMAGE, superlink $SUPERLINK_IMAGE, supernode $SUPERNODE_IMAGE"
 
 # ------------------------------------------------------------------ stack
 FILES=(-f "$HERE/compose.yml")

@@ -3,7 +3,7 @@
 #
 #   docker/make_base_image.sh [TAG]        # default TAG: fedprime-base:local
 #
-# With a registry you do not need this: docker/Dockerfile builds FROM flwr/superexec:1.41.0.
+# With a registry you do not need this: docker/Dockerfile builds FROM flwr/superexec:$FLWR_VERSION (docker/env.sh).
 # Without one, this script
 #   1. makes sure a Docker engine answers (docker/local-engine.sh start: Debian's docker.io),
 #   2. debootstraps a Debian bookworm root file system with Python 3.11, pip and venv,

@@ -24,7 +24,6 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCKER = ROOT / "docker"
-FLWR_VERSION = "1.41.0"
 NUM_CLIENTS = 3
 
 
@@ -94,7 +93,7 @@ def assert_flags_known(spec: dict, service: str) -> None:
     for arg in spec.get("command", []):
         if arg.startswith("--"):
             flag = arg.split("=", 1)[0]
-            assert flag in known, f"{service}: {binary} {FLWR_VERSION} has no flag {flag}"
+            assert flag in known, f"{service}: {binary} (the installed flwr) has no flag {flag}"
 
 
 # ----------------------------------------------------------------------------- static
@@ -228,17 +227,51 @@ def test_tls_override():
 
 def test_dockerfile_follows_flowers_layout():
     text = (DOCKER / "Dockerfile").read_text()
-    assert f"ARG BASE_IMAGE=flwr/superexec:{FLWR_VERSION}" in text
-    import flwr
-
-    assert flwr.__version__ == FLWR_VERSION, "update the image tags in docker/ together with flwr"
+    assert "ARG FLWR_VERSION\nARG BASE_IMAGE=flwr/superexec:${FLWR_VERSION}" in text
     assert "ARG TORCH_SPEC=" in text and "ARG TORCH_INDEX_URL=" in text
     assert "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1" in text
     assert 'ENTRYPOINT ["flower-superexec"]' in text
 
 
+FLOWER_RELEASE = re.compile(r"flwr/(?:superlink|supernode|superexec|base):\d|FLWR_VERSION[=:-]+\d|flwr==\d")
+
+
+@pytest.mark.parametrize("path", sorted(p.name for p in DOCKER.iterdir() if p.is_file()))
+def test_no_docker_file_names_a_flower_release(path):
+    """The Flower version of the images has one source: the host's flwr, read by docker/env.sh."""
+    text = (DOCKER / path).read_text(errors="replace")
+    found = FLOWER_RELEASE.findall(text)
+    assert not found, (
+        f"docker/{path} names a Flower release ({found}); take it from FLWR_VERSION, which "
+        "docker/env.sh reads from the installed flwr, so images and the flwr CLI cannot disagree"
+    )
+
+
+def test_env_sh_takes_the_flower_version_from_the_installed_flwr():
+    import flwr
+
+    out = subprocess.run(
+        ["bash", str(DOCKER / "env.sh")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}"},
+    )
+    assert out.returncode == 0, out.stderr
+    exports = dict(re.findall(r"^export (\w+)=(\S+)$", out.stdout, re.MULTILINE))
+    assert exports["FLWR_VERSION"] == flwr.__version__
+    assert exports["SUPERLINK_IMAGE"] == f"flwr/superlink:{flwr.__version__}"
+    assert exports["SUPERNODE_IMAGE"] == f"flwr/supernode:{flwr.__version__}"
+    assert exports["BASE_IMAGE"] == f"flwr/superexec:{flwr.__version__}"
+    # compose.yml takes the images from these variables and stops with a hint without them.
+    for name in ("superlink", "supernode-1"):
+        image = services()[name]["image"]
+        assert image.startswith("${SUPERLINK_IMAGE:?" if name == "superlink" else "${SUPERNODE_IMAGE:?"), image
+        assert "docker/env.sh" in image
+
+
 @pytest.mark.parametrize(
-    "script", ["demo.sh", "build_image.sh", "make_base_image.sh", "local-engine.sh", "gen_certs.sh"]
+    "script", ["demo.sh", "build_image.sh", "make_base_image.sh", "local-engine.sh", "gen_certs.sh", "env.sh"]
 )
 def test_scripts_parse(script):
     out = subprocess.run(["bash", "-n", str(DOCKER / script)], capture_output=True, text=True)
