@@ -63,18 +63,21 @@ FEATURES_DIR = "features"
 # Feature shape of a run
 # ---------------------------------------------------------------------------------------
 def feature_shape(samples: Sequence[Sample]) -> tuple[int, int]:
-    """``(F, d_img)`` of the first sample's precomputed image features.
+    """``(F, d_img)`` of the precomputed image features of the first sample that has them.
+
+    Samples without an image (image-missing in the data) are passed over.
 
     Raises:
-        DataError: no samples, or the first sample has no (readable) features; the
-            message names the sample and how to compute features.
+        DataError: no samples, or no sample has (readable) features; the message names the
+            first sample and how to compute features.
     """
     from .data.processing import load_features
 
     if not samples:
         raise DataError("the training split is empty: cannot read the shape of its image features")
-    first = samples[0]
-    if first.image_features is None:
+    first = next((s for s in samples if s.image_features is not None), None)
+    if first is None:
+        first = samples[0]
         raise DataError(
             f"{first.uid}: sample has no precomputed image features, which backbone='text-encoder' needs; "
             "compute them with: python -m fedprime_core.features --dataset-dir <data-dir> --encoder <model>"

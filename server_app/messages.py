@@ -10,9 +10,12 @@ Client -> server (train reply):
     ``"metrics"`` MetricRecord: ``num-examples``, ``train-loss``, ``train-regulariser``,
                   ``train-seconds``, ``steps``.
     ``"usage"``   ConfigRecord: pool name -> list of per-prompt selection counts.
-    ``"client"``  ConfigRecord: ``partition-id``, realised pattern counts (``complete``,
-                  ``text-missing``, ``image-missing``), ``num-train``, ``mixture`` and the
-                  ``backbone-fingerprint``.
+    ``"client"``  ConfigRecord: ``client-id`` (and ``partition-id`` when it has one),
+                  ``data`` (``site`` or ``partition``), realised pattern counts
+                  (``complete``, ``text-missing``, ``image-missing``, their ``real-*`` and
+                  ``simulated-*`` parts, a site's ``skipped-no-modality`` rows),
+                  ``num-train``, ``num-val``, ``mixture``, the ``backbone-fingerprint``
+                  and the ``labels-fingerprint`` (of its class list).
 
 Client -> server (evaluate reply): ``"metrics"`` with ``num-examples``, ``loss``,
 ``accuracy``, ``macro_f1``, ``micro_f1``.
@@ -92,7 +95,7 @@ def parse_train_reply(message: Message) -> tuple[ClientUpdate | None, dict[str, 
         state=state,
         num_examples=num_examples,
         usage=usage,
-        client_id=str(info.get("partition-id", message.metadata.src_node_id)),
+        client_id=str(info.get("client-id", info.get("partition-id", message.metadata.src_node_id))),
         metrics={k: v for k, v in metrics.items() if isinstance(v, (int, float))},
     )
     return update, info, []

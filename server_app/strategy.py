@@ -53,6 +53,8 @@ class FedPrimeStrategy(FedAvg):
         clients: per-partition info (pattern counts, ...) of a resumed run.
         server_fingerprint: the server's backbone fingerprint, if it loaded one.
         multilabel: whether the headline metric is macro-F1 (MM-IMDB) or accuracy.
+        labels_fingerprint: fingerprint of the server's class list; a reply made with
+            another class list is rejected (``None``: the first reply sets it).
     """
 
     def __init__(
@@ -65,6 +67,7 @@ class FedPrimeStrategy(FedAvg):
         clients: dict[str, dict[str, Any]] | None = None,
         server_fingerprint: str | None = None,
         multilabel: bool = False,
+        labels_fingerprint: str | None = None,
     ) -> None:
         spec = method_spec(cfg.method)
         min_train = 1 if spec.centralized else cfg.min_train_nodes
@@ -83,6 +86,7 @@ class FedPrimeStrategy(FedAvg):
         self.clients: dict[str, dict[str, Any]] = dict(clients or {})
         self.reference_fingerprint = server_fingerprint
         self.multilabel = multilabel
+        self.reference_labels = labels_fingerprint
         self.sweeps = cfg.align_sweeps or method_default_sweeps(cfg.method)
         self._round: dict[str, Any] = {}
 
@@ -158,11 +162,13 @@ class FedPrimeStrategy(FedAvg):
             if update is not None:
                 reasons = validate_update(update, expected, self.spec.pools, self.cfg.max_update_norm)
                 reasons += self._check_fingerprint(info)
+                reasons += self._check_labels(info)
             if reasons:
                 rejected.append({"node": node, "partition": info.get("partition-id"), "reason": "; ".join(reasons)})
                 continue
             updates.append(update)
-            self.clients[str(info.get("partition-id", node))] = {**info, "node-id": node, "last-round": server_round}
+            client_id = info.get("client-id", info.get("partition-id", node))
+            self.clients[str(client_id)] = {**info, "node-id": node, "last-round": server_round}
         for item in rejected:
             log(WARNING, "round %d: rejected reply from node %s: %s", server_round, item["node"], item["reason"])
         self._round.update(
@@ -205,6 +211,21 @@ class FedPrimeStrategy(FedAvg):
         if fingerprint != self.reference_fingerprint:
             return [
                 f"frozen backbone fingerprint {fingerprint} differs from the federation's {self.reference_fingerprint}"
+            ]
+        return []
+
+    def _check_labels(self, info: dict[str, Any]) -> list[str]:
+        """A client whose class list differs from the federation's would train another task."""
+        labels = info.get("labels-fingerprint")
+        if not labels:
+            return []
+        if self.reference_labels is None:
+            self.reference_labels = str(labels)
+            return []
+        if labels != self.reference_labels:
+            return [
+                f"class list fingerprint {labels} differs from the federation's {self.reference_labels}: give every "
+                "site and the server the same class list (run config 'classes' or the same classes.txt)"
             ]
         return []
 
