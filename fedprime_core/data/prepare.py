@@ -320,7 +320,7 @@ def export_embedded(
 
 
 def _summary(manifest: dict[str, Any]) -> str:
-    header = "| site | rows | classes | mixture | " + " | ".join(PATTERN_NAMES) + " | missing in the input (text/image) |"
+    header = "| site | rows | classes | mixture | " + " | ".join(PATTERN_NAMES) + " | missing in input (text/image) |"
     lines = [header, "|---" * 8 + "|"]
     for site in manifest["sites"]:
         mixture = "/".join(f"{x:.2f}" for x in site["mixture"])
