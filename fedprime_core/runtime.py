@@ -32,6 +32,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import logging
+import os
 import threading
 from collections.abc import Mapping
 from typing import Any
@@ -142,6 +143,12 @@ def load_backbone(cfg: RunConfig) -> LoadedBackbone:
     def build() -> LoadedBackbone:
         if features:
             from .features import feature_shape
+
+            if not has_data(cfg):
+                raise ConfigError(
+                    f"backbone={cfg.backbone!r} reads the shape of the precomputed image features from the data, "
+                    "but the run config names no data-dir for the server; give it its held-out folder (with features)"
+                )
 
             splits = load_splits(cfg)
             shape = feature_shape([*splits.train, *splits.dev, *splits.test])
@@ -357,7 +364,12 @@ def node_client(node_config: Mapping[str, Any], node_id: int = 0) -> ClientNode:
             raise ConfigError(f"node config key {key!r} = {value!r} is not allowed; use one of: {', '.join(choices)}")
         return value
 
-    data_dir = text("data-dir")
+    data_dir = os.path.expanduser(text("data-dir"))
+    if data_dir and not os.path.isabs(data_dir):
+        raise ConfigError(
+            f"node config key 'data-dir' = {data_dir!r} must be an absolute path: the ClientApp process that "
+            "reads it may run in another folder than the SuperNode"
+        )
     partition_id = num_partitions = None
     if "partition-id" in node_config or "num-partitions" in node_config:
         try:

@@ -48,6 +48,7 @@ def test_node_config_names_a_site_or_a_partition():
     site = runtime.node_client({"data-dir": "/site", "client-id": "hospital-3", "device": "cpu"}, 11)
     assert site.site_local and site.client_id == "hospital-3" and site.device == "cpu" and site.partition_id is None
     assert runtime.node_client({"data-dir": "/site"}, 11).client_id == "node-11"
+    assert runtime.node_client({"data-dir": "~/site"}).data_dir == str(Path.home() / "site")
     shard = runtime.node_client({"partition-id": 2, "num-partitions": 4}, 11)
     assert not shard.site_local and shard.client_id == "2" and shard.seed_key == 3
     both = runtime.node_client({"data-dir": "/site", "partition-id": 0, "num-partitions": 2}, 11)
@@ -58,6 +59,7 @@ def test_node_config_names_a_site_or_a_partition():
         ({"partition-id": 1}, "lacks 'num-partitions'"),
         ({"partition-id": 4, "num-partitions": 4}, "must lie in 0..num-partitions-1"),
         ({"data-dir": 3}, "'data-dir' = 3 must be a string"),
+        ({"data-dir": "relative/site"}, "must be an absolute path"),
         ({"data-dir": "/s", "device": "tpu"}, "'device' = 'tpu' is not allowed"),
     ]:
         with pytest.raises(ConfigError, match=message):
