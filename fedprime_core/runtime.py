@@ -294,9 +294,6 @@ def _cap(samples: list[Sample], limit: int, seed: int, purpose: int) -> list[Sam
 # ---------------------------------------------------------------------------------------
 # Client shards
 # ---------------------------------------------------------------------------------------
-NODE_CONFIG_KEYS = ("client-id", "data-dir", "data-layout", "device", "partition-id", "num-partitions")
-
-
 @dataclasses.dataclass(frozen=True)
 class ClientNode:
     """Who a ClientApp is and where its data comes from (read from its SuperNode's node config).
@@ -505,6 +502,11 @@ def client_shard(cfg: RunConfig, client: ClientNode | int, num_partitions: int |
     cfg = node.config(cfg)
     if node.site_local:
         return site_shard(cfg, node)
+    if not has_data(cfg):
+        raise ConfigError(
+            f"client {node.client_id}: a node with partition-id carves its shard out of the run config's data-dir, "
+            "which is empty; set data-dir, or start the SuperNode with its own --node-config 'data-dir=\"...\"'"
+        )
     spec = method_spec(cfg.method)
     partition_id, num_partitions = node.partition_id, node.num_partitions
     assert partition_id is not None and num_partitions is not None  # node_client guarantees it

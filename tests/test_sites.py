@@ -67,6 +67,9 @@ def test_node_config_names_a_site_or_a_partition():
     cfg = parse_run_config({"device": "auto"})
     with pytest.raises(ConfigError, match='dataset="embedded"'):
         site.config(cfg)
+    no_data = parse_run_config({"dataset": "food101", "classes": "a,b"})
+    with pytest.raises(ConfigError, match="client 2: a node with partition-id carves its shard .* which is empty"):
+        runtime.client_shard(no_data, shard)
 
 
 # ----------------------------------------------------------------------------- site shards
