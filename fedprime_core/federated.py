@@ -15,8 +15,9 @@ from typing import Any
 
 import numpy as np
 
-from .aggregation import align_prompts, fedavg, pfpt_aggregate
+from .aggregation import align_prompts, fedavg
 from .methods import MethodSpec
+from .pfpt import aggregate_pfpt_pool
 
 
 @dataclasses.dataclass
@@ -156,10 +157,12 @@ def aggregate_round(
 
     * Aligned pools (``spec.aligned_pools``): the prompts each client used this round are
       merged by :func:`~fedprime_core.aggregation.align_prompts` (FedPrime; warm-started
-      from their positions in the global pool the clients received) or
-      :func:`~fedprime_core.aggregation.pfpt_aggregate` (PFPT), keys with the same
+      from their positions in the global pool the clients received), keys with the same
       assignment; the pool's size becomes the number of clusters (bounded by
       ``settings.max_prompts``). If no client used any prompt of the pool, it is kept.
+    * PFPT (``spec.aligner == "pfpt"``): every client's rows at the union of the indices any
+      client used are aggregated by :func:`~fedprime_core.pfpt.aggregate_pfpt_pool`; the new
+      pool is every centroid some client uses (bounded by ``settings.max_prompts``).
     * Everything else (intra pool, keys, query maps, pooler, head, missing-aware prompts):
       FedAvg weighted by sample counts.
     * ``centralized-p``: the single owner's state is taken as is.
@@ -188,6 +191,16 @@ def aggregate_round(
     new_state = fedavg([u.state for u in updates], weights, names=averaged)
     for pool in spec.aligned_pools:
         prompts_key, keys_key = f"pools.{pool}.prompts", f"pools.{pool}.keys"
+        if spec.aligner == "pfpt":  # PFPT's protocol: union of used rows from every client (fedprime_core.pfpt)
+            new_state[prompts_key], pfpt_report = aggregate_pfpt_pool(
+                [np.asarray(u.state[prompts_key]) for u in updates],
+                [np.asarray(u.usage[pool]) for u in updates],
+                max_prompts=settings.max_prompts,
+                n_sweeps=settings.sweeps,
+                seed=settings.seed,
+            )
+            report.update({f"{pool}-{key}": value for key, value in pfpt_report.items()})
+            continue
         prompt_shape = np.shape(global_state[prompts_key])[1:]
         used_prompts, used_keys, positions, used_weights = [], [], [], []
         for update, weight in zip(updates, weights):
@@ -206,10 +219,7 @@ def aggregate_round(
         common = dict(
             client_keys=used_keys, max_prompts=settings.max_prompts, n_sweeps=settings.sweeps, seed=settings.seed
         )
-        if spec.aligner == "pfpt":
-            result = pfpt_aggregate(used_prompts, used_weights, **common)
-        else:
-            result = align_prompts(used_prompts, used_weights, init_assignments=positions, **common)
+        result = align_prompts(used_prompts, used_weights, init_assignments=positions, **common)
         new_state[prompts_key] = result.centres.reshape(-1, *prompt_shape).astype(np.float32)
         new_state[keys_key] = result.keys.astype(np.float32)
         report[f"{pool}-pool-size"] = int(result.centres.shape[0])
