@@ -221,3 +221,37 @@ def test_pfpt_pool_uses_the_prompt_as_key_and_the_frozen_cls_query(tiny_vilt):
     unused = torch.ones(7, dtype=torch.bool)
     unused[out.selected["inter"].unique()] = False
     assert torch.all(pool.prompts.grad[unused] == 0)  # a prompt nobody selected does not move
+
+
+# ---------------------------------------------------------------------------------------
+# Through the real ServerApp and ClientApp
+# ---------------------------------------------------------------------------------------
+def test_pfpt_runs_through_the_apps_with_a_variable_broadcast_pool(quick_config):
+    import json
+    from pathlib import Path
+
+    from flwr.app import Context, RecordDict
+
+    from fedprime_core.config import config_to_dict
+    from fedprime_core.results import load_checkpoint
+    from server_app.app import main as server_main
+    from tests.loopback import LoopbackGrid
+
+    cfg = quick_config(
+        run_name="pfpt", method="pfpt", missing_setting="none", label_alpha=0.5, client_size_sigma=1.0, align_sweeps=10
+    )
+    run_config = config_to_dict(cfg)
+    grid = LoopbackGrid(run_config, 3)
+    server_main(grid, Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=run_config))
+    folder = Path(cfg.results_dir) / cfg.run_name
+    records = json.loads((folder / "metrics.json").read_text())[1:]
+    state, _ = load_checkpoint(folder)
+    assert "pools.inter.keys" not in state and "pools.inter.query.weight" in state  # the prompt is its own key
+    for record in records:
+        assert record["accepted"] == 3
+        union = record["inter-union-size"]
+        assert 1 <= union <= cfg.tau and union <= record["inter-pool-size"] <= 3 * union
+        assert record["inter-align-sweeps"] == 10
+    assert state["pools.inter.prompts"].shape[0] == records[-1]["inter-pool-size"]
+    sizes = [c["num-train"] for c in json.loads((folder / "clients.json").read_text()).values()]
+    assert len(set(sizes)) == 3  # label skew with imbalanced sizes (tests/test_data.py checks the split itself)
