@@ -139,6 +139,14 @@ def bench_pfpt(data: dict[str, Any], reps: int) -> dict[str, Any]:
     seconds, times, cpu, result = median_wall_cpu(
         lambda: pfpt_aggregate(data["prompts"], n_sweeps=PFPT_SWEEPS, max_prompts=MAX_PROMPTS, seed=1), reps
     )
+    # Where the centroids end up: PFPT's Adam moves them with every network's gradient, not only
+    # towards their members; compare with how far the members lie from their own mean.
+    flat, labels = data["prompts"].reshape(-1, data["prompts"].shape[-1]), result.assignments.ravel()
+    offsets, spreads = [], []
+    for k in range(result.prompts.shape[0]):
+        members = flat[labels == k]
+        offsets.append(np.linalg.norm(result.prompts[k] - members.mean(0)))
+        spreads.append(np.linalg.norm(members - members.mean(0), axis=1).mean())
     return {
         "median-seconds": seconds,
         "median-cpu-seconds": cpu,
@@ -146,7 +154,10 @@ def bench_pfpt(data: dict[str, Any], reps: int) -> dict[str, Any]:
         "hungarian-share": result.hungarian_seconds / result.total_seconds,
         "sweeps-run": len(result.objective_trace),
         "global-prompts": int(result.prompts.shape[0]),
-        "ari": round(adjusted_rand_index(result.assignments.ravel(), data["truth"].ravel()), 4),
+        "ari": round(adjusted_rand_index(labels, data["truth"].ravel()), 4),
+        "centroid-to-member-mean": round(float(np.mean(offsets)), 4),
+        "member-spread": round(float(np.mean(spreads)), 4),
+        "prompt-norm": round(float(np.linalg.norm(flat, axis=1).mean()), 4),
     }
 
 
@@ -486,7 +497,9 @@ def main() -> None:
             print(
                 f"n={n:4d} pfpt  {r['median-seconds']:7.3f} s (CPU {r['median-cpu-seconds']:.3f} s)  "
                 f"hungarian {100 * r['hungarian-share']:4.1f}%  sweeps {r['sweeps-run']}  "
-                f"{n * TAU} centroids -> {r['global-prompts']} global prompts, ARI {r['ari']}",
+                f"{n * TAU} centroids -> {r['global-prompts']} global prompts, ARI {r['ari']}, "
+                f"centroid {r['centroid-to-member-mean']} from its members' mean (spread {r['member-spread']}, "
+                f"prompt norm {r['prompt-norm']})",
                 flush=True,
             )
         if n <= round_max:
@@ -628,13 +641,16 @@ def main() -> None:
                     100 * p["hungarian-share"],
                     p["global-prompts"],
                     p["ari"],
+                    f"{p['centroid-to-member-mean']:.3g} / {p['member-spread']:.3g} / {p['prompt-norm']:.3g}",
                     "-" if ref_total is None else f"{ref_total:.3g}{'' if ref['measured'] else '**'}",
                     "-" if ref_total is None else ref_total / p["median-seconds"],
                 ]
             )
-        print(
-            table(["n", "centroids", "pfpt s", "CPU s", "hung. %", "global prompts", "ARI", "reference s", "x"], body)
-        )
+        print("(centroid offset: L2 distance of a global prompt from the mean of its members; spread: mean L2")
+        print(" distance of the members from that mean; norm: mean L2 norm of the local prompts)")
+        headers = ["n", "centroids", "pfpt s", "CPU s", "hung. %", "global prompts", "ARI"]
+        headers += ["centroid offset / spread / norm", "reference s", "x"]
+        print(table(headers, body))
     print(
         "\ngrowth exponents (slope of log time vs log n): "
         + ", ".join(f"{k} {v:.2f}" for k, v in growth.items() if v is not None)

@@ -57,6 +57,21 @@ centroids per Adam step; nothing loops over centroids in Python. 100 clients x 2
 x 768 dims (2,000 centroids) take seconds; PFPT's per-centroid loops take minutes to hours
 (``benchmarks/aggregation.py``).
 
+What it does in practice
+------------------------
+* Near-copies of one prompt from different clients (an FL round: every client starts from
+  the same global pool and moves the rows it uses a little) merge into one centroid that
+  every client uses; prompts that lie far apart relative to the scale ``s <= 1`` stay
+  separate, one per client; a client's prompt that drifted to a new pattern becomes a global
+  prompt of its own (``tests/test_pfpt.py``).
+* The centroids are free parameters, and Adam moves every coordinate by up to about ``lr``
+  per step along the *networks'* gradients (the popularity and ``log s`` terms) as much as
+  along the pull of their members, which is weak while ``s`` is large. So a returned
+  prompt is not the mean of the prompts it merges: with ``d = 768`` and 50 sweeps it lies
+  farther from its members' mean than the prompts' own norm (``benchmarks/aggregation.py``
+  reports the distance; PFPT's own ``NonparametricAgg`` does the same on the same input).
+  This is PFPT's design, kept as is.
+
 Where this differs from PFPT's code, and why
 --------------------------------------------
 * **Bernoulli term: the model's likelihood, not the code's.** ``NonparametricAgg.z_likelihood``
@@ -115,7 +130,8 @@ class PFPTResult:
         objective: ``J`` (module docstring) after the last sweep.
         objective_trace: ``J`` after every sweep.
         num_dropped: used centroids removed to respect ``max_prompts``.
-        hungarian_seconds: wall time spent in ``linear_sum_assignment``.
+        hungarian_seconds: wall time of the assignment steps (top-``m`` screening and
+            ``linear_sum_assignment``).
         total_seconds: wall time of the whole call.
     """
 
