@@ -586,20 +586,22 @@ def comparison(plan: Plan, table: TableSpec) -> dict[str, Any]:
     return {"keys": keys, "columns": columns, "rows": rows, "differences": differences}
 
 
-def _num(value: float, digits: int = 2) -> str:
+def _num(value: float, scientific: bool) -> str:
     if not np.isfinite(value):
         return "-"
-    if abs(value) >= 1e4 or (value != 0 and abs(value) < 10 ** (-digits)):
-        return f"{value:.3g}"
-    return f"{value:.{digits}f}"
+    return f"{value:.3g}" if scientific else f"{value:.2f}"
 
 
 def _cell_text(stat: Mapping[str, float], interval: bool = False) -> str:
+    """``mean ± std [lo, hi]``, all in the mean's format (2 decimals, or 3 significant digits for
+    means below 0.01 or from 10,000 up), so a std of float noise reads 0.00."""
     if stat["n"] == 0:
         return "-"
-    text = f"{_num(stat['mean'])} ± {_num(stat['std'])}" if stat["n"] > 1 else _num(stat["mean"])
+    mean = stat["mean"]
+    scientific = abs(mean) >= 1e4 or 0 < abs(mean) < 0.01
+    text = f"{_num(mean, scientific)} ± {_num(stat['std'], scientific)}" if stat["n"] > 1 else _num(mean, scientific)
     if interval and np.isfinite(stat["lo"]):
-        text += f" [{_num(stat['lo'])}, {_num(stat['hi'])}]"
+        text += f" [{_num(stat['lo'], scientific)}, {_num(stat['hi'], scientific)}]"
     return text
 
 
