@@ -58,7 +58,8 @@ from torch.distributions import Bernoulli, Independent, Normal
 
 from fedprime_core.aggregation import AlignmentResult, align_prompts
 from fedprime_core.backbones.base import Backbone
-from fedprime_core.federated import AggregationSettings, ClientUpdate, aggregate_round, validate_update
+from fedprime_core.federated import AggregationSettings, ClientUpdate, GlobalState, validate_update
+from fedprime_core.interpool import InterPool
 from fedprime_core.methods import method_spec
 from fedprime_core.metrics import adjusted_rand_index
 from fedprime_core.model import PromptedModel, PromptSettings, trainable_state
@@ -381,42 +382,62 @@ class _ShapeOnlyBackbone(Backbone):
     def final_norm(self, hidden):  # pragma: no cover - never run
         raise NotImplementedError
 
+    def token_scale(self) -> float:
+        return 0.05  # about BERT's word embedding RMS
 
-def make_round_updates(data: dict[str, Any], seed: int = 0) -> tuple[dict[str, np.ndarray], list[ClientUpdate]]:
+
+def make_round_updates(data: dict[str, Any], seed: int = 0) -> tuple[GlobalState, list[ClientUpdate]]:
     """ViLT-B/32-sized fedprime global state and one ``ClientUpdate`` per client of ``data``.
 
-    The global inter pool holds the ``centres`` pool prompts; each client returns the whole
-    pool with the prompts it used moved to its drifted copies (usage > 0 exactly there),
-    and every averaged array (intra pool, keys, query maps, pooler, head) perturbed.
+    The global inter pool holds the ``centres`` pool prompts; client ``t``'s ``tau`` slots
+    hold the clusters at ``positions[t]`` (as the server recorded them when it sent the
+    pool), and it returns its drifted copies of them, every one used; every averaged array
+    (intra pool, keys, query maps, pooler, head) is perturbed.
     """
-    model = PromptedModel(_ShapeOnlyBackbone(), method_spec("fedprime"), 8, PromptSettings(tau=TAU, kappa=5), seed=0)
+    spec = method_spec("fedprime")
+    model = PromptedModel(_ShapeOnlyBackbone(), spec, 8, PromptSettings(tau=TAU, kappa=5), seed=0)
     state = trainable_state(model)
     size = data["centres"]
-    state["pools.inter.prompts"] = data["pool"][:, None, :].astype(np.float32)  # the pool the clients started from
-    state["pools.inter.keys"] = data["pool-keys"].astype(np.float32)
+    pool = InterPool(
+        ids=np.arange(size),
+        prompts=data["pool"][:, None, :].astype(np.float32),
+        keys=data["pool-keys"].astype(np.float32),
+        popularity=np.full(size, 0.5),
+        next_id=size,
+        slots={str(t): np.asarray(pos) for t, pos in enumerate(data["positions"])},
+        tau=TAU,
+    )
+    glob = GlobalState(spec, state, inter_pool=pool)
     rng = np.random.default_rng(seed)
     updates = []
-    for t, (p, k, pos) in enumerate(zip(data["prompts"], data["keys"], data["positions"])):
-        local = {name: (v + 0.01 * rng.standard_normal(v.shape)).astype(np.float32) for name, v in state.items()}
-        local["pools.inter.prompts"][pos, 0] = p
-        local["pools.inter.keys"][pos] = k
-        usage = {"intra": rng.integers(0, 50, TAU), "inter": np.zeros(size, dtype=np.int64)}
+    for t, (p, k) in enumerate(zip(data["prompts"], data["keys"])):
+        local = {
+            name: (v + 0.01 * rng.standard_normal(v.shape)).astype(np.float32)
+            for name, v in glob.arrays.items()
+            if name not in ("pools.inter.prompts", "pools.inter.keys")
+        }
+        local["pools.inter.prompts"] = p[:, None, :].astype(np.float32)
+        local["pools.inter.keys"] = k.astype(np.float32)
+        usage = {"intra": rng.integers(0, 50, TAU), "inter": rng.integers(1, 50, TAU)}
         usage["intra"][0] += 1
-        usage["inter"][pos] = rng.integers(1, 50, len(pos))
         updates.append(ClientUpdate(local, int(data["weights"][t]), usage, str(t)))
-    return state, updates
+    return glob, updates
 
 
-def server_round(state: dict[str, np.ndarray], updates: list[ClientUpdate]) -> dict[str, Any]:
-    """What ``FedPrimeStrategy.aggregate_train`` computes: validate every reply, then aggregate."""
-    spec = method_spec("fedprime")
-    expected = {k: v.shape for k, v in state.items()}
+def server_round(glob: GlobalState, updates: list[ClientUpdate]) -> dict[str, Any]:
+    """What ``FedPrimeStrategy.aggregate_train`` computes: validate every reply, then aggregate.
+
+    Works on a copy of ``glob``, so repeated timings aggregate the same round.
+    """
+    glob = GlobalState(glob.spec, glob.arrays, glob.inter_pool, glob.inter_merge)
+    expected = glob.expected_shapes()
     start = time.perf_counter()
     for update in updates:
-        if validate_update(update, expected, spec.pools, 1e4):
-            raise RuntimeError("benchmark produced an invalid update")
+        reasons = validate_update(update, expected, glob.spec.pools, 1e4)
+        if reasons:
+            raise RuntimeError(f"benchmark produced an invalid update: {reasons}")
     validated = time.perf_counter() - start
-    _, report = aggregate_round(state, updates, spec, AggregationSettings(max_prompts=MAX_PROMPTS, sweeps=SWEEPS))
+    report = glob.aggregate(updates, AggregationSettings(max_prompts=MAX_PROMPTS, sweeps=SWEEPS))
     return {**report, "validate-seconds": validated}
 
 
@@ -503,9 +524,9 @@ def main() -> None:
                 flush=True,
             )
         if n <= round_max:
-            state, updates = make_round_updates(data)
-            server_round(state, updates)  # warm-up
-            seconds, times, cpu, report = median_wall_cpu(functools.partial(server_round, state, updates), reps)
+            glob, updates = make_round_updates(data)
+            server_round(glob, updates)  # warm-up
+            seconds, times, cpu, report = median_wall_cpu(functools.partial(server_round, glob, updates), reps)
             row["server-round"] = {
                 "median-seconds": seconds,
                 "median-cpu-seconds": cpu,
@@ -516,7 +537,7 @@ def main() -> None:
                 "fedavg-seconds": report["aggregation-seconds"] - report["inter-align-seconds"],
                 "client-state-bytes": int(sum(v.nbytes for v in updates[0].state.values())),
             }
-            del state, updates
+            del glob, updates
             print(
                 f"n={n:4d} whole server round (validate + aggregate_round, ViLT-B/32 fedprime states): "
                 f"{seconds:.3f} s (CPU {cpu:.3f} s): validate {report['validate-seconds']:.3f} s, FedAvg "

@@ -7,9 +7,8 @@ aggregation only, and has well over 10 s of compute on a 2-core CPU.
 
 * **Flower**: a real ``flwr run . --stream --federation-config "num-supernodes=N
   client-resources-num-cpus=1"`` from the repository root, with a private ``FLWR_HOME`` and
-  private local-SuperLink ports (``FLWR_LOCAL_SUPERLINK_HTTP_API_PORT`` /
-  ``FLWR_LOCAL_CONTROL_API_PORT`` set to free ports, so a concurrent ``flwr run`` on the
-  default 39091/39093 neither collides with nor receives this run). The per-round wall time
+  private local-SuperLink ports (``fedprime_core.launch.flower_env``, so a concurrent
+  ``flwr run`` neither collides with nor receives this run). The per-round wall time
   is the run's ``round-seconds`` (``results-dir/<run-name>/metrics.json``, measured by
   ``FedPrimeStrategy.start`` from sending the train messages to the end of aggregation;
   writing results and the checkpoint afterwards is not in it). Round 1 is excluded: it
@@ -108,16 +107,12 @@ def busy_threads(home: Path, min_cpu_seconds: float = 1.0) -> dict[int, int]:
 
 
 def run_flower(args, work: Path) -> dict[str, Any]:
-    from tests.processes import flower_env, free_port, stop_marked
+    from tests.processes import flower_env, stop_marked
 
     home = work / "flwr-home"
     home.mkdir()
     results = work / "flower-results"
-    env = flower_env(
-        home,
-        FLWR_LOCAL_SUPERLINK_HTTP_API_PORT=str(free_port()),
-        FLWR_LOCAL_CONTROL_API_PORT=str(free_port()),
-    )
+    env = flower_env(home)  # private FLWR_HOME and local-SuperLink ports
     cmd = [
         "flwr",
         "run",
@@ -177,20 +172,20 @@ def _train(values: dict[str, Any], state: dict[str, np.ndarray], pid: int, num: 
 
     cfg = parse_run_config(values)
     new_state, result, _ = runtime.client_train(cfg, state, pid, num, rnd)
-    return new_state, result.num_examples, result.usage, result.loss, result.seconds
+    return new_state, result.num_examples, result.usage, result.loss, result.seconds, result.pattern_usage
 
 
 def run_direct(args, work: Path, parallel: bool) -> dict[str, Any]:
     from fedprime_core import runtime
     from fedprime_core.config import method_default_sweeps, parse_run_config
-    from fedprime_core.federated import AggregationSettings, ClientUpdate, aggregate_round, validate_update
+    from fedprime_core.federated import AggregationSettings, ClientUpdate, GlobalState, validate_update
     from fedprime_core.methods import method_spec
 
     values = overrides(args, work / ("direct-parallel" if parallel else "direct-sequential"))
     cfg = parse_run_config(values)
     spec = method_spec(cfg.method)
     sweeps = cfg.align_sweeps or method_default_sweeps(cfg.method)
-    state = runtime.initial_state(cfg)
+    glob = GlobalState(spec, runtime.initial_state(cfg), inter_merge=cfg.inter_merge)
     pools = []
     if parallel:
         ctx = get_context("spawn")
@@ -199,22 +194,27 @@ def run_direct(args, work: Path, parallel: bool) -> dict[str, Any]:
     try:
         for rnd in range(1, args.rounds + 1):
             start = time.perf_counter()
+            payloads = [glob.client_arrays(str(pid)) for pid in range(args.clients)]
             if parallel:
-                futures = [pool.submit(_train, values, state, pid, args.clients, rnd) for pid, pool in enumerate(pools)]
+                futures = [
+                    pool.submit(_train, values, payloads[pid], pid, args.clients, rnd) for pid, pool in enumerate(pools)
+                ]
                 replies = [f.result() for f in futures]
             else:
-                replies = [_train(values, state, pid, args.clients, rnd) for pid in range(args.clients)]
+                replies = [_train(values, payloads[pid], pid, args.clients, rnd) for pid in range(args.clients)]
             updates = [
-                ClientUpdate(s, n, usage, str(pid), {"train-loss": loss})
-                for pid, (s, n, usage, loss, _) in enumerate(replies)
+                ClientUpdate(s, n, usage, str(pid), {"train-loss": loss}, by_pattern)
+                for pid, (s, n, usage, loss, _, by_pattern) in enumerate(replies)
             ]
-            expected = {k: v.shape for k, v in state.items()}
+            expected = glob.expected_shapes()
             for update in updates:
                 reasons = validate_update(update, expected, spec.pools, cfg.max_update_norm)
                 if reasons:
                     raise RuntimeError(f"direct loop produced an invalid update: {reasons}")
-            settings = AggregationSettings(max_prompts=cfg.inter_pool_max, sweeps=sweeps, seed=cfg.seed * 1000 + rnd)
-            state, report = aggregate_round(state, updates, spec, settings)
+            settings = AggregationSettings(
+                max_prompts=cfg.inter_pool_max, sweeps=sweeps, seed=cfg.seed * 1000 + rnd, inter_merge=cfg.inter_merge
+            )
+            report = glob.aggregate(updates, settings)
             out["round-seconds"][rnd] = time.perf_counter() - start
             out["aggregation-seconds"][rnd] = report["aggregation-seconds"]
             weights = [u.num_examples for u in updates]

@@ -18,7 +18,15 @@ from flwr.clientapp import ClientApp
 from fedprime_core import runtime
 from fedprime_core.config import ConfigError, RunConfig, parse_run_config
 from fedprime_core.faults import inject_fault
-from server_app.messages import ARRAYS, CONFIG, METRICS, record_to_state, train_reply_content
+from fedprime_core.federated import client_identity
+from server_app.messages import (
+    ARRAYS,
+    CONFIG,
+    METRICS,
+    identity_reply_content,
+    record_to_state,
+    train_reply_content,
+)
 
 LOGGER = logging.getLogger(__name__)
 
@@ -48,6 +56,20 @@ def _threads() -> None:
         torch.set_num_threads(max(1, min(torch.get_num_threads(), 4)))
 
 
+def identity(context: Context) -> dict[str, str | int]:
+    """This node's client id (what the server keys its personal pool by) and partition."""
+    info: dict[str, str | int] = {"client-id": client_identity(context.node_config, context.node_id)}
+    if "partition-id" in context.node_config:
+        info["partition-id"] = int(context.node_config["partition-id"])
+    return info
+
+
+@app.query()
+def query(msg: Message, context: Context) -> Message:
+    """Tell the server which client this node is (asked once, before its first personal pool)."""
+    return Message(content=identity_reply_content(identity(context)), reply_to=msg)
+
+
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     """Train the received global state for ``local-epochs`` on the local shard."""
@@ -65,7 +87,7 @@ def train(msg: Message, context: Context) -> Message:
         "steps": result.steps,
     }
     client = {
-        "partition-id": partition_id,
+        **identity(context),
         "num-train": len(shard.train),
         "mixture": [float(x) for x in shard.mixture],
         "backbone-fingerprint": runtime.load_backbone(cfg).fingerprint,
@@ -82,7 +104,8 @@ def train(msg: Message, context: Context) -> Message:
         result.num_examples,
         result.seconds,
     )
-    return Message(content=train_reply_content(new_state, metrics, usage, client), reply_to=msg)
+    content = train_reply_content(new_state, metrics, usage, client, result.pattern_usage)
+    return Message(content=content, reply_to=msg)
 
 
 @app.evaluate()

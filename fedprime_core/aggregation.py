@@ -27,8 +27,9 @@ constant, ``sum_{q used} logit U(theta_q)``: this is the per-pair popularity cos
 Alternating optimisation:
 
 1. **theta-step** (``alpha`` fixed): ``theta_q`` is the weight-averaged mean of its
-   members (the exact maximiser of the likelihood term; client sample counts are the
-   weights, so a cluster holding one prompt of every client is FedAvg of aligned prompts);
+   members (the exact maximiser of the likelihood term; the weights are per prompt, e.g.
+   how often a client retrieved it this round, or a client's sample count, so a cluster
+   holding one prompt of every client is FedAvg of aligned prompts);
    the scale and popularity nets take Adam steps on ``J``.
 2. **alpha-step** (``theta, gamma, zeta`` fixed): for each client in turn (seeded order),
    its prompts are removed from their clusters and re-assigned by the Hungarian
@@ -135,6 +136,10 @@ class AlignmentResult:
         objective: final value of ``J`` (see module docstring).
         objective_trace: ``J`` after the initial assignment and after every sweep (sweeps
             stop early once a whole sweep leaves every assignment unchanged).
+        source_labels: ``(K,)`` for each returned cluster, the ``init_assignments`` label
+            it was warm-started as, or ``-1`` for a cluster opened during the alignment
+            (every cluster is ``-1`` without ``init_assignments``).
+        weights: ``(K,)`` total member weight of each cluster, in the units of the weights given.
         num_dropped: clusters removed to respect ``max_prompts``.
         hungarian_seconds: wall time spent in ``linear_sum_assignment``.
         total_seconds: wall time of the whole call.
@@ -147,6 +152,8 @@ class AlignmentResult:
     popularity: np.ndarray
     objective: float
     objective_trace: tuple[float, ...]
+    source_labels: np.ndarray
+    weights: np.ndarray
     num_dropped: int
     hungarian_seconds: float
     total_seconds: float
@@ -178,12 +185,30 @@ class _PopularityNet(nn.Module):
         return torch.sigmoid(self.net(centres)).squeeze(-1).clamp(1e-4, 1 - 1e-4)
 
 
+@dataclasses.dataclass(frozen=True)
+class _Inputs:
+    """Validated inputs of one alignment, in float64.
+
+    Attributes:
+        prompts: per client ``(m_t, D)``.
+        weights: per client ``(m_t,)`` positive weight of each prompt.
+        keys: per client ``(m_t, Dk)`` or ``None``.
+        init: per client ``(m_t,)`` distinct warm-start labels, or ``None``.
+    """
+
+    prompts: list[np.ndarray]
+    weights: list[np.ndarray]
+    keys: list[np.ndarray] | None
+    init: list[np.ndarray] | None
+
+
 def _check_inputs(
     client_prompts: Sequence[np.ndarray],
     client_weights: Sequence[float] | None,
     client_keys: Sequence[np.ndarray] | None,
     init_assignments: Sequence[np.ndarray] | None,
-) -> tuple[list[np.ndarray], np.ndarray, list[np.ndarray] | None, list[np.ndarray] | None]:
+    prompt_weights: Sequence[np.ndarray] | None = None,
+) -> _Inputs:
     if len(client_prompts) == 0:
         raise ValueError("align_prompts needs at least one client")
     prompts = [np.asarray(p, dtype=np.float64) for p in client_prompts]
@@ -201,6 +226,14 @@ def _check_inputs(
     weights = np.ones(n) if client_weights is None else np.asarray(client_weights, dtype=np.float64)
     if weights.shape != (n,) or not np.isfinite(weights).all() or np.any(weights <= 0):
         raise ValueError(f"client_weights must be {n} positive numbers, got {client_weights!r}")
+    if prompt_weights is None:
+        row_weights = [np.full(p.shape[0], w) for p, w in zip(prompts, weights)]
+    else:
+        row_weights = [np.asarray(w, dtype=np.float64) for w in prompt_weights]
+        if len(row_weights) != n or any(w.shape != (p.shape[0],) for w, p in zip(row_weights, prompts)):
+            raise ValueError("prompt_weights must hold one (m_t,) array per client, row-aligned with its prompts")
+        if any(not np.isfinite(w).all() or np.any(w <= 0) for w in row_weights):
+            raise ValueError("prompt_weights must be positive, finite numbers")
     keys = None
     if client_keys is not None:
         keys = [np.asarray(k, dtype=np.float64) for k in client_keys]
@@ -216,22 +249,28 @@ def _check_inputs(
         for i, a in enumerate(init):
             if np.any(a < 0) or len(np.unique(a)) != len(a):
                 raise ValueError(f"init_assignments of client {i} must be distinct non-negative indices")
-    return prompts, weights, keys, init
+    return _Inputs(prompts, row_weights, keys, init)
 
 
 class _ClusterState:
-    """Cluster slots with running weighted sums, for O(1) add/remove of members."""
+    """Cluster slots with running weighted sums, for O(1) add/remove of members.
 
-    def __init__(self, capacity: int, dim: int) -> None:
+    Slots ``0 .. reserved-1`` hold the warm-start clusters (slot = label); clusters opened
+    during the alignment only take slots from ``reserved`` on, so a warm-start label is
+    never reused for a different cluster.
+    """
+
+    def __init__(self, capacity: int, dim: int, reserved: int = 0) -> None:
+        self.reserved = reserved
         self.sums = np.zeros((capacity, dim))
         self.weight = np.zeros(capacity)
         self.members = np.zeros(capacity, dtype=np.int64)
         self.scale = np.ones((capacity, dim))
         self.logit_pop = np.zeros(capacity)
 
-    def add(self, slots: np.ndarray, z: np.ndarray, w: float, sign: float = 1.0) -> None:
-        """Add (``sign=1``) or remove (``sign=-1``) one client's prompts ``z`` from ``slots``."""
-        self.sums[slots] += sign * w * z
+    def add(self, slots: np.ndarray, z: np.ndarray, w: np.ndarray, sign: float = 1.0) -> None:
+        """Add (``sign=1``) or remove (``sign=-1``) one client's prompts ``z`` ``(m, D)`` of weights ``w`` ``(m,)``."""
+        self.sums[slots] += sign * w[:, None] * z
         self.weight[slots] += sign * w
         self.members[slots] += int(sign)
         emptied = slots[self.members[slots] == 0]
@@ -245,7 +284,7 @@ class _ClusterState:
         return self.sums[slots] / self.weight[slots, None]
 
     def free_slots(self, count: int) -> np.ndarray:
-        return np.flatnonzero(self.members == 0)[:count]
+        return np.flatnonzero(self.members[self.reserved :] == 0)[:count] + self.reserved
 
 
 def _gaussian_loglik(z: np.ndarray, centres: np.ndarray, scale: np.ndarray) -> np.ndarray:
@@ -271,12 +310,242 @@ def _logit(p: np.ndarray | float) -> np.ndarray:
     return np.log(p) - np.log1p(-p)
 
 
+class ClusterAlignment:
+    """The alternating optimisation of the module docstring, one step per method.
+
+    Prompts are standardised once (global mean, one RMS scale); the cluster state holds
+    running weighted sums so that moving one client's prompts costs ``O(m_t D)``. A run is
+    :meth:`initial_assignment`, then :meth:`sweep` (alpha-step for every client in a seeded
+    order, then :meth:`theta_step`) until a sweep changes nothing or ``n_sweeps`` are done,
+    then :meth:`result`. :func:`align_prompts` (and ``_run_alignment``) do exactly that.
+
+    Args:
+        inputs: validated prompts, per-prompt weights, keys and warm-start labels.
+        popularity: ``"learned"`` (the popularity net ``U(theta; zeta)``) or
+            ``"empirical"`` (the PFNM-style rate of the other clients using a cluster).
+        hidden, lr, grad_steps, min_scale: the nets' width, Adam step, steps per
+            theta-step and the scale's lower bound (standardised units).
+        seed: client order and net initialisation.
+    """
+
+    def __init__(
+        self,
+        inputs: _Inputs,
+        *,
+        popularity: str,
+        hidden: int,
+        lr: float,
+        grad_steps: int,
+        min_scale: float,
+        seed: int,
+    ) -> None:
+        self.inputs = inputs
+        self.n = len(inputs.prompts)
+        self.grad_steps = grad_steps
+        self.rng = np.random.default_rng(seed)
+        stacked = np.concatenate(inputs.prompts, axis=0)
+        self.offset = stacked.mean(axis=0)
+        self.spread = float(np.sqrt(np.mean((stacked - self.offset) ** 2))) or 1.0
+        self.z = [(p - self.offset) / self.spread for p in inputs.prompts]
+        self.mean_weight = float(np.concatenate(inputs.weights).mean())
+        self.w = [w / self.mean_weight for w in inputs.weights]
+        self.dim = stacked.shape[1]
+        self.reserved = max((int(a.max()) + 1 for a in inputs.init if a.size), default=0) if inputs.init else 0
+        self.capacity = stacked.shape[0] + self.reserved
+        with torch.random.fork_rng(devices=[]):  # seeded net init without touching global RNG state
+            torch.manual_seed(seed)
+            self.scale_net = _ScaleNet(self.dim, hidden, min_scale)
+            self.pop_net = _PopularityNet(self.dim, hidden) if popularity == "learned" else None
+        params = list(self.scale_net.parameters()) + (list(self.pop_net.parameters()) if self.pop_net else [])
+        self.optimiser = torch.optim.Adam(params, lr=lr)
+        self.state = _ClusterState(self.capacity, self.dim, self.reserved)
+        self.assign = [np.full(p.shape[0], -1, dtype=np.int64) for p in inputs.prompts]
+        self.hungarian_seconds = 0.0
+
+    # -- the nets at the current centres ------------------------------------------------
+    def refresh_nets(self, slots: np.ndarray) -> None:
+        """Evaluate the scale (and a learned popularity) at the current centres of ``slots``."""
+        if slots.size == 0:
+            return
+        with torch.no_grad():
+            centres = torch.from_numpy(self.state.centres(slots).astype(np.float32))
+            self.state.scale[slots] = self.scale_net(centres).numpy()
+            if self.pop_net is not None:
+                self.state.logit_pop[slots] = _logit(self.pop_net(centres).numpy())
+
+    def popularity_logit(self, slots: np.ndarray) -> np.ndarray:
+        """``logit U`` of the clusters in ``slots`` as seen by the client being assigned."""
+        if self.pop_net is not None:
+            return self.state.logit_pop[slots]
+        others = self.state.members[slots]  # clients other than the one being assigned
+        return np.log(others) - np.log(np.maximum(self.n - others, 1))
+
+    # -- alpha-step ---------------------------------------------------------------------
+    def initial_assignment(self) -> None:
+        """Warm start from the given labels, or one sequential pass from scratch."""
+        if self.inputs.init is not None:
+            for t, labels in enumerate(self.inputs.init):
+                self.assign[t] = labels.copy()
+                self.state.add(labels, self.z[t], self.w[t])
+            self.refresh_nets(self.state.active())
+        else:
+            for t in self.rng.permutation(self.n):
+                self.assign_client(int(t))
+
+    def assign_client(self, t: int) -> None:
+        """Re-assign client ``t``'s prompts by the Hungarian algorithm (maximising the gain).
+
+        Columns: every existing cluster (Gaussian log-likelihood under its centre and scale
+        plus its popularity logit) and one "new cluster" column per prompt (prior-predictive
+        likelihood plus the popularity of a one-client cluster).
+        """
+        z, w = self.z[t], self.w[t]
+        m = z.shape[0]
+        if m == 0:
+            return
+        state, own = self.state, self.assign[t]
+        placed = own >= 0
+        if placed.any():
+            state.add(own[placed], z[placed], w[placed], sign=-1.0)
+        slots = state.active()
+        mean_var = np.mean(state.scale[slots] ** 2, axis=0) if slots.size else np.ones(self.dim)
+        new_gain = _prior_loglik(z, mean_var) + float(_logit(1.0 / max(self.n, 2)))
+        new_block = np.full((m, m), _INFEASIBLE)
+        np.fill_diagonal(new_block, new_gain)
+        if slots.size:
+            gain = _gaussian_loglik(z, state.centres(slots), state.scale[slots]) + self.popularity_logit(slots)
+            gain = np.concatenate([gain, new_block], axis=1)
+        else:
+            gain = new_block
+        tick = time.perf_counter()
+        rows, cols = linear_sum_assignment(gain, maximize=True)
+        self.hungarian_seconds += time.perf_counter() - tick
+        chosen = np.empty(m, dtype=np.int64)
+        existing = cols < slots.size
+        chosen[rows[existing]] = slots[cols[existing]]
+        fresh_rows = rows[~existing]
+        if fresh_rows.size:
+            # A prompt that was alone in its cluster and stays alone keeps its cluster (and label).
+            previous = np.where(placed, own, -1)[fresh_rows]
+            stays = previous >= 0
+            stays[stays] = state.members[previous[stays]] == 0
+            chosen[fresh_rows[stays]] = previous[stays]
+            chosen[fresh_rows[~stays]] = state.free_slots(int((~stays).sum()))
+        state.add(chosen, z, w)
+        if fresh_rows.size:
+            self.refresh_nets(chosen[fresh_rows])
+        self.assign[t] = chosen
+
+    # -- theta-step ---------------------------------------------------------------------
+    def theta_step(self) -> float:
+        """Adam steps on the scale / popularity nets at the current centres; returns ``J``.
+
+        Centres are the weighted member means (the exact maximiser of the likelihood term).
+        The likelihood is evaluated from per-cluster sufficient statistics (residual sum of
+        squares per dimension), so a step costs ``O(K D)``, not ``O(N D)``.
+        """
+        state, n, dim = self.state, self.n, self.dim
+        slots = state.active()
+        centres_np = state.centres(slots)
+        position = np.full(self.capacity, -1, dtype=np.int64)
+        position[slots] = np.arange(slots.size)
+        rss = np.zeros_like(centres_np)
+        for t, labels in enumerate(self.assign):
+            rows = position[labels]  # distinct within a client, so plain fancy-index accumulation is exact
+            rss[rows] += (self.z[t] - centres_np[rows]) ** 2
+        centres = torch.from_numpy(centres_np.astype(np.float32))
+        rss_t = torch.from_numpy(rss.astype(np.float32))
+        counts = torch.from_numpy(state.members[slots].astype(np.float32))
+        shared = counts >= 2  # singletons carry no information about spread
+        constant = -0.5 * float(counts.sum()) * dim * _LOG_2PI
+        pop_net = self.pop_net
+
+        def objective() -> tuple[torch.Tensor, torch.Tensor]:
+            scale = self.scale_net(centres)
+            per_cluster = -0.5 * (rss_t / scale.pow(2)).sum(1) - counts * torch.log(scale).sum(1)
+            u = pop_net(centres) if pop_net is not None else (counts / n).clamp(1e-4, 1 - 1e-4)
+            pop_term = (counts * torch.log(u) + (n - counts) * torch.log1p(-u)).sum()
+            fit = per_cluster[shared].sum() + pop_term
+            return per_cluster.sum() + pop_term + constant, fit
+
+        if bool(shared.any()) or pop_net is not None:
+            for _ in range(self.grad_steps):
+                self.optimiser.zero_grad()
+                _, fit = objective()
+                (-fit).backward()
+                self.optimiser.step()
+        with torch.no_grad():
+            value, _ = objective()
+        self.refresh_nets(slots)
+        return float(value)
+
+    def sweep(self) -> bool:
+        """One alpha-step per client (seeded order) and a theta-step; True if any assignment changed."""
+        before = [a.copy() for a in self.assign]
+        for t in self.rng.permutation(self.n):
+            self.assign_client(int(t))
+        return not all(np.array_equal(a, b) for a, b in zip(self.assign, before))
+
+    # -- output -------------------------------------------------------------------------
+    def result(self, max_prompts: int | None, trace: Sequence[float], started: float) -> AlignmentResult:
+        """Clusters ordered by popularity (clients, then weight), bounded by ``max_prompts``."""
+        state = self.state
+        slots = state.active()
+        slots = slots[np.lexsort((-state.weight[slots], -state.members[slots]))]
+        num_dropped = 0
+        if max_prompts is not None and slots.size > max_prompts:
+            num_dropped = int(slots.size - max_prompts)
+            slots = slots[:max_prompts]
+        new_index = np.full(self.capacity, -1, dtype=np.int64)
+        new_index[slots] = np.arange(slots.size)
+        assignments = [new_index[a] for a in self.assign]
+        merged_keys = None
+        if self.inputs.keys is not None:
+            keys = self.inputs.keys
+            key_sums = np.zeros((slots.size, keys[0].shape[1]))
+            for t, labels in enumerate(assignments):
+                kept = labels >= 0
+                np.add.at(key_sums, labels[kept], self.w[t][kept, None] * keys[t][kept])
+            merged_keys = key_sums / state.weight[slots, None]
+        if self.pop_net is not None:
+            with torch.no_grad():
+                pop = self.pop_net(torch.from_numpy(state.centres(slots).astype(np.float32))).numpy()
+        else:
+            pop = np.clip(state.members[slots] / self.n, 1e-4, 1 - 1e-4)
+        return AlignmentResult(
+            centres=(state.centres(slots) * self.spread + self.offset).astype(np.float32),
+            keys=None if merged_keys is None else merged_keys.astype(np.float32),
+            assignments=assignments,
+            cluster_sizes=state.members[slots].copy(),
+            popularity=np.asarray(pop, dtype=np.float64),
+            objective=trace[-1],
+            objective_trace=tuple(trace),
+            source_labels=np.where(slots < self.reserved, slots, -1).astype(np.int64),
+            weights=state.weight[slots] * self.mean_weight,
+            num_dropped=num_dropped,
+            hungarian_seconds=self.hungarian_seconds,
+            total_seconds=time.perf_counter() - started,
+        )
+
+    def run(self, n_sweeps: int, max_prompts: int | None, started: float) -> AlignmentResult:
+        """Initial assignment, then sweeps until a fixed point of the alpha-step or ``n_sweeps``."""
+        self.initial_assignment()
+        trace = [self.theta_step()]
+        for _ in range(n_sweeps):
+            changed = self.sweep()
+            trace.append(self.theta_step())
+            if not changed:
+                break  # a fixed point of the alpha-step: further sweeps change nothing
+        return self.result(max_prompts, trace, started)
+
+
 def _run_alignment(
     client_prompts: Sequence[np.ndarray],
     client_weights: Sequence[float] | None,
     *,
     client_keys: Sequence[np.ndarray] | None,
     init_assignments: Sequence[np.ndarray] | None,
+    prompt_weights: Sequence[np.ndarray] | None = None,
     max_prompts: int | None,
     n_sweeps: int,
     popularity: str,
@@ -286,174 +555,12 @@ def _run_alignment(
     min_scale: float,
     seed: int,
 ) -> AlignmentResult:
-    start = time.perf_counter()
-    prompts, weights, keys, init = _check_inputs(client_prompts, client_weights, client_keys, init_assignments)
-    n = len(prompts)
-    rng = np.random.default_rng(seed)
-
-    # Standardise: global mean and a single RMS scale (unit-free clustering).
-    stacked = np.concatenate(prompts, axis=0)
-    offset = stacked.mean(axis=0)
-    spread = float(np.sqrt(np.mean((stacked - offset) ** 2))) or 1.0
-    z_all = [(p - offset) / spread for p in prompts]
-    w_norm = weights / weights.mean()
-    dim = stacked.shape[1]
-    capacity = stacked.shape[0] + (max(int(a.max()) + 1 for a in init if a.size) if init else 0)
-
-    with torch.random.fork_rng(devices=[]):  # seeded net init without touching global RNG state
-        torch.manual_seed(seed)
-        scale_net = _ScaleNet(dim, hidden, min_scale)
-        pop_net = _PopularityNet(dim, hidden) if popularity == "learned" else None
-    params = list(scale_net.parameters()) + (list(pop_net.parameters()) if pop_net else [])
-    optimiser = torch.optim.Adam(params, lr=lr)
-
-    state = _ClusterState(capacity, dim)
-    assign = [np.full(p.shape[0], -1, dtype=np.int64) for p in prompts]
-    hungarian_seconds = 0.0
-
-    def refresh_nets(slots: np.ndarray) -> None:
-        """Evaluate scale (and learned popularity) at the current centres of ``slots``."""
-        if slots.size == 0:
-            return
-        with torch.no_grad():
-            centres = torch.from_numpy(state.centres(slots).astype(np.float32))
-            state.scale[slots] = scale_net(centres).numpy()
-            if pop_net is not None:
-                state.logit_pop[slots] = _logit(pop_net(centres).numpy())
-
-    def popularity_logit(slots: np.ndarray) -> np.ndarray:
-        if pop_net is not None:
-            return state.logit_pop[slots]
-        others = state.members[slots]  # clients other than the one being assigned
-        return np.log(others) - np.log(np.maximum(n - others, 1))
-
-    def assign_client(t: int) -> None:
-        nonlocal hungarian_seconds
-        z, w = z_all[t], w_norm[t]
-        m = z.shape[0]
-        if m == 0:
-            return
-        own = assign[t]
-        placed = own >= 0
-        if placed.any():
-            state.add(own[placed], z[placed], w, sign=-1.0)
-        slots = state.active()
-        new_gain = _prior_loglik(z, np.mean(state.scale[slots] ** 2, axis=0) if slots.size else np.ones(dim))
-        new_gain = new_gain + float(_logit(1.0 / max(n, 2)))
-        new_block = np.full((m, m), _INFEASIBLE)
-        np.fill_diagonal(new_block, new_gain)
-        if slots.size:
-            gain = _gaussian_loglik(z, state.centres(slots), state.scale[slots]) + popularity_logit(slots)
-            gain = np.concatenate([gain, new_block], axis=1)
-        else:
-            gain = new_block
-        tick = time.perf_counter()
-        rows, cols = linear_sum_assignment(gain, maximize=True)
-        hungarian_seconds += time.perf_counter() - tick
-        chosen = np.empty(m, dtype=np.int64)
-        existing = cols < slots.size
-        chosen[rows[existing]] = slots[cols[existing]]
-        fresh_rows = rows[~existing]
-        if fresh_rows.size:
-            chosen[fresh_rows] = state.free_slots(fresh_rows.size)
-        state.add(chosen, z, w)
-        if fresh_rows.size:
-            refresh_nets(chosen[fresh_rows])
-        assign[t] = chosen
-
-    def theta_step() -> float:
-        """Adam steps on the scale / popularity nets at the current centres; returns J.
-
-        The likelihood is evaluated from per-cluster sufficient statistics (residual sum
-        of squares per dimension), so a step costs O(K D), not O(N D).
-        """
-        slots = state.active()
-        centres_np = state.centres(slots)
-        position = np.full(capacity, -1, dtype=np.int64)
-        position[slots] = np.arange(slots.size)
-        rss = np.zeros_like(centres_np)
-        for t, a in enumerate(assign):
-            rows = position[a]  # distinct within a client, so plain fancy-index accumulation is exact
-            rss[rows] += (z_all[t] - centres_np[rows]) ** 2
-        centres = torch.from_numpy(centres_np.astype(np.float32))
-        rss_t = torch.from_numpy(rss.astype(np.float32))
-        counts = torch.from_numpy(state.members[slots].astype(np.float32))
-        shared = counts >= 2  # singletons carry no information about spread
-        constant = -0.5 * float(counts.sum()) * dim * _LOG_2PI
-
-        def objective() -> tuple[torch.Tensor, torch.Tensor]:
-            scale = scale_net(centres)
-            per_cluster = -0.5 * (rss_t / scale.pow(2)).sum(1) - counts * torch.log(scale).sum(1)
-            u = pop_net(centres) if pop_net is not None else (counts / n).clamp(1e-4, 1 - 1e-4)
-            pop_term = (counts * torch.log(u) + (n - counts) * torch.log1p(-u)).sum()
-            fit = per_cluster[shared].sum() + pop_term
-            return per_cluster.sum() + pop_term + constant, fit
-
-        if bool(shared.any()) or pop_net is not None:
-            for _ in range(grad_steps):
-                optimiser.zero_grad()
-                _, fit = objective()
-                (-fit).backward()
-                optimiser.step()
-        with torch.no_grad():
-            value, _ = objective()
-        refresh_nets(slots)
-        return float(value)
-
-    # Initial assignment: warm start from positions, or one sequential pass from scratch.
-    if init is not None:
-        for t, a in enumerate(init):
-            assign[t] = a.copy()
-            state.add(a, z_all[t], w_norm[t])
-        refresh_nets(state.active())
-    else:
-        for t in rng.permutation(n):
-            assign_client(int(t))
-    trace = [theta_step()]
-    for _ in range(n_sweeps):
-        before = [a.copy() for a in assign]
-        for t in rng.permutation(n):
-            assign_client(int(t))
-        trace.append(theta_step())
-        if all(np.array_equal(a, b) for a, b in zip(assign, before)):
-            break  # a fixed point of the alpha-step: further sweeps change nothing
-
-    # Output: clusters ordered by popularity (clients, then weight), bounded by max_prompts.
-    slots = state.active()
-    order = np.lexsort((-state.weight[slots], -state.members[slots]))
-    slots = slots[order]
-    num_dropped = 0
-    if max_prompts is not None and slots.size > max_prompts:
-        num_dropped = int(slots.size - max_prompts)
-        slots = slots[:max_prompts]
-    new_index = np.full(capacity, -1, dtype=np.int64)
-    new_index[slots] = np.arange(slots.size)
-    assignments = [new_index[a] for a in assign]
-    centres = state.centres(slots) * spread + offset
-    merged_keys = None
-    if keys is not None:
-        key_sums = np.zeros((slots.size, keys[0].shape[1]))
-        for t, a in enumerate(assignments):
-            kept = a >= 0
-            np.add.at(key_sums, a[kept], w_norm[t] * keys[t][kept])
-        merged_keys = key_sums / state.weight[slots, None]
-    if pop_net is not None:
-        with torch.no_grad():
-            pop = pop_net(torch.from_numpy(state.centres(slots).astype(np.float32))).numpy()
-    else:
-        pop = np.clip(state.members[slots] / n, 1e-4, 1 - 1e-4)
-    return AlignmentResult(
-        centres=centres.astype(np.float32),
-        keys=None if merged_keys is None else merged_keys.astype(np.float32),
-        assignments=assignments,
-        cluster_sizes=state.members[slots].copy(),
-        popularity=np.asarray(pop, dtype=np.float64),
-        objective=trace[-1],
-        objective_trace=tuple(trace),
-        num_dropped=num_dropped,
-        hungarian_seconds=hungarian_seconds,
-        total_seconds=time.perf_counter() - start,
+    started = time.perf_counter()
+    inputs = _check_inputs(client_prompts, client_weights, client_keys, init_assignments, prompt_weights)
+    engine = ClusterAlignment(
+        inputs, popularity=popularity, hidden=hidden, lr=lr, grad_steps=grad_steps, min_scale=min_scale, seed=seed
     )
+    return engine.run(n_sweeps, max_prompts, started)
 
 
 def align_prompts(
@@ -462,6 +569,7 @@ def align_prompts(
     *,
     client_keys: Sequence[np.ndarray] | None = None,
     init_assignments: Sequence[np.ndarray] | None = None,
+    prompt_weights: Sequence[np.ndarray] | None = None,
     max_prompts: int | None = None,
     n_sweeps: int = 5,
     hidden: int = 128,
@@ -478,9 +586,13 @@ def align_prompts(
         client_weights: per client, a positive weight (sample count); default equal.
         client_keys: per client, ``(m_t, Dk)`` keys row-aligned with its prompts; they are
             merged with the same assignment.
-        init_assignments: per client, ``(m_t,)`` index of the global prompt each local
-            prompt started from this round (warm start). Without it clusters are built
-            from scratch.
+        init_assignments: per client, ``(m_t,)`` label of the cluster each local prompt
+            starts in (warm start: the global prompt it was initialised from this round).
+            Labels are any distinct non-negative integers per client; clusters opened
+            during the alignment never reuse one (see ``AlignmentResult.source_labels``).
+            Without it clusters are built from scratch.
+        prompt_weights: per client, ``(m_t,)`` positive weight of each prompt (e.g. how
+            often it was retrieved this round); overrides ``client_weights``.
         max_prompts: bound on the number of returned centres (least popular dropped).
         n_sweeps: alternating-optimisation sweeps (reference: 5).
         hidden: width of the scale and popularity nets (reference: 128).
@@ -497,6 +609,7 @@ def align_prompts(
         client_weights,
         client_keys=client_keys,
         init_assignments=init_assignments,
+        prompt_weights=prompt_weights,
         max_prompts=max_prompts,
         n_sweeps=n_sweeps,
         popularity="learned",

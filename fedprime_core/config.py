@@ -26,6 +26,8 @@ from typing import Any
 from .yamlio import read_yaml_mapping
 
 METHODS = ("fedprime", "fed-intra", "fed-inter", "fedavg-p", "pfpt", "fedprox-p", "centralized-p")
+#: Methods whose clients keep personal inter pools merged by FedPrime's protocol (fedprime_core.interpool).
+PERSONALISED_METHODS = ("fedprime", "fed-inter", "fedprox-p")
 DATASETS = ("embedded", "food101", "mmimdb")
 DATA_LAYOUTS = ("auto", "jsonl", "arrow")
 BACKBONES = ("vilt", "text-encoder")
@@ -33,6 +35,7 @@ IMAGE_PROJECTIONS = ("trainable", "frozen")
 MISSING_SETTINGS = ("miss-text", "miss-image", "miss-both", "none")
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SELECTIONS = ("sample", "batch")
+INTER_MERGES = ("align", "position")
 DEVICES = ("auto", "cpu", "cuda")
 
 
@@ -126,8 +129,8 @@ OPTIONS: tuple[Option, ...] = (
         "fraction-evaluate",
         float,
         1.0,
-        "Fraction of clients asked to evaluate the global model on their local validation split; "
-        "0 disables client-side evaluation.",
+        "Fraction of clients asked to evaluate the global model (with their own inter pool where the method "
+        "keeps one) on their local validation split; 0 disables client-side evaluation.",
         min=0.0,
         max=1.0,
     ),
@@ -171,7 +174,15 @@ OPTIONS: tuple[Option, ...] = (
         SELECTIONS,
     ),
     Option("mu", float, 0.01, "Proximal weight of fedprox-p.", min=0.0),
-    Option("inter-pool-max", int, 100, "Upper bound on the aggregated inter pool size.", min=1),
+    Option(
+        "inter-merge",
+        str,
+        "align",
+        "fedprime, fed-inter, fedprox-p: merge the clients' personal inter prompts by content (align: "
+        "clustering-alignment) or slot p with slot p (position: the naive ablation).",
+        INTER_MERGES,
+    ),
+    Option("inter-pool-max", int, 100, "Upper bound on the global inter pool (cluster centres).", min=1),
     Option(
         "align-sweeps",
         int,
@@ -348,6 +359,11 @@ def _check_consistency(cfg: Any) -> None:
         )
     if cfg.inter_pool_max < cfg.tau:
         raise ConfigError(f"run config key 'inter-pool-max' = {cfg.inter_pool_max} must be at least 'tau' = {cfg.tau}")
+    if cfg.inter_merge != "align" and cfg.method not in PERSONALISED_METHODS:
+        raise ConfigError(
+            f"run config key 'inter-merge' = {cfg.inter_merge!r} applies to methods with personal inter pools "
+            f"({', '.join(PERSONALISED_METHODS)}), not to method={cfg.method!r}; leave it at 'align'"
+        )
     if cfg.min_train_nodes > cfg.min_available_nodes:
         raise ConfigError(
             f"run config key 'min-train-nodes' = {cfg.min_train_nodes} must not exceed "

@@ -79,6 +79,8 @@ from .launch import APP_DIR, flower_env, run_flwr, stage_app, stop_marked
 from .yamlio import read_yaml_mapping
 
 ABLATION_METHODS = ("fedavg-p", "fed-intra", "fed-inter", "fedprime")
+#: Run-config keys naming files or folders: a relative value is relative to the grid file's folder.
+PATH_KEYS = ("missing-table", "data-dir")
 ROBUSTNESS_METHODS = ("fedprime", "fedavg-p", "centralized-p")
 _CELL_KEYS = ("method", "missing-setting", "eta", "seed")
 
@@ -105,11 +107,25 @@ class Plan:
     federation: dict[str, Any]
     cells: tuple[Cell, ...]
     metric: str
+    base_dir: Path = Path(".")
     tables: tuple[TableSpec, ...] = ()
 
     @property
     def runs_dir(self) -> Path:
         return self.output / "runs"
+
+    def resolve_paths(self, config: Mapping[str, Any]) -> dict[str, Any]:
+        """``config`` with relative file settings made absolute against the grid file's folder.
+
+        Cells are named and hashed with the values as written, so a grid gives the same cell
+        names in every checkout.
+        """
+        out = dict(config)
+        for key in PATH_KEYS:
+            value = out.get(key)
+            if value and not Path(value).expanduser().is_absolute():
+                out[key] = str((self.base_dir / value).resolve())
+        return out
 
 
 @dataclasses.dataclass(frozen=True)
@@ -202,7 +218,9 @@ def load_plan(path: str | Path) -> Plan:
     datasets = {c.config["dataset"] for c in cells.values()}
     metric = "macro_f1" if datasets == {"mmimdb"} else "accuracy"
     tables = _parse_tables(path, spec.get("tables"), spec["grids"], tuple(cells.values()))
-    return Plan(name, output, dict(spec.get("federation") or {}), tuple(cells.values()), metric, tables)
+    return Plan(
+        name, output, dict(spec.get("federation") or {}), tuple(cells.values()), metric, path.parent.resolve(), tables
+    )
 
 
 _TABLE_KEYS = {"grids", "round", "extra", "differences"}
@@ -317,7 +335,7 @@ def run_cell(plan: Plan, cell: Cell, home: Path, echo: bool = True, app_dir: Pat
     if status == "done":
         return {"cell": cell.name, "status": "done", "skipped": True}
     run_dir = plan.runs_dir / cell.name
-    overrides = {**cell.config, "results-dir": str(plan.runs_dir), "run-name": cell.name}
+    overrides = {**plan.resolve_paths(cell.config), "results-dir": str(plan.runs_dir), "run-name": cell.name}
     if cell.config["method"] == "centralized-p":
         overrides.update({"min-available-nodes": 1, "min-train-nodes": 1})
     if status == "partial":

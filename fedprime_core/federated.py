@@ -15,9 +15,28 @@ from typing import Any
 
 import numpy as np
 
-from .aggregation import align_prompts, fedavg
+from .aggregation import fedavg
+from .interpool import InterPool, InterUpdate, aggregate_inter_pool, assign_slots
 from .methods import MethodSpec
 from .pfpt import aggregate_pfpt_pool
+
+#: Rows of a pattern-usage table: the missing pattern of the retrieving sample.
+NUM_PATTERNS = 3
+
+
+def client_identity(node_config: Mapping[str, Any], node_id: int) -> str:
+    """The stable id under which the server keeps a client's state (its personal prompt pool, clients.json).
+
+    The node config's ``client-id`` when given (a site's chosen name), else its
+    ``partition-id`` (simulation and partitioned deployments), else ``node-<node id>``
+    (stable for as long as the SuperNode runs).
+    """
+    explicit = node_config.get("client-id")
+    if explicit not in (None, ""):
+        return str(explicit)
+    if "partition-id" in node_config:
+        return str(int(node_config["partition-id"]))
+    return f"node-{node_id}"
 
 
 @dataclasses.dataclass
@@ -28,8 +47,10 @@ class ClientUpdate:
         state: exchanged arrays (``name -> array``), same names and shapes as the global state.
         num_examples: training samples (the FedAvg weight).
         usage: pool name -> ``(pool_size,)`` selection counts over the round.
-        client_id: a label for logs (partition id or node id).
+        client_id: the client's identity (:func:`client_identity`); keys its personal pools.
         metrics: scalar training metrics (loss, ...), reported as-is.
+        pattern_usage: pool name -> ``(3, pool_size)`` the usage counts split by the
+            missing pattern of the retrieving sample (optional; feeds a diagnostic).
     """
 
     state: Mapping[str, np.ndarray]
@@ -37,6 +58,7 @@ class ClientUpdate:
     usage: Mapping[str, np.ndarray]
     client_id: str = ""
     metrics: Mapping[str, float] = dataclasses.field(default_factory=dict)
+    pattern_usage: Mapping[str, np.ndarray] = dataclasses.field(default_factory=dict)
 
 
 def array_norm(array: np.ndarray) -> float:
@@ -55,8 +77,9 @@ def validate_update(
     Checks, in one place: the update's type and fields; exactly the expected array names;
     floating dtypes; shapes; finite values; L2 norm of each array at most ``max_norm``;
     a usage-count vector per pool whose length equals that pool's size, with non-negative
-    integer counts and at least one use; a positive integer sample count.
-    Never raises, whatever it is given.
+    integer counts and at least one use; pattern-usage tables (when sent) of shape
+    ``(3, pool size)`` whose columns add up to the usage counts; a positive integer
+    sample count. Never raises, whatever it is given.
 
     Args:
         update: the candidate :class:`ClientUpdate` (anything is accepted and checked).
@@ -135,16 +158,52 @@ def _validate(update: Any, expected: Mapping[str, tuple[int, ...]], pools: Seque
             continue
         if np.any(counts < 0) or counts.sum() <= 0:
             reasons.append(f"usage counts for pool {pool!r} must be non-negative with at least one use")
+            continue
+        table = update.pattern_usage.get(pool) if isinstance(update.pattern_usage, Mapping) else None
+        if table is not None:
+            table = np.asarray(table)
+            if table.shape != (NUM_PATTERNS, counts.shape[0]) or table.dtype.kind not in "iu":
+                reasons.append(
+                    f"pattern usage for pool {pool!r} has shape {table.shape} and dtype {table.dtype}, "
+                    f"expected integer counts of shape {(NUM_PATTERNS, counts.shape[0])}"
+                )
+            elif np.any(table < 0) or not np.array_equal(table.sum(axis=0), counts):
+                reasons.append(f"pattern usage for pool {pool!r} does not add up to its usage counts")
     return reasons
 
 
 @dataclasses.dataclass(frozen=True)
 class AggregationSettings:
-    """Server-side aggregation knobs."""
+    """Server-side aggregation knobs.
+
+    Attributes:
+        max_prompts: bound on an aligned pool (``inter-pool-max``).
+        sweeps: alignment sweeps.
+        seed: alignment seed (seed it per round).
+        inter_merge: ``"align"`` (content) or ``"position"`` for personalised pools.
+    """
 
     max_prompts: int = 100
     sweeps: int = 5
     seed: int = 0
+    inter_merge: str = "align"
+
+
+@dataclasses.dataclass(frozen=True)
+class RoundAggregate:
+    """The outcome of :func:`aggregate_round`.
+
+    Attributes:
+        state: the new global state: FedAvg of the shared arrays plus every pool's global
+            prompts and keys (for a personalised pool: all its cluster centres).
+        inter_pool: the new personalised inter pool with every client's slots (``None``
+            for methods without one).
+        report: per-pool sizes, alignment objective, timings, ready to be logged as metrics.
+    """
+
+    state: dict[str, np.ndarray]
+    inter_pool: InterPool | None
+    report: dict[str, Any]
 
 
 def aggregate_round(
@@ -152,30 +211,34 @@ def aggregate_round(
     updates: Sequence[ClientUpdate],
     spec: MethodSpec,
     settings: AggregationSettings = AggregationSettings(),
-) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    inter_pool: InterPool | None = None,
+) -> RoundAggregate:
     """Aggregate one round of (already validated) client updates.
 
-    * Aligned pools (``spec.aligned_pools``): the prompts each client used this round are
-      merged by :func:`~fedprime_core.aggregation.align_prompts` (FedPrime; warm-started
-      from their positions in the global pool the clients received), keys with the same
-      assignment; the pool's size becomes the number of clusters (bounded by
-      ``settings.max_prompts``). If no client used any prompt of the pool, it is kept.
-    * PFPT (``spec.aligner == "pfpt"``): every client's rows at the union of the indices any
+    * Personalised pools (``spec.personalised_pools``: FedPrime's inter pool): every
+      client's trained prompts are aligned on content with the clusters its slots held,
+      usage-weighted, and each client gets its new slots
+      (:func:`~fedprime_core.interpool.aggregate_inter_pool`); the global pool is the set of
+      cluster centres. ``settings.inter_merge="position"`` merges slot ``p`` with slot ``p``.
+    * Other aligned pools (PFPT): every client's rows at the union of the indices any
       client used are aggregated by :func:`~fedprime_core.pfpt.aggregate_pfpt_pool`; the new
-      pool is every centroid some client uses (bounded by ``settings.max_prompts``).
+      pool is every centroid some client uses (bounded by ``settings.max_prompts``), the
+      same for every client.
     * Everything else (intra pool, keys, query maps, pooler, head, missing-aware prompts):
       FedAvg weighted by sample counts.
     * ``centralized-p``: the single owner's state is taken as is.
 
     Args:
-        global_state: the state the clients started from this round.
+        global_state: the global state of the round (a personalised pool's entries are
+            its global centres; clients trained their own ``tau`` slots of it).
         updates: at least one valid update.
         spec: the method.
-        settings: alignment bound, sweeps and seed (seed it per round for determinism).
+        settings: alignment bound, sweeps, seed (seed it per round) and merge mode.
+        inter_pool: the personalised inter pool the clients' slots were assigned from
+            (required when ``spec.personalised_pools`` is not empty).
 
     Returns:
-        ``(new_state, report)``; the report holds per-pool sizes, alignment objective,
-        cluster sizes and timings, ready to be logged as metrics.
+        :class:`RoundAggregate`.
     """
     if not updates:
         raise ValueError("aggregate_round needs at least one update")
@@ -184,53 +247,128 @@ def aggregate_round(
     if spec.centralized:
         new_state = {k: np.asarray(v, dtype=np.float32).copy() for k, v in updates[0].state.items()}
         report["aggregation-seconds"] = 0.0
-        return new_state, report
+        return RoundAggregate(new_state, None, report)
+    if spec.personalised_pools and inter_pool is None:
+        raise ValueError(f"method {spec.name!r} keeps personal inter pools: pass the round's inter_pool")
     start = time.perf_counter()
     aligned_names = {f"pools.{p}.{part}" for p in spec.aligned_pools for part in ("prompts", "keys")}
     averaged = [name for name in global_state if name not in aligned_names]
     new_state = fedavg([u.state for u in updates], weights, names=averaged)
-    for pool in spec.aligned_pools:
-        prompts_key, keys_key = f"pools.{pool}.prompts", f"pools.{pool}.keys"
-        if spec.aligner == "pfpt":  # PFPT's protocol: union of used rows from every client (fedprime_core.pfpt)
-            new_state[prompts_key], pfpt_report = aggregate_pfpt_pool(
-                [np.asarray(u.state[prompts_key]) for u in updates],
-                [np.asarray(u.usage[pool]) for u in updates],
-                max_prompts=settings.max_prompts,
-                n_sweeps=settings.sweeps,
-                seed=settings.seed,
-            )
-            report.update({f"{pool}-{key}": value for key, value in pfpt_report.items()})
-            continue
-        prompt_shape = np.shape(global_state[prompts_key])[1:]
-        used_prompts, used_keys, positions, used_weights = [], [], [], []
-        for update, weight in zip(updates, weights):
-            used = np.flatnonzero(np.asarray(update.usage[pool]) > 0)
-            if used.size == 0:
-                continue
-            used_prompts.append(np.asarray(update.state[prompts_key])[used].reshape(used.size, -1))
-            used_keys.append(np.asarray(update.state[keys_key])[used])
-            positions.append(used)
-            used_weights.append(weight)
-        if not used_prompts:
-            new_state[prompts_key] = np.asarray(global_state[prompts_key], dtype=np.float32).copy()
-            new_state[keys_key] = np.asarray(global_state[keys_key], dtype=np.float32).copy()
-            report[f"{pool}-pool-size"] = int(np.shape(global_state[prompts_key])[0])
-            continue
-        common = dict(
-            client_keys=used_keys, max_prompts=settings.max_prompts, n_sweeps=settings.sweeps, seed=settings.seed
+    new_pool = None
+    for pool in spec.personalised_pools:
+        new_pool, pool_report = aggregate_inter_pool(
+            inter_pool,
+            [
+                InterUpdate(
+                    client=u.client_id,
+                    prompts=np.asarray(u.state[f"pools.{pool}.prompts"]),
+                    keys=np.asarray(u.state[f"pools.{pool}.keys"]),
+                    usage=np.asarray(u.usage[pool]),
+                    pattern_usage=u.pattern_usage.get(pool),
+                )
+                for u in updates
+            ],
+            mode=settings.inter_merge,
+            max_size=settings.max_prompts,
+            sweeps=settings.sweeps,
+            seed=settings.seed,
         )
-        result = align_prompts(used_prompts, used_weights, init_assignments=positions, **common)
-        new_state[prompts_key] = result.centres.reshape(-1, *prompt_shape).astype(np.float32)
-        new_state[keys_key] = result.keys.astype(np.float32)
-        report[f"{pool}-pool-size"] = int(result.centres.shape[0])
-        report[f"{pool}-prompts-in"] = int(sum(p.shape[0] for p in used_prompts))
-        report[f"{pool}-clusters-dropped"] = result.num_dropped
-        report[f"{pool}-align-objective"] = float(result.objective) if math.isfinite(result.objective) else 0.0
-        report[f"{pool}-align-sweeps"] = len(result.objective_trace) - 1
-        report[f"{pool}-largest-cluster"] = int(result.cluster_sizes.max())
-        report[f"{pool}-align-seconds"] = result.total_seconds
+        new_state[f"pools.{pool}.prompts"] = new_pool.prompts.copy()
+        new_state[f"pools.{pool}.keys"] = new_pool.keys.copy()
+        report.update(pool_report)
+    for pool in spec.aligned_pools:
+        if pool in spec.personalised_pools:
+            continue
+        # PFPT's protocol: union of used rows from every client (fedprime_core.pfpt)
+        prompts_key = f"pools.{pool}.prompts"
+        new_state[prompts_key], pfpt_report = aggregate_pfpt_pool(
+            [np.asarray(u.state[prompts_key]) for u in updates],
+            [np.asarray(u.usage[pool]) for u in updates],
+            max_prompts=settings.max_prompts,
+            n_sweeps=settings.sweeps,
+            seed=settings.seed,
+        )
+        report.update({f"{pool}-{key}": value for key, value in pfpt_report.items()})
     for pool in spec.pools:
         if pool not in spec.aligned_pools:
             report[f"{pool}-pool-size"] = int(np.shape(new_state[f"pools.{pool}.prompts"])[0])
     report["aggregation-seconds"] = time.perf_counter() - start
-    return new_state, report
+    return RoundAggregate(new_state, new_pool, report)
+
+
+class GlobalState:
+    """The server's side of a federation: the global arrays and every client's personal inter pool.
+
+    What a Flower strategy (or any other driver: a benchmark, a notebook) keeps between
+    rounds. For methods without personal pools it is just the global arrays; for FedPrime's
+    protocol it also holds the :class:`~fedprime_core.interpool.InterPool`, hands each
+    client its own slots (:meth:`client_arrays`) and merges the replies (:meth:`aggregate`).
+
+    Args:
+        spec: the method.
+        state: the global arrays (a fresh run's initial state, or a checkpoint's).
+        inter_pool: a checkpoint's personal pools; a fresh run starts them from ``state``.
+        inter_merge: ``"align"`` or ``"position"`` (how slots are given and merged).
+    """
+
+    def __init__(
+        self,
+        spec: MethodSpec,
+        state: Mapping[str, np.ndarray],
+        inter_pool: InterPool | None = None,
+        inter_merge: str = "align",
+    ) -> None:
+        self.spec = spec
+        self.inter_merge = inter_merge
+        self.arrays: dict[str, np.ndarray] = {k: np.asarray(v, dtype=np.float32) for k, v in state.items()}
+        self.inter_pool: InterPool | None = None
+        if spec.personalised_pools:
+            self.inter_pool = inter_pool or InterPool.initial(
+                self.arrays["pools.inter.prompts"], self.arrays["pools.inter.keys"]
+            )
+            self.arrays["pools.inter.prompts"] = self.inter_pool.prompts.copy()
+            self.arrays["pools.inter.keys"] = self.inter_pool.keys.copy()
+
+    @property
+    def personal(self) -> bool:
+        """Whether clients get their own inter pool (one payload per client)."""
+        return self.inter_pool is not None
+
+    def client_arrays(self, client: str) -> dict[str, np.ndarray]:
+        """The arrays ``client`` trains or evaluates this round (its slots are recorded)."""
+        if self.inter_pool is None:
+            return self.arrays
+        self.inter_pool, slots = assign_slots(self.inter_pool, client, self.inter_merge)
+        prompts, keys = self.inter_pool.client_arrays(slots)
+        return {**self.arrays, "pools.inter.prompts": prompts, "pools.inter.keys": keys}
+
+    def expected_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Shapes every client reply must have (a personal inter pool holds ``tau`` prompts)."""
+        shapes = {name: value.shape for name, value in self.arrays.items()}
+        if self.inter_pool is not None:
+            tau = self.inter_pool.tau
+            shapes["pools.inter.prompts"] = (tau, *self.inter_pool.prompts.shape[1:])
+            shapes["pools.inter.keys"] = (tau, self.inter_pool.keys.shape[1])
+        return shapes
+
+    def aggregate(self, updates: Sequence[ClientUpdate], settings: AggregationSettings) -> dict[str, Any]:
+        """Merge one round of validated updates into the global state; returns the round's report."""
+        outcome = aggregate_round(self.arrays, updates, self.spec, settings, inter_pool=self.inter_pool)
+        self.arrays = outcome.state
+        if outcome.inter_pool is not None:
+            self.inter_pool = outcome.inter_pool
+        return outcome.report
+
+    def record(self) -> dict[str, Any] | None:
+        """JSON-able bookkeeping of the personal pools, for a checkpoint (``None`` without them)."""
+        return self.inter_pool.to_record() if self.inter_pool is not None else None
+
+    @classmethod
+    def restore(
+        cls, spec: MethodSpec, state: Mapping[str, np.ndarray], record: Mapping[str, Any] | None, inter_merge: str
+    ) -> GlobalState:
+        """The global state of a checkpoint: its arrays and :meth:`record`."""
+        pool = None
+        if record:
+            pool = InterPool.from_record(record, state["pools.inter.prompts"], state["pools.inter.keys"])
+        return cls(spec, state, pool, inter_merge)

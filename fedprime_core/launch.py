@@ -8,9 +8,11 @@ This module starts programs; it does not import Flower.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -47,10 +49,45 @@ def stage_app(dest: Path) -> Path:
     return dest
 
 
+#: Environment variables that move the local SuperLink `flwr run` starts in simulation.
+LOCAL_PORT_VARIABLES = ("FLWR_LOCAL_SUPERLINK_HTTP_API_PORT", "FLWR_LOCAL_CONTROL_API_PORT")
+
+
+def local_superlink_ports(home: Path) -> dict[str, str]:
+    """Ports of the local SuperLink that belongs to ``home``, chosen once and kept in ``home``.
+
+    `flwr run` in simulation talks to a background SuperLink on fixed ports (39091/39093);
+    two runs from different ``FLWR_HOME`` folders (two test sessions, two experiment grids)
+    would share one, and stopping one run's processes would pull the other's SuperLink
+    away. A private pair of ports per home keeps them apart, and the same home reuses its
+    SuperLink from one `flwr run` to the next.
+    """
+    path = Path(home) / "local-superlink-ports.json"
+    try:
+        ports = json.loads(path.read_text())
+        if sorted(ports) == sorted(LOCAL_PORT_VARIABLES):
+            return {k: str(v) for k, v in ports.items()}
+    except (OSError, ValueError):
+        pass
+    ports = {name: str(_free_port()) for name in LOCAL_PORT_VARIABLES}
+    while len(set(ports.values())) < len(ports):
+        ports = {name: str(_free_port()) for name in LOCAL_PORT_VARIABLES}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(ports))
+    return ports
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
 def flower_env(home: Path, extra: Mapping[str, str] | None = None) -> dict[str, str]:
-    """Environment for Flower commands: private FLWR_HOME, no runtime dependency installation."""
+    """Environment for Flower commands: private FLWR_HOME and local SuperLink, no runtime dependency installation."""
     env = dict(os.environ)
     bin_dir = str(Path(sys.executable).parent)
+    env.update(local_superlink_ports(home))
     env.update(
         FLWR_HOME=str(home),
         FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1",

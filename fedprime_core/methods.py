@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from .config import METHODS
+from .config import METHODS, PERSONALISED_METHODS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,6 +36,12 @@ class MethodSpec:
     proximal: bool = False
     centralized: bool = False
     description: str = ""
+
+    @property
+    def personalised_pools(self) -> tuple[str, ...]:
+        """Pools every client keeps across rounds, aggregated by FedPrime's protocol
+        (:mod:`fedprime_core.interpool`): the pools the ``fedprime`` aligner merges."""
+        return self.aligned_pools if self.aligner == "fedprime" else ()
 
 
 METHOD_SPECS: dict[str, MethodSpec] = {
@@ -88,6 +94,7 @@ METHOD_SPECS: dict[str, MethodSpec] = {
 }
 
 assert set(METHOD_SPECS) == set(METHODS)
+assert {m for m, s in METHOD_SPECS.items() if s.personalised_pools} == set(PERSONALISED_METHODS)
 
 
 def method_spec(name: str) -> MethodSpec:

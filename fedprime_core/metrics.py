@@ -1,4 +1,5 @@
-"""Classification metrics (accuracy, macro-/micro-F1) and the adjusted Rand index."""
+"""Classification metrics (accuracy, macro-/micro-F1), the adjusted Rand index, and information measures
+of how prompt clusters specialise on missing patterns."""
 
 from __future__ import annotations
 
@@ -74,3 +75,45 @@ def adjusted_rand_index(labels_a: Sequence[int], labels_b: Sequence[int]) -> flo
     if maximum == expected:
         return 1.0
     return (index - expected) / (maximum - expected)
+
+
+def mutual_information_bits(joint: np.ndarray) -> float:
+    """Mutual information (bits) of the two variables whose joint counts are ``joint`` ``(A, B)``.
+
+    ``I(X; Y) = sum_xy p(x, y) log2(p(x, y) / (p(x) p(y)))``, with ``0 log 0 = 0``; 0 when
+    there are no counts. At most ``min(log2 A, log2 B)``.
+    """
+    counts = np.asarray(joint, dtype=np.float64)
+    if counts.ndim != 2 or np.any(counts < 0):
+        raise ValueError(f"joint counts must be a non-negative (A, B) array, got shape {counts.shape}")
+    total = counts.sum()
+    if total <= 0:
+        return 0.0
+    p = counts / total
+    outer = p.sum(axis=1, keepdims=True) * p.sum(axis=0, keepdims=True)
+    nz = p > 0
+    return float(max(0.0, np.sum(p[nz] * np.log2(p[nz] / outer[nz]))))
+
+
+def entropy_bits(counts: np.ndarray) -> float:
+    """Shannon entropy (bits) of the distribution proportional to ``counts`` ``(A,)``."""
+    p = np.asarray(counts, dtype=np.float64).ravel()
+    total = p.sum()
+    if total <= 0:
+        return 0.0
+    p = p[p > 0] / total
+    return float(-np.sum(p * np.log2(p)))
+
+
+def specialised_share(joint: np.ndarray, threshold: float = 0.8) -> float:
+    """Share of the used columns of ``joint`` ``(A, B)`` whose largest row accounts for more than ``threshold`` of it.
+
+    With rows = missing patterns and columns = prompt clusters: the fraction of clusters
+    (among those retrieved at all) that one pattern dominates. 0 when nothing was used.
+    """
+    counts = np.asarray(joint, dtype=np.float64)
+    used = counts.sum(axis=0)
+    mask = used > 0
+    if not mask.any():
+        return 0.0
+    return float(np.mean(counts[:, mask].max(axis=0) / used[mask] > threshold))

@@ -65,16 +65,21 @@ class PromptPool(nn.Module):
     """``tau`` prompts with learnable keys and a query map.
 
     Attributes:
-        prompts: ``(tau, length, d)``.
-        keys: ``(tau, d)``.
+        prompts: ``(tau, length, d)``, uniform with root-mean-square entry ``scale``, the
+            scale of the backbone's token embedding table (:meth:`Backbone.token_scale`):
+            prompts are learned token embeddings, and at that scale local training moves
+            them by a real fraction of the distance between them (what the inter-prompt
+            alignment needs; at ``U(-1, 1)`` they barely move).
+        keys: ``(tau, d)``, initialised the same way.
         query: ``d -> d`` linear map applied to the prompt-free input summary
             (initialised to the identity, so retrieval starts from the frozen summary as in L2P).
     """
 
-    def __init__(self, size: int, length: int, dim: int, generator: torch.Generator) -> None:
+    def __init__(self, size: int, length: int, dim: int, generator: torch.Generator, scale: float = 1.0) -> None:
         super().__init__()
-        self.prompts = nn.Parameter(torch.rand(size, length, dim, generator=generator) * 2 - 1)
-        self.keys = nn.Parameter(torch.rand(size, dim, generator=generator) * 2 - 1)
+        bound = math.sqrt(3.0) * scale  # U(-b, b) has RMS b / sqrt(3)
+        self.prompts = nn.Parameter((torch.rand(size, length, dim, generator=generator) * 2 - 1) * bound)
+        self.keys = nn.Parameter((torch.rand(size, dim, generator=generator) * 2 - 1) * bound)
         self.query = nn.Linear(dim, dim)
         with torch.no_grad():
             self.query.weight.copy_(torch.eye(dim))
@@ -205,8 +210,9 @@ class PromptedModel(nn.Module):
         self.spec = spec
         self.settings = prompts
         self.num_classes = num_classes
+        scale = backbone.token_scale()
         self.pools = nn.ModuleDict(
-            {name: PromptPool(prompts.tau, prompts.length, dim, generator) for name in spec.pools}
+            {name: PromptPool(prompts.tau, prompts.length, dim, generator, scale) for name in spec.pools}
         )
         if spec.pool_variant == "pfpt":  # PFPT's L2P pools take the place of the keyed ones
             self.pools = nn.ModuleDict(
@@ -268,8 +274,24 @@ class PromptedModel(nn.Module):
         """Every trainable parameter by exchange name; the frozen backbone is never included."""
         return {name: p for name, p in self.named_parameters() if p.requires_grad}
 
-    def pool_sizes(self) -> dict[str, int]:
-        return {name: pool.size for name, pool in self.pools.items()}
+    def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
+        """The trainable parameters in groups whose gradients are clipped separately.
+
+        Each pool's prompts; each pool's retrieval (keys and query map); the missing-aware
+        prompts; everything else (pooler, head, backbone-owned trainables). Clipping the
+        whole set at once lets the head's large gradient scale the prompts' down to nothing.
+        """
+        groups: dict[str, list[nn.Parameter]] = {}
+        taken: set[int] = set()
+        for name, pool in self.pools.items():
+            groups[f"pools.{name}.prompts"] = [pool.prompts]
+            groups[f"pools.{name}.retrieval"] = [pool.keys, *pool.query.parameters()]
+        if self.map_prompts is not None:
+            groups["map_prompts"] = list(self.map_prompts.parameters())
+        for params in groups.values():
+            taken.update(id(p) for p in params)
+        groups["head"] = [p for p in self.trainable_parameters().values() if id(p) not in taken]
+        return {name: params for name, params in groups.items() if params}
 
 
 def trainable_state(model: PromptedModel) -> dict[str, np.ndarray]:

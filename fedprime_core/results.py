@@ -6,7 +6,8 @@ Layout of ``<results-dir>/<run-name>/``::
     metrics.json      one record per completed round (+ the initial evaluation as round 0)
     metrics.csv       the same, one row per round
     clients.json      per client: missing mixture, realised pattern counts, samples
-    curves.png        train loss, accuracy per test setting, inter-pool size per round
+    curves.png        train loss, accuracy per test setting, pool sizes, and how much a sample's
+                      missing pattern tells which inter cluster it retrieves, per round
     summary.md        the paper-layout table: final round and best-validation round
     summary.json      the same numbers, machine-readable
     checkpoint.npz    global trainable state after the last completed round
@@ -193,7 +194,12 @@ def summary_markdown(summary: Mapping[str, Any], title: str) -> str:
 
 
 def plot_curves(run_dir: Path, history: Sequence[Mapping[str, Any]], metric: str, title: str) -> Path | None:
-    """``curves.png``: train loss, ``metric`` per test setting, and pool sizes per round."""
+    """``curves.png``: train loss, ``metric`` per test setting, pool sizes, and inter-prompt specialisation per round.
+
+    The last panel (methods with an inter pool that report pattern usage) shows the mutual
+    information between a sample's missing pattern and the inter cluster it retrieves, its
+    upper bound (the pattern entropy), and the share of clusters one pattern dominates.
+    """
     try:
         import matplotlib
 
@@ -202,7 +208,7 @@ def plot_curves(run_dir: Path, history: Sequence[Mapping[str, Any]], metric: str
     except ImportError:  # plotting is optional; the JSON/CSV hold every number
         return None
     rounds = [r["round"] for r in history if r["round"] > 0]
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    fig, axes = plt.subplots(1, 4, figsize=(20, 4))
     axes[0].plot(rounds, [r.get("train-loss") for r in history if r["round"] > 0], marker="o")
     axes[0].set(title="train loss", xlabel="round")
     evaluated = [r for r in history if r.get("eval")]
@@ -217,6 +223,16 @@ def plot_curves(run_dir: Path, history: Sequence[Mapping[str, Any]], metric: str
         if any(y is not None for y in ys):
             axes[2].plot(rounds, ys, marker="o", label=pool)
     axes[2].set(title="prompt pool size", xlabel="round")
+    trained = [r for r in history if r["round"] > 0 and "inter-specialisation-bits" in r]
+    if trained:
+        xs = [r["round"] for r in trained]
+        axes[3].plot(xs, [r["inter-specialisation-bits"] for r in trained], marker="o", label="I(pattern; cluster)")
+        axes[3].plot(xs, [r["inter-pattern-entropy-bits"] for r in trained], ls="--", label="H(pattern)")
+        share = axes[3].twinx()
+        share.plot(xs, [r["inter-specialised-share"] for r in trained], color="tab:green", marker=".")
+        share.set_ylabel("share of clusters >80% one pattern", color="tab:green")
+        share.set_ylim(0, 1)
+    axes[3].set(title="inter prompts: specialisation on missing patterns", xlabel="round", ylabel="bits")
     for axis in axes[1:]:
         if axis.get_legend_handles_labels()[0]:
             axis.legend(fontsize=8)

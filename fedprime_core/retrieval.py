@@ -53,21 +53,40 @@ def select_prompts(relevance: torch.Tensor, kappa: int, mode: str = "sample") ->
 
 
 def retrieval_regulariser(relevance: torch.Tensor, selected: torch.Tensor) -> torch.Tensor:
-    """``mean(1 - cos(q, k_selected))``: pulls the selected keys towards their queries.
+    """The paper's ``r(x(M), w'_p) = sum_{p selected} d(x(M), p)``, averaged over the batch.
 
-    The reference code adds ``+cos`` (pushing keys away) or drops the term; this is the
-    sign the paper describes.
+    With the cosine distance ``d = 1 - cos(q(x), k(p))`` it pulls each selected key towards
+    the queries that select it, so that a prompt specialises on the inputs of its
+    neighbourhood. ``lambda`` (config) weighs this per-sample sum over the ``kappa``
+    selected prompts of each pool (both pools add their own term). The reference code
+    adds ``+cos`` (pushing keys away) or drops the term; this is the sign the paper
+    describes.
 
     Args:
         relevance: ``(B, P)``.
         selected: ``(B, kappa)`` indices into ``P``.
 
     Returns:
-        A scalar tensor.
+        A scalar tensor in ``[0, 2 kappa]``.
     """
-    return (1.0 - relevance.gather(1, selected)).mean()
+    return (1.0 - relevance.gather(1, selected)).sum(dim=1).mean()
 
 
 def usage_counts(selected: torch.Tensor, pool_size: int) -> torch.Tensor:
     """How often each prompt was selected: ``(pool_size,)`` long counts."""
     return torch.bincount(selected.flatten(), minlength=pool_size)
+
+
+def pattern_usage_counts(selected: torch.Tensor, patterns: torch.Tensor, pool_size: int) -> torch.Tensor:
+    """How often each prompt was selected by samples of each missing pattern.
+
+    Args:
+        selected: ``(B, kappa)`` indices into the pool.
+        patterns: ``(B,)`` missing pattern of each sample (0 complete, 1 text missing, 2 image missing).
+        pool_size: ``P``.
+
+    Returns:
+        ``(3, P)`` long counts; its column sums are :func:`usage_counts`.
+    """
+    flat = (patterns.long().unsqueeze(1) * pool_size + selected).flatten()
+    return torch.bincount(flat, minlength=3 * pool_size).view(3, pool_size)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 
 import numpy as np
 import torch
@@ -13,7 +13,7 @@ from torch.nn import functional as F
 
 from .metrics import classification_metrics
 from .model import PromptedModel
-from .retrieval import usage_counts
+from .retrieval import pattern_usage_counts, usage_counts
 
 LOGGER = logging.getLogger(__name__)
 
@@ -30,6 +30,7 @@ class TrainSettings:
     lambda_reg: float = 0.01
     proximal_mu: float = 0.0
     max_grad_norm: float = 1.0
+    """Bound on the gradient norm of each parameter group (:meth:`PromptedModel.parameter_groups`); 0 disables."""
 
 
 @dataclasses.dataclass
@@ -43,6 +44,8 @@ class TrainResult:
         steps: optimizer steps taken.
         usage: pool name -> ``(pool_size,)`` int64 selection counts over the whole call.
         seconds: wall time.
+        pattern_usage: pool name -> ``(3, pool_size)`` int64 counts of ``usage`` split by
+            the missing pattern of the selecting sample.
     """
 
     loss: float
@@ -51,6 +54,7 @@ class TrainResult:
     steps: int
     usage: dict[str, np.ndarray]
     seconds: float
+    pattern_usage: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
 
 
 def task_loss(logits: torch.Tensor, labels: torch.Tensor, multilabel: bool) -> torch.Tensor:
@@ -82,12 +86,13 @@ def train_local(
     settings: TrainSettings,
     multilabel: bool = False,
     device: torch.device | str = "cpu",
-    on_step: Callable[[int, float], None] | None = None,
 ) -> TrainResult:
     """Train only the trainable parts for ``settings.epochs`` epochs.
 
     The loss is ``task + lambda * retrieval_regulariser`` (+ ``mu/2 ||w - w_start||^2``
     when ``proximal_mu > 0``, FedProx, with ``w_start`` the weights at the call's start).
+    Gradients are clipped per parameter group (prompts, retrieval, head, ...), so the
+    head's gradient never scales the prompts' away.
 
     Args:
         model: the prompted model (already on ``device``).
@@ -95,13 +100,14 @@ def train_local(
         settings: optimizer and loss settings.
         multilabel: BCE instead of CE.
         device: where batches go.
-        on_step: called as ``on_step(step, loss)`` after every optimizer step.
     """
     start = time.perf_counter()
     params = model.trainable_parameters()
+    groups = list(model.parameter_groups().values())
     optimizer = make_optimizer(params.values(), settings)
     anchor = {k: p.detach().clone() for k, p in params.items()} if settings.proximal_mu > 0 else None
     usage = {name: torch.zeros(pool.size, dtype=torch.long) for name, pool in model.pools.items()}
+    by_pattern = {name: torch.zeros(3, pool.size, dtype=torch.long) for name, pool in model.pools.items()}
     model.train()
     total_loss = total_reg = 0.0
     seen = steps = 0
@@ -121,17 +127,19 @@ def train_local(
             optimizer.zero_grad(set_to_none=True)
             objective.backward()
             if settings.max_grad_norm > 0:
-                torch.nn.utils.clip_grad_norm_(params.values(), settings.max_grad_norm)
+                for group in groups:
+                    torch.nn.utils.clip_grad_norm_(group, settings.max_grad_norm)
             optimizer.step()
             n = int(batch["labels"].shape[0])
             total_loss += float(loss.detach()) * n
             total_reg += float(out.regulariser.detach()) * n
             seen += n
             steps += 1
+            patterns = batch["missing_type"].detach().cpu()
             for name, selected in out.selected.items():
-                usage[name] += usage_counts(selected.detach().cpu(), usage[name].numel())
-            if on_step is not None:
-                on_step(steps, float(loss.detach()))
+                selected = selected.detach().cpu()
+                usage[name] += usage_counts(selected, usage[name].numel())
+                by_pattern[name] += pattern_usage_counts(selected, patterns, usage[name].numel())
     model.eval()
     epochs = max(settings.epochs, 1)
     return TrainResult(
@@ -141,6 +149,7 @@ def train_local(
         steps=steps,
         usage={k: v.numpy().astype(np.int64) for k, v in usage.items()},
         seconds=time.perf_counter() - start,
+        pattern_usage={k: v.numpy().astype(np.int64) for k, v in by_pattern.items()},
     )
 
 

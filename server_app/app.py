@@ -40,6 +40,7 @@ RESUMABLE_CHANGES = frozenset(
     }
 )
 
+
 app = ServerApp()
 
 
@@ -48,8 +49,10 @@ def default_run_name(cfg: RunConfig) -> str:
     return f"{cfg.method}-{cfg.dataset}-{cfg.missing_setting}-eta{cfg.eta:g}-s{cfg.seed}-{stamp}"
 
 
-def prepare_run(cfg: RunConfig) -> tuple[Path, dict[str, np.ndarray] | None, list[dict[str, Any]], dict[str, Any]]:
-    """The run folder and, when resuming, the checkpointed state, history and client info.
+def prepare_run(
+    cfg: RunConfig,
+) -> tuple[Path, dict[str, np.ndarray] | None, list[dict[str, Any]], dict[str, Any], dict[str, Any] | None]:
+    """The run folder and, when resuming, the checkpointed state, history, client info and inter pools.
 
     Raises:
         ConfigError: the resumed run was made with settings that cannot change, or a
@@ -73,7 +76,13 @@ def prepare_run(cfg: RunConfig) -> tuple[Path, dict[str, np.ndarray] | None, lis
                 + ", ".join(f"'{k}' ({previous[k]!r} -> {getattr(cfg, k.replace('-', '_'), None)!r})" for k in changed)
             )
         log(INFO, "resuming %s after round %d", run_dir, meta.get("round", 0))
-        return run_dir, state, list(meta.get("history", [])), dict(meta.get("clients", {}))
+        return (
+            run_dir,
+            state,
+            list(meta.get("history", [])),
+            dict(meta.get("clients", {})),
+            meta.get("inter-pool"),
+        )
     run_dir = (Path(cfg.results_dir).expanduser() / (cfg.run_name or default_run_name(cfg))).resolve()
     if (run_dir / "checkpoint.json").exists():
         raise ConfigError(
@@ -81,7 +90,7 @@ def prepare_run(cfg: RunConfig) -> tuple[Path, dict[str, np.ndarray] | None, lis
             f"set resume='{run_dir}' to continue it or choose another run-name"
         )
     run_dir.mkdir(parents=True, exist_ok=True)
-    return run_dir, None, [], {}
+    return run_dir, None, [], {}, None
 
 
 @app.main()
@@ -89,7 +98,7 @@ def main(grid: Grid, context: Context) -> None:
     """Run a FedPrime federation configured by ``context.run_config``."""
     try:
         cfg = parse_run_config(context.run_config)
-        run_dir, state, history, clients = prepare_run(cfg)
+        run_dir, state, history, clients, inter_record = prepare_run(cfg)
     except (ConfigError, FileNotFoundError) as exc:
         log(ERROR, "FedPrime cannot start: %s", exc)
         raise
@@ -108,7 +117,14 @@ def main(grid: Grid, context: Context) -> None:
         return runtime.server_evaluate(cfg, global_state)
 
     strategy = FedPrimeStrategy(
-        cfg, run_dir, state, history=history, clients=clients, server_fingerprint=fingerprint, multilabel=multilabel
+        cfg,
+        run_dir,
+        state,
+        history=history,
+        clients=clients,
+        server_fingerprint=fingerprint,
+        multilabel=multilabel,
+        inter_record=inter_record,
     )
     strategy.start(
         grid=grid,

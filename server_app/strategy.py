@@ -6,6 +6,13 @@ The strategy is an adapter: it samples nodes, turns reply messages into
 :func:`~fedprime_core.federated.aggregate_round` (inter-prompt clustering-alignment,
 intra-prompt / query-map / head FedAvg). It keeps the global state, writes the results
 and a checkpoint after every round, and can start from a checkpoint (resume).
+
+Methods with personal inter pools (fedprime, fed-inter, fedprox-p) get one message per
+node: the shared arrays plus that client's own ``tau`` inter prompts and keys
+(:mod:`fedprime_core.interpool`). The strategy learns which client a node is with one
+identity query the first time it samples the node (node ids change when a SuperNode or
+a simulation restarts; client ids do not), and keeps every client's slots in the
+checkpoint, so a resumed run gives every client back exactly its pool.
 """
 
 from __future__ import annotations
@@ -25,11 +32,19 @@ from flwr.serverapp.strategy import FedAvg
 from flwr.serverapp.strategy.result import Result
 
 from fedprime_core.config import RunConfig, config_to_dict, method_default_sweeps
-from fedprime_core.federated import AggregationSettings, aggregate_round, validate_update
+from fedprime_core.federated import AggregationSettings, GlobalState, validate_update
 from fedprime_core.methods import method_spec
 from fedprime_core.results import save_checkpoint, write_json, write_run_outputs
 
-from .messages import ARRAYS, CONFIG, METRICS, parse_train_reply, state_to_record
+from .messages import (
+    ARRAYS,
+    CONFIG,
+    METRICS,
+    identity_query,
+    parse_identity_reply,
+    parse_train_reply,
+    state_to_record,
+)
 
 #: ``evaluate_fn(round, state) -> {"val": {...}, "same-as-train": {...}, ...}``
 ServerEvaluate = Callable[[int, dict[str, np.ndarray]], dict[str, dict[str, float]]]
@@ -50,9 +65,11 @@ class FedPrimeStrategy(FedAvg):
         run_dir: where results and checkpoints go.
         initial_state: the global trainable state to start from.
         history: round records of a resumed run (empty for a fresh run).
-        clients: per-partition info (pattern counts, ...) of a resumed run.
+        clients: per-client info (pattern counts, ...) of a resumed run.
         server_fingerprint: the server's backbone fingerprint, if it loaded one.
         multilabel: whether the headline metric is macro-F1 (MM-IMDB) or accuracy.
+        inter_record: the personal inter pools of a resumed run
+            (:meth:`GlobalState.record`); a fresh run starts them from ``initial_state``.
     """
 
     def __init__(
@@ -65,6 +82,7 @@ class FedPrimeStrategy(FedAvg):
         clients: dict[str, dict[str, Any]] | None = None,
         server_fingerprint: str | None = None,
         multilabel: bool = False,
+        inter_record: dict[str, Any] | None = None,
     ) -> None:
         spec = method_spec(cfg.method)
         min_train = 1 if spec.centralized else cfg.min_train_nodes
@@ -78,12 +96,14 @@ class FedPrimeStrategy(FedAvg):
         self.cfg = cfg
         self.spec = spec
         self.run_dir = Path(run_dir)
-        self.state = {k: np.asarray(v, dtype=np.float32) for k, v in initial_state.items()}
+        self.model = GlobalState.restore(spec, initial_state, inter_record, cfg.inter_merge)
         self.history: list[dict[str, Any]] = list(history or [])
         self.clients: dict[str, dict[str, Any]] = dict(clients or {})
         self.reference_fingerprint = server_fingerprint
         self.multilabel = multilabel
         self.sweeps = cfg.align_sweeps or method_default_sweeps(cfg.method)
+        #: node id -> client id, learned by identity queries (never checkpointed: node ids change).
+        self.node_clients: dict[int, str] = {}
         self._round: dict[str, Any] = {}
 
     # -- sampling --------------------------------------------------------------------
@@ -104,31 +124,94 @@ class FedPrimeStrategy(FedAvg):
         size = min(len(nodes), max(int(len(nodes) * fraction), minimum))
         return sorted(rng.sample(nodes, size))
 
-    def _messages(self, arrays: ArrayRecord, config: ConfigRecord, node_ids: list[int], kind: str) -> list[Message]:
-        content = RecordDict({ARRAYS: arrays, CONFIG: config})
-        return [Message(content=content, message_type=kind, dst_node_id=nid) for nid in node_ids]
+    def _messages(
+        self, arrays: ArrayRecord, config: ConfigRecord, node_ids: list[int], kind: str
+    ) -> tuple[list[Message], int]:
+        """One message per node (the same arrays for everyone, or each client's own inter pool) and their bytes."""
+        if not self.model.personal:
+            content = RecordDict({ARRAYS: arrays, CONFIG: config})
+            messages = [Message(content=content, message_type=kind, dst_node_id=nid) for nid in node_ids]
+            return messages, int(arrays.count_bytes()) * len(node_ids)
+        messages, sent = [], 0
+        for nid in node_ids:
+            record = state_to_record(self.model.client_arrays(self.node_clients[nid]))
+            sent += int(record.count_bytes())
+            content = RecordDict({ARRAYS: record, CONFIG: config})
+            messages.append(Message(content=content, message_type=kind, dst_node_id=nid))
+        return messages, sent
+
+    # -- client identities ------------------------------------------------------------
+    def _identify(self, grid: Grid, node_ids: list[int], server_round: int) -> list[int]:
+        """Learn the client id of every node not yet known; returns the nodes that can take part.
+
+        A node that does not answer, answers without an id, or claims the id of another
+        node sampled in the same round is left out of the round and recorded as rejected.
+        """
+        if not self.model.personal:
+            return node_ids
+        unknown = [nid for nid in node_ids if nid not in self.node_clients]
+        if unknown:
+            queries = [
+                Message(content=identity_query(), message_type=MessageType.QUERY, dst_node_id=n) for n in unknown
+            ]
+            answered = set()
+            for reply in grid.send_and_receive(queries, timeout=self.cfg.round_timeout):
+                node = reply.metadata.src_node_id
+                client, reason = parse_identity_reply(reply)
+                if client is None:
+                    self._reject(node, f"no identity: {reason}")
+                    continue
+                answered.add(node)
+                self.node_clients[node] = client
+            for node in set(unknown) - answered:
+                self._reject(node, "no answer to the identity query within the round timeout")
+        usable, seen = [], {}
+        for nid in node_ids:
+            client = self.node_clients.get(nid)
+            if client is None:
+                continue
+            if client in seen:
+                self._reject(nid, f"client-id {client!r} is also claimed by node {seen[client]} in this round")
+                continue
+            seen[client] = nid
+            usable.append(nid)
+        if unknown:
+            log(
+                INFO,
+                "round %d: clients of new nodes: %s",
+                server_round,
+                ", ".join(f"node {n} -> {self.node_clients[n]}" for n in unknown if n in self.node_clients) or "none",
+            )
+        return usable
+
+    def _reject(self, node: int, reason: str) -> None:
+        self._round.setdefault("pre-rejected", []).append({"node": node, "reason": reason})
 
     # -- training --------------------------------------------------------------------
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        """Send the current global state to the sampled clients.
+        """Send the sampled clients what they train this round.
 
-        The inter pool's size can change between rounds; clients resize their pools from
-        the arrays they receive, so every client gets exactly the current global state.
+        Methods with personal inter pools: the shared arrays plus each client's own ``tau``
+        inter prompts and keys (nodes seen for the first time are asked who they are
+        first). Others: the global state (PFPT's pool changes size between rounds; clients
+        resize their pools from the arrays they receive).
         """
         node_ids = self._sample(grid, self.fraction_train, self.min_train_nodes, server_round, purpose=1)
-        config["server-round"] = server_round
-        self._round["bytes-sent"] = int(arrays.count_bytes()) * len(node_ids)
         self._round["sampled"] = len(node_ids)
+        node_ids = self._identify(grid, node_ids, server_round)
+        config["server-round"] = server_round
+        messages, self._round["bytes-sent"] = self._messages(arrays, config, node_ids, MessageType.TRAIN)
+        self._round["sent-to"] = {nid: self.node_clients.get(nid) for nid in node_ids}
         log(
             INFO,
             "configure_train: round %d, %d client(s), %.1f kB each",
             server_round,
             len(node_ids),
-            arrays.count_bytes() / 1e3,
+            self._round["bytes-sent"] / max(len(node_ids), 1) / 1e3,
         )
-        return self._messages(arrays, config, node_ids, MessageType.TRAIN)
+        return messages
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
@@ -142,8 +225,8 @@ class FedPrimeStrategy(FedAvg):
         its reason logged and recorded; the round aggregates the rest. With fewer than
         ``min-train-nodes`` valid replies the round is skipped and the global state kept.
         """
-        expected = {name: value.shape for name, value in self.state.items()}
-        updates, rejected, received = [], [], 0
+        updates, rejected, received = [], list(self._round.pop("pre-rejected", [])), 0
+        sent_to = self._round.get("sent-to", {})
         for message in replies:
             node = message.metadata.src_node_id
             if message.has_error():
@@ -156,13 +239,18 @@ class FedPrimeStrategy(FedAvg):
             )
             update, info, reasons = parse_train_reply(message)
             if update is not None:
-                reasons = validate_update(update, expected, self.spec.pools, self.cfg.max_update_norm)
-                reasons += self._check_fingerprint(info)
+                client = sent_to.get(node)
+                if self.model.personal and client is not None and update.client_id != client:
+                    reasons = [f"reply is from client {update.client_id!r} but node {node} identified as {client!r}"]
+                else:
+                    expected = self.model.expected_shapes()
+                    reasons = validate_update(update, expected, self.spec.pools, self.cfg.max_update_norm)
+                    reasons += self._check_fingerprint(info)
             if reasons:
                 rejected.append({"node": node, "partition": info.get("partition-id"), "reason": "; ".join(reasons)})
                 continue
             updates.append(update)
-            self.clients[str(info.get("partition-id", node))] = {**info, "node-id": node, "last-round": server_round}
+            self.clients[update.client_id] = {**info, "node-id": node, "last-round": server_round}
         for item in rejected:
             log(WARNING, "round %d: rejected reply from node %s: %s", server_round, item["node"], item["reason"])
         self._round.update(
@@ -184,16 +272,19 @@ class FedPrimeStrategy(FedAvg):
             self._round["skipped"] = True
             return None, MetricRecord({"accepted": len(updates), "rejected": len(rejected)})
         settings = AggregationSettings(
-            max_prompts=self.cfg.inter_pool_max, sweeps=self.sweeps, seed=self.cfg.seed * 1000 + server_round
+            max_prompts=self.cfg.inter_pool_max,
+            sweeps=self.sweeps,
+            seed=self.cfg.seed * 1000 + server_round,
+            inter_merge=self.cfg.inter_merge,
         )
-        self.state, report = aggregate_round(self.state, updates, self.spec, settings)
+        report = self.model.aggregate(updates, settings)
         weights = np.array([u.num_examples for u in updates], dtype=np.float64)
         train_loss = float(np.average([u.metrics.get("train-loss", np.nan) for u in updates], weights=weights))
         self._round.update(report)
         self._round.update({"train-loss": train_loss, "train-examples": int(weights.sum()), "skipped": False})
         metrics = {"train-loss": train_loss, "accepted": len(updates), "rejected": len(rejected)}
         metrics.update({k: v for k, v in report.items() if isinstance(v, (int, float))})
-        return state_to_record(self.state), MetricRecord(metrics)
+        return state_to_record(self.model.arrays), MetricRecord(metrics)
 
     def _check_fingerprint(self, info: dict[str, Any]) -> list[str]:
         fingerprint = info.get("backbone-fingerprint")
@@ -216,8 +307,11 @@ class FedPrimeStrategy(FedAvg):
         if self.fraction_evaluate == 0.0:
             return []
         node_ids = self._sample(grid, self.fraction_evaluate, self.min_evaluate_nodes, server_round, purpose=2)
+        node_ids = self._identify(grid, node_ids, server_round)
+        self._round.pop("pre-rejected", None)  # evaluation is best effort: a silent node just does not evaluate
         config["server-round"] = server_round
-        return self._messages(arrays, config, node_ids, MessageType.EVALUATE)
+        messages, self._round["bytes-sent-evaluate"] = self._messages(arrays, config, node_ids, MessageType.EVALUATE)
+        return messages
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         """Sample-weighted mean of the clients' local validation metrics (bad replies ignored)."""
@@ -260,7 +354,7 @@ class FedPrimeStrategy(FedAvg):
         title = f"{self.cfg.method} on {self.cfg.dataset} ({self.cfg.missing_setting}, eta={self.cfg.eta})"
         self.summary()
         if done < 0 and evaluate_fn is not None:
-            record = {"round": 0, "eval": evaluate_fn(0, self.state)}
+            record = {"round": 0, "eval": evaluate_fn(0, self.model.arrays)}
             self.history.append(record)
             self._log_eval(0, record["eval"])
             self._persist(0, title)
@@ -270,7 +364,7 @@ class FedPrimeStrategy(FedAvg):
         for server_round in range(first, num_rounds + 1):
             started = time.perf_counter()
             self._round = {"round": server_round}
-            arrays = state_to_record(self.state)
+            arrays = state_to_record(self.model.arrays)
             replies = grid.send_and_receive(
                 self.configure_train(server_round, arrays, ConfigRecord(dict(train_config or {})), grid),
                 timeout=timeout,
@@ -281,7 +375,7 @@ class FedPrimeStrategy(FedAvg):
             if train_metrics is not None:
                 result.train_metrics_clientapp[server_round] = train_metrics
             eval_messages = self.configure_evaluate(
-                server_round, state_to_record(self.state), ConfigRecord(dict(evaluate_config or {})), grid
+                server_round, state_to_record(self.model.arrays), ConfigRecord(dict(evaluate_config or {})), grid
             )
             if eval_messages:
                 client_eval = self.aggregate_evaluate(
@@ -291,15 +385,16 @@ class FedPrimeStrategy(FedAvg):
                     result.evaluate_metrics_clientapp[server_round] = client_eval
                     self._round["client-eval"] = dict(client_eval)
             if evaluate_fn is not None and (server_round % self.cfg.eval_every == 0 or server_round == num_rounds):
-                self._round["eval"] = evaluate_fn(server_round, self.state)
+                self._round["eval"] = evaluate_fn(server_round, self.model.arrays)
                 result.evaluate_metrics_serverapp[server_round] = MetricRecord(
                     {f"{s}/{k}": float(v) for s, m in self._round["eval"].items() for k, v in m.items()}
                 )
             self._round["round-seconds"] = time.perf_counter() - started
+            self._round.pop("sent-to", None)
             self.history.append(dict(self._round))
             self._log_round(server_round, num_rounds)
             self._persist(server_round, title)
-        result.arrays = state_to_record(self.state)
+        result.arrays = state_to_record(self.model.arrays)
         return result
 
     def _persist(self, server_round: int, title: str) -> None:
@@ -308,14 +403,15 @@ class FedPrimeStrategy(FedAvg):
         write_json(self.run_dir / "clients.json", self.clients)
         save_checkpoint(
             self.run_dir,
-            self.state,
+            self.model.arrays,
             {
                 "round": server_round,
                 "history": self.history,
                 "clients": self.clients,
                 "config": config_to_dict(self.cfg),
-                "state-keys": sorted(self.state),
+                "state-keys": sorted(self.model.arrays),
                 "fingerprint": self.reference_fingerprint,
+                "inter-pool": self.model.record(),
             },
         )
 

@@ -50,3 +50,68 @@ def test_flwr_run_simulation_end_to_end(tmp_path, tiny_vilt):
     clients = json.loads((results / "e2e" / "clients.json").read_text())
     assert sorted(clients) == ["0", "1", "2"]
     assert (results / "e2e" / "curves.png").stat().st_size > 0
+
+
+HETEROGENEOUS_TABLE = """\
+# half the clients mostly text-missing, half mostly image-missing
+0: {complete: 0.1, text-missing: 0.8, image-missing: 0.1}
+1: {complete: 0.1, text-missing: 0.1, image-missing: 0.8}
+2: {complete: 0.1, text-missing: 0.8, image-missing: 0.1}
+"""
+
+
+def flwr_run(tmp_path, name: str, overrides: str) -> tuple[list[dict], dict[str, np.ndarray]]:
+    """One real 3-SuperNode simulation; its metrics and final checkpointed state."""
+    from fedprime_core.results import load_checkpoint
+
+    home = tmp_path / f"flwr-home-{name}"
+    home.mkdir()
+    results = tmp_path / "results"
+    try:
+        run_checked(
+            [
+                "flwr",
+                "run",
+                ".",
+                "--stream",
+                "--federation-config",
+                "num-supernodes=3 client-resources-num-cpus=1",
+                "--run-config",
+                f'results-dir="{results}" run-name="{name}" {overrides}',
+            ],
+            flower_env(home),
+            timeout=900,
+        )
+    finally:
+        stop_marked(f"FLWR_HOME={home}")
+    state, _ = load_checkpoint(results / name)
+    return json.loads((results / name / "metrics.json").read_text()), state
+
+
+def test_inter_merge_align_and_position_give_different_runs(tmp_path, tiny_vilt):
+    """Same seed and data: merging personal inter pools by content or by slot changes the result."""
+    table = tmp_path / "missing.yaml"
+    table.write_text(HETEROGENEOUS_TABLE)
+    # Three local epochs: enough drift within two rounds for content and slot to disagree.
+    common = (
+        f'num-server-rounds=2 tau=8 kappa=2 max-train-samples=600 max-test-samples=100 missing-table="{table}" '
+        "label-alpha=0.5 fraction-evaluate=0.0 momentum=0.9 local-epochs=3 server-eval=false"
+    )
+    align, align_state = flwr_run(tmp_path, "align", f'method="fed-inter" inter-merge="align" {common}')
+    position, position_state = flwr_run(tmp_path, "position", f'method="fed-inter" inter-merge="position" {common}')
+    intra, _ = flwr_run(tmp_path, "intra", f'method="fed-intra" {common}')
+    # The position merge keeps tau clusters; the alignment opened clusters for prompts that
+    # drifted to other content, so the final global pools differ as sets of prompts, not just in order.
+    align, position, intra = ([r for r in h if r["round"] > 0] for h in (align, position, intra))
+    assert [r["round"] for r in align] == [1, 2] == [r["round"] for r in position]
+    assert all(r["inter-pool-size"] == 8 and r["inter-rematched"] == 0 for r in position)
+    assert any(r["inter-rematched"] > 0 or r["inter-clusters-opened"] > 0 for r in align)
+
+    def as_set(state):
+        rows = state["pools.inter.prompts"].reshape(state["pools.inter.prompts"].shape[0], -1)
+        return rows[np.lexsort(rows.T[::-1])]
+
+    a, p = as_set(align_state), as_set(position_state)
+    assert a.shape != p.shape or not np.allclose(a, p, atol=1e-6)
+    assert [r["train-loss"] for r in align] != [r["train-loss"] for r in intra]
+    assert all("inter-specialisation-bits" in r for r in align + position)

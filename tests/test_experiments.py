@@ -36,6 +36,23 @@ def test_shipped_grids_are_valid(grid):
     assert shared, "ablation cells identical to main cells must run once"
 
 
+def test_alignment_grid_pairs_align_with_position_and_resolves_its_table():
+    plan = load_plan(ROOT / "experiments" / "alignment.yaml")
+    fedprime = [c for c in plan.cells if c.config["method"] == "fedprime"]
+    assert len(fedprime) == 2 * 2 * 3  # align/position x two backbones x three seeds
+    pairs = {}
+    for cell in fedprime:
+        key = (cell.config["backbone"], cell.config["seed"])
+        pairs.setdefault(key, set()).add(cell.config["inter-merge"])
+    assert all(merges == {"align", "position"} for merges in pairs.values())
+    assert {c.config["method"] for c in plan.cells} == {"fedprime", "fed-intra", "fedavg-p", "pfpt"}
+    # The missing table is named relative to the grid file and resolved against it at run time.
+    cell = plan.cells[0]
+    assert cell.config["missing-table"] == "alignment-missing-table.yaml"
+    resolved = Path(plan.resolve_paths(cell.config)["missing-table"])
+    assert resolved.is_absolute() and resolved.is_file()
+
+
 def test_paper_grids_use_the_paper_settings():
     plan = load_plan(ROOT / "experiments" / "paper-food101.yaml")
     cell = next(c for c in plan.cells if c.config["method"] == "fedprime")

@@ -8,7 +8,14 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from fedprime_core.federated import AggregationSettings, ClientUpdate, aggregate_round, validate_update
+from fedprime_core.federated import (
+    AggregationSettings,
+    ClientUpdate,
+    aggregate_round,
+    client_identity,
+    validate_update,
+)
+from fedprime_core.interpool import InterPool, assign_slots
 from fedprime_core.methods import method_spec
 
 EXPECTED = {"pools.inter.prompts": (4, 1, 3), "pools.inter.keys": (4, 3), "head.weight": (2, 3)}
@@ -134,28 +141,53 @@ def round_inputs(num_clients: int, seed: int = 0):
     return global_state, updates
 
 
+def personal_round(num_clients: int, seed: int = 0):
+    """The same round as personalised FedPrime sees it: every client holds slots of one inter pool."""
+    global_state, updates = round_inputs(num_clients, seed)
+    pool = InterPool.initial(global_state["pools.inter.prompts"], global_state["pools.inter.keys"])
+    for client, update in enumerate(updates):
+        pool, slots = assign_slots(pool, str(client))
+        assert slots.tolist() == [0, 1, 2, 3, 4]  # a new client gets the most popular centres
+        update.client_id = str(client)
+    return global_state, updates, pool
+
+
 def test_aggregate_round_aligns_inter_and_averages_the_rest():
-    global_state, updates = round_inputs(4)
-    new, report = aggregate_round(
-        global_state, updates, method_spec("fedprime"), AggregationSettings(max_prompts=50, seed=0)
+    global_state, updates, pool = personal_round(4)
+    outcome = aggregate_round(
+        global_state, updates, method_spec("fedprime"), AggregationSettings(max_prompts=50, seed=0), inter_pool=pool
     )
+    new, report = outcome.state, outcome.report
     weights = np.array([u.num_examples for u in updates], dtype=float)
     expected_head = sum(w * u.state["head.weight"] for w, u in zip(weights, updates)) / weights.sum()
     np.testing.assert_allclose(new["head.weight"], expected_head, rtol=1e-5)
     used = sorted({int(i) for u in updates for i in np.flatnonzero(u.usage["inter"])})
-    assert new["pools.inter.prompts"].shape == (len(used), 2, 4)  # unused prompts are not aggregated
-    assert new["pools.inter.keys"].shape == (len(used), 4)
-    assert report["inter-pool-size"] == len(used) and report["intra-pool-size"] == 3
+    # Clusters nobody used are carried over, so the global pool keeps all 5 centres.
+    assert new["pools.inter.prompts"].shape == (5, 2, 4) and new["pools.inter.keys"].shape == (5, 4)
+    assert report["inter-pool-size"] == 5 and report["intra-pool-size"] == 3
+    assert report["inter-clusters-carried"] == 5 - len(used) and report["inter-rematched"] == 0
     # each merged prompt stays next to the global prompt its members started from
     for prompt in new["pools.inter.prompts"]:
         distances = np.linalg.norm((global_state["pools.inter.prompts"] - prompt).reshape(5, -1), axis=1)
         assert distances.min() < 0.05
+    # every client keeps its 5 slots; each slot holds the centre of the cluster it started in
+    assert sorted(outcome.inter_pool.slots) == ["0", "1", "2", "3"]
+    for slots in outcome.inter_pool.slots.values():
+        assert slots.tolist() == [0, 1, 2, 3, 4]
 
 
 def test_aggregate_round_respects_the_pool_bound_and_methods():
-    global_state, updates = round_inputs(4)
-    new, _ = aggregate_round(global_state, updates, method_spec("fedprime"), AggregationSettings(max_prompts=2, seed=0))
-    assert new["pools.inter.prompts"].shape[0] == 2
+    global_state, updates, pool = personal_round(4)
+    settings = AggregationSettings(max_prompts=5, seed=0, inter_merge="position")
+    outcome = aggregate_round(global_state, updates, method_spec("fed-inter"), settings, inter_pool=pool)
+    assert outcome.state["pools.inter.prompts"].shape[0] == 5
+    with pytest.raises(ValueError, match="personal inter pools"):
+        aggregate_round(global_state, updates, method_spec("fedprime"))
+    pfpt = aggregate_round(
+        global_state, updates, method_spec("pfpt"), AggregationSettings(max_prompts=50, sweeps=10, seed=0)
+    )
+    assert pfpt.report["inter-pool-size"] == pfpt.state["pools.inter.prompts"].shape[0]  # tests/test_pfpt.py: more
+    assert pfpt.inter_pool is None
     intra_only = {k: v for k, v in global_state.items() if not k.startswith("pools.inter")}
     plain = [
         ClientUpdate(
@@ -163,9 +195,24 @@ def test_aggregate_round_respects_the_pool_bound_and_methods():
         )
         for u in updates
     ]
-    new, _ = aggregate_round(intra_only, plain, method_spec("fed-intra"))
+    new = aggregate_round(intra_only, plain, method_spec("fed-intra")).state
     assert new["pools.intra.prompts"].shape == (3, 2, 4)
-    central, _ = aggregate_round(global_state, updates[:1], method_spec("centralized-p"))
+    central = aggregate_round(global_state, updates[:1], method_spec("centralized-p")).state
     assert all(np.array_equal(central[k], updates[0].state[k]) for k in central)
     with pytest.raises(ValueError):
         aggregate_round(global_state, [], method_spec("fedprime"))
+
+
+def test_pattern_usage_must_add_up_to_the_usage_counts():
+    good = good_update(pattern_usage={"inter": np.array([[1, 0, 2, 0], [2, 0, 0, 1], [0, 0, 0, 0]])})
+    assert reasons(good) == []
+    wrong_sum = good_update(pattern_usage={"inter": np.array([[1, 0, 2, 0], [2, 0, 0, 0], [0, 0, 0, 0]])})
+    assert any("does not add up" in r for r in reasons(wrong_sum))
+    wrong_shape = good_update(pattern_usage={"inter": np.zeros((2, 4), np.int64)})
+    assert any("pattern usage for pool 'inter' has shape (2, 4)" in r for r in reasons(wrong_shape))
+
+
+def test_client_identity_prefers_an_explicit_id_then_the_partition():
+    assert client_identity({"client-id": "hospital-a", "partition-id": 3}, 77) == "hospital-a"
+    assert client_identity({"partition-id": 3, "num-partitions": 4}, 77) == "3"
+    assert client_identity({}, 77) == "node-77"

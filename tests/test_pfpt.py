@@ -173,7 +173,9 @@ def test_aggregate_round_runs_pfpt_and_averages_the_rest():
         updates.append(ClientUpdate(state=state, num_examples=10 * (t + 1), usage={"inter": counts}))
     expected = {k: v.shape for k, v in global_state.items()}
     assert all(validate_update(u, expected, ["inter"], 100.0) == [] for u in updates)  # no keys: prompts are keys
-    new, report = aggregate_round(global_state, updates, method_spec("pfpt"), AggregationSettings(max_prompts=50))
+    outcome = aggregate_round(global_state, updates, method_spec("pfpt"), AggregationSettings(max_prompts=50))
+    new, report = outcome.state, outcome.report
+    assert outcome.inter_pool is None  # PFPT keeps no per-client pools: every client gets the whole pool
     assert set(new) == set(global_state)
     weights = np.array([u.num_examples for u in updates], dtype=float)
     average = sum(w * u.state["head.weight"] for w, u in zip(weights, updates)) / weights.sum()

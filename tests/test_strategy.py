@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from flwr.app import Context, RecordDict
+from flwr.app import Context, MessageType, RecordDict
 
 from fedprime_core.config import ConfigError, config_to_dict
 from fedprime_core.results import load_checkpoint
@@ -120,7 +120,7 @@ def test_resume_continues_after_the_last_completed_round(quick_config, monkeypat
 
     def dies_in_round_two(self, messages, *, timeout=None):
         messages = list(messages)
-        if messages and messages[0].content["config"]["server-round"] == 2:
+        if messages and messages[0].content["config"].get("server-round") == 2:
             raise KeyboardInterrupt("server killed during round 2")
         calls["n"] += 1
         return original(self, messages, timeout=timeout)
@@ -135,7 +135,18 @@ def test_resume_continues_after_the_last_completed_round(quick_config, monkeypat
     grid = run(resumed)
     rounds = [r["round"] for r in history(cfg)]
     assert rounds == [0, 1, 2, 3]  # nothing lost, nothing repeated
-    assert {m.content["config"]["server-round"] for m in grid.sent} == {2, 3}
+    trained = {m.content["config"]["server-round"] for m in grid.sent if m.metadata.message_type == MessageType.TRAIN}
+    assert trained == {2, 3}
+    # The resumed run gave every client back exactly its personal inter pool: it ends where an
+    # uninterrupted run of the same settings ends.
+    reference = quick_config(run_name="reference", num_server_rounds=3, fraction_evaluate=0.0)
+    run(reference)
+    state, meta = load_checkpoint(folder)
+    ref_state, ref_meta = load_checkpoint(run_dir_of(reference))
+    assert meta["inter-pool"] == ref_meta["inter-pool"] and len(meta["inter-pool"]["slots"]) == 3
+    assert set(state) == set(ref_state)
+    for name in state:
+        np.testing.assert_allclose(state[name], ref_state[name], atol=2e-6, err_msg=name)
 
 
 def test_resume_refuses_changed_settings_and_fresh_runs_refuse_to_overwrite(quick_config):
@@ -151,7 +162,7 @@ def test_resume_refuses_changed_settings_and_fresh_runs_refuse_to_overwrite(quic
 
 def test_messages_carry_no_backbone_tensor_and_no_data(quick_config):
     from fedprime_core import runtime
-    from server_app.messages import ARRAYS, CLIENT, USAGE
+    from server_app.messages import ARRAYS, CLIENT, PATTERN_USAGE, USAGE
 
     cfg = quick_config(run_name="privacy", num_server_rounds=1, fraction_evaluate=0.0, server_eval=False)
     grid = run(cfg, num_nodes=2)
@@ -177,7 +188,7 @@ def test_messages_carry_no_backbone_tensor_and_no_data(quick_config):
                 for name, a in record.items()
             )
         for name, record in content.config_records.items():
-            assert name in ("config", USAGE, CLIENT)
+            assert name in ("config", USAGE, PATTERN_USAGE, CLIENT)
             for value in record.values():
                 assert not isinstance(value, bytes)
                 assert not (isinstance(value, str) and len(value) > 64)  # no texts

@@ -24,6 +24,7 @@ from fedprime_core.data.missing import Pattern, sample_patterns, setting_mixture
 from fedprime_core.data.processing import MultimodalDataset, MultimodalProcessor, collate
 from fedprime_core.data.records import DataError
 from fedprime_core.federated import AggregationSettings, ClientUpdate, aggregate_round
+from fedprime_core.interpool import InterPool, assign_slots
 from fedprime_core.methods import method_spec
 from fedprime_core.model import PromptedModel, PromptSettings, load_trainable_state, trainable_state
 
@@ -210,8 +211,10 @@ def test_two_clients_aggregate_through_the_same_round_code(setup):
     spec, settings = method_spec("fedprime"), PromptSettings(tau=6, kappa=2)
     global_model = PromptedModel(backbone, spec, 8, settings, seed=0)
     global_state = trainable_state(global_model)
+    pool = InterPool.initial(global_state["pools.inter.prompts"], global_state["pools.inter.keys"])
     updates = []
     for client, rows in enumerate((list(range(0, N // 2)), list(range(N // 2, N)))):
+        pool, _ = assign_slots(pool, str(client))
         model = PromptedModel(backbone, spec, 8, settings, seed=0)
         load_trainable_state(model, global_state)
         params = model.trainable_parameters()
@@ -221,7 +224,8 @@ def test_two_clients_aggregate_through_the_same_round_code(setup):
         optimizer.step()
         usage = {p: np.bincount(s.flatten().numpy(), minlength=6) for p, s in out.selected.items()}
         updates.append(ClientUpdate(trainable_state(model), len(rows) * (client + 1), usage, str(client)))
-    new_state, report = aggregate_round(global_state, updates, spec, AggregationSettings(seed=0))
+    outcome = aggregate_round(global_state, updates, spec, AggregationSettings(seed=0), inter_pool=pool)
+    new_state, report = outcome.state, outcome.report
     averaged = [k for k in global_state if not k.startswith("pools.inter.")]
     assert set(new_state) == set(global_state)
     for name in averaged:

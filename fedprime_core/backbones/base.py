@@ -71,6 +71,21 @@ class Backbone(nn.Module, abc.ABC):
         """Pretrained pooler weights (``weight``, ``bias``) to start the trainable pooler from."""
         return None
 
+    def token_scale(self) -> float:
+        """Root-mean-square entry of the backbone's token embedding table: prompts start at this scale.
+
+        Prompts are learned token embeddings, so they start where the vocabulary's embeddings
+        live (about 0.05 per entry for BERT-family tables, the scale of the reference code's
+        small uniform initialisation), not at ``U(-1, 1)``. The block-0 LayerNorm makes a
+        prompt's gradient inversely proportional to its norm, so this is also what lets local
+        training move prompts by a real fraction of the distance between them.
+        The default measures the first ``nn.Embedding`` of the backbone.
+        """
+        for module in self.modules():
+            if isinstance(module, nn.Embedding):
+                return float(module.weight.detach().float().pow(2).mean().sqrt())
+        raise NotImplementedError(f"{type(self).__name__} has no token embedding table; override token_scale()")
+
     def encode(
         self,
         tokens: torch.Tensor,

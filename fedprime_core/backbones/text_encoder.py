@@ -264,6 +264,10 @@ class TextEncoderBackbone(Backbone):
                     return norm(hidden)
         return hidden
 
+    def token_scale(self) -> float:
+        """RMS entry of the encoder's word embedding table."""
+        return _embedding_rms(self.encoder.embeddings.word_embeddings.weight)
+
     def pooler_init(self) -> dict[str, torch.Tensor] | None:
         if not self._has_pooler_weights:
             return None

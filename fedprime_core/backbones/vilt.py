@@ -101,6 +101,11 @@ class ViltBackbone(Backbone):
     def final_norm(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.vilt.layernorm(hidden)
 
+    def token_scale(self) -> float:
+        """RMS entry of ViLT's word embedding table."""
+        weight = self.vilt.embeddings.text_embeddings.word_embeddings.weight
+        return float(weight.detach().float().pow(2).mean().sqrt())
+
     def pooler_init(self) -> dict[str, torch.Tensor] | None:
         if self.vilt.pooler is None:
             return None
