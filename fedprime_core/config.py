@@ -246,6 +246,16 @@ OPTIONS: tuple[Option, ...] = (
         "YAML file with an explicit per-client missing-pattern table (overrides missing-alpha).",
     ),
     Option("label-alpha", float, 0.0, "Dirichlet label skew across clients; 0 is IID.", min=0.0),
+    Option(
+        "client-size-sigma",
+        float,
+        0.0,
+        "Imbalanced client sizes: client c gets a share of the training set proportional to "
+        "exp(sigma * N(0, 1)) (seeded log-normal weights, combined with label-alpha); 0 keeps the sizes "
+        "the label split gives (equal when IID).",
+        min=0.0,
+        max=5.0,
+    ),
     Option("min-partition-size", int, 10, "Fewest training samples a client may get.", min=1),
     Option(
         "val-fraction", float, 0.1, "Share of each client's shard held out for its local validation.", min=0.0, max=0.5

@@ -527,6 +527,7 @@ def client_shard(cfg: RunConfig, client: ClientNode | int, num_partitions: int |
         num_partitions,
         node.client_id,
         cfg.label_alpha,
+        cfg.client_size_sigma,
         cfg.min_partition_size,
         cfg.missing_setting,
         cfg.eta,
@@ -549,7 +550,14 @@ def client_shard(cfg: RunConfig, client: ClientNode | int, num_partitions: int |
             mixture = setting_mixture(cfg.missing_setting, cfg.eta)
             pid = -1
         else:
-            parts = partition(primary_labels(train), num_partitions, cfg.label_alpha, cfg.min_partition_size, cfg.seed)
+            parts = partition(
+                primary_labels(train),
+                num_partitions,
+                cfg.label_alpha,
+                cfg.min_partition_size,
+                cfg.seed,
+                size_sigma=cfg.client_size_sigma,
+            )
             indices = parts[partition_id]
             mixture = client_mixture_table(cfg, num_partitions)[partition_id]
             pid = partition_id
