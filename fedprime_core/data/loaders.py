@@ -36,6 +36,7 @@ from typing import Any
 import pyarrow as pa
 from PIL import Image
 
+from ..progress import Progress
 from .records import DataError, DatasetSplits, Sample
 
 logger = logging.getLogger(__name__)
@@ -300,8 +301,11 @@ def _read_jsonl(path: Path, root: Path, spec: _Spec, verify: bool, skip: bool) -
     rows: list[_Raw] = []
     bad: list[str] = []
     try:
+        size = path.stat().st_size
+        progress = Progress(f"reading {path.name}", size, unit="MB", scale=1e6, logger=logger)
         with path.open("rb") as handle:
             for lineno, raw_line in enumerate(handle, start=1):
+                progress.update(len(raw_line), status=f"{len(rows):,} rows")
                 if not raw_line.strip():
                     continue
                 uid = f"{path}:{lineno}"
@@ -312,6 +316,7 @@ def _read_jsonl(path: Path, root: Path, spec: _Spec, verify: bool, skip: bool) -
                     if not skip:
                         raise
                     bad.append(str(exc))
+        progress.close(f"{len(rows):,} rows")
     except OSError as exc:
         raise DataError(f"cannot read {str(path)!r}: {exc}") from None
     return rows, bad
@@ -425,7 +430,9 @@ def _read_arrow(
 
     rows: list[_Raw] = []
     bad: list[str] = []
+    progress = Progress(f"reading {path.name}", table.num_rows, unit="rows", logger=logger)
     for i in range(table.num_rows):
+        progress.update()
         uid = f"{path}:{i}"
         where = f"{uid} (row {i}, 0-based)"
         try:
@@ -440,6 +447,7 @@ def _read_arrow(
             if not skip:
                 raise
             bad.append(str(exc))
+    progress.close()
     return rows, bad
 
 
