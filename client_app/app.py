@@ -18,9 +18,11 @@ from flwr.clientapp import ClientApp
 from fedprime_core import runtime
 from fedprime_core.config import ConfigError, RunConfig, parse_run_config
 from fedprime_core.faults import inject_fault
+from server_app.logs import connect, forward_logs
 from server_app.messages import ARRAYS, CONFIG, METRICS, record_to_state, train_reply_content
 
 LOGGER = logging.getLogger(__name__)
+connect(client=True)  # this app's and fedprime_core's lines: to Flower's console and, with each reply, the server
 
 app = ClientApp()
 
@@ -49,6 +51,7 @@ def _threads() -> None:
 
 
 @app.train()
+@forward_logs
 def train(msg: Message, context: Context) -> Message:
     """Train the received global state for ``local-epochs`` on the local shard."""
     _threads()
@@ -75,8 +78,7 @@ def train(msg: Message, context: Context) -> Message:
         cfg.fault_plan, partition_id, server_round, new_state, metrics, result.usage
     )
     LOGGER.info(
-        "client %d round %d: loss %.4f on %d samples in %.1fs",
-        partition_id,
+        "round %d: loss %.4f on %d samples in %.1fs",
         server_round,
         result.loss,
         result.num_examples,
@@ -86,6 +88,7 @@ def train(msg: Message, context: Context) -> Message:
 
 
 @app.evaluate()
+@forward_logs
 def evaluate(msg: Message, context: Context) -> Message:
     """Evaluate the received global state on the local validation split."""
     _threads()
