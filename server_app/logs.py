@@ -88,10 +88,11 @@ def connect(client: bool = False) -> None:
             logger.addHandler(_BRIDGE)
     # Progress bars of transformers / huggingface_hub (weight loading, ...) are unreadable
     # in a log; the apps report long steps as log lines instead.
+    # No import here: in simulation the ServerApp and the ClientApp load in one process at the
+    # same time, and importing a half-initialised transformers from this thread fails.
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    if "transformers" in sys.modules:
-        from transformers.utils import logging as hf_logging
-
+    hf_logging = sys.modules.get("transformers.utils.logging")
+    if hf_logging is not None and callable(getattr(hf_logging, "disable_progress_bar", None)):
         hf_logging.disable_progress_bar()
 
 
