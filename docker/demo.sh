@@ -26,7 +26,7 @@
 #   FEDPRIME_RESULTS_DIR  where results land on this host, default docker/.build/results
 #   FEDPRIME_CACHE_SEED   a host folder of already prepared models (a FEDPRIME_CACHE, e.g.
 #                         ~/.cache/fedprime) copied into the shared model cache first, so
-#                         model-init finds tiny-vilt there instead of generating it again
+#                         model-init finds the model there instead of preparing it again
 #   COMPOSE_PROJECT_NAME  default fedprime-demo
 #
 # The last line printed on success is `RESULTS <folder>`.
