@@ -33,12 +33,16 @@ import functools
 import logging
 import os
 import sys
+import threading
+import time
 from collections.abc import Callable, Iterable
 from logging import INFO, WARNING
 
 from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.common.logger import FLOWER_LOGGER, console_handler, log
 from flwr.serverapp import Grid
+
+from fedprime_core.progress import format_duration
 
 #: The loggers whose records are routed to Flower's handlers.
 LOGGERS = ("fedprime_core", "client_app", "server_app")
@@ -190,11 +194,14 @@ def log_client_lines(reply: Message) -> None:
 class ClientLogGrid(Grid):
     """A :class:`~flwr.serverapp.Grid` that logs the client lines of every reply it returns.
 
+    While it waits for replies it says so every ``every`` seconds (``waiting for 4 train
+    replies, 40s elapsed``): a round's local training can take minutes on a real dataset.
     Everything else is the wrapped grid's: the strategy cannot tell the difference.
     """
 
-    def __init__(self, grid: Grid) -> None:
+    def __init__(self, grid: Grid, every: float = 20.0) -> None:
         self.grid = grid
+        self.every = every
 
     def set_run(self, run) -> None:
         self.grid.set_run(run)
@@ -224,7 +231,23 @@ class ClientLogGrid(Grid):
         return replies
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
-        replies = list(self.grid.send_and_receive(messages, timeout=timeout))
+        messages = list(messages)
+        kinds = sorted({m.metadata.message_type for m in messages})
+        what = f"{len(messages)} {'/'.join(kinds)} repl{'y' if len(messages) == 1 else 'ies'}"
+        started = time.monotonic()
+        done = threading.Event()
+
+        def heartbeat() -> None:
+            while not done.wait(self.every):
+                log(INFO, "waiting for %s, %s elapsed", what, format_duration(time.monotonic() - started))
+
+        thread = threading.Thread(target=heartbeat, name="fedprime-waiting", daemon=True)
+        thread.start()
+        try:
+            replies = list(self.grid.send_and_receive(messages, timeout=timeout))
+        finally:
+            done.set()
+            thread.join()
         for reply in replies:
             log_client_lines(reply)
         return replies

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +14,7 @@ from flwr.common.logger import FLOWER_LOGGER, console_handler
 
 from fedprime_core.config import config_to_dict
 from server_app.app import main as server_main
-from server_app.logs import CLIENT_LOG, MAX_LINES, connect, forward_logs, log_client_lines
+from server_app.logs import CLIENT_LOG, MAX_LINES, ClientLogGrid, connect, forward_logs, log_client_lines
 from tests.loopback import LoopbackGrid
 
 
@@ -109,6 +110,27 @@ def test_replies_without_or_with_malformed_client_lines_are_ignored(flower_outpu
     bad = Message(content=RecordDict({CLIENT_LOG: ConfigRecord({"client": "0", "lines": 5})}), reply_to=msg)
     log_client_lines(bad)
     assert not [m for m in flower_output.messages if m.startswith("client ")]
+
+
+class SlowGrid(LoopbackGrid):
+    """Clients that take their time (and then all fail to answer)."""
+
+    def send_and_receive(self, messages, *, timeout=None):
+        list(messages)
+        time.sleep(1.0)
+        return []
+
+
+def test_waiting_for_replies_is_reported_while_it_lasts(flower_output):
+    grid = ClientLogGrid(SlowGrid({}, 2), every=0.2)
+    messages = [_message(1), _message(2)]
+    assert grid.send_and_receive(messages, timeout=5) == []
+    waiting = [m for m in flower_output.messages if m.startswith("waiting for")]
+    assert waiting and all(m.startswith("waiting for 2 train replies, ") and m.endswith(" elapsed") for m in waiting)
+    assert len(waiting) <= 5  # one line per interval, and none after the replies came
+    flower_output.records.clear()
+    assert list(ClientLogGrid(LoopbackGrid({}, 1), every=0.2).send_and_receive([])) == []
+    assert not flower_output.messages  # a quick exchange says nothing
 
 
 def test_a_run_logs_every_clients_round_and_keeps_the_strategys_result(quick_config, tiny_vilt, flower_output):
