@@ -25,6 +25,11 @@ logging, which the ServerApp and ClientApp call once at import (:func:`connect`)
   In deployment the client's lines are also printed on its SuperNode's console; in
   simulation the actors print only warnings and errors themselves (the rest arrives
   with the reply), so no line shows twice.
+
+  What travels is what the client logs: losses, sample counts, its shard and dataset
+  summaries, load times, warnings such as skipped bad rows (whose first reasons name file,
+  row and field, and may quote up to 80 characters of the bad value). A site that keeps
+  even that at home starts its SuperNode with the node config ``forward-logs=false``.
 """
 
 from __future__ import annotations
@@ -139,16 +144,27 @@ def client_label(node_config: dict, node_id: int) -> str:
     return f"node-{node_id}"
 
 
+def forwarding_allowed(node_config: dict) -> bool:
+    """The site's choice, node config ``forward-logs`` (default true; ``false``/``0``/``no`` keep lines home)."""
+    value = node_config.get("forward-logs", True)
+    if isinstance(value, str):
+        return value.strip().lower() not in ("false", "0", "no", "off")
+    return bool(value)
+
+
 def forward_logs(handler: Callable[[Message, object], Message]) -> Callable[[Message, object], Message]:
     """Decorate a ClientApp handler so that the lines it logs travel back with its reply.
 
     Lines at Flower's level or above from the FedPrime loggers, at most :data:`MAX_LINES`,
-    go into the reply's ``client-log`` ConfigRecord (``client``, ``levels``, ``lines``).
+    go into the reply's ``client-log`` ConfigRecord (``client``, ``levels``, ``lines``),
+    unless the node config says ``forward-logs=false``.
     """
 
     @functools.wraps(handler)
     def wrapper(msg: Message, context) -> Message:
         connect(client=True)
+        if not forwarding_allowed(dict(context.node_config)):
+            return handler(msg, context)
         label = client_label(dict(context.node_config), context.node_id)
         collector = _Collector(flower_level())
         loggers = [logging.getLogger(name) for name in LOGGERS]

@@ -104,6 +104,19 @@ def test_forwarded_lines_are_capped_and_named_after_the_client_id(flower_output)
     assert chatty(_message(), _context()).content.config_records[CLIENT_LOG]["client"] == "node-7"
 
 
+def test_a_site_can_keep_its_lines_at_home(flower_output):
+    @forward_logs
+    def handler(msg: Message, context: Context) -> Message:
+        logging.getLogger("client_app.app").info("round %d: loss %.4f", 1, 2.0)
+        return Message(content=RecordDict(), reply_to=msg)
+
+    for off in (False, "false", "0"):
+        reply = handler(_message(), _context(**{"partition-id": 0, "forward-logs": off}))
+        assert CLIENT_LOG not in reply.content.config_records
+    reply = handler(_message(), _context(**{"partition-id": 0, "forward-logs": True}))
+    assert reply.content.config_records[CLIENT_LOG]["lines"] == ["round 1: loss 2.0000"]
+
+
 def test_replies_without_or_with_malformed_client_lines_are_ignored(flower_output):
     msg = _message()
     log_client_lines(Message(content=RecordDict(), reply_to=msg))
@@ -150,6 +163,12 @@ def test_a_run_logs_every_clients_round_and_keeps_the_strategys_result(quick_con
     assert len(relogged) == 1
     own = [r for r in flower_output.records if r.name == "client_app.app" and "round 1: loss" in r.getMessage()]
     assert own and own[0].getMessage().startswith("client 0 | round 1: loss ")
+    # What the clients sent is about their data, never the data: no sample's text in any line.
+    from fedprime_core import runtime
+
+    forwarded = " ".join(r.getMessage() for r in flower_output.records if r.name == "flwr")
+    texts = {s.text for s in runtime.load_splits(cfg).train if len(s.text) > 20}
+    assert texts and not any(text in forwarded for text in texts)
     run_dir = Path(cfg.results_dir) / "logs"
     with np.load(run_dir / "final.npz") as final, np.load(run_dir / "checkpoint.npz") as checkpoint:
         assert sorted(final.files) == sorted(checkpoint.files)
