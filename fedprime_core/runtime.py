@@ -447,6 +447,16 @@ class ClientShard:
     site_local: bool = False
     skipped_empty: int = 0
 
+    def summary(self) -> str:
+        """One readable line: sizes, the missing mixture and the realised pattern counts (real and simulated)."""
+        mixture = " / ".join(f"{name} {share:.2f}" for name, share in zip(self.counts, self.mixture))
+        counts = ", ".join(f"{name} {count}" for name, count in self.counts.items())
+        sizes = f"{len(self.train)} train / {len(self.val)} validation samples"
+        line = f"{sizes}; missing mixture {mixture}; train patterns {counts}"
+        if self.site_local and self.skipped_empty:
+            line += f"; {self.skipped_empty} rows with neither text nor image skipped"
+        return line
+
     def describe(self) -> dict[str, Any]:
         out: dict[str, Any] = {"client-id": self.client_id or str(self.partition_id)}
         if self.partition_id >= 0 or not self.site_local:
@@ -598,14 +608,7 @@ def client_shard(cfg: RunConfig, client: ClientNode | int, num_partitions: int |
             counts=missing_counts(train_patterns, natural),
             client_id=node.client_id if not spec.centralized else "centralized",
         )
-        mixture = " / ".join(f"{name} {share:.2f}" for name, share in zip(shard.counts, shard.mixture))
-        LOGGER.info(
-            "shard: %d train / %d validation samples; missing mixture %s; train patterns %s",
-            len(shard.train),
-            len(shard.val),
-            mixture,
-            ", ".join(f"{name} {count}" for name, count in shard.counts.items()),
-        )
+        LOGGER.info("shard: %s", shard.summary())
         return shard
 
     return _cached(key, build)
@@ -674,7 +677,7 @@ def site_shard(cfg: RunConfig, client: ClientNode) -> ClientShard:
             site_local=True,
             skipped_empty=int(splits.skipped_empty.get("train", 0)),
         )
-        LOGGER.info("site shard %s", shard.describe())
+        LOGGER.info("site data: %s", shard.summary())
         return shard
 
     return _cached(key, build)
