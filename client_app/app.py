@@ -9,14 +9,18 @@ never data. The backbone and the shard are loaded once per process and cached.
 
 from __future__ import annotations
 
+import functools
 import logging
+from collections.abc import Callable
 
 import torch
-from flwr.app import Context, Message, MetricRecord, RecordDict
+from flwr.app import Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.common.constant import ErrorCode
 
 from fedprime_core import runtime
 from fedprime_core.config import ConfigError, RunConfig, parse_run_config
+from fedprime_core.failures import exception_reason
 from fedprime_core.faults import inject_fault
 from fedprime_core.federated import client_identity
 from server_app.messages import (
@@ -31,6 +35,29 @@ from server_app.messages import (
 LOGGER = logging.getLogger(__name__)
 
 app = ClientApp()
+
+Handler = Callable[[Message, Context], Message]
+
+
+def reports_errors(handler: Handler) -> Handler:
+    """Turn an exception into an error reply whose reason is one line the server can record.
+
+    The reason is ``"[config] ConfigError: ..."`` / ``"[data] DataError: ..."`` for errors
+    that recur until someone fixes a setting or a file (the server stops a run in which
+    every client fails that way), else ``"Type: message"``. The full traceback goes to
+    this node's log, not over the network.
+    """
+
+    @functools.wraps(handler)
+    def wrapped(msg: Message, context: Context) -> Message:
+        try:
+            return handler(msg, context)
+        except Exception as exc:  # noqa: BLE001 - every failure becomes a reply the server can account for
+            LOGGER.exception("%s failed on node %s", handler.__name__, context.node_id)
+            reason = exception_reason(exc)
+            return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason), reply_to=msg)
+
+    return wrapped
 
 
 def node_partition(context: Context, cfg: RunConfig) -> tuple[int, int]:
@@ -65,12 +92,14 @@ def identity(context: Context) -> dict[str, str | int]:
 
 
 @app.query()
+@reports_errors
 def query(msg: Message, context: Context) -> Message:
     """Tell the server which client this node is (asked once, before its first personal pool)."""
     return Message(content=identity_reply_content(identity(context)), reply_to=msg)
 
 
 @app.train()
+@reports_errors
 def train(msg: Message, context: Context) -> Message:
     """Train the received global state for ``local-epochs`` on the local shard."""
     _threads()
@@ -109,6 +138,7 @@ def train(msg: Message, context: Context) -> Message:
 
 
 @app.evaluate()
+@reports_errors
 def evaluate(msg: Message, context: Context) -> Message:
     """Evaluate the received global state on the local validation split."""
     _threads()

@@ -143,7 +143,30 @@ OPTIONS: tuple[Option, ...] = (
     ),
     Option("min-available-nodes", int, 2, "Clients that must be connected before a round starts.", min=1),
     Option(
-        "round-timeout", float, 3600.0, "Seconds to wait for client replies in a round.", min=0.0, min_exclusive=True
+        "round-timeout",
+        float,
+        3600.0,
+        "Seconds to wait for client replies in a round; a client that has not answered by then is recorded as "
+        "timed out.",
+        min=0.0,
+        min_exclusive=True,
+    ),
+    Option(
+        "max-skipped-rounds",
+        int,
+        3,
+        "Stop the run as failed after this many consecutive skipped rounds (fewer than min-train-nodes valid "
+        "replies); 0 never stops. A round in which every sampled client fails with a config or data error stops "
+        "the run at once.",
+        min=0,
+    ),
+    Option(
+        "superlink-timeout",
+        float,
+        60.0,
+        "Seconds the ServerApp runs on while its SuperLink is unreachable before it stops (the last completed "
+        "round stays checkpointed; resume from it); 0 never stops.",
+        min=0.0,
     ),
     # --- local training ----------------------------------------------------------
     Option("local-epochs", int, 1, "Local epochs per round.", min=1),

@@ -1,7 +1,14 @@
-"""The FedPrime ServerApp: validate the config, prepare (or resume) the run, run the strategy."""
+"""The FedPrime ServerApp: validate the config, prepare (or resume) the run, run the strategy.
+
+Only one ServerApp writes a run folder at a time (``run.lock``, :mod:`fedprime_core.runlock`);
+a run that cannot learn, or whose SuperLink is gone, raises
+:class:`~fedprime_core.failures.RunFailed`, so Flower records the run as failed and the
+ServerApp process exits with a non-zero status.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 from logging import ERROR, INFO, WARNING
 from pathlib import Path
@@ -14,10 +21,13 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedprime_core import runtime
 from fedprime_core.config import ConfigError, RunConfig, config_to_dict, parse_run_config
-from fedprime_core.results import find_checkpoint, load_checkpoint, write_json
+from fedprime_core.failures import RunFailed
+from fedprime_core.results import CHECKPOINT_META, find_checkpoint, load_checkpoint, write_json
+from fedprime_core.runlock import RunFolderBusy, RunLock
 
 from .messages import state_to_record
 from .strategy import FedPrimeStrategy
+from .watchdog import SuperLinkWatchdog, superlink_address
 
 #: Keys that may differ between a run and its resumption; any other difference is refused.
 RESUMABLE_CHANGES = frozenset(
@@ -37,6 +47,8 @@ RESUMABLE_CHANGES = frozenset(
         "fraction-train",
         "fraction-evaluate",
         "max-update-norm",
+        "max-skipped-rounds",
+        "superlink-timeout",
     }
 )
 
@@ -49,31 +61,44 @@ def default_run_name(cfg: RunConfig) -> str:
     return f"{cfg.method}-{cfg.dataset}-{cfg.missing_setting}-eta{cfg.eta:g}-s{cfg.seed}-{stamp}"
 
 
+def run_folder(cfg: RunConfig) -> Path:
+    """The folder this run writes: the resumed run's, or ``results-dir/run-name``.
+
+    Raises:
+        FileNotFoundError: ``resume`` points at no checkpoint.
+    """
+    if cfg.resume:
+        return find_checkpoint(cfg.resume).resolve()
+    return (Path(cfg.results_dir).expanduser() / (cfg.run_name or default_run_name(cfg))).resolve()
+
+
 def prepare_run(
-    cfg: RunConfig,
+    cfg: RunConfig, run_dir: Path | None = None
 ) -> tuple[Path, dict[str, np.ndarray] | None, list[dict[str, Any]], dict[str, Any], dict[str, Any] | None]:
     """The run folder and, when resuming, the checkpointed state, history, client info and inter pools.
+
+    Call it holding the folder's :class:`~fedprime_core.runlock.RunLock`, so nobody
+    writes the checkpoint while it is read.
 
     Raises:
         ConfigError: the resumed run was made with settings that cannot change, or a
             fresh run would overwrite an existing run's checkpoint.
         FileNotFoundError: ``resume`` points at no checkpoint.
     """
+    run_dir = run_dir or run_folder(cfg)
     if cfg.resume:
-        run_dir = find_checkpoint(cfg.resume)
         state, meta = load_checkpoint(run_dir)
         previous = meta.get("config", {})
+        current = config_to_dict(cfg)
         changed = sorted(
-            k
-            for k, v in config_to_dict(cfg).items()
-            if k not in RESUMABLE_CHANGES and k in previous and previous[k] != v
+            k for k, v in current.items() if k not in RESUMABLE_CHANGES and k in previous and previous[k] != v
         )
         if changed:
             raise ConfigError(
                 "cannot resume "
                 + str(run_dir)
                 + " with different settings for: "
-                + ", ".join(f"'{k}' ({previous[k]!r} -> {getattr(cfg, k.replace('-', '_'), None)!r})" for k in changed)
+                + ", ".join(f"'{k}' ({previous[k]!r} -> {current[k]!r})" for k in changed)
             )
         log(INFO, "resuming %s after round %d", run_dir, meta.get("round", 0))
         return (
@@ -83,8 +108,7 @@ def prepare_run(
             dict(meta.get("clients", {})),
             meta.get("inter-pool"),
         )
-    run_dir = (Path(cfg.results_dir).expanduser() / (cfg.run_name or default_run_name(cfg))).resolve()
-    if (run_dir / "checkpoint.json").exists():
+    if (run_dir / CHECKPOINT_META).exists():
         raise ConfigError(
             f"run folder {run_dir} already holds a run; "
             f"set resume='{run_dir}' to continue it or choose another run-name"
@@ -98,10 +122,39 @@ def main(grid: Grid, context: Context) -> None:
     """Run a FedPrime federation configured by ``context.run_config``."""
     try:
         cfg = parse_run_config(context.run_config)
-        run_dir, state, history, clients, inter_record = prepare_run(cfg)
-    except (ConfigError, FileNotFoundError) as exc:
+        lock = RunLock(run_folder(cfg), purpose=f"ServerApp of run {context.run_id}").acquire()
+    except (ConfigError, FileNotFoundError, RunFolderBusy) as exc:
         log(ERROR, "FedPrime cannot start: %s", exc)
         raise
+    watchdog = None
+    try:
+        try:
+            run_dir, state, history, clients, inter_record = prepare_run(cfg, lock.path.parent)
+        except (ConfigError, FileNotFoundError, ValueError) as exc:
+            log(ERROR, "FedPrime cannot start: %s", exc)
+            raise
+        address = superlink_address(grid)
+        if cfg.superlink_timeout > 0 and address:
+            watchdog = SuperLinkWatchdog(address, cfg.superlink_timeout).start()
+        _run(cfg, grid, run_dir, state, history, clients, inter_record, watchdog)
+    finally:
+        if watchdog is not None:
+            watchdog.stop()
+        lock.release()
+        with contextlib.suppress(OSError):
+            lock.path.parent.rmdir()  # only a folder this start created and left empty
+
+
+def _run(
+    cfg: RunConfig,
+    grid: Grid,
+    run_dir: Path,
+    state: dict[str, np.ndarray] | None,
+    history: list[dict[str, Any]],
+    clients: dict[str, Any],
+    inter_record: dict[str, Any] | None,
+    watchdog: SuperLinkWatchdog | None,
+) -> None:
     write_json(run_dir / "config.json", config_to_dict(cfg))
     log(INFO, "FedPrime run: method=%s dataset=%s model=%s; results in %s", cfg.method, cfg.dataset, cfg.model, run_dir)
 
@@ -125,14 +178,19 @@ def main(grid: Grid, context: Context) -> None:
         server_fingerprint=fingerprint,
         multilabel=multilabel,
         inter_record=inter_record,
+        stop_check=(lambda: watchdog.reason if watchdog.lost.is_set() else None) if watchdog else None,
     )
-    strategy.start(
-        grid=grid,
-        initial_arrays=state_to_record(state),
-        num_rounds=cfg.num_server_rounds,
-        timeout=cfg.round_timeout,
-        evaluate_fn=evaluate if cfg.server_eval else None,
-    )
+    try:
+        strategy.start(
+            grid=grid,
+            initial_arrays=state_to_record(state),
+            num_rounds=cfg.num_server_rounds,
+            timeout=cfg.round_timeout,
+            evaluate_fn=evaluate if cfg.server_eval else None,
+        )
+    except RunFailed as exc:
+        log(ERROR, "FedPrime stopped: %s. Results so far: %s (summary.md says why)", exc, run_dir)
+        raise
     if not strategy.clients:
         log(WARNING, "no client update was accepted in this run")
     log(INFO, "FedPrime finished. Results: %s (summary.md, metrics.csv, curves.png)", run_dir)
