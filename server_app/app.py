@@ -188,8 +188,8 @@ def _run(
             timeout=cfg.round_timeout,
             evaluate_fn=evaluate if cfg.server_eval else None,
         )
-    except RunFailed as exc:
-        log(ERROR, "FedPrime stopped: %s. Results so far: %s (summary.md says why)", exc, run_dir)
+    except RunFailed:
+        log(ERROR, "FedPrime stopped. Results so far: %s (summary.md says why)", run_dir)
         raise
     if not strategy.clients:
         log(WARNING, "no client update was accepted in this run")

@@ -526,7 +526,7 @@ class FedPrimeStrategy(FedAvg):
                     raise RunFailed(failure)
                 self._persist(server_round, title, "finished" if server_round == num_rounds else "running")
         except RunFailed as exc:
-            log(ERROR, "FedPrime run FAILED: %s", exc)
+            log(ERROR, "FedPrime run FAILED after round %d: %s", max((r["round"] for r in self.history), default=0), exc)
             if not saved:
                 # Stopped inside a round: the global state may already hold part of it, so the
                 # checkpoint stays at the last completed round; only the summary changes.
