@@ -158,11 +158,14 @@ def _run(
     write_json(run_dir / "config.json", config_to_dict(cfg))
     log(INFO, "FedPrime run: method=%s dataset=%s model=%s; results in %s", cfg.method, cfg.dataset, cfg.model, run_dir)
 
-    fingerprint, multilabel = None, False
-    if cfg.server_eval or state is None:
-        loaded = runtime.load_backbone(cfg)
-        fingerprint = loaded.fingerprint
-        multilabel = runtime.load_splits(cfg).multilabel
+    # Without its own data-dir (sites hold all the data) the server evaluates nothing itself.
+    server_eval = cfg.server_eval and runtime.has_data(cfg)
+    if cfg.server_eval and not server_eval:
+        log(WARNING, "the run config names no data-dir for the server: no server-side evaluation (client-side only)")
+    fingerprint = None
+    if server_eval or state is None:
+        fingerprint = runtime.load_backbone(cfg).fingerprint
+    labels = runtime.label_space(cfg)
     if state is None:
         state = runtime.initial_state(cfg)
 
@@ -176,7 +179,8 @@ def _run(
         history=history,
         clients=clients,
         server_fingerprint=fingerprint,
-        multilabel=multilabel,
+        multilabel=labels.metric == "macro_f1",
+        labels_fingerprint=labels.fingerprint,
         inter_record=inter_record,
         stop_check=(lambda: watchdog.reason if watchdog.lost.is_set() else None) if watchdog else None,
     )
@@ -186,7 +190,7 @@ def _run(
             initial_arrays=state_to_record(state),
             num_rounds=cfg.num_server_rounds,
             timeout=cfg.round_timeout,
-            evaluate_fn=evaluate if cfg.server_eval else None,
+            evaluate_fn=evaluate if server_eval else None,
         )
     except RunFailed:
         log(ERROR, "FedPrime stopped. Results so far: %s (summary.md says why)", run_dir)

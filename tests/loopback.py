@@ -22,16 +22,31 @@ SERVER_NODE_ID = 0
 
 
 class LoopbackGrid(Grid):
-    """Nodes ``1..n``, partition ids ``0..n-1``; ``offline`` ones never answer, the SuperLink answers for ``dead``."""
+    """Nodes ``1..n`` with partition ids ``0..n-1``; ``offline`` ones never answer, the SuperLink answers for ``dead``.
+
+    ``node_configs`` replaces the node configs (``[config of node 1, config of node 2, ...]``),
+    e.g. site-local nodes that name their own ``data-dir``.
+    """
 
     pull_interval = 0.01
 
-    def __init__(self, run_config: dict, num_nodes: int, offline: Iterable[int] = (), dead: Iterable[int] = ()) -> None:
+    def __init__(
+        self,
+        run_config: dict,
+        num_nodes: int,
+        offline: Iterable[int] = (),
+        node_configs: list[dict] | None = None,
+        dead: Iterable[int] = (),
+    ) -> None:
         from client_app.app import app
 
         self.app = app
         self.run_config = dict(run_config)
         self.nodes = {node: node - 1 for node in range(1, num_nodes + 1)}
+        self.node_configs = {
+            node: (node_configs[node - 1] if node_configs else {"partition-id": pid, "num-partitions": num_nodes})
+            for node, pid in self.nodes.items()
+        }
         self.offline = set(offline)
         self.dead = set(dead)
         self.sent: list[Message] = []
@@ -78,7 +93,7 @@ class LoopbackGrid(Grid):
         context = Context(
             run_id=1,
             node_id=node,
-            node_config={"partition-id": self.nodes[node], "num-partitions": len(self.nodes)},
+            node_config=dict(self.node_configs[node]),
             state=RecordDict(),
             run_config=self.run_config,
         )
