@@ -206,17 +206,16 @@ def load_splits(cfg: RunConfig) -> DatasetSplits:
             return make_embedded_dataset(cfg.seed, image_features=features)
         from .data.loaders import load_dataset
 
-        # Decoding every image of a full benchmark at each process start is too slow;
-        # missing files are always caught here, undecodable ones are verified up front only
-        # when bad rows are to be skipped (otherwise they fail with a DataError naming the
-        # file and row when first read).
+        # Every image is decoded here (once per process: the splits are cached), so a corrupt
+        # one is an error naming its row (or a skipped, counted row with skip-bad-rows)
+        # before training starts, never a client that fails in every round.
         return load_dataset(
             cfg.dataset,
             cfg.data_dir,
             layout=cfg.data_layout,
             num_classes=cfg.num_classes,
             skip_bad_rows=cfg.skip_bad_rows,
-            verify_images=cfg.skip_bad_rows,
+            verify_images=True,
             classes=class_list(cfg) or None,
             mmimdb_protocol=cfg.mmimdb_protocol,
             required=(),
