@@ -32,7 +32,7 @@ from flwr.serverapp.strategy import FedAvg
 from flwr.serverapp.strategy.result import Result
 
 from fedprime_core.config import RunConfig, config_to_dict, method_default_sweeps
-from fedprime_core.failures import ClientOutcome, RunFailed, parse_reason, stop_reason
+from fedprime_core.failures import ClientOutcome, RunFailed, one_line, parse_reason, stop_reason
 from fedprime_core.federated import AggregationSettings, GlobalState, validate_update
 from fedprime_core.methods import method_spec
 from fedprime_core.results import save_checkpoint, write_json, write_run_outputs
@@ -224,10 +224,13 @@ class FedPrimeStrategy(FedAvg):
                 if node not in unknown or node in answered:
                     continue
                 answered.add(node)
+                if reply.has_error():  # its kind (a config or data error?) is what decides whether the run can go on
+                    kind, text = parse_reason(reply.error.reason)
+                    outcomes.append(ClientOutcome(node, None, "rejected", f"no identity: client error: {text}", kind))
+                    continue
                 client, reason = parse_identity_reply(reply)
                 if client is None:
-                    kind, text = parse_reason(reason)
-                    outcomes.append(ClientOutcome(node, None, "rejected", f"no identity: {text}", kind))
+                    outcomes.append(ClientOutcome(node, None, "rejected", f"no identity: {one_line(reason)}"))
                     continue
                 self.node_clients[node] = client
             for node in unknown:

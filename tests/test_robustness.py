@@ -72,6 +72,20 @@ def test_item2_consecutive_skipped_rounds_stop_the_run_as_failed(quick_config, l
     assert not (run_dir_of(cfg) / "run.lock").exists()
 
 
+def test_item2_a_run_whose_clients_all_fail_with_a_config_error_ends_failed(quick_config, logs):
+    # Every site names a relative data-dir: a node-config error only the clients can see.
+    configs = [{"data-dir": "site"} for _ in range(3)]
+    cfg = quick_config(run_name="all-config", num_server_rounds=5, fraction_evaluate=0.0)
+    with pytest.raises(RunFailed, match="every sampled client \\(3\\) failed with the same config error"):
+        run(cfg, num_nodes=3, node_configs=configs)
+    records = history(cfg)
+    assert [r["round"] for r in records] == [0, 1]  # stopped after the round that showed it
+    assert records[1]["rejected"] == 3 and records[1]["accepted"] == 0
+    summary = json.loads((run_dir_of(cfg) / "summary.json").read_text())
+    assert summary["status"] == "failed" and "must be an absolute path" in summary["reason"]
+    assert "FedPrime finished" not in logs.text
+
+
 def test_item2_the_skip_count_survives_a_resume_and_resets_after_a_good_round(quick_config):
     outcome = [ClientOutcome(1, "0", "rejected", "client error: InjectedFault: x")]
     assert stop_reason(outcome, skipped_in_a_row=1, max_skipped=2) is None
