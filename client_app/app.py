@@ -69,11 +69,12 @@ def _threads() -> None:
 @app.query()
 @reports_errors
 def query(msg: Message, context: Context) -> Message:
-    """Tell the server which client this node is (asked once, before its first personal pool)."""
+    """Tell the server which client this node is (asked before round 1, and before its first personal pool)."""
     node = runtime.node_client(context.node_config, context.node_id)
     identity: dict[str, str | int] = {"client-id": node.client_id}
-    if node.partition_id is not None:
+    if node.partition_id is not None and node.num_partitions is not None:
         identity["partition-id"] = node.partition_id
+        identity["num-partitions"] = node.num_partitions
     return Message(content=identity_reply_content(identity), reply_to=msg)
 
 

@@ -10,22 +10,24 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import time
 from logging import ERROR, INFO, WARNING
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from flwr.app import Context
+from flwr.app import Context, Message, MessageType
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
 from fedprime_core import runtime
 from fedprime_core.config import ConfigError, RunConfig, config_to_dict, parse_run_config
+from fedprime_core.data.records import DataError
 from fedprime_core.failures import RunFailed
 from fedprime_core.results import CHECKPOINT_META, find_checkpoint, load_checkpoint, write_json
 from fedprime_core.runlock import RunFolderBusy, RunLock
 
-from .messages import state_to_record
+from .messages import CLIENT, identity_query, state_to_record
 from .strategy import FedPrimeStrategy
 from .watchdog import SuperLinkWatchdog, superlink_address
 
@@ -155,6 +157,12 @@ def _run(
     inter_record: dict[str, Any] | None,
     watchdog: SuperLinkWatchdog | None,
 ) -> None:
+    census = node_census(grid, cfg, watchdog)
+    try:
+        labels = runtime.check_server_inputs(cfg, partition_count(census))
+    except (ConfigError, DataError, FileNotFoundError, ValueError) as exc:
+        log(ERROR, "FedPrime cannot start: %s", exc)
+        raise
     write_json(run_dir / "config.json", config_to_dict(cfg))
     log(INFO, "FedPrime run: method=%s dataset=%s model=%s; results in %s", cfg.method, cfg.dataset, cfg.model, run_dir)
 
@@ -165,7 +173,6 @@ def _run(
     fingerprint = None
     if server_eval or state is None:
         fingerprint = runtime.load_backbone(cfg).fingerprint
-    labels = runtime.label_space(cfg)
     if state is None:
         state = runtime.initial_state(cfg)
 
@@ -184,6 +191,7 @@ def _run(
         inter_record=inter_record,
         stop_check=(lambda: watchdog.reason if watchdog.lost.is_set() else None) if watchdog else None,
     )
+    strategy.node_clients.update({node: str(info["client-id"]) for node, info in census.items() if "client-id" in info})
     try:
         strategy.start(
             grid=grid,
@@ -202,3 +210,48 @@ def _run(
     if summary.is_file():
         for line in summary.read_text().splitlines():
             log(INFO, "%s", line)
+
+
+def node_census(grid: Grid, cfg: RunConfig, watchdog: SuperLinkWatchdog | None = None) -> dict[int, dict[str, Any]]:
+    """Ask every connected node who it is (client id, and partition and partition count when it has them).
+
+    Waits up to ``round-timeout`` for ``min-available-nodes`` nodes, then sends one identity
+    query to each and keeps the answers that arrive within ``round-timeout``. Nodes that
+    fail or do not answer are left out here: the rounds account for them.
+    """
+    deadline = time.monotonic() + cfg.round_timeout
+    while len(list(grid.get_node_ids())) < cfg.min_available_nodes and time.monotonic() < deadline:
+        if watchdog is not None and watchdog.lost.is_set():
+            raise RunFailed(watchdog.reason)
+        time.sleep(1.0)
+    nodes = sorted(grid.get_node_ids())
+    if not nodes:
+        return {}
+    queries = [Message(content=identity_query(), message_type=MessageType.QUERY, dst_node_id=n) for n in nodes]
+    census: dict[int, dict[str, Any]] = {}
+    for reply in grid.send_and_receive(queries, timeout=cfg.round_timeout):
+        node = reply.metadata.src_node_id
+        if reply.has_error() or node not in nodes or CLIENT not in reply.content.config_records:
+            continue
+        census[node] = dict(reply.content.config_records[CLIENT])
+    log(INFO, "nodes before round 1: %d connected, %d answered the identity query", len(nodes), len(census))
+    return census
+
+
+def partition_count(census: dict[int, dict[str, Any]]) -> int | None:
+    """How many partitions the partitioned nodes split the run's data into (``None``: no such node).
+
+    Raises:
+        ConfigError: the nodes disagree.
+    """
+    counts: dict[int, list[int]] = {}
+    for node, info in census.items():
+        if "num-partitions" in info:
+            counts.setdefault(int(info["num-partitions"]), []).append(node)
+    if len(counts) > 1:
+        raise ConfigError(
+            "the SuperNodes disagree on num-partitions: "
+            + "; ".join(f"{n} (nodes {', '.join(map(str, sorted(nodes)))})" for n, nodes in sorted(counts.items()))
+            + "; start every partitioned SuperNode with the same num-partitions"
+        )
+    return next(iter(counts), None)

@@ -23,6 +23,7 @@ import pytest
 from flwr.app import Context, RecordDict
 
 from fedprime_core.config import ConfigError, config_to_dict
+from fedprime_core.data.records import DataError
 from fedprime_core.failures import ClientOutcome, RunFailed, one_line, parse_reason, stop_reason
 from fedprime_core.results import load_checkpoint, save_checkpoint
 from fedprime_core.runlock import RunFolderBusy, RunLock
@@ -51,6 +52,53 @@ def history(cfg) -> list[dict]:
 def logs(caplog):
     caplog.set_level(logging.INFO)
     return caplog
+
+
+# --- 1. the server validates what it can know before round 1 -----------------------------
+def trained(grid: LoopbackGrid) -> list:
+    return [m for m in grid.sent if m.metadata.message_type != "query"]
+
+
+def test_item1_a_malformed_missing_table_stops_the_run_before_round_1(quick_config, tmp_path, logs):
+    table = tmp_path / "table.yaml"
+    table.write_text(
+        "# per-client mixtures\n0: {complete: 0.5, text-missing: abc, image-missing: 0.5}\ndefault: [1, 0, 0]\n"
+    )
+    cfg = quick_config(run_name="bad-table", missing_table=str(table))
+    grid = LoopbackGrid(config_to_dict(cfg), 3)
+    context = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=config_to_dict(cfg))
+    with pytest.raises(DataError, match=r"entry 0 \(line 2\): 'text-missing' must be a number, got 'abc'"):
+        server_main(grid, context)
+    assert str(table) in logs.text and "FedPrime cannot start" in logs.text
+    assert not trained(grid) and not run_dir_of(cfg).exists()  # nothing was sent, nothing left behind
+    # A table that parses but lacks a partition the nodes have is caught the same way.
+    table.write_text("0: [1, 0, 0]\n1: [0, 1, 0]\n")
+    with pytest.raises(DataError, match="has no entry for client 2 and no 'default'"):
+        run(cfg)
+
+
+def test_item1_data_too_small_for_every_partitions_minimum_stops_the_run_before_round_1(quick_config, logs):
+    cfg = quick_config(run_name="too-small", max_train_samples=26, min_partition_size=10)
+    grid = LoopbackGrid(config_to_dict(cfg), 3)
+    context = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=config_to_dict(cfg))
+    with pytest.raises(DataError, match="26 samples cannot give 3 clients at least 10 each"):
+        server_main(grid, context)
+    assert "min-partition-size=10, 3 partitions" in logs.text
+    assert not trained(grid)
+    run(quick_config(run_name="fits", max_train_samples=26, min_partition_size=8, num_server_rounds=1))
+
+
+def test_item1_a_missing_dataset_root_stops_the_run_before_round_1(quick_config, tmp_path, logs):
+    cfg = quick_config(run_name="no-root", dataset="food101", data_dir=str(tmp_path / "nowhere"))
+    with pytest.raises(DataError, match="dataset root .*nowhere' does not exist"):
+        run(cfg)
+    assert "FedPrime cannot start" in logs.text
+
+
+def test_item1_partitioned_nodes_that_disagree_on_their_count_are_refused(quick_config):
+    configs = [{"partition-id": 0, "num-partitions": 3}, {"partition-id": 1, "num-partitions": 2}]
+    with pytest.raises(ConfigError, match="disagree on num-partitions: 2 \\(nodes 2\\); 3 \\(nodes 1\\)"):
+        run(quick_config(run_name="disagree"), num_nodes=2, node_configs=configs)
 
 
 # --- 2. fail fast -----------------------------------------------------------------------
