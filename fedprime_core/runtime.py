@@ -503,9 +503,10 @@ def partition_train(cfg: RunConfig, train: Sequence[Sample], num_partitions: int
             size_sigma=cfg.client_size_sigma,
         )
     except ValueError as exc:
+        where = f"data-dir {cfg.data_dir!r}" if cfg.data_dir else f"the {cfg.dataset} dataset"
+        cap = f", max-train-samples={cfg.max_train_samples}" if cfg.max_train_samples else ""
         raise DataError(
-            f"data-dir {cfg.data_dir or '(embedded)'!r} (min-partition-size={cfg.min_partition_size}, "
-            f"{num_partitions} partitions): {exc}"
+            f"{where} split into {num_partitions} partitions (min-partition-size={cfg.min_partition_size}{cap}): {exc}"
         ) from None
 
 

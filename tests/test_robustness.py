@@ -83,7 +83,7 @@ def test_item1_data_too_small_for_every_partitions_minimum_stops_the_run_before_
     context = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=config_to_dict(cfg))
     with pytest.raises(DataError, match="26 samples cannot give 3 clients at least 10 each"):
         server_main(grid, context)
-    assert "min-partition-size=10, 3 partitions" in logs.text
+    assert "split into 3 partitions (min-partition-size=10, max-train-samples=26)" in logs.text
     assert not trained(grid)
     run(quick_config(run_name="fits", max_train_samples=26, min_partition_size=8, num_server_rounds=1))
 
