@@ -23,6 +23,7 @@ from fedprime_core import runtime
 from fedprime_core.config import parse_run_config
 from fedprime_core.failures import exception_reason
 from fedprime_core.faults import inject_fault
+from server_app.logs import connect, forward_logs
 from server_app.messages import (
     ARRAYS,
     CONFIG,
@@ -33,6 +34,7 @@ from server_app.messages import (
 )
 
 LOGGER = logging.getLogger(__name__)
+connect(client=True)  # this app's and fedprime_core's lines: to Flower's console and, with each reply, the server
 
 app = ClientApp()
 
@@ -80,6 +82,7 @@ def query(msg: Message, context: Context) -> Message:
 
 @app.train()
 @reports_errors
+@forward_logs
 def train(msg: Message, context: Context) -> Message:
     """Train the received global state for ``local-epochs`` on the local shard."""
     _threads()
@@ -99,8 +102,7 @@ def train(msg: Message, context: Context) -> Message:
     partition = -1 if node.partition_id is None else node.partition_id  # fault plans name partitions
     new_state, metrics, usage = inject_fault(cfg.fault_plan, partition, server_round, new_state, metrics, result.usage)
     LOGGER.info(
-        "client %s round %d: loss %.4f on %d samples in %.1fs",
-        node.client_id,
+        "round %d: loss %.4f on %d samples in %.1fs",
         server_round,
         result.loss,
         result.num_examples,
@@ -112,6 +114,7 @@ def train(msg: Message, context: Context) -> Message:
 
 @app.evaluate()
 @reports_errors
+@forward_logs
 def evaluate(msg: Message, context: Context) -> Message:
     """Evaluate the received global state on the local validation split."""
     _threads()

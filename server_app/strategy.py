@@ -35,6 +35,7 @@ from fedprime_core.config import RunConfig, config_to_dict, method_default_sweep
 from fedprime_core.failures import ClientOutcome, RunFailed, one_line, parse_reason, stop_reason
 from fedprime_core.federated import AggregationSettings, GlobalState, validate_update
 from fedprime_core.methods import method_spec
+from fedprime_core.progress import format_duration
 from fedprime_core.results import save_checkpoint, write_json, write_run_outputs
 
 from .messages import (
@@ -174,16 +175,31 @@ class FedPrimeStrategy(FedAvg):
         self._unsent = [m.metadata.dst_node_id for m, mid in zip(messages, ids) if not mid]
         pending = {str(mid) for mid in ids if mid}
         replies: list[Message] = []
-        deadline = time.monotonic() + timeout
-        interval = float(getattr(grid, "pull_interval", 2.0))
+        started = time.monotonic()
+        deadline = started + timeout
+        # A ClientLogGrid wraps the real grid: poll at the real grid's pace, report at the wrapper's.
+        interval = float(getattr(getattr(grid, "grid", grid), "pull_interval", 2.0))
+        every = float(getattr(grid, "every", 20.0))
+        kinds = "/".join(sorted({m.metadata.message_type for m in messages}))
+        next_note = started + every
         while pending:
             arrived = list(grid.pull_messages(pending))
             replies.extend(arrived)
             pending -= {m.metadata.reply_to_message_id for m in arrived}
-            if not pending or time.monotonic() >= deadline:
+            now = time.monotonic()
+            if not pending or now >= deadline:
                 break
+            if now >= next_note:  # a round's local training can take minutes: say what we wait for
+                log(
+                    INFO,
+                    "waiting for %d %s repl(y/ies), %s elapsed",
+                    len(pending),
+                    kinds,
+                    format_duration(now - started),
+                )
+                next_note = now + every
             self._check_stop()
-            time.sleep(max(0.0, min(interval, deadline - time.monotonic())))
+            time.sleep(max(0.0, min(interval, deadline - time.monotonic(), next_note - time.monotonic())))
         return replies
 
     @staticmethod
