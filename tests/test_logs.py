@@ -147,6 +147,21 @@ def test_waiting_for_replies_is_reported_while_it_lasts(flower_output):
     assert not flower_output.messages  # a quick exchange says nothing
 
 
+def test_the_strategys_own_wait_reports_waiting_too(flower_output):
+    # The strategy polls the grid itself (so that it can stop when the SuperLink is gone)
+    # rather than calling send_and_receive: it reports at the ClientLogGrid's pace.
+    from server_app.strategy import FedPrimeStrategy
+
+    strategy = FedPrimeStrategy.__new__(FedPrimeStrategy)
+    strategy.stop_check = None
+    grid = ClientLogGrid(LoopbackGrid({}, 2, offline=[2]), every=0.2)
+    started = time.monotonic()
+    replies = strategy._exchange(grid, [_message(2)], timeout=1.0)
+    assert replies == [] and 0.9 <= time.monotonic() - started < 3.0
+    waiting = [m for m in flower_output.messages if m.startswith("waiting for")]
+    assert waiting and all(m.startswith("waiting for 1 train repl(y/ies), ") for m in waiting) and len(waiting) <= 6
+
+
 def test_a_run_logs_every_clients_round_and_keeps_the_strategys_result(quick_config, tiny_vilt, flower_output):
     cfg = quick_config(run_name="logs", fraction_evaluate=1.0)
     run_config = config_to_dict(cfg)
