@@ -2,7 +2,7 @@
 
 Each test names the item of the issue it covers. The runs are the real ServerApp and
 ClientApp on the in-process loopback grid (tests/loopback.py), the same code `flwr run`
-executes; tests/test_e2e_robustness.py does the same faults under real `flwr run`.
+executes (the real `flwr run` end-to-end tests, tests/test_e2e_*.py, run the same apps).
 """
 
 from __future__ import annotations
