@@ -25,12 +25,13 @@ from fedprime_core import runtime
 from fedprime_core.config import ConfigError, RunConfig, config_to_dict, parse_run_config
 from fedprime_core.data.records import DataError
 from fedprime_core.failures import RunFailed
+from fedprime_core.methods import method_spec
 from fedprime_core.results import CHECKPOINT_META, find_checkpoint, load_checkpoint, write_json
 from fedprime_core.runlock import RunFolderBusy, RunLock
 
 from .logs import ClientLogGrid, connect
 from .messages import CLIENT, identity_query, record_to_state, state_to_record
-from .strategy import FedPrimeStrategy
+from .strategy import FedPrimeStrategy, NotEnoughNodesError
 from .watchdog import SuperLinkWatchdog, superlink_address
 
 connect()  # fedprime_core's lines (loading, progress) reach flwr run --stream and flwr log
@@ -161,10 +162,10 @@ def _run(
     inter_record: dict[str, Any] | None,
     watchdog: SuperLinkWatchdog | None,
 ) -> None:
-    census = node_census(grid, cfg, watchdog)
     try:
+        census = node_census(grid, cfg, watchdog)
         labels = runtime.check_server_inputs(cfg, partition_count(census))
-    except (ConfigError, DataError, FileNotFoundError, ValueError) as exc:
+    except (ConfigError, DataError, FileNotFoundError, ValueError, RunFailed) as exc:
         log(ERROR, "FedPrime cannot start: %s", exc)
         raise
     write_json(run_dir / "config.json", config_to_dict(cfg))
@@ -220,16 +221,29 @@ def _run(
 def node_census(grid: Grid, cfg: RunConfig, watchdog: SuperLinkWatchdog | None = None) -> dict[int, dict[str, Any]]:
     """Ask every connected node who it is (client id, and partition and partition count when it has them).
 
-    Waits up to ``round-timeout`` for ``min-available-nodes`` nodes, then sends one identity
-    query to each and keeps the answers that arrive within ``round-timeout``. Nodes that
-    fail or do not answer are left out here: the rounds account for them.
+    Waits up to ``round-timeout`` for ``min-available-nodes`` nodes (as round 1 would),
+    then sends one identity query to each and keeps the answers that arrive within
+    ``round-timeout``. Nodes that fail or do not answer are left out here: the rounds
+    account for them.
+
+    Raises:
+        NotEnoughNodesError: fewer than ``min-available-nodes`` nodes after ``round-timeout``.
+        RunFailed: the SuperLink went away while waiting.
     """
-    deadline = time.monotonic() + cfg.round_timeout
-    while len(list(grid.get_node_ids())) < cfg.min_available_nodes and time.monotonic() < deadline:
+    needed = 1 if method_spec(cfg.method).centralized else cfg.min_available_nodes  # as the strategy counts
+    started = time.monotonic()
+    next_note = started
+    while len(nodes := sorted(grid.get_node_ids())) < needed:
+        if time.monotonic() - started > cfg.round_timeout:
+            raise NotEnoughNodesError(
+                f"only {len(nodes)} node(s) connected after {cfg.round_timeout:.0f}s, min-available-nodes is {needed}"
+            )
         if watchdog is not None and watchdog.lost.is_set():
             raise RunFailed(watchdog.reason)
+        if time.monotonic() >= next_note:
+            log(INFO, "Waiting for nodes: %d connected, %d required", len(nodes), needed)
+            next_note = time.monotonic() + 10.0
         time.sleep(1.0)
-    nodes = sorted(grid.get_node_ids())
     if not nodes:
         return {}
     queries = [Message(content=identity_query(), message_type=MessageType.QUERY, dst_node_id=n) for n in nodes]

@@ -28,6 +28,7 @@ from fedprime_core.failures import ClientOutcome, RunFailed, one_line, parse_rea
 from fedprime_core.results import load_checkpoint, save_checkpoint
 from fedprime_core.runlock import RunFolderBusy, RunLock
 from server_app.app import main as server_main
+from server_app.strategy import NotEnoughNodesError
 from server_app.watchdog import SuperLinkWatchdog, superlink_address
 from tests.loopback import LoopbackGrid
 from tests.processes import ROOT
@@ -99,6 +100,15 @@ def test_item1_partitioned_nodes_that_disagree_on_their_count_are_refused(quick_
     configs = [{"partition-id": 0, "num-partitions": 3}, {"partition-id": 1, "num-partitions": 2}]
     with pytest.raises(ConfigError, match="disagree on num-partitions: 2 \\(nodes 2\\); 3 \\(nodes 1\\)"):
         run(quick_config(run_name="disagree"), num_nodes=2, node_configs=configs)
+
+
+def test_item1_too_few_nodes_stop_the_run_before_round_1_after_one_round_timeout(quick_config, logs):
+    cfg = quick_config(run_name="lonely", min_available_nodes=2, round_timeout=1.0)
+    started = time.monotonic()
+    with pytest.raises(NotEnoughNodesError, match="only 1 node\\(s\\) connected after 1s, min-available-nodes is 2"):
+        run(cfg, num_nodes=1)
+    assert time.monotonic() - started < 10  # one round-timeout, not one for the check and another for round 1
+    assert "FedPrime cannot start" in logs.text and not run_dir_of(cfg).exists()
 
 
 # --- 2. fail fast -----------------------------------------------------------------------
