@@ -10,14 +10,18 @@ backbone, never data. The backbone and the data are loaded once per process and 
 
 from __future__ import annotations
 
+import functools
 import logging
+from collections.abc import Callable
 
 import torch
-from flwr.app import Context, Message, MetricRecord, RecordDict
+from flwr.app import Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.common.constant import ErrorCode
 
 from fedprime_core import runtime
 from fedprime_core.config import parse_run_config
+from fedprime_core.failures import exception_reason
 from fedprime_core.faults import inject_fault
 from server_app.logs import connect, forward_logs
 from server_app.messages import (
@@ -34,6 +38,29 @@ connect(client=True)  # this app's and fedprime_core's lines: to Flower's consol
 
 app = ClientApp()
 
+Handler = Callable[[Message, Context], Message]
+
+
+def reports_errors(handler: Handler) -> Handler:
+    """Turn an exception into an error reply whose reason is one line the server can record.
+
+    The reason is ``"[config] ConfigError: ..."`` / ``"[data] DataError: ..."`` for errors
+    that recur until someone fixes a setting or a file (the server stops a run in which
+    every client fails that way), else ``"Type: message"``. The full traceback goes to
+    this node's log, not over the network.
+    """
+
+    @functools.wraps(handler)
+    def wrapped(msg: Message, context: Context) -> Message:
+        try:
+            return handler(msg, context)
+        except Exception as exc:  # noqa: BLE001 - every failure becomes a reply the server can account for
+            LOGGER.exception("%s failed on node %s", handler.__name__, context.node_id)
+            reason = exception_reason(exc)
+            return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason), reply_to=msg)
+
+    return wrapped
+
 
 def _threads() -> None:
     # Simulation packs several clients on few cores; never oversubscribe them.
@@ -42,16 +69,19 @@ def _threads() -> None:
 
 
 @app.query()
+@reports_errors
 def query(msg: Message, context: Context) -> Message:
-    """Tell the server which client this node is (asked once, before its first personal pool)."""
+    """Tell the server which client this node is (asked before round 1, and before its first personal pool)."""
     node = runtime.node_client(context.node_config, context.node_id)
     identity: dict[str, str | int] = {"client-id": node.client_id}
-    if node.partition_id is not None:
+    if node.partition_id is not None and node.num_partitions is not None:
         identity["partition-id"] = node.partition_id
+        identity["num-partitions"] = node.num_partitions
     return Message(content=identity_reply_content(identity), reply_to=msg)
 
 
 @app.train()
+@reports_errors
 @forward_logs
 def train(msg: Message, context: Context) -> Message:
     """Train the received global state for ``local-epochs`` on the local shard."""
@@ -83,6 +113,7 @@ def train(msg: Message, context: Context) -> Message:
 
 
 @app.evaluate()
+@reports_errors
 @forward_logs
 def evaluate(msg: Message, context: Context) -> Message:
     """Evaluate the received global state on the local validation split."""

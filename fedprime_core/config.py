@@ -172,7 +172,30 @@ OPTIONS: tuple[Option, ...] = (
     ),
     Option("min-available-nodes", int, 2, "Clients that must be connected before a round starts.", min=1),
     Option(
-        "round-timeout", float, 3600.0, "Seconds to wait for client replies in a round.", min=0.0, min_exclusive=True
+        "round-timeout",
+        float,
+        3600.0,
+        "Seconds to wait for client replies in a round; a client that has not answered by then is recorded as "
+        "timed out.",
+        min=0.0,
+        min_exclusive=True,
+    ),
+    Option(
+        "max-skipped-rounds",
+        int,
+        3,
+        "Stop the run as failed after this many consecutive skipped rounds (fewer than min-train-nodes valid "
+        "replies); 0 never stops. A round in which every sampled client fails with a config or data error stops "
+        "the run at once.",
+        min=0,
+    ),
+    Option(
+        "superlink-timeout",
+        float,
+        60.0,
+        "Seconds the ServerApp runs on while its SuperLink is unreachable before it stops (the last completed "
+        "round stays checkpointed; resume from it); 0 never stops.",
+        min=0.0,
     ),
     # --- local training ----------------------------------------------------------
     Option("local-epochs", int, 1, "Local epochs per round.", min=1),
@@ -280,7 +303,7 @@ OPTIONS: tuple[Option, ...] = (
         "Name of this run's results folder; empty derives one from method, dataset, setting and seed.",
     ),
     Option(
-        "resume", str, "", "A previous run folder (or its checkpoint.npz) to continue from its last completed round."
+        "resume", str, "", "A previous run folder (or its checkpoint.json) to continue from its last completed round."
     ),
     Option("server-eval", bool, True, "Evaluate the global model on the server's validation and five test settings."),
     Option("eval-every", int, 1, "Server-side evaluation every N rounds (the last round is always evaluated).", min=1),
