@@ -5,6 +5,10 @@ set by the simulation engine or by ``flower-supernode --node-config``) with its 
 missing-modality mixture. Only the trainable parts travel back, with the sample count,
 the prompt usage counts and the realised missing-pattern counts; never the backbone,
 never data. The backbone and the shard are loaded once per process and cached.
+
+Arrays arrive in the server's wire encoding and are decoded to float32; the reply is
+encoded in this run's ``wire-dtype``, as the change to what arrived when ``upload-delta``
+is on (:mod:`fedprime_core.wire`).
 """
 
 from __future__ import annotations
@@ -20,11 +24,10 @@ from fedprime_core.config import ConfigError, RunConfig, parse_run_config
 from fedprime_core.faults import inject_fault
 from fedprime_core.federated import client_identity
 from server_app.messages import (
-    ARRAYS,
     CONFIG,
     METRICS,
     identity_reply_content,
-    record_to_state,
+    read_arrays,
     train_reply_content,
 )
 
@@ -77,7 +80,7 @@ def train(msg: Message, context: Context) -> Message:
     cfg = parse_run_config(context.run_config)
     partition_id, num_partitions = node_partition(context, cfg)
     server_round = int(msg.content[CONFIG].get("server-round", 0))
-    state = record_to_state(msg.content[ARRAYS])
+    state = read_arrays(msg.content)
     new_state, result, shard = runtime.client_train(cfg, state, partition_id, num_partitions, server_round)
     metrics = {
         "num-examples": result.num_examples,
@@ -104,7 +107,15 @@ def train(msg: Message, context: Context) -> Message:
         result.num_examples,
         result.seconds,
     )
-    content = train_reply_content(new_state, metrics, usage, client, result.pattern_usage)
+    content = train_reply_content(
+        new_state,
+        metrics,
+        usage,
+        client,
+        result.pattern_usage,
+        wire_dtype=cfg.wire_dtype,
+        reference=state if cfg.upload_delta else None,
+    )
     return Message(content=content, reply_to=msg)
 
 
@@ -114,7 +125,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     _threads()
     cfg = parse_run_config(context.run_config)
     partition_id, num_partitions = node_partition(context, cfg)
-    metrics = runtime.client_evaluate(cfg, record_to_state(msg.content[ARRAYS]), partition_id, num_partitions)
+    metrics = runtime.client_evaluate(cfg, read_arrays(msg.content), partition_id, num_partitions)
     metrics = {k: float(v) for k, v in metrics.items() if k != "num-examples"} | {
         "num-examples": int(metrics["num-examples"])
     }
