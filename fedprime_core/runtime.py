@@ -331,6 +331,7 @@ def prompt_settings(cfg: RunConfig) -> PromptSettings:
         selection=cfg.selection,
         map_length=cfg.map_prompt_length,
         map_depth=cfg.map_prompt_depth,
+        query_rank=cfg.query_rank,
     )
 
 
@@ -353,7 +354,14 @@ def build_model(cfg: RunConfig) -> PromptedModel:
     loaded = load_backbone(cfg)
     splits = load_splits(cfg)
     seed = int(np.random.SeedSequence([cfg.seed, _SEED_MODEL]).generate_state(1)[0])
-    model = PromptedModel(loaded.backbone, method_spec(cfg.method), splits.num_classes, prompt_settings(cfg), seed=seed)
+    model = PromptedModel(
+        loaded.backbone,
+        method_spec(cfg.method),
+        splits.num_classes,
+        prompt_settings(cfg),
+        seed=seed,
+        train_pooler=cfg.exchange_pooler,
+    )
     return model.to(resolve_device(cfg.device))
 
 
@@ -371,6 +379,7 @@ def process_model(cfg: RunConfig) -> PromptedModel:
         cfg.data_dir,
         cfg.num_classes,
         prompt_settings(cfg),
+        cfg.exchange_pooler,
         cfg.device,
     )
     return _cached(key, lambda: build_model(cfg))

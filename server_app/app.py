@@ -13,7 +13,14 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
 from fedprime_core import runtime
-from fedprime_core.config import ConfigError, RunConfig, config_to_dict, parse_run_config
+from fedprime_core.config import (
+    PROFILE_VALUES,
+    ConfigError,
+    RunConfig,
+    config_to_dict,
+    describe_communication,
+    parse_run_config,
+)
 from fedprime_core.results import find_checkpoint, load_checkpoint, write_json
 
 from .messages import state_to_record
@@ -62,7 +69,8 @@ def prepare_run(
     if cfg.resume:
         run_dir = find_checkpoint(cfg.resume)
         state, meta = load_checkpoint(run_dir)
-        previous = meta.get("config", {})
+        # A checkpoint from before the communication keys existed exchanged what 'paper' does.
+        previous = {"comm-profile": "paper", **PROFILE_VALUES["paper"], **meta.get("config", {})}
         changed = sorted(
             k
             for k, v in config_to_dict(cfg).items()
@@ -104,6 +112,7 @@ def main(grid: Grid, context: Context) -> None:
         raise
     write_json(run_dir / "config.json", config_to_dict(cfg))
     log(INFO, "FedPrime run: method=%s dataset=%s model=%s; results in %s", cfg.method, cfg.dataset, cfg.model, run_dir)
+    log(INFO, "What travels: %s", describe_communication(cfg))
 
     fingerprint, multilabel = None, False
     if cfg.server_eval or state is None:
