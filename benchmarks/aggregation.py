@@ -1,4 +1,4 @@
-"""Server-side aggregation cost: ``align_prompts`` and ``pfpt_aggregate`` vs a per-centre Python loop.
+"""Server-side aggregation cost: ``align_prompts`` and PFPT's ``pfpt_aggregate`` vs per-centre Python loops.
 
 Input: ``n`` clients, each sending its ``tau = 20`` inter prompts of ``d = 768`` (ViLT-B/32's
 width) and their keys. The prompts lie around ``--centres`` (default 32) shared centres,
@@ -13,8 +13,16 @@ For each ``n`` the script reports the median wall time of ``align_prompts`` (sam
 arguments as ``fedprime_core.federated.aggregate_round``: keys, ``max_prompts=100``,
 5 sweeps), the share of it spent in the Hungarian solves, the sweeps actually run (the
 engine stops early at a fixed point), the clusters found and their purity against the
-true centres; the same for ``pfpt_aggregate`` (50 sweeps max); and the growth exponent
-(slope of log time against log n).
+true centres; and the growth exponent (slope of log time against log n).
+
+**PFPT** (``fedprime_core.pfpt.pfpt_aggregate``, 50 sweeps, PFPT's protocol) gets its own
+input, an FL round as PFPT sees it: a global pool of ``tau = 20`` prompts drawn like PFPT's
+initialisation (uniform in ``+-sqrt(6 / (3 * 32 * 32 + d))``), every client returning all
+of them (the union of used rows) with a small drift (``--pfpt-drift``), each client's set in
+a random order. Reported: median time, the Hungarian share, the global prompts returned and
+the adjusted Rand index of the assignment against the true rows, for ``n`` up to
+``--pfpt-max-n`` (PFPT's ``K = n * tau`` candidate centroids make its cost grow as ``n^2``),
+against the reference scheme below run for PFPT's 50 sweeps.
 
 Two loop implementations written here serve as the baseline:
 
@@ -48,12 +56,14 @@ from scipy.optimize import linear_sum_assignment
 from torch import nn
 from torch.distributions import Bernoulli, Independent, Normal
 
-from fedprime_core.aggregation import AlignmentResult, align_prompts, pfpt_aggregate
+from fedprime_core.aggregation import AlignmentResult, align_prompts
 from fedprime_core.backbones.base import Backbone
 from fedprime_core.federated import AggregationSettings, ClientUpdate, GlobalState, validate_update
 from fedprime_core.interpool import InterPool
 from fedprime_core.methods import method_spec
+from fedprime_core.metrics import adjusted_rand_index
 from fedprime_core.model import PromptedModel, PromptSettings, trainable_state
+from fedprime_core.pfpt import pfpt_aggregate
 
 TAU, DIM, MAX_PROMPTS, SWEEPS, PFPT_SWEEPS = 20, 768, 100, 5, 50
 _INFEASIBLE = -1.0e30
@@ -110,10 +120,46 @@ def clustering_quality(assignments: list[np.ndarray], truth: list[np.ndarray]) -
 # ---------------------------------------------------------------------------------------
 def run_engine(data: dict[str, Any], kind: str, sweeps: int | None = None) -> AlignmentResult:
     common = dict(client_keys=data["keys"], max_prompts=MAX_PROMPTS, seed=1)
-    if kind == "pfpt":
-        return pfpt_aggregate(data["prompts"], data["weights"], n_sweeps=sweeps or PFPT_SWEEPS, **common)
     init = data["positions"] if kind == "warm" else None
     return align_prompts(data["prompts"], data["weights"], init_assignments=init, n_sweeps=sweeps or SWEEPS, **common)
+
+
+# ---------------------------------------------------------------------------------------
+# PFPT
+# ---------------------------------------------------------------------------------------
+def make_pfpt_round(n: int, tau: int = TAU, dim: int = DIM, drift: float = 0.002, seed: int = 0) -> dict[str, Any]:
+    """An FL round as PFPT's server sees it (module docstring): ``(n, tau, dim)`` sets and the true rows."""
+    rng = np.random.default_rng(seed)
+    bound = float(np.sqrt(6.0 / (3 * 32 * 32 + dim)))
+    pool = rng.uniform(-bound, bound, (tau, dim))
+    truth = np.stack([rng.permutation(tau) for _ in range(n)])
+    return {"prompts": pool[truth] + drift * rng.standard_normal((n, tau, dim)), "truth": truth}
+
+
+def bench_pfpt(data: dict[str, Any], reps: int) -> dict[str, Any]:
+    seconds, times, cpu, result = median_wall_cpu(
+        lambda: pfpt_aggregate(data["prompts"], n_sweeps=PFPT_SWEEPS, max_prompts=MAX_PROMPTS, seed=1), reps
+    )
+    # Where the centroids end up: PFPT's Adam moves them with every network's gradient, not only
+    # towards their members; compare with how far the members lie from their own mean.
+    flat, labels = data["prompts"].reshape(-1, data["prompts"].shape[-1]), result.assignments.ravel()
+    offsets, spreads = [], []
+    for k in range(result.prompts.shape[0]):
+        members = flat[labels == k]
+        offsets.append(np.linalg.norm(result.prompts[k] - members.mean(0)))
+        spreads.append(np.linalg.norm(members - members.mean(0), axis=1).mean())
+    return {
+        "median-seconds": seconds,
+        "median-cpu-seconds": cpu,
+        "times": [round(x, 4) for x in times],
+        "hungarian-share": result.hungarian_seconds / result.total_seconds,
+        "sweeps-run": len(result.objective_trace),
+        "global-prompts": int(result.prompts.shape[0]),
+        "ari": round(adjusted_rand_index(labels, data["truth"].ravel()), 4),
+        "centroid-to-member-mean": round(float(np.mean(offsets)), 4),
+        "member-spread": round(float(np.mean(spreads)), 4),
+        "prompt-norm": round(float(np.linalg.norm(flat, axis=1).mean()), 4),
+    }
 
 
 # ---------------------------------------------------------------------------------------
@@ -428,11 +474,14 @@ def main() -> None:
     p.add_argument("--reference-max-n", type=int, default=50, help="largest n at which the reference is timed")
     p.add_argument("--round-max-n", type=int, default=100, help="largest n for the whole-round timing")
     p.add_argument("--no-pfpt", action="store_true")
+    p.add_argument("--pfpt-max-n", type=int, default=100, help="largest n at which PFPT is timed")
+    p.add_argument("--pfpt-drift", type=float, default=0.002, help="per-coordinate drift of PFPT's client prompts")
     args = p.parse_args()
     ns = [5, 10] if args.quick else [int(x) for x in args.clients.split(",")]
     reps = 1 if args.quick else args.reps
     budget = 1.0 if args.quick else args.loop_budget
     ref_max = 10 if args.quick else args.reference_max_n
+    pfpt_max = 5 if args.quick else args.pfpt_max_n
     round_max = 10 if args.quick else args.round_max_n
     threads = torch.get_num_threads()
     info = machine()
@@ -444,7 +493,7 @@ def main() -> None:
     for n in ns:
         data = make_round(n, centres=args.centres, noise=args.noise, seed=n)
         row: dict[str, Any] = {"n": n}
-        for kind in ("warm", "cold") + (() if args.no_pfpt else ("pfpt",)):
+        for kind in ("warm", "cold"):
             row[kind] = bench_engine(data, kind, reps)
             r = row[kind]
             print(
@@ -461,6 +510,19 @@ def main() -> None:
                 torch.set_num_threads(threads)
             r = row["warm-1-thread"]
             print(f"n={n:4d} warm, 1 torch thread {r['median-seconds']:7.3f} s (CPU {r['median-cpu-seconds']:.3f} s)")
+        if not args.no_pfpt and n <= pfpt_max:
+            pfpt_data = make_pfpt_round(n, drift=args.pfpt_drift, seed=n)
+            if n == ns[0]:
+                pfpt_aggregate(pfpt_data["prompts"], n_sweeps=2, seed=1)  # warm-up; not timed
+            row["pfpt"] = r = bench_pfpt(pfpt_data, reps)
+            print(
+                f"n={n:4d} pfpt  {r['median-seconds']:7.3f} s (CPU {r['median-cpu-seconds']:.3f} s)  "
+                f"hungarian {100 * r['hungarian-share']:4.1f}%  sweeps {r['sweeps-run']}  "
+                f"{n * TAU} centroids -> {r['global-prompts']} global prompts, ARI {r['ari']}, "
+                f"centroid {r['centroid-to-member-mean']} from its members' mean (spread {r['member-spread']}, "
+                f"prompt norm {r['prompt-norm']})",
+                flush=True,
+            )
         if n <= round_max:
             glob, updates = make_round_updates(data)
             server_round(glob, updates)  # warm-up
@@ -516,11 +578,14 @@ def main() -> None:
         ref["candidate-centroids"] = r["n"] * TAU
         ref["sweep-seconds"] = ref["client-step-seconds"] * r["n"]
         ref[f"{SWEEPS}-sweeps-seconds"] = ref["sweep-seconds"] * SWEEPS
+        ref[f"{PFPT_SWEEPS}-sweeps-seconds"] = ref["sweep-seconds"] * PFPT_SWEEPS
     growth = {
         kind: loglog_slope([r["n"] for r in rows], [r[kind]["median-seconds"] for r in rows])
-        for kind in ("warm", "cold", "pfpt", "warm-1-thread")
+        for kind in ("warm", "cold", "warm-1-thread")
         if kind in rows[0]
     }
+    with_pfpt = [r for r in rows if "pfpt" in r]
+    growth["pfpt"] = loglog_slope([r["n"] for r in with_pfpt], [r["pfpt"]["median-seconds"] for r in with_pfpt])
     with_round = [r for r in rows if "server-round" in r]
     growth["server-round"] = loglog_slope(
         [r["n"] for r in with_round], [r["server-round"]["median-seconds"] for r in with_round]
@@ -528,12 +593,8 @@ def main() -> None:
     growth["loop-warm"] = loglog_slope([r["n"] for r in rows], [r["loop-warm"]["seconds"] for r in rows])
     growth["reference-client-step"] = slope
 
-    print(
-        "\nalign_prompts (FedPrime: keys, max_prompts=100, 5 sweeps max) and pfpt_aggregate (50 sweeps max), median s:"
-    )
+    print("\nalign_prompts (FedPrime: keys, max_prompts=100, 5 sweeps max), median s:")
     headers = ["n", "warm", "warm 1 thread", "hung. %", "sweeps", "cold", "hung. %", "sweeps", "clusters", "purity"]
-    if "pfpt" in rows[0]:
-        headers += ["pfpt", "sweeps"]
     headers += ["whole round"]
     body = []
     for r in rows:
@@ -541,8 +602,6 @@ def main() -> None:
         line += [100 * r["warm"]["hungarian-share"], r["warm"]["sweeps-run"]]
         line += [r["cold"]["median-seconds"], 100 * r["cold"]["hungarian-share"], r["cold"]["sweeps-run"]]
         line += [f"{r['warm']['clusters']}/{r['cold']['clusters']}", f"{r['warm']['purity']}/{r['cold']['purity']}"]
-        if "pfpt" in r:
-            line += [r["pfpt"]["median-seconds"], r["pfpt"]["sweeps-run"]]
         line += [r["server-round"]["median-seconds"] if "server-round" in r else "-"]
         body.append(line)
     print(table(headers, body))
@@ -588,6 +647,31 @@ def main() -> None:
         "(* extrapolated from the client steps done within the loop budget; ** extrapolated from the measured "
         "reference steps with their fitted power law; a reference sweep is n client steps)"
     )
+    if with_pfpt:
+        print(f"\nPFPT (pfpt_aggregate, {PFPT_SWEEPS} sweeps, max_prompts={MAX_PROMPTS}) vs the reference scheme:")
+        body = []
+        for r in with_pfpt:
+            p, ref = r["pfpt"], r.get("reference")
+            ref_total = ref[f"{PFPT_SWEEPS}-sweeps-seconds"] if ref else None
+            body.append(
+                [
+                    r["n"],
+                    r["n"] * TAU,
+                    p["median-seconds"],
+                    p["median-cpu-seconds"],
+                    100 * p["hungarian-share"],
+                    p["global-prompts"],
+                    p["ari"],
+                    f"{p['centroid-to-member-mean']:.3g} / {p['member-spread']:.3g} / {p['prompt-norm']:.3g}",
+                    "-" if ref_total is None else f"{ref_total:.3g}{'' if ref['measured'] else '**'}",
+                    "-" if ref_total is None else ref_total / p["median-seconds"],
+                ]
+            )
+        print("(centroid offset: L2 distance of a global prompt from the mean of its members; spread: mean L2")
+        print(" distance of the members from that mean; norm: mean L2 norm of the local prompts)")
+        headers = ["n", "centroids", "pfpt s", "CPU s", "hung. %", "global prompts", "ARI"]
+        headers += ["centroid offset / spread / norm", "reference s", "x"]
+        print(table(headers, body))
     print(
         "\ngrowth exponents (slope of log time vs log n): "
         + ", ".join(f"{k} {v:.2f}" for k, v in growth.items() if v is not None)
@@ -596,6 +680,9 @@ def main() -> None:
     if hundred is not None:
         t = hundred["warm"]["median-seconds"]
         print(f"target: 100 clients aligned in < 2 s (warm align_prompts): {t:.2f} s -> {'met' if t < 2 else 'MISSED'}")
+        if "pfpt" in hundred:
+            t = hundred["pfpt"]["median-seconds"]
+            print(f"        PFPT, 100 clients x 20 prompts x d 768, 50 sweeps: {t:.2f} s")
         if "server-round" in hundred:
             t = hundred["server-round"]["median-seconds"]
             print(f"        whole server round for 100 clients: {t:.2f} s -> {'met' if t < 2 else 'MISSED'}")
@@ -612,6 +699,8 @@ def main() -> None:
                 "max-prompts": MAX_PROMPTS,
                 "sweeps": SWEEPS,
                 "pfpt-sweeps": PFPT_SWEEPS,
+                "pfpt-max-n": pfpt_max,
+                "pfpt-drift": args.pfpt_drift,
                 "reps": reps,
                 "loop-budget-seconds": budget,
                 "reference-max-n": ref_max,

@@ -64,7 +64,8 @@ def resized(state: dict[str, np.ndarray], pools: tuple[str, ...], size: int) -> 
     for pool in pools:
         for part in ("prompts", "keys"):
             key = f"pools.{pool}.{part}"
-            out[key] = np.zeros((size, *state[key].shape[1:]), dtype=np.float32)
+            if key in state:  # PFPT's pool has no keys: the prompt is its own key
+                out[key] = np.zeros((size, *state[key].shape[1:]), dtype=np.float32)
     return out
 
 

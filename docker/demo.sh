@@ -3,10 +3,14 @@
 #
 #   docker/demo.sh [--tls] [--gpu] [--no-build] [--keep]
 #
-# Builds the app image, starts a SuperLink, its ServerApp executor and three SuperNodes
-# with their ClientApp executors (docker/compose.yml), runs a small FedPrime federation on
-# them with `flwr run . <connection>`, waits for it to finish, prints the results and
-# tears the stack down (also when anything fails).
+# Prepares three site folders and the server's held-out folder on this host (the embedded
+# dataset, or DEMO_DATASET_DIR, split by `python -m fedprime_core.data.prepare split` with
+# label skew and the per-site missing mixtures of docker/missing-table.yaml applied to the
+# files), builds the app image, starts a SuperLink, its ServerApp executor and three
+# SuperNodes with their ClientApp executors (docker/compose.yml; each executor mounts only
+# its own site folder), runs a small FedPrime federation on them with
+# `flwr run . <connection>`, waits for it to finish, prints the results and tears the stack
+# down (also when anything fails).
 #
 #   --tls       TLS between SuperNodes / ServerApp executor / flwr CLI and the SuperLink
 #               (docker/compose.tls.yml; certificates from docker/gen_certs.sh)
@@ -24,6 +28,10 @@
 #   DEMO_RUN_CONFIG       extra run-config overrides, e.g. 'num-server-rounds=5 method="pfpt"'
 #   DEMO_TIMEOUT          seconds to wait for the run, default 1800
 #   FEDPRIME_RESULTS_DIR  where results land on this host, default docker/.build/results
+#   FEDPRIME_SITES_DIR    where the site folders are prepared, default docker/.build/sites
+#   DEMO_DATASET_DIR      a dataset folder to split into the sites instead of the embedded
+#                         one (jsonl or arrow layout), read as DEMO_DATASET (default food101)
+#   DEMO_LABEL_ALPHA      label skew across the sites (Dirichlet), default 1.0
 #   FEDPRIME_CACHE_SEED   a host folder of already prepared models (a FEDPRIME_CACHE, e.g.
 #                         ~/.cache/fedprime) copied into the shared model cache first, so
 #                         model-init finds tiny-vilt there instead of generating it again
@@ -65,6 +73,7 @@ PY=$FEDPRIME_PYTHON
 OFFICIAL_BASE=$BASE_IMAGE
 export COMPOSE_PROJECT_NAME=${COMPOSE_PROJECT_NAME:-fedprime-demo}
 export FEDPRIME_RESULTS_DIR=${FEDPRIME_RESULTS_DIR:-$HERE/.build/results}
+export FEDPRIME_SITES_DIR=${FEDPRIME_SITES_DIR:-$HERE/.build/sites}
 DEMO_TIMEOUT=${DEMO_TIMEOUT:-1800}
 T0=$(date +%s)
 stamp() { echo "[demo $(($(date +%s) - T0))s] $*"; }
@@ -82,6 +91,22 @@ else
     echo "neither 'docker compose' nor 'docker-compose' is installed" >&2
     exit 1
 fi
+
+# ------------------------------------------------------------------ site data
+# Every site gets its own folder, the way real sites hold their data; each container mounts
+# only its own. The mixtures of docker/missing-table.yaml are applied to the files.
+DEMO_DATASET=${DEMO_DATASET:-food101}
+if [ -z "${DEMO_DATASET_DIR:-}" ]; then
+    DEMO_DATASET_DIR="$HERE/.build/foodtoy"
+    stamp "writing the embedded dataset to $DEMO_DATASET_DIR"
+    "$PY" -m fedprime_core.data.prepare export-embedded --out "$DEMO_DATASET_DIR" --force \
+        --num-train 600 --num-dev 100 --num-test 200 >/dev/null
+fi
+stamp "preparing 3 site folders and the server's held-out folder in $FEDPRIME_SITES_DIR"
+"$PY" -m fedprime_core.data.prepare split --dataset "$DEMO_DATASET" --dataset-dir "$DEMO_DATASET_DIR" \
+    --num-sites 3 --out "$FEDPRIME_SITES_DIR" --force --label-alpha "${DEMO_LABEL_ALPHA:-1.0}" \
+    --missing-table "$HERE/missing-table.yaml"
+chmod -R a+rX "$FEDPRIME_SITES_DIR" # the containers read as uid 49999 (Flower's `app` user)
 
 # ------------------------------------------------------------------ images
 have_image() { docker image inspect "$1" >/dev/null 2>&1; }
@@ -202,8 +227,11 @@ done
 stamp "$online SuperNodes online"
 
 RUN_NAME="docker-demo-$(date +%Y%m%d-%H%M%S)"
-RUN_CONFIG="num-server-rounds=2 max-train-samples=600 max-test-samples=200 tau=8 kappa=2"
-RUN_CONFIG+=" min-available-nodes=3 missing-table=\"/fedprime/missing-table.yaml\""
+# The sites' data is already incomplete (missing-setting "none": used as it is); the server
+# evaluates on its own held-out folder, mounted at /data in its container.
+RUN_CONFIG="num-server-rounds=2 max-test-samples=200 tau=8 kappa=2 min-available-nodes=3"
+RUN_CONFIG+=" dataset=\"$DEMO_DATASET\" data-dir=\"/data\" missing-setting=\"none\""
+[ "$DEMO_DATASET_DIR" = "$HERE/.build/foodtoy" ] && RUN_CONFIG+=" text-max-length=24"
 RUN_CONFIG+=" results-dir=\"/results\" run-name=\"$RUN_NAME\""
 extra=()
 [ -n "${DEMO_RUN_CONFIG:-}" ] && extra=(--run-config "$DEMO_RUN_CONFIG")
@@ -248,13 +276,15 @@ from pathlib import Path
 
 run = Path(sys.argv[1])
 clients = json.loads((run / "clients.json").read_text())
-print("| partition | train samples | complete | text-missing | image-missing | last round |")
-print("|---|---|---|---|---|---|")
-for key in sorted(clients, key=int):
+print("| site | train rows | complete | text-missing (real) | image-missing (real) | skipped rows | last round |")
+print("|---|---|---|---|---|---|---|")
+for key in sorted(clients):
     c = clients[key]
     print(
-        f"| {c['partition-id']} | {c['num-train']} | {c.get('complete', 0)} | {c.get('text-missing', 0)} "
-        f"| {c.get('image-missing', 0)} | {c.get('last-round', '')} |"
+        f"| {c.get('client-id', key)} | {c['num-train']} | {c.get('complete', 0)} "
+        f"| {c.get('text-missing', 0)} ({c.get('real-text-missing', 0)}) "
+        f"| {c.get('image-missing', 0)} ({c.get('real-image-missing', 0)}) "
+        f"| {c.get('skipped-no-modality', 0)} | {c.get('last-round', '')} |"
     )
 rounds = [r for r in json.loads((run / "metrics.json").read_text()) if r.get("round", 0) > 0]
 print()

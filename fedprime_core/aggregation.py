@@ -3,7 +3,10 @@
 * :func:`fedavg`: sample-weighted average of named arrays (intra pool, keys, query maps,
   pooler, head).
 * :func:`align_prompts`: FedPrime's clustering-alignment of inter-client prompts.
-* :func:`pfpt_aggregate`: PFPT's probabilistic prompt-set aggregation.
+
+PFPT's probabilistic prompt aggregation is not this engine: it lives in
+:mod:`fedprime_core.pfpt` (centroids optimised jointly with both networks, PFPT's
+initialisation and output rule).
 
 Alignment model (ALGORITHM.md section 3)
 ----------------------------------------
@@ -39,19 +42,19 @@ Alternating optimisation:
 Prompts are standardised (global mean and RMS scale) before clustering, so the result does
 not depend on the prompts' units; centres are returned in the original units.
 
-FedPrime vs PFPT (both run the engine above)
+Popularity: learned, or PFNM-style empirical
 --------------------------------------------
 * FedPrime (:func:`align_prompts`) uses the learned popularity net ``U(theta; zeta)`` and
   warm-starts from the previous global pool: a client's prompt starts in the cluster of the
   global prompt it was initialised from this round (``init_assignments``), so a round
   costs a few sweeps over ``~|pool|`` candidate centres (PFNM's bounded candidate set).
   5 sweeps by default.
-* PFPT (:func:`pfpt_aggregate`) treats each client's prompts as an unordered set drawn
-  from a global set (Bernoulli selection + Gaussian perturbation); it ignores positions
-  and builds clusters from scratch (a sequential PFNM-style pass), and its popularity is
-  the empirical Beta-Bernoulli rate ``m_q / n`` of the clients already using the cluster
-  (Indian-buffet odds ``m_q / (n - m_q)``) instead of a learned function of the centre.
-  50 sweeps by default, as in the reference.
+* The engine's other popularity option (``_run_alignment(..., popularity="empirical")``)
+  is PFNM's (Yurochkin et al., 2019) Indian-buffet rule, not PFPT's: a cluster's odds are
+  the empirical ``m_q / (n - m_q)`` of the other clients already in it (``U = m_q / n``)
+  instead of a learned function of the centre. It stays available for ``fed-inter`` /
+  ``fedprime`` experiments where a count-based popularity is wanted. PFPT itself learns
+  its popularity with a network of the centre (:mod:`fedprime_core.pfpt`).
 """
 
 from __future__ import annotations
@@ -121,7 +124,7 @@ def fedavg(
 # ---------------------------------------------------------------------------------------
 @dataclasses.dataclass(frozen=True)
 class AlignmentResult:
-    """Output of :func:`align_prompts` / :func:`pfpt_aggregate`.
+    """Output of :func:`align_prompts`.
 
     Attributes:
         centres: ``(K, D)`` merged prompts (new global pool), most popular first.
@@ -314,7 +317,7 @@ class ClusterAlignment:
     running weighted sums so that moving one client's prompts costs ``O(m_t D)``. A run is
     :meth:`initial_assignment`, then :meth:`sweep` (alpha-step for every client in a seeded
     order, then :meth:`theta_step`) until a sweep changes nothing or ``n_sweeps`` are done,
-    then :meth:`result`. :func:`align_prompts` and :func:`pfpt_aggregate` do exactly that.
+    then :meth:`result`. :func:`align_prompts` (and ``_run_alignment``) do exactly that.
 
     Args:
         inputs: validated prompts, per-prompt weights, keys and warm-start labels.
@@ -610,43 +613,6 @@ def align_prompts(
         max_prompts=max_prompts,
         n_sweeps=n_sweeps,
         popularity="learned",
-        hidden=hidden,
-        lr=lr,
-        grad_steps=grad_steps,
-        min_scale=min_scale,
-        seed=seed,
-    )
-
-
-def pfpt_aggregate(
-    client_prompts: Sequence[np.ndarray],
-    client_weights: Sequence[float] | None = None,
-    *,
-    client_keys: Sequence[np.ndarray] | None = None,
-    max_prompts: int | None = None,
-    n_sweeps: int = 50,
-    hidden: int = 128,
-    lr: float = 1e-2,
-    grad_steps: int = 10,
-    min_scale: float = 0.02,
-    seed: int = 0,
-) -> AlignmentResult:
-    """PFPT's probabilistic prompt aggregation (NeurIPS 2024), on the shared engine.
-
-    Differs from :func:`align_prompts` in that client prompt sets are unordered (no warm
-    start from positions: clusters are built from scratch by a sequential pass), the
-    popularity of a cluster is the empirical Beta-Bernoulli rate of the clients using it
-    rather than a learned function of the centre, and it runs 50 sweeps by default.
-    Arguments and result as in :func:`align_prompts`.
-    """
-    return _run_alignment(
-        client_prompts,
-        client_weights,
-        client_keys=client_keys,
-        init_assignments=None,
-        max_prompts=max_prompts,
-        n_sweeps=n_sweeps,
-        popularity="empirical",
         hidden=hidden,
         lr=lr,
         grad_steps=grad_steps,

@@ -33,6 +33,7 @@ DATA_LAYOUTS = ("auto", "jsonl", "arrow")
 BACKBONES = ("vilt", "text-encoder")
 IMAGE_PROJECTIONS = ("trainable", "frozen")
 MISSING_SETTINGS = ("miss-text", "miss-image", "miss-both", "none")
+MMIMDB_PROTOCOLS = ("paper", "multilabel")
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SELECTIONS = ("sample", "batch")
 INTER_MERGES = ("align", "position")
@@ -80,7 +81,14 @@ OPTIONS: tuple[Option, ...] = (
     # --- what to run -------------------------------------------------------------
     Option("method", str, "fedprime", "Method to run (see the method table).", METHODS),
     Option("dataset", str, "embedded", "Dataset: the generated embedded set or a real benchmark.", DATASETS),
-    Option("data-dir", str, "", "Root of the dataset on disk (required unless dataset=embedded)."),
+    Option(
+        "data-dir",
+        str,
+        "",
+        "Root of the dataset on disk. Simulation: the whole dataset, partitioned across clients. Deployment: the "
+        "server's held-out folder (empty: client-side evaluation only); a SuperNode whose node config names its "
+        "own data-dir trains on that instead.",
+    ),
     Option(
         "data-layout",
         str,
@@ -88,7 +96,28 @@ OPTIONS: tuple[Option, ...] = (
         "On-disk layout: MMBT-style jsonl, missing-aware-prompts arrow, or auto-detect.",
         DATA_LAYOUTS,
     ),
-    Option("num-classes", int, 0, "Keep the N most frequent training classes (the paper uses 8); 0 keeps all.", min=0),
+    Option(
+        "num-classes",
+        int,
+        0,
+        "Keep the N most frequent training classes (the paper uses 8); 0 keeps all (MM-IMDB paper protocol: 8).",
+        min=0,
+    ),
+    Option(
+        "classes",
+        str,
+        "",
+        "The federation's class list, comma-separated (label i is the i-th name); empty: classes.txt of the "
+        "data folder when present, else the classes of train. Sites with their own data need one list shared by all.",
+    ),
+    Option(
+        "mmimdb-protocol",
+        str,
+        "paper",
+        "MM-IMDB task: the paper's single-genre movies of the 8 most frequent train genres, single-label, "
+        "macro-F1 (paper), or every genre, multi-label (multilabel).",
+        MMIMDB_PROTOCOLS,
+    ),
     Option("skip-bad-rows", bool, False, "Skip unreadable rows (and log how many) instead of stopping with an error."),
     Option(
         "backbone",
@@ -230,6 +259,16 @@ OPTIONS: tuple[Option, ...] = (
         "YAML file with an explicit per-client missing-pattern table (overrides missing-alpha).",
     ),
     Option("label-alpha", float, 0.0, "Dirichlet label skew across clients; 0 is IID.", min=0.0),
+    Option(
+        "client-size-sigma",
+        float,
+        0.0,
+        "Imbalanced client sizes: client c gets a share of the training set proportional to "
+        "exp(sigma * N(0, 1)) (seeded log-normal weights, combined with label-alpha); 0 keeps the sizes "
+        "the label split gives (equal when IID).",
+        min=0.0,
+        max=5.0,
+    ),
     Option("min-partition-size", int, 10, "Fewest training samples a client may get.", min=1),
     Option(
         "val-fraction", float, 0.1, "Share of each client's shard held out for its local validation.", min=0.0, max=0.5
@@ -398,12 +437,38 @@ def _check_range(opt: Option, value: Any) -> None:
         raise ConfigError(f"{where} must be at most {opt.max}")
 
 
+def class_list(cfg: Any) -> tuple[str, ...]:
+    """The class names of run config key ``classes`` (empty tuple when not given)."""
+    return tuple(name.strip() for name in cfg.classes.split(",")) if cfg.classes.strip() else ()
+
+
+def _check_classes(cfg: Any) -> None:
+    names = class_list(cfg)
+    if not names:
+        return
+    where = f"run config key 'classes' = {cfg.classes!r}"
+    if cfg.dataset == "embedded":
+        raise ConfigError(f"{where} applies to datasets read from disk; the embedded dataset has its own classes")
+    if any(not name for name in names):
+        raise ConfigError(f"{where} has an empty class name; give comma-separated names such as 'pizza,sushi'")
+    twice = sorted({name for name in names if names.count(name) > 1})
+    if twice:
+        raise ConfigError(f"{where} names {', '.join(map(repr, twice))} more than once")
+    if cfg.num_classes and cfg.num_classes != len(names):
+        raise ConfigError(
+            f"run config key 'num-classes' = {cfg.num_classes} disagrees with the {len(names)} names of 'classes'; "
+            "set num-classes=0 (the class list decides)"
+        )
+
+
 def _check_consistency(cfg: Any) -> None:
     """Rules that involve more than one key."""
-    if cfg.dataset != "embedded" and not cfg.data_dir:
+    _check_classes(cfg)
+    if cfg.dataset != "embedded" and not cfg.data_dir and not class_list(cfg):
         raise ConfigError(
-            f"run config key 'data-dir' is empty but dataset={cfg.dataset!r} needs it; "
-            "set data-dir to the dataset root (see README, 'Datasets')"
+            f"run config key 'data-dir' is empty but dataset={cfg.dataset!r} needs data: set data-dir to the "
+            "dataset root (see README, 'Datasets'), or, when every SuperNode names its own data-dir and the "
+            "server holds no data, give the class list in 'classes'"
         )
     _check_backbone_model(cfg.backbone, cfg.model)
     if cfg.kappa > cfg.tau:

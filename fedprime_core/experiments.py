@@ -30,6 +30,27 @@ Outputs under ``output/``: ``runs/<cell>/`` (each run's results and its flwr log
 five test settings as columns, mean and std over seeds), ``ablation_table.md/.csv``,
 ``robustness.png/.csv`` (metric vs missing rate), ``convergence_<setting>.png``, and
 ``cells.json`` (status and timing of every cell).
+
+Comparison tables (any sub-grids, any keys), declared under ``tables``::
+
+    tables:
+      label-skew:                     # -> output/label-skew.md and label-skew.csv
+        grids: [label-skew]           # the sub-grid(s) compared (default: the one named like the table)
+        round: final                  # final (default) or best: the best-validation round
+        extra:                        # optional columns from the rounds of each run's metrics.json
+          - {key: bytes-sent, per: sampled, over: mean, scale: 1.0e-3, label: kB sent per client per round}
+          - {key: inter-pool-size, over: final}
+        differences:                  # optional paired differences between two values of one key
+          - {key: method, value: pfpt, minus: fed-intra}
+
+Rows are the combinations of the run-config keys that vary within the table's cells, seed
+excepted; columns are the five test settings and ``val`` (metric in %, mean ± std over
+seeds), then the extra columns (mean ± std over seeds of each run's value: ``over`` the
+rounds that have ``key``, each divided by ``per`` of the same round if given, times
+``scale``; ``key`` may be a ``/`` path into a round record, e.g. ``client-eval/accuracy``).
+A difference pairs every run having ``key: value`` with the run whose configuration is the
+same except ``key: minus`` (so matched on seed and every other key), and reports the mean,
+std and a 95% t confidence interval of the per-pair differences, for every column.
 """
 
 from __future__ import annotations
@@ -87,6 +108,7 @@ class Plan:
     cells: tuple[Cell, ...]
     metric: str
     base_dir: Path = Path(".")
+    tables: tuple[TableSpec, ...] = ()
 
     @property
     def runs_dir(self) -> Path:
@@ -106,6 +128,45 @@ class Plan:
         return out
 
 
+@dataclasses.dataclass(frozen=True)
+class ExtraColumn:
+    """A column computed from the rounds of each run's ``metrics.json`` (see the module docstring)."""
+
+    key: str
+    per: str | None = None
+    over: str = "mean"
+    scale: float = 1.0
+    label: str = ""
+
+    @property
+    def title(self) -> str:
+        if self.label:
+            return self.label
+        base = f"{self.key} / {self.per}" if self.per else self.key
+        return f"{base} ({self.over})"
+
+
+@dataclasses.dataclass(frozen=True)
+class Difference:
+    """Paired difference ``key: value`` minus ``key: minus``, matched on every other key."""
+
+    key: str
+    value: Any
+    minus: Any
+
+
+@dataclasses.dataclass(frozen=True)
+class TableSpec:
+    """A comparison table over named sub-grids (see the module docstring)."""
+
+    name: str
+    grids: tuple[str, ...]
+    round: str = "final"
+    extra: tuple[ExtraColumn, ...] = ()
+    differences: tuple[Difference, ...] = ()
+    axes: tuple[str, ...] = ()  # the sub-grids' keys, in the order written, to order the row keys
+
+
 def cell_name(config: Mapping[str, Any]) -> str:
     """Readable, unique name: method-setting-eta-seed plus a hash of everything else."""
     digest = hashlib.sha1(json.dumps(config, sort_keys=True).encode()).hexdigest()[:8]
@@ -121,7 +182,7 @@ def load_plan(path: str | Path) -> Plan:
     """
     path = Path(path)
     spec = read_yaml_mapping(path, "grid file", ConfigError)
-    unknown = set(spec) - {"name", "output", "federation", "base", "grids", "description"}
+    unknown = set(spec) - {"name", "output", "federation", "base", "grids", "description", "tables"}
     if unknown:
         raise ConfigError(f"grid file {path}: unknown top-level key(s) {sorted(unknown)}")
     if not isinstance(spec.get("grids"), dict) or not spec["grids"]:
@@ -156,7 +217,94 @@ def load_plan(path: str | Path) -> Plan:
             cells[cname] = Cell(cname, config, grids)
     datasets = {c.config["dataset"] for c in cells.values()}
     metric = "macro_f1" if datasets == {"mmimdb"} else "accuracy"
-    return Plan(name, output, dict(spec.get("federation") or {}), tuple(cells.values()), metric, path.parent.resolve())
+    tables = _parse_tables(path, spec.get("tables"), spec["grids"], tuple(cells.values()))
+    return Plan(
+        name, output, dict(spec.get("federation") or {}), tuple(cells.values()), metric, path.parent.resolve(), tables
+    )
+
+
+_TABLE_KEYS = {"grids", "round", "extra", "differences"}
+_EXTRA_KEYS = {"key", "per", "over", "scale", "label"}
+_OVER = ("mean", "final", "sum", "max", "min")
+
+
+def _parse_tables(path: Path, raw: Any, grids: Mapping[str, Any], cells: tuple[Cell, ...]) -> tuple[TableSpec, ...]:
+    """Validate the ``tables`` section against the sub-grids and cells it refers to."""
+    from .config import OPTIONS
+
+    if raw is None:
+        return ()
+    if not isinstance(raw, dict):
+        raise ConfigError(f"grid file {path}: 'tables' must map table names to table specs")
+    option_keys = {opt.key for opt in OPTIONS}
+    tables = []
+    for name, body in raw.items():
+        where = f"grid file {path}, table {name!r}"
+        body = {} if body is None else body
+        if not isinstance(body, dict):
+            raise ConfigError(f"{where}: must be a mapping with keys {sorted(_TABLE_KEYS)}")
+        unknown = set(body) - _TABLE_KEYS
+        if unknown:
+            raise ConfigError(f"{where}: unknown key(s) {sorted(unknown)}; use {sorted(_TABLE_KEYS)}")
+        names = body.get("grids", [name])
+        names = [names] if isinstance(names, str) else list(names)
+        missing = [g for g in names if g not in grids]
+        if not names or missing:
+            raise ConfigError(f"{where}: no sub-grid named {missing or names}; the grid file has {sorted(grids)}")
+        which = body.get("round", "final")
+        if which not in ("final", "best"):
+            raise ConfigError(f"{where}: 'round' must be 'final' or 'best', got {which!r}")
+        extras = []
+        for item in body.get("extra") or []:
+            if not isinstance(item, dict) or "key" not in item or set(item) - _EXTRA_KEYS:
+                raise ConfigError(
+                    f"{where}: every 'extra' entry must be a mapping with 'key' "
+                    f"and optionally {sorted(_EXTRA_KEYS - {'key'})}"
+                )
+            over = item.get("over", "mean")
+            if over not in _OVER:
+                raise ConfigError(f"{where}: extra column {item['key']!r}: 'over' must be one of {_OVER}, got {over!r}")
+            try:
+                scale = float(item.get("scale", 1.0))
+            except (TypeError, ValueError):
+                raise ConfigError(f"{where}: extra column {item['key']!r}: 'scale' must be a number") from None
+            extras.append(ExtraColumn(str(item["key"]), item.get("per"), over, scale, str(item.get("label", ""))))
+        table_cells = [c for c in cells if set(c.grids) & set(names)]
+        differences = []
+        for item in body.get("differences") or []:
+            if not isinstance(item, dict) or set(item) != {"key", "value", "minus"}:
+                raise ConfigError(f"{where}: every 'differences' entry must be a mapping with key, value and minus")
+            if item["key"] not in option_keys or item["key"] == "seed":
+                raise ConfigError(f"{where}: difference key {item['key']!r} is not a run-config key other than seed")
+            present = {json.dumps(c.config[item["key"]]) for c in table_cells}
+            for side in ("value", "minus"):
+                if json.dumps(_coerce_like(item[side], table_cells, item["key"])) not in present:
+                    raise ConfigError(
+                        f"{where}: no cell of the table has {item['key']} = {item[side]!r} "
+                        f"(values present: {sorted(json.loads(v) for v in present)})"
+                    )
+            differences.append(
+                Difference(
+                    item["key"],
+                    _coerce_like(item["value"], table_cells, item["key"]),
+                    _coerce_like(item["minus"], table_cells, item["key"]),
+                )
+            )
+        axes: list[str] = []
+        for g in names:
+            axes.extend(k for k in grids[g] if k not in axes)
+        tables.append(TableSpec(str(name), tuple(names), which, tuple(extras), tuple(differences), tuple(axes)))
+    return tuple(tables)
+
+
+def _coerce_like(value: Any, cells: Sequence[Cell], key: str) -> Any:
+    """``value`` with the type the validated configs hold for ``key`` (YAML 1 vs 1.0)."""
+    for cell in cells:
+        current = cell.config[key]
+        if isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool):
+            return float(value)
+        return value
+    return value
 
 
 def federation_args(plan: Plan, cell: Cell) -> str:
@@ -337,6 +485,201 @@ def write_table(rows: list[dict[str, Any]], path_stem: Path, title: str, metric:
             )
 
 
+# ---------------------------------------------------------------------------------------
+# Comparison tables
+# ---------------------------------------------------------------------------------------
+def _lookup(record: Mapping[str, Any], path: str) -> Any:
+    value: Any = record
+    for part in path.split("/"):
+        if not isinstance(value, Mapping) or part not in value:
+            return None
+        value = value[part]
+    return value
+
+
+def extra_value(history: Sequence[Mapping[str, Any]], column: ExtraColumn) -> float | None:
+    """One run's value of an extra column, from its round records (``None`` if no round has it)."""
+    values = []
+    for record in history:
+        if record.get("round", 0) <= 0 or record.get("skipped"):
+            continue
+        value = _lookup(record, column.key)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not np.isfinite(value):
+            continue
+        if column.per is not None:
+            per = _lookup(record, column.per)
+            if isinstance(per, bool) or not isinstance(per, (int, float)) or per == 0:
+                continue
+            value = value / per
+        values.append(float(value))
+    if not values:
+        return None
+    reduce = {"mean": np.mean, "final": lambda v: v[-1], "sum": np.sum, "max": np.max, "min": np.min}[column.over]
+    return float(reduce(values)) * column.scale
+
+
+def _table_cells(plan: Plan, table: TableSpec) -> list[Cell]:
+    return [c for c in plan.cells if set(c.grids) & set(table.grids)]
+
+
+def varying_keys(plan: Plan, table: TableSpec) -> list[str]:
+    """Run-config keys (seed excepted) that take more than one value among the table's cells."""
+    cells = _table_cells(plan, table)
+    keys = [k for k in cells[0].config if k != "seed"] if cells else []
+    varying = [k for k in keys if len({json.dumps(c.config[k]) for c in cells}) > 1]
+    ordered = [k for k in table.axes if k in varying]
+    return ordered + sorted(k for k in varying if k not in ordered)
+
+
+def _run_values(plan: Plan, cell: Cell, table: TableSpec) -> dict[str, float | None] | None:
+    summary = _summary(plan, cell)
+    if summary is None:
+        return None
+    row = summary[table.round]
+    values: dict[str, float | None] = {
+        test: None if row.get(test) is None else 100.0 * float(row[test]) for test in (*TEST_SETTINGS, "val")
+    }
+    history = _history(plan, cell)
+    for column in table.extra:
+        values[column.title] = extra_value(history, column)
+    return values
+
+
+def _stats(values: Sequence[float | None], interval: bool = False) -> dict[str, float]:
+    from scipy import stats
+
+    arr = np.array([v for v in values if v is not None], dtype=float)
+    out = {"n": float(arr.size), "mean": float("nan"), "std": float("nan"), "lo": float("nan"), "hi": float("nan")}
+    if arr.size:
+        out["mean"] = float(arr.mean())
+        out["std"] = float(arr.std(ddof=1)) if arr.size > 1 else 0.0
+    if interval and arr.size > 1:
+        half = float(stats.t.ppf(0.975, arr.size - 1)) * out["std"] / np.sqrt(arr.size)
+        out["lo"], out["hi"] = out["mean"] - half, out["mean"] + half
+    return out
+
+
+def comparison(plan: Plan, table: TableSpec) -> dict[str, Any]:
+    """The numbers of one comparison table: value rows and paired-difference rows.
+
+    Returns:
+        ``{"keys": [...], "columns": [...], "rows": [...], "differences": [...]}``; each row
+        holds its key values, ``runs`` and per column ``{"n", "mean", "std", "lo", "hi"}``.
+    """
+    keys = varying_keys(plan, table)
+    columns = [*TEST_SETTINGS, "val", *(c.title for c in table.extra)]
+    cells = _table_cells(plan, table)
+    values = {c.name: _run_values(plan, c, table) for c in cells}
+    groups: dict[tuple, list[Cell]] = {}
+    for cell in cells:
+        groups.setdefault(tuple(json.dumps(cell.config[k]) for k in keys), []).append(cell)
+    rows = []
+    for group, members in groups.items():
+        done = [values[c.name] for c in members if values[c.name] is not None]
+        row: dict[str, Any] = {"key": dict(zip(keys, (json.loads(v) for v in group))), "runs": len(done)}
+        row["stats"] = {col: _stats([v[col] for v in done]) for col in columns}
+        rows.append(row)
+    differences = []
+    by_config = {json.dumps(c.config, sort_keys=True): c for c in cells}
+    for diff in table.differences:
+        other_keys = [k for k in keys if k != diff.key]
+        paired: dict[tuple, list[tuple[dict, dict]]] = {}
+        for cell in cells:
+            if cell.config[diff.key] != diff.value:
+                continue
+            partner = by_config.get(json.dumps({**cell.config, diff.key: diff.minus}, sort_keys=True))
+            if partner is None or values[cell.name] is None or values[partner.name] is None:
+                continue
+            group = tuple(json.dumps(cell.config[k]) for k in other_keys)
+            paired.setdefault(group, []).append((values[cell.name], values[partner.name]))
+        for group, pairs in paired.items():
+            row = {"key": dict(zip(other_keys, (json.loads(v) for v in group))), "runs": len(pairs), "diff": diff}
+            row["stats"] = {
+                col: _stats(
+                    [None if a[col] is None or b[col] is None else a[col] - b[col] for a, b in pairs], interval=True
+                )
+                for col in columns
+            }
+            differences.append(row)
+    return {"keys": keys, "columns": columns, "rows": rows, "differences": differences}
+
+
+def _num(value: float, scientific: bool) -> str:
+    if not np.isfinite(value):
+        return "-"
+    return f"{value:.3g}" if scientific else f"{value:.2f}"
+
+
+def _cell_text(stat: Mapping[str, float], interval: bool = False) -> str:
+    """``mean ± std [lo, hi]``, all in the mean's format (2 decimals, or 3 significant digits for
+    means below 0.01 or from 10,000 up), so a std of float noise reads 0.00."""
+    if stat["n"] == 0:
+        return "-"
+    mean = stat["mean"]
+    scientific = abs(mean) >= 1e4 or 0 < abs(mean) < 0.01
+    text = f"{_num(mean, scientific)} ± {_num(stat['std'], scientific)}" if stat["n"] > 1 else _num(mean, scientific)
+    if interval and np.isfinite(stat["lo"]):
+        text += f" [{_num(stat['lo'], scientific)}, {_num(stat['hi'], scientific)}]"
+    return text
+
+
+def write_comparison(plan: Plan, table: TableSpec) -> dict[str, Any]:
+    """``<output>/<table>.md`` and ``.csv`` (long format: one line per row and column)."""
+    data = comparison(plan, table)
+    keys, columns = data["keys"], data["columns"]
+    which = "final round" if table.round == "final" else "best-validation round"
+    lines = [
+        f"# {plan.name}: {table.name}",
+        "",
+        f"Sub-grid(s) {', '.join(table.grids)}. {plan.metric} (%) at the {which}, mean ± std over seeds "
+        "(runs = finished seeds); extra columns: mean ± std over seeds of each run's value.",
+        "",
+        "| " + " | ".join([*keys, "runs", *columns]) + " |",
+        "|---" * (len(keys) + 1 + len(columns)) + "|",
+    ]
+    for row in data["rows"]:
+        cells = [str(row["key"][k]) for k in keys] + [str(row["runs"])]
+        cells += [_cell_text(row["stats"][c]) for c in columns]
+        lines.append("| " + " | ".join(cells) + " |")
+    for diff in table.differences:
+        rows = [r for r in data["differences"] if r["diff"] == diff]
+        other = [k for k in keys if k != diff.key]
+        lines += [
+            "",
+            f"## Paired differences: {diff.key} = {diff.value} minus {diff.key} = {diff.minus}",
+            "",
+            "Matched on seed and every other key; mean ± std [95% t confidence interval] over the pairs.",
+            "",
+            "| " + " | ".join([*other, "pairs", *columns]) + " |",
+            "|---" * (len(other) + 1 + len(columns)) + "|",
+        ]
+        for row in rows:
+            cells = [str(row["key"][k]) for k in other] + [str(row["runs"])]
+            cells += [_cell_text(row["stats"][c], interval=True) for c in columns]
+            lines.append("| " + " | ".join(cells) + " |")
+        if not rows:
+            lines.append("| " + " | ".join(["-"] * (len(other) + 1 + len(columns))) + " |")
+    stem = plan.output / table.name
+    stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    with open(stem.with_suffix(".csv"), "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["kind", *keys, "column", "n", "mean", "std", "ci95_low", "ci95_high"])
+        for kind, rows in (("value", data["rows"]), ("difference", data["differences"])):
+            for row in rows:
+                key_cells = [
+                    f"{row['diff'].value} - {row['diff'].minus}"
+                    if kind == "difference" and k == row["diff"].key
+                    else row["key"].get(k, "")
+                    for k in keys
+                ]
+                for col in columns:
+                    st = row["stats"][col]
+                    writer.writerow(
+                        [kind, *key_cells, col, int(st["n"]), *(f"{st[x]:.6g}" for x in ("mean", "std", "lo", "hi"))]
+                    )
+    return data
+
+
 def _plot_robustness(plan: Plan, rows: list[dict[str, Any]], path: Path) -> None:
     import matplotlib
 
@@ -434,6 +777,8 @@ def write_report(plan: Plan) -> dict[str, Any]:
             _plot_robustness(plan, rows, plan.output / "robustness.png")
         out["robustness"] = len(rows)
     out["convergence"] = [str(p) for p in _plot_convergence(plan, lambda s: plan.output / f"convergence_{s}.png")]
+    for table in plan.tables:
+        out[table.name] = len(write_comparison(plan, table)["rows"])
     return out
 
 

@@ -63,18 +63,21 @@ FEATURES_DIR = "features"
 # Feature shape of a run
 # ---------------------------------------------------------------------------------------
 def feature_shape(samples: Sequence[Sample]) -> tuple[int, int]:
-    """``(F, d_img)`` of the first sample's precomputed image features.
+    """``(F, d_img)`` of the precomputed image features of the first sample that has them.
+
+    Samples without an image (image-missing in the data) are passed over.
 
     Raises:
-        DataError: no samples, or the first sample has no (readable) features; the
-            message names the sample and how to compute features.
+        DataError: no samples, or no sample has (readable) features; the message names the
+            first sample and how to compute features.
     """
     from .data.processing import load_features
 
     if not samples:
         raise DataError("the training split is empty: cannot read the shape of its image features")
-    first = samples[0]
-    if first.image_features is None:
+    first = next((s for s in samples if s.image_features is not None), None)
+    if first is None:
+        first = samples[0]
         raise DataError(
             f"{first.uid}: sample has no precomputed image features, which backbone='text-encoder' needs; "
             "compute them with: python -m fedprime_core.features --dataset-dir <data-dir> --encoder <model>"
@@ -245,8 +248,8 @@ def _read_rows(path: Path) -> list[tuple[int, dict[str, Any]]]:
                 record = json.loads(line)
             except ValueError as exc:
                 raise DataError(f"{path}:{lineno}: not a valid JSON line: {exc}") from None
-            if not isinstance(record, dict) or not isinstance(record.get("img"), str) or not record["img"]:
-                raise DataError(f"{path}:{lineno}: needs a non-empty string field 'img'")
+            if not isinstance(record, dict) or not isinstance(record.get("img") or "", str):
+                raise DataError(f"{path}:{lineno}: field 'img' must be a string (or absent: a row without image)")
             rows.append((lineno, record))
     return rows
 
@@ -288,7 +291,8 @@ def precompute_features(
     """Compute missing feature files for the given splits and point their rows at them.
 
     Returns:
-        ``{"computed": n, "skipped": n, "rows": {split: n}, "folder": path, "shape": (..)}``.
+        ``{"computed": n, "skipped": n, "no-image": n, "rows": {split: n}, "folder": path, "shape": (..)}``;
+        rows without an image (image-missing in the data) get no features and are counted.
     """
     from .data.processing import open_image
 
@@ -298,6 +302,7 @@ def precompute_features(
     summary: dict[str, Any] = {
         "computed": 0,
         "skipped": 0,
+        "no-image": 0,
         "rows": {},
         "folder": str(root / FEATURES_DIR / encoder.slug),
     }
@@ -310,14 +315,17 @@ def precompute_features(
             raise DataError(f"split file {str(path)!r} does not exist")
         rows = _read_rows(path)
         todo: dict[Path, tuple[str, str]] = {}
-        for lineno, record in rows:
+        without_image = [r for _, r in rows if not r.get("img")]
+        summary["no-image"] += len(without_image)  # rows without image (image-missing): no features
+        rows_with_image = [(lineno, r) for lineno, r in rows if r.get("img")]
+        for lineno, record in rows_with_image:
             target = feature_path_for(record["img"], encoder.slug)
             record["img_features"] = target.as_posix()
             if (root / target).is_file():
                 continue
             if target not in todo:
                 todo[target] = (record["img"], f"{path}:{lineno}")
-        summary["skipped"] += len({feature_path_for(r["img"], encoder.slug) for _, r in rows}) - len(todo)
+        summary["skipped"] += len({feature_path_for(r["img"], encoder.slug) for _, r in rows_with_image}) - len(todo)
         bar = _progress(len(todo), split, progress)
         items = list(todo.items())
         for start in range(0, len(items), batch_size):
@@ -375,6 +383,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"{encoder.description}: computed {summary['computed']} feature file(s), kept {summary['skipped']} existing, "
         f"shape {summary.get('shape')}, in {summary['folder']}; updated "
         + ", ".join(f"{s}.jsonl ({n} rows)" for s, n in summary["rows"].items())
+        + (f"; {summary['no-image']} row(s) without image (image-missing) get none" if summary["no-image"] else "")
     )
     return 0
 

@@ -15,9 +15,10 @@ from typing import Any
 
 import numpy as np
 
-from .aggregation import fedavg, pfpt_aggregate
+from .aggregation import fedavg
 from .interpool import InterPool, InterUpdate, aggregate_inter_pool, assign_slots
 from .methods import MethodSpec
+from .pfpt import aggregate_pfpt_pool
 
 #: Rows of a pattern-usage table: the missing pattern of the retrieving sample.
 NUM_PATTERNS = 3
@@ -227,10 +228,10 @@ def aggregate_round(
       usage-weighted, and each client gets its new slots
       (:func:`~fedprime_core.interpool.aggregate_inter_pool`); the global pool is the set of
       cluster centres. ``settings.inter_merge="position"`` merges slot ``p`` with slot ``p``.
-    * Other aligned pools (PFPT): the prompts each client used are merged by
-      :func:`~fedprime_core.aggregation.pfpt_aggregate`, keys with the same assignment;
-      the pool's size becomes the number of clusters (bounded by ``settings.max_prompts``).
-      If no client used any prompt of the pool, it is kept.
+    * Other aligned pools (PFPT): every client's rows at the union of the indices any
+      client used are aggregated by :func:`~fedprime_core.pfpt.aggregate_pfpt_pool`; the new
+      pool is every centroid some client uses (bounded by ``settings.max_prompts``), the
+      same for every client.
     * Everything else (intra pool, keys, query maps, pooler, head, missing-aware prompts):
       FedAvg weighted by sample counts.
     * ``centralized-p``: the single owner's state is taken as is.
@@ -286,34 +287,16 @@ def aggregate_round(
     for pool in spec.aligned_pools:
         if pool in spec.personalised_pools:
             continue
-        prompts_key, keys_key = f"pools.{pool}.prompts", f"pools.{pool}.keys"
-        prompt_shape = np.shape(global_state[prompts_key])[1:]
-        used_prompts, used_keys, used_weights = [], [], []
-        for update, weight in zip(updates, weights):
-            used = np.flatnonzero(np.asarray(update.usage[pool]) > 0)
-            if used.size == 0:
-                continue
-            used_prompts.append(np.asarray(update.state[prompts_key])[used].reshape(used.size, -1))
-            used_keys.append(np.asarray(update.state[keys_key])[used])
-            used_weights.append(weight)
-        if not used_prompts:
-            new_state[prompts_key] = np.asarray(global_state[prompts_key], dtype=np.float32).copy()
-            new_state[keys_key] = np.asarray(global_state[keys_key], dtype=np.float32).copy()
-            report[f"{pool}-pool-size"] = int(np.shape(global_state[prompts_key])[0])
-            continue
-        common = dict(
-            client_keys=used_keys, max_prompts=settings.max_prompts, n_sweeps=settings.sweeps, seed=settings.seed
+        # PFPT's protocol: union of used rows from every client (fedprime_core.pfpt)
+        prompts_key = f"pools.{pool}.prompts"
+        new_state[prompts_key], pfpt_report = aggregate_pfpt_pool(
+            [np.asarray(u.state[prompts_key]) for u in updates],
+            [np.asarray(u.usage[pool]) for u in updates],
+            max_prompts=settings.max_prompts,
+            n_sweeps=settings.sweeps,
+            seed=settings.seed,
         )
-        result = pfpt_aggregate(used_prompts, used_weights, **common)
-        new_state[prompts_key] = result.centres.reshape(-1, *prompt_shape).astype(np.float32)
-        new_state[keys_key] = result.keys.astype(np.float32)
-        report[f"{pool}-pool-size"] = int(result.centres.shape[0])
-        report[f"{pool}-prompts-in"] = int(sum(p.shape[0] for p in used_prompts))
-        report[f"{pool}-clusters-dropped"] = result.num_dropped
-        report[f"{pool}-align-objective"] = float(result.objective) if math.isfinite(result.objective) else 0.0
-        report[f"{pool}-align-sweeps"] = len(result.objective_trace) - 1
-        report[f"{pool}-largest-cluster"] = int(result.cluster_sizes.max())
-        report[f"{pool}-align-seconds"] = result.total_seconds
+        report.update({f"{pool}-{key}": value for key, value in pfpt_report.items()})
     for pool in spec.pools:
         if pool not in spec.aligned_pools:
             report[f"{pool}-pool-size"] = int(np.shape(new_state[f"pools.{pool}.prompts"])[0])

@@ -140,6 +140,11 @@ def stop_marked(marker: str, grace: float = 10.0) -> None:
             return
 
 
+#: What ``flwr run`` prints when the local SuperLink it spawns does not answer within
+#: Flower's hard-coded 15 s (a loaded machine); the run never started, so it is safe to retry.
+SUPERLINK_START_FAILURE = "Failed to start local SuperLink within"
+
+
 def run_flwr(
     args: Sequence[str],
     env: Mapping[str, str],
@@ -150,9 +155,30 @@ def run_flwr(
 ) -> tuple[int, str]:
     """Run ``flwr <args>`` in ``cwd`` (default: the repository root); stream its output to ``echo`` and ``log_path``.
 
+    A run whose local SuperLink did not start in time (:data:`SUPERLINK_START_FAILURE`)
+    is retried up to twice: nothing ran, and the SuperLink is usually up by then.
+
     Returns:
         ``(exit code, full output)``; exit code 124 when ``timeout`` expired.
     """
+    for attempt in range(3):
+        code, output = _run_flwr_once(args, env, log_path, timeout, echo, cwd)
+        if code == 0 or SUPERLINK_START_FAILURE not in output or attempt == 2:
+            return code, output
+        if echo:
+            echo(f"the local SuperLink was slow to start (attempt {attempt + 1} of 3); trying again")
+        time.sleep(5.0)
+    raise AssertionError("unreachable")
+
+
+def _run_flwr_once(
+    args: Sequence[str],
+    env: Mapping[str, str],
+    log_path: Path | None,
+    timeout: float | None,
+    echo: Callable[[str], None] | None,
+    cwd: Path | None,
+) -> tuple[int, str]:
     cmd = ["flwr", *args]
     lines: list[str] = []
     log = open(log_path, "w") if log_path else None  # noqa: SIM115 - closed below

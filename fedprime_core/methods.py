@@ -16,7 +16,12 @@ class MethodSpec:
         pools: retrieval prompt pools, in the order their prompts are prepended.
         aligned_pools: pools aggregated by prompt alignment instead of FedAvg.
         aligner: ``"fedprime"`` (clustering-alignment, learned popularity, warm start) or
-            ``"pfpt"`` (probabilistic set aggregation, cold start, Beta-Bernoulli popularity).
+            ``"pfpt"`` (PFPT's probabilistic set aggregation, :mod:`fedprime_core.pfpt`).
+        pool_variant: the retrieval pool's client model: ``"keyed"``
+            (:class:`~fedprime_core.model.PromptPool`: learned keys, a query over the mean-pooled
+            input embeddings) or ``"pfpt"`` (:class:`~fedprime_core.model.PFPTPromptPool`: L2P
+            as PFPT's code builds it, the prompt is its own key and the query projects the
+            frozen, prompt-free [CLS] feature).
         missing_aware: one prompt set per missing pattern at blocks 0..depth-1 (Lee et al.).
         proximal: add the FedProx term to the local loss.
         centralized: one data owner holds the union of the clients' data.
@@ -26,6 +31,7 @@ class MethodSpec:
     pools: tuple[str, ...] = ()
     aligned_pools: tuple[str, ...] = ()
     aligner: str | None = None
+    pool_variant: str = "keyed"
     missing_aware: bool = False
     proximal: bool = False
     centralized: bool = False
@@ -68,7 +74,8 @@ METHOD_SPECS: dict[str, MethodSpec] = {
         ("inter",),
         ("inter",),
         "pfpt",
-        description="one L2P pool aggregated by PFPT's probabilistic set matching",
+        pool_variant="pfpt",
+        description="PFPT: one L2P pool (prompt = key, frozen [CLS] query), probabilistic set aggregation",
     ),
     "fedprox-p": MethodSpec(
         "fedprox-p",

@@ -7,6 +7,8 @@ Trainable parts, by method (see :mod:`fedprime_core.methods`):
   (``query.weight`` ``(d, d)``, ``query.bias`` ``(d,)``: ``d^2 + d`` parameters) or, with
   ``query_rank = r > 0``, :class:`LowRankQuery` (the identity plus ``query.up @ query.down``,
   ``(d, r)`` and ``(r, d)``, and ``query.bias``: ``2rd + d`` parameters);
+  for ``pfpt`` a :class:`PFPTPromptPool` instead (prompts ``(tau, length, d)`` that are their own
+  keys, and a query map ``d -> d`` of the frozen [CLS] feature);
 * ``map_prompts``: :class:`MissingAwarePrompts` for ``fedavg-p``;
 * ``pooler`` (``d -> d``, tanh; started from the backbone's pretrained pooler; trained and
   exchanged unless ``train_pooler=False`` keeps it frozen) and
@@ -172,6 +174,59 @@ class PromptPool(nn.Module):
         return tokens, selected, retrieval_regulariser(relevance, selected)
 
 
+class PFPTPromptPool(nn.Module):
+    """L2P's prompt pool as PFPT's code builds it (``Models/L2P_heuristic_model.py``, ``Pool``).
+
+    * The prompt is its own key: relevance is ``cos(query(x), k)`` with ``k`` the prompt
+      (the mean of its tokens when ``length > 1``); there are no separate keys.
+    * The query input is the frozen backbone's prompt-free [CLS] feature (a no-grad forward
+      without prompts, computed by :class:`PromptedModel`), through a linear map without
+      bias (PFPT's ``features_proj``, initialised uniform in ``[-1, 1]``).
+    * Prompts start uniform in ``[-v, v]``, ``v = sqrt(6 / (3 * 32 * 32 + d))`` (PFPT's
+      ``'uniform'`` initialisation with its patch size 32; about 0.044 at ``d = 768``).
+
+    Retrieval (per-sample top-kappa or the reference's batch rule) and the regulariser
+    (``lambda * mean(1 - cos)``, pulling the selected prompts towards their queries) are the
+    project's, as for :class:`PromptPool`; PFPT's code adds ``+cos`` instead, which pushes
+    them away (the same sign defect as the FedPrime reference).
+
+    Attributes:
+        prompts: ``(tau, length, d)``.
+        query: ``d -> d`` linear map, no bias.
+    """
+
+    def __init__(self, size: int, length: int, dim: int, generator: torch.Generator) -> None:
+        super().__init__()
+        bound = math.sqrt(6.0 / (3 * 32 * 32 + dim))
+        self.prompts = nn.Parameter((torch.rand(size, length, dim, generator=generator) * 2 - 1) * bound)
+        self.query = nn.Linear(dim, dim, bias=False)
+        with torch.no_grad():
+            self.query.weight.copy_(torch.rand(dim, dim, generator=generator) * 2 - 1)
+
+    @property
+    def size(self) -> int:
+        return self.prompts.shape[0]
+
+    @property
+    def keys(self) -> torch.Tensor:
+        """``(tau, d)``: each prompt is its own key."""
+        return self.prompts.mean(1)
+
+    def resize(self, size: int) -> None:
+        """Change the number of prompts (PFPT's global pool varies between rounds)."""
+        if size == self.size:
+            return
+        device, dtype = self.prompts.device, self.prompts.dtype
+        self.prompts = nn.Parameter(torch.zeros(size, *self.prompts.shape[1:], device=device, dtype=dtype))
+
+    def forward(self, summary: torch.Tensor, kappa: int, mode: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """As :meth:`PromptPool.forward`, with ``summary`` the frozen [CLS] feature ``(B, d)``."""
+        relevance = cosine_relevance(self.query(summary), self.keys)
+        selected = select_prompts(relevance, kappa, mode)
+        tokens = self.prompts[selected].flatten(1, 2)
+        return tokens, selected, retrieval_regulariser(relevance, selected)
+
+
 class MissingAwarePrompts(nn.Module):
     """One prompt set per missing pattern, inserted at blocks ``0..depth-1`` (Lee et al., CVPR 2023).
 
@@ -238,6 +293,10 @@ class PromptedModel(nn.Module):
                 for name in spec.pools
             }
         )
+        if spec.pool_variant == "pfpt":  # PFPT's L2P pools take the place of the keyed ones
+            self.pools = nn.ModuleDict(
+                {name: PFPTPromptPool(prompts.tau, prompts.length, dim, generator) for name in spec.pools}
+            )
         self.map_prompts = (
             MissingAwarePrompts(min(prompts.map_depth, backbone.num_layers), prompts.map_length, dim, generator)
             if spec.missing_aware
@@ -275,6 +334,9 @@ class PromptedModel(nn.Module):
         prefix = []
         if self.pools:
             summary = masked_mean(tokens, mask).detach()
+            if self.spec.pool_variant == "pfpt":  # L2P's query input: the frozen, prompt-free [CLS] feature
+                with torch.no_grad():
+                    summary = self.backbone.encode(tokens, mask)[:, 0]
             for name, pool in self.pools.items():
                 pool_tokens, selected[name], reg = pool(summary, self.settings.kappa, self.settings.selection)
                 prefix.append(pool_tokens)

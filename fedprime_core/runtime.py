@@ -1,11 +1,26 @@
 """Everything a client or server process needs for a run, loaded once per process.
 
-The Flower apps are thin adapters over this module: a ClientApp asks for its
-:class:`ClientShard` and calls :func:`client_train` / :func:`client_evaluate`; the
-ServerApp builds the initial state and evaluates the global model with
-:func:`server_evaluate`. Loaded backbones, datasets, shards and models are cached per
-process (keyed by the configuration values that determine them), so a simulation actor or
-a long-lived process reads the backbone once, not every round.
+The Flower apps are thin adapters over this module: a ClientApp turns its node config
+into a :class:`ClientNode` (:func:`node_client`), asks for its :class:`ClientShard` and
+calls :func:`client_train` / :func:`client_evaluate`; the ServerApp builds the initial
+state and evaluates the global model with :func:`server_evaluate`.
+
+A client's data comes one of two ways:
+
+* **partitioned** (simulation; a deployment that shares one dataset): the node is
+  ``partition-id`` of ``num-partitions`` and carves its shard out of the run config's
+  ``data-dir`` (label partition, its own missing mixture, a local validation split);
+* **site-local** (a real site): the node config names the site's own ``data-dir``; the
+  client trains on all of its train split and validates on its dev split (or a
+  ``val-fraction`` of train), nothing partitioned. The server then keeps only its own
+  held-out folder (the run config's ``data-dir``), or none.
+
+In both, rows that miss a modality in the data keep it, and a simulated mixture applies
+on top only to complete rows (:func:`fedprime_core.data.missing.apply_missing`).
+
+Loaded backbones, datasets, shards and models are cached per process (keyed by the
+configuration values that determine them), so a simulation actor or a long-lived process
+reads the backbone once, not every round.
 
 Randomness: every draw (partitions, each client's missing mixture and patterns, test
 patterns, initial prompts) comes from ``numpy.random.SeedSequence([seed, purpose, ...])``,
@@ -17,6 +32,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import logging
+import os
 import threading
 from collections.abc import Mapping
 from typing import Any
@@ -25,19 +41,21 @@ import numpy as np
 import torch
 
 from .backbones.base import Backbone
-from .config import RunConfig
+from .config import DATA_LAYOUTS, DEVICES, ConfigError, RunConfig, class_list, replace
 from .data.missing import (
     TEST_SETTINGS,
+    apply_missing,
     client_mixtures,
     evaluation_mixture,
     load_missing_table,
-    pattern_counts,
-    sample_patterns,
+    missing_counts,
+    missing_table_entry,
     setting_mixture,
 )
 from .data.partition import partition
 from .data.processing import MultimodalDataset, MultimodalProcessor, make_loader
-from .data.records import DatasetSplits, Sample, primary_labels
+from .data.records import DataError, DatasetSplits, Sample, primary_labels
+from .federated import client_identity
 from .methods import method_spec
 from .model import PromptedModel, PromptSettings, load_trainable_state, trainable_state
 from .training import TrainResult, TrainSettings, evaluate, train_local
@@ -127,7 +145,14 @@ def load_backbone(cfg: RunConfig) -> LoadedBackbone:
         if features:
             from .features import feature_shape
 
-            shape = feature_shape(load_splits(cfg).train)
+            if not has_data(cfg):
+                raise ConfigError(
+                    f"backbone={cfg.backbone!r} reads the shape of the precomputed image features from the data, "
+                    "but the run config names no data-dir for the server; give it its held-out folder (with features)"
+                )
+
+            splits = load_splits(cfg)
+            shape = feature_shape([*splits.train, *splits.dev, *splits.test])
             parts = backbones.load_backbone(
                 cfg.backbone,
                 cfg.model,
@@ -152,12 +177,27 @@ def load_backbone(cfg: RunConfig) -> LoadedBackbone:
 
 
 def load_splits(cfg: RunConfig) -> DatasetSplits:
-    """The dataset's train/dev/test splits, cached per process."""
+    """The dataset's train/dev/test splits in ``cfg.data_dir``, cached per process.
+
+    Every split file is optional here (a site folder holds train, a server's held-out folder
+    dev and test); whoever needs a split says so with a clear error.
+    """
     from .backbones import needs_image_features
 
     # The embedded set computes its generated image features only for a feature backbone.
     features = cfg.dataset == "embedded" and needs_image_features(cfg.backbone)
-    key = ("splits", cfg.dataset, cfg.data_dir, cfg.data_layout, cfg.num_classes, cfg.skip_bad_rows, cfg.seed, features)
+    key = (
+        "splits",
+        cfg.dataset,
+        cfg.data_dir,
+        cfg.data_layout,
+        cfg.num_classes,
+        cfg.classes,
+        cfg.mmimdb_protocol,
+        cfg.skip_bad_rows,
+        cfg.seed,
+        features,
+    )
 
     def build() -> DatasetSplits:
         if cfg.dataset == "embedded":
@@ -177,9 +217,52 @@ def load_splits(cfg: RunConfig) -> DatasetSplits:
             num_classes=cfg.num_classes,
             skip_bad_rows=cfg.skip_bad_rows,
             verify_images=cfg.skip_bad_rows,
+            classes=class_list(cfg) or None,
+            mmimdb_protocol=cfg.mmimdb_protocol,
+            required=(),
         )
 
     return _cached(key, build)
+
+
+@dataclasses.dataclass(frozen=True)
+class LabelSpace:
+    """What the model's head and the results need to know about the labels.
+
+    Attributes:
+        classes: class names (label ``i`` is ``classes[i]``).
+        multilabel: multi-hot labels and BCE (MM-IMDB multilabel protocol).
+        metric: the headline metric, ``"accuracy"`` or ``"macro_f1"``.
+    """
+
+    classes: tuple[str, ...]
+    multilabel: bool
+    metric: str
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    @property
+    def fingerprint(self) -> str:
+        """Short SHA-256 of the class list: every client and the server must agree on it."""
+        return hashlib.sha256("\n".join(self.classes).encode()).hexdigest()[:16]
+
+
+def has_data(cfg: RunConfig) -> bool:
+    """Whether this process's configuration names data (the server: its held-out sets)."""
+    return cfg.dataset == "embedded" or bool(cfg.data_dir)
+
+
+def label_space(cfg: RunConfig) -> LabelSpace:
+    """The run's label space: from the data in ``data-dir``, or from ``classes`` when there is none."""
+    if has_data(cfg):
+        splits = load_splits(cfg)
+        return LabelSpace(tuple(splits.classes), splits.multilabel, splits.headline_metric)
+    from .data.loaders import dataset_traits
+
+    multilabel, metric, _ = dataset_traits(cfg.dataset, cfg.mmimdb_protocol)
+    return LabelSpace(class_list(cfg), multilabel, metric)
 
 
 def _train_and_server_val(cfg: RunConfig, splits: DatasetSplits) -> tuple[list[Sample], list[Sample]]:
@@ -212,15 +295,125 @@ def _cap(samples: list[Sample], limit: int, seed: int, purpose: int) -> list[Sam
 # ---------------------------------------------------------------------------------------
 # Client shards
 # ---------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class ClientNode:
+    """Who a ClientApp is and where its data comes from (read from its SuperNode's node config).
+
+    Attributes:
+        client_id: the client's identity: node config ``client-id``, else ``str(partition-id)``,
+            else ``node-<node id>``; keys its results (``clients.json``) and, for a site,
+            its seeds and missing-table entry.
+        partition_id, num_partitions: the shard of the run's data-dir (partitioned mode).
+        data_dir: the site's own data folder; set, the client is site-local.
+        data_layout, device: this node's overrides of the run config keys ('' keeps them).
+    """
+
+    client_id: str
+    partition_id: int | None = None
+    num_partitions: int | None = None
+    data_dir: str = ""
+    data_layout: str = ""
+    device: str = ""
+
+    @property
+    def site_local(self) -> bool:
+        return bool(self.data_dir)
+
+    @property
+    def seed_key(self) -> int:
+        """This client's part of every seed: partition id + 1, or a stable hash of a site's id."""
+        if not self.site_local and self.partition_id is not None:
+            return self.partition_id + 1
+        return int.from_bytes(hashlib.sha256(self.client_id.encode()).digest()[:4], "big")
+
+    def config(self, cfg: RunConfig) -> RunConfig:
+        """The run config as this node sees it: its own data-dir, layout and device."""
+        changes = {}
+        if self.site_local:
+            if cfg.dataset == "embedded":
+                raise ConfigError(
+                    f"node config data-dir={self.data_dir!r} needs a dataset read from disk, but the run config "
+                    'has dataset="embedded"; run with dataset="food101" or "mmimdb"'
+                )
+            changes["data-dir"] = self.data_dir
+        if self.data_layout:
+            changes["data-layout"] = self.data_layout
+        if self.device:
+            changes["device"] = self.device
+        return replace(cfg, **changes) if changes else cfg
+
+
+def node_client(node_config: Mapping[str, Any], node_id: int = 0) -> ClientNode:
+    """The :class:`ClientNode` of a SuperNode's node config.
+
+    A node config names either ``data-dir`` (site-local: the site's own data) or
+    ``partition-id`` and ``num-partitions`` (a shard of the run's data-dir), and
+    optionally ``client-id``, ``data-layout`` and ``device``.
+
+    Raises:
+        ConfigError: neither data nor partition given, or a value of the wrong type or range.
+    """
+
+    def text(key: str, choices: tuple[str, ...] | None = None) -> str:
+        value = node_config.get(key, "")
+        if not isinstance(value, str):
+            raise ConfigError(f"node config key {key!r} = {value!r} must be a string (--node-config '{key}=\"...\"')")
+        if value and choices is not None and value not in choices:
+            raise ConfigError(f"node config key {key!r} = {value!r} is not allowed; use one of: {', '.join(choices)}")
+        return value
+
+    data_dir = os.path.expanduser(text("data-dir"))
+    if data_dir and not os.path.isabs(data_dir):
+        raise ConfigError(
+            f"node config key 'data-dir' = {data_dir!r} must be an absolute path: the ClientApp process that "
+            "reads it may run in another folder than the SuperNode"
+        )
+    partition_id = num_partitions = None
+    if "partition-id" in node_config or "num-partitions" in node_config:
+        try:
+            partition_id, num_partitions = int(node_config["partition-id"]), int(node_config["num-partitions"])
+        except KeyError as exc:
+            raise ConfigError(f"node config lacks {exc.args[0]!r}; give both partition-id and num-partitions") from None
+        except (TypeError, ValueError):
+            raise ConfigError(
+                f"node config partition-id={node_config['partition-id']!r} and "
+                f"num-partitions={node_config['num-partitions']!r} must be integers"
+            ) from None
+        if not 0 <= partition_id < num_partitions:
+            raise ConfigError(
+                f"node config partition-id={partition_id} must lie in 0..num-partitions-1 ({num_partitions - 1})"
+            )
+    if not data_dir and partition_id is None:
+        raise ConfigError(
+            "node config names no data: start the SuperNode with --node-config 'data-dir=\"/path/to/site\"' "
+            "(this site's own data) or 'partition-id=<i> num-partitions=<n>' (a shard of the run's data-dir)"
+        )
+    text("client-id")  # checked: a string if given
+    return ClientNode(
+        client_id=client_identity(node_config, node_id),
+        partition_id=partition_id,
+        num_partitions=num_partitions,
+        data_dir=data_dir,
+        data_layout=text("data-layout", DATA_LAYOUTS),
+        device=text("device", DEVICES),
+    )
+
+
 @dataclasses.dataclass
 class ClientShard:
     """One client's local data, with its own missing-modality mixture applied.
 
     Attributes:
-        partition_id: the client's partition (``-1`` for the centralized owner).
+        partition_id: the client's partition (``-1`` for the centralized owner and for a
+            site without one).
         train, val: local training and validation sets.
-        mixture: ``(3,)`` the client's pattern mixture (complete, text-missing, image-missing).
-        counts: realised pattern counts of the training set.
+        mixture: ``(3,)`` the simulated pattern mixture (complete, text-missing,
+            image-missing) applied to the complete rows.
+        counts: realised pattern counts of the training set, with their real and simulated
+            parts (:func:`~fedprime_core.data.missing.missing_counts`).
+        client_id: the client's identity.
+        site_local: the data is the site's own folder (nothing partitioned).
+        skipped_empty: training rows of the site's folder skipped for having no modality.
     """
 
     partition_id: int
@@ -228,15 +421,26 @@ class ClientShard:
     val: MultimodalDataset
     mixture: np.ndarray
     counts: dict[str, int]
+    client_id: str = ""
+    site_local: bool = False
+    skipped_empty: int = 0
 
     def describe(self) -> dict[str, Any]:
-        return {
-            "partition-id": self.partition_id,
-            "num-train": len(self.train),
-            "num-val": len(self.val),
-            "mixture": [round(float(x), 4) for x in self.mixture],
-            **self.counts,
-        }
+        out: dict[str, Any] = {"client-id": self.client_id or str(self.partition_id)}
+        if self.partition_id >= 0 or not self.site_local:
+            out["partition-id"] = self.partition_id
+        out.update(
+            {
+                "data": "site" if self.site_local else "partition",
+                "num-train": len(self.train),
+                "num-val": len(self.val),
+                "mixture": [round(float(x), 4) for x in self.mixture],
+                **self.counts,
+            }
+        )
+        if self.site_local:
+            out["skipped-no-modality"] = self.skipped_empty
+        return out
 
 
 def client_mixture_table(cfg: RunConfig, num_partitions: int) -> np.ndarray:
@@ -248,6 +452,23 @@ def client_mixture_table(cfg: RunConfig, num_partitions: int) -> np.ndarray:
     )
 
 
+def site_mixture(cfg: RunConfig, client: ClientNode) -> np.ndarray:
+    """The simulated mixture of a site-local client, ``(3,)``.
+
+    ``missing-table`` (keyed by ``client-id``, or ``partition-id`` when the node has one,
+    else ``default``) when given; else ``missing-setting`` at ``eta`` with the client's own
+    Dirichlet draw (``missing-alpha``), seeded by the run seed and the client's id.
+    ``missing-setting="none"`` without a table: complete, the data is used as it is.
+    """
+    if cfg.missing_table:
+        keys = [client.client_id] + ([str(client.partition_id)] if client.partition_id is not None else [])
+        mixture, matched = missing_table_entry(cfg.missing_table, keys)
+        LOGGER.info("client %s: simulated mixture of %s, entry %r", client.client_id, cfg.missing_table, matched)
+        return mixture
+    rng = _rng(cfg.seed, _SEED_MIXTURE, 1, client.seed_key)
+    return client_mixtures(1, cfg.missing_setting, cfg.eta, cfg.missing_alpha, rng)[0]
+
+
 def _dataset(
     cfg: RunConfig, samples: list[Sample], patterns: np.ndarray, loaded: LoadedBackbone, splits: DatasetSplits
 ) -> MultimodalDataset:
@@ -257,25 +478,56 @@ def _dataset(
     )
 
 
-def client_shard(cfg: RunConfig, partition_id: int, num_partitions: int) -> ClientShard:
-    """The shard of client ``partition_id`` out of ``num_partitions`` (cached per process).
+def _as_node(client: ClientNode | int, num_partitions: int | None) -> ClientNode:
+    if isinstance(client, ClientNode):
+        return client
+    if num_partitions is None:
+        raise ValueError("a partition id needs num_partitions")
+    return ClientNode(client_id=str(client), partition_id=int(client), num_partitions=int(num_partitions))
 
-    ``centralized-p`` ignores the partition: its single owner holds all training data
-    with the global missing mixture.
+
+def client_shard(cfg: RunConfig, client: ClientNode | int, num_partitions: int | None = None) -> ClientShard:
+    """The local data of a client (cached per process).
+
+    Args:
+        cfg: the run config.
+        client: a :class:`ClientNode`, or a partition id (with ``num_partitions``).
+        num_partitions: number of partitions when ``client`` is a partition id.
+
+    A site-local client trains on its own folder (:func:`site_shard`). A partitioned one
+    gets shard ``partition_id`` of ``num_partitions`` of the run's data; ``centralized-p``
+    ignores the partition: its single owner holds all training data with the global
+    missing mixture.
     """
+    node = _as_node(client, num_partitions)
+    cfg = node.config(cfg)
+    if node.site_local:
+        return site_shard(cfg, node)
+    if not has_data(cfg):
+        raise ConfigError(
+            f"client {node.client_id}: a node with partition-id carves its shard out of the run config's data-dir, "
+            "which is empty; set data-dir, or start the SuperNode with its own --node-config 'data-dir=\"...\"'"
+        )
     spec = method_spec(cfg.method)
+    partition_id, num_partitions = node.partition_id, node.num_partitions
+    assert partition_id is not None and num_partitions is not None  # node_client guarantees it
     if not spec.centralized and not 0 <= partition_id < num_partitions:
         raise ValueError(f"partition-id {partition_id} is outside 0..{num_partitions - 1}")
     key = (
         "shard",
         cfg.dataset,
         cfg.data_dir,
+        cfg.data_layout,
         cfg.num_classes,
+        cfg.classes,
+        cfg.mmimdb_protocol,
         cfg.seed,
         cfg.method == "centralized-p",
         partition_id,
         num_partitions,
+        node.client_id,
         cfg.label_alpha,
+        cfg.client_size_sigma,
         cfg.min_partition_size,
         cfg.missing_setting,
         cfg.eta,
@@ -298,26 +550,120 @@ def client_shard(cfg: RunConfig, partition_id: int, num_partitions: int) -> Clie
             mixture = setting_mixture(cfg.missing_setting, cfg.eta)
             pid = -1
         else:
-            parts = partition(primary_labels(train), num_partitions, cfg.label_alpha, cfg.min_partition_size, cfg.seed)
+            parts = partition(
+                primary_labels(train),
+                num_partitions,
+                cfg.label_alpha,
+                cfg.min_partition_size,
+                cfg.seed,
+                size_sigma=cfg.client_size_sigma,
+            )
             indices = parts[partition_id]
             mixture = client_mixture_table(cfg, num_partitions)[partition_id]
             pid = partition_id
         order = _rng(cfg.seed, _SEED_SPLIT, 2, pid + 1).permutation(indices)
         n_val = int(round(len(order) * cfg.val_fraction)) if len(order) > 1 else 0
         val_idx, train_idx = np.sort(order[:n_val]), np.sort(order[n_val:])
-        train_patterns = sample_patterns(len(train_idx), mixture, _rng(cfg.seed, _SEED_PATTERNS, pid + 1, 0))
-        val_patterns = sample_patterns(len(val_idx), mixture, _rng(cfg.seed, _SEED_PATTERNS, pid + 1, 1))
+        train_samples = [train[i] for i in train_idx]
+        val_samples = [train[i] for i in val_idx]
+        train_patterns, natural = apply_missing(train_samples, mixture, _rng(cfg.seed, _SEED_PATTERNS, pid + 1, 0))
+        val_patterns, _ = apply_missing(val_samples, mixture, _rng(cfg.seed, _SEED_PATTERNS, pid + 1, 1))
         shard = ClientShard(
             partition_id=pid,
-            train=_dataset(cfg, [train[i] for i in train_idx], train_patterns, loaded, splits),
-            val=_dataset(cfg, [train[i] for i in val_idx], val_patterns, loaded, splits),
+            train=_dataset(cfg, train_samples, train_patterns, loaded, splits),
+            val=_dataset(cfg, val_samples, val_patterns, loaded, splits),
             mixture=mixture,
-            counts=pattern_counts(train_patterns),
+            counts=missing_counts(train_patterns, natural),
+            client_id=node.client_id if not spec.centralized else "centralized",
         )
         LOGGER.info("client shard %s", shard.describe())
         return shard
 
     return _cached(key, build)
+
+
+def site_shard(cfg: RunConfig, client: ClientNode) -> ClientShard:
+    """A site's own data (``cfg.data_dir``, the node's folder), nothing partitioned (cached per process).
+
+    Train: the whole train split (capped by ``max-train-samples`` when set). Validation: the
+    site's dev split, or a ``val-fraction`` of train when it has none. Missing modalities:
+    the rows' own, plus :func:`site_mixture` simulated on the complete rows.
+
+    Raises:
+        DataError: the folder has no training rows.
+    """
+    key = (
+        "site-shard",
+        cfg.dataset,
+        cfg.data_dir,
+        cfg.data_layout,
+        cfg.num_classes,
+        cfg.classes,
+        cfg.mmimdb_protocol,
+        cfg.skip_bad_rows,
+        cfg.seed,
+        client.client_id,
+        client.partition_id,
+        cfg.missing_setting,
+        cfg.eta,
+        cfg.missing_alpha,
+        cfg.missing_table,
+        cfg.val_fraction,
+        cfg.max_train_samples,
+        cfg.model,
+        cfg.backbone,
+        cfg.text_max_length,
+        cfg.image_size,
+    )
+
+    def build() -> ClientShard:
+        splits = load_splits(cfg)
+        if not splits.train:
+            raise DataError(
+                f"site {client.client_id}: {cfg.data_dir!r} holds no training rows; a site needs its train split "
+                "(train.jsonl, or <dataset>_train.arrow) with at least one usable row"
+            )
+        loaded = load_backbone(cfg)
+        train = _cap(list(splits.train), cfg.max_train_samples, cfg.seed, 10)
+        if splits.dev:
+            val = list(splits.dev)
+        else:
+            order = _rng(cfg.seed, _SEED_SPLIT, 2, client.seed_key).permutation(len(train))
+            n_val = int(round(len(order) * cfg.val_fraction)) if len(order) > 1 else 0
+            val = [train[i] for i in np.sort(order[:n_val])]
+            train = [train[i] for i in np.sort(order[n_val:])]
+        mixture = site_mixture(cfg, client)
+        train_patterns, natural = apply_missing(train, mixture, _rng(cfg.seed, _SEED_PATTERNS, client.seed_key, 0))
+        val_patterns, _ = apply_missing(val, mixture, _rng(cfg.seed, _SEED_PATTERNS, client.seed_key, 1))
+        shard = ClientShard(
+            partition_id=-1 if client.partition_id is None else client.partition_id,
+            train=_dataset(cfg, train, train_patterns, loaded, splits),
+            val=_dataset(cfg, val, val_patterns, loaded, splits),
+            mixture=mixture,
+            counts=missing_counts(train_patterns, natural),
+            client_id=client.client_id,
+            site_local=True,
+            skipped_empty=int(splits.skipped_empty.get("train", 0)),
+        )
+        LOGGER.info("site shard %s", shard.describe())
+        return shard
+
+    return _cached(key, build)
+
+
+def client_info(cfg: RunConfig, client: ClientNode, shard: ClientShard) -> dict[str, Any]:
+    """What a client reports about itself with every update (the ``client`` record, ``clients.json``).
+
+    Its identity, data mode, sample counts, mixture, realised pattern counts (real and
+    simulated) and the fingerprints of its frozen backbone and of its class list. Never a
+    path or a sample.
+    """
+    node_cfg = client.config(cfg)
+    return {
+        **shard.describe(),
+        "backbone-fingerprint": load_backbone(node_cfg).fingerprint,
+        "labels-fingerprint": label_space(node_cfg).fingerprint,
+    }
 
 
 # ---------------------------------------------------------------------------------------
@@ -352,12 +698,12 @@ def train_settings(cfg: RunConfig) -> TrainSettings:
 def build_model(cfg: RunConfig) -> PromptedModel:
     """A fresh prompted model for the run (the initial global trainable state comes from it)."""
     loaded = load_backbone(cfg)
-    splits = load_splits(cfg)
+    labels = label_space(cfg)
     seed = int(np.random.SeedSequence([cfg.seed, _SEED_MODEL]).generate_state(1)[0])
     model = PromptedModel(
         loaded.backbone,
         method_spec(cfg.method),
-        splits.num_classes,
+        labels.num_classes,
         prompt_settings(cfg),
         seed=seed,
         train_pooler=cfg.exchange_pooler,
@@ -378,6 +724,8 @@ def process_model(cfg: RunConfig) -> PromptedModel:
         cfg.dataset,
         cfg.data_dir,
         cfg.num_classes,
+        cfg.classes,
+        cfg.mmimdb_protocol,
         prompt_settings(cfg),
         cfg.exchange_pooler,
         cfg.device,
@@ -391,10 +739,19 @@ def initial_state(cfg: RunConfig) -> dict[str, np.ndarray]:
 
 
 def client_train(
-    cfg: RunConfig, state: Mapping[str, np.ndarray], partition_id: int, num_partitions: int, server_round: int
+    cfg: RunConfig,
+    state: Mapping[str, np.ndarray],
+    client: ClientNode | int,
+    num_partitions: int | None = None,
+    server_round: int = 0,
 ) -> tuple[dict[str, np.ndarray], TrainResult, ClientShard]:
-    """Load the global ``state``, train locally for one round, return the new state."""
-    shard = client_shard(cfg, partition_id, num_partitions)
+    """Load the global ``state``, train locally for one round, return the new state.
+
+    ``client`` is a :class:`ClientNode` or a partition id (with ``num_partitions``).
+    """
+    node = _as_node(client, num_partitions)
+    cfg = node.config(cfg)
+    shard = client_shard(cfg, node)
     model = process_model(cfg)
     load_trainable_state(model, state)
     device = resolve_device(cfg.device)
@@ -403,33 +760,62 @@ def client_train(
         cfg.batch_size,
         shuffle=True,
         num_workers=cfg.num_workers,
-        seed=int(
-            np.random.SeedSequence([cfg.seed, _SEED_SHUFFLE, partition_id + 1, server_round]).generate_state(1)[0]
-        ),
+        seed=int(np.random.SeedSequence([cfg.seed, _SEED_SHUFFLE, node.seed_key, server_round]).generate_state(1)[0]),
     )
-    splits = load_splits(cfg)
-    result = train_local(model, loader, train_settings(cfg), multilabel=splits.multilabel, device=device)
+    result = train_local(model, loader, train_settings(cfg), multilabel=shard.train.multilabel, device=device)
     return trainable_state(model), result, shard
 
 
 def client_evaluate(
-    cfg: RunConfig, state: Mapping[str, np.ndarray], partition_id: int, num_partitions: int
+    cfg: RunConfig, state: Mapping[str, np.ndarray], client: ClientNode | int, num_partitions: int | None = None
 ) -> dict[str, float]:
     """Evaluate the global ``state`` on the client's local validation split."""
-    shard = client_shard(cfg, partition_id, num_partitions)
+    node = _as_node(client, num_partitions)
+    cfg = node.config(cfg)
+    shard = client_shard(cfg, node)
     model = process_model(cfg)
     load_trainable_state(model, state)
     loader = make_loader(shard.val, cfg.eval_batch_size, shuffle=False, num_workers=cfg.num_workers)
-    return evaluate(model, loader, load_splits(cfg).multilabel, resolve_device(cfg.device))
+    return evaluate(model, loader, shard.val.multilabel, resolve_device(cfg.device))
+
+
+def _server_heldout(cfg: RunConfig, splits: DatasetSplits) -> tuple[list[Sample], list[Sample]]:
+    """The server's validation and test samples (uncapped).
+
+    Validation: the dev split; without one, the held-out part of train
+    (:func:`_train_and_server_val`); in a held-out folder without train either, a
+    ``val-fraction`` of the test split, disjoint from the test samples that remain.
+    """
+    test = list(splits.test)
+    if not test:
+        raise DataError(
+            f"server-side evaluation needs a test split in data-dir {cfg.data_dir!r} (test.jsonl, or "
+            f"{cfg.dataset}_test.arrow); add one or run with server-eval=false"
+        )
+    if splits.dev:
+        return list(splits.dev), test
+    if splits.train:
+        return _train_and_server_val(cfg, splits)[1], test
+    order = _rng(cfg.seed, _SEED_SPLIT, 5).permutation(len(test))
+    cut = max(1, int(round(len(test) * max(cfg.val_fraction, 0.05)))) if len(test) > 1 else 0
+    LOGGER.info("server: no dev or train split in %s; %d test samples become the validation split", cfg.data_dir, cut)
+    return [test[i] for i in np.sort(order[:cut])], [test[i] for i in np.sort(order[cut:])]
 
 
 def server_eval_sets(cfg: RunConfig) -> dict[str, MultimodalDataset]:
-    """The server's held-out sets: ``val`` (same-as-train mixture) and the five test settings."""
+    """The server's held-out sets: ``val`` (same-as-train mixture) and the five test settings.
+
+    Rows that miss a modality in the data keep it in every setting; each setting's mixture
+    applies to the complete rows.
+    """
     key = (
         "server-eval",
         cfg.dataset,
         cfg.data_dir,
+        cfg.data_layout,
         cfg.num_classes,
+        cfg.classes,
+        cfg.mmimdb_protocol,
         cfg.seed,
         cfg.missing_setting,
         cfg.eta,
@@ -445,25 +831,16 @@ def server_eval_sets(cfg: RunConfig) -> dict[str, MultimodalDataset]:
     def build() -> dict[str, MultimodalDataset]:
         splits = load_splits(cfg)
         loaded = load_backbone(cfg)
-        _, dev = _train_and_server_val(cfg, splits)
+        dev, test = _server_heldout(cfg, splits)
         dev = _cap(dev, cfg.max_test_samples, cfg.seed, 3)
-        test = _cap(list(splits.test), cfg.max_test_samples, cfg.seed, 4)
-        sets = {
-            "val": _dataset(
-                cfg,
-                dev,
-                sample_patterns(
-                    len(dev), setting_mixture(cfg.missing_setting, cfg.eta), _rng(cfg.seed, _SEED_TEST, 99)
-                ),
-                loaded,
-                splits,
-            )
-        }
+        test = _cap(test, cfg.max_test_samples, cfg.seed, 4)
+        val_mixture = setting_mixture(cfg.missing_setting, cfg.eta)
+        val_patterns, _ = apply_missing(dev, val_mixture, _rng(cfg.seed, _SEED_TEST, 99))
+        sets = {"val": _dataset(cfg, dev, val_patterns, loaded, splits)}
         for i, setting in enumerate(TEST_SETTINGS):
             mixture = evaluation_mixture(setting, cfg.missing_setting, cfg.eta)
-            sets[setting] = _dataset(
-                cfg, test, sample_patterns(len(test), mixture, _rng(cfg.seed, _SEED_TEST, i)), loaded, splits
-            )
+            patterns, _ = apply_missing(test, mixture, _rng(cfg.seed, _SEED_TEST, i))
+            sets[setting] = _dataset(cfg, test, patterns, loaded, splits)
         return sets
 
     return _cached(key, build)
@@ -474,7 +851,7 @@ def server_evaluate(cfg: RunConfig, state: Mapping[str, np.ndarray]) -> dict[str
     model = process_model(cfg)
     load_trainable_state(model, state)
     device = resolve_device(cfg.device)
-    multilabel = load_splits(cfg).multilabel
+    multilabel = label_space(cfg).multilabel
     return {
         name: evaluate(
             model,

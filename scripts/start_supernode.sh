@@ -1,36 +1,62 @@
 #!/usr/bin/env bash
-# Start one FedPrime SuperNode (one client, one GPU) that serves partition PID of N.
+# Start one FedPrime SuperNode (one client, one GPU): a site with its own data, or a shard.
 #
-#   scripts/start_supernode.sh --superlink HOST:PORT --partition-id PID --num-partitions N \
-#       [--gpu K] [--port 9094] [--ca DIR/ca.crt] [--key KEYFILE] [--node-config 'extra=...']
+#   scripts/start_supernode.sh --superlink HOST:PORT --data-dir DIR [--client-id NAME] \
+#       [--gpu K] [--device cpu|cuda|auto] [--port 9094] [--ca DIR/ca.crt] [--key KEYFILE]
+#   scripts/start_supernode.sh --superlink HOST:PORT --partition-id PID --num-partitions N [...]
 #
-#   --gpu K        pin this client to GPU K (sets CUDA_VISIBLE_DEVICES=K); omit on CPU machines
-#   --port P       local port of this SuperNode's ClientApp runtime API; give every SuperNode
-#                  on one host its own (9094, 9095, ...)
-#   --ca FILE      verify the SuperLink's TLS certificate with this CA (omit for --insecure)
-#   --key FILE     private key of this SuperNode for SuperNode authentication
-#                  (register FILE.pub first: flwr supernode register FILE.pub <connection>)
-#   -- ARGS...     passed on to flower-supernode as they are (e.g. -- --max-retries 10)
+#   --data-dir DIR     this site's own data folder (jsonl or arrow layout, see README "Sites");
+#                      the client trains and validates on all of it, nothing is partitioned
+#   --client-id NAME   this client's name in the results (clients.json); default: the
+#                      partition id, else node-<node id>
+#   --partition-id PID, --num-partitions N
+#                      instead of --data-dir: serve shard PID of N of the run's data-dir
+#   --gpu K            pin this client to GPU K (sets CUDA_VISIBLE_DEVICES=K); omit on CPU machines
+#   --device D         this node's compute device (auto, cpu, cuda), overriding the run config
+#   --port P           local port of this SuperNode's ClientApp runtime API; give every SuperNode
+#                      on one host its own (9094, 9095, ...)
+#   --ca FILE          verify the SuperLink's TLS certificate with this CA (omit for --insecure)
+#   --key FILE         private key of this SuperNode for SuperNode authentication
+#                      (register FILE.pub first: flwr supernode register FILE.pub <connection>)
+#   --node-config S    extra node-config entries, appended as they are
+#   -- ARGS...         passed on to flower-supernode as they are (e.g. -- --max-retries 10)
 set -euo pipefail
-superlink="" pid="" n="" gpu="" port=9094 ca="" key="" extra=""
+superlink="" pid="" n="" gpu="" port=9094 ca="" key="" extra="" data_dir="" client_id="" device=""
 passthrough=()
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --superlink) superlink=$2; shift 2 ;;
+    --data-dir) data_dir=$2; shift 2 ;;
+    --client-id) client_id=$2; shift 2 ;;
     --partition-id) pid=$2; shift 2 ;;
     --num-partitions) n=$2; shift 2 ;;
     --gpu) gpu=$2; shift 2 ;;
+    --device) device=$2; shift 2 ;;
     --port) port=$2; shift 2 ;;
     --ca) ca=$2; shift 2 ;;
     --key) key=$2; shift 2 ;;
     --node-config) extra=$2; shift 2 ;;
     --) shift; passthrough=("$@"); break ;;
-    -h|--help) sed -n '2,15p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,24p' "$0"; exit 0 ;;
     *) echo "unknown option $1 (see --help)" >&2; exit 2 ;;
   esac
 done
-[[ -n "$superlink" && -n "$pid" && -n "$n" ]] || { echo "need --superlink, --partition-id and --num-partitions (see --help)" >&2; exit 2; }
-args=(--superlink "$superlink" --port "$port" --node-config "partition-id=$pid num-partitions=$n${extra:+ $extra}")
+[[ -n "$superlink" ]] || { echo "need --superlink (see --help)" >&2; exit 2; }
+if [[ -z "$data_dir" && ( -z "$pid" || -z "$n" ) ]]; then
+  echo "need --data-dir (this site's data) or --partition-id and --num-partitions (see --help)" >&2; exit 2
+fi
+if [[ -n "$data_dir" ]]; then
+  [[ -d "$data_dir" ]] || { echo "--data-dir $data_dir is not a folder" >&2; exit 2; }
+  data_dir=$(cd "$data_dir" && pwd)  # the ClientApp runs elsewhere: pass an absolute path
+  case "$data_dir$client_id" in *'"'*|*\\*) echo "--data-dir and --client-id cannot contain quotes or backslashes" >&2; exit 2 ;; esac
+fi
+config=()
+[[ -n "$data_dir" ]] && config+=("data-dir=\"$data_dir\"")
+[[ -n "$client_id" ]] && config+=("client-id=\"$client_id\"")
+[[ -n "$pid" ]] && config+=("partition-id=$pid" "num-partitions=$n")
+[[ -n "$device" ]] && config+=("device=\"$device\"")
+[[ -n "$extra" ]] && config+=("$extra")
+args=(--superlink "$superlink" --port "$port" --node-config "${config[*]}")
 if [[ -n "$ca" ]]; then args+=(--root-certificates "$ca"); else args+=(--insecure); fi
 [[ -n "$key" ]] && args+=(--auth-supernode-private-key "$key")
 [[ -n "$gpu" ]] && export CUDA_VISIBLE_DEVICES=$gpu

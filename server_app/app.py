@@ -114,11 +114,14 @@ def main(grid: Grid, context: Context) -> None:
     log(INFO, "FedPrime run: method=%s dataset=%s model=%s; results in %s", cfg.method, cfg.dataset, cfg.model, run_dir)
     log(INFO, "What travels: %s", describe_communication(cfg))
 
-    fingerprint, multilabel = None, False
-    if cfg.server_eval or state is None:
-        loaded = runtime.load_backbone(cfg)
-        fingerprint = loaded.fingerprint
-        multilabel = runtime.load_splits(cfg).multilabel
+    # Without its own data-dir (sites hold all the data) the server evaluates nothing itself.
+    server_eval = cfg.server_eval and runtime.has_data(cfg)
+    if cfg.server_eval and not server_eval:
+        log(WARNING, "the run config names no data-dir for the server: no server-side evaluation (client-side only)")
+    fingerprint = None
+    if server_eval or state is None:
+        fingerprint = runtime.load_backbone(cfg).fingerprint
+    labels = runtime.label_space(cfg)
     if state is None:
         state = runtime.initial_state(cfg)
 
@@ -132,7 +135,8 @@ def main(grid: Grid, context: Context) -> None:
         history=history,
         clients=clients,
         server_fingerprint=fingerprint,
-        multilabel=multilabel,
+        multilabel=labels.metric == "macro_f1",
+        labels_fingerprint=labels.fingerprint,
         inter_record=inter_record,
     )
     strategy.start(
@@ -140,7 +144,7 @@ def main(grid: Grid, context: Context) -> None:
         initial_arrays=state_to_record(state),
         num_rounds=cfg.num_server_rounds,
         timeout=cfg.round_timeout,
-        evaluate_fn=evaluate if cfg.server_eval else None,
+        evaluate_fn=evaluate if server_eval else None,
     )
     if not strategy.clients:
         log(WARNING, "no client update was accepted in this run")

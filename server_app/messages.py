@@ -22,9 +22,12 @@ Client -> server (train reply):
     ``"usage"``   ConfigRecord: pool name -> list of per-prompt selection counts.
     ``"pattern-usage"`` ConfigRecord: pool name -> the same counts split by the missing
                   pattern of the selecting sample, flattened ``(3, pool size)`` row-major.
-    ``"client"``  ConfigRecord: ``client-id``, ``partition-id``, realised pattern counts
-                  (``complete``, ``text-missing``, ``image-missing``), ``num-train``,
-                  ``mixture`` and the ``backbone-fingerprint``.
+    ``"client"``  ConfigRecord: ``client-id`` (and ``partition-id`` when it has one),
+                  ``data`` (``site`` or ``partition``), realised pattern counts
+                  (``complete``, ``text-missing``, ``image-missing``, their ``real-*`` and
+                  ``simulated-*`` parts, a site's ``skipped-no-modality`` rows),
+                  ``num-train``, ``num-val``, ``mixture``, the ``backbone-fingerprint``
+                  and the ``labels-fingerprint`` (of its class list).
 
 Client -> server (evaluate reply): ``"metrics"`` with ``num-examples``, ``loss``,
 ``accuracy``, ``macro_f1``, ``micro_f1``.

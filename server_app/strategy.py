@@ -76,6 +76,8 @@ class FedPrimeStrategy(FedAvg):
         multilabel: whether the headline metric is macro-F1 (MM-IMDB) or accuracy.
         inter_record: the personal inter pools of a resumed run
             (:meth:`GlobalState.record`); a fresh run starts them from ``initial_state``.
+        labels_fingerprint: fingerprint of the server's class list; a reply made with
+            another class list is rejected (``None``: the first reply sets it).
     """
 
     def __init__(
@@ -89,6 +91,7 @@ class FedPrimeStrategy(FedAvg):
         server_fingerprint: str | None = None,
         multilabel: bool = False,
         inter_record: dict[str, Any] | None = None,
+        labels_fingerprint: str | None = None,
     ) -> None:
         spec = method_spec(cfg.method)
         min_train = 1 if spec.centralized else cfg.min_train_nodes
@@ -107,6 +110,7 @@ class FedPrimeStrategy(FedAvg):
         self.clients: dict[str, dict[str, Any]] = dict(clients or {})
         self.reference_fingerprint = server_fingerprint
         self.multilabel = multilabel
+        self.reference_labels = labels_fingerprint
         self.sweeps = cfg.align_sweeps or method_default_sweeps(cfg.method)
         #: node id -> client id, learned by identity queries (never checkpointed: node ids change).
         self.node_clients: dict[int, str] = {}
@@ -262,6 +266,7 @@ class FedPrimeStrategy(FedAvg):
                     expected = self.model.expected_shapes()
                     reasons = validate_update(update, expected, self.spec.pools, self.cfg.max_update_norm)
                     reasons += self._check_fingerprint(info)
+                    reasons += self._check_labels(info)
             if reasons:
                 rejected.append({"node": node, "partition": info.get("partition-id"), "reason": "; ".join(reasons)})
                 continue
@@ -313,6 +318,21 @@ class FedPrimeStrategy(FedAvg):
         if fingerprint != self.reference_fingerprint:
             return [
                 f"frozen backbone fingerprint {fingerprint} differs from the federation's {self.reference_fingerprint}"
+            ]
+        return []
+
+    def _check_labels(self, info: dict[str, Any]) -> list[str]:
+        """A client whose class list differs from the federation's would train another task."""
+        labels = info.get("labels-fingerprint")
+        if not labels:
+            return []
+        if self.reference_labels is None:
+            self.reference_labels = str(labels)
+            return []
+        if labels != self.reference_labels:
+            return [
+                f"class list fingerprint {labels} differs from the federation's {self.reference_labels}: give every "
+                "site and the server the same class list (run config 'classes' or the same classes.txt)"
             ]
         return []
 

@@ -17,14 +17,24 @@ SERVER_NODE_ID = 0
 
 
 class LoopbackGrid(Grid):
-    """Nodes ``1..n`` with partition ids ``0..n-1``; ``offline`` nodes never answer."""
+    """Nodes ``1..n`` with partition ids ``0..n-1``; ``offline`` nodes never answer.
 
-    def __init__(self, run_config: dict, num_nodes: int, offline: Iterable[int] = ()) -> None:
+    ``node_configs`` replaces the node configs (``[config of node 1, config of node 2, ...]``),
+    e.g. site-local nodes that name their own ``data-dir``.
+    """
+
+    def __init__(
+        self, run_config: dict, num_nodes: int, offline: Iterable[int] = (), node_configs: list[dict] | None = None
+    ) -> None:
         from client_app.app import app
 
         self.app = app
         self.run_config = dict(run_config)
         self.nodes = {node: node - 1 for node in range(1, num_nodes + 1)}
+        self.node_configs = {
+            node: (node_configs[node - 1] if node_configs else {"partition-id": pid, "num-partitions": num_nodes})
+            for node, pid in self.nodes.items()
+        }
         self.offline = set(offline)
         self.sent: list[Message] = []
         TaskIdentity.task_id = 1
@@ -61,7 +71,7 @@ class LoopbackGrid(Grid):
             context = Context(
                 run_id=1,
                 node_id=node,
-                node_config={"partition-id": self.nodes[node], "num-partitions": len(self.nodes)},
+                node_config=dict(self.node_configs[node]),
                 state=RecordDict(),
                 run_config=self.run_config,
             )

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from fedprime_core.aggregation import align_prompts, fedavg, pfpt_aggregate
+from fedprime_core.aggregation import _run_alignment, align_prompts, fedavg
 from fedprime_core.metrics import adjusted_rand_index
 
 
@@ -27,7 +27,25 @@ def no_shared_cluster_within_client(assignments: list[np.ndarray]) -> bool:
     return all(len(set(a[a >= 0].tolist())) == int((a >= 0).sum()) for a in assignments)
 
 
-@pytest.mark.parametrize("aggregate", [align_prompts, pfpt_aggregate], ids=["fedprime", "pfpt"])
+def pfnm_align(prompts, weights, seed):
+    """The engine with PFNM-style empirical popularity, built from scratch (no warm start)."""
+    return _run_alignment(
+        prompts,
+        weights,
+        client_keys=None,
+        init_assignments=None,
+        max_prompts=None,
+        n_sweeps=50,
+        popularity="empirical",
+        hidden=128,
+        lr=1e-2,
+        grad_steps=10,
+        min_scale=0.02,
+        seed=seed,
+    )
+
+
+@pytest.mark.parametrize("aggregate", [align_prompts, pfnm_align], ids=["fedprime", "pfnm-empirical"])
 def test_planted_clusters_are_recovered(aggregate):
     centres, prompts, truth, weights = planted(num_clients=12)
     result = aggregate(prompts, weights, seed=3)

@@ -15,7 +15,7 @@ from fedprime_core.data.missing import (
     sample_patterns,
     setting_mixture,
 )
-from fedprime_core.data.partition import dirichlet_partition, iid_partition, partition
+from fedprime_core.data.partition import client_size_weights, dirichlet_partition, iid_partition, partition
 from fedprime_core.data.records import DataError
 
 
@@ -119,6 +119,34 @@ def test_partitions_are_pure_functions_of_their_inputs():
     assert all(np.array_equal(x, y) for x, y in zip(a, b))
     with pytest.raises(ValueError, match="cannot give"):
         partition(labels, 40, 0.0, 10, seed=0)
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.5])
+def test_client_size_sigma_makes_sizes_imbalanced_and_keeps_the_label_split(alpha):
+    labels = np.repeat(np.arange(8), 150)
+    balanced = partition(labels, 8, alpha, 10, seed=3)
+    skewed = partition(labels, 8, alpha, 10, seed=3, size_sigma=1.0)
+    check_partition(skewed, 1200, 10)
+    weights = client_size_weights(8, 1.0, seed=3)
+    sizes = np.array([len(p) for p in skewed])
+    assert np.corrcoef(sizes, weights)[0, 1] > 0.8  # sizes follow the drawn weights
+    if alpha == 0:  # IID labels: equal sizes without sigma; with it, only the size differs, not the label mix
+        assert {len(p) for p in balanced} == {150} and sizes.max() > 3 * sizes.min()
+        assert np.all(np.abs(sizes - weights * 1200) <= 8 + 10)
+        for p in skewed:
+            mix = np.bincount(labels[p], minlength=8) / len(p)
+            assert np.abs(mix - 1 / 8).max() < 0.05 + 8 / len(p)
+    assert all(np.array_equal(a, b) for a, b in zip(skewed, partition(labels, 8, alpha, 10, seed=3, size_sigma=1.0)))
+    with pytest.raises(ValueError, match="non-negative"):
+        partition(labels, 8, alpha, 10, seed=3, size_sigma=-1.0)
+
+
+def test_client_size_sigma_is_a_validated_run_config_key():
+    from fedprime_core.config import ConfigError, parse_run_config
+
+    assert parse_run_config({"client-size-sigma": 1.5}).client_size_sigma == 1.5
+    with pytest.raises(ConfigError, match="client-size-sigma"):
+        parse_run_config({"client-size-sigma": -0.5})
 
 
 def test_embedded_dataset_shape_and_determinism():

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import tomllib
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -64,9 +65,10 @@ def flag_value(command: list[str], flag: str) -> str | None:
     return None
 
 
-def node_config(command: list[str]) -> dict[str, str]:
+def node_config(command: list[str]) -> dict[str, object]:
+    """The node config as flower-supernode reads it (``key=value`` items, TOML values)."""
     text = flag_value(command, "--node-config") or ""
-    return dict(item.split("=", 1) for item in text.split())
+    return {key: tomllib.loads(f"v = {value}")["v"] for key, value in (item.split("=", 1) for item in text.split())}
 
 
 def role(spec: dict) -> str:
@@ -116,10 +118,10 @@ def test_every_flower_command_uses_flags_of_the_installed_flwr(files):
             assert_flags_known(spec, name)
 
 
-def test_supernodes_have_distinct_partitions_and_executors():
+def test_supernodes_are_sites_with_their_own_data_and_executors():
     svc = services()
     nodes = {name: spec for name, spec in svc.items() if name.startswith("supernode-")}
-    partitions = []
+    client_ids = []
     ports = {}
     for name, spec in nodes.items():
         cmd = spec["command"]
@@ -128,10 +130,11 @@ def test_supernodes_have_distinct_partitions_and_executors():
         assert flag_value(cmd, "--superlink") == "superlink:8000", name
         assert flag_value(cmd, "--host") == "0.0.0.0", name
         config = node_config(cmd)
-        partitions.append(int(config["partition-id"]))
-        assert int(config["num-partitions"]) == len(nodes), name
+        # A site: its own data folder (as its ClientApp executor sees it), no partition of shared data.
+        assert config["data-dir"] == "/data" and "partition-id" not in config, name
+        client_ids.append(config["client-id"])
         ports[name] = flag_value(cmd, "--port")
-    assert sorted(partitions) == list(range(len(nodes))), "partition-ids must be 0..N-1, each once"
+    assert sorted(client_ids) == [f"site-{i}" for i in range(len(nodes))], "client-ids must be site-0..site-N-1"
 
     # Each SuperNode has exactly one ClientApp executor, connected to its Runtime API.
     executors = {name: spec for name, spec in svc.items() if name.startswith("superexec-clientapp-")}
@@ -156,7 +159,7 @@ def test_superlink_and_serverapp_executor():
     assert any(v.endswith(":/results") for v in server["volumes"]), "results must reach the host"
 
 
-def test_volumes_model_cache_shared_read_only_and_data_per_client():
+def test_volumes_model_cache_shared_read_only_and_each_site_mounts_only_its_own_folder():
     svc = services()
     data_volumes = []
     for name, spec in svc.items():
@@ -167,11 +170,24 @@ def test_volumes_model_cache_shared_read_only_and_data_per_client():
             assert env["FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"] == "1"
         if name.startswith("superexec-clientapp-"):
             data = [v for v in spec["volumes"] if v.endswith(":/data:ro")]
-            assert len(data) == 1, name
+            assert len(data) == 1 and len(spec["volumes"]) == 2, name  # the model cache and its own site, nothing else
+            # The executor of supernode-i mounts the folder of that SuperNode's client-id.
+            node = name.replace("superexec-clientapp-", "supernode-")
+            site = node_config(svc[node]["command"])["client-id"]
+            assert data[0] == f"${{FEDPRIME_SITES_DIR:-./.build/sites}}/{site}:/data:ro", name
             data_volumes.append(data[0])
-            assert "./missing-table.yaml:/fedprime/missing-table.yaml:ro" in spec["volumes"]
-    assert len(set(data_volumes)) == NUM_CLIENTS, "every client needs its own data volume"
+    assert len(set(data_volumes)) == NUM_CLIENTS, "every site needs its own data folder"
+    server = svc["superexec-serverapp"]["volumes"]
+    assert "${FEDPRIME_SITES_DIR:-./.build/sites}/server:/data:ro" in server, "the server's own held-out folder"
     assert "model-cache:/cache" in svc["model-init"]["volumes"]
+    assert set(load("compose.yml").get("volumes", {})) == {"model-cache"}
+
+
+def test_demo_prepares_the_site_folders_the_compose_file_mounts():
+    demo = (DOCKER / "demo.sh").read_text()
+    assert "-m fedprime_core.data.prepare split" in demo and '--out "$FEDPRIME_SITES_DIR"' in demo
+    assert '--missing-table "$HERE/missing-table.yaml"' in demo and "--num-sites 3" in demo
+    assert 'missing-setting=\\"none\\"' in demo and 'data-dir=\\"/data\\"' in demo
 
 
 def test_missing_table_gives_each_client_its_own_mixture():
@@ -329,6 +345,7 @@ def test_demo_runs_end_to_end_with_every_client_contributing(tmp_path):
     env = {
         **os.environ,
         "FEDPRIME_RESULTS_DIR": str(tmp_path / "results"),
+        "FEDPRIME_SITES_DIR": str(tmp_path / "sites"),
         "FEDPRIME_CACHE_SEED": str(fedprime_cache_dir()),
         "COMPOSE_PROJECT_NAME": "fedprime-test-" + re.sub(r"[^a-z0-9]", "", tmp_path.name.lower())[-12:],
     }
@@ -340,14 +357,19 @@ def test_demo_runs_end_to_end_with_every_client_contributing(tmp_path):
     run = Path(match.group(1))
 
     clients = json.loads((run / "clients.json").read_text())
-    assert sorted(int(c["partition-id"]) for c in clients.values()) == list(range(NUM_CLIENTS))
-    # Each client trained with its own mixture from docker/missing-table.yaml.
-    table = yaml.safe_load((DOCKER / "missing-table.yaml").read_text())
-    for client in clients.values():
-        expected = table[int(client["partition-id"])]
-        np.testing.assert_allclose(
-            client["mixture"], [expected["complete"], expected["text-missing"], expected["image-missing"]]
-        )
+    manifest = json.loads((tmp_path / "sites" / "manifest.json").read_text())
+    assert sorted(clients) == [site["client-id"] for site in manifest["sites"]] == ["site-0", "site-1", "site-2"]
+    # Each site trained on its own folder, whose rows really miss what docker/missing-table.yaml drew.
+    for site in manifest["sites"]:
+        client = clients[site["client-id"]]
+        assert client["data"] == "site" and client["simulated-text-missing"] == client["simulated-image-missing"] == 0
+        total = client["num-train"] + client["num-val"]
+        assert total == site["rows"]
+        assert client["real-text-missing"] <= site["text-missing"]
+        assert client["real-image-missing"] <= site["image-missing"]
+    # site-0 mostly lacks texts, site-1 mostly images (docker/missing-table.yaml)
+    assert clients["site-0"]["real-text-missing"] > 3 * clients["site-0"]["real-image-missing"]
+    assert clients["site-1"]["real-image-missing"] > 3 * clients["site-1"]["real-text-missing"]
     records = [r for r in json.loads((run / "metrics.json").read_text()) if r["round"] > 0]
     assert [r["round"] for r in records] == [1, 2]
     for record in records:

@@ -77,6 +77,30 @@ class Federation:
         self.nodes[partition_id] = self._spawn(f"supernode-{partition_id}", cmd)
         return self.nodes[partition_id]
 
+    def add_site(self, client_id: str, data_dir: Path) -> subprocess.Popen:
+        """A SuperNode that names its own data folder (site-local), not a partition."""
+        cmd = [
+            str(ROOT / "scripts/start_supernode.sh"),
+            "--superlink",
+            f"127.0.0.1:{self.port}",
+            "--data-dir",
+            str(data_dir),
+            "--client-id",
+            client_id,
+            "--device",
+            "cpu",
+            "--port",
+            str(free_port()),
+            "--",
+            "--max-retries",
+            "3",
+            "--max-wait-time",
+            "30",
+        ]
+        node = self._spawn(f"supernode-{client_id}", cmd)
+        self.nodes[len(self.nodes)] = node
+        return node
+
     def flwr(self, *args: str, timeout: float = 900) -> subprocess.CompletedProcess:
         return run_checked(["flwr", *args], self.env, timeout=timeout)
 
@@ -190,3 +214,38 @@ def test_a_supernode_that_joins_late_takes_part_in_later_rounds(tmp_path, tiny_v
     assert rounds[0]["accepted"] == 2
     assert rounds[-1]["accepted"] == 3  # the late node was sampled once connected
     assert sorted(clients) == ["0", "1", "2"] and clients["2"]["last-round"] == 3
+
+
+def test_three_sites_each_with_its_own_folder_missing_modalities_and_labels(tmp_path, tiny_vilt):
+    """Each SuperNode points at its own small site folder (different real missing mixture and
+    label subset); the server holds only its held-out folder. clients.json shows each site's counts."""
+    from tests.sites import make_sites
+
+    plan = make_sites(tmp_path / "data")
+    results = tmp_path / "results"
+    fed = Federation(tmp_path)
+    try:
+        for name, site in plan["sites"].items():
+            fed.add_site(name, site["dir"])
+        overrides = (
+            f'num-server-rounds=2 results-dir="{results}" run-name="sites" dataset="food101" '
+            f'data-dir="{plan["server"]}" missing-setting="none" text-max-length=24 min-available-nodes=3 '
+            "tau=8 kappa=2 batch-size=16 fraction-evaluate=1.0"
+        )
+        log = fed.run(overrides)
+        assert "FedPrime finished" in log, log[-3000:]
+    finally:
+        fed.stop()
+    assert not marked_pids(f"FLWR_HOME={fed.home}")
+    rounds, clients = records(results, "sites")
+    assert [r["round"] for r in rounds] == [0, 1, 2]
+    assert all(r["accepted"] == 3 and r["rejected"] == 0 for r in rounds[1:])
+    assert all(r["client-eval"]["num-examples"] == 3 * 8 for r in rounds[1:])  # each site's own dev split
+    assert sorted(clients) == sorted(plan["sites"])
+    for name, planted in plan["sites"].items():
+        client = clients[name]
+        assert client["data"] == "site" and client["num-train"] == planted["rows"]
+        assert client["real-text-missing"] == client["text-missing"] == planted["text-missing"]
+        assert client["real-image-missing"] == client["image-missing"] == planted["image-missing"]
+        assert client["skipped-no-modality"] == planted["skipped"]
+    assert len({c["labels-fingerprint"] for c in clients.values()}) == 1

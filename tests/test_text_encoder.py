@@ -377,6 +377,24 @@ def test_precompute_command_writes_features_and_resumes(tmp_path, tiny_vit, caps
     assert "shape (16,)" in capsys.readouterr().out
 
 
+def test_precompute_command_passes_over_rows_without_image(tmp_path, tiny_vit, capsys):
+    from fedprime_core.data.loaders import load_dataset
+    from fedprime_core.data.records import Pattern
+    from fedprime_core.features import main
+
+    root = _write_dataset(tmp_path / "ds", features=False)
+    rows = [json.loads(line) for line in (root / "train.jsonl").read_text().splitlines()]
+    rows[1].pop("img")
+    rows[2]["img"] = None
+    (root / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert main(["--dataset-dir", str(root), "--split", "train", "--encoder", str(tiny_vit), "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert f"computed {len(rows) - 2} feature file(s)" in out and "2 row(s) without image" in out
+    train = load_dataset("food101", root).train
+    assert [s.natural_pattern for s in train[:3]] == [Pattern.COMPLETE, Pattern.IMAGE_MISSING, Pattern.IMAGE_MISSING]
+    assert train[1].image_features is None and train[0].image_features is not None
+
+
 def test_precompute_command_errors(tmp_path, capsys):
     from fedprime_core.features import _torchvision_available, main
 

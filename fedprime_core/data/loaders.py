@@ -15,6 +15,10 @@ different genre in train and test; this loader cannot do that). Images are not d
 memory: a jsonl image stays an absolute path, an arrow image stays its encoded bytes; both
 are opened later by :func:`fedprime_core.data.processing.open_image`.
 
+Real missing modalities are data, not errors: a row without an image becomes an
+image-missing sample, a row without text a text-missing one, a row with neither is skipped
+and counted (see :func:`load_dataset`). A *named* file that does not exist stays an error.
+
 Bad input never passes silently and is never mislabelled: every unreadable row raises a
 :class:`~fedprime_core.data.records.DataError` naming the file, the row and the field, or,
 with ``skip_bad_rows=True``, is skipped and counted in a logged warning.
@@ -50,6 +54,18 @@ MMIMDB_GENRES: tuple[str, ...] = (
 
 #: Layouts accepted by :func:`load_dataset`.
 LAYOUTS: tuple[str, ...] = ("auto", "jsonl", "arrow")
+
+#: MM-IMDB protocols: the paper's single-genre top-8 single-label task, or every genre multi-label.
+MMIMDB_PROTOCOLS: tuple[str, ...] = ("paper", "multilabel")
+
+#: Genres the paper protocol keeps when ``num_classes`` is 0.
+PAPER_NUM_CLASSES = 8
+
+#: The shared class list a data folder may hold: one class name per line.
+CLASSES_FILE = "classes.txt"
+
+#: Splits a dataset folder may hold.
+SPLITS: tuple[str, ...] = ("train", "dev", "test")
 
 #: How many bad-row reasons a ``skip_bad_rows`` warning quotes.
 _REASONS_SHOWN = 5
@@ -87,7 +103,7 @@ _SPECS: dict[str, _Spec] = {
 }
 
 _JSONL_FILES = ("train.jsonl", "dev.jsonl", "test.jsonl")
-_SPLITS = ("train", "dev", "test")
+_SPLITS = SPLITS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,6 +115,61 @@ class _Raw:
     names: tuple[str, ...]
     uid: str
     image_features: str | None
+    where: str = ""
+
+
+@dataclasses.dataclass
+class _SplitRows:
+    """What reading one split file gave: rows, reasons of bad rows, rows with no modality."""
+
+    rows: list[_Raw]
+    bad: list[str]
+    empty: int = 0
+
+
+def split_files(name: str, layout: str) -> dict[str, str]:
+    """File name of each split of dataset ``name`` in ``layout`` (``"jsonl"`` or ``"arrow"``)."""
+    spec = _spec(name)
+    files = _JSONL_FILES if layout == "jsonl" else spec.arrow_files
+    return dict(zip(_SPLITS, files, strict=True))
+
+
+def dataset_traits(name: str, mmimdb_protocol: str = "paper") -> tuple[bool, str, int]:
+    """``(multilabel, headline metric, default text length)`` of a dataset under a protocol."""
+    spec = _spec(name)
+    _check_protocol(mmimdb_protocol)
+    multilabel = spec.multilabel and mmimdb_protocol == "multilabel"
+    metric = "macro_f1" if spec.name == "mmimdb" else "accuracy"
+    return multilabel, metric, spec.text_max_length
+
+
+def read_class_list(path: str | Path) -> tuple[str, ...]:
+    """Class names of a ``classes.txt``: one per line, blank lines and ``#`` comments ignored.
+
+    Raises:
+        DataError: unreadable file, a name given twice (naming the line), or no names.
+    """
+    path = Path(path)
+    try:
+        lines = path.read_text(encoding="utf-8-sig").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DataError(f"cannot read class list {str(path)!r}: {exc}") from None
+    names: list[str] = []
+    for lineno, line in enumerate(lines, start=1):
+        name = line.strip()
+        if not name or name.startswith("#"):
+            continue
+        if name in names:
+            raise DataError(f"class list {str(path)!r}, line {lineno}: class {name!r} is listed twice")
+        names.append(name)
+    if not names:
+        raise DataError(f"class list {str(path)!r} names no class (one class name per line)")
+    return tuple(names)
+
+
+def write_class_list(path: str | Path, classes: Sequence[str]) -> None:
+    """Write ``classes.txt``: one class name per line, in label-index order."""
+    Path(path).write_text("".join(f"{c}\n" for c in classes), encoding="utf-8")
 
 
 def load_dataset(
@@ -108,6 +179,9 @@ def load_dataset(
     num_classes: int = 0,
     skip_bad_rows: bool = False,
     verify_images: bool = True,
+    classes: Sequence[str] | None = None,
+    mmimdb_protocol: str = "paper",
+    required: Sequence[str] = ("train", "test"),
 ) -> DatasetSplits:
     """Load UPMC Food-101 or MM-IMDB from ``root`` with one label space for all splits.
 
@@ -116,9 +190,11 @@ def load_dataset(
     * ``"jsonl"`` (MMBT style): ``train.jsonl``, ``dev.jsonl`` (optional: an empty dev split
       if absent) and ``test.jsonl``, one JSON object per line (blank lines are ignored) with
 
-      - ``text`` (str): the recipe title (Food-101) or plot (MM-IMDB);
-      - ``img`` (str): image path, relative to ``root`` (an absolute path is kept); optional
-        when ``img_features`` is given (a feature backbone never opens the image);
+      - ``text`` (str): the recipe title (Food-101) or plot (MM-IMDB); absent, ``null`` or
+        empty: the row has no text (a text-missing sample);
+      - ``img`` (str): image path, relative to ``root`` (an absolute path is kept); absent,
+        ``null`` or empty: the row has no image (an image-missing sample, unless
+        ``img_features`` gives its features: a feature backbone never opens the image);
       - the label: Food-101 ``label``, a class-name string; MM-IMDB a list of genre-name
         strings in ``label``, or, when ``label`` is absent, ``labels``, or else ``genres``;
       - optional ``img_features`` (str): a ``.npy`` of precomputed image features, relative
@@ -129,29 +205,53 @@ def load_dataset(
       optional), ``food101_test.arrow``; MM-IMDB ``mmimdb_train.arrow``, ``mmimdb_dev.arrow``
       (optional), ``mmimdb_test.arrow``. Columns read:
 
-      - ``image``: the encoded image bytes (kept as ``bytes``);
+      - ``image``: the encoded image bytes (kept as ``bytes``); ``null`` or empty bytes: the
+        row has no image (image-missing);
       - text: Food-101 ``text``, MM-IMDB ``plots``; a list of strings (a plain string is
         accepted too). The reference dataset class turns every list entry into its own
         example; here a row stays one sample and its entries are joined with a space
-        (Food-101 rows hold exactly one title, so that is the title itself);
-      - ``label``: Food-101 an int class index, named through ``root/class_idx.json``
+        (Food-101 rows hold exactly one title, so that is the title itself); ``null``, an
+        empty list or only empty strings: the row has no text (text-missing);
+      - ``label``: an int class index, named through ``root/class_idx.json``
         (``{"apple_pie": 71, ...}``, the reference mapping) when present, else ``str(index)``;
-        a string ``label`` column is taken as the class name. MM-IMDB a multi-hot list of
-        the 23 genres of :data:`MMIMDB_GENRES`; when a ``genres`` column is present it must
-        agree with the multi-hot (restricted to those 23 genres), else the row is bad.
+        a string ``label`` column is taken as the class name. MM-IMDB: either a multi-hot
+        list of the 23 genres of :data:`MMIMDB_GENRES` (when a ``genres`` column is present
+        it must agree with it, restricted to those 23 genres, else the row is bad), or an
+        int class index as the reference FedPrime code writes it (single-genre movies); its
+        genre is then the one MM-IMDB genre of the ``genres`` column when that column is
+        present (the reference ranks its indices per split, so the index alone cannot be
+        trusted), else ``class_idx.json`` or ``str(index)``.
 
       Other columns (``image_id``, ``split``) are ignored.
 
-    * ``"auto"``: ``"jsonl"`` if ``root/train.jsonl`` exists, else ``"arrow"`` if
-      ``root/<name>_train.arrow`` exists.
+    * ``"auto"``: ``"jsonl"`` if any of ``train.jsonl`` / ``dev.jsonl`` / ``test.jsonl``
+      exists in ``root``, else ``"arrow"`` if one of the arrow split files exists.
 
-    Labels: one mapping from the **train** split, classes ordered by decreasing train
-    frequency (number of train samples carrying the class), ties by name. ``num_classes=K>0``
-    keeps the K most frequent train classes (the paper uses 8 MM-IMDB genres). Food-101
-    samples of another class are dropped from every split; MM-IMDB labels are restricted to
-    the kept genres and samples left without any are dropped. A dev/test sample whose class
-    never occurs in train is dropped the same way. Kept and dropped counts are logged per
-    split. Food-101 labels are ``int``; MM-IMDB labels are sorted ``tuple[int, ...]``.
+    Missing modalities in the data: a row without text and/or image is kept as a sample
+    with ``text == ""`` and/or ``image is None`` (its
+    :attr:`~fedprime_core.data.records.Sample.natural_pattern`); a row with **neither** is
+    skipped, counted in :attr:`DatasetSplits.skipped_empty` and in a logged warning. A path
+    to an image or feature file that does not exist is an error, as is an undecodable image.
+
+    Labels: one mapping for every split. With a class list (``classes``, or
+    ``root/classes.txt``; both given must agree) that list is the mapping, in its order:
+    every site and the server of a federation share it. A Food-101 row whose class is not in
+    the list is a bad row (an error naming the row); for MM-IMDB the list selects genres
+    (others are removed from a row, and a row left with none is dropped, as below). Without
+    a class list the mapping comes from the **train** split: classes by decreasing train
+    frequency (number of train samples carrying the class), ties by name; ``num_classes=K>0``
+    keeps the K most frequent. Food-101 samples of another class are dropped from every
+    split; MM-IMDB labels are restricted to the kept genres and samples left without any are
+    dropped. A dev/test sample whose class never occurs in train is dropped the same way.
+    Kept and dropped counts are logged per split.
+
+    MM-IMDB protocols (``mmimdb_protocol``): ``"paper"`` (the FedPrime paper and its
+    reference code) keeps only *single-genre* movies (exactly one of the 23 MM-IMDB genres;
+    other names such as 'News' are ignored, as the reference's multi-hot does) in every
+    split, then the ``num_classes`` (default 8) most frequent genres **of train** (the
+    reference ranks them per split); labels are ``int`` and the headline metric is macro-F1.
+    ``"multilabel"``: every genre, labels sorted ``tuple[int, ...]``, BCE. Food-101 labels
+    are ``int``.
 
     Every sample's ``uid`` is ``"<file path>:<row>"``: the 1-based line number for jsonl,
     the 0-based row index for arrow. Samples keep the order of their file.
@@ -165,21 +265,34 @@ def load_dataset(
             reasons) instead of raising.
         verify_images: open every image with PIL and ``verify()`` it (a missing image file
             or feature file is always an error, verified or not).
+        classes: the federation's class list (label ``i`` is ``classes[i]``); ``None`` reads
+            ``root/classes.txt`` when present, else derives the list from train.
+        mmimdb_protocol: ``"paper"`` or ``"multilabel"`` (MM-IMDB only).
+        required: splits whose file must exist (the others are empty when absent);
+            ``("train", "test")`` for a whole benchmark, ``("train",)`` for a site's own
+            data, ``("test",)`` for a server's held-out folder, ``()`` to take what is there.
 
     Returns:
-        The splits, class names, ``multilabel`` (True for MM-IMDB) and the dataset's default
-        text length (Food-101 40 tokens, MM-IMDB 128).
+        The splits, class names, ``multilabel`` (MM-IMDB multilabel protocol), the headline
+        metric, the dataset's default text length (Food-101 40 tokens, MM-IMDB 128) and the
+        count of rows skipped for having no modality.
 
     Raises:
-        DataError: unknown dataset or layout, missing root or split file, an unreadable
-            file, a bad row (invalid JSON, missing or mistyped field, missing or undecodable
-            image, missing feature file; unless ``skip_bad_rows``), or an empty train split
-            after filtering. The message names the file, the row and the field.
-        ValueError: ``num_classes`` is negative.
+        DataError: unknown dataset or layout, missing root or required split file, an
+            unreadable file, a bad row (invalid JSON, mistyped field, missing or
+            undecodable image, missing feature file, a class outside the class list; unless
+            ``skip_bad_rows``), a class list that disagrees with ``classes.txt``, no train
+            split to derive classes from, or an empty required train split after filtering.
+            The message names the file, the row and the field.
+        ValueError: ``num_classes`` is negative, or disagrees with the class list.
     """
     spec = _spec(name)
+    _check_protocol(mmimdb_protocol)
     if num_classes < 0:
         raise ValueError(f"num_classes must be >= 0 (0 keeps every class), got {num_classes}")
+    unknown_splits = sorted(set(required) - set(_SPLITS))
+    if unknown_splits:
+        raise ValueError(f"required splits must be among {_SPLITS}, got {unknown_splits}")
     root = Path(os.path.abspath(os.fspath(root)))
     if layout not in LAYOUTS:
         raise DataError(f"unknown layout {layout!r}; expected one of {', '.join(LAYOUTS)}")
@@ -190,53 +303,96 @@ def load_dataset(
         )
     if layout == "auto":
         layout = _detect_layout(spec, root)
+    paper = spec.name == "mmimdb" and mmimdb_protocol == "paper"
+    multilabel, metric, _ = dataset_traits(spec.name, mmimdb_protocol)
 
-    read: Callable[[Path], tuple[list[_Raw], list[str]]]
+    read: Callable[[Path], _SplitRows]
     if layout == "jsonl":
         paths = [root / f for f in _JSONL_FILES]
         read = functools.partial(_read_jsonl, root=root, spec=spec, verify=verify_images, skip=skip_bad_rows)
     else:
         paths = [root / f for f in spec.arrow_files]
-        class_names = _food101_class_names(root) if spec.name == "food101" else None
         read = functools.partial(
-            _read_arrow, spec=spec, class_names=class_names, verify=verify_images, skip=skip_bad_rows
+            _read_arrow, spec=spec, class_names=_class_index_names(root), verify=verify_images, skip=skip_bad_rows
         )
 
     raws: dict[str, list[_Raw]] = {}
+    skipped_empty: dict[str, int] = {}
     for split, path in zip(_SPLITS, paths, strict=True):
         if not path.is_file():
-            if split == "dev":
-                logger.info("%s: no %s split file %s; the dev split is empty", spec.name, split, path)
-                raws[split] = []
-                continue
-            raise DataError(
-                f"{spec.name}: {split} split file {str(path)!r} does not exist; expected {_expected(spec, layout)}"
-            )
-        rows, bad = read(path)
-        if bad:
-            shown = " | ".join(bad[:_REASONS_SHOWN])
+            if split in required:
+                raise DataError(
+                    f"{spec.name}: {split} split file {str(path)!r} does not exist; expected {_expected(spec, layout)}"
+                )
+            logger.info("%s: no %s split file %s; the %s split is empty", spec.name, split, path, split)
+            raws[split] = []
+            continue
+        got = read(path)
+        if got.bad:
+            shown = " | ".join(got.bad[:_REASONS_SHOWN])
             logger.warning(
-                "%s %s: skipped %d bad row(s) of %s; first reasons: %s", spec.name, split, len(bad), path, shown
+                "%s %s: skipped %d bad row(s) of %s; first reasons: %s", spec.name, split, len(got.bad), path, shown
             )
-        raws[split] = rows
+        if got.empty:
+            logger.warning(
+                "%s %s: skipped %d row(s) of %s that have neither text nor image", spec.name, split, got.empty, path
+            )
+        skipped_empty[split] = got.empty
+        raws[split] = _single_genre(got.rows, split) if paper else got.rows
+    if not any(path.is_file() for path in paths):
+        raise DataError(f"{spec.name}: {str(root)!r} holds no split file; expected {_expected(spec, layout)}")
 
-    classes = _label_space(raws["train"], num_classes, spec.name)
-    index = {c: i for i, c in enumerate(classes)}
-    seen_in_train = {n for r in raws["train"] for n in r.names}
-    samples = {split: _apply_labels(raws[split], index, seen_in_train, spec, split) for split in _SPLITS}
-    if not samples["train"]:
+    listed, source = _class_list(root, classes)
+    if paper and not listed and not num_classes:
+        num_classes = PAPER_NUM_CLASSES
+    if listed is not None:
+        if num_classes and num_classes != len(listed):
+            raise ValueError(
+                f"num_classes={num_classes} disagrees with the {len(listed)} classes of {source}; "
+                "set num-classes to 0 (the class list decides) or to its length"
+            )
+        label_space = listed
+    else:
+        if not raws["train"] and "train" in required:
+            raise DataError(
+                f"{spec.name}: the train split of {str(paths[0])!r} is empty after filtering "
+                f"({len(raws['train'])} readable rows, num_classes={num_classes})"
+            )
+        if not raws["train"]:
+            raise DataError(
+                f"{spec.name}: {str(root)!r} has no train rows to derive the class list from; give the "
+                f"federation's class list (run config 'classes' or {CLASSES_FILE} in the folder, one class per line)"
+            )
+        label_space = _label_space(raws["train"], num_classes, spec.name)
+    index = {c: i for i, c in enumerate(label_space)}
+    seen_in_train = {n for r in raws["train"] for n in r.names} if listed is None else set(label_space)
+    strict = listed is not None and spec.name == "food101"
+    samples: dict[str, list[Sample]] = {}
+    for split in _SPLITS:
+        samples[split], bad = _apply_labels(
+            raws[split], index, seen_in_train, spec, split, multilabel, strict, source, skip_bad_rows
+        )
+        if bad:
+            logger.warning(
+                "%s %s: skipped %d row(s) whose class is not in %s; first: %s",
+                *(spec.name, split, len(bad), source, " | ".join(bad[:_REASONS_SHOWN])),
+            )
+    if "train" in required and not samples["train"]:
         raise DataError(
             f"{spec.name}: the train split of {str(paths[0])!r} is empty after filtering "
-            f"({len(raws['train'])} readable rows, num_classes={num_classes})"
+            f"({len(raws['train'])} readable rows, num_classes={num_classes}"
+            f"{', mmimdb protocol ' + mmimdb_protocol if spec.name == 'mmimdb' else ''})"
         )
     return DatasetSplits(
         train=samples["train"],
         dev=samples["dev"],
         test=samples["test"],
-        classes=classes,
-        multilabel=spec.multilabel,
+        classes=label_space,
+        multilabel=multilabel,
         text_max_length=spec.text_max_length,
         name=spec.name,
+        metric=metric,
+        skipped_empty=skipped_empty,
     )
 
 
@@ -250,6 +406,35 @@ def _spec(name: str) -> _Spec:
     return _SPECS[key]
 
 
+def _check_protocol(protocol: str) -> None:
+    if protocol not in MMIMDB_PROTOCOLS:
+        raise DataError(f"unknown MM-IMDB protocol {protocol!r}; expected one of {', '.join(MMIMDB_PROTOCOLS)}")
+
+
+def _class_list(root: Path, given: Sequence[str] | None) -> tuple[tuple[str, ...] | None, str]:
+    """The class list (from ``given`` and/or ``root/classes.txt``) and a description of its source."""
+    path = root / CLASSES_FILE
+    from_file = read_class_list(path) if path.is_file() else None
+    if given:
+        given = tuple(given)
+        if len(set(given)) != len(given):
+            raise DataError(f"the class list {list(given)} names a class twice")
+        if from_file is not None and from_file != given:
+            raise DataError(
+                f"the class list of the run config ({_short(given)}) differs from {str(path)!r} ({_short(from_file)}); "
+                "every site and the server need one and the same list, in the same order"
+            )
+        return given, "the run config's class list"
+    if from_file is not None:
+        return from_file, repr(str(path))
+    return None, "the classes of train"
+
+
+def _short(names: Sequence[str], shown: int = 6) -> str:
+    text = ", ".join(names[:shown])
+    return f"{len(names)} classes: {text}{', ...' if len(names) > shown else ''}"
+
+
 def _expected(spec: _Spec, layout: str) -> str:
     """Human-readable description of the files a layout needs."""
     jsonl = "train.jsonl, dev.jsonl (optional) and test.jsonl (jsonl layout)"
@@ -260,20 +445,21 @@ def _expected(spec: _Spec, layout: str) -> str:
 
 def _detect_layout(spec: _Spec, root: Path) -> str:
     jsonl, arrow = root / _JSONL_FILES[0], root / spec.arrow_files[0]
-    if jsonl.is_file():
+    if any((root / f).is_file() for f in _JSONL_FILES):
         found = "jsonl"
-    elif arrow.is_file():
+    elif any((root / f).is_file() for f in spec.arrow_files):
         found = "arrow"
     else:
         raise DataError(
-            f"cannot detect the layout of {spec.name} in {str(root)!r}: looked for {str(jsonl)!r} (jsonl layout) "
-            f"and {str(arrow)!r} (arrow layout), found neither"
+            f"cannot detect the layout of {spec.name} in {str(root)!r}: looked for {str(jsonl)!r} "
+            f"(jsonl layout, or dev.jsonl / test.jsonl) and {str(arrow)!r} (arrow layout, or its dev / test "
+            "files), found neither"
         )
     logger.info("%s: detected the %s layout in %s", spec.name, found, root)
     return found
 
 
-def _food101_class_names(root: Path) -> dict[int, str] | None:
+def _class_index_names(root: Path) -> dict[int, str] | None:
     """Index -> class name from ``root/class_idx.json`` (``{name: index}``), if present."""
     path = root / "class_idx.json"
     if not path.is_file():
@@ -295,10 +481,9 @@ def _food101_class_names(root: Path) -> dict[int, str] | None:
 # ---------------------------------------------------------------------------- jsonl
 
 
-def _read_jsonl(path: Path, root: Path, spec: _Spec, verify: bool, skip: bool) -> tuple[list[_Raw], list[str]]:
-    """Rows of one jsonl split, and the reasons of the rows skipped."""
-    rows: list[_Raw] = []
-    bad: list[str] = []
+def _read_jsonl(path: Path, root: Path, spec: _Spec, verify: bool, skip: bool) -> _SplitRows:
+    """Rows of one jsonl split, the reasons of the rows skipped, and the rows with no modality."""
+    out = _SplitRows([], [])
     try:
         with path.open("rb") as handle:
             for lineno, raw_line in enumerate(handle, start=1):
@@ -307,17 +492,25 @@ def _read_jsonl(path: Path, root: Path, spec: _Spec, verify: bool, skip: bool) -
                 uid = f"{path}:{lineno}"
                 where = f"{uid} (line {lineno})"
                 try:
-                    rows.append(_jsonl_row(raw_line, lineno, uid, where, root, spec, verify))
+                    row = _jsonl_row(raw_line, lineno, uid, where, root, spec, verify)
                 except DataError as exc:
                     if not skip:
                         raise
-                    bad.append(str(exc))
+                    out.bad.append(str(exc))
+                    continue
+                if row is None:
+                    out.empty += 1
+                else:
+                    out.rows.append(row)
     except OSError as exc:
         raise DataError(f"cannot read {str(path)!r}: {exc}") from None
-    return rows, bad
+    return out
 
 
-def _jsonl_row(raw_line: bytes, lineno: int, uid: str, where: str, root: Path, spec: _Spec, verify: bool) -> _Raw:
+def _jsonl_row(
+    raw_line: bytes, lineno: int, uid: str, where: str, root: Path, spec: _Spec, verify: bool
+) -> _Raw | None:
+    """One parsed row; ``None`` for a row with neither text nor image (skipped, counted)."""
     try:
         line = raw_line.decode("utf-8-sig" if lineno == 1 else "utf-8")
         record = json.loads(line)
@@ -326,24 +519,25 @@ def _jsonl_row(raw_line: bytes, lineno: int, uid: str, where: str, root: Path, s
     if not isinstance(record, dict):
         raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
 
-    text = _field(record, "text", str, where)
+    text = _present_text(_optional(record, "text", str, where) or "")
     features = None
-    if "img_features" in record:
-        rel = _field(record, "img_features", str, where)
+    rel = _optional(record, "img_features", str, where)
+    if rel:
         features = os.path.abspath(root / rel)
-        if not rel or not os.path.isfile(features):
+        if not os.path.isfile(features):
             raise DataError(f"{where}: field 'img_features': feature file {features!r} does not exist")
 
-    # With precomputed features the image file itself is optional (a feature backbone never
-    # opens it); a pixel backbone that needs it reports the missing file when it reads it.
+    # Absent, null or empty 'img': the row has no image (image-missing), unless its features
+    # stand in for it. With precomputed features the image file itself is optional (a feature
+    # backbone never opens it); a pixel backbone that needs it reports the missing file then.
     image = None
-    if features is None or "img" in record:
-        img = _field(record, "img", str, where)
-        if not img:
-            raise DataError(f"{where}: field 'img' is empty")
+    img = _optional(record, "img", str, where)
+    if img:
         image = os.path.abspath(root / img)
         if features is None:
             _check_image_file(image, where, "img", verify)
+    if not text and image is None and features is None:
+        return None
 
     if spec.multilabel:
         label_field = next((f for f in spec.jsonl_label_fields if f in record), None)
@@ -361,7 +555,20 @@ def _jsonl_row(raw_line: bytes, lineno: int, uid: str, where: str, root: Path, s
         if not value:
             raise DataError(f"{where}: field 'label' is an empty class name")
         names = (value,)
-    return _Raw(text=text, image=image, names=names, uid=uid, image_features=features)
+    return _Raw(text=text, image=image, names=names, uid=uid, image_features=features, where=where)
+
+
+def _present_text(text: str) -> str:
+    """The text itself, or ``""`` when it is only whitespace (the row has no text)."""
+    return text if text.strip() else ""
+
+
+def _optional(record: dict[str, Any], key: str, kind: type, where: str) -> Any:
+    """A field that may be absent or ``null`` (``None`` then); present, it must be of ``kind``."""
+    value = record.get(key)
+    if value is not None and not isinstance(value, kind):
+        raise DataError(f"{where}: field {key!r} must be {kind.__name__}, got {type(value).__name__} {value!r:.80}")
+    return value
 
 
 def _field(record: dict[str, Any], key: str, kind: type, where: str) -> Any:
@@ -405,10 +612,8 @@ def _open_arrow(path: Path) -> pa.Table:
         raise DataError(f"cannot read arrow file {str(path)!r} (expected the pyarrow IPC file format): {exc}") from None
 
 
-def _read_arrow(
-    path: Path, spec: _Spec, class_names: dict[int, str] | None, verify: bool, skip: bool
-) -> tuple[list[_Raw], list[str]]:
-    """Rows of one arrow split, and the reasons of the rows skipped."""
+def _read_arrow(path: Path, spec: _Spec, class_names: dict[int, str] | None, verify: bool, skip: bool) -> _SplitRows:
+    """Rows of one arrow split, the reasons of the rows skipped, and the rows with no modality."""
     table = _open_arrow(path)
     text_column = spec.arrow_text_column
     required = ["image", text_column, "label"]
@@ -423,8 +628,7 @@ def _read_arrow(
     labels = table.column("label").to_pylist()
     genres = table.column("genres").to_pylist() if spec.multilabel and "genres" in table.column_names else None
 
-    rows: list[_Raw] = []
-    bad: list[str] = []
+    out = _SplitRows([], [])
     for i in range(table.num_rows):
         uid = f"{path}:{i}"
         where = f"{uid} (row {i}, 0-based)"
@@ -432,25 +636,27 @@ def _read_arrow(
             image = _arrow_image(images[i].as_py(), where, verify)
             text = _arrow_text(texts[i], where, text_column)
             if spec.multilabel:
-                names = _arrow_genres(labels[i], None if genres is None else genres[i], where)
+                names = _arrow_genres(labels[i], None if genres is None else genres[i], class_names, where)
             else:
                 names = (_arrow_class(labels[i], class_names, where),)
-            rows.append(_Raw(text=text, image=image, names=names, uid=uid, image_features=None))
         except DataError as exc:
             if not skip:
                 raise
-            bad.append(str(exc))
-    return rows, bad
+            out.bad.append(str(exc))
+            continue
+        if not text and image is None:
+            out.empty += 1
+            continue
+        out.rows.append(_Raw(text=text, image=image, names=names, uid=uid, image_features=None, where=where))
+    return out
 
 
-def _arrow_image(value: Any, where: str, verify: bool) -> bytes:
-    if not isinstance(value, (bytes, bytearray)) or not value:
-        got = (
-            "null"
-            if value is None
-            else ("empty bytes" if isinstance(value, (bytes, bytearray)) else type(value).__name__)
-        )
-        raise DataError(f"{where}: column 'image' must hold encoded image bytes, got {got}")
+def _arrow_image(value: Any, where: str, verify: bool) -> bytes | None:
+    """Encoded image bytes; ``None`` (the row has no image) for null or empty bytes."""
+    if value is None or (isinstance(value, (bytes, bytearray)) and not value):
+        return None
+    if not isinstance(value, (bytes, bytearray)):
+        raise DataError(f"{where}: column 'image' must hold encoded image bytes, got {type(value).__name__}")
     data = bytes(value)
     if verify:
         _verify_image(lambda: Image.open(io.BytesIO(data)), f"{where}: column 'image': cannot decode image bytes")
@@ -458,10 +664,13 @@ def _arrow_image(value: Any, where: str, verify: bool) -> bytes:
 
 
 def _arrow_text(value: Any, where: str, column: str) -> str:
+    """The row's text; ``""`` (the row has no text) for null, an empty list or blank strings."""
+    if value is None:
+        return ""
     if isinstance(value, str):
-        return value
+        return _present_text(value)
     if isinstance(value, list) and all(isinstance(t, str) for t in value):
-        return " ".join(value)
+        return _present_text(" ".join(value))
     raise DataError(f"{where}: column {column!r} must be a list of strings, got {value!r:.80}")
 
 
@@ -477,18 +686,35 @@ def _arrow_class(value: Any, class_names: dict[int, str] | None, where: str) -> 
     return class_names[value]
 
 
-def _arrow_genres(value: Any, genres: Any, where: str) -> tuple[str, ...]:
+def _arrow_genres(value: Any, genres: Any, class_names: dict[int, str] | None, where: str) -> tuple[str, ...]:
+    if genres is not None and (not isinstance(genres, list) or not all(isinstance(g, str) for g in genres)):
+        raise DataError(f"{where}: column 'genres' must be a list of genre names, got {genres!r:.120}")
+    if isinstance(value, int) and not isinstance(value, bool):
+        # The reference FedPrime writer: single-genre movies, label = the genre's rank among the
+        # split's top 8 (ranked per split), 'genres' kept. The genre's name is the safe key.
+        if value < 0:
+            raise DataError(f"{where}: column 'label' must be a non-negative int class index, got {value}")
+        if genres is not None:
+            known = list(dict.fromkeys(g for g in genres if g in MMIMDB_GENRES))
+            if len(known) != 1:
+                raise DataError(
+                    f"{where}: column 'label' is the class index {value} of a single-genre movie, but column "
+                    f"'genres' names {len(known)} MM-IMDB genres ({known}); cannot tell which genre it is"
+                )
+            return (known[0],)
+        return (_arrow_class(value, class_names, where),)
     n = len(MMIMDB_GENRES)
     if (
         not isinstance(value, list)
         or len(value) != n
         or not all(isinstance(v, int) and not isinstance(v, bool) and v in (0, 1) for v in value)
     ):
-        raise DataError(f"{where}: column 'label' must be a multi-hot list of {n} ints (0/1), got {value!r:.120}")
+        raise DataError(
+            f"{where}: column 'label' must be a multi-hot list of {n} ints (0/1) or an int class index, "
+            f"got {value!r:.120}"
+        )
     names = tuple(g for g, hot in zip(MMIMDB_GENRES, value, strict=True) if hot)
     if genres is not None:
-        if not isinstance(genres, list) or not all(isinstance(g, str) for g in genres):
-            raise DataError(f"{where}: column 'genres' must be a list of genre names, got {genres!r:.120}")
         known = {g for g in genres if g in MMIMDB_GENRES}
         if known != set(names):
             raise DataError(
@@ -516,27 +742,69 @@ def _label_space(train: Sequence[_Raw], num_classes: int, dataset: str) -> tuple
     return tuple(order)
 
 
+def _single_genre(raws: Sequence[_Raw], split: str) -> list[_Raw]:
+    """MM-IMDB paper protocol: the movies with exactly one genre, labelled by it.
+
+    Genres are counted among the 23 MM-IMDB genres (names outside them, such as 'News',
+    are ignored, as the reference's multi-hot label ignores them); a row that names none of
+    the 23 (labelled by a class index without genre names) must hold exactly one label.
+    """
+    kept: list[_Raw] = []
+    for r in raws:
+        genres = [n for n in r.names if n in MMIMDB_GENRES] or list(r.names)
+        if len(genres) == 1:
+            kept.append(dataclasses.replace(r, names=(genres[0],)))
+    logger.info(
+        "mmimdb %s: paper protocol kept %d single-genre movie(s), dropped %d with several (or no) genres",
+        *(split, len(kept), len(raws) - len(kept)),
+    )
+    return kept
+
+
 def _apply_labels(
-    raws: Sequence[_Raw], index: dict[str, int], seen_in_train: set[str], spec: _Spec, split: str
-) -> list[Sample]:
-    """Samples with class indices; rows without a kept class are dropped (and counted in a log line)."""
+    raws: Sequence[_Raw],
+    index: dict[str, int],
+    seen_in_train: set[str],
+    spec: _Spec,
+    split: str,
+    multilabel: bool,
+    strict: bool,
+    source: str,
+    skip: bool,
+) -> tuple[list[Sample], list[str]]:
+    """Samples with class indices, and the reasons of rows skipped as bad.
+
+    Rows without a kept class are dropped (and counted in a log line); with ``strict`` (a
+    single-label dataset with a given class list) such a row is a bad row instead: an
+    error naming it, or skipped with ``skip``.
+    """
     samples: list[Sample] = []
+    bad: list[str] = []
     dropped = unseen = restricted = 0
     for r in raws:
         kept = sorted(index[n] for n in r.names if n in index)
         if not kept:
+            if strict:
+                reason = (
+                    f"{r.where or r.uid}: class {r.names[0]!r} is not in {source}; add it to the class list "
+                    "(the same list at every site and the server) or remove the row"
+                )
+                if not skip:
+                    raise DataError(reason)
+                bad.append(reason)
+                continue
             dropped += 1
             unseen += any(n not in seen_in_train for n in r.names)
             continue
-        if spec.multilabel:
+        if multilabel:
             restricted += len(kept) < len(r.names)
             label: int | tuple[int, ...] = tuple(kept)
         else:
             label = kept[0]
         samples.append(Sample(text=r.text, image=r.image, label=label, uid=r.uid, image_features=r.image_features))
-    extra = f"; labels restricted to the kept classes on {restricted}" if spec.multilabel else ""
+    extra = f"; labels restricted to the kept classes on {restricted}" if multilabel else ""
     logger.info(
         "%s %s: kept %d sample(s), dropped %d by the class filter (%d with a class absent from train)%s",
         *(spec.name, split, len(samples), dropped, unseen, extra),
     )
-    return samples
+    return samples, bad

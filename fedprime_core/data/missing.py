@@ -15,28 +15,26 @@ mixture ``pi_t ~ Dirichlet(missing_alpha * pi)`` over the patterns the setting a
 where ``pi`` is the global mixture, so the clients' mixtures average to the global one
 while differing from each other; ``missing_alpha = 0`` gives every client ``pi`` (the
 reference protocol). An explicit per-client table can be given instead (YAML).
+
+Real missingness: a sample whose row has no text or no image (see
+:attr:`~fedprime_core.data.records.Sample.natural_pattern`) keeps that pattern; the
+simulated mixture is drawn over the naturally *complete* samples only
+(:func:`apply_missing`), as the reference code simulates only where its missing table
+says "complete". With ``missing-setting = "none"`` the data is used as it is. Counts
+report both parts (:func:`missing_counts`).
 """
 
 from __future__ import annotations
 
-import enum
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
 from ..yamlio import read_yaml_mapping
-from .records import DataError
-
-
-class Pattern(enum.IntEnum):
-    """Missing-modality pattern of one sample."""
-
-    COMPLETE = 0
-    TEXT_MISSING = 1
-    IMAGE_MISSING = 2
-
-
-PATTERN_NAMES = ("complete", "text-missing", "image-missing")
+from .records import PATTERN_NAMES as PATTERN_NAMES  # re-exported: defined with the records
+from .records import DataError, Sample, natural_patterns
+from .records import Pattern as Pattern
 
 #: The paper's five test columns, in its table order.
 TEST_SETTINGS = ("same-as-train", "miss-both", "full-modal", "text-only", "image-only")
@@ -115,6 +113,93 @@ def client_mixtures(num_clients: int, setting: str, eta: float, alpha: float, rn
     return out
 
 
+def apply_missing(
+    samples: Sequence[Sample], mixture: np.ndarray, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
+    """Patterns of ``samples``: their real missingness, plus ``mixture`` simulated on the complete ones.
+
+    A sample that misses a modality in the data keeps that pattern. The naturally complete
+    samples get patterns drawn by :func:`sample_patterns` with ``mixture`` (exact
+    proportions among them). Data without real missingness gives exactly the patterns
+    ``sample_patterns(len(samples), mixture, rng)`` would.
+
+    Args:
+        samples: the :class:`~fedprime_core.data.records.Sample` records.
+        mixture: ``(3,)`` simulated mixture (complete, text-missing, image-missing).
+        rng: randomness of the simulated part.
+
+    Returns:
+        ``(patterns, natural)``, both ``(N,)`` int8: the patterns to use and the real ones.
+    """
+    natural = natural_patterns(samples)
+    complete = np.flatnonzero(natural == Pattern.COMPLETE)
+    patterns = natural.copy()
+    patterns[complete] = sample_patterns(len(complete), mixture, rng)
+    return patterns, natural
+
+
+def missing_counts(patterns: np.ndarray, natural: np.ndarray | None = None) -> dict[str, int]:
+    """Pattern counts, and how many of the missing ones are real and how many simulated.
+
+    Returns:
+        ``complete``, ``text-missing``, ``image-missing`` (what training sees), then
+        ``real-text-missing``, ``real-image-missing`` (missing in the data) and
+        ``simulated-text-missing``, ``simulated-image-missing`` (removed by simulation).
+    """
+    patterns = np.asarray(patterns, dtype=np.int64)
+    natural = np.zeros_like(patterns) if natural is None else np.asarray(natural, dtype=np.int64)
+    out = pattern_counts(patterns)
+    for pattern in (Pattern.TEXT_MISSING, Pattern.IMAGE_MISSING):
+        name = PATTERN_NAMES[pattern]
+        real = int(np.sum(natural == pattern))
+        out[f"real-{name}"] = real
+        out[f"simulated-{name}"] = out[name] - real
+    return out
+
+
+def _parse_mixture(path: Path, key: object, value: object) -> np.ndarray:
+    where = f"missing-table {str(path)!r}, entry {key!r}"
+    if isinstance(value, dict):
+        unknown = set(value) - set(PATTERN_NAMES)
+        if unknown:
+            raise DataError(f"{where}: unknown pattern(s) {sorted(unknown)}; use {PATTERN_NAMES}")
+        vec = np.array([float(value.get(name, 0.0)) for name in PATTERN_NAMES])
+    elif isinstance(value, (list, tuple)) and len(value) == 3:
+        vec = np.array([float(v) for v in value])
+    else:
+        raise DataError(f"{where}: give a mapping over {PATTERN_NAMES} or a list of 3 numbers")
+    if np.any(vec < 0) or not np.isclose(vec.sum(), 1.0, atol=1e-6):
+        raise DataError(f"{where}: proportions must be non-negative and sum to 1, got {vec.tolist()}")
+    return vec / vec.sum()
+
+
+def _read_table(path: Path) -> dict:
+    data = read_yaml_mapping(path, "missing-table file", DataError)
+    if not data:
+        raise DataError(f"missing-table file {str(path)!r} must map client ids to mixtures")
+    return data
+
+
+def missing_table_entry(path: str | Path, keys: list[str]) -> tuple[np.ndarray, str]:
+    """One client's mixture from a missing table, looked up by the first of ``keys`` it lists.
+
+    Site-local clients are named by their ``client-id`` (and their ``partition-id``, when
+    they have one); a table may key them by either, with ``default`` for the rest.
+
+    Returns:
+        ``((3,) mixture, the key that matched)``.
+    """
+    path = Path(path)
+    data = _read_table(path)
+    by_name = {str(k): v for k, v in data.items()}
+    for key in [*keys, "default"]:
+        if key in by_name:
+            return _parse_mixture(path, key, by_name[key]), key
+    raise DataError(
+        f"missing-table {str(path)!r} has no entry for client {' / '.join(map(repr, keys))} and no 'default'"
+    )
+
+
 def load_missing_table(path: str | Path, num_clients: int) -> np.ndarray:
     """Read an explicit per-client mixture table, ``(num_clients, 3)``.
 
@@ -127,31 +212,13 @@ def load_missing_table(path: str | Path, num_clients: int) -> np.ndarray:
         1: [0.2, 0.0, 0.8]
     """
     path = Path(path)
-    data = read_yaml_mapping(path, "missing-table file", DataError)
-    if not data:
-        raise DataError(f"missing-table file {str(path)!r} must map client ids to mixtures")
-
-    def parse(key: object, value: object) -> np.ndarray:
-        where = f"missing-table {str(path)!r}, entry {key!r}"
-        if isinstance(value, dict):
-            unknown = set(value) - set(PATTERN_NAMES)
-            if unknown:
-                raise DataError(f"{where}: unknown pattern(s) {sorted(unknown)}; use {PATTERN_NAMES}")
-            vec = np.array([float(value.get(name, 0.0)) for name in PATTERN_NAMES])
-        elif isinstance(value, (list, tuple)) and len(value) == 3:
-            vec = np.array([float(v) for v in value])
-        else:
-            raise DataError(f"{where}: give a mapping over {PATTERN_NAMES} or a list of 3 numbers")
-        if np.any(vec < 0) or not np.isclose(vec.sum(), 1.0, atol=1e-6):
-            raise DataError(f"{where}: proportions must be non-negative and sum to 1, got {vec.tolist()}")
-        return vec / vec.sum()
-
-    default = parse("default", data["default"]) if "default" in data else None
+    data = _read_table(path)
+    default = _parse_mixture(path, "default", data["default"]) if "default" in data else None
     table = np.zeros((num_clients, 3))
     for client in range(num_clients):
         entry = data.get(client, data.get(str(client)))
         if entry is not None:
-            table[client] = parse(client, entry)
+            table[client] = _parse_mixture(path, client, entry)
         elif default is not None:
             table[client] = default
         else:

@@ -10,7 +10,9 @@ A batch (what :func:`collate` returns and every backbone's ``embed`` reads) hold
 
 Missing text is the empty string; a missing image is the all-ones image after
 normalisation (ViLT convention of Lee et al. 2023), ``S x S`` with ``S`` the processor's
-shortest side; missing image features are all ones as well.
+shortest side; missing image features are all ones as well. A sample that misses a
+modality in the data itself (no text, or no image) goes through exactly the same path:
+its ``missing_type`` is that pattern, whatever pattern it was assigned.
 """
 
 from __future__ import annotations
@@ -24,8 +26,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset
 
-from .missing import Pattern
-from .records import DataError, ImageSource, Sample
+from .records import DataError, ImageSource, Pattern, Sample, natural_patterns
 
 
 def open_image(source: ImageSource, uid: str) -> Image.Image:
@@ -144,7 +145,9 @@ class MultimodalDataset(Dataset):
 
     Args:
         samples: the records.
-        patterns: ``(N,)`` missing pattern per sample.
+        patterns: ``(N,)`` missing pattern per sample; a sample that misses a modality in
+            the data keeps that real pattern instead (:attr:`Sample.natural_pattern`), so
+            ``self.patterns`` is what the model sees.
         processor: a :class:`MultimodalProcessor`.
         num_classes: size of the label space.
         multilabel: labels are tuples, encoded multi-hot.
@@ -164,7 +167,8 @@ class MultimodalDataset(Dataset):
         if patterns.shape != (len(samples),):
             raise ValueError(f"need one missing pattern per sample: {len(samples)} samples, {patterns.shape} patterns")
         self.samples = list(samples)
-        self.patterns = patterns
+        natural = natural_patterns(self.samples).astype(np.int64)
+        self.patterns = np.where(natural != Pattern.COMPLETE, natural, patterns)
         self.processor = processor
         self.num_classes = num_classes
         self.multilabel = multilabel

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+import enum
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
@@ -16,13 +17,30 @@ class DataError(ValueError):
     """A dataset file, row or field is missing or unreadable. The message names it."""
 
 
+class Pattern(enum.IntEnum):
+    """Missing-modality pattern of one sample (the order of missing-aware prompt sets)."""
+
+    COMPLETE = 0
+    TEXT_MISSING = 1
+    IMAGE_MISSING = 2
+
+
+#: Names of the patterns, in :class:`Pattern` order (the keys of pattern counts).
+PATTERN_NAMES = ("complete", "text-missing", "image-missing")
+
+
 @dataclasses.dataclass(frozen=True)
 class Sample:
     """One (image, text, label) example.
 
+    A sample can miss a modality *for real*: ``text == ""`` (the row has no text) or no
+    image at all (``image is None`` and ``image_features is None``); see
+    :attr:`natural_pattern`. Loaders never produce a sample that misses both.
+
     Attributes:
-        text: the caption / title / plot ("" if the dataset has none).
-        image: where the image comes from (see :data:`ImageSource`).
+        text: the caption / title / plot ("" if the row has none: text-missing).
+        image: where the image comes from (see :data:`ImageSource`); ``None`` when the
+            row has no image.
         label: class index (single-label) or sorted tuple of class indices (multi-label).
         uid: ``"<file>:<row>"``, used in every error message about this sample.
         image_features: precomputed frozen image features: a ``.npy`` path or an array
@@ -34,6 +52,20 @@ class Sample:
     label: int | tuple[int, ...]
     uid: str = ""
     image_features: str | np.ndarray | None = None
+
+    @property
+    def natural_pattern(self) -> Pattern:
+        """The pattern the data itself has: text-missing, image-missing or complete."""
+        if not self.text:
+            return Pattern.TEXT_MISSING
+        if self.image is None and self.image_features is None:
+            return Pattern.IMAGE_MISSING
+        return Pattern.COMPLETE
+
+
+def natural_patterns(samples: Sequence[Sample]) -> np.ndarray:
+    """``(N,)`` int8 pattern each sample has in the data itself (see :attr:`Sample.natural_pattern`)."""
+    return np.fromiter((int(s.natural_pattern) for s in samples), dtype=np.int8, count=len(samples))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,6 +79,9 @@ class DatasetSplits:
         multilabel: labels are tuples and training uses BCE (MM-IMDB genres).
         text_max_length: default tokens per text for this dataset.
         name: dataset name, for reports.
+        metric: the headline metric, ``"accuracy"`` or ``"macro_f1"`` (MM-IMDB, also in
+            the single-label paper protocol); ``""`` derives it from ``multilabel``.
+        skipped_empty: per split, rows skipped because they had neither text nor image.
     """
 
     train: Sequence[Sample]
@@ -56,10 +91,17 @@ class DatasetSplits:
     multilabel: bool
     text_max_length: int
     name: str
+    metric: str = ""
+    skipped_empty: Mapping[str, int] = dataclasses.field(default_factory=dict)
 
     @property
     def num_classes(self) -> int:
         return len(self.classes)
+
+    @property
+    def headline_metric(self) -> str:
+        """``"macro_f1"`` or ``"accuracy"``: what results tables report first."""
+        return self.metric or ("macro_f1" if self.multilabel else "accuracy")
 
 
 def primary_labels(samples: Sequence[Sample]) -> np.ndarray:
