@@ -430,7 +430,10 @@ class ClusterAlignment:
             stays = previous >= 0
             stays[stays] = state.members[previous[stays]] == 0
             chosen[fresh_rows[stays]] = previous[stays]
-            chosen[fresh_rows[~stays]] = state.free_slots(int((~stays).sum()))
+            # The kept clusters are empty until ``state.add`` below: never hand them out again.
+            opening = int((~stays).sum())
+            free = state.free_slots(opening + int(stays.sum()))
+            chosen[fresh_rows[~stays]] = free[~np.isin(free, previous[stays])][:opening]
         state.add(chosen, z, w)
         if fresh_rows.size:
             self.refresh_nets(chosen[fresh_rows])

@@ -166,3 +166,18 @@ def test_fedavg_weights_and_checks():
         fedavg([a, {"w": np.zeros(2)}], [1, 1])
     with pytest.raises(ValueError, match="weights"):
         fedavg([a, b], [0, 0])
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_a_clients_prompts_stay_in_distinct_clusters_when_some_open_new_ones(seed):
+    # Regression: a prompt alone in a cluster opened during the alignment keeps it when it
+    # stays alone; another prompt of the same client opening a new cluster must not be handed
+    # that (momentarily empty) cluster too. Both seeds put two prompts of a client in one
+    # cluster before the fix, which crashed the next round's warm start (issue 17's paired run).
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(5, 8)) * 3
+    prompts = [centres[rng.integers(0, 5, 6)] + rng.normal(size=(6, 8)) * rng.uniform(0.3, 3) for _ in range(4)]
+    init = [rng.permutation(8)[:6] for _ in range(4)]
+    result = align_prompts(prompts, init_assignments=init, n_sweeps=5, seed=seed)
+    for labels in result.assignments:
+        assert len(np.unique(labels)) == labels.size  # one client's prompts: one cluster each
