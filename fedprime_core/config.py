@@ -338,7 +338,7 @@ OPTIONS: tuple[Option, ...] = (
         "Query map of each retrieval pool: 0 a dense d x d linear map (the paper); r > 0 the identity "
         "plus a trained rank-r update (two r x d factors and a bias: 2rd + d parameters instead of "
         "d^2 + d), averaged factor by factor (paper: 0, lean: 8). An integer or 'profile'; no effect "
-        "on methods without retrieval pools (fedavg-p).",
+        "on fedavg-p (no retrieval pools) nor on pfpt (PFPT's dense, bias-free query projection is its model).",
         min=0,
         profile=True,
     ),
@@ -581,6 +581,28 @@ def replace(cfg: Any, **changes: Any) -> Any:
 def profile_keys() -> tuple[str, ...]:
     """The keys ``comm-profile`` sets."""
     return tuple(opt.key for opt in OPTIONS if opt.profile)
+
+
+def at_profile(values: Mapping[str, Any], key: str) -> bool:
+    """Whether the communication key ``key`` of a :func:`config_to_dict` mapping holds its profile's value."""
+    return values[key] == PROFILE_VALUES[values["comm-profile"]][key]
+
+
+def with_profile(values: Mapping[str, Any], profile: str) -> dict[str, Any]:
+    """A :func:`config_to_dict` mapping moved to another ``comm-profile``.
+
+    Each key the profile sets that held the old profile's value takes the new profile's
+    value; a key set to something else keeps it (as if it had been given explicitly). So the
+    ``paper`` twin of a ``lean`` run differs from it only in what the profiles set.
+    """
+    if profile not in PROFILE_VALUES:
+        raise ConfigError(f"'comm-profile' = {profile!r} is not allowed; use one of: {', '.join(COMM_PROFILES)}")
+    out = dict(values)
+    for key in profile_keys():
+        if at_profile(values, key):
+            out[key] = PROFILE_VALUES[profile][key]
+    out["comm-profile"] = profile
+    return out
 
 
 def describe_communication(cfg: Any) -> str:

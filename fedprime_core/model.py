@@ -49,7 +49,8 @@ class PromptSettings:
     map_length: int = 16
     map_depth: int = 6
     query_rank: int = 0
-    """0: dense query maps; r > 0: identity plus a rank-r update (:class:`LowRankQuery`)."""
+    """0: dense query maps; r > 0: identity plus a rank-r update (:class:`LowRankQuery`). Keyed pools
+    only: :class:`PFPTPromptPool` keeps PFPT's dense projection."""
 
 
 @dataclasses.dataclass
