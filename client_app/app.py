@@ -23,6 +23,7 @@ from flwr.clientapp import ClientApp
 from fedprime_core import runtime
 from fedprime_core.config import parse_run_config
 from fedprime_core.faults import inject_fault
+from server_app.logs import connect, forward_logs
 from server_app.messages import (
     CONFIG,
     METRICS,
@@ -32,6 +33,7 @@ from server_app.messages import (
 )
 
 LOGGER = logging.getLogger(__name__)
+connect(client=True)  # this app's and fedprime_core's lines: to Flower's console and, with each reply, the server
 
 app = ClientApp()
 
@@ -53,6 +55,7 @@ def query(msg: Message, context: Context) -> Message:
 
 
 @app.train()
+@forward_logs
 def train(msg: Message, context: Context) -> Message:
     """Train the received global state for ``local-epochs`` on the local shard."""
     _threads()
@@ -72,8 +75,7 @@ def train(msg: Message, context: Context) -> Message:
     partition = -1 if node.partition_id is None else node.partition_id  # fault plans name partitions
     new_state, metrics, usage = inject_fault(cfg.fault_plan, partition, server_round, new_state, metrics, result.usage)
     LOGGER.info(
-        "client %s round %d: loss %.4f on %d samples in %.1fs",
-        node.client_id,
+        "round %d: loss %.4f on %d samples in %.1fs",
         server_round,
         result.loss,
         result.num_examples,
@@ -92,6 +94,7 @@ def train(msg: Message, context: Context) -> Message:
 
 
 @app.evaluate()
+@forward_logs
 def evaluate(msg: Message, context: Context) -> Message:
     """Evaluate the received global state on the local validation split."""
     _threads()

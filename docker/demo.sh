@@ -34,7 +34,7 @@
 #   DEMO_LABEL_ALPHA      label skew across the sites (Dirichlet), default 1.0
 #   FEDPRIME_CACHE_SEED   a host folder of already prepared models (a FEDPRIME_CACHE, e.g.
 #                         ~/.cache/fedprime) copied into the shared model cache first, so
-#                         model-init finds tiny-vilt there instead of generating it again
+#                         model-init finds the model there instead of preparing it again
 #   COMPOSE_PROJECT_NAME  default fedprime-demo
 #
 # The last line printed on success is `RESULTS <folder>`.

@@ -293,7 +293,7 @@ OPTIONS: tuple[Option, ...] = (
         "Name of this run's results folder; empty derives one from method, dataset, setting and seed.",
     ),
     Option(
-        "resume", str, "", "A previous run folder (or its checkpoint.pt) to continue from its last completed round."
+        "resume", str, "", "A previous run folder (or its checkpoint.npz) to continue from its last completed round."
     ),
     Option("server-eval", bool, True, "Evaluate the global model on the server's validation and five test settings."),
     Option("eval-every", int, 1, "Server-side evaluation every N rounds (the last round is always evaluated).", min=1),

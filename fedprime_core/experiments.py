@@ -78,6 +78,7 @@ from .cli import to_toml
 from .config import ConfigError, at_profile, config_to_dict, parse_run_config, profile_keys, with_profile
 from .data.missing import TEST_SETTINGS
 from .launch import APP_DIR, flower_env, run_flwr, stage_app, stop_marked
+from .progress import format_duration
 from .yamlio import read_yaml_mapping
 
 ABLATION_METHODS = ("fedavg-p", "fed-intra", "fed-inter", "fedprime")
@@ -374,10 +375,12 @@ def run_plan(plan: Plan, echo: bool = True) -> list[dict[str, Any]]:
     home.mkdir(exist_ok=True)
     records = []
     staged = Path(tempfile.mkdtemp(prefix="fedprime-app-"))
+    started = time.perf_counter()
+    total = len(plan.cells)
     try:
         app_dir = stage_app(staged / "app")  # flwr run walks its whole folder: stage the app alone
         for index, cell in enumerate(plan.cells, 1):
-            print(f"== cell {index}/{len(plan.cells)}: {cell.name} ({', '.join(cell.grids)})", flush=True)
+            print(f"== cell {index}/{total}: {cell.name} ({', '.join(cell.grids)})", flush=True)
             record = run_cell(plan, cell, home, echo=echo, app_dir=app_dir)
             records.append(record)
             if record["status"] == "failed":
@@ -386,11 +389,37 @@ def run_plan(plan: Plan, echo: bool = True) -> list[dict[str, Any]]:
                     flush=True,
                 )
             (plan.output / "cells.json").write_text(json.dumps(records, indent=2))
+            to_run = sum(cell_status(plan, c)[0] != "done" for c in plan.cells[index:])
+            print(
+                progress_line(index, total, record, time.perf_counter() - started, records, to_run),
+                flush=True,
+            )
     finally:
         stop_marked(f"FLWR_HOME={home}")  # the local SuperLink flwr run left in the background
         shutil.rmtree(staged, ignore_errors=True)
     write_report(plan)
     return records
+
+
+def progress_line(
+    index: int, total: int, record: dict[str, Any], elapsed: float, records: Sequence[dict[str, Any]], to_run: int
+) -> str:
+    """``== cell 3/29 done in 58s | 2m04s elapsed, about 25m10s left (26 cells to run)``.
+
+    The estimate is the mean duration of the cells this invocation ran (finished cells that
+    were skipped do not count) times the cells still to run.
+    """
+    outcome = "skipped (already done)" if record.get("skipped") else record["status"]
+    took = f" in {format_duration(record['seconds'])}" if "seconds" in record else ""
+    durations = [r["seconds"] for r in records if "seconds" in r]
+    if to_run == 0:
+        left = "nothing left to run"
+    elif durations:
+        mean = sum(durations) / len(durations)
+        left = f"about {format_duration(mean * to_run)} left ({to_run} cell{'s' * (to_run != 1)} to run)"
+    else:
+        left = f"{to_run} cell{'s' * (to_run != 1)} to run"
+    return f"== cell {index}/{total} {outcome}{took} | {format_duration(elapsed)} elapsed, {left}"
 
 
 # ---------------------------------------------------------------------------------------

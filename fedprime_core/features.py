@@ -52,6 +52,7 @@ from typing import Any
 import numpy as np
 
 from .data.records import DataError, Sample
+from .progress import Progress
 
 LOGGER = logging.getLogger(__name__)
 
@@ -271,16 +272,6 @@ def _write_jsonl(path: Path, records: list[dict[str, Any]]) -> None:
     os.replace(tmp, path)
 
 
-def _progress(total: int, desc: str, enabled: bool):
-    if not enabled:
-        return None
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:  # plain stderr lines instead
-        return None
-    return tqdm(total=total, desc=desc, unit="img", file=sys.stderr)
-
-
 def precompute_features(
     root: str | Path,
     splits: Sequence[str],
@@ -326,7 +317,10 @@ def precompute_features(
             if target not in todo:
                 todo[target] = (record["img"], f"{path}:{lineno}")
         summary["skipped"] += len({feature_path_for(r["img"], encoder.slug) for _, r in rows_with_image}) - len(todo)
-        bar = _progress(len(todo), split, progress)
+        # A bar on a terminal, a log line every 10 s otherwise (a log of bar redraws is unreadable).
+        bar = None
+        if progress:
+            bar = Progress(f"{split}: image features", len(todo), unit="images", logger=LOGGER, bar=True)
         items = list(todo.items())
         for start in range(0, len(items), batch_size):
             chunk = items[start : start + batch_size]
@@ -339,8 +333,6 @@ def precompute_features(
             summary["computed"] += len(chunk)
             if bar is not None:
                 bar.update(len(chunk))
-            elif progress:
-                print(f"{split}: {start + len(chunk)}/{len(items)} images", file=sys.stderr, flush=True)
         if bar is not None:
             bar.close()
         _write_jsonl(path, [record for _, record in rows])

@@ -1,9 +1,10 @@
 """Launch `flwr run` as a subprocess and clean up the Flower processes it leaves behind.
 
 `flwr run` in simulation starts a background local SuperLink that keeps running after the
-run. A launcher gives its Flower processes a private ``FLWR_HOME``; :func:`stop_marked`
-then ends exactly the processes whose environment carries that marker, and nothing else.
-This module starts programs; it does not import Flower.
+run. A launcher gives its Flower processes a private ``FLWR_HOME`` and private ports for
+that local SuperLink (:func:`local_superlink_ports`); :func:`stop_marked` then ends exactly
+the processes whose environment carries that marker, and nothing else. This module starts
+programs; it does not import Flower.
 """
 
 from __future__ import annotations
@@ -49,45 +50,47 @@ def stage_app(dest: Path) -> Path:
     return dest
 
 
-#: Environment variables that move the local SuperLink `flwr run` starts in simulation.
-LOCAL_PORT_VARIABLES = ("FLWR_LOCAL_SUPERLINK_HTTP_API_PORT", "FLWR_LOCAL_CONTROL_API_PORT")
+#: Flower's variables for the ports of the local SuperLink `flwr run` starts (default 39091 / 39093).
+LOCAL_SUPERLINK_PORT_VARS = ("FLWR_LOCAL_SUPERLINK_HTTP_API_PORT", "FLWR_LOCAL_CONTROL_API_PORT")
 
 
 def local_superlink_ports(home: Path) -> dict[str, str]:
-    """Ports of the local SuperLink that belongs to ``home``, chosen once and kept in ``home``.
+    """Ports of this ``FLWR_HOME``'s own local SuperLink, chosen once and kept in ``home``.
 
-    `flwr run` in simulation talks to a background SuperLink on fixed ports (39091/39093);
-    two runs from different ``FLWR_HOME`` folders (two test sessions, two experiment grids)
-    would share one, and stopping one run's processes would pull the other's SuperLink
-    away. A private pair of ports per home keeps them apart, and the same home reuses its
-    SuperLink from one `flwr run` to the next.
+    `flwr run` finds "the" local SuperLink by probing a fixed port (39091). Another user,
+    test or experiment grid on the same machine that started one there would silently get
+    this launcher's runs, and run their ClientApps with *its* code (in simulation the
+    ClientApps import from the SuperLink's working directory, not from the app bundle).
+    Private ports per ``FLWR_HOME`` keep every launcher on its own SuperLink.
     """
-    path = Path(home) / "local-superlink-ports.json"
+    home = Path(home)
+    record = home / "local-superlink-ports.json"
     try:
-        ports = json.loads(path.read_text())
-        if sorted(ports) == sorted(LOCAL_PORT_VARIABLES):
+        ports = json.loads(record.read_text())
+        if sorted(ports) == sorted(LOCAL_SUPERLINK_PORT_VARS):
             return {k: str(v) for k, v in ports.items()}
     except (OSError, ValueError):
         pass
-    ports = {name: str(_free_port()) for name in LOCAL_PORT_VARIABLES}
-    while len(set(ports.values())) < len(ports):
-        ports = {name: str(_free_port()) for name in LOCAL_PORT_VARIABLES}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(ports))
+    sockets = [socket.socket() for _ in LOCAL_SUPERLINK_PORT_VARS]
+    try:
+        for sock in sockets:
+            sock.bind(("127.0.0.1", 0))
+        ports = {var: str(sock.getsockname()[1]) for var, sock in zip(LOCAL_SUPERLINK_PORT_VARS, sockets)}
+    finally:
+        for sock in sockets:
+            sock.close()
+    home.mkdir(parents=True, exist_ok=True)
+    record.write_text(json.dumps(ports))
     return ports
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def flower_env(home: Path, extra: Mapping[str, str] | None = None) -> dict[str, str]:
-    """Environment for Flower commands: private FLWR_HOME and local SuperLink, no runtime dependency installation."""
+    """Environment for Flower commands: private FLWR_HOME and local SuperLink, no runtime dependency installation.
+
+    Local SuperLink ports set in the caller's environment are kept.
+    """
     env = dict(os.environ)
     bin_dir = str(Path(sys.executable).parent)
-    env.update(local_superlink_ports(home))
     env.update(
         FLWR_HOME=str(home),
         FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1",
@@ -97,6 +100,8 @@ def flower_env(home: Path, extra: Mapping[str, str] | None = None) -> dict[str, 
         PYTHONUNBUFFERED="1",
         PATH=f"{bin_dir}{os.pathsep}{env.get('PATH', '')}",
     )
+    for var, port in local_superlink_ports(home).items():
+        env.setdefault(var, port)
     env.update(extra or {})
     return env
 

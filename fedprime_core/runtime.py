@@ -34,7 +34,8 @@ import hashlib
 import logging
 import os
 import threading
-from collections.abc import Mapping
+import time
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 import numpy as np
@@ -58,6 +59,7 @@ from .data.records import DataError, DatasetSplits, Sample, primary_labels
 from .federated import client_identity
 from .methods import method_spec
 from .model import PromptedModel, PromptSettings, load_trainable_state, trainable_state
+from .progress import Progress, format_duration
 from .training import TrainResult, TrainSettings, evaluate, train_local
 
 LOGGER = logging.getLogger(__name__)
@@ -142,6 +144,9 @@ def load_backbone(cfg: RunConfig) -> LoadedBackbone:
         key += (cfg.image_projection, cfg.dataset, cfg.data_dir, cfg.data_layout, cfg.num_classes)
 
     def build() -> LoadedBackbone:
+        started = time.perf_counter()
+        if cfg.model not in ("tiny-vilt", "tiny-bert"):  # the tiny ones load in a second
+            LOGGER.info("loading backbone %s (%s) ...", cfg.model, cfg.backbone)
         if features:
             from .features import feature_shape
 
@@ -169,7 +174,12 @@ def load_backbone(cfg: RunConfig) -> LoadedBackbone:
         backbone = parts.backbone
         fingerprint = backbone_fingerprint(backbone)
         LOGGER.info(
-            "loaded backbone %s (%s) from %s, fingerprint %s", cfg.model, cfg.backbone, parts.source, fingerprint
+            "loaded backbone %s (%s) from %s in %s, fingerprint %s",
+            cfg.model,
+            cfg.backbone,
+            parts.source,
+            format_duration(time.perf_counter() - started),
+            fingerprint,
         )
         return LoadedBackbone(backbone, processor, fingerprint)
 
@@ -200,27 +210,39 @@ def load_splits(cfg: RunConfig) -> DatasetSplits:
     )
 
     def build() -> DatasetSplits:
+        started = time.perf_counter()
         if cfg.dataset == "embedded":
             from .data.embedded import make_embedded_dataset
 
-            return make_embedded_dataset(cfg.seed, image_features=features)
-        from .data.loaders import load_dataset
+            splits = make_embedded_dataset(cfg.seed, image_features=features)
+        else:
+            from .data.loaders import load_dataset
 
-        # Decoding every image of a full benchmark at each process start is too slow;
-        # missing files are always caught here, undecodable ones are verified up front only
-        # when bad rows are to be skipped (otherwise they fail with a DataError naming the
-        # file and row when first read).
-        return load_dataset(
+            # Decoding every image of a full benchmark at each process start is too slow;
+            # missing files are always caught here, undecodable ones are verified up front
+            # only when bad rows are to be skipped (otherwise they fail with a DataError
+            # naming the file and row when first read).
+            splits = load_dataset(
+                cfg.dataset,
+                cfg.data_dir,
+                layout=cfg.data_layout,
+                num_classes=cfg.num_classes,
+                skip_bad_rows=cfg.skip_bad_rows,
+                verify_images=cfg.skip_bad_rows,
+                classes=class_list(cfg) or None,
+                mmimdb_protocol=cfg.mmimdb_protocol,
+                required=(),
+            )
+        LOGGER.info(
+            "dataset %s: %d train / %d dev / %d test samples, %d classes, read in %s",
             cfg.dataset,
-            cfg.data_dir,
-            layout=cfg.data_layout,
-            num_classes=cfg.num_classes,
-            skip_bad_rows=cfg.skip_bad_rows,
-            verify_images=cfg.skip_bad_rows,
-            classes=class_list(cfg) or None,
-            mmimdb_protocol=cfg.mmimdb_protocol,
-            required=(),
+            len(splits.train),
+            len(splits.dev),
+            len(splits.test),
+            splits.num_classes,
+            format_duration(time.perf_counter() - started),
         )
+        return splits
 
     return _cached(key, build)
 
@@ -425,6 +447,16 @@ class ClientShard:
     site_local: bool = False
     skipped_empty: int = 0
 
+    def summary(self) -> str:
+        """One readable line: sizes, the missing mixture and the realised pattern counts (real and simulated)."""
+        mixture = " / ".join(f"{name} {share:.2f}" for name, share in zip(self.counts, self.mixture))
+        counts = ", ".join(f"{name} {count}" for name, count in self.counts.items())
+        sizes = f"{len(self.train)} train / {len(self.val)} validation samples"
+        line = f"{sizes}; missing mixture {mixture}; train patterns {counts}"
+        if self.site_local and self.skipped_empty:
+            line += f"; {self.skipped_empty} rows with neither text nor image skipped"
+        return line
+
     def describe(self) -> dict[str, Any]:
         out: dict[str, Any] = {"client-id": self.client_id or str(self.partition_id)}
         if self.partition_id >= 0 or not self.site_local:
@@ -576,7 +608,7 @@ def client_shard(cfg: RunConfig, client: ClientNode | int, num_partitions: int |
             counts=missing_counts(train_patterns, natural),
             client_id=node.client_id if not spec.centralized else "centralized",
         )
-        LOGGER.info("client shard %s", shard.describe())
+        LOGGER.info("shard: %s", shard.summary())
         return shard
 
     return _cached(key, build)
@@ -645,7 +677,7 @@ def site_shard(cfg: RunConfig, client: ClientNode) -> ClientShard:
             site_local=True,
             skipped_empty=int(splits.skipped_empty.get("train", 0)),
         )
-        LOGGER.info("site shard %s", shard.describe())
+        LOGGER.info("site data: %s", shard.summary())
         return shard
 
     return _cached(key, build)
@@ -846,18 +878,30 @@ def server_eval_sets(cfg: RunConfig) -> dict[str, MultimodalDataset]:
     return _cached(key, build)
 
 
-def server_evaluate(cfg: RunConfig, state: Mapping[str, np.ndarray]) -> dict[str, dict[str, float]]:
-    """Metrics of the global ``state`` on the server's validation split and five test settings."""
+def server_evaluate(
+    cfg: RunConfig, state: Mapping[str, np.ndarray], what: str = "the held-out sets"
+) -> dict[str, dict[str, float]]:
+    """Metrics of the global ``state`` on the server's validation split and five test settings.
+
+    ``what`` names the evaluation in progress lines (e.g. ``"round 3"``).
+    """
     model = process_model(cfg)
     load_trainable_state(model, state)
     device = resolve_device(cfg.device)
     multilabel = label_space(cfg).multilabel
-    return {
-        name: evaluate(
-            model,
-            make_loader(data, cfg.eval_batch_size, shuffle=False, num_workers=cfg.num_workers),
-            multilabel,
-            device,
-        )
-        for name, data in server_eval_sets(cfg).items()
-    }
+    sets = server_eval_sets(cfg)
+    # On a real dataset the six held-out sets take minutes: a line every 10 s says where it is.
+    progress = Progress(f"evaluating {what}", sum(len(d) for d in sets.values()), unit="samples", logger=LOGGER)
+    out = {}
+    for name, data in sets.items():
+        loader = make_loader(data, cfg.eval_batch_size, shuffle=False, num_workers=cfg.num_workers)
+        out[name] = evaluate(model, _counted(loader, progress, name), multilabel, device)
+    progress.close()
+    return out
+
+
+def _counted(batches: Iterable[Mapping[str, torch.Tensor]], progress: Progress, name: str) -> Iterator:
+    """``batches`` unchanged, counting their samples into ``progress`` (current part ``name``)."""
+    for batch in batches:
+        yield batch
+        progress.update(len(batch["labels"]), status=name)

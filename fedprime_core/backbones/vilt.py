@@ -132,8 +132,8 @@ def load_vilt(model: str, text_max_length: int = 0, dtype: torch.dtype = torch.f
     except OSError as exc:
         raise OSError(
             f"could not load ViLT {model!r}: {exc}. With no hub access, download the model on a "
-            "machine that has it (huggingface-cli download dandelin/vilt-b32-mlm) and point "
-            "'model' at the folder, or copy the HF cache and set HF_HOME"
+            "machine that has it (hf download dandelin/vilt-b32-mlm --local-dir vilt-b32-mlm) and point "
+            "'model' at that folder, or copy the HF cache and set HF_HOME"
         ) from exc
     if text_max_length:
         interpolate_text_positions(vilt, text_max_length)

@@ -40,6 +40,7 @@ from typing import Any
 import pyarrow as pa
 from PIL import Image
 
+from ..progress import Progress
 from .records import DataError, DatasetSplits, Sample
 
 logger = logging.getLogger(__name__)
@@ -485,8 +486,11 @@ def _read_jsonl(path: Path, root: Path, spec: _Spec, verify: bool, skip: bool) -
     """Rows of one jsonl split, the reasons of the rows skipped, and the rows with no modality."""
     out = _SplitRows([], [])
     try:
+        size = path.stat().st_size
+        progress = Progress(f"reading {path.name}", size, unit="MB", scale=1e6, logger=logger)
         with path.open("rb") as handle:
             for lineno, raw_line in enumerate(handle, start=1):
+                progress.update(len(raw_line), status=f"{len(out.rows):,} rows")
                 if not raw_line.strip():
                     continue
                 uid = f"{path}:{lineno}"
@@ -502,6 +506,7 @@ def _read_jsonl(path: Path, root: Path, spec: _Spec, verify: bool, skip: bool) -
                     out.empty += 1
                 else:
                     out.rows.append(row)
+        progress.close(f"{len(out.rows):,} rows")
     except OSError as exc:
         raise DataError(f"cannot read {str(path)!r}: {exc}") from None
     return out
@@ -629,7 +634,9 @@ def _read_arrow(path: Path, spec: _Spec, class_names: dict[int, str] | None, ver
     genres = table.column("genres").to_pylist() if spec.multilabel and "genres" in table.column_names else None
 
     out = _SplitRows([], [])
+    progress = Progress(f"reading {path.name}", table.num_rows, unit="rows", logger=logger)
     for i in range(table.num_rows):
+        progress.update()
         uid = f"{path}:{i}"
         where = f"{uid} (row {i}, 0-based)"
         try:
@@ -648,6 +655,7 @@ def _read_arrow(path: Path, spec: _Spec, class_names: dict[int, str] | None, ver
             out.empty += 1
             continue
         out.rows.append(_Raw(text=text, image=image, names=names, uid=uid, image_features=None, where=where))
+    progress.close()
     return out
 
 

@@ -1,0 +1,52 @@
+"""scripts/stop_local_superlink.sh stops the local SuperLink of one FLWR_HOME by its pid, and no other."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+
+from tests.processes import ROOT
+
+
+def _fake_superlink(home) -> subprocess.Popen:
+    """A process whose command line is the one `flwr run` gives the local SuperLink of ``home``."""
+    argv0 = (
+        "flower-superlink --insecure --simulation --isolation subprocess --host 127.0.0.1 --port 39091 "
+        f"--log-file {home}/local-superlink/superlink.log --log-rotation-interval-hours 24"
+    )
+    return subprocess.Popen(["bash", "-c", f'exec -a "{argv0}" sleep 300'])
+
+
+def _running(proc: subprocess.Popen, timeout: float = 10) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            return False
+        time.sleep(0.1)
+    return True
+
+
+def test_only_the_superlink_of_this_flwr_home_is_stopped(tmp_path):
+    mine, theirs = tmp_path / "mine", tmp_path / "theirs"
+    mine.mkdir()
+    theirs.mkdir()
+    procs = [_fake_superlink(mine), _fake_superlink(theirs)]
+    try:
+        time.sleep(0.5)  # let exec -a take effect
+        env = {**os.environ, "FLWR_HOME": str(mine)}
+        out = subprocess.run(
+            ["bash", str(ROOT / "scripts/stop_local_superlink.sh")], env=env, capture_output=True, text=True
+        )
+        assert out.returncode == 0, out.stderr
+        assert f"pid {procs[0].pid}" in out.stdout
+        assert not _running(procs[0], timeout=5)
+        assert procs[1].poll() is None  # another home's SuperLink keeps running
+        again = subprocess.run(
+            ["bash", str(ROOT / "scripts/stop_local_superlink.sh")], env=env, capture_output=True, text=True
+        )
+        assert again.returncode == 0 and "no local SuperLink" in again.stdout
+    finally:
+        for proc in procs:
+            proc.kill()
+            proc.wait()
