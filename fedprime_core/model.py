@@ -372,7 +372,9 @@ class PromptedModel(nn.Module):
         taken: set[int] = set()
         for name, pool in self.pools.items():
             groups[f"pools.{name}.prompts"] = [pool.prompts]
-            groups[f"pools.{name}.retrieval"] = [pool.keys, *pool.query.parameters()]
+            # PFPT's pool has no keys of its own (a prompt is its key): only parameters are clipped.
+            keys = [pool.keys] if isinstance(pool.keys, nn.Parameter) else []
+            groups[f"pools.{name}.retrieval"] = [*keys, *pool.query.parameters()]
         if self.map_prompts is not None:
             groups["map_prompts"] = list(self.map_prompts.parameters())
         for params in groups.values():

@@ -223,6 +223,9 @@ def test_pfpt_pool_uses_the_prompt_as_key_and_the_frozen_cls_query(tiny_vilt):
     unused = torch.ones(7, dtype=torch.bool)
     unused[out.selected["inter"].unique()] = False
     assert torch.all(pool.prompts.grad[unused] == 0)  # a prompt nobody selected does not move
+    # Gradient clipping groups hold the parameters only (the keys are the prompts, not a leaf)
+    for params in model.parameter_groups().values():
+        assert all(isinstance(p, torch.nn.Parameter) and p.is_leaf for p in params)
 
 
 # ---------------------------------------------------------------------------------------
