@@ -6,6 +6,10 @@ site's own folder (``data-dir``, set by ``flower-supernode --node-config``), or 
 data-dir. Only the trainable parts travel back, with the sample count, the prompt usage
 counts, the client's identity and its realised missing-pattern counts; never the
 backbone, never data. The backbone and the data are loaded once per process and cached.
+
+Arrays arrive in the server's wire encoding and are decoded to float32; the reply is
+encoded in this run's ``wire-dtype``, as the change to what arrived when ``upload-delta``
+is on (:mod:`fedprime_core.wire`).
 """
 
 from __future__ import annotations
@@ -25,11 +29,10 @@ from fedprime_core.failures import exception_reason
 from fedprime_core.faults import inject_fault
 from server_app.logs import connect, forward_logs
 from server_app.messages import (
-    ARRAYS,
     CONFIG,
     METRICS,
     identity_reply_content,
-    record_to_state,
+    read_arrays,
     train_reply_content,
 )
 
@@ -89,7 +92,7 @@ def train(msg: Message, context: Context) -> Message:
     cfg = parse_run_config(context.run_config)
     node = runtime.node_client(context.node_config, context.node_id)
     server_round = int(msg.content[CONFIG].get("server-round", 0))
-    state = record_to_state(msg.content[ARRAYS])
+    state = read_arrays(msg.content)
     new_state, result, shard = runtime.client_train(cfg, state, node, server_round=server_round)
     metrics = {
         "num-examples": result.num_examples,
@@ -108,7 +111,15 @@ def train(msg: Message, context: Context) -> Message:
         result.num_examples,
         result.seconds,
     )
-    content = train_reply_content(new_state, metrics, usage, client, result.pattern_usage)
+    content = train_reply_content(
+        new_state,
+        metrics,
+        usage,
+        client,
+        result.pattern_usage,
+        wire_dtype=cfg.wire_dtype,
+        reference=state if cfg.upload_delta else None,
+    )
     return Message(content=content, reply_to=msg)
 
 
@@ -120,7 +131,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     _threads()
     cfg = parse_run_config(context.run_config)
     node = runtime.node_client(context.node_config, context.node_id)
-    metrics = runtime.client_evaluate(cfg, record_to_state(msg.content[ARRAYS]), node)
+    metrics = runtime.client_evaluate(cfg, read_arrays(msg.content), node)
     metrics = {k: float(v) for k, v in metrics.items() if k != "num-examples"} | {
         "num-examples": int(metrics["num-examples"])
     }

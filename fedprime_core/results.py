@@ -8,8 +8,9 @@ Layout of ``<results-dir>/<run-name>/``::
     clients.json      per client: missing mixture, realised pattern counts, samples
     curves.png        train loss, accuracy per test setting, pool sizes, and how much a sample's
                       missing pattern tells which inter cluster it retrieves, per round
-    summary.md        the paper-layout table: final round and best-validation round (and,
-                      for a run that stopped, that it failed and why)
+    summary.md        the paper-layout table: final round and best-validation round, the
+                      bytes the run sent and received per round and per client (and, for
+                      a run that stopped, that it failed and why)
     summary.json      the same numbers, machine-readable, with ``status`` and ``reason``
     checkpoint.json   the commit point: round, history, clients, personal inter pools, and the
                       name and SHA-256 of the array file that belongs to them
@@ -247,22 +248,51 @@ def metric_name(multilabel: bool) -> str:
     return "macro_f1" if multilabel else "accuracy"
 
 
+def communication_summary(history: Sequence[Mapping[str, Any]]) -> dict[str, Any] | None:
+    """Bytes the run actually sent and received for training, from the round records.
+
+    Per round: the mean over the training rounds of the arrays sent to all sampled clients
+    (``bytes-sent``) and received in their replies (``bytes-received``); per client: the
+    mean per message (download) and per reply that carried arrays (upload); totals over
+    the rounds. ``None`` before the first training round.
+    """
+    rounds = [r for r in history if r.get("round", 0) > 0 and "bytes-sent" in r]
+    if not rounds:
+        return None
+
+    def mean(key: str) -> float:
+        values = [float(r[key]) for r in rounds if r.get(key) is not None]
+        return float(np.mean(values)) if values else 0.0
+
+    return {
+        "rounds": len(rounds),
+        "bytes-sent-per-round": mean("bytes-sent"),
+        "bytes-received-per-round": mean("bytes-received"),
+        "bytes-sent-per-client": mean("bytes-sent-per-client"),
+        "bytes-received-per-client": mean("bytes-received-per-client"),
+        "bytes-sent-total": int(sum(int(r.get("bytes-sent", 0)) for r in rounds)),
+        "bytes-received-total": int(sum(int(r.get("bytes-received", 0)) for r in rounds)),
+    }
+
+
 def summarise(history: Sequence[Mapping[str, Any]], metric: str) -> dict[str, Any]:
-    """Final-round and best-validation-round values of ``metric`` per test setting.
+    """Final-round and best-validation-round values of ``metric`` per test setting, and the bytes exchanged.
 
     The best round is chosen on the held-out validation split, never on the test
     settings (the reference code reports the maximum over rounds of the test metric).
+    ``communication``: :func:`communication_summary`.
     """
+    communication = communication_summary(history)
     evaluated = [r for r in history if r.get("eval") and r["round"] > 0]
     if not evaluated:
-        return {"metric": metric, "final": None, "best": None}
+        return {"metric": metric, "final": None, "best": None, "communication": communication}
 
     def pick(record: Mapping[str, Any]) -> dict[str, Any]:
         values = {s: record["eval"].get(s, {}).get(metric) for s in TEST_SETTINGS}
         return {"round": record["round"], "val": record["eval"].get("val", {}).get(metric), **values}
 
     best = max(evaluated, key=lambda r: (r["eval"].get("val", {}).get(metric) or -1.0, -r["round"]))
-    return {"metric": metric, "final": pick(evaluated[-1]), "best": pick(best)}
+    return {"metric": metric, "final": pick(evaluated[-1]), "best": pick(best), "communication": communication}
 
 
 def _fmt(value: Any) -> str:
@@ -288,6 +318,17 @@ def summary_markdown(summary: Mapping[str, Any], title: str) -> str:
         name = "final" if label == "final" else "best val"
         cells = " | ".join(_fmt(row.get(s)) for s in TEST_SETTINGS)
         lines.append(f"| {name} (round {row['round']}) | {cells} | {_fmt(row.get('val'))} |")
+    comm = summary.get("communication")
+    if comm:
+        lines += [
+            "",
+            f"Communication{f' ({wire})' if (wire := summary.get('wire')) else ''}: per training round "
+            f"{comm['bytes-sent-per-round'] / 1e6:.3f} MB sent, {comm['bytes-received-per-round'] / 1e6:.3f} MB "
+            f"received; per client {comm['bytes-sent-per-client'] / 1e6:.3f} MB down, "
+            f"{comm['bytes-received-per-client'] / 1e6:.3f} MB up; {comm['bytes-sent-total'] / 1e6:.2f} MB sent and "
+            f"{comm['bytes-received-total'] / 1e6:.2f} MB received in {comm['rounds']} round(s) "
+            "(arrays only, MB = 10^6 bytes).",
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -351,17 +392,22 @@ def write_run_outputs(
     title: str,
     status: str = "running",
     reason: str = "",
+    wire: str = "",
 ) -> dict[str, Any]:
     """Write metrics.json/csv, summary.md/json and curves.png for the rounds so far.
 
     Args:
         status: ``running`` (more rounds to come), ``finished`` or ``failed``; a failed
             run's summary says so, after which round, and ``reason``.
+        wire: a line describing what travels (``comm-profile`` and its keys), shown with
+            the communication figures.
     """
     run_dir = Path(run_dir)
     write_metrics(run_dir, history)
     summary = summarise(history, metric_name(multilabel))
     summary = {"status": status, **({"reason": reason} if reason else {}), **summary}
+    if wire:
+        summary["wire"] = wire
     write_json(run_dir / "summary.json", summary)
     text = summary_markdown(summary, title)
     if status == "failed":

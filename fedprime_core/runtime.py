@@ -758,6 +758,7 @@ def prompt_settings(cfg: RunConfig) -> PromptSettings:
         selection=cfg.selection,
         map_length=cfg.map_prompt_length,
         map_depth=cfg.map_prompt_depth,
+        query_rank=cfg.query_rank,
     )
 
 
@@ -780,7 +781,14 @@ def build_model(cfg: RunConfig) -> PromptedModel:
     loaded = load_backbone(cfg)
     labels = label_space(cfg)
     seed = int(np.random.SeedSequence([cfg.seed, _SEED_MODEL]).generate_state(1)[0])
-    model = PromptedModel(loaded.backbone, method_spec(cfg.method), labels.num_classes, prompt_settings(cfg), seed=seed)
+    model = PromptedModel(
+        loaded.backbone,
+        method_spec(cfg.method),
+        labels.num_classes,
+        prompt_settings(cfg),
+        seed=seed,
+        train_pooler=cfg.exchange_pooler,
+    )
     return model.to(resolve_device(cfg.device))
 
 
@@ -800,6 +808,7 @@ def process_model(cfg: RunConfig) -> PromptedModel:
         cfg.classes,
         cfg.mmimdb_protocol,
         prompt_settings(cfg),
+        cfg.exchange_pooler,
         cfg.device,
     )
     return _cached(key, lambda: build_model(cfg))

@@ -22,7 +22,14 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy.result import Result
 
 from fedprime_core import runtime
-from fedprime_core.config import ConfigError, RunConfig, config_to_dict, parse_run_config
+from fedprime_core.config import (
+    PROFILE_VALUES,
+    ConfigError,
+    RunConfig,
+    config_to_dict,
+    describe_communication,
+    parse_run_config,
+)
 from fedprime_core.data.records import DataError
 from fedprime_core.failures import RunFailed
 from fedprime_core.methods import method_spec
@@ -95,7 +102,8 @@ def prepare_run(
     run_dir = run_dir or run_folder(cfg)
     if cfg.resume:
         state, meta = load_checkpoint(run_dir)
-        previous = meta.get("config", {})
+        # A checkpoint from before the communication keys existed exchanged what 'paper' does.
+        previous = {"comm-profile": "paper", **PROFILE_VALUES["paper"], **meta.get("config", {})}
         current = config_to_dict(cfg)
         changed = sorted(
             k for k, v in current.items() if k not in RESUMABLE_CHANGES and k in previous and previous[k] != v
@@ -170,6 +178,7 @@ def _run(
         raise
     write_json(run_dir / "config.json", config_to_dict(cfg))
     log(INFO, "FedPrime run: method=%s dataset=%s model=%s; results in %s", cfg.method, cfg.dataset, cfg.model, run_dir)
+    log(INFO, "What travels: %s", describe_communication(cfg))
 
     # Without its own data-dir (sites hold all the data) the server evaluates nothing itself.
     server_eval = cfg.server_eval and runtime.has_data(cfg)

@@ -13,6 +13,11 @@ node: the shared arrays plus that client's own ``tau`` inter prompts and keys
 identity query the first time it samples the node (node ids change when a SuperNode or
 a simulation restarts; client ids do not), and keeps every client's slots in the
 checkpoint, so a resumed run gives every client back exactly its pool.
+
+Arrays travel in the run's ``wire-dtype``; the strategy keeps, per node, the float32
+arrays it sent, so a client's delta (``upload-delta``) is added to them, and records the
+bytes it actually sent and received every round (``bytes-sent``, ``bytes-received`` and
+their per-client figures in metrics.json and the summary).
 """
 
 from __future__ import annotations
@@ -31,7 +36,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 from flwr.serverapp.strategy.result import Result
 
-from fedprime_core.config import RunConfig, config_to_dict, method_default_sweeps
+from fedprime_core.config import RunConfig, config_to_dict, describe_communication, method_default_sweeps
 from fedprime_core.failures import ClientOutcome, RunFailed, one_line, parse_reason, stop_reason
 from fedprime_core.federated import AggregationSettings, GlobalState, validate_update
 from fedprime_core.methods import method_spec
@@ -42,6 +47,7 @@ from .messages import (
     ARRAYS,
     CONFIG,
     METRICS,
+    encode_arrays,
     identity_query,
     parse_identity_reply,
     parse_train_reply,
@@ -137,19 +143,25 @@ class FedPrimeStrategy(FedAvg):
         size = min(len(nodes), max(int(len(nodes) * fraction), minimum))
         return sorted(rng.sample(nodes, size))
 
-    def _messages(
-        self, arrays: ArrayRecord, config: ConfigRecord, node_ids: list[int], kind: str
-    ) -> tuple[list[Message], int]:
-        """One message per node (the same arrays for everyone, or each client's own inter pool) and their bytes."""
+    def _messages(self, config: ConfigRecord, node_ids: list[int], kind: str) -> tuple[list[Message], int]:
+        """One message per node (the same arrays for everyone, or each client's own inter pool) and their bytes.
+
+        The float32 arrays sent to each node are kept in ``self._round["sent-arrays"]`` (a
+        client's delta is added to them).
+        """
+        sent_arrays = self._round.setdefault("sent-arrays", {})
         if not self.model.personal:
-            content = RecordDict({ARRAYS: arrays, CONFIG: config})
+            arrays = self.model.arrays
+            content = RecordDict({**encode_arrays(arrays, self.cfg.wire_dtype), CONFIG: config})
             messages = [Message(content=content, message_type=kind, dst_node_id=nid) for nid in node_ids]
-            return messages, int(arrays.count_bytes()) * len(node_ids)
+            sent_arrays.update({nid: arrays for nid in node_ids})
+            return messages, int(content.array_records[ARRAYS].count_bytes()) * len(node_ids)
         messages, sent = [], 0
         for nid in node_ids:
-            record = state_to_record(self.model.client_arrays(self.node_clients[nid]))
-            sent += int(record.count_bytes())
-            content = RecordDict({ARRAYS: record, CONFIG: config})
+            arrays = self.model.client_arrays(self.node_clients[nid])
+            content = RecordDict({**encode_arrays(arrays, self.cfg.wire_dtype), CONFIG: config})
+            sent += int(content.array_records[ARRAYS].count_bytes())
+            sent_arrays[nid] = arrays
             messages.append(Message(content=content, message_type=kind, dst_node_id=nid))
         return messages, sent
 
@@ -290,22 +302,27 @@ class FedPrimeStrategy(FedAvg):
         Methods with personal inter pools: the shared arrays plus each client's own ``tau``
         inter prompts and keys (nodes seen for the first time are asked who they are
         first). Others: the global state (PFPT's pool changes size between rounds; clients
-        resize their pools from the arrays they receive).
+        resize their pools from the arrays they receive). The arrays sent are always the
+        strategy's own global state, encoded in ``wire-dtype``; ``arrays`` (the base
+        class's argument) is not used.
         """
         node_ids = self._sample(grid, self.fraction_train, self.min_train_nodes, server_round, purpose=1)
         self._round["sampled"] = len(node_ids)
         outcomes = self._round.setdefault("outcomes", [])
         node_ids = self._identify(grid, node_ids, server_round, outcomes)
         config["server-round"] = server_round
-        messages, self._round["bytes-sent"] = self._messages(arrays, config, node_ids, MessageType.TRAIN)
+        self._round.pop("sent-arrays", None)
+        messages, self._round["bytes-sent"] = self._messages(config, node_ids, MessageType.TRAIN)
         self._round["sent-to"] = {nid: self.node_clients.get(nid) for nid in node_ids}
         self._round["sent-messages"] = messages
+        self._round["bytes-sent-per-client"] = self._round["bytes-sent"] / max(len(node_ids), 1)
         log(
             INFO,
-            "configure_train: round %d, %d client(s), %.1f kB each",
+            "configure_train: round %d, %d client(s), %.1f kB each (%s)",
             server_round,
             len(node_ids),
-            self._round["bytes-sent"] / max(len(node_ids), 1) / 1e3,
+            self._round["bytes-sent-per-client"] / 1e3,
+            self.cfg.wire_dtype,
         )
         return messages
 
@@ -325,10 +342,11 @@ class FedPrimeStrategy(FedAvg):
         skipped and the global state kept.
         """
         outcomes: list[ClientOutcome] = self._round.setdefault("outcomes", [])
-        updates, received = [], 0
+        updates, received, carrying = [], 0, 0
         sent_to: dict[int, str | None] = self._round.get("sent-to", {})
         destinations = self._destinations(self._round.get("sent-messages", []))
         answered: set[int] = set()
+        sent_arrays = self._round.pop("sent-arrays", {})
         for message in replies:
             node = self._node_of(message, destinations)
             if sent_to and node not in sent_to:
@@ -348,12 +366,10 @@ class FedPrimeStrategy(FedAvg):
                 kind, text = parse_reason(message.error.reason)
                 outcomes.append(ClientOutcome(node, client, "rejected", f"client error: {text}", kind))
                 continue
-            received += (
-                int(message.content.array_records[ARRAYS].count_bytes())
-                if ARRAYS in message.content.array_records
-                else 0
-            )
-            update, info, reasons = parse_train_reply(message)
+            if ARRAYS in message.content.array_records:
+                received += int(message.content.array_records[ARRAYS].count_bytes())
+                carrying += 1
+            update, info, reasons = parse_train_reply(message, sent_arrays.get(node))
             kind = None
             if update is not None:
                 if self.model.personal and client is not None and update.client_id != client:
@@ -376,6 +392,7 @@ class FedPrimeStrategy(FedAvg):
                 outcomes.append(ClientOutcome(node, client, *self._silent_reason(node, "the train message")))
         self._account(server_round, outcomes, received)
         rejected = self._round["rejected"] + self._round["timed-out"]
+        self._round["bytes-received-per-client"] = received / max(carrying, 1)
         if len(updates) < self.min_train_nodes:
             log(
                 WARNING,
@@ -459,8 +476,9 @@ class FedPrimeStrategy(FedAvg):
         # Evaluation is best effort: a node that cannot say who it is just does not evaluate.
         node_ids = self._identify(grid, node_ids, server_round, outcomes=[])
         config["server-round"] = server_round
-        messages, self._round["bytes-sent-evaluate"] = self._messages(arrays, config, node_ids, MessageType.EVALUATE)
+        messages, self._round["bytes-sent-evaluate"] = self._messages(config, node_ids, MessageType.EVALUATE)
         self._round["evaluate-messages"] = messages
+        self._round.pop("sent-arrays", None)
         return messages
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
@@ -539,9 +557,8 @@ class FedPrimeStrategy(FedAvg):
                 self._check_stop()
                 started = time.perf_counter()
                 self._round = {"round": server_round, "outcomes": []}
-                arrays = state_to_record(self.model.arrays)
                 messages = list(
-                    self.configure_train(server_round, arrays, ConfigRecord(dict(train_config or {})), grid)
+                    self.configure_train(server_round, ArrayRecord(), ConfigRecord(dict(train_config or {})), grid)
                 )
                 replies = self._exchange(grid, messages, timeout)
                 new_arrays, train_metrics = self.aggregate_train(server_round, replies)
@@ -554,7 +571,7 @@ class FedPrimeStrategy(FedAvg):
                 if failure is None:
                     self._evaluate_round(server_round, num_rounds, grid, evaluate_config, evaluate_fn, result)
                 self._round["round-seconds"] = time.perf_counter() - started
-                for transient in ("sent-to", "sent-messages", "evaluate-messages", "outcomes"):
+                for transient in ("sent-to", "sent-messages", "evaluate-messages", "outcomes", "sent-arrays"):
                     self._round.pop(transient, None)
                 self.history.append(dict(self._round))
                 self._log_round(server_round, num_rounds)
@@ -569,7 +586,15 @@ class FedPrimeStrategy(FedAvg):
             if not saved:
                 # Stopped inside a round: the global state may already hold part of it, so the
                 # checkpoint stays at the last completed round; only the summary changes.
-                write_run_outputs(self.run_dir, self.history, self.multilabel, title, status="failed", reason=str(exc))
+                write_run_outputs(
+                    self.run_dir,
+                    self.history,
+                    self.multilabel,
+                    title,
+                    status="failed",
+                    reason=str(exc),
+                    wire=describe_communication(self.cfg),
+                )
             raise
         result.arrays = state_to_record(self.model.arrays)
         return result
@@ -585,9 +610,7 @@ class FedPrimeStrategy(FedAvg):
     ) -> None:
         """Client-side evaluation (where configured) and server-side evaluation (every ``eval-every`` rounds)."""
         eval_messages = list(
-            self.configure_evaluate(
-                server_round, state_to_record(self.model.arrays), ConfigRecord(dict(evaluate_config or {})), grid
-            )
+            self.configure_evaluate(server_round, ArrayRecord(), ConfigRecord(dict(evaluate_config or {})), grid)
         )
         if eval_messages:
             client_eval = self.aggregate_evaluate(
@@ -604,7 +627,15 @@ class FedPrimeStrategy(FedAvg):
 
     def _persist(self, server_round: int, title: str, status: str = "running", reason: str = "") -> None:
         """Results first, checkpoint last: the checkpoint's round is the last complete one."""
-        write_run_outputs(self.run_dir, self.history, self.multilabel, title, status=status, reason=reason)
+        write_run_outputs(
+            self.run_dir,
+            self.history,
+            self.multilabel,
+            title,
+            status=status,
+            reason=reason,
+            wire=describe_communication(self.cfg),
+        )
         write_json(self.run_dir / "clients.json", self.clients)
         save_checkpoint(
             self.run_dir,
