@@ -1,21 +1,24 @@
-"""Bytes per client per round of every method, for ViLT-B/32, against the full model's size.
+"""Bytes per client per round of every method and both comm profiles, for ViLT-B/32, against the full model.
 
 The model is ``PromptedModel(ViltBackbone(ViltModel(ViltConfig())))``: random weights with
 exactly the architecture of ``dandelin/vilt-b32-mlm`` (hidden 768, 12 blocks, 384-px
 images, 32-px patches, 40 text positions), paper settings (tau 20, kappa 5, 1 token per
-prompt, 8 classes; fedavg-p: 16 tokens at blocks 0-5).
+prompt, 8 classes; fedavg-p: 16 tokens at blocks 0-5), built for each ``comm-profile``
+(``paper``: float32, dense query maps, the pooler exchanged; ``lean``: float16 with delta
+uploads, rank-8 query maps, the pretrained pooler frozen; see ``fedprime_core.config``).
 
-* **download**: the global state the server sends each sampled client
-  (``FedPrimeStrategy.configure_train``: ``ArrayRecord.count_bytes()`` of the state, what
-  the run's ``bytes-sent`` metric counts).
+* **download**: what ``FedPrimeStrategy.configure_train`` sends each sampled client: the
+  ``"arrays"`` ArrayRecord of the state in the profile's ``wire-dtype``
+  (``ArrayRecord.count_bytes()``, what the run's ``bytes-sent`` metric counts).
 * **upload**: the client's reply (``server_app.messages.train_reply_content``): the trained
-  state (same names and shapes), plus the metrics, the prompt usage counts and the
-  client-info records.
+  state (or, with ``upload-delta``, its change; same names, shapes and bytes) in the wire
+  dtype, plus the wire tag, the metrics, the prompt usage counts and the client-info
+  records (every record of the reply).
 
 Aligned inter pools change size between rounds (the number of clusters, at most
 ``inter-pool-max`` = 100): both the round-1 size (tau = 20) and the largest size are
-reported. Dividing the model's size by the upload gives how many rounds of uploads one
-full-model transfer is worth.
+reported; personalised inter pools (fedprime, fed-inter, fedprox-p) always send each client
+its own tau prompts, so their largest download is the round-1 one.
 
 Run: ``python benchmarks/communication.py [--quick] [--out]``.
 """
@@ -28,11 +31,13 @@ import _common  # noqa: F401  (puts the repository root on sys.path)
 import numpy as np
 from _common import machine, parser, table, write_json
 
-from fedprime_core.config import METHODS
+from fedprime_core.config import COMM_PROFILES, METHODS, parse_run_config
 from fedprime_core.methods import method_spec
 from fedprime_core.model import PromptedModel, PromptSettings, state_nbytes, trainable_state
 
 NUM_CLASSES, TAU, KAPPA, INTER_POOL_MAX = 8, 20, 5, 100
+#: What lean must reach for fedprime: each direction at most this share of the full model.
+TARGET_SHARE = 0.01
 
 GROUPS = (
     ("pools.intra.prompts", "intra prompts"),
@@ -69,11 +74,11 @@ def resized(state: dict[str, np.ndarray], pools: tuple[str, ...], size: int) -> 
     return out
 
 
-def wire_bytes(state: dict[str, np.ndarray], spec) -> tuple[int, int]:
-    """(download, upload) bytes as the strategy and the ClientApp build them."""
-    from server_app.messages import state_to_record, train_reply_content
+def wire_bytes(state: dict[str, np.ndarray], spec, cfg) -> tuple[int, int]:
+    """(download, upload) bytes as the strategy and the ClientApp build them under ``cfg``'s wire settings."""
+    from server_app.messages import encode_arrays, train_reply_content
 
-    download = state_to_record(state).count_bytes()
+    download = encode_arrays(state, cfg.wire_dtype)["arrays"].count_bytes()
     usage = {pool: np.ones(state[f"pools.{pool}.prompts"].shape[0], dtype=np.int64) for pool in spec.pools}
     metrics = {"num-examples": 1000, "train-loss": 1.0, "train-regulariser": 0.1, "train-seconds": 10.0, "steps": 32}
     client = {
@@ -85,18 +90,54 @@ def wire_bytes(state: dict[str, np.ndarray], spec) -> tuple[int, int]:
         "text-missing": 350,
         "image-missing": 350,
     }
-    content = train_reply_content(state, metrics, usage, client)
+    reference = state if cfg.upload_delta else None
+    content = train_reply_content(state, metrics, usage, client, wire_dtype=cfg.wire_dtype, reference=reference)
     upload = sum(record.count_bytes() for record in content.values())
     return int(download), int(upload)
 
 
-def breakdown(state: dict[str, np.ndarray]) -> dict[str, int]:
+def breakdown(state: dict[str, np.ndarray], bytes_per_value: int) -> dict[str, int]:
     out = {}
     for prefix, label in GROUPS:
-        nbytes = sum(v.nbytes for k, v in state.items() if k.startswith(prefix))
+        nbytes = sum(v.size * bytes_per_value for k, v in state.items() if k.startswith(prefix))
         if nbytes:
             out[label] = int(nbytes)
     return out
+
+
+def measure(backbone, method: str, profile: str, full_bytes: int) -> dict[str, Any]:
+    """One row: parameters and bytes of ``method`` under ``profile``."""
+    cfg = parse_run_config({"method": method, "comm-profile": profile, "tau": TAU, "kappa": KAPPA})
+    spec = method_spec(method)
+    settings = PromptSettings(tau=TAU, kappa=KAPPA, query_rank=cfg.query_rank)
+    model = PromptedModel(backbone, spec, NUM_CLASSES, settings, seed=0, train_pooler=cfg.exchange_pooler)
+    state = trainable_state(model)
+    down, up = wire_bytes(state, spec, cfg)
+    value_bytes = 2 if cfg.wire_dtype in ("float16", "bfloat16") else 4
+    row: dict[str, Any] = {
+        "method": method,
+        "comm-profile": profile,
+        "wire-dtype": cfg.wire_dtype,
+        "upload-delta": cfg.upload_delta,
+        "query-rank": cfg.query_rank,
+        "exchange-pooler": cfg.exchange_pooler,
+        "trainable-parameters": int(sum(v.size for v in state.values())),
+        "state-bytes": state_nbytes(state),
+        "download-bytes": down,
+        "upload-bytes": up,
+        "breakdown-bytes": breakdown(state, value_bytes),
+        "aligned-pools": list(spec.aligned_pools),
+    }
+    growing = [p for p in spec.aligned_pools if p not in spec.personalised_pools]
+    if growing:
+        big = resized(state, tuple(growing), INTER_POOL_MAX)
+        row["download-bytes-max"], row["upload-bytes-max"] = wire_bytes(big, spec, cfg)
+    else:
+        row["download-bytes-max"], row["upload-bytes-max"] = down, up
+    row["download-share-of-full-model"] = down / full_bytes
+    row["upload-share-of-full-model"] = up / full_bytes
+    row["full-model-over-upload"] = full_bytes / up
+    return row
 
 
 def main() -> None:
@@ -112,53 +153,39 @@ def main() -> None:
         f"{config.image_size}-px images, {config.patch_size}-px patches, "
         f"{config.max_position_embeddings} text positions)\n"
     )
-    rows: list[dict[str, Any]] = []
-    for method in METHODS:
-        spec = method_spec(method)
-        model = PromptedModel(backbone, spec, NUM_CLASSES, PromptSettings(tau=TAU, kappa=KAPPA), seed=0)
-        state = trainable_state(model)
-        down, up = wire_bytes(state, spec)
-        row: dict[str, Any] = {
-            "method": method,
-            "trainable-parameters": int(sum(v.size for v in state.values())),
-            "state-bytes": state_nbytes(state),
-            "download-bytes": down,
-            "upload-bytes": up,
-            "breakdown-bytes": breakdown(state),
-            "aligned-pools": list(spec.aligned_pools),
-        }
-        if spec.aligned_pools:
-            big = resized(state, spec.aligned_pools, INTER_POOL_MAX)
-            row["download-bytes-max"], row["upload-bytes-max"] = wire_bytes(big, spec)
-        else:
-            row["download-bytes-max"], row["upload-bytes-max"] = down, up
-        row["full-model-over-upload"] = full_bytes / up
-        row["upload-share-of-full-model"] = up / full_bytes
-        rows.append(row)
+    rows = [measure(backbone, method, profile, full_bytes) for profile in COMM_PROFILES for method in METHODS]
 
     def mb(x: int) -> str:
         return f"{x / 1e6:.2f}"
 
-    print(f"bytes per client per round (MB = 10^6 bytes); inter pool {TAU} in round 1, up to {INTER_POOL_MAX}:")
+    def pct(x: float) -> str:
+        return f"{100 * x:.2f}"
+
+    print(
+        f"bytes per client per round (MB = 10^6 bytes), inter pool {TAU} in round 1; "
+        f"PFPT's pool can grow to {INTER_POOL_MAX}:"
+    )
     print(
         table(
             [
+                "profile",
                 "method",
                 "trainable params",
                 "download MB",
                 "upload MB",
-                f"down/up MB (pool {INTER_POOL_MAX})",
-                "% of full model",
+                "% of full model (down / up)",
+                f"largest down / up MB (pool {INTER_POOL_MAX})",
                 "full model / upload",
             ],
             [
                 [
+                    r["comm-profile"],
                     r["method"],
                     f"{r['trainable-parameters']:,}",
                     mb(r["download-bytes"]),
                     mb(r["upload-bytes"]),
+                    f"{pct(r['download-share-of-full-model'])} / {pct(r['upload-share-of-full-model'])}",
                     f"{mb(r['download-bytes-max'])} / {mb(r['upload-bytes-max'])}",
-                    f"{100 * r['upload-share-of-full-model']:.2f}",
                     f"{r['full-model-over-upload']:.0f}x",
                 ]
                 for r in rows
@@ -167,17 +194,30 @@ def main() -> None:
     )
     print(f"\nfull ViLT model: {mb(full_bytes)} MB ({full_params:,} parameters)")
     labels = [label for _, label in GROUPS if any(label in r["breakdown-bytes"] for r in rows)]
-    print("\nwhere the bytes go (trained state, kB = 10^3 bytes, round-1 pool sizes):")
+    print("\nwhere the bytes go (the exchanged arrays in the wire dtype, kB = 10^3 bytes, round-1 pool sizes):")
     print(
         table(
-            ["method", *labels],
-            [[r["method"], *(f"{r['breakdown-bytes'].get(lb, 0) / 1e3:.1f}" for lb in labels)] for r in rows],
+            ["profile", "method", *labels],
+            [
+                [r["comm-profile"], r["method"], *(f"{r['breakdown-bytes'].get(lb, 0) / 1e3:.1f}" for lb in labels)]
+                for r in rows
+            ],
         )
     )
+    lean = next(r for r in rows if r["method"] == "fedprime" and r["comm-profile"] == "lean")
+    paper = next(r for r in rows if r["method"] == "fedprime" and r["comm-profile"] == "paper")
+    worst = max(lean["download-share-of-full-model"], lean["upload-share-of-full-model"])
     print(
-        "\nupload = download + the reply's metrics, usage counts and client info (a few hundred bytes). "
-        "centralized-p has one data owner: its 'round' is the owner's training, nothing crosses a network "
-        "in practice."
+        f"\nfedprime, lean: {mb(lean['download-bytes'])} MB down and {mb(lean['upload-bytes'])} MB up per client "
+        f"per round = {pct(lean['download-share-of-full-model'])}% / {pct(lean['upload-share-of-full-model'])}% "
+        f"of the full model (target: at most {100 * TARGET_SHARE:.0f}% each way: "
+        f"{'met' if worst <= TARGET_SHARE else 'NOT met'}); paper: {mb(paper['download-bytes'])} / "
+        f"{mb(paper['upload-bytes'])} MB ({paper['upload-bytes'] / lean['upload-bytes']:.1f}x more)."
+    )
+    print(
+        "upload = the arrays plus the reply's wire tag, metrics, usage counts and client info (a few hundred "
+        "bytes). centralized-p has one data owner: its 'round' is the owner's training, nothing crosses a "
+        "network in practice. pfpt keeps PFPT's own dense, bias-free query projection under any query-rank."
     )
     write_json(
         args.out,
@@ -190,6 +230,7 @@ def main() -> None:
                 "tau": TAU,
                 "kappa": KAPPA,
                 "inter-pool-max": INTER_POOL_MAX,
+                "target-share": TARGET_SHARE,
             },
             "full-model-parameters": int(full_params),
             "full-model-bytes": int(full_bytes),

@@ -6,26 +6,33 @@ site's own folder (``data-dir``, set by ``flower-supernode --node-config``), or 
 data-dir. Only the trainable parts travel back, with the sample count, the prompt usage
 counts, the client's identity and its realised missing-pattern counts; never the
 backbone, never data. The backbone and the data are loaded once per process and cached.
+
+Arrays arrive in the server's wire encoding and are decoded to float32; the reply is
+encoded in this run's ``wire-dtype``, as the change to what arrived when ``upload-delta``
+is on (:mod:`fedprime_core.wire`).
 """
 
 from __future__ import annotations
 
+import functools
 import logging
+from collections.abc import Callable
 
 import torch
-from flwr.app import Context, Message, MetricRecord, RecordDict
+from flwr.app import Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.common.constant import ErrorCode
 
 from fedprime_core import runtime
 from fedprime_core.config import parse_run_config
+from fedprime_core.failures import exception_reason
 from fedprime_core.faults import inject_fault
 from server_app.logs import connect, forward_logs
 from server_app.messages import (
-    ARRAYS,
     CONFIG,
     METRICS,
     identity_reply_content,
-    record_to_state,
+    read_arrays,
     train_reply_content,
 )
 
@@ -33,6 +40,29 @@ LOGGER = logging.getLogger(__name__)
 connect(client=True)  # this app's and fedprime_core's lines: to Flower's console and, with each reply, the server
 
 app = ClientApp()
+
+Handler = Callable[[Message, Context], Message]
+
+
+def reports_errors(handler: Handler) -> Handler:
+    """Turn an exception into an error reply whose reason is one line the server can record.
+
+    The reason is ``"[config] ConfigError: ..."`` / ``"[data] DataError: ..."`` for errors
+    that recur until someone fixes a setting or a file (the server stops a run in which
+    every client fails that way), else ``"Type: message"``. The full traceback goes to
+    this node's log, not over the network.
+    """
+
+    @functools.wraps(handler)
+    def wrapped(msg: Message, context: Context) -> Message:
+        try:
+            return handler(msg, context)
+        except Exception as exc:  # noqa: BLE001 - every failure becomes a reply the server can account for
+            LOGGER.exception("%s failed on node %s", handler.__name__, context.node_id)
+            reason = exception_reason(exc)
+            return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason), reply_to=msg)
+
+    return wrapped
 
 
 def _threads() -> None:
@@ -42,16 +72,19 @@ def _threads() -> None:
 
 
 @app.query()
+@reports_errors
 def query(msg: Message, context: Context) -> Message:
-    """Tell the server which client this node is (asked once, before its first personal pool)."""
+    """Tell the server which client this node is (asked before round 1, and before its first personal pool)."""
     node = runtime.node_client(context.node_config, context.node_id)
     identity: dict[str, str | int] = {"client-id": node.client_id}
-    if node.partition_id is not None:
+    if node.partition_id is not None and node.num_partitions is not None:
         identity["partition-id"] = node.partition_id
+        identity["num-partitions"] = node.num_partitions
     return Message(content=identity_reply_content(identity), reply_to=msg)
 
 
 @app.train()
+@reports_errors
 @forward_logs
 def train(msg: Message, context: Context) -> Message:
     """Train the received global state for ``local-epochs`` on the local shard."""
@@ -59,7 +92,7 @@ def train(msg: Message, context: Context) -> Message:
     cfg = parse_run_config(context.run_config)
     node = runtime.node_client(context.node_config, context.node_id)
     server_round = int(msg.content[CONFIG].get("server-round", 0))
-    state = record_to_state(msg.content[ARRAYS])
+    state = read_arrays(msg.content)
     new_state, result, shard = runtime.client_train(cfg, state, node, server_round=server_round)
     metrics = {
         "num-examples": result.num_examples,
@@ -78,18 +111,27 @@ def train(msg: Message, context: Context) -> Message:
         result.num_examples,
         result.seconds,
     )
-    content = train_reply_content(new_state, metrics, usage, client, result.pattern_usage)
+    content = train_reply_content(
+        new_state,
+        metrics,
+        usage,
+        client,
+        result.pattern_usage,
+        wire_dtype=cfg.wire_dtype,
+        reference=state if cfg.upload_delta else None,
+    )
     return Message(content=content, reply_to=msg)
 
 
 @app.evaluate()
+@reports_errors
 @forward_logs
 def evaluate(msg: Message, context: Context) -> Message:
     """Evaluate the received global state on the local validation split."""
     _threads()
     cfg = parse_run_config(context.run_config)
     node = runtime.node_client(context.node_config, context.node_id)
-    metrics = runtime.client_evaluate(cfg, record_to_state(msg.content[ARRAYS]), node)
+    metrics = runtime.client_evaluate(cfg, read_arrays(msg.content), node)
     metrics = {k: float(v) for k, v in metrics.items() if k != "num-examples"} | {
         "num-examples": int(metrics["num-examples"])
     }

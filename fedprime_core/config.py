@@ -38,6 +38,17 @@ OPTIMIZERS = ("sgd", "adam", "adamw")
 SELECTIONS = ("sample", "batch")
 INTER_MERGES = ("align", "position")
 DEVICES = ("auto", "cpu", "cuda")
+WIRE_DTYPES = ("float32", "float16", "bfloat16")
+COMM_PROFILES = ("paper", "lean")
+#: The value of a communication key that means "take it from ``comm-profile``".
+FROM_PROFILE = "profile"
+#: What each ``comm-profile`` sets the communication keys to (a key set to anything but
+#: ``"profile"`` keeps its own value). ``paper`` is the paper's model and exchange; ``lean``
+#: cuts what travels to under 1% of ViLT-B/32 per client per round (benchmarks/communication.py).
+PROFILE_VALUES: dict[str, dict[str, Any]] = {
+    "paper": {"wire-dtype": "float32", "upload-delta": False, "query-rank": 0, "exchange-pooler": True},
+    "lean": {"wire-dtype": "float16", "upload-delta": True, "query-rank": 8, "exchange-pooler": False},
+}
 
 
 class ConfigError(ValueError):
@@ -57,6 +68,8 @@ class Option:
     max: float | None = None
     min_exclusive: bool = False
     attr_name: str | None = None
+    profile: bool = False
+    """The key also accepts ``"profile"`` (its default): the value ``comm-profile`` sets."""
 
     @property
     def attr(self) -> str:
@@ -172,7 +185,30 @@ OPTIONS: tuple[Option, ...] = (
     ),
     Option("min-available-nodes", int, 2, "Clients that must be connected before a round starts.", min=1),
     Option(
-        "round-timeout", float, 3600.0, "Seconds to wait for client replies in a round.", min=0.0, min_exclusive=True
+        "round-timeout",
+        float,
+        3600.0,
+        "Seconds to wait for client replies in a round; a client that has not answered by then is recorded as "
+        "timed out.",
+        min=0.0,
+        min_exclusive=True,
+    ),
+    Option(
+        "max-skipped-rounds",
+        int,
+        3,
+        "Stop the run as failed after this many consecutive skipped rounds (fewer than min-train-nodes valid "
+        "replies); 0 never stops. A round in which every sampled client fails with a config or data error stops "
+        "the run at once.",
+        min=0,
+    ),
+    Option(
+        "superlink-timeout",
+        float,
+        60.0,
+        "Seconds the ServerApp runs on while its SuperLink is unreachable before it stops (the last completed "
+        "round stays checkpointed; resume from it); 0 never stops.",
+        min=0.0,
     ),
     # --- local training ----------------------------------------------------------
     Option("local-epochs", int, 1, "Local epochs per round.", min=1),
@@ -280,12 +316,63 @@ OPTIONS: tuple[Option, ...] = (
         "Name of this run's results folder; empty derives one from method, dataset, setting and seed.",
     ),
     Option(
-        "resume", str, "", "A previous run folder (or its checkpoint.npz) to continue from its last completed round."
+        "resume", str, "", "A previous run folder (or its checkpoint.json) to continue from its last completed round."
     ),
     Option("server-eval", bool, True, "Evaluate the global model on the server's validation and five test settings."),
     Option("eval-every", int, 1, "Server-side evaluation every N rounds (the last round is always evaluated).", min=1),
     Option(
         "device", str, "auto", "Where clients and the server compute: cuda when available (auto), or forced.", DEVICES
+    ),
+    # --- communication -------------------------------------------------------------
+    Option(
+        "comm-profile",
+        str,
+        "paper",
+        "What travels each round: 'paper' (float32, dense query maps, the pooler exchanged: the paper's "
+        "model) or 'lean' (float16 with delta uploads, rank-8 query maps, the pretrained pooler kept "
+        "frozen: under 1% of ViLT-B/32 per client per round). Sets each key below that is left at "
+        "'profile'; a key given a value keeps it.",
+        COMM_PROFILES,
+    ),
+    Option(
+        "wire-dtype",
+        str,
+        FROM_PROFILE,
+        "Precision of the arrays in every message, both directions (paper: float32, lean: float16); "
+        "received arrays are cast back to float32 and validated after the cast. float16 refuses to "
+        "send finite values beyond +-65504 (they would arrive as inf), bfloat16 keeps float32's "
+        "range with 8 significant bits.",
+        (FROM_PROFILE, *WIRE_DTYPES),
+        profile=True,
+    ),
+    Option(
+        "upload-delta",
+        bool,
+        FROM_PROFILE,
+        "Clients upload the change to what they received instead of the trained arrays, and the "
+        "server adds it to its own float32 copy, so a 16-bit wire-dtype rounds the update, not the "
+        "weights (paper: false, lean: true). true, false or 'profile'.",
+        profile=True,
+    ),
+    Option(
+        "query-rank",
+        int,
+        FROM_PROFILE,
+        "Query map of each retrieval pool: 0 a dense d x d linear map (the paper); r > 0 the identity "
+        "plus a trained rank-r update (two r x d factors and a bias: 2rd + d parameters instead of "
+        "d^2 + d), averaged factor by factor (paper: 0, lean: 8). An integer or 'profile'; no effect "
+        "on fedavg-p (no retrieval pools) nor on pfpt (PFPT's dense, bias-free query projection is its model).",
+        min=0,
+        profile=True,
+    ),
+    Option(
+        "exchange-pooler",
+        bool,
+        FROM_PROFILE,
+        "true: the pooler (d x d, started from the backbone's pretrained pooler) is trained and "
+        "averaged like the head; false: the pretrained pooler stays frozen and never travels (needs a "
+        "backbone with a pretrained pooler) (paper: true, lean: false). true, false or 'profile'.",
+        profile=True,
     ),
     Option(
         "max-update-norm",
@@ -477,8 +564,12 @@ def parse_run_config(values: Mapping[str, Any] | None = None, *, strict: bool = 
             "pyproject.toml [tool.flwr.app.config] and README 'Configuration'"
         )
     kwargs = {}
-    for opt in OPTIONS:
-        value = _coerce(opt, values[opt.key]) if opt.key in values else opt.default
+    for opt in OPTIONS:  # comm-profile comes before the keys it sets
+        value = values.get(opt.key, opt.default)
+        if opt.profile and value == FROM_PROFILE:
+            value = PROFILE_VALUES[kwargs["comm_profile"]][opt.key]
+        elif opt.key in values:
+            value = _coerce(opt, value)
         _check_range(opt, value)
         kwargs[opt.attr] = value
     cfg = RunConfig(**kwargs)
@@ -488,17 +579,65 @@ def parse_run_config(values: Mapping[str, Any] | None = None, *, strict: bool = 
 
 
 def config_to_dict(cfg: Any) -> dict[str, Any]:
-    """The kebab-case mapping of a ``RunConfig`` (round-trips through :func:`parse_run_config`)."""
+    """The kebab-case mapping of a ``RunConfig`` (round-trips through :func:`parse_run_config`).
+
+    Keys set by ``comm-profile`` hold their effective values (what the run used), not ``"profile"``.
+    """
     return {opt.key: getattr(cfg, opt.attr) for opt in OPTIONS}
 
 
 def replace(cfg: Any, **changes: Any) -> Any:
-    """A copy of ``cfg`` with kebab- or snake-case keys changed, validated again."""
+    """A copy of ``cfg`` with kebab- or snake-case keys changed, validated again.
+
+    Changing ``comm-profile`` resets the keys it sets to that profile's values, unless
+    ``changes`` sets them too.
+    """
     values = config_to_dict(cfg)
     by_attr = {opt.attr: opt.key for opt in OPTIONS}
-    for key, value in changes.items():
-        values[by_attr.get(key, key)] = value
+    changes = {by_attr.get(key, key): value for key, value in changes.items()}
+    if "comm-profile" in changes:
+        values.update({opt.key: FROM_PROFILE for opt in OPTIONS if opt.profile})
+    values.update(changes)
     return parse_run_config(values)
+
+
+def profile_keys() -> tuple[str, ...]:
+    """The keys ``comm-profile`` sets."""
+    return tuple(opt.key for opt in OPTIONS if opt.profile)
+
+
+def at_profile(values: Mapping[str, Any], key: str) -> bool:
+    """Whether the communication key ``key`` of a :func:`config_to_dict` mapping holds its profile's value."""
+    return values[key] == PROFILE_VALUES[values["comm-profile"]][key]
+
+
+def with_profile(values: Mapping[str, Any], profile: str) -> dict[str, Any]:
+    """A :func:`config_to_dict` mapping moved to another ``comm-profile``.
+
+    Each key the profile sets that held the old profile's value takes the new profile's
+    value; a key set to something else keeps it (as if it had been given explicitly). So the
+    ``paper`` twin of a ``lean`` run differs from it only in what the profiles set.
+    """
+    if profile not in PROFILE_VALUES:
+        raise ConfigError(f"'comm-profile' = {profile!r} is not allowed; use one of: {', '.join(COMM_PROFILES)}")
+    out = dict(values)
+    for key in profile_keys():
+        if at_profile(values, key):
+            out[key] = PROFILE_VALUES[profile][key]
+    out["comm-profile"] = profile
+    return out
+
+
+def describe_communication(cfg: Any) -> str:
+    """One line naming the profile and the effective value of each key it sets (``*`` marks a key set
+    to something other than the profile's value)."""
+    profile = PROFILE_VALUES[cfg.comm_profile]
+    parts = []
+    for key in profile_keys():
+        value = getattr(cfg, OPTIONS_BY_KEY[key].attr)
+        shown = str(value).lower() if isinstance(value, bool) else str(value)
+        parts.append(f"{key}={shown}" + ("" if value == profile[key] else "*"))
+    return f"comm-profile={cfg.comm_profile}: " + ", ".join(parts)
 
 
 def load_yaml_config(path: str | Path) -> dict[str, Any]:

@@ -50,7 +50,9 @@ rounds that have ``key``, each divided by ``per`` of the same round if given, ti
 ``scale``; ``key`` may be a ``/`` path into a round record, e.g. ``client-eval/accuracy``).
 A difference pairs every run having ``key: value`` with the run whose configuration is the
 same except ``key: minus`` (so matched on seed and every other key), and reports the mean,
-std and a 95% t confidence interval of the per-pair differences, for every column.
+std and a 95% t confidence interval of the per-pair differences, for every column. For
+``key: comm-profile`` the keys the profile sets (wire-dtype, upload-delta, query-rank,
+exchange-pooler) change with it and are no row keys of their own (``experiments/comm-paired.yaml``).
 """
 
 from __future__ import annotations
@@ -73,7 +75,7 @@ from typing import Any
 import numpy as np
 
 from .cli import to_toml
-from .config import ConfigError, config_to_dict, parse_run_config
+from .config import ConfigError, at_profile, config_to_dict, parse_run_config, profile_keys, with_profile
 from .data.missing import TEST_SETTINGS
 from .launch import APP_DIR, flower_env, run_flwr, stage_app, stop_marked
 from .progress import format_duration
@@ -556,6 +558,8 @@ def varying_keys(plan: Plan, table: TableSpec) -> list[str]:
     cells = _table_cells(plan, table)
     keys = [k for k in cells[0].config if k != "seed"] if cells else []
     varying = [k for k in keys if len({json.dumps(c.config[k]) for c in cells}) > 1]
+    if "comm-profile" in varying:  # keys that vary only because the profile does are no axes of their own
+        varying = [k for k in varying if k not in profile_keys() or not all(at_profile(c.config, k) for c in cells)]
     ordered = [k for k in table.axes if k in varying]
     return ordered + sorted(k for k in varying if k not in ordered)
 
@@ -588,6 +592,17 @@ def _stats(values: Sequence[float | None], interval: bool = False) -> dict[str, 
     return out
 
 
+def _twin(config: Mapping[str, Any], key: str, value: Any) -> dict[str, Any]:
+    """The configuration a difference pairs ``config`` with: the same, except ``key = value``.
+
+    For ``comm-profile`` the keys the profile sets move with it (:func:`~fedprime_core.config.with_profile`),
+    so a ``lean`` run pairs with the ``paper`` run of the same seed and settings.
+    """
+    if key == "comm-profile":
+        return with_profile(config, value)
+    return {**config, key: value}
+
+
 def comparison(plan: Plan, table: TableSpec) -> dict[str, Any]:
     """The numbers of one comparison table: value rows and paired-difference rows.
 
@@ -616,7 +631,7 @@ def comparison(plan: Plan, table: TableSpec) -> dict[str, Any]:
         for cell in cells:
             if cell.config[diff.key] != diff.value:
                 continue
-            partner = by_config.get(json.dumps({**cell.config, diff.key: diff.minus}, sort_keys=True))
+            partner = by_config.get(json.dumps(_twin(cell.config, diff.key, diff.minus), sort_keys=True))
             if partner is None or values[cell.name] is None or values[partner.name] is None:
                 continue
             group = tuple(json.dumps(cell.config[k]) for k in other_keys)

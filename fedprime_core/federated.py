@@ -51,6 +51,9 @@ class ClientUpdate:
         metrics: scalar training metrics (loss, ...), reported as-is.
         pattern_usage: pool name -> ``(3, pool_size)`` the usage counts split by the
             missing pattern of the retrieving sample (optional; feeds a diagnostic).
+        wire: how the arrays travelled (``"float16"``, ``"bfloat16 delta"``, ...:
+            :mod:`fedprime_core.wire`); ``state`` holds them decoded to float32 (a delta
+            already added to what the server sent). Named in rejection reasons.
     """
 
     state: Mapping[str, np.ndarray]
@@ -59,6 +62,7 @@ class ClientUpdate:
     client_id: str = ""
     metrics: Mapping[str, float] = dataclasses.field(default_factory=dict)
     pattern_usage: Mapping[str, np.ndarray] = dataclasses.field(default_factory=dict)
+    wire: str = "float32"
 
 
 def array_norm(array: np.ndarray) -> float:
@@ -75,7 +79,10 @@ def validate_update(
     """Every reason to reject a client update; an empty list means it is valid.
 
     Checks, in one place: the update's type and fields; exactly the expected array names;
-    floating dtypes; shapes; finite values; L2 norm of each array at most ``max_norm``;
+    floating dtypes; shapes; finite values (after the wire cast: a NaN or inf that arrived
+    in float16 or bfloat16 is rejected like one in float32, and the reason says how it
+    travelled; a sender never turns a finite value into inf, :mod:`fedprime_core.wire`);
+    L2 norm of each array at most ``max_norm``;
     a usage-count vector per pool whose length equals that pool's size, with non-negative
     integer counts and at least one use; pattern-usage tables (when sent) of shape
     ``(3, pool size)`` whose columns add up to the usage counts; a positive integer
@@ -129,7 +136,8 @@ def _validate(update: Any, expected: Mapping[str, tuple[int, ...]], pools: Seque
         if math.isfinite(squares):
             norm = math.sqrt(squares)
         elif not np.isfinite(value).all():
-            reasons.append(f"array {name!r} contains NaN or Inf")
+            sent_as = f" (sent as {update.wire})" if update.wire != "float32" else ""
+            reasons.append(f"array {name!r} contains NaN or Inf{sent_as}")
             continue
         else:  # finite values whose squares overflow the array's precision
             norm = array_norm(value)

@@ -3,11 +3,15 @@
 Trainable parts, by method (see :mod:`fedprime_core.methods`):
 
 * ``pools.<name>``: a :class:`PromptPool` per retrieval pool (``intra`` and/or ``inter``):
-  prompts ``(tau, length, d)``, keys ``(tau, d)`` and a query map ``d -> d``;
+  prompts ``(tau, length, d)``, keys ``(tau, d)`` and a query map ``d -> d``: dense
+  (``query.weight`` ``(d, d)``, ``query.bias`` ``(d,)``: ``d^2 + d`` parameters) or, with
+  ``query_rank = r > 0``, :class:`LowRankQuery` (the identity plus ``query.up @ query.down``,
+  ``(d, r)`` and ``(r, d)``, and ``query.bias``: ``2rd + d`` parameters);
   for ``pfpt`` a :class:`PFPTPromptPool` instead (prompts ``(tau, length, d)`` that are their own
   keys, and a query map ``d -> d`` of the frozen [CLS] feature);
 * ``map_prompts``: :class:`MissingAwarePrompts` for ``fedavg-p``;
-* ``pooler`` (``d -> d``, tanh; started from the backbone's pretrained pooler) and
+* ``pooler`` (``d -> d``, tanh; started from the backbone's pretrained pooler; trained and
+  exchanged unless ``train_pooler=False`` keeps it frozen) and
   ``head`` (``d -> 2d -> LayerNorm -> GELU -> C``, as in the reference);
 * whatever the backbone names in ``trainable_modules()`` (e.g. an image-feature projection).
 
@@ -44,6 +48,9 @@ class PromptSettings:
     selection: str = "sample"
     map_length: int = 16
     map_depth: int = 6
+    query_rank: int = 0
+    """0: dense query maps; r > 0: identity plus a rank-r update (:class:`LowRankQuery`). Keyed pools
+    only: :class:`PFPTPromptPool` keeps PFPT's dense projection."""
 
 
 @dataclasses.dataclass
@@ -61,6 +68,51 @@ class PromptedOutput:
     selected: dict[str, torch.Tensor]
 
 
+class LowRankQuery(nn.Module):
+    """A query map ``x -> x + up(down(x)) + bias``: the identity plus a trained rank-``r`` update.
+
+    Replaces the dense ``d x d`` query map where communication matters: ``2 r d + d``
+    parameters instead of ``d^2 + d``. Starts at the identity (``up = 0``, ``down`` random
+    with unit-variance rows over ``d``, as LoRA), like the dense map. FedAvg averages the
+    two factors separately (as federated LoRA does), which is not the average of their
+    products; the query map is trained only through the retrieval regulariser, so its
+    update is small and this matters little (measured in experiments/README.md).
+
+    Attributes:
+        down: ``(r, d)``.
+        up: ``(d, r)``, zero at the start.
+        bias: ``(d,)``, zero at the start.
+    """
+
+    def __init__(self, dim: int, rank: int, generator: torch.Generator) -> None:
+        super().__init__()
+        if not 0 < rank < dim:
+            raise ValueError(f"query rank {rank} must lie in 1..{dim - 1} (the width is {dim}); 0 means dense")
+        self.down = nn.Parameter(torch.randn(rank, dim, generator=generator) / math.sqrt(dim))
+        self.up = nn.Parameter(torch.zeros(dim, rank))
+        self.bias = nn.Parameter(torch.zeros(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, d) -> (B, d)``."""
+        return x + (x @ self.down.t()) @ self.up.t() + self.bias
+
+
+def query_map(dim: int, rank: int, generator: torch.Generator | None = None) -> nn.Module:
+    """A prompt pool's query map: dense, initialised to the identity (``rank = 0``), or :class:`LowRankQuery`."""
+    if rank > 0:
+        return LowRankQuery(dim, rank, generator if generator is not None else torch.Generator().manual_seed(0))
+    dense = nn.Linear(dim, dim)
+    with torch.no_grad():
+        dense.weight.copy_(torch.eye(dim))
+        dense.bias.zero_()
+    return dense
+
+
+def query_parameter_count(dim: int, rank: int) -> int:
+    """Parameters of one query map: ``d^2 + d`` dense, ``2 r d + d`` at rank ``r``."""
+    return dim * dim + dim if rank == 0 else 2 * rank * dim + dim
+
+
 class PromptPool(nn.Module):
     """``tau`` prompts with learnable keys and a query map.
 
@@ -71,19 +123,28 @@ class PromptPool(nn.Module):
             them by a real fraction of the distance between them (what the inter-prompt
             alignment needs; at ``U(-1, 1)`` they barely move).
         keys: ``(tau, d)``, initialised the same way.
-        query: ``d -> d`` linear map applied to the prompt-free input summary
-            (initialised to the identity, so retrieval starts from the frozen summary as in L2P).
+        query: ``d -> d`` map applied to the prompt-free input summary, initialised to the
+            identity (so retrieval starts from the frozen summary as in L2P): dense, or the
+            identity plus a rank-``query_rank`` update (:class:`LowRankQuery`, its random
+            factor drawn from ``query_generator``, so the prompts and keys are the same
+            as the dense pool's for the same ``generator``).
     """
 
-    def __init__(self, size: int, length: int, dim: int, generator: torch.Generator, scale: float = 1.0) -> None:
+    def __init__(
+        self,
+        size: int,
+        length: int,
+        dim: int,
+        generator: torch.Generator,
+        scale: float = 1.0,
+        query_rank: int = 0,
+        query_generator: torch.Generator | None = None,
+    ) -> None:
         super().__init__()
         bound = math.sqrt(3.0) * scale  # U(-b, b) has RMS b / sqrt(3)
         self.prompts = nn.Parameter((torch.rand(size, length, dim, generator=generator) * 2 - 1) * bound)
         self.keys = nn.Parameter((torch.rand(size, dim, generator=generator) * 2 - 1) * bound)
-        self.query = nn.Linear(dim, dim)
-        with torch.no_grad():
-            self.query.weight.copy_(torch.eye(dim))
-            self.query.bias.zero_()
+        self.query = query_map(dim, query_rank, query_generator)
 
     @property
     def size(self) -> int:
@@ -191,7 +252,19 @@ def masked_mean(tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 class PromptedModel(nn.Module):
-    """Frozen backbone + prompts + pooler + head, for every method of the paper."""
+    """Frozen backbone + prompts + pooler + head, for every method of the paper.
+
+    Args:
+        backbone: the frozen backbone.
+        spec: the method (which pools, missing-aware prompts).
+        num_classes: outputs of the head.
+        prompts: pool sizes, retrieval and the query maps' rank.
+        seed: seeds every initialisation (the low-rank query factors from their own
+            generator, so the rest is initialised as with dense query maps).
+        train_pooler: ``False`` keeps the backbone's pretrained pooler frozen, so it is
+            neither trained nor exchanged (``exchange-pooler=false``); needs a backbone
+            with a pretrained pooler.
+    """
 
     def __init__(
         self,
@@ -200,11 +273,13 @@ class PromptedModel(nn.Module):
         num_classes: int,
         prompts: PromptSettings = PromptSettings(),
         seed: int = 0,
+        train_pooler: bool = True,
     ) -> None:
         super().__init__()
         if prompts.kappa > prompts.tau:
             raise ValueError(f"kappa ({prompts.kappa}) must not exceed tau ({prompts.tau})")
         generator = torch.Generator().manual_seed(seed)
+        query_generator = torch.Generator().manual_seed(seed + 1)
         dim = backbone.hidden_size
         self.backbone = backbone
         self.spec = spec
@@ -212,7 +287,12 @@ class PromptedModel(nn.Module):
         self.num_classes = num_classes
         scale = backbone.token_scale()
         self.pools = nn.ModuleDict(
-            {name: PromptPool(prompts.tau, prompts.length, dim, generator, scale) for name in spec.pools}
+            {
+                name: PromptPool(
+                    prompts.tau, prompts.length, dim, generator, scale, prompts.query_rank, query_generator
+                )
+                for name in spec.pools
+            }
         )
         if spec.pool_variant == "pfpt":  # PFPT's L2P pools take the place of the keyed ones
             self.pools = nn.ModuleDict(
@@ -227,10 +307,16 @@ class PromptedModel(nn.Module):
         self.head = nn.Sequential(
             nn.Linear(dim, 2 * dim), nn.LayerNorm(2 * dim), nn.GELU(), nn.Linear(2 * dim, num_classes)
         )
-        self._init_trainable(generator)
+        self._init_trainable(generator, train_pooler)
 
-    def _init_trainable(self, generator: torch.Generator) -> None:
+    def _init_trainable(self, generator: torch.Generator, train_pooler: bool) -> None:
         pretrained = self.backbone.pooler_init()
+        if pretrained is None and not train_pooler:
+            raise ValueError(
+                f"exchange-pooler=false keeps the backbone's pretrained pooler frozen, but "
+                f"{type(self.backbone).__name__} has no pretrained pooler (it would be a frozen random map); "
+                "set exchange-pooler=true"
+            )
         with torch.no_grad():
             for module in (self.pooler, self.head[0], self.head[3]):
                 module.weight.normal_(0.0, 0.02, generator=generator)
@@ -238,6 +324,7 @@ class PromptedModel(nn.Module):
             if pretrained is not None:
                 self.pooler.weight.copy_(pretrained["weight"])
                 self.pooler.bias.copy_(pretrained["bias"])
+        self.pooler.requires_grad_(train_pooler)
 
     # -- forward ---------------------------------------------------------------------
     def forward(self, batch: Batch) -> PromptedOutput:

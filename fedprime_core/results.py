@@ -8,22 +8,36 @@ Layout of ``<results-dir>/<run-name>/``::
     clients.json      per client: missing mixture, realised pattern counts, samples
     curves.png        train loss, accuracy per test setting, pool sizes, and how much a sample's
                       missing pattern tells which inter cluster it retrieves, per round
-    summary.md        the paper-layout table: final round and best-validation round
-    summary.json      the same numbers, machine-readable
-    checkpoint.npz    global trainable state after the last completed round
-    checkpoint.json   round number and history belonging to checkpoint.npz
+    summary.md        the paper-layout table: final round and best-validation round, the
+                      bytes the run sent and received per round and per client (and, for
+                      a run that stopped, that it failed and why)
+    summary.json      the same numbers, machine-readable, with ``status`` and ``reason``
+    checkpoint.json   the commit point: round, history, clients, personal inter pools, and the
+                      name and SHA-256 of the array file that belongs to them
+    checkpoint-<round>.npz  global trainable state after that round
+    run.lock          present while a ServerApp writes the folder (pid and host inside)
 
-Checkpoints are written atomically (temporary file, then rename), so a crash mid-write
-leaves the previous checkpoint intact.
+Every file is written to a temporary name and renamed into place, so a reader never sees
+half a file; files get the permissions of any file the user creates (the umask applies).
+
+A checkpoint has one commit point: the arrays go to a new ``checkpoint-<round>.npz``
+(written, flushed to disk, renamed), then ``checkpoint.json``, which names that file and its
+hash, replaces the previous one in one rename; only then are older array files removed.
+A crash at any moment leaves either the previous round's checkpoint or the new one, never
+the metadata of one round with the arrays of another.
 """
 
 from __future__ import annotations
 
 import csv
+import hashlib
+import io
 import json
 import math
 import os
+import re
 import tempfile
+import threading
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -32,20 +46,62 @@ import numpy as np
 
 from .data.missing import TEST_SETTINGS
 
-CHECKPOINT_ARRAYS = "checkpoint.npz"
 CHECKPOINT_META = "checkpoint.json"
+#: Array files of older versions (one fixed name, written before the metadata).
+LEGACY_CHECKPOINT_ARRAYS = "checkpoint.npz"
+_ARRAYS_NAME = re.compile(r"^checkpoint-(\d+)\.npz$")
+
+_UMASK_LOCK = threading.Lock()
 
 
-def _atomic_write(path: Path, write) -> None:
+def _umask() -> int:
+    """The process umask, read without changing it where Linux allows."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    with _UMASK_LOCK:  # elsewhere: set and restore (a moment in which other threads see 0o077)
+        mask = os.umask(0o077)
+        os.umask(mask)
+    return mask
+
+
+def _fsync_dir(directory: Path) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:  # some platforms cannot open a directory; the rename itself is atomic
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _atomic_write(path: Path, write, durable: bool = False) -> None:
+    """Write ``path`` through a temporary file and one rename (with ``durable``: fsync file and folder).
+
+    The file gets ``0o666 & ~umask`` like any file the user creates (``mkstemp`` alone
+    would leave it readable by the owner only).
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
         with os.fdopen(fd, "wb") as handle:
             write(handle)
+            handle.flush()
+            os.fchmod(handle.fileno(), 0o666 & ~_umask())
+            if durable:
+                os.fsync(handle.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    if durable:
+        _fsync_dir(path.parent)
 
 
 def _jsonable(value: Any) -> Any:
@@ -67,34 +123,77 @@ def write_json(path: Path, data: Any) -> None:
     _atomic_write(Path(path), lambda h: h.write(text.encode()))
 
 
-def save_checkpoint(run_dir: Path, state: Mapping[str, np.ndarray], meta: Mapping[str, Any]) -> None:
-    """Save the global state and its metadata (``round``, ``history``, ...) atomically.
+def checkpoint_arrays_name(server_round: int) -> str:
+    """The array file of the checkpoint after ``server_round``."""
+    return f"checkpoint-{server_round:06d}.npz"
 
-    The arrays are written first; the metadata file, written last, is what marks the
-    round as complete.
+
+def save_checkpoint(run_dir: Path, state: Mapping[str, np.ndarray], meta: Mapping[str, Any]) -> None:
+    """Commit the global state and its metadata (``round``, ``history``, ``inter-pool``, ...) as one checkpoint.
+
+    Steps: (1) the arrays to ``checkpoint-<round>.npz`` (temporary file, fsync, rename);
+    (2) ``checkpoint.json`` with the array file's name and SHA-256 (temporary file,
+    fsync, rename): this rename is the commit point; (3) array files no committed
+    checkpoint names, and temporary files of a write that was killed, are removed (the
+    run folder's lock guarantees no other writer). A crash before (2) leaves the previous
+    checkpoint, one after it the new one.
     """
     run_dir = Path(run_dir)
-    _atomic_write(run_dir / CHECKPOINT_ARRAYS, lambda h: np.savez(h, **{k: np.asarray(v) for k, v in state.items()}))
-    write_json(run_dir / CHECKPOINT_META, meta)
+    name = checkpoint_arrays_name(int(meta["round"]))
+    buffer = io.BytesIO()
+    np.savez(buffer, **{k: np.asarray(v) for k, v in state.items()})
+    blob = buffer.getvalue()
+    _atomic_write(run_dir / name, lambda h: h.write(blob), durable=True)
+    committed = {**meta, "arrays-file": name, "arrays-sha256": hashlib.sha256(blob).hexdigest()}
+    text = json.dumps(_jsonable(committed), indent=2)
+    _atomic_write(run_dir / CHECKPOINT_META, lambda h: h.write(text.encode()), durable=True)
+    for old in run_dir.iterdir():
+        stale_array = old.name != name and (_ARRAYS_NAME.match(old.name) or old.name == LEGACY_CHECKPOINT_ARRAYS)
+        if stale_array or old.name.startswith((".checkpoint-", f".{CHECKPOINT_META}.")):  # left by a killed write
+            old.unlink(missing_ok=True)
+
+
+def _arrays_path(run_dir: Path, meta: Mapping[str, Any]) -> Path:
+    return run_dir / str(meta.get("arrays-file") or LEGACY_CHECKPOINT_ARRAYS)
 
 
 def find_checkpoint(path: str | Path) -> Path:
     """The run directory holding a checkpoint, given the directory or one of its files."""
     path = Path(path).expanduser()
     run_dir = path.parent if path.is_file() else path
-    if not (run_dir / CHECKPOINT_META).is_file() or not (run_dir / CHECKPOINT_ARRAYS).is_file():
+    if not (run_dir / CHECKPOINT_META).is_file():
         raise FileNotFoundError(
-            f"resume={str(path)!r}: no {CHECKPOINT_META} and {CHECKPOINT_ARRAYS} there; point resume at a run "
+            f"resume={str(path)!r}: no {CHECKPOINT_META} there; point resume at a run "
             "folder written by a previous run (results-dir/run-name)"
         )
     return run_dir
 
 
 def load_checkpoint(path: str | Path) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-    """``(state, meta)`` of the checkpoint in a run directory (or given one of its files)."""
+    """``(state, meta)`` of the committed checkpoint in a run directory (or given one of its files).
+
+    Raises:
+        FileNotFoundError: no ``checkpoint.json``, or the array file it names is gone.
+        ValueError: the array file is not the one ``checkpoint.json`` committed (its hash
+            or its arrays differ): the folder was changed by something else.
+    """
     run_dir = find_checkpoint(path)
-    meta = json.loads((run_dir / CHECKPOINT_META).read_text())
-    with np.load(run_dir / CHECKPOINT_ARRAYS, allow_pickle=False) as data:
+    meta_path = run_dir / CHECKPOINT_META
+    try:
+        meta = json.loads(meta_path.read_text())
+    except ValueError as exc:
+        raise ValueError(f"{meta_path} is not valid JSON ({exc}); the checkpoint cannot be read") from None
+    arrays = _arrays_path(run_dir, meta)
+    if not arrays.is_file():
+        raise FileNotFoundError(f"{meta_path} names the array file {arrays.name}, which is missing from {run_dir}")
+    blob = arrays.read_bytes()
+    expected = meta.get("arrays-sha256")
+    if expected and hashlib.sha256(blob).hexdigest() != expected:
+        raise ValueError(
+            f"checkpoint in {run_dir} is inconsistent: {arrays.name} is not the file {CHECKPOINT_META} committed "
+            "(SHA-256 differs); it was changed after the round was saved"
+        )
+    with np.load(io.BytesIO(blob), allow_pickle=False) as data:
         state = {k: data[k].astype(np.float32) for k in data.files}
     if meta.get("state-keys") and sorted(meta["state-keys"]) != sorted(state):
         raise ValueError(
@@ -149,22 +248,51 @@ def metric_name(multilabel: bool) -> str:
     return "macro_f1" if multilabel else "accuracy"
 
 
+def communication_summary(history: Sequence[Mapping[str, Any]]) -> dict[str, Any] | None:
+    """Bytes the run actually sent and received for training, from the round records.
+
+    Per round: the mean over the training rounds of the arrays sent to all sampled clients
+    (``bytes-sent``) and received in their replies (``bytes-received``); per client: the
+    mean per message (download) and per reply that carried arrays (upload); totals over
+    the rounds. ``None`` before the first training round.
+    """
+    rounds = [r for r in history if r.get("round", 0) > 0 and "bytes-sent" in r]
+    if not rounds:
+        return None
+
+    def mean(key: str) -> float:
+        values = [float(r[key]) for r in rounds if r.get(key) is not None]
+        return float(np.mean(values)) if values else 0.0
+
+    return {
+        "rounds": len(rounds),
+        "bytes-sent-per-round": mean("bytes-sent"),
+        "bytes-received-per-round": mean("bytes-received"),
+        "bytes-sent-per-client": mean("bytes-sent-per-client"),
+        "bytes-received-per-client": mean("bytes-received-per-client"),
+        "bytes-sent-total": int(sum(int(r.get("bytes-sent", 0)) for r in rounds)),
+        "bytes-received-total": int(sum(int(r.get("bytes-received", 0)) for r in rounds)),
+    }
+
+
 def summarise(history: Sequence[Mapping[str, Any]], metric: str) -> dict[str, Any]:
-    """Final-round and best-validation-round values of ``metric`` per test setting.
+    """Final-round and best-validation-round values of ``metric`` per test setting, and the bytes exchanged.
 
     The best round is chosen on the held-out validation split, never on the test
     settings (the reference code reports the maximum over rounds of the test metric).
+    ``communication``: :func:`communication_summary`.
     """
+    communication = communication_summary(history)
     evaluated = [r for r in history if r.get("eval") and r["round"] > 0]
     if not evaluated:
-        return {"metric": metric, "final": None, "best": None}
+        return {"metric": metric, "final": None, "best": None, "communication": communication}
 
     def pick(record: Mapping[str, Any]) -> dict[str, Any]:
         values = {s: record["eval"].get(s, {}).get(metric) for s in TEST_SETTINGS}
         return {"round": record["round"], "val": record["eval"].get("val", {}).get(metric), **values}
 
     best = max(evaluated, key=lambda r: (r["eval"].get("val", {}).get(metric) or -1.0, -r["round"]))
-    return {"metric": metric, "final": pick(evaluated[-1]), "best": pick(best)}
+    return {"metric": metric, "final": pick(evaluated[-1]), "best": pick(best), "communication": communication}
 
 
 def _fmt(value: Any) -> str:
@@ -190,6 +318,17 @@ def summary_markdown(summary: Mapping[str, Any], title: str) -> str:
         name = "final" if label == "final" else "best val"
         cells = " | ".join(_fmt(row.get(s)) for s in TEST_SETTINGS)
         lines.append(f"| {name} (round {row['round']}) | {cells} | {_fmt(row.get('val'))} |")
+    comm = summary.get("communication")
+    if comm:
+        lines += [
+            "",
+            f"Communication{f' ({wire})' if (wire := summary.get('wire')) else ''}: per training round "
+            f"{comm['bytes-sent-per-round'] / 1e6:.3f} MB sent, {comm['bytes-received-per-round'] / 1e6:.3f} MB "
+            f"received; per client {comm['bytes-sent-per-client'] / 1e6:.3f} MB down, "
+            f"{comm['bytes-received-per-client'] / 1e6:.3f} MB up; {comm['bytes-sent-total'] / 1e6:.2f} MB sent and "
+            f"{comm['bytes-received-total'] / 1e6:.2f} MB received in {comm['rounds']} round(s) "
+            "(arrays only, MB = 10^6 bytes).",
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -239,19 +378,42 @@ def plot_curves(run_dir: Path, history: Sequence[Mapping[str, Any]], metric: str
     fig.suptitle(title)
     fig.tight_layout()
     path = Path(run_dir) / "curves.png"
-    fig.savefig(path, dpi=100)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, dpi=100, format="png")
     plt.close(fig)
+    _atomic_write(path, lambda h: h.write(buffer.getvalue()))
     return path
 
 
 def write_run_outputs(
-    run_dir: Path, history: Sequence[Mapping[str, Any]], multilabel: bool, title: str
+    run_dir: Path,
+    history: Sequence[Mapping[str, Any]],
+    multilabel: bool,
+    title: str,
+    status: str = "running",
+    reason: str = "",
+    wire: str = "",
 ) -> dict[str, Any]:
-    """Write metrics.json/csv, summary.md/json and curves.png for the rounds so far."""
+    """Write metrics.json/csv, summary.md/json and curves.png for the rounds so far.
+
+    Args:
+        status: ``running`` (more rounds to come), ``finished`` or ``failed``; a failed
+            run's summary says so, after which round, and ``reason``.
+        wire: a line describing what travels (``comm-profile`` and its keys), shown with
+            the communication figures.
+    """
     run_dir = Path(run_dir)
     write_metrics(run_dir, history)
     summary = summarise(history, metric_name(multilabel))
+    summary = {"status": status, **({"reason": reason} if reason else {}), **summary}
+    if wire:
+        summary["wire"] = wire
     write_json(run_dir / "summary.json", summary)
-    (run_dir / "summary.md").write_text(summary_markdown(summary, title))
+    text = summary_markdown(summary, title)
+    if status == "failed":
+        last = max((r["round"] for r in history), default=0)
+        header, _, rest = text.partition("\n\n")
+        text = f"{header}\n\n**Run failed after round {last}:** {reason}\n\n{rest}"
+    _atomic_write(run_dir / "summary.md", lambda h: h.write(text.encode()))
     plot_curves(run_dir, history, metric_name(multilabel), title)
     return summary

@@ -35,7 +35,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -46,6 +46,7 @@ from .config import DATA_LAYOUTS, DEVICES, ConfigError, RunConfig, class_list, r
 from .data.missing import (
     TEST_SETTINGS,
     apply_missing,
+    check_missing_table,
     client_mixtures,
     evaluation_mixture,
     load_missing_table,
@@ -218,17 +219,16 @@ def load_splits(cfg: RunConfig) -> DatasetSplits:
         else:
             from .data.loaders import load_dataset
 
-            # Decoding every image of a full benchmark at each process start is too slow;
-            # missing files are always caught here, undecodable ones are verified up front
-            # only when bad rows are to be skipped (otherwise they fail with a DataError
-            # naming the file and row when first read).
+            # Every image is decoded here (once per process: the splits are cached), so a
+            # corrupt one is an error naming its row (or a skipped, counted row with
+            # skip-bad-rows) before training starts, never a client that fails in every round.
             splits = load_dataset(
                 cfg.dataset,
                 cfg.data_dir,
                 layout=cfg.data_layout,
                 num_classes=cfg.num_classes,
                 skip_bad_rows=cfg.skip_bad_rows,
-                verify_images=cfg.skip_bad_rows,
+                verify_images=True,
                 classes=class_list(cfg) or None,
                 mmimdb_protocol=cfg.mmimdb_protocol,
                 required=(),
@@ -518,6 +518,63 @@ def _as_node(client: ClientNode | int, num_partitions: int | None) -> ClientNode
     return ClientNode(client_id=str(client), partition_id=int(client), num_partitions=int(num_partitions))
 
 
+def partition_train(cfg: RunConfig, train: Sequence[Sample], num_partitions: int) -> list[np.ndarray]:
+    """Indices of every partition's share of the training pool (``num_partitions`` arrays).
+
+    Raises:
+        DataError: the pool cannot give every partition ``min-partition-size`` samples
+            (a data error: it recurs until someone changes the data or the settings).
+    """
+    try:
+        return partition(
+            primary_labels(train),
+            num_partitions,
+            cfg.label_alpha,
+            cfg.min_partition_size,
+            cfg.seed,
+            size_sigma=cfg.client_size_sigma,
+        )
+    except ValueError as exc:
+        where = f"data-dir {cfg.data_dir!r}" if cfg.data_dir else f"the {cfg.dataset} dataset"
+        cap = f", max-train-samples={cfg.max_train_samples}" if cfg.max_train_samples else ""
+        raise DataError(
+            f"{where} split into {num_partitions} partitions (min-partition-size={cfg.min_partition_size}{cap}): {exc}"
+        ) from None
+
+
+def check_server_inputs(cfg: RunConfig, num_partitions: int | None = None) -> LabelSpace:
+    """Check before round 1 every input the server can read, as the clients would read it.
+
+    The run config's ``missing-table`` (every entry), its ``data-dir`` (root, layout, class
+    list and every row: :func:`load_splits`, images decoded), and, when the clients carve
+    ``num_partitions`` shards out of that data, whether the training pool gives each one
+    ``min-partition-size`` samples and the table an entry for each. A fault here would
+    otherwise make every client fail in every round.
+
+    Args:
+        cfg: the run config.
+        num_partitions: how many partitions the connected nodes say the data is split
+            into; ``None`` when no node is partitioned (sites, or nobody asked yet).
+
+    Returns:
+        The run's label space.
+
+    Raises:
+        DataError: a file is absent or malformed, or the data is too small; the message
+            names the file, the line or row, or the setting to change.
+        ConfigError: the run config's class list cannot be used.
+    """
+    if cfg.missing_table:
+        check_missing_table(cfg.missing_table)
+        if num_partitions:
+            load_missing_table(cfg.missing_table, num_partitions)
+    labels = label_space(cfg)
+    if num_partitions and has_data(cfg) and not method_spec(cfg.method).centralized:
+        train, _ = _train_and_server_val(cfg, load_splits(cfg))
+        partition_train(cfg, train, num_partitions)
+    return labels
+
+
 def client_shard(cfg: RunConfig, client: ClientNode | int, num_partitions: int | None = None) -> ClientShard:
     """The local data of a client (cached per process).
 
@@ -582,15 +639,7 @@ def client_shard(cfg: RunConfig, client: ClientNode | int, num_partitions: int |
             mixture = setting_mixture(cfg.missing_setting, cfg.eta)
             pid = -1
         else:
-            parts = partition(
-                primary_labels(train),
-                num_partitions,
-                cfg.label_alpha,
-                cfg.min_partition_size,
-                cfg.seed,
-                size_sigma=cfg.client_size_sigma,
-            )
-            indices = parts[partition_id]
+            indices = partition_train(cfg, train, num_partitions)[partition_id]
             mixture = client_mixture_table(cfg, num_partitions)[partition_id]
             pid = partition_id
         order = _rng(cfg.seed, _SEED_SPLIT, 2, pid + 1).permutation(indices)
@@ -709,6 +758,7 @@ def prompt_settings(cfg: RunConfig) -> PromptSettings:
         selection=cfg.selection,
         map_length=cfg.map_prompt_length,
         map_depth=cfg.map_prompt_depth,
+        query_rank=cfg.query_rank,
     )
 
 
@@ -731,7 +781,14 @@ def build_model(cfg: RunConfig) -> PromptedModel:
     loaded = load_backbone(cfg)
     labels = label_space(cfg)
     seed = int(np.random.SeedSequence([cfg.seed, _SEED_MODEL]).generate_state(1)[0])
-    model = PromptedModel(loaded.backbone, method_spec(cfg.method), labels.num_classes, prompt_settings(cfg), seed=seed)
+    model = PromptedModel(
+        loaded.backbone,
+        method_spec(cfg.method),
+        labels.num_classes,
+        prompt_settings(cfg),
+        seed=seed,
+        train_pooler=cfg.exchange_pooler,
+    )
     return model.to(resolve_device(cfg.device))
 
 
@@ -751,6 +808,7 @@ def process_model(cfg: RunConfig) -> PromptedModel:
         cfg.classes,
         cfg.mmimdb_protocol,
         prompt_settings(cfg),
+        cfg.exchange_pooler,
         cfg.device,
     )
     return _cached(key, lambda: build_model(cfg))

@@ -1,25 +1,45 @@
-"""The FedPrime ServerApp: validate the config, prepare (or resume) the run, run the strategy."""
+"""The FedPrime ServerApp: validate the config, prepare (or resume) the run, run the strategy.
+
+Only one ServerApp writes a run folder at a time (``run.lock``, :mod:`fedprime_core.runlock`);
+a run that cannot learn, or whose SuperLink is gone, raises
+:class:`~fedprime_core.failures.RunFailed`, so Flower records the run as failed and the
+ServerApp process exits with a non-zero status.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
+import time
 from logging import ERROR, INFO, WARNING
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from flwr.app import Context
+from flwr.app import Context, Message, MessageType
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy.result import Result
 
 from fedprime_core import runtime
-from fedprime_core.config import ConfigError, RunConfig, config_to_dict, parse_run_config
-from fedprime_core.results import find_checkpoint, load_checkpoint, write_json
+from fedprime_core.config import (
+    PROFILE_VALUES,
+    ConfigError,
+    RunConfig,
+    config_to_dict,
+    describe_communication,
+    parse_run_config,
+)
+from fedprime_core.data.records import DataError
+from fedprime_core.failures import RunFailed
+from fedprime_core.methods import method_spec
+from fedprime_core.results import CHECKPOINT_META, find_checkpoint, load_checkpoint, write_json
+from fedprime_core.runlock import RunFolderBusy, RunLock
 
 from .logs import ClientLogGrid, connect
-from .messages import record_to_state, state_to_record
-from .strategy import FedPrimeStrategy
+from .messages import CLIENT, identity_query, record_to_state, state_to_record
+from .strategy import FedPrimeStrategy, NotEnoughNodesError
+from .watchdog import SuperLinkWatchdog, superlink_address
 
 connect()  # fedprime_core's lines (loading, progress) reach flwr run --stream and flwr log
 
@@ -41,6 +61,8 @@ RESUMABLE_CHANGES = frozenset(
         "fraction-train",
         "fraction-evaluate",
         "max-update-norm",
+        "max-skipped-rounds",
+        "superlink-timeout",
     }
 )
 
@@ -53,31 +75,45 @@ def default_run_name(cfg: RunConfig) -> str:
     return f"{cfg.method}-{cfg.dataset}-{cfg.missing_setting}-eta{cfg.eta:g}-s{cfg.seed}-{stamp}"
 
 
+def run_folder(cfg: RunConfig) -> Path:
+    """The folder this run writes: the resumed run's, or ``results-dir/run-name``.
+
+    Raises:
+        FileNotFoundError: ``resume`` points at no checkpoint.
+    """
+    if cfg.resume:
+        return find_checkpoint(cfg.resume).resolve()
+    return (Path(cfg.results_dir).expanduser() / (cfg.run_name or default_run_name(cfg))).resolve()
+
+
 def prepare_run(
-    cfg: RunConfig,
+    cfg: RunConfig, run_dir: Path | None = None
 ) -> tuple[Path, dict[str, np.ndarray] | None, list[dict[str, Any]], dict[str, Any], dict[str, Any] | None]:
     """The run folder and, when resuming, the checkpointed state, history, client info and inter pools.
+
+    Call it holding the folder's :class:`~fedprime_core.runlock.RunLock`, so nobody
+    writes the checkpoint while it is read.
 
     Raises:
         ConfigError: the resumed run was made with settings that cannot change, or a
             fresh run would overwrite an existing run's checkpoint.
         FileNotFoundError: ``resume`` points at no checkpoint.
     """
+    run_dir = run_dir or run_folder(cfg)
     if cfg.resume:
-        run_dir = find_checkpoint(cfg.resume)
         state, meta = load_checkpoint(run_dir)
-        previous = meta.get("config", {})
+        # A checkpoint from before the communication keys existed exchanged what 'paper' does.
+        previous = {"comm-profile": "paper", **PROFILE_VALUES["paper"], **meta.get("config", {})}
+        current = config_to_dict(cfg)
         changed = sorted(
-            k
-            for k, v in config_to_dict(cfg).items()
-            if k not in RESUMABLE_CHANGES and k in previous and previous[k] != v
+            k for k, v in current.items() if k not in RESUMABLE_CHANGES and k in previous and previous[k] != v
         )
         if changed:
             raise ConfigError(
                 "cannot resume "
                 + str(run_dir)
                 + " with different settings for: "
-                + ", ".join(f"'{k}' ({previous[k]!r} -> {getattr(cfg, k.replace('-', '_'), None)!r})" for k in changed)
+                + ", ".join(f"'{k}' ({previous[k]!r} -> {current[k]!r})" for k in changed)
             )
         log(INFO, "resuming %s after round %d", run_dir, meta.get("round", 0))
         return (
@@ -87,8 +123,7 @@ def prepare_run(
             dict(meta.get("clients", {})),
             meta.get("inter-pool"),
         )
-    run_dir = (Path(cfg.results_dir).expanduser() / (cfg.run_name or default_run_name(cfg))).resolve()
-    if (run_dir / "checkpoint.json").exists():
+    if (run_dir / CHECKPOINT_META).exists():
         raise ConfigError(
             f"run folder {run_dir} already holds a run; "
             f"set resume='{run_dir}' to continue it or choose another run-name"
@@ -102,12 +137,48 @@ def main(grid: Grid, context: Context) -> None:
     """Run a FedPrime federation configured by ``context.run_config``."""
     try:
         cfg = parse_run_config(context.run_config)
-        run_dir, state, history, clients, inter_record = prepare_run(cfg)
-    except (ConfigError, FileNotFoundError) as exc:
+        lock = RunLock(run_folder(cfg), purpose=f"ServerApp of run {context.run_id}").acquire()
+    except (ConfigError, FileNotFoundError, RunFolderBusy) as exc:
+        log(ERROR, "FedPrime cannot start: %s", exc)
+        raise
+    watchdog = None
+    try:
+        try:
+            run_dir, state, history, clients, inter_record = prepare_run(cfg, lock.path.parent)
+        except (ConfigError, FileNotFoundError, ValueError) as exc:
+            log(ERROR, "FedPrime cannot start: %s", exc)
+            raise
+        address = superlink_address(grid)
+        if cfg.superlink_timeout > 0 and address:
+            watchdog = SuperLinkWatchdog(address, cfg.superlink_timeout).start()
+        _run(cfg, grid, run_dir, state, history, clients, inter_record, watchdog)
+    finally:
+        if watchdog is not None:
+            watchdog.stop()
+        lock.release()
+        with contextlib.suppress(OSError):
+            lock.path.parent.rmdir()  # only a folder this start created and left empty
+
+
+def _run(
+    cfg: RunConfig,
+    grid: Grid,
+    run_dir: Path,
+    state: dict[str, np.ndarray] | None,
+    history: list[dict[str, Any]],
+    clients: dict[str, Any],
+    inter_record: dict[str, Any] | None,
+    watchdog: SuperLinkWatchdog | None,
+) -> None:
+    try:
+        census = node_census(grid, cfg, watchdog)
+        labels = runtime.check_server_inputs(cfg, partition_count(census))
+    except (ConfigError, DataError, FileNotFoundError, ValueError, RunFailed) as exc:
         log(ERROR, "FedPrime cannot start: %s", exc)
         raise
     write_json(run_dir / "config.json", config_to_dict(cfg))
     log(INFO, "FedPrime run: method=%s dataset=%s model=%s; results in %s", cfg.method, cfg.dataset, cfg.model, run_dir)
+    log(INFO, "What travels: %s", describe_communication(cfg))
 
     # Without its own data-dir (sites hold all the data) the server evaluates nothing itself.
     server_eval = cfg.server_eval and runtime.has_data(cfg)
@@ -116,7 +187,6 @@ def main(grid: Grid, context: Context) -> None:
     fingerprint = None
     if server_eval or state is None:
         fingerprint = runtime.load_backbone(cfg).fingerprint
-    labels = runtime.label_space(cfg)
     if state is None:
         state = runtime.initial_state(cfg)
 
@@ -133,14 +203,20 @@ def main(grid: Grid, context: Context) -> None:
         multilabel=labels.metric == "macro_f1",
         labels_fingerprint=labels.fingerprint,
         inter_record=inter_record,
+        stop_check=(lambda: watchdog.reason if watchdog.lost.is_set() else None) if watchdog else None,
     )
-    result = strategy.start(
-        grid=ClientLogGrid(grid),  # logs the lines each client returns with its reply
-        initial_arrays=state_to_record(state),
-        num_rounds=cfg.num_server_rounds,
-        timeout=cfg.round_timeout,
-        evaluate_fn=evaluate if server_eval else None,
-    )
+    strategy.node_clients.update({node: str(info["client-id"]) for node, info in census.items() if "client-id" in info})
+    try:
+        result = strategy.start(
+            grid=ClientLogGrid(grid),  # logs the lines each client returns with its reply
+            initial_arrays=state_to_record(state),
+            num_rounds=cfg.num_server_rounds,
+            timeout=cfg.round_timeout,
+            evaluate_fn=evaluate if server_eval else None,
+        )
+    except RunFailed:
+        log(ERROR, "FedPrime stopped. Results so far: %s (summary.md says why)", run_dir)
+        raise
     save_result(run_dir, result)
     if not strategy.clients:
         log(WARNING, "no client update was accepted in this run")
@@ -149,6 +225,64 @@ def main(grid: Grid, context: Context) -> None:
     if summary.is_file():
         for line in summary.read_text().splitlines():
             log(INFO, "%s", line)
+
+
+def node_census(grid: Grid, cfg: RunConfig, watchdog: SuperLinkWatchdog | None = None) -> dict[int, dict[str, Any]]:
+    """Ask every connected node who it is (client id, and partition and partition count when it has them).
+
+    Waits up to ``round-timeout`` for ``min-available-nodes`` nodes (as round 1 would),
+    then sends one identity query to each and keeps the answers that arrive within
+    ``round-timeout``. Nodes that fail or do not answer are left out here: the rounds
+    account for them.
+
+    Raises:
+        NotEnoughNodesError: fewer than ``min-available-nodes`` nodes after ``round-timeout``.
+        RunFailed: the SuperLink went away while waiting.
+    """
+    needed = 1 if method_spec(cfg.method).centralized else cfg.min_available_nodes  # as the strategy counts
+    started = time.monotonic()
+    next_note = started
+    while len(nodes := sorted(grid.get_node_ids())) < needed:
+        if time.monotonic() - started > cfg.round_timeout:
+            raise NotEnoughNodesError(
+                f"only {len(nodes)} node(s) connected after {cfg.round_timeout:.0f}s, min-available-nodes is {needed}"
+            )
+        if watchdog is not None and watchdog.lost.is_set():
+            raise RunFailed(watchdog.reason)
+        if time.monotonic() >= next_note:
+            log(INFO, "Waiting for nodes: %d connected, %d required", len(nodes), needed)
+            next_note = time.monotonic() + 10.0
+        time.sleep(1.0)
+    if not nodes:
+        return {}
+    queries = [Message(content=identity_query(), message_type=MessageType.QUERY, dst_node_id=n) for n in nodes]
+    census: dict[int, dict[str, Any]] = {}
+    for reply in grid.send_and_receive(queries, timeout=cfg.round_timeout):
+        node = reply.metadata.src_node_id
+        if reply.has_error() or node not in nodes or CLIENT not in reply.content.config_records:
+            continue
+        census[node] = dict(reply.content.config_records[CLIENT])
+    log(INFO, "nodes before round 1: %d connected, %d answered the identity query", len(nodes), len(census))
+    return census
+
+
+def partition_count(census: dict[int, dict[str, Any]]) -> int | None:
+    """How many partitions the partitioned nodes split the run's data into (``None``: no such node).
+
+    Raises:
+        ConfigError: the nodes disagree.
+    """
+    counts: dict[int, list[int]] = {}
+    for node, info in census.items():
+        if "num-partitions" in info:
+            counts.setdefault(int(info["num-partitions"]), []).append(node)
+    if len(counts) > 1:
+        raise ConfigError(
+            "the SuperNodes disagree on num-partitions: "
+            + "; ".join(f"{n} (nodes {', '.join(map(str, sorted(nodes)))})" for n, nodes in sorted(counts.items()))
+            + "; start every partitioned SuperNode with the same num-partitions"
+        )
+    return next(iter(counts), None)
 
 
 def save_result(run_dir: Path, result: Result) -> None:

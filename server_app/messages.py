@@ -6,12 +6,17 @@ it has one). The server asks each node once, before it first sends it a personal
 
 Server -> client (train and evaluate): ``RecordDict``
     ``"arrays"``  ArrayRecord: the global trainable state (prompt pools, keys, query maps,
-                  pooler, head), where a personalised inter pool is the client's own
-                  ``tau`` prompts and keys; never the backbone.
+                  pooler unless ``exchange-pooler=false``, head), where a personalised inter
+                  pool is the client's own ``tau`` prompts and keys; never the backbone.
+    ``"wire"``    ConfigRecord: ``dtype`` (``float32``, ``float16`` or ``bfloat16``: how the
+                  arrays are encoded, :mod:`fedprime_core.wire`) and ``delta`` (always false
+                  from the server). A record without it is float32.
     ``"config"``  ConfigRecord: ``server-round``.
 
 Client -> server (train reply):
-    ``"arrays"``  ArrayRecord: the locally trained state, same names and shapes.
+    ``"arrays"``  ArrayRecord: the locally trained state, same names and shapes; with
+                  ``upload-delta`` the change to what the client received.
+    ``"wire"``    ConfigRecord: ``dtype`` and ``delta`` of those arrays.
     ``"metrics"`` MetricRecord: ``num-examples``, ``train-loss``, ``train-regulariser``,
                   ``train-seconds``, ``steps``.
     ``"usage"``   ConfigRecord: pool name -> list of per-prompt selection counts.
@@ -28,6 +33,12 @@ Client -> server (evaluate reply): ``"metrics"`` with ``num-examples``, ``loss``
 ``accuracy``, ``macro_f1``, ``micro_f1``.
 
 No message ever carries a data sample or a backbone tensor.
+
+Every array is cast for the wire here (both directions) and back to float32 on arrival
+(:func:`encode_arrays`, :func:`read_arrays`); a bfloat16 array travels as the ``uint16``
+upper half of its float32 pattern, since Flower's ``Array`` carries NumPy arrays and NumPy
+has no bfloat16. What arrives is validated after the cast
+(:func:`fedprime_core.federated.validate_update`).
 """
 
 from __future__ import annotations
@@ -39,20 +50,69 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
 from fedprime_core.federated import ClientUpdate
+from fedprime_core.wire import WIRE_DTYPES, apply_delta, decode_state, encode_state, state_delta
 
-ARRAYS, CONFIG, METRICS, USAGE, CLIENT = "arrays", "config", "metrics", "usage", "client"
+ARRAYS, CONFIG, METRICS, USAGE, CLIENT, WIRE = "arrays", "config", "metrics", "usage", "client", "wire"
 PATTERN_USAGE = "pattern-usage"
 IDENTITY_QUERY = "identity"
 
 
-def state_to_record(state: Mapping[str, np.ndarray]) -> ArrayRecord:
-    """Wrap named NumPy arrays in an ArrayRecord (names preserved)."""
-    return ArrayRecord({name: Array(np.ascontiguousarray(value)) for name, value in state.items()})
+def state_to_record(state: Mapping[str, np.ndarray], wire_dtype: str = "float32") -> ArrayRecord:
+    """Named arrays in an ArrayRecord, encoded in ``wire_dtype`` (names preserved).
+
+    Raises:
+        fedprime_core.wire.WireRangeError: a finite value does not fit ``wire_dtype``.
+    """
+    encoded = encode_state(state, wire_dtype)
+    return ArrayRecord({name: Array(np.ascontiguousarray(value)) for name, value in encoded.items()})
 
 
-def record_to_state(record: ArrayRecord) -> dict[str, np.ndarray]:
-    """Named NumPy arrays of an ArrayRecord."""
-    return {name: array.numpy() for name, array in record.items()}
+def record_to_state(record: ArrayRecord, wire_dtype: str = "float32") -> dict[str, np.ndarray]:
+    """Named float32 arrays of an ArrayRecord encoded in ``wire_dtype``."""
+    return decode_state({name: array.numpy() for name, array in record.items()}, wire_dtype)
+
+
+def wire_record(wire_dtype: str, delta: bool = False) -> ConfigRecord:
+    """The tag saying how a message's ``"arrays"`` are encoded."""
+    return ConfigRecord({"dtype": wire_dtype, "delta": bool(delta)})
+
+
+def encode_arrays(
+    state: Mapping[str, np.ndarray], wire_dtype: str = "float32", reference: Mapping[str, np.ndarray] | None = None
+) -> dict[str, ArrayRecord | ConfigRecord]:
+    """``{"arrays": ..., "wire": ...}`` for a message: ``state`` (or ``state - reference``) in ``wire_dtype``."""
+    arrays = state if reference is None else state_delta(state, reference)
+    return {ARRAYS: state_to_record(arrays, wire_dtype), WIRE: wire_record(wire_dtype, reference is not None)}
+
+
+def read_wire(content: RecordDict) -> tuple[str, bool]:
+    """``(dtype, delta)`` of a message's arrays, from its ``"wire"`` record (float32, no delta without one).
+
+    Raises:
+        ValueError: an unknown dtype or a non-boolean delta flag.
+    """
+    record = content.config_records.get(WIRE)
+    if record is None:
+        return "float32", False
+    dtype, delta = record.get("dtype", "float32"), record.get("delta", False)
+    if dtype not in WIRE_DTYPES:
+        raise ValueError(f"wire dtype {dtype!r} is not one of {', '.join(WIRE_DTYPES)}")
+    if not isinstance(delta, bool):
+        raise ValueError(f"wire delta flag {delta!r} is not a boolean")
+    return str(dtype), delta
+
+
+def read_arrays(content: RecordDict) -> dict[str, np.ndarray]:
+    """The float32 arrays of a message from the server (decoded as its ``"wire"`` record says).
+
+    Raises:
+        ValueError: the arrays do not match their tag, or claim to be a delta (the server
+            always sends whole arrays).
+    """
+    dtype, delta = read_wire(content)
+    if delta:
+        raise ValueError("the server's arrays are tagged as a delta; it always sends whole arrays")
+    return record_to_state(content.array_records[ARRAYS], dtype)
 
 
 def train_reply_content(
@@ -61,10 +121,24 @@ def train_reply_content(
     usage: Mapping[str, np.ndarray],
     client: Mapping[str, Any],
     pattern_usage: Mapping[str, np.ndarray] | None = None,
+    *,
+    wire_dtype: str = "float32",
+    reference: Mapping[str, np.ndarray] | None = None,
 ) -> RecordDict:
-    """The RecordDict a client returns after training."""
+    """The RecordDict a client returns after training.
+
+    Args:
+        state: the trained arrays (float32).
+        metrics, usage, client, pattern_usage: see the module docstring.
+        wire_dtype: encoding of the arrays.
+        reference: the arrays the client received; given, the reply carries
+            ``state - reference`` (``upload-delta``).
+
+    Raises:
+        fedprime_core.wire.WireRangeError: a finite value does not fit ``wire_dtype``.
+    """
     content = {
-        ARRAYS: state_to_record(state),
+        **encode_arrays(state, wire_dtype, reference),
         METRICS: MetricRecord(dict(metrics)),
         USAGE: ConfigRecord({pool: [int(c) for c in counts] for pool, counts in usage.items()}),
         CLIENT: ConfigRecord(dict(client)),
@@ -97,12 +171,18 @@ def parse_identity_reply(message: Message) -> tuple[str | None, str]:
     return client, ""
 
 
-def parse_train_reply(message: Message) -> tuple[ClientUpdate | None, dict[str, Any], list[str]]:
+def parse_train_reply(
+    message: Message, sent: Mapping[str, np.ndarray] | None = None
+) -> tuple[ClientUpdate | None, dict[str, Any], list[str]]:
     """Turn a train reply into a :class:`ClientUpdate` without trusting its contents.
+
+    The arrays are decoded to float32 as the reply's ``"wire"`` record says; a delta is
+    added to ``sent``, the float32 arrays the server sent that node.
 
     Returns:
         ``(update, client_info, reasons)``; ``update`` is ``None`` and ``reasons`` says why
-        when the reply is structurally unusable (missing records, unreadable arrays).
+        when the reply is structurally unusable (missing records, unreadable arrays, arrays
+        that do not match their wire tag, a delta without ``sent``).
         Content checks (shapes, NaN, norms, usage sizes) are left to
         :func:`fedprime_core.federated.validate_update`.
     """
@@ -115,9 +195,14 @@ def parse_train_reply(message: Message) -> tuple[ClientUpdate | None, dict[str, 
     if reasons:
         return None, {}, reasons
     try:
-        state = record_to_state(content.array_records[ARRAYS])
+        dtype, delta = read_wire(content)
+        state = record_to_state(content.array_records[ARRAYS], dtype)
     except Exception as exc:  # noqa: BLE001 - a corrupt array must not stop the round
         return None, {}, [f"arrays cannot be decoded: {type(exc).__name__}: {exc}"]
+    if delta:
+        if sent is None:
+            return None, {}, ["reply carries a delta, but the server sent this node nothing to add it to"]
+        state = apply_delta(sent, state)
     metrics = content.metric_records[METRICS]
     usage_record = content.config_records.get(USAGE, ConfigRecord())
     usage = {pool: np.asarray(counts) for pool, counts in usage_record.items()}
@@ -136,6 +221,7 @@ def parse_train_reply(message: Message) -> tuple[ClientUpdate | None, dict[str, 
         client_id=str(info.get("client-id", info.get("partition-id", message.metadata.src_node_id))),
         metrics={k: v for k, v in metrics.items() if isinstance(v, (int, float))},
         pattern_usage=pattern_usage,
+        wire=dtype + (" delta" if delta else ""),
     )
     return update, info, []
 

@@ -13,6 +13,11 @@ node: the shared arrays plus that client's own ``tau`` inter prompts and keys
 identity query the first time it samples the node (node ids change when a SuperNode or
 a simulation restarts; client ids do not), and keeps every client's slots in the
 checkpoint, so a resumed run gives every client back exactly its pool.
+
+Arrays travel in the run's ``wire-dtype``; the strategy keeps, per node, the float32
+arrays it sent, so a client's delta (``upload-delta``) is added to them, and records the
+bytes it actually sent and received every round (``bytes-sent``, ``bytes-received`` and
+their per-client figures in metrics.json and the summary).
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ from __future__ import annotations
 import random
 import time
 from collections.abc import Callable, Iterable
-from logging import INFO, WARNING
+from logging import ERROR, INFO, WARNING
 from pathlib import Path
 from typing import Any
 
@@ -31,15 +36,18 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 from flwr.serverapp.strategy.result import Result
 
-from fedprime_core.config import RunConfig, config_to_dict, method_default_sweeps
+from fedprime_core.config import RunConfig, config_to_dict, describe_communication, method_default_sweeps
+from fedprime_core.failures import ClientOutcome, RunFailed, one_line, parse_reason, stop_reason
 from fedprime_core.federated import AggregationSettings, GlobalState, validate_update
 from fedprime_core.methods import method_spec
+from fedprime_core.progress import format_duration
 from fedprime_core.results import save_checkpoint, write_json, write_run_outputs
 
 from .messages import (
     ARRAYS,
     CONFIG,
     METRICS,
+    encode_arrays,
     identity_query,
     parse_identity_reply,
     parse_train_reply,
@@ -48,9 +56,11 @@ from .messages import (
 
 #: ``evaluate_fn(round, state) -> {"val": {...}, "same-as-train": {...}, ...}``
 ServerEvaluate = Callable[[int, dict[str, np.ndarray]], dict[str, dict[str, float]]]
+#: ``stop_check() -> reason`` when the run must stop now (its SuperLink is gone), else ``None``.
+StopCheck = Callable[[], str | None]
 
 
-class NotEnoughNodesError(RuntimeError):
+class NotEnoughNodesError(RunFailed):
     """Fewer nodes connected than ``min-available-nodes`` within the round timeout."""
 
 
@@ -72,6 +82,8 @@ class FedPrimeStrategy(FedAvg):
             (:meth:`GlobalState.record`); a fresh run starts them from ``initial_state``.
         labels_fingerprint: fingerprint of the server's class list; a reply made with
             another class list is rejected (``None``: the first reply sets it).
+        stop_check: asked while the strategy waits; a reason it returns stops the run
+            (:class:`~fedprime_core.failures.RunFailed`) with the last completed round kept.
     """
 
     def __init__(
@@ -86,6 +98,7 @@ class FedPrimeStrategy(FedAvg):
         multilabel: bool = False,
         inter_record: dict[str, Any] | None = None,
         labels_fingerprint: str | None = None,
+        stop_check: StopCheck | None = None,
     ) -> None:
         spec = method_spec(cfg.method)
         min_train = 1 if spec.centralized else cfg.min_train_nodes
@@ -108,6 +121,7 @@ class FedPrimeStrategy(FedAvg):
         self.sweeps = cfg.align_sweeps or method_default_sweeps(cfg.method)
         #: node id -> client id, learned by identity queries (never checkpointed: node ids change).
         self.node_clients: dict[int, str] = {}
+        self.stop_check = stop_check
         self._round: dict[str, Any] = {}
 
     # -- sampling --------------------------------------------------------------------
@@ -121,6 +135,7 @@ class FedPrimeStrategy(FedAvg):
                     f"min-available-nodes is {self.min_available_nodes}"
                 )
             log(INFO, "Waiting for nodes: %d connected, %d required", len(nodes), self.min_available_nodes)
+            self._check_stop()
             time.sleep(1.0)
         rng = random.Random(self.cfg.seed * 100_003 + server_round * 7 + purpose)
         if self.spec.centralized:
@@ -128,28 +143,99 @@ class FedPrimeStrategy(FedAvg):
         size = min(len(nodes), max(int(len(nodes) * fraction), minimum))
         return sorted(rng.sample(nodes, size))
 
-    def _messages(
-        self, arrays: ArrayRecord, config: ConfigRecord, node_ids: list[int], kind: str
-    ) -> tuple[list[Message], int]:
-        """One message per node (the same arrays for everyone, or each client's own inter pool) and their bytes."""
+    def _messages(self, config: ConfigRecord, node_ids: list[int], kind: str) -> tuple[list[Message], int]:
+        """One message per node (the same arrays for everyone, or each client's own inter pool) and their bytes.
+
+        The float32 arrays sent to each node are kept in ``self._round["sent-arrays"]`` (a
+        client's delta is added to them).
+        """
+        sent_arrays = self._round.setdefault("sent-arrays", {})
         if not self.model.personal:
-            content = RecordDict({ARRAYS: arrays, CONFIG: config})
+            arrays = self.model.arrays
+            content = RecordDict({**encode_arrays(arrays, self.cfg.wire_dtype), CONFIG: config})
             messages = [Message(content=content, message_type=kind, dst_node_id=nid) for nid in node_ids]
-            return messages, int(arrays.count_bytes()) * len(node_ids)
+            sent_arrays.update({nid: arrays for nid in node_ids})
+            return messages, int(content.array_records[ARRAYS].count_bytes()) * len(node_ids)
         messages, sent = [], 0
         for nid in node_ids:
-            record = state_to_record(self.model.client_arrays(self.node_clients[nid]))
-            sent += int(record.count_bytes())
-            content = RecordDict({ARRAYS: record, CONFIG: config})
+            arrays = self.model.client_arrays(self.node_clients[nid])
+            content = RecordDict({**encode_arrays(arrays, self.cfg.wire_dtype), CONFIG: config})
+            sent += int(content.array_records[ARRAYS].count_bytes())
+            sent_arrays[nid] = arrays
             messages.append(Message(content=content, message_type=kind, dst_node_id=nid))
         return messages, sent
 
+    # -- sending and receiving ----------------------------------------------------------
+    def _check_stop(self) -> None:
+        reason = self.stop_check() if self.stop_check is not None else None
+        if reason:
+            raise RunFailed(reason)
+
+    def _exchange(self, grid: Grid, messages: list[Message], timeout: float) -> list[Message]:
+        """Send ``messages`` and collect the replies that arrive within ``timeout`` seconds.
+
+        Flower's ``send_and_receive`` with two differences: while waiting it asks
+        ``stop_check`` (a run whose SuperLink is gone stops now, not after the round), and
+        it notes which messages could not even be pushed (``self._unsent``). Every pushed
+        message gets its id set by the grid, which is how replies find their node again
+        (:meth:`_node_of`).
+        """
+        if not messages:
+            return []
+        ids = list(grid.push_messages(messages))
+        ids += [None] * (len(messages) - len(ids))
+        self._unsent = [m.metadata.dst_node_id for m, mid in zip(messages, ids) if not mid]
+        pending = {str(mid) for mid in ids if mid}
+        replies: list[Message] = []
+        started = time.monotonic()
+        deadline = started + timeout
+        # A ClientLogGrid wraps the real grid: poll at the real grid's pace, report at the wrapper's.
+        interval = float(getattr(getattr(grid, "grid", grid), "pull_interval", 2.0))
+        every = float(getattr(grid, "every", 20.0))
+        kinds = "/".join(sorted({m.metadata.message_type for m in messages}))
+        next_note = started + every
+        while pending:
+            arrived = list(grid.pull_messages(pending))
+            replies.extend(arrived)
+            pending -= {m.metadata.reply_to_message_id for m in arrived}
+            now = time.monotonic()
+            if not pending or now >= deadline:
+                break
+            if now >= next_note:  # a round's local training can take minutes: say what we wait for
+                log(
+                    INFO,
+                    "waiting for %d %s repl(y/ies), %s elapsed",
+                    len(pending),
+                    kinds,
+                    format_duration(now - started),
+                )
+                next_note = now + every
+            self._check_stop()
+            time.sleep(max(0.0, min(interval, deadline - time.monotonic(), next_note - time.monotonic())))
+        return replies
+
+    @staticmethod
+    def _destinations(messages: Iterable[Message]) -> dict[str, int]:
+        """Message id -> destination node (ids exist once the grid pushed the messages)."""
+        return {m.metadata.message_id: m.metadata.dst_node_id for m in messages if m.metadata.message_id}
+
+    @staticmethod
+    def _node_of(reply: Message, destinations: dict[str, int]) -> int:
+        """The node a reply is about.
+
+        A reply the SuperLink makes up for a node that died carries the SuperLink's own
+        node id as its source (1 in Flower 1.4x); the id of the message it answers names
+        the node the server sent it to.
+        """
+        return destinations.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
+
     # -- client identities ------------------------------------------------------------
-    def _identify(self, grid: Grid, node_ids: list[int], server_round: int) -> list[int]:
+    def _identify(self, grid: Grid, node_ids: list[int], server_round: int, outcomes: list[ClientOutcome]) -> list[int]:
         """Learn the client id of every node not yet known; returns the nodes that can take part.
 
-        A node that does not answer, answers without an id, or claims the id of another
-        node sampled in the same round is left out of the round and recorded as rejected.
+        A node that does not answer is recorded as timed out; one that answers with an
+        error or without an id, or claims the id of another node sampled in the same
+        round, as rejected. Either way it is left out of the round.
         """
         if not self.model.personal:
             return node_ids
@@ -158,24 +244,37 @@ class FedPrimeStrategy(FedAvg):
             queries = [
                 Message(content=identity_query(), message_type=MessageType.QUERY, dst_node_id=n) for n in unknown
             ]
+            replies = self._exchange(grid, queries, self.cfg.round_timeout)
+            destinations = self._destinations(queries)
             answered = set()
-            for reply in grid.send_and_receive(queries, timeout=self.cfg.round_timeout):
-                node = reply.metadata.src_node_id
-                client, reason = parse_identity_reply(reply)
-                if client is None:
-                    self._reject(node, f"no identity: {reason}")
+            for reply in replies:
+                node = self._node_of(reply, destinations)
+                if node not in unknown or node in answered:
                     continue
                 answered.add(node)
+                if reply.has_error():  # its kind (a config or data error?) is what decides whether the run can go on
+                    kind, text = parse_reason(reply.error.reason)
+                    outcomes.append(ClientOutcome(node, None, "rejected", f"no identity: client error: {text}", kind))
+                    continue
+                client, reason = parse_identity_reply(reply)
+                if client is None:
+                    outcomes.append(ClientOutcome(node, None, "rejected", f"no identity: {one_line(reason)}"))
+                    continue
                 self.node_clients[node] = client
-            for node in set(unknown) - answered:
-                self._reject(node, "no answer to the identity query within the round timeout")
+            for node in unknown:
+                if node not in answered:
+                    outcomes.append(ClientOutcome(node, None, *self._silent_reason(node, "the identity query")))
         usable, seen = [], {}
         for nid in node_ids:
             client = self.node_clients.get(nid)
             if client is None:
                 continue
             if client in seen:
-                self._reject(nid, f"client-id {client!r} is also claimed by node {seen[client]} in this round")
+                outcomes.append(
+                    ClientOutcome(
+                        nid, client, "rejected", f"client-id {client!r} is also claimed by node {seen[client]}"
+                    )
+                )
                 continue
             seen[client] = nid
             usable.append(nid)
@@ -188,8 +287,11 @@ class FedPrimeStrategy(FedAvg):
             )
         return usable
 
-    def _reject(self, node: int, reason: str) -> None:
-        self._round.setdefault("pre-rejected", []).append({"node": node, "reason": reason})
+    def _silent_reason(self, node: int, what: str) -> tuple[str, str]:
+        """``(status, reason)`` of a node that gave no reply to ``what``."""
+        if node in getattr(self, "_unsent", []):
+            return "rejected", f"{what} could not be delivered to the SuperLink"
+        return "timed-out", f"no reply to {what} within round-timeout {self.cfg.round_timeout:g}s"
 
     # -- training --------------------------------------------------------------------
     def configure_train(
@@ -200,20 +302,27 @@ class FedPrimeStrategy(FedAvg):
         Methods with personal inter pools: the shared arrays plus each client's own ``tau``
         inter prompts and keys (nodes seen for the first time are asked who they are
         first). Others: the global state (PFPT's pool changes size between rounds; clients
-        resize their pools from the arrays they receive).
+        resize their pools from the arrays they receive). The arrays sent are always the
+        strategy's own global state, encoded in ``wire-dtype``; ``arrays`` (the base
+        class's argument) is not used.
         """
         node_ids = self._sample(grid, self.fraction_train, self.min_train_nodes, server_round, purpose=1)
         self._round["sampled"] = len(node_ids)
-        node_ids = self._identify(grid, node_ids, server_round)
+        outcomes = self._round.setdefault("outcomes", [])
+        node_ids = self._identify(grid, node_ids, server_round, outcomes)
         config["server-round"] = server_round
-        messages, self._round["bytes-sent"] = self._messages(arrays, config, node_ids, MessageType.TRAIN)
+        self._round.pop("sent-arrays", None)
+        messages, self._round["bytes-sent"] = self._messages(config, node_ids, MessageType.TRAIN)
         self._round["sent-to"] = {nid: self.node_clients.get(nid) for nid in node_ids}
+        self._round["sent-messages"] = messages
+        self._round["bytes-sent-per-client"] = self._round["bytes-sent"] / max(len(node_ids), 1)
         log(
             INFO,
-            "configure_train: round %d, %d client(s), %.1f kB each",
+            "configure_train: round %d, %d client(s), %.1f kB each (%s)",
             server_round,
             len(node_ids),
-            self._round["bytes-sent"] / max(len(node_ids), 1) / 1e3,
+            self._round["bytes-sent-per-client"] / 1e3,
+            self.cfg.wire_dtype,
         )
         return messages
 
@@ -222,50 +331,68 @@ class FedPrimeStrategy(FedAvg):
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Validate every reply, then align inter prompts and FedAvg the rest.
 
-        This is the Message-API successor of the legacy ``aggregate_fit`` hook. A reply
-        that is an error, or fails validation (missing or unexpected arrays, wrong
-        dtype or shape, NaN/Inf, an absurd norm, usage counts that do not match the pool
-        size, a non-positive sample count, a different frozen backbone) is rejected with
-        its reason logged and recorded; the round aggregates the rest. With fewer than
-        ``min-train-nodes`` valid replies the round is skipped and the global state kept.
+        This is the Message-API successor of the legacy ``aggregate_fit`` hook. Every node
+        the round was sent to ends up accepted, rejected or timed out. A reply that is an
+        error (recorded as its one-line reason: exception type and message), or fails
+        validation (missing or unexpected arrays, wrong dtype or shape, NaN/Inf, an absurd
+        norm, usage counts that do not match the pool size, a non-positive sample count, a
+        different frozen backbone) is rejected with its reason logged and recorded; a node
+        that did not answer within the round timeout is recorded as timed out; the round
+        aggregates the rest. With fewer than ``min-train-nodes`` valid replies the round is
+        skipped and the global state kept.
         """
-        updates, rejected, received = [], list(self._round.pop("pre-rejected", [])), 0
-        sent_to = self._round.get("sent-to", {})
+        outcomes: list[ClientOutcome] = self._round.setdefault("outcomes", [])
+        updates, received, carrying = [], 0, 0
+        sent_to: dict[int, str | None] = self._round.get("sent-to", {})
+        destinations = self._destinations(self._round.get("sent-messages", []))
+        answered: set[int] = set()
+        sent_arrays = self._round.pop("sent-arrays", {})
         for message in replies:
-            node = message.metadata.src_node_id
-            if message.has_error():
-                rejected.append({"node": node, "reason": f"client error: {message.error.reason}"})
+            node = self._node_of(message, destinations)
+            if sent_to and node not in sent_to:
+                log(
+                    WARNING,
+                    "round %d: ignoring a reply from node %s, which was not sent this round",
+                    server_round,
+                    node,
+                )
                 continue
-            received += (
-                int(message.content.array_records[ARRAYS].count_bytes())
-                if ARRAYS in message.content.array_records
-                else 0
-            )
-            update, info, reasons = parse_train_reply(message)
+            if node in answered:
+                log(WARNING, "round %d: ignoring a second reply for node %s", server_round, node)
+                continue
+            answered.add(node)
+            client = sent_to.get(node)
+            if message.has_error():
+                kind, text = parse_reason(message.error.reason)
+                outcomes.append(ClientOutcome(node, client, "rejected", f"client error: {text}", kind))
+                continue
+            if ARRAYS in message.content.array_records:
+                received += int(message.content.array_records[ARRAYS].count_bytes())
+                carrying += 1
+            update, info, reasons = parse_train_reply(message, sent_arrays.get(node))
+            kind = None
             if update is not None:
-                client = sent_to.get(node)
                 if self.model.personal and client is not None and update.client_id != client:
                     reasons = [f"reply is from client {update.client_id!r} but node {node} identified as {client!r}"]
                 else:
                     expected = self.model.expected_shapes()
                     reasons = validate_update(update, expected, self.spec.pools, self.cfg.max_update_norm)
-                    reasons += self._check_fingerprint(info)
-                    reasons += self._check_labels(info)
+                    federation = self._check_fingerprint(info) + self._check_labels(info)
+                    kind = "config" if federation and not reasons else None
+                    reasons += federation
             if reasons:
-                rejected.append({"node": node, "partition": info.get("partition-id"), "reason": "; ".join(reasons)})
+                who = client if client is not None else info.get("client-id", info.get("partition-id"))
+                outcomes.append(ClientOutcome(node, who, "rejected", "; ".join(reasons), kind))
                 continue
             updates.append(update)
+            outcomes.append(ClientOutcome(node, update.client_id, "accepted"))
             self.clients[update.client_id] = {**info, "node-id": node, "last-round": server_round}
-        for item in rejected:
-            log(WARNING, "round %d: rejected reply from node %s: %s", server_round, item["node"], item["reason"])
-        self._round.update(
-            {
-                "bytes-received": received,
-                "accepted": len(updates),
-                "rejected": len(rejected),
-                "rejected-reasons": [f"node {r['node']}: {r['reason']}" for r in rejected],
-            }
-        )
+        for node, client in sent_to.items():
+            if node not in answered:
+                outcomes.append(ClientOutcome(node, client, *self._silent_reason(node, "the train message")))
+        self._account(server_round, outcomes, received)
+        rejected = self._round["rejected"] + self._round["timed-out"]
+        self._round["bytes-received-per-client"] = received / max(carrying, 1)
         if len(updates) < self.min_train_nodes:
             log(
                 WARNING,
@@ -275,7 +402,7 @@ class FedPrimeStrategy(FedAvg):
                 self.min_train_nodes,
             )
             self._round["skipped"] = True
-            return None, MetricRecord({"accepted": len(updates), "rejected": len(rejected)})
+            return None, MetricRecord({"accepted": len(updates), "rejected": rejected})
         settings = AggregationSettings(
             max_prompts=self.cfg.inter_pool_max,
             sweeps=self.sweeps,
@@ -287,9 +414,28 @@ class FedPrimeStrategy(FedAvg):
         train_loss = float(np.average([u.metrics.get("train-loss", np.nan) for u in updates], weights=weights))
         self._round.update(report)
         self._round.update({"train-loss": train_loss, "train-examples": int(weights.sum()), "skipped": False})
-        metrics = {"train-loss": train_loss, "accepted": len(updates), "rejected": len(rejected)}
+        metrics = {"train-loss": train_loss, "accepted": len(updates), "rejected": rejected}
         metrics.update({k: v for k, v in report.items() if isinstance(v, (int, float))})
         return state_to_record(self.model.arrays), MetricRecord(metrics)
+
+    def _account(self, server_round: int, outcomes: list[ClientOutcome], received: int) -> None:
+        """Counts, reasons and log lines of the round: every sampled client is accepted, rejected or timed out."""
+        rejected = [o for o in outcomes if o.status == "rejected"]
+        silent = [o for o in outcomes if o.status == "timed-out"]
+        for item in rejected:
+            log(WARNING, "round %d: rejected reply from %s", server_round, item.describe())
+        for item in silent:
+            log(WARNING, "round %d: timed out: %s", server_round, item.describe())
+        self._round.update(
+            {
+                "bytes-received": received,
+                "accepted": sum(o.status == "accepted" for o in outcomes),
+                "rejected": len(rejected),
+                "timed-out": len(silent),
+                "rejected-reasons": [o.describe() for o in rejected],
+                "timed-out-nodes": [o.describe() for o in silent],
+            }
+        )
 
     def _check_fingerprint(self, info: dict[str, Any]) -> list[str]:
         fingerprint = info.get("backbone-fingerprint")
@@ -327,17 +473,30 @@ class FedPrimeStrategy(FedAvg):
         if self.fraction_evaluate == 0.0:
             return []
         node_ids = self._sample(grid, self.fraction_evaluate, self.min_evaluate_nodes, server_round, purpose=2)
-        node_ids = self._identify(grid, node_ids, server_round)
-        self._round.pop("pre-rejected", None)  # evaluation is best effort: a silent node just does not evaluate
+        # Evaluation is best effort: a node that cannot say who it is just does not evaluate.
+        node_ids = self._identify(grid, node_ids, server_round, outcomes=[])
         config["server-round"] = server_round
-        messages, self._round["bytes-sent-evaluate"] = self._messages(arrays, config, node_ids, MessageType.EVALUATE)
+        messages, self._round["bytes-sent-evaluate"] = self._messages(config, node_ids, MessageType.EVALUATE)
+        self._round["evaluate-messages"] = messages
+        self._round.pop("sent-arrays", None)
         return messages
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        """Sample-weighted mean of the clients' local validation metrics (bad replies ignored)."""
+        """Sample-weighted mean of the clients' local validation metrics (bad replies logged and ignored)."""
         rows = []
+        destinations = self._destinations(self._round.get("evaluate-messages", []))
         for message in replies:
-            if message.has_error() or METRICS not in message.content.metric_records:
+            if message.has_error():
+                node = self._node_of(message, destinations)
+                log(
+                    WARNING,
+                    "round %d: node %s did not evaluate: %s",
+                    server_round,
+                    node,
+                    parse_reason(message.error.reason)[1],
+                )
+                continue
+            if METRICS not in message.content.metric_records:
                 continue
             metrics = message.content.metric_records[METRICS]
             n = metrics.get("num-examples", 0)
@@ -368,58 +527,115 @@ class FedPrimeStrategy(FedAvg):
         Unlike the base loop, this one can continue a resumed run: rounds already in
         ``history`` are neither repeated nor lost. ``evaluate_fn`` returns nested metrics
         per held-out set (``val`` and the five test settings).
+
+        Raises:
+            RunFailed: nothing can learn (every sampled client failed with a config or data
+                error, or ``max-skipped-rounds`` rounds in a row were skipped), or
+                ``stop_check`` said stop (the SuperLink is gone). The round that showed it
+                is saved; the summary says the run failed and why.
         """
         result = Result(arrays=initial_arrays)
         done = max((r["round"] for r in self.history), default=-1)
         title = f"{self.cfg.method} on {self.cfg.dataset} ({self.cfg.missing_setting}, eta={self.cfg.eta})"
         self.summary()
-        if done < 0 and evaluate_fn is not None:
-            record = {"round": 0, "eval": evaluate_fn(0, self.model.arrays)}
-            self.history.append(record)
-            self._log_eval(0, record["eval"])
-            self._persist(0, title)
-        first = max(done, 0) + 1
-        if first > num_rounds:
-            log(INFO, "all %d rounds already completed in %s", num_rounds, self.run_dir)
-        for server_round in range(first, num_rounds + 1):
-            started = time.perf_counter()
-            self._round = {"round": server_round}
-            arrays = state_to_record(self.model.arrays)
-            replies = grid.send_and_receive(
-                self.configure_train(server_round, arrays, ConfigRecord(dict(train_config or {})), grid),
-                timeout=timeout,
-            )
-            new_arrays, train_metrics = self.aggregate_train(server_round, replies)
-            if new_arrays is not None:
-                result.arrays = new_arrays
-            if train_metrics is not None:
-                result.train_metrics_clientapp[server_round] = train_metrics
-            eval_messages = self.configure_evaluate(
-                server_round, state_to_record(self.model.arrays), ConfigRecord(dict(evaluate_config or {})), grid
-            )
-            if eval_messages:
-                client_eval = self.aggregate_evaluate(
-                    server_round, grid.send_and_receive(eval_messages, timeout=timeout)
+        skipped_in_a_row = 0
+        for record in reversed(self.history):
+            if record["round"] == 0 or not record.get("skipped"):
+                break
+            skipped_in_a_row += 1
+        saved = False
+        try:
+            if done < 0 and evaluate_fn is not None:
+                record = {"round": 0, "eval": evaluate_fn(0, self.model.arrays)}
+                self.history.append(record)
+                self._log_eval(0, record["eval"])
+                self._persist(0, title, "running" if num_rounds > 0 else "finished")
+            first = max(done, 0) + 1
+            if first > num_rounds:
+                log(INFO, "all %d rounds already completed in %s", num_rounds, self.run_dir)
+            for server_round in range(first, num_rounds + 1):
+                self._check_stop()
+                started = time.perf_counter()
+                self._round = {"round": server_round, "outcomes": []}
+                messages = list(
+                    self.configure_train(server_round, ArrayRecord(), ConfigRecord(dict(train_config or {})), grid)
                 )
-                if client_eval is not None:
-                    result.evaluate_metrics_clientapp[server_round] = client_eval
-                    self._round["client-eval"] = dict(client_eval)
-            if evaluate_fn is not None and (server_round % self.cfg.eval_every == 0 or server_round == num_rounds):
-                self._round["eval"] = evaluate_fn(server_round, self.model.arrays)
-                result.evaluate_metrics_serverapp[server_round] = MetricRecord(
-                    {f"{s}/{k}": float(v) for s, m in self._round["eval"].items() for k, v in m.items()}
+                replies = self._exchange(grid, messages, timeout)
+                new_arrays, train_metrics = self.aggregate_train(server_round, replies)
+                if new_arrays is not None:
+                    result.arrays = new_arrays
+                if train_metrics is not None:
+                    result.train_metrics_clientapp[server_round] = train_metrics
+                skipped_in_a_row = skipped_in_a_row + 1 if self._round.get("skipped") else 0
+                failure = stop_reason(self._round["outcomes"], skipped_in_a_row, self.cfg.max_skipped_rounds)
+                if failure is None:
+                    self._evaluate_round(server_round, num_rounds, grid, evaluate_config, evaluate_fn, result)
+                self._round["round-seconds"] = time.perf_counter() - started
+                for transient in ("sent-to", "sent-messages", "evaluate-messages", "outcomes", "sent-arrays"):
+                    self._round.pop(transient, None)
+                self.history.append(dict(self._round))
+                self._log_round(server_round, num_rounds)
+                if failure is not None:
+                    self._persist(server_round, title, "failed", failure)
+                    saved = True
+                    raise RunFailed(failure)
+                self._persist(server_round, title, "finished" if server_round == num_rounds else "running")
+        except RunFailed as exc:
+            last = max((r["round"] for r in self.history), default=0)
+            log(ERROR, "FedPrime run FAILED after round %d: %s", last, exc)
+            if not saved:
+                # Stopped inside a round: the global state may already hold part of it, so the
+                # checkpoint stays at the last completed round; only the summary changes.
+                write_run_outputs(
+                    self.run_dir,
+                    self.history,
+                    self.multilabel,
+                    title,
+                    status="failed",
+                    reason=str(exc),
+                    wire=describe_communication(self.cfg),
                 )
-            self._round["round-seconds"] = time.perf_counter() - started
-            self._round.pop("sent-to", None)
-            self.history.append(dict(self._round))
-            self._log_round(server_round, num_rounds)
-            self._persist(server_round, title)
+            raise
         result.arrays = state_to_record(self.model.arrays)
         return result
 
-    def _persist(self, server_round: int, title: str) -> None:
+    def _evaluate_round(
+        self,
+        server_round: int,
+        num_rounds: int,
+        grid: Grid,
+        evaluate_config: ConfigRecord | None,
+        evaluate_fn: ServerEvaluate | None,
+        result: Result,
+    ) -> None:
+        """Client-side evaluation (where configured) and server-side evaluation (every ``eval-every`` rounds)."""
+        eval_messages = list(
+            self.configure_evaluate(server_round, ArrayRecord(), ConfigRecord(dict(evaluate_config or {})), grid)
+        )
+        if eval_messages:
+            client_eval = self.aggregate_evaluate(
+                server_round, self._exchange(grid, eval_messages, self.cfg.round_timeout)
+            )
+            if client_eval is not None:
+                result.evaluate_metrics_clientapp[server_round] = client_eval
+                self._round["client-eval"] = dict(client_eval)
+        if evaluate_fn is not None and (server_round % self.cfg.eval_every == 0 or server_round == num_rounds):
+            self._round["eval"] = evaluate_fn(server_round, self.model.arrays)
+            result.evaluate_metrics_serverapp[server_round] = MetricRecord(
+                {f"{s}/{k}": float(v) for s, m in self._round["eval"].items() for k, v in m.items()}
+            )
+
+    def _persist(self, server_round: int, title: str, status: str = "running", reason: str = "") -> None:
         """Results first, checkpoint last: the checkpoint's round is the last complete one."""
-        write_run_outputs(self.run_dir, self.history, self.multilabel, title)
+        write_run_outputs(
+            self.run_dir,
+            self.history,
+            self.multilabel,
+            title,
+            status=status,
+            reason=reason,
+            wire=describe_communication(self.cfg),
+        )
         write_json(self.run_dir / "clients.json", self.clients)
         save_checkpoint(
             self.run_dir,
@@ -445,13 +661,15 @@ class FedPrimeStrategy(FedAvg):
         pools = ", ".join(f"{p} pool {r[f'{p}-pool-size']}" for p in self.spec.pools if f"{p}-pool-size" in r)
         log(
             INFO,
-            "[round %d/%d] %s train-loss %s | clients %s accepted, %s rejected | %s | %.1fs",
+            "[round %d/%d] %s train-loss %s | clients %s sampled: %s accepted, %s rejected, %s timed out | %s | %.1fs",
             server_round,
             num_rounds,
             "SKIPPED" if r.get("skipped") else "",
             f"{r['train-loss']:.4f}" if "train-loss" in r else "-",
+            r.get("sampled", 0),
             r.get("accepted", 0),
             r.get("rejected", 0),
+            r.get("timed-out", 0),
             pools or "no retrieval pools",
             r["round-seconds"],
         )

@@ -1,15 +1,20 @@
 """An in-process Grid that delivers messages to the real ClientApp, for fast strategy tests.
 
 It runs :data:`client_app.app.app` exactly as a SuperNode would (same Context fields, an
-exception becomes an error reply), without Ray or network processes. The end-to-end tests
-(`test_e2e_*.py`) run the same apps under real `flwr run`.
+exception becomes an error reply), without Ray or network processes. Like Flower's grids it
+gives every pushed message an id, and replies answer that id. A ``dead`` node is answered
+by the SuperLink's own error reply (Flower's ``NODE_UNAVAILABLE`` message, whose source is
+the SuperLink's node id 1, not the dead node's); an ``offline`` node never answers. The
+end-to-end tests (`test_e2e_*.py`) run the same apps under real `flwr run`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
+from uuid import uuid4
 
 from flwr.app import Context, Error, Message, RecordDict
+from flwr.server.superlink.linkstate.utils import create_message_error_unavailable_res_message
 from flwr.serverapp import Grid
 from flwr.supercore.task_identity import TaskIdentity
 
@@ -17,14 +22,21 @@ SERVER_NODE_ID = 0
 
 
 class LoopbackGrid(Grid):
-    """Nodes ``1..n`` with partition ids ``0..n-1``; ``offline`` nodes never answer.
+    """Nodes ``1..n`` with partition ids ``0..n-1``; ``offline`` ones never answer, the SuperLink answers for ``dead``.
 
     ``node_configs`` replaces the node configs (``[config of node 1, config of node 2, ...]``),
     e.g. site-local nodes that name their own ``data-dir``.
     """
 
+    pull_interval = 0.01
+
     def __init__(
-        self, run_config: dict, num_nodes: int, offline: Iterable[int] = (), node_configs: list[dict] | None = None
+        self,
+        run_config: dict,
+        num_nodes: int,
+        offline: Iterable[int] = (),
+        node_configs: list[dict] | None = None,
+        dead: Iterable[int] = (),
     ) -> None:
         from client_app.app import app
 
@@ -36,7 +48,9 @@ class LoopbackGrid(Grid):
             for node, pid in self.nodes.items()
         }
         self.offline = set(offline)
+        self.dead = set(dead)
         self.sent: list[Message] = []
+        self._replies: dict[str, Message] = {}
         TaskIdentity.task_id = 1
         TaskIdentity.run_id = 1
         TaskIdentity.node_id = SERVER_NODE_ID
@@ -55,31 +69,42 @@ class LoopbackGrid(Grid):
     def get_node_ids(self) -> Iterable[int]:
         return list(self.nodes)
 
-    def push_messages(self, messages):  # pragma: no cover
-        raise NotImplementedError
-
-    def pull_messages(self, message_ids):  # pragma: no cover
-        raise NotImplementedError
-
-    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
-        replies = []
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        """Run each message's ClientApp at once; its reply waits to be pulled."""
+        ids = []
         for message in messages:
+            message.metadata.__dict__["_message_id"] = str(uuid4())  # as Flower's grids do on push
             self.sent.append(message)
+            ids.append(message.metadata.message_id)
             node = message.metadata.dst_node_id
             if node in self.offline:
                 continue
-            context = Context(
-                run_id=1,
-                node_id=node,
-                node_config=dict(self.node_configs[node]),
-                state=RecordDict(),
-                run_config=self.run_config,
-            )
-            TaskIdentity.node_id = node
-            try:
-                replies.append(self.app(message, context))
-            except Exception as exc:  # a crashing ClientApp becomes an error reply, as in Flower
-                replies.append(Message(Error(code=1, reason=f"{type(exc).__name__}: {exc}"), reply_to=message))
-            finally:
-                TaskIdentity.node_id = SERVER_NODE_ID
-        return replies
+            if node in self.dead:
+                reply = create_message_error_unavailable_res_message(message.metadata, "node_unavail")
+            else:
+                reply = self._deliver(message, node)
+            self._replies[message.metadata.message_id] = reply
+        return ids
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        return [self._replies.pop(mid) for mid in list(message_ids) if mid in self._replies]
+
+    def _deliver(self, message: Message, node: int) -> Message:
+        context = Context(
+            run_id=1,
+            node_id=node,
+            node_config=dict(self.node_configs[node]),
+            state=RecordDict(),
+            run_config=self.run_config,
+        )
+        TaskIdentity.node_id = node
+        try:
+            return self.app(message, context)
+        except Exception as exc:  # a crashing ClientApp becomes an error reply, as in Flower
+            return Message(Error(code=1, reason=f"{type(exc).__name__}: {exc}"), reply_to=message)
+        finally:
+            TaskIdentity.node_id = SERVER_NODE_ID
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+        ids = list(self.push_messages(messages))
+        return list(self.pull_messages(ids))

@@ -98,3 +98,44 @@ def test_both_configuration_tables_are_exactly_the_generated_ones():
     assert "\n".join(sync.readme_table()) in readme, "run python scripts/sync_config_docs.py"
     pyproject = (ROOT / "pyproject.toml").read_text()
     assert "\n".join(sync.pyproject_table()) in pyproject, "run python scripts/sync_config_docs.py"
+
+
+def test_comm_profile_sets_the_communication_keys_left_at_profile():
+    from fedprime_core.config import PROFILE_VALUES, describe_communication, profile_keys
+
+    assert profile_keys() == ("wire-dtype", "upload-delta", "query-rank", "exchange-pooler")
+    paper, lean = parse_run_config({}), parse_run_config({"comm-profile": "lean"})
+    for cfg, profile in ((paper, "paper"), (lean, "lean")):
+        assert config_to_dict(cfg) | PROFILE_VALUES[profile] == config_to_dict(cfg)  # the effective values
+        assert parse_run_config(config_to_dict(cfg)) == cfg  # config.json round-trips to the same run
+    assert (lean.wire_dtype, lean.upload_delta, lean.query_rank, lean.exchange_pooler) == ("float16", True, 8, False)
+    # What Flower passes: every key of pyproject.toml, the communication keys at "profile".
+    table = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
+    assert parse_run_config({**table, "comm-profile": "lean"}) == lean
+    # A key given a value wins over the profile, whichever way; the description marks it.
+    mixed = parse_run_config({**table, "comm-profile": "lean", "wire-dtype": "float32", "exchange-pooler": "true"})
+    assert (mixed.wire_dtype, mixed.exchange_pooler, mixed.query_rank) == ("float32", True, 8)
+    assert describe_communication(mixed) == (
+        "comm-profile=lean: wire-dtype=float32*, upload-delta=true, query-rank=8, exchange-pooler=true*"
+    )
+    assert parse_run_config({"query-rank": "4"}).query_rank == 4
+    # Changing the profile of a config resets the keys it sets, unless they are changed too.
+    assert replace(paper, comm_profile="lean") == lean
+    assert replace(lean, comm_profile="paper", query_rank=2).query_rank == 2
+
+
+@pytest.mark.parametrize(
+    "values, fragment",
+    [
+        ({"comm-profile": "tiny"}, "'comm-profile' = 'tiny' is not allowed; use one of: paper, lean"),
+        ({"wire-dtype": "int8"}, "'wire-dtype' = 'int8' is not allowed; use one of: profile, float32, float16"),
+        ({"query-rank": -1}, "'query-rank' = -1 must be at least 0"),
+        ({"query-rank": "low"}, "'query-rank' = 'low' must be an integer"),
+        ({"exchange-pooler": "maybe"}, "'exchange-pooler' = 'maybe' must be true or false"),
+        ({"upload-delta": 2}, "'upload-delta' = 2 must be true or false"),
+    ],
+)
+def test_bad_communication_values_name_the_key(values, fragment):
+    with pytest.raises(ConfigError) as info:
+        parse_run_config(values)
+    assert fragment in str(info.value)

@@ -595,3 +595,34 @@ def test_jsonl_rows_with_precomputed_features_need_no_image_file(tmp_path):
     (tmp_path / "train.jsonl").write_text(json.dumps(bad) + "\n")
     with pytest.raises(DataError, match="train.jsonl:1.*img_features.*does not exist"):
         load_dataset("food101", tmp_path)
+
+
+def truncated_jpeg() -> bytes:
+    """A real photo-sized JPEG cut short: its header is intact, so PIL's ``verify()`` accepts it."""
+    rng = np.random.default_rng(0)
+    buffer = io.BytesIO()
+    Image.fromarray((rng.random((96, 96, 3)) * 255).astype(np.uint8)).save(buffer, format="JPEG", quality=90)
+    data = buffer.getvalue()
+    return data[: len(data) * 2 // 3]
+
+
+def test_issue18_item6_a_truncated_jpeg_is_caught_at_load(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    root = make_food_jsonl(tmp_path, train=[FOOD_TRAIN[0], food_row("cut", "pizza", "img/cut.jpg"), FOOD_TRAIN[1]])
+    (root / "img" / "cut.jpg").write_bytes(truncated_jpeg())
+    with Image.open(root / "img" / "cut.jpg") as image:
+        image.verify()  # the header check alone passes: the old loader let this file through
+    with pytest.raises(DataError, match=r"train\.jsonl:2 \(line 2\): field 'img': cannot decode image file .*cut\.jpg"):
+        load_dataset("food101", root)
+    caplog.set_level(logging.INFO)
+    data = load_dataset("food101", root, skip_bad_rows=True)
+    assert [s.text for s in data.train] == [FOOD_TRAIN[0]["text"], FOOD_TRAIN[1]["text"]]
+    assert "cut.jpg" in caplog.text
+
+
+def test_issue18_item6_a_truncated_jpeg_in_arrow_is_caught_at_load(tmp_path: Path) -> None:
+    root = make_food_arrow(tmp_path)
+    rows = [food_arrow_row("t0", 5), food_arrow_row("cut", 3, image=truncated_jpeg())]
+    write_arrow(root / "food101_train.arrow", rows, FOOD_SCHEMA)
+    with pytest.raises(DataError, match=r"food101_train\.arrow:1 \(row 1, 0-based\): column 'image': cannot decode"):
+        load_dataset("food101", root)
+    assert [s.text for s in load_dataset("food101", root, skip_bad_rows=True).train] == ["t0"]

@@ -190,3 +190,54 @@ def test_bad_tables_name_the_problem(tmp_path):
     grid.write_text(head + "  skew: {colour: red}\n")
     with pytest.raises(ConfigError, match="unknown key"):
         load_plan(grid)
+
+
+def test_a_comm_profile_difference_pairs_each_lean_run_with_its_paper_twin(tmp_path):
+    from fedprime_core.config import with_profile
+
+    grid = tmp_path / "comm.yaml"
+    grid.write_text(
+        f"""
+name: comm
+output: {tmp_path / "out"}
+base: {{num-server-rounds: 2, missing-setting: miss-both}}
+grids:
+  comm: {{method: [fedprime, fed-intra], seed: [0, 1, 2], comm-profile: [paper, lean]}}
+  pinned: {{method: [fedprime], seed: [0], comm-profile: [lean], wire-dtype: [float32]}}
+tables:
+  comm:
+    grids: [comm, pinned]
+    differences:
+      - {{key: comm-profile, value: lean, minus: paper}}
+"""
+    )
+    plan = load_plan(grid)
+    table = plan.tables[0]
+    # upload-delta, query-rank and exchange-pooler differ between the cells only because the
+    # profile does: no rows of their own; wire-dtype was pinned by one cell, so it is an axis.
+    assert varying_keys(plan, table) == ["method", "comm-profile", "wire-dtype"]
+    for cell in plan.cells:
+        cfg = cell.config
+        cost = 0.01 * (1 + cfg["seed"]) if cfg["comm-profile"] == "lean" else 0.0  # lean 1, 2, 3 points worse
+        fake_run(plan, cell, 0.6 + 0.1 * cfg["seed"] - cost, 1000.0, 10)
+    data = comparison(plan, table)
+    by_key = {(d["key"]["method"], d["key"]["wire-dtype"]): d for d in data["differences"]}
+    assert set(by_key) == {("fedprime", "float16"), ("fed-intra", "float16"), ("fedprime", "float32")}
+    for key in (("fedprime", "float16"), ("fed-intra", "float16")):
+        stat = by_key[key]["stats"]["val"]
+        assert by_key[key]["runs"] == 3  # every seed's lean run paired with its paper twin
+        assert stat["mean"] == pytest.approx(-2.0) and stat["std"] == pytest.approx(1.0)
+    # The run that pinned wire-dtype=float32 keeps it in its twin, which is the paper run of seed 0.
+    pinned = by_key[("fedprime", "float32")]
+    assert pinned["runs"] == 1 and pinned["stats"]["val"]["mean"] == pytest.approx(-1.0)
+    twin = with_profile(next(c.config for c in plan.cells if "pinned" in c.grids), "paper")
+    assert (twin["wire-dtype"], twin["upload-delta"], twin["query-rank"], twin["exchange-pooler"]) == (
+        "float32",
+        False,
+        0,
+        True,
+    )
+    write_report(plan)
+    assert (
+        "## Paired differences: comm-profile = lean minus comm-profile = paper" in (plan.output / "comm.md").read_text()
+    )

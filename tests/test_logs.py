@@ -13,6 +13,7 @@ from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.common.logger import FLOWER_LOGGER, console_handler
 
 from fedprime_core.config import config_to_dict
+from fedprime_core.results import load_checkpoint
 from server_app.app import main as server_main
 from server_app.logs import CLIENT_LOG, MAX_LINES, ClientLogGrid, connect, forward_logs, log_client_lines
 from tests.loopback import LoopbackGrid
@@ -146,6 +147,21 @@ def test_waiting_for_replies_is_reported_while_it_lasts(flower_output):
     assert not flower_output.messages  # a quick exchange says nothing
 
 
+def test_the_strategys_own_wait_reports_waiting_too(flower_output):
+    # The strategy polls the grid itself (so that it can stop when the SuperLink is gone)
+    # rather than calling send_and_receive: it reports at the ClientLogGrid's pace.
+    from server_app.strategy import FedPrimeStrategy
+
+    strategy = FedPrimeStrategy.__new__(FedPrimeStrategy)
+    strategy.stop_check = None
+    grid = ClientLogGrid(LoopbackGrid({}, 2, offline=[2]), every=0.2)
+    started = time.monotonic()
+    replies = strategy._exchange(grid, [_message(2)], timeout=1.0)
+    assert replies == [] and 0.9 <= time.monotonic() - started < 3.0
+    waiting = [m for m in flower_output.messages if m.startswith("waiting for")]
+    assert waiting and all(m.startswith("waiting for 1 train repl(y/ies), ") for m in waiting) and len(waiting) <= 6
+
+
 def test_a_run_logs_every_clients_round_and_keeps_the_strategys_result(quick_config, tiny_vilt, flower_output):
     cfg = quick_config(run_name="logs", fraction_evaluate=1.0)
     run_config = config_to_dict(cfg)
@@ -170,8 +186,9 @@ def test_a_run_logs_every_clients_round_and_keeps_the_strategys_result(quick_con
     texts = {s.text for s in runtime.load_splits(cfg).train if len(s.text) > 20}
     assert texts and not any(text in forwarded for text in texts)
     run_dir = Path(cfg.results_dir) / "logs"
-    with np.load(run_dir / "final.npz") as final, np.load(run_dir / "checkpoint.npz") as checkpoint:
-        assert sorted(final.files) == sorted(checkpoint.files)
+    checkpoint, _ = load_checkpoint(run_dir)
+    with np.load(run_dir / "final.npz") as final:
+        assert sorted(final.files) == sorted(checkpoint)
         assert all(np.array_equal(final[k], checkpoint[k]) for k in final.files)
     result = json.loads((run_dir / "result.json").read_text())
     assert sorted(result["train_metrics_clientapp"]) == ["1", "2"]

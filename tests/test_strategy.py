@@ -50,7 +50,8 @@ def test_two_rounds_write_every_result_file(quick_config):
         "summary.json",
         "clients.json",
         "curves.png",
-        "checkpoint.npz",
+        "checkpoint.json",
+        "checkpoint-000002.npz",
     ):
         assert (folder / name).is_file(), name
     records = history(cfg)
@@ -104,33 +105,37 @@ def test_a_round_with_too_few_valid_replies_is_skipped_and_the_state_kept(quick_
 
 def test_partial_participation_and_offline_nodes(quick_config):
     cfg = quick_config(
-        run_name="partial", fraction_train=0.5, min_train_nodes=1, min_available_nodes=2, fraction_evaluate=0.0
+        run_name="partial",
+        fraction_train=0.5,
+        min_train_nodes=1,
+        min_available_nodes=2,
+        fraction_evaluate=0.0,
+        round_timeout=1.0,
     )
     run(cfg, num_nodes=4, offline=[4])
     for record in history(cfg)[1:]:
         assert record["sampled"] == 2 and record["accepted"] >= 1
+        assert record["accepted"] + record["rejected"] + record["timed-out"] == 2
 
 
 def test_resume_continues_after_the_last_completed_round(quick_config, monkeypatch):
     cfg = quick_config(run_name="resumable", num_server_rounds=3, fraction_evaluate=0.0)
     folder = run_dir_of(cfg)
 
-    calls = {"n": 0}
-    original = LoopbackGrid.send_and_receive
+    original = LoopbackGrid.push_messages
 
-    def dies_in_round_two(self, messages, *, timeout=None):
+    def dies_in_round_two(self, messages):
         messages = list(messages)
         if messages and messages[0].content["config"].get("server-round") == 2:
             raise KeyboardInterrupt("server killed during round 2")
-        calls["n"] += 1
-        return original(self, messages, timeout=timeout)
+        return original(self, messages)
 
-    monkeypatch.setattr(LoopbackGrid, "send_and_receive", dies_in_round_two)
+    monkeypatch.setattr(LoopbackGrid, "push_messages", dies_in_round_two)
     with pytest.raises(KeyboardInterrupt):
         run(cfg)
     _, meta = load_checkpoint(folder)
     assert meta["round"] == 1
-    monkeypatch.setattr(LoopbackGrid, "send_and_receive", original)
+    monkeypatch.setattr(LoopbackGrid, "push_messages", original)
     resumed = quick_config(run_name="ignored", num_server_rounds=3, fraction_evaluate=0.0, resume=str(folder))
     grid = run(resumed)
     rounds = [r["round"] for r in history(cfg)]
@@ -163,7 +168,7 @@ def test_resume_refuses_changed_settings_and_fresh_runs_refuse_to_overwrite(quic
 def test_messages_carry_no_backbone_tensor_and_no_data(quick_config):
     from fedprime_core import runtime
     from server_app.logs import CLIENT_LOG
-    from server_app.messages import ARRAYS, CLIENT, PATTERN_USAGE, USAGE
+    from server_app.messages import ARRAYS, CLIENT, PATTERN_USAGE, USAGE, WIRE
 
     cfg = quick_config(run_name="privacy", num_server_rounds=1, fraction_evaluate=0.0, server_eval=False)
     grid = run(cfg, num_nodes=2)
@@ -189,7 +194,7 @@ def test_messages_carry_no_backbone_tensor_and_no_data(quick_config):
                 for name, a in record.items()
             )
         for name, record in content.config_records.items():
-            assert name in ("config", USAGE, PATTERN_USAGE, CLIENT, CLIENT_LOG)
+            assert name in ("config", USAGE, PATTERN_USAGE, CLIENT, CLIENT_LOG, WIRE)
             if name == CLIENT_LOG:  # the client's log lines; tests/test_logs.py checks they quote no sample
                 continue
             for value in record.values():
@@ -198,3 +203,81 @@ def test_messages_carry_no_backbone_tensor_and_no_data(quick_config):
         total = sum(a.numpy().nbytes for r in content.array_records.values() for a in r.values())
         assert total < 0.5 * sum(t.numel() * t.element_size() for t in model.backbone.state_dict().values())
     assert any(ARRAYS in r.content.array_records for r in replies)
+
+
+def test_a_lean_run_sends_what_the_profile_says_and_reports_the_bytes(quick_config, flower_logs):
+    from fedprime_core import runtime
+    from server_app.messages import state_to_record
+
+    cfg = quick_config(run_name="lean", comm_profile="lean", num_server_rounds=2, fraction_evaluate=0.0)
+    grid = run(cfg, num_nodes=3)
+    folder = run_dir_of(cfg)
+    saved = json.loads((folder / "config.json").read_text())
+    assert (saved["comm-profile"], saved["wire-dtype"], saved["upload-delta"]) == ("lean", "float16", True)
+    assert (saved["query-rank"], saved["exchange-pooler"]) == (8, False)
+    lean_state = runtime.initial_state(cfg)
+    assert "pooler.weight" not in lean_state and lean_state["pools.inter.query.down"].shape == (8, 64)
+    expected = state_to_record(lean_state, "float16").count_bytes()  # a client's own tau inter prompts: same shapes
+    for record in history(cfg)[1:]:
+        assert record["accepted"] == 3 and record["rejected"] == 0
+        assert record["bytes-sent-per-client"] == expected == record["bytes-sent"] / 3
+        assert record["bytes-received-per-client"] == expected  # deltas: same names, shapes and dtype
+    for message in grid.sent:
+        if message.metadata.message_type == MessageType.TRAIN:
+            assert dict(message.content["wire"]) == {"dtype": "float16", "delta": False}
+            assert all(a.dtype == "float16" for a in message.content["arrays"].values())
+    summary = json.loads((folder / "summary.json").read_text())
+    assert summary["communication"]["bytes-sent-per-client"] == expected
+    assert summary["communication"]["bytes-received-total"] == 2 * 3 * expected
+    text = (folder / "summary.md").read_text()
+    assert "Communication (comm-profile=lean: wire-dtype=float16" in text
+    assert f"per client {expected / 1e6:.3f} MB down, {expected / 1e6:.3f} MB up" in text
+    assert "What travels: comm-profile=lean" in flower_logs.text and f"{expected / 1e6:.3f} MB down" in flower_logs.text
+    # What travels defines the run: a resumed run cannot change it.
+    with pytest.raises(
+        ConfigError, match="'comm-profile'.*'exchange-pooler'.*'query-rank'.*'upload-delta'.*'wire-dtype'"
+    ):
+        run(quick_config(run_name="x", num_server_rounds=3, resume=str(folder)))
+
+
+def test_bad_replies_in_float16_deltas_are_rejected_for_what_they_are(quick_config):
+    cfg = quick_config(
+        run_name="faults16",
+        comm_profile="lean",
+        fault_plan="1:nan,2:shape,3:huge",
+        min_train_nodes=2,
+        fraction_evaluate=0.0,
+        num_server_rounds=1,
+        server_eval=False,
+    )
+    run(cfg, num_nodes=5)
+    [record] = history(cfg)
+    assert record["accepted"] == 2 and record["rejected"] == 3
+    reasons = " ".join(record["rejected-reasons"])
+    assert "contains NaN or Inf (sent as float16 delta)" in reasons
+    assert "has shape" in reasons
+    # A value float16 cannot hold is refused by the client that has it, which says why; it never
+    # reaches the server as an inf that would look like a diverged client.
+    assert "beyond float16's range" in reasons and "Use wire-dtype='bfloat16'" in reasons
+
+
+def test_lean_sends_and_receives_less_than_paper_and_never_the_pooler(quick_config):
+    # The same short run (one round, 3 nodes, same seed) under both profiles: what actually went
+    # over the grid, counted by the strategy, and what the TRAIN messages held.
+    sent = {}
+    for profile in ("paper", "lean"):
+        cfg = quick_config(
+            run_name=profile, comm_profile=profile, num_server_rounds=1, fraction_evaluate=0.0, server_eval=False
+        )
+        grid = run(cfg, num_nodes=3)
+        record = history(cfg)[-1]
+        assert record["round"] == 1 and record["accepted"] == 3
+        sent[profile] = (record["bytes-sent-per-client"], record["bytes-received-per-client"])
+        trains = [m.content["arrays"] for m in grid.sent if m.metadata.message_type == MessageType.TRAIN]
+        assert len(trains) == 3
+        names = set(trains[0].keys())
+        assert ("pooler.weight" in names) == (profile == "paper")  # lean keeps the pretrained pooler at home
+        assert ("pools.inter.query.weight" in names) == (profile == "paper")
+        assert ("pools.inter.query.down" in names) == (profile == "lean")
+    (paper_down, paper_up), (lean_down, lean_up) = sent["paper"], sent["lean"]
+    assert lean_down < paper_down / 2 and lean_up < paper_up / 2

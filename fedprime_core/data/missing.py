@@ -157,18 +157,43 @@ def missing_counts(patterns: np.ndarray, natural: np.ndarray | None = None) -> d
     return out
 
 
+def _entry_lines(path: Path) -> dict[str, int]:
+    """1-based line of every top-level key of a YAML mapping file (empty if it cannot be composed)."""
+    try:
+        import yaml
+
+        root = yaml.compose(path.read_text())
+    except Exception:  # noqa: BLE001 - only for nicer messages; reading the table reports real errors
+        return {}
+    if not isinstance(root, yaml.MappingNode):
+        return {}
+    return {str(key.value): key.start_mark.line + 1 for key, _ in root.value}
+
+
+def _number(value: object, where: str, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise DataError(f"{where}: {name} must be a number, got {value!r}")
+    try:
+        return float(value)
+    except ValueError:
+        raise DataError(f"{where}: {name} must be a number, got {value!r}") from None
+
+
 def _parse_mixture(path: Path, key: object, value: object) -> np.ndarray:
-    where = f"missing-table {str(path)!r}, entry {key!r}"
+    line = _entry_lines(path).get(str(key))
+    where = f"missing-table {str(path)!r}, entry {key!r}" + (f" (line {line})" if line else "")
     if isinstance(value, dict):
         unknown = set(value) - set(PATTERN_NAMES)
         if unknown:
             raise DataError(f"{where}: unknown pattern(s) {sorted(unknown)}; use {PATTERN_NAMES}")
-        vec = np.array([float(value.get(name, 0.0)) for name in PATTERN_NAMES])
+        vec = np.array([_number(value.get(name, 0.0), where, repr(name)) for name in PATTERN_NAMES])
     elif isinstance(value, (list, tuple)) and len(value) == 3:
-        vec = np.array([float(v) for v in value])
+        vec = np.array(
+            [_number(v, where, f"{name!r} (item {i + 1})") for i, (name, v) in enumerate(zip(PATTERN_NAMES, value))]
+        )
     else:
         raise DataError(f"{where}: give a mapping over {PATTERN_NAMES} or a list of 3 numbers")
-    if np.any(vec < 0) or not np.isclose(vec.sum(), 1.0, atol=1e-6):
+    if not np.all(np.isfinite(vec)) or np.any(vec < 0) or not np.isclose(vec.sum(), 1.0, atol=1e-6):
         raise DataError(f"{where}: proportions must be non-negative and sum to 1, got {vec.tolist()}")
     return vec / vec.sum()
 
@@ -178,6 +203,23 @@ def _read_table(path: Path) -> dict:
     if not data:
         raise DataError(f"missing-table file {str(path)!r} must map client ids to mixtures")
     return data
+
+
+def check_missing_table(path: str | Path) -> int:
+    """Read every entry of a missing table as a site or partition would; returns the number of entries.
+
+    The server calls it before round 1, so a malformed table stops the run there rather
+    than failing every client.
+
+    Raises:
+        DataError: the file is absent, not YAML, not a mapping, or an entry is not a valid
+            mixture; the message names the file, the entry and its line.
+    """
+    path = Path(path)
+    data = _read_table(path)
+    for key, value in data.items():
+        _parse_mixture(path, key, value)
+    return len(data)
 
 
 def missing_table_entry(path: str | Path, keys: list[str]) -> tuple[np.ndarray, str]:
