@@ -161,8 +161,11 @@ cleanup() {
     rc=$?
     set +e
     if [ "$KEEP" = 1 ] && [ "$rc" = 0 ]; then
-        echo "stack left running; stop it with:"
-        echo "  COMPOSE_PROJECT_NAME=$COMPOSE_PROJECT_NAME ${COMPOSE[*]} ${FILES[*]} down -v"
+        echo "stack left running; the flwr connection to it is kept in $FLWR_HOME:"
+        echo "  FLWR_HOME=$FLWR_HOME $FLWR ls fedprime-docker"
+        [ -n "${RUN_ID:-}" ] && echo "  FLWR_HOME=$FLWR_HOME $FLWR log $RUN_ID fedprime-docker --show"
+        echo "stop it with:"
+        echo "  COMPOSE_PROJECT_NAME=$COMPOSE_PROJECT_NAME ${COMPOSE[*]} ${FILES[*]} down -v && rm -rf $FLWR_HOME"
     else
         compose logs --no-color >"$LOGS/compose.log" 2>&1
         if [ "$rc" != 0 ]; then
@@ -175,7 +178,10 @@ cleanup() {
     if [ -n "${RUN_DIR:-}" ] && [ -d "$RUN_DIR" ]; then
         cp "$LOGS"/* "$RUN_DIR/" 2>/dev/null
     fi
-    rm -rf "$FLWR_HOME"
+    # --keep: the connection stays usable for flwr ls / flwr log against the kept stack.
+    if [ "$KEEP" != 1 ] || [ "$rc" != 0 ]; then
+        rm -rf "$FLWR_HOME"
+    fi
     exit "$rc"
 }
 trap cleanup EXIT
@@ -235,7 +241,7 @@ RUN_CONFIG+=" dataset=\"$DEMO_DATASET\" data-dir=\"/data\" missing-setting=\"non
 RUN_CONFIG+=" results-dir=\"/results\" run-name=\"$RUN_NAME\""
 extra=()
 [ -n "${DEMO_RUN_CONFIG:-}" ] && extra=(--run-config "$DEMO_RUN_CONFIG")
-stamp "flwr run . fedprime-docker --run-config '$RUN_CONFIG'"
+stamp "flwr run . fedprime-docker --run-config '$RUN_CONFIG'${DEMO_RUN_CONFIG:+ --run-config '$DEMO_RUN_CONFIG'}"
 cd "$ROOT"
 "$FLWR" run . fedprime-docker --run-config "$RUN_CONFIG" "${extra[@]}" --format json >"$LOGS/flwr-run.json"
 RUN_ID=$(json_field "d['run-id']" <"$LOGS/flwr-run.json")
