@@ -10,7 +10,10 @@ end-to-end tests (`test_e2e_*.py`) run the same apps under real `flwr run`.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
 from uuid import uuid4
 
 from flwr.app import Context, Error, Message, RecordDict
@@ -108,3 +111,24 @@ class LoopbackGrid(Grid):
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
         ids = list(self.push_messages(messages))
         return list(self.pull_messages(ids))
+
+
+def run_server(cfg: Any, num_nodes: int = 3, **grid_options: Any) -> LoopbackGrid:
+    """Run the real ServerApp main against the real ClientApp on ``num_nodes`` loopback nodes."""
+    from fedprime_core.config import config_to_dict
+    from server_app.app import main as server_main
+
+    run_config = config_to_dict(cfg)
+    grid = LoopbackGrid(run_config, num_nodes, **grid_options)
+    server_main(grid, Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=run_config))
+    return grid
+
+
+def run_dir_of(cfg: Any) -> Path:
+    """The run folder of ``cfg``."""
+    return Path(cfg.results_dir) / cfg.run_name
+
+
+def history(cfg: Any) -> list[dict]:
+    """The per-round records of ``cfg``'s run (its metrics.json)."""
+    return json.loads((run_dir_of(cfg) / "metrics.json").read_text())

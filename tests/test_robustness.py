@@ -30,23 +30,9 @@ from fedprime_core.runlock import RunFolderBusy, RunLock
 from server_app.app import main as server_main
 from server_app.strategy import NotEnoughNodesError
 from server_app.watchdog import SuperLinkWatchdog, superlink_address
-from tests.loopback import LoopbackGrid
+from tests.loopback import LoopbackGrid, history, run_dir_of
+from tests.loopback import run_server as run
 from tests.processes import ROOT
-
-
-def run(cfg, num_nodes: int = 3, **grid_options) -> LoopbackGrid:
-    run_config = config_to_dict(cfg)
-    grid = LoopbackGrid(run_config, num_nodes, **grid_options)
-    server_main(grid, Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=run_config))
-    return grid
-
-
-def run_dir_of(cfg) -> Path:
-    return Path(cfg.results_dir) / cfg.run_name
-
-
-def history(cfg) -> list[dict]:
-    return json.loads((run_dir_of(cfg) / "metrics.json").read_text())
 
 
 @pytest.fixture()

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,24 +11,8 @@ from flwr.app import Context, MessageType, RecordDict
 
 from fedprime_core.config import ConfigError, config_to_dict
 from fedprime_core.results import load_checkpoint
-from server_app.app import main as server_main
-from tests.loopback import LoopbackGrid
-
-
-def run(cfg, num_nodes: int = 3, offline=()) -> LoopbackGrid:
-    """Run the real ServerApp main against the real ClientApp on ``num_nodes`` loopback nodes."""
-    run_config = config_to_dict(cfg)
-    grid = LoopbackGrid(run_config, num_nodes, offline=offline)
-    server_main(grid, Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=run_config))
-    return grid
-
-
-def run_dir_of(cfg) -> Path:
-    return Path(cfg.results_dir) / cfg.run_name
-
-
-def history(cfg) -> list[dict]:
-    return json.loads((run_dir_of(cfg) / "metrics.json").read_text())
+from tests.loopback import LoopbackGrid, history, run_dir_of
+from tests.loopback import run_server as run
 
 
 @pytest.fixture()
