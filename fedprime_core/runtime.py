@@ -187,6 +187,36 @@ def load_backbone(cfg: RunConfig) -> LoadedBackbone:
     return _cached(key, build)
 
 
+def _data_key(cfg: RunConfig) -> tuple:
+    """The options that decide which rows are read (part of every data cache key)."""
+    return (
+        cfg.dataset,
+        cfg.data_dir,
+        cfg.data_layout,
+        cfg.num_classes,
+        cfg.classes,
+        cfg.mmimdb_protocol,
+        cfg.skip_bad_rows,
+        cfg.seed,
+    )
+
+
+def _shard_key(cfg: RunConfig) -> tuple:
+    """The options that decide how a client's rows become its train/validation datasets."""
+    return (
+        cfg.missing_setting,
+        cfg.eta,
+        cfg.missing_alpha,
+        cfg.missing_table,
+        cfg.val_fraction,
+        cfg.max_train_samples,
+        cfg.model,
+        cfg.backbone,
+        cfg.text_max_length,
+        cfg.image_size,
+    )
+
+
 def load_splits(cfg: RunConfig) -> DatasetSplits:
     """The dataset's train/dev/test splits in ``cfg.data_dir``, cached per process.
 
@@ -197,18 +227,7 @@ def load_splits(cfg: RunConfig) -> DatasetSplits:
 
     # The embedded set computes its generated image features only for a feature backbone.
     features = cfg.dataset == "embedded" and needs_image_features(cfg.backbone)
-    key = (
-        "splits",
-        cfg.dataset,
-        cfg.data_dir,
-        cfg.data_layout,
-        cfg.num_classes,
-        cfg.classes,
-        cfg.mmimdb_protocol,
-        cfg.skip_bad_rows,
-        cfg.seed,
-        features,
-    )
+    key = ("splits", *_data_key(cfg), features)
 
     def build() -> DatasetSplits:
         started = time.perf_counter()
@@ -604,13 +623,7 @@ def client_shard(cfg: RunConfig, client: ClientNode | int, num_partitions: int |
         raise ValueError(f"partition-id {partition_id} is outside 0..{num_partitions - 1}")
     key = (
         "shard",
-        cfg.dataset,
-        cfg.data_dir,
-        cfg.data_layout,
-        cfg.num_classes,
-        cfg.classes,
-        cfg.mmimdb_protocol,
-        cfg.seed,
+        *_data_key(cfg),
         cfg.method == "centralized-p",
         partition_id,
         num_partitions,
@@ -618,16 +631,7 @@ def client_shard(cfg: RunConfig, client: ClientNode | int, num_partitions: int |
         cfg.label_alpha,
         cfg.client_size_sigma,
         cfg.min_partition_size,
-        cfg.missing_setting,
-        cfg.eta,
-        cfg.missing_alpha,
-        cfg.missing_table,
-        cfg.val_fraction,
-        cfg.max_train_samples,
-        cfg.model,
-        cfg.backbone,
-        cfg.text_max_length,
-        cfg.image_size,
+        *_shard_key(cfg),
     )
 
     def build() -> ClientShard:
@@ -673,29 +677,7 @@ def site_shard(cfg: RunConfig, client: ClientNode) -> ClientShard:
     Raises:
         DataError: the folder has no training rows.
     """
-    key = (
-        "site-shard",
-        cfg.dataset,
-        cfg.data_dir,
-        cfg.data_layout,
-        cfg.num_classes,
-        cfg.classes,
-        cfg.mmimdb_protocol,
-        cfg.skip_bad_rows,
-        cfg.seed,
-        client.client_id,
-        client.partition_id,
-        cfg.missing_setting,
-        cfg.eta,
-        cfg.missing_alpha,
-        cfg.missing_table,
-        cfg.val_fraction,
-        cfg.max_train_samples,
-        cfg.model,
-        cfg.backbone,
-        cfg.text_max_length,
-        cfg.image_size,
-    )
+    key = ("site-shard", *_data_key(cfg), client.client_id, client.partition_id, *_shard_key(cfg))
 
     def build() -> ClientShard:
         splits = load_splits(cfg)
