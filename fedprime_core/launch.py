@@ -19,6 +19,7 @@ import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import TypeVar
 
 #: Repository root (where pyproject.toml with the Flower app lives).
 APP_DIR = Path(__file__).resolve().parents[1]
@@ -145,9 +146,29 @@ def stop_marked(marker: str, grace: float = 10.0) -> None:
             return
 
 
+T = TypeVar("T")
+
 #: What ``flwr run`` prints when the local SuperLink it spawns does not answer within
 #: Flower's hard-coded 15 s (a loaded machine); the run never started, so it is safe to retry.
 SUPERLINK_START_FAILURE = "Failed to start local SuperLink within"
+
+
+def retry_slow_superlink(
+    run_once: Callable[[], tuple[int, str, T]], attempts: int = 3, echo: Callable[[str], None] | None = None
+) -> T:
+    """``run_once()`` -> ``(exit code, output, result)``, run again while the local SuperLink was slow to start.
+
+    A `flwr` command whose output says :data:`SUPERLINK_START_FAILURE` did not run
+    anything, and the SuperLink is usually up a few seconds later. Returns the last result.
+    """
+    for attempt in range(1, attempts + 1):
+        code, output, result = run_once()
+        if code == 0 or SUPERLINK_START_FAILURE not in output or attempt == attempts:
+            return result
+        if echo:
+            echo(f"the local SuperLink was slow to start (attempt {attempt} of {attempts}); trying again")
+        time.sleep(5.0)
+    raise ValueError(f"attempts must be at least 1, got {attempts}")
 
 
 def run_flwr(
@@ -161,19 +182,17 @@ def run_flwr(
     """Run ``flwr <args>`` in ``cwd`` (default: the repository root); stream its output to ``echo`` and ``log_path``.
 
     A run whose local SuperLink did not start in time (:data:`SUPERLINK_START_FAILURE`)
-    is retried up to twice: nothing ran, and the SuperLink is usually up by then.
+    is retried up to twice (:func:`retry_slow_superlink`).
 
     Returns:
         ``(exit code, full output)``; exit code 124 when ``timeout`` expired.
     """
-    for attempt in range(3):
+
+    def once() -> tuple[int, str, tuple[int, str]]:
         code, output = _run_flwr_once(args, env, log_path, timeout, echo, cwd)
-        if code == 0 or SUPERLINK_START_FAILURE not in output or attempt == 2:
-            return code, output
-        if echo:
-            echo(f"the local SuperLink was slow to start (attempt {attempt + 1} of 3); trying again")
-        time.sleep(5.0)
-    raise AssertionError("unreachable")
+        return code, output, (code, output)
+
+    return retry_slow_superlink(once, echo=echo)
 
 
 def _run_flwr_once(

@@ -5,12 +5,11 @@ from __future__ import annotations
 import os
 import socket
 import subprocess
-import time
 from pathlib import Path
 
 from fedprime_core.launch import APP_DIR as ROOT
-from fedprime_core.launch import SUPERLINK_START_FAILURE, marked_pids, stop_marked
 from fedprime_core.launch import flower_env as _flower_env
+from fedprime_core.launch import marked_pids, retry_slow_superlink, stop_marked
 
 __all__ = ["ROOT", "flower_env", "free_port", "marked_pids", "run_checked", "stop_marked"]
 
@@ -26,11 +25,11 @@ def free_port() -> int:
 
 
 def run_checked(cmd: list[str], env: dict[str, str], timeout: float, cwd: Path = ROOT) -> subprocess.CompletedProcess:
-    for _ in range(3):  # flwr gives its local SuperLink a hard-coded 15 s; a loaded CI machine can miss it
+    def once() -> tuple[int, str, subprocess.CompletedProcess]:
         out = subprocess.run(cmd, cwd=cwd, env=env or dict(os.environ), capture_output=True, text=True, timeout=timeout)
-        if out.returncode == 0 or SUPERLINK_START_FAILURE not in out.stdout + out.stderr:
-            break
-        time.sleep(5.0)
+        return out.returncode, out.stdout + out.stderr, out
+
+    out = retry_slow_superlink(once)  # flwr gives its local SuperLink a hard-coded 15 s
     if out.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({out.returncode}):\n{out.stdout[-4000:]}\n{out.stderr[-4000:]}")
     return out
