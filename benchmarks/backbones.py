@@ -85,9 +85,9 @@ def _backbones(quick: bool) -> list[tuple[str, str, Any]]:
             from fedprime_core.backbones import load_backbone
             from fedprime_core.data.embedded import FEATURE_DIM
 
-            parts = load_backbone("text-encoder", model, text_max_length=24, feature_dim=FEATURE_DIM)
+            loaded = load_backbone("text-encoder", model, text_max_length=24, feature_shape=(1, FEATURE_DIM))
             kwargs = {"image_mode": "features", "feature_shape": (1, FEATURE_DIM)}
-            return parts.backbone, _embedded_batch(parts.tokenizer, kwargs)
+            return loaded.backbone, _embedded_batch(loaded.processor.tokenizer, kwargs)
 
         return build
 

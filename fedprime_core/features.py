@@ -41,7 +41,6 @@ import argparse
 import dataclasses
 import json
 import logging
-import os
 import re
 import shutil
 import sys
@@ -51,6 +50,7 @@ from typing import Any
 
 import numpy as np
 
+from .atomic import atomic_write, atomic_write_bytes
 from .data.records import DataError, Sample
 from .progress import Progress
 
@@ -106,16 +106,6 @@ def encoder_slug(name: str, pool: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", base) + f"-{pool}"
 
 
-def resolve_device(choice: str):
-    import torch
-
-    if choice == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if choice == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("--device cuda was requested but no CUDA GPU is visible")
-    return torch.device(choice)
-
-
 def _torchvision_available() -> bool:
     try:
         import torchvision  # noqa: F401
@@ -132,6 +122,8 @@ def load_image_encoder(name: str, pool: str = "cls", device: str = "auto") -> Im
     """
     if pool not in POOLS:
         raise ValueError(f"--pool must be one of {', '.join(POOLS)}, got {pool!r}")
+    from .devices import resolve_device
+
     dev = resolve_device(device)
     if name.startswith("torchvision:"):
         return _torchvision_encoder(name.split(":", 1)[1], pool, dev)
@@ -256,20 +248,14 @@ def _read_rows(path: Path) -> list[tuple[int, dict[str, Any]]]:
 
 
 def _save_atomic(path: Path, array: np.ndarray) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as handle:
-        np.save(handle, np.asarray(array, dtype=np.float32))
-    os.replace(tmp, path)
+    atomic_write(path, lambda handle: np.save(handle, np.asarray(array, dtype=np.float32)))
 
 
 def _write_jsonl(path: Path, records: list[dict[str, Any]]) -> None:
     backup = path.with_name(path.name + ".orig")
     if not backup.exists():
         shutil.copy2(path, backup)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
-    os.replace(tmp, path)
+    atomic_write_bytes(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records).encode("utf-8"))
 
 
 def precompute_features(

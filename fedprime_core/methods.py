@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 
-from .config import METHODS, PERSONALISED_METHODS
-
 
 @dataclasses.dataclass(frozen=True)
 class MethodSpec:
@@ -92,9 +90,6 @@ METHOD_SPECS: dict[str, MethodSpec] = {
         description="the fedprime model trained by one owner of all data (upper reference)",
     ),
 }
-
-assert set(METHOD_SPECS) == set(METHODS)
-assert {m for m, s in METHOD_SPECS.items() if s.personalised_pools} == set(PERSONALISED_METHODS)
 
 
 def method_spec(name: str) -> MethodSpec:

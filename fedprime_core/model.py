@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from .backbones.base import Backbone, Batch
+from .config import RunConfig
 from .methods import MethodSpec
 from .retrieval import cosine_relevance, retrieval_regulariser, select_prompts
 
@@ -51,6 +52,19 @@ class PromptSettings:
     query_rank: int = 0
     """0: dense query maps; r > 0: identity plus a rank-r update (:class:`LowRankQuery`). Keyed pools
     only: :class:`PFPTPromptPool` keeps PFPT's dense projection."""
+
+    @classmethod
+    def from_config(cls, cfg: RunConfig) -> PromptSettings:
+        """The prompt sizes of a run."""
+        return cls(
+            tau=cfg.tau,
+            kappa=cfg.kappa,
+            length=cfg.prompt_length,
+            selection=cfg.selection,
+            map_length=cfg.map_prompt_length,
+            map_depth=cfg.map_prompt_depth,
+            query_rank=cfg.query_rank,
+        )
 
 
 @dataclasses.dataclass

@@ -34,74 +34,20 @@ import hashlib
 import io
 import json
 import math
-import os
 import re
-import tempfile
-import threading
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from .atomic import atomic_write, atomic_write_bytes
 from .data.missing import TEST_SETTINGS
 
 CHECKPOINT_META = "checkpoint.json"
 #: Array files of older versions (one fixed name, written before the metadata).
 LEGACY_CHECKPOINT_ARRAYS = "checkpoint.npz"
 _ARRAYS_NAME = re.compile(r"^checkpoint-(\d+)\.npz$")
-
-_UMASK_LOCK = threading.Lock()
-
-
-def _umask() -> int:
-    """The process umask, read without changing it where Linux allows."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("Umask:"):
-                return int(line.split()[1], 8)
-    except (OSError, ValueError, IndexError):
-        pass
-    with _UMASK_LOCK:  # elsewhere: set and restore (a moment in which other threads see 0o077)
-        mask = os.umask(0o077)
-        os.umask(mask)
-    return mask
-
-
-def _fsync_dir(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:  # some platforms cannot open a directory; the rename itself is atomic
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _atomic_write(path: Path, write, durable: bool = False) -> None:
-    """Write ``path`` through a temporary file and one rename (with ``durable``: fsync file and folder).
-
-    The file gets ``0o666 & ~umask`` like any file the user creates (``mkstemp`` alone
-    would leave it readable by the owner only).
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            write(handle)
-            handle.flush()
-            os.fchmod(handle.fileno(), 0o666 & ~_umask())
-            if durable:
-                os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    if durable:
-        _fsync_dir(path.parent)
 
 
 def _jsonable(value: Any) -> Any:
@@ -120,7 +66,7 @@ def _jsonable(value: Any) -> Any:
 
 def write_json(path: Path, data: Any) -> None:
     text = json.dumps(_jsonable(data), indent=2, sort_keys=False)
-    _atomic_write(Path(path), lambda h: h.write(text.encode()))
+    atomic_write_bytes(Path(path), text.encode())
 
 
 def checkpoint_arrays_name(server_round: int) -> str:
@@ -143,10 +89,10 @@ def save_checkpoint(run_dir: Path, state: Mapping[str, np.ndarray], meta: Mappin
     buffer = io.BytesIO()
     np.savez(buffer, **{k: np.asarray(v) for k, v in state.items()})
     blob = buffer.getvalue()
-    _atomic_write(run_dir / name, lambda h: h.write(blob), durable=True)
+    atomic_write(run_dir / name, lambda h: h.write(blob), durable=True)
     committed = {**meta, "arrays-file": name, "arrays-sha256": hashlib.sha256(blob).hexdigest()}
     text = json.dumps(_jsonable(committed), indent=2)
-    _atomic_write(run_dir / CHECKPOINT_META, lambda h: h.write(text.encode()), durable=True)
+    atomic_write(run_dir / CHECKPOINT_META, lambda h: h.write(text.encode()), durable=True)
     for old in run_dir.iterdir():
         stale_array = old.name != name and (_ARRAYS_NAME.match(old.name) or old.name == LEGACY_CHECKPOINT_ARRAYS)
         if stale_array or old.name.startswith((".checkpoint-", f".{CHECKPOINT_META}.")):  # left by a killed write
@@ -232,7 +178,7 @@ def write_metrics(run_dir: Path, history: Sequence[Mapping[str, Any]]) -> None:
         for row in rows:
             writer.writerow({c: _jsonable(row.get(c, "")) for c in columns})
 
-    _atomic_write(run_dir / "metrics.csv", write)
+    atomic_write(run_dir / "metrics.csv", write)
 
 
 class _TextWriter:
@@ -381,7 +327,7 @@ def plot_curves(run_dir: Path, history: Sequence[Mapping[str, Any]], metric: str
     buffer = io.BytesIO()
     fig.savefig(buffer, dpi=100, format="png")
     plt.close(fig)
-    _atomic_write(path, lambda h: h.write(buffer.getvalue()))
+    atomic_write_bytes(path, buffer.getvalue())
     return path
 
 
@@ -414,6 +360,6 @@ def write_run_outputs(
         last = max((r["round"] for r in history), default=0)
         header, _, rest = text.partition("\n\n")
         text = f"{header}\n\n**Run failed after round {last}:** {reason}\n\n{rest}"
-    _atomic_write(run_dir / "summary.md", lambda h: h.write(text.encode()))
+    atomic_write_bytes(run_dir / "summary.md", text.encode())
     plot_curves(run_dir, history, metric_name(multilabel), title)
     return summary

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch.nn import functional as F
 
-SELECTION_MODES = ("sample", "batch")
+from .config import SELECTIONS
 
 
 def cosine_relevance(queries: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
@@ -39,8 +39,8 @@ def select_prompts(relevance: torch.Tensor, kappa: int, mode: str = "sample") ->
     Returns:
         ``(B, kappa)`` long indices, sorted by decreasing relevance for ``"sample"``.
     """
-    if mode not in SELECTION_MODES:
-        raise ValueError(f"selection mode {mode!r} is not one of {SELECTION_MODES}")
+    if mode not in SELECTIONS:
+        raise ValueError(f"selection mode {mode!r} is not one of {SELECTIONS}")
     kappa = min(kappa, relevance.shape[1])
     top = relevance.topk(kappa, dim=1).indices
     if mode == "sample":

@@ -22,8 +22,10 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy.result import Result
 
 from fedprime_core import runtime
+from fedprime_core.atomic import atomic_write
 from fedprime_core.config import (
     PROFILE_VALUES,
+    RESUMABLE_KEYS,
     ConfigError,
     RunConfig,
     config_to_dict,
@@ -42,30 +44,6 @@ from .strategy import FedPrimeStrategy, NotEnoughNodesError
 from .watchdog import SuperLinkWatchdog, superlink_address
 
 connect()  # fedprime_core's lines (loading, progress) reach flwr run --stream and flwr log
-
-#: Keys that may differ between a run and its resumption; any other difference is refused.
-RESUMABLE_CHANGES = frozenset(
-    {
-        "num-server-rounds",
-        "resume",
-        "run-name",
-        "results-dir",
-        "round-timeout",
-        "eval-every",
-        "device",
-        "num-workers",
-        "server-eval",
-        "eval-batch-size",
-        "min-available-nodes",
-        "min-train-nodes",
-        "fraction-train",
-        "fraction-evaluate",
-        "max-update-norm",
-        "max-skipped-rounds",
-        "superlink-timeout",
-    }
-)
-
 
 app = ServerApp()
 
@@ -106,7 +84,7 @@ def prepare_run(
         previous = {"comm-profile": "paper", **PROFILE_VALUES["paper"], **meta.get("config", {})}
         current = config_to_dict(cfg)
         changed = sorted(
-            k for k, v in current.items() if k not in RESUMABLE_CHANGES and k in previous and previous[k] != v
+            k for k, v in current.items() if k not in RESUMABLE_KEYS and k in previous and previous[k] != v
         )
         if changed:
             raise ConfigError(
@@ -186,7 +164,7 @@ def _run(
         log(WARNING, "the run config names no data-dir for the server: no server-side evaluation (client-side only)")
     fingerprint = None
     if server_eval or state is None:
-        fingerprint = runtime.load_backbone(cfg).fingerprint
+        fingerprint = runtime.process_backbone(cfg).fingerprint
     if state is None:
         state = runtime.initial_state(cfg)
 
@@ -293,10 +271,7 @@ def save_result(run_dir: Path, result: Result) -> None:
     its metric records per round, as the strategy aggregated them (client-side train and
     evaluate metrics, server-side evaluation), for the rounds this process ran.
     """
-    tmp = run_dir / "final.npz.tmp"
-    with open(tmp, "wb") as handle:
-        np.savez(handle, **record_to_state(result.arrays))
-    tmp.replace(run_dir / "final.npz")
+    atomic_write(run_dir / "final.npz", lambda handle: np.savez(handle, **record_to_state(result.arrays)))
 
     def rounds(records: dict[int, Any]) -> dict[str, dict[str, Any]]:
         return {str(r): dict(records[r]) for r in sorted(records)}

@@ -2,12 +2,26 @@
 
 from __future__ import annotations
 
+import dataclasses
+import typing
 from pathlib import Path
 
 import pytest
 import tomllib
 
-from fedprime_core.config import OPTIONS, ConfigError, config_to_dict, load_yaml_config, parse_run_config, replace
+from fedprime_core.config import (
+    CACHED_OBJECTS,
+    OPTIONS,
+    PROFILE_VALUES,
+    RESUMABLE_KEYS,
+    ConfigError,
+    RunConfig,
+    cache_key,
+    config_to_dict,
+    load_yaml_config,
+    parse_run_config,
+    replace,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -16,6 +30,40 @@ def test_defaults_parse_and_round_trip():
     cfg = parse_run_config({})
     assert cfg.method == "fedprime" and cfg.tau == 20 and cfg.kappa == 5 and cfg.lambda_reg == 0.01
     assert parse_run_config(config_to_dict(cfg)) == cfg
+
+
+def test_run_config_class_is_the_options_table():
+    fields = dataclasses.fields(RunConfig)
+    hints = typing.get_type_hints(RunConfig)
+    assert [f.name for f in fields] == [o.attr for o in OPTIONS]
+    for option, field in zip(OPTIONS, fields):
+        default = PROFILE_VALUES["paper"][option.key] if option.profile else option.default
+        assert hints[field.name] is option.type, field.name
+        assert field.default == default and type(field.default) is type(default), field.name
+    assert RunConfig() == parse_run_config({})
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        RunConfig().seed = 1  # type: ignore[misc]
+
+
+def test_cache_keys_and_resumable_keys_come_from_the_table():
+    assert all(set(o.affects) <= set(CACHED_OBJECTS) for o in OPTIONS)
+    # shard, server-eval and model are built from the splits and the backbone: whatever changes
+    # those changes them too.
+    for option in OPTIONS:
+        if {"splits", "backbone"} & set(option.affects):
+            assert {"shard", "server-eval", "model"} <= set(option.affects), option.key
+    cfg = parse_run_config({})
+    assert cache_key(cfg, "shard") != cache_key(replace(cfg, eta=0.5), "shard")
+    assert cache_key(cfg, "model") == cache_key(replace(cfg, eta=0.5), "model")
+    assert cache_key(cfg, "backbone") != cache_key(replace(cfg, model="tiny-vilt", text_max_length=30), "backbone")
+    # A key that decides what a cached object holds cannot change on resume (the results would mix two
+    # experiments), except where the table says so: the device moves the same model.
+    for option in OPTIONS:
+        if option.resumable and option.affects:
+            assert option.key == "device", option.key
+    assert {"num-server-rounds", "resume", "device"} <= RESUMABLE_KEYS and "seed" not in RESUMABLE_KEYS
+    with pytest.raises(KeyError, match="unknown cached object"):
+        cache_key(cfg, "nothing")
 
 
 def test_pyproject_app_config_matches_the_schema():

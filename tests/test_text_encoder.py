@@ -136,7 +136,7 @@ def test_frozen_projection_is_deterministic_and_exact():
 
 # ---------------------------------------------------------------------------- projection switch
 def test_image_projection_trainable_is_exchanged_frozen_is_not(tiny_bert, frozen_bert, feature_batch):
-    from fedprime_core.runtime import backbone_fingerprint
+    from fedprime_core.backbones import backbone_fingerprint
 
     trainable, _ = tiny_bert
     expected = FEATURE_DIM * trainable.hidden_size + trainable.hidden_size
@@ -283,7 +283,7 @@ def test_jsonl_features_run_through_runtime(tmp_path):
 
     root = _write_dataset(tmp_path / "food", shape=(3, 6))
     cfg = _jsonl_config(root)
-    loaded = runtime.load_backbone(cfg)
+    loaded = runtime.process_backbone(cfg)
     assert loaded.processor.image_mode == "features" and loaded.processor.feature_shape == (3, 6)
     assert loaded.backbone.feature_dim == 6
     shard = runtime.client_shard(cfg, 0, 1)
@@ -305,7 +305,7 @@ def test_feature_shape_errors_name_the_sample(tmp_path):
 
     root = _write_dataset(tmp_path / "bad", shape=(1, 6), bad_row=("train", 5))
     cfg = _jsonl_config(root)
-    loaded = runtime.load_backbone(cfg)
+    loaded = runtime.process_backbone(cfg)
     samples = runtime.load_splits(cfg).train
     bad = next(s for s in samples if s.uid.endswith(":6"))  # row 5 is line 6
     with pytest.raises(DataError, match=r"train\.jsonl:6: image features have shape \(2, 6\)"):
@@ -314,7 +314,7 @@ def test_feature_shape_errors_name_the_sample(tmp_path):
     with pytest.raises(
         DataError, match=r"train\.jsonl:1: sample has no precomputed image features.*fedprime_core\.features"
     ):
-        runtime.load_backbone(_jsonl_config(plain))
+        runtime.process_backbone(_jsonl_config(plain))
 
 
 def test_embedded_features_are_deterministic_and_only_on_request():

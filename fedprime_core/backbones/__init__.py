@@ -9,17 +9,24 @@ Two families are implemented:
   batches carry ``image_features`` ``(B, F, d_img)``).
 
 :func:`load_backbone` is the registry: ``load_backbone(kind, model, ...)`` returns the
-backbone with what its input processing needs (tokenizer, and the image processor in pixel
-mode). Importing this package is light (no torch / transformers import); the
-implementations are imported on first use.
+backbone with its input processing and the fingerprint of its frozen weights. Importing
+this package is light (no torch / transformers import); the implementations are imported
+on first use.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
+import logging
+import time
 from pathlib import Path
 from typing import Any
+
+from ..progress import format_duration
+
+LOGGER = logging.getLogger(__name__)
 
 #: backbone kind -> how it sees images (``"pixels"`` or ``"features"``).
 IMAGE_MODES: dict[str, str] = {"vilt": "pixels", "text-encoder": "features"}
@@ -30,21 +37,19 @@ TEXT_ENCODER_MODELS: tuple[str, ...] = ("tiny-bert", "all-MiniLM-L6-v2", "senten
 
 
 @dataclasses.dataclass
-class BackboneParts:
-    """A loaded frozen backbone and what turns records into its batches.
+class LoadedBackbone:
+    """A loaded frozen backbone, what turns records into its batches, and a fingerprint of its weights.
 
     Attributes:
         backbone: the :class:`~fedprime_core.backbones.base.Backbone`.
-        tokenizer: its tokenizer.
-        image_processor: the image processor (pixel mode), ``None`` in feature mode.
-        image_mode: ``"pixels"`` or ``"features"``.
+        processor: its input processing (tokenizer, and the image processor in pixel mode).
+        fingerprint: :func:`backbone_fingerprint` of its frozen weights.
         source: the directory or hub id the weights were loaded from.
     """
 
     backbone: Any
-    tokenizer: Any
-    image_processor: Any | None
-    image_mode: str
+    processor: Any
+    fingerprint: str
     source: str
 
 
@@ -85,34 +90,63 @@ def load_backbone(
     kind: str,
     model: str,
     *,
-    text_max_length: int = 0,
+    text_max_length: int,
     image_size: int = 0,
-    feature_dim: int | None = None,
+    feature_shape: tuple[int, int] | None = None,
     image_projection: str = "trainable",
-) -> BackboneParts:
+) -> LoadedBackbone:
     """Load a frozen backbone of ``kind`` from ``model`` (a known name, hub id or local directory).
 
     Args:
         kind: ``"vilt"`` or ``"text-encoder"``.
         model: weights (see the ``model`` config key).
-        text_max_length: tokens per text (0: the checkpoint's default).
+        text_max_length: tokens per text.
         image_size: shortest image side (pixel mode; 0: the processor default).
-        feature_dim: ``d_img`` of the precomputed image features (feature mode, required).
+        feature_shape: ``(F, d_img)`` of the precomputed image features (feature mode, required).
         image_projection: ``"trainable"`` or ``"frozen"`` projection of the features (feature mode).
     """
-    mode = image_mode(kind)
-    if kind == "vilt":
+    from ..data.processing import MultimodalProcessor
+
+    started = time.perf_counter()
+    if model not in ("tiny-vilt", "tiny-bert"):  # the tiny ones load in a second
+        LOGGER.info("loading backbone %s (%s) ...", model, kind)
+    if image_mode(kind) == "pixels":
         from .vilt import load_image_processor, load_vilt, resolve_vilt_source
 
         backbone, tokenizer = load_vilt(model, text_max_length=text_max_length)
         source = resolve_vilt_source(model)
-        return BackboneParts(backbone, tokenizer, load_image_processor(source, image_size), mode, source)
-    from .text_encoder import load_text_encoder, resolve_text_encoder_source
+        processor = MultimodalProcessor(tokenizer, load_image_processor(source, image_size), text_max_length)
+    else:
+        from .text_encoder import load_text_encoder, resolve_text_encoder_source
 
-    if feature_dim is None:
-        raise ValueError("the text-encoder backbone needs feature_dim (the width of the precomputed image features)")
-    source = resolve_text_encoder_source(model)
-    backbone, tokenizer = load_text_encoder(
-        source, feature_dim=feature_dim, image_projection=image_projection, text_max_length=text_max_length
+        if feature_shape is None:
+            raise ValueError("the text-encoder backbone needs feature_shape (the shape of the precomputed features)")
+        source = resolve_text_encoder_source(model)
+        backbone, tokenizer = load_text_encoder(
+            source, feature_dim=feature_shape[1], image_projection=image_projection, text_max_length=text_max_length
+        )
+        processor = MultimodalProcessor(
+            tokenizer, None, text_max_length=text_max_length, image_mode="features", feature_shape=feature_shape
+        )
+    fingerprint = backbone_fingerprint(backbone)
+    LOGGER.info(
+        "loaded backbone %s (%s) from %s in %s, fingerprint %s",
+        model,
+        kind,
+        source,
+        format_duration(time.perf_counter() - started),
+        fingerprint,
     )
-    return BackboneParts(backbone, tokenizer, None, mode, source)
+    return LoadedBackbone(backbone, processor, fingerprint, source)
+
+
+def backbone_fingerprint(backbone: Any) -> str:
+    """Short SHA-256 of the frozen weights: clients and server must agree on it."""
+    digest = hashlib.sha256()
+    trainable = {name for name, p in backbone.named_parameters() if p.requires_grad}
+    for name, tensor in sorted(backbone.state_dict().items()):
+        if name in trainable:
+            continue
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]

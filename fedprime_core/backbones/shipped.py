@@ -41,6 +41,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..atomic import atomic_write_bytes
+
 LOGGER = logging.getLogger(__name__)
 
 FORMAT = "fedprime-tensors/1"
@@ -87,10 +89,7 @@ def write_shipped(path: Path, name: str, version: int, state: Mapping[str, torch
     sha = tensor_digest(state)
     record = {"format": FORMAT, "model": name, "version": version, "sha256": sha, "made-with": made_with}
     record["tensors"] = tensors
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(record, indent=1) + "\n")
-    tmp.replace(path)
+    atomic_write_bytes(path, (json.dumps(record, indent=1) + "\n").encode())
     return sha
 
 

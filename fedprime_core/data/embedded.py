@@ -31,6 +31,7 @@ import dataclasses
 
 import numpy as np
 
+from ..config import DEFAULT_TEXT_LENGTHS
 from .records import DatasetSplits, Sample
 
 CLASSES = ("apple-pie", "bibimbap", "caesar-salad", "donuts", "edamame", "falafel", "gyoza", "hummus")
@@ -92,7 +93,7 @@ FILLER_WORDS = (
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 
 IMAGE_SIZE = 64
-TEXT_MAX_LENGTH = 24
+TEXT_MAX_LENGTH = DEFAULT_TEXT_LENGTHS["embedded"]
 _GRID = 4
 _PALETTE = 3
 #: The synthetic "world" (class prototypes) is fixed; the sample seed only draws samples,

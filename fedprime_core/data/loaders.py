@@ -40,6 +40,7 @@ from typing import Any
 import pyarrow as pa
 from PIL import Image
 
+from ..config import DATA_LAYOUTS, DEFAULT_TEXT_LENGTHS, MMIMDB_PROTOCOLS
 from ..progress import Progress
 from .records import DataError, DatasetSplits, Sample
 
@@ -52,12 +53,6 @@ MMIMDB_GENRES: tuple[str, ...] = (
     "Documentary", "Mystery", "Sci-Fi", "Fantasy", "Family", "Biography", "War", "History", "Music",
     "Animation", "Musical", "Western", "Sport", "Short", "Film-Noir",
 )  # fmt: skip
-
-#: Layouts accepted by :func:`load_dataset`.
-LAYOUTS: tuple[str, ...] = ("auto", "jsonl", "arrow")
-
-#: MM-IMDB protocols: the paper's single-genre top-8 single-label task, or every genre multi-label.
-MMIMDB_PROTOCOLS: tuple[str, ...] = ("paper", "multilabel")
 
 #: Genres the paper protocol keeps when ``num_classes`` is 0.
 PAPER_NUM_CLASSES = 8
@@ -88,7 +83,7 @@ _SPECS: dict[str, _Spec] = {
     "food101": _Spec(
         name="food101",
         multilabel=False,
-        text_max_length=40,
+        text_max_length=DEFAULT_TEXT_LENGTHS["food101"],
         jsonl_label_fields=("label",),
         arrow_files=("food101_train.arrow", "food101_val.arrow", "food101_test.arrow"),
         arrow_text_column="text",
@@ -96,7 +91,7 @@ _SPECS: dict[str, _Spec] = {
     "mmimdb": _Spec(
         name="mmimdb",
         multilabel=True,
-        text_max_length=128,
+        text_max_length=DEFAULT_TEXT_LENGTHS["mmimdb"],
         jsonl_label_fields=("label", "labels", "genres"),
         arrow_files=("mmimdb_train.arrow", "mmimdb_dev.arrow", "mmimdb_test.arrow"),
         arrow_text_column="plots",
@@ -295,8 +290,8 @@ def load_dataset(
     if unknown_splits:
         raise ValueError(f"required splits must be among {_SPLITS}, got {unknown_splits}")
     root = Path(os.path.abspath(os.fspath(root)))
-    if layout not in LAYOUTS:
-        raise DataError(f"unknown layout {layout!r}; expected one of {', '.join(LAYOUTS)}")
+    if layout not in DATA_LAYOUTS:
+        raise DataError(f"unknown layout {layout!r}; expected one of {', '.join(DATA_LAYOUTS)}")
     if not root.is_dir():
         raise DataError(
             f"dataset root {str(root)!r} does not exist or is not a folder; expected it to hold "
