@@ -8,8 +8,8 @@ PFPT's probabilistic prompt aggregation is not this engine: it lives in
 :mod:`fedprime_core.pfpt` (centroids optimised jointly with both networks, PFPT's
 initialisation and output rule).
 
-Alignment model (ALGORITHM.md section 3)
-----------------------------------------
+Alignment model
+---------------
 Client ``t`` sends ``m_t`` prompts ``p_t^1..p_t^{m_t}`` (only those it actually used).
 Each prompt is assigned to one cluster ``q`` (``alpha_t^{p,q} in {0,1}``); two prompts of
 one client never share a cluster. Cluster centres ``theta_q`` become the new global prompts.

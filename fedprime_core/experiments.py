@@ -78,13 +78,13 @@ from .cli import to_toml
 from .config import ConfigError, at_profile, config_to_dict, parse_run_config, profile_keys, with_profile
 from .data.missing import TEST_SETTINGS
 from .launch import APP_DIR, flower_env, run_flwr, stage_app, stop_marked
+from .metrics import headline_metric
 from .progress import format_duration
 from .yamlio import read_yaml_mapping
 
 ABLATION_METHODS = ("fedavg-p", "fed-intra", "fed-inter", "fedprime")
 #: Run-config keys naming files or folders: a relative value is relative to the grid file's folder.
 PATH_KEYS = ("missing-table", "data-dir")
-ROBUSTNESS_METHODS = ("fedprime", "fedavg-p", "centralized-p")
 _CELL_KEYS = ("method", "missing-setting", "eta", "seed")
 
 
@@ -219,7 +219,8 @@ def load_plan(path: str | Path) -> Plan:
             grids = (*previous.grids, grid_name) if previous else (grid_name,)
             cells[cname] = Cell(cname, config, grids)
     datasets = {c.config["dataset"] for c in cells.values()}
-    metric = "macro_f1" if datasets == {"mmimdb"} else "accuracy"
+    headline = {headline_metric(dataset) for dataset in datasets}
+    metric = headline.pop() if len(headline) == 1 else "accuracy"  # a mixed grid: accuracy, which every set has
     tables = _parse_tables(path, spec.get("tables"), spec["grids"], tuple(cells.values()))
     return Plan(
         name, output, dict(spec.get("federation") or {}), tuple(cells.values()), metric, path.parent.resolve(), tables

@@ -189,9 +189,9 @@ class _TextWriter:
         return self.handle.write(text.encode())
 
 
-def metric_name(multilabel: bool) -> str:
-    """Headline metric: accuracy (Food-101) or macro-F1 (MM-IMDB)."""
-    return "macro_f1" if multilabel else "accuracy"
+def metric_name(macro_f1: bool) -> str:
+    """The name of the headline metric from whether it is macro-F1 (:func:`~fedprime_core.metrics.headline_metric`)."""
+    return "macro_f1" if macro_f1 else "accuracy"
 
 
 def communication_summary(history: Sequence[Mapping[str, Any]]) -> dict[str, Any] | None:

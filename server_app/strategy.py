@@ -41,7 +41,7 @@ from fedprime_core.failures import ClientOutcome, RunFailed, one_line, parse_rea
 from fedprime_core.federated import AggregationSettings, GlobalState, validate_update
 from fedprime_core.methods import method_spec
 from fedprime_core.progress import format_duration
-from fedprime_core.results import save_checkpoint, write_json, write_run_outputs
+from fedprime_core.results import metric_name, save_checkpoint, write_json, write_run_outputs
 
 from .messages import (
     ARRAYS,
@@ -652,7 +652,7 @@ class FedPrimeStrategy(FedAvg):
         )
 
     def _log_eval(self, server_round: int, evaluation: dict[str, dict[str, float]]) -> None:
-        metric = "macro_f1" if self.multilabel else "accuracy"
+        metric = metric_name(self.multilabel)
         parts = ", ".join(f"{name} {100 * m.get(metric, float('nan')):.1f}" for name, m in evaluation.items())
         log(INFO, "round %d server-side %s (%%): %s", server_round, metric, parts)
 

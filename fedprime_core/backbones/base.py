@@ -40,7 +40,6 @@ class Backbone(nn.Module, abc.ABC):
     Attributes:
         hidden_size: width ``d`` of every token.
         num_layers: number of transformer blocks.
-        default_text_length: tokens per text the backbone was built for.
     """
 
     hidden_size: int

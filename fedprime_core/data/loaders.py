@@ -41,6 +41,7 @@ import pyarrow as pa
 from PIL import Image
 
 from ..config import DATA_LAYOUTS, DEFAULT_TEXT_LENGTHS, MMIMDB_PROTOCOLS
+from ..metrics import headline_metric
 from ..progress import Progress
 from .records import DataError, DatasetSplits, Sample
 
@@ -135,8 +136,7 @@ def dataset_traits(name: str, mmimdb_protocol: str = "paper") -> tuple[bool, str
     spec = _spec(name)
     _check_protocol(mmimdb_protocol)
     multilabel = spec.multilabel and mmimdb_protocol == "multilabel"
-    metric = "macro_f1" if spec.name == "mmimdb" else "accuracy"
-    return multilabel, metric, spec.text_max_length
+    return multilabel, headline_metric(spec.name), spec.text_max_length
 
 
 def read_class_list(path: str | Path) -> tuple[str, ...]:
@@ -300,7 +300,7 @@ def load_dataset(
     if layout == "auto":
         layout = _detect_layout(spec, root)
     paper = spec.name == "mmimdb" and mmimdb_protocol == "paper"
-    multilabel, metric, _ = dataset_traits(spec.name, mmimdb_protocol)
+    multilabel, _, _ = dataset_traits(spec.name, mmimdb_protocol)
 
     read: Callable[[Path], _SplitRows]
     if layout == "jsonl":
@@ -387,7 +387,6 @@ def load_dataset(
         multilabel=multilabel,
         text_max_length=spec.text_max_length,
         name=spec.name,
-        metric=metric,
         skipped_empty=skipped_empty,
     )
 

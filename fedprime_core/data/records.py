@@ -8,6 +8,8 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
+from ..metrics import headline_metric
+
 #: An image: a file path, encoded bytes (arrow layout), a ``(H, W, 3)`` uint8 array
 #: (generated data), or ``None`` when the dataset has no image for the sample.
 ImageSource = str | bytes | np.ndarray | None
@@ -79,8 +81,6 @@ class DatasetSplits:
         multilabel: labels are tuples and training uses BCE (MM-IMDB genres).
         text_max_length: default tokens per text for this dataset.
         name: dataset name, for reports.
-        metric: the headline metric, ``"accuracy"`` or ``"macro_f1"`` (MM-IMDB, also in
-            the single-label paper protocol); ``""`` derives it from ``multilabel``.
         skipped_empty: per split, rows skipped because they had neither text nor image.
     """
 
@@ -91,7 +91,6 @@ class DatasetSplits:
     multilabel: bool
     text_max_length: int
     name: str
-    metric: str = ""
     skipped_empty: Mapping[str, int] = dataclasses.field(default_factory=dict)
 
     @property
@@ -100,8 +99,8 @@ class DatasetSplits:
 
     @property
     def headline_metric(self) -> str:
-        """``"macro_f1"`` or ``"accuracy"``: what results tables report first."""
-        return self.metric or ("macro_f1" if self.multilabel else "accuracy")
+        """What results report first: :func:`~fedprime_core.metrics.headline_metric` of the dataset."""
+        return headline_metric(self.name)
 
 
 def primary_labels(samples: Sequence[Sample]) -> np.ndarray:
