@@ -67,10 +67,11 @@ def _backbones(quick: bool) -> list[tuple[str, str, Any]]:
     from fedprime_core.backbones.text_encoder import minilm_package_dir
 
     def tiny_vilt():
-        from fedprime_core.backbones.vilt import load_image_processor, load_vilt, resolve_vilt_source
+        from fedprime_core.backbones import resolve_source
+        from fedprime_core.backbones.vilt import load_image_processor, load_vilt
 
-        backbone, tokenizer = load_vilt("tiny-vilt")
-        processor = load_image_processor(resolve_vilt_source("tiny-vilt"))
+        backbone, tokenizer = load_vilt(resolve_source("vilt", "tiny-vilt"))
+        processor = load_image_processor(resolve_source("vilt", "tiny-vilt"))
         return backbone, _embedded_batch(tokenizer, {"image_processor": processor})
 
     def vilt_b32():

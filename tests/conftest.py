@@ -22,9 +22,10 @@ torch.set_num_threads(2)
 @pytest.fixture(scope="session")
 def tiny_vilt():
     """The offline pretrained tiny ViLT (generated once per machine, about a minute)."""
+    from fedprime_core.backbones import resolve_source
     from fedprime_core.backbones.vilt import load_vilt
 
-    return load_vilt("tiny-vilt")
+    return load_vilt(resolve_source("vilt", "tiny-vilt"))
 
 
 @pytest.fixture()

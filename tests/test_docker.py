@@ -339,7 +339,8 @@ def test_demo_runs_end_to_end_with_every_client_contributing(tmp_path):
     reason = docker_engine()
     if reason:
         pytest.skip(reason)
-    from fedprime_core.backbones.tiny import ensure_tiny_vilt, fedprime_cache_dir
+    from fedprime_core.backbones.generated import fedprime_cache_dir
+    from fedprime_core.backbones.tiny import ensure_tiny_vilt
 
     ensure_tiny_vilt()  # seeds the containers' model cache: no second generation (minutes)
     env = {

@@ -81,10 +81,11 @@ def test_keeping_the_pooler_frozen_needs_a_pretrained_pooler():
 
 @pytest.fixture(scope="module")
 def image_only_data(tiny_vilt):
-    from fedprime_core.backbones.vilt import load_image_processor, resolve_vilt_source
+    from fedprime_core.backbones import resolve_source
+    from fedprime_core.backbones.vilt import load_image_processor
 
     _, tokenizer = tiny_vilt
-    processor = MultimodalProcessor(tokenizer, load_image_processor(resolve_vilt_source("tiny-vilt")), 24)
+    processor = MultimodalProcessor(tokenizer, load_image_processor(resolve_source("vilt", "tiny-vilt")), 24)
 
     def dataset(count: int, seed: int) -> MultimodalDataset:
         return MultimodalDataset(

@@ -16,10 +16,11 @@ from fedprime_core.retrieval import cosine_relevance, retrieval_regulariser, sel
 
 @pytest.fixture(scope="module")
 def batch(tiny_vilt):
-    from fedprime_core.backbones.vilt import load_image_processor, resolve_vilt_source
+    from fedprime_core.backbones import resolve_source
+    from fedprime_core.backbones.vilt import load_image_processor
 
     _, tokenizer = tiny_vilt
-    processor = MultimodalProcessor(tokenizer, load_image_processor(resolve_vilt_source("tiny-vilt")), 24)
+    processor = MultimodalProcessor(tokenizer, load_image_processor(resolve_source("vilt", "tiny-vilt")), 24)
     samples = make_embedded_dataset(seed=1, num_train=12, num_dev=0, num_test=0).train
     patterns = sample_patterns(12, setting_mixture("miss-both", 0.5), np.random.default_rng(0))
     data = MultimodalDataset(samples, patterns, processor, num_classes=8)
@@ -146,9 +147,14 @@ def test_missing_aware_prompts_follow_the_sample_pattern(tiny_vilt, batch):
 
 
 def test_pretrained_source_is_a_checked_directory_or_a_hub_id(tmp_path):
+    from fedprime_core.backbones import resolve_source
     from fedprime_core.backbones.base import resolve_pretrained_source
-    from fedprime_core.backbones.text_encoder import resolve_text_encoder_source
-    from fedprime_core.backbones.vilt import resolve_vilt_source
+
+    def resolve_vilt_source(model: str) -> str:
+        return resolve_source("vilt", model)
+
+    def resolve_text_encoder_source(model: str) -> str:
+        return resolve_source("text-encoder", model)
 
     for resolve in (resolve_pretrained_source, resolve_vilt_source, resolve_text_encoder_source):
         assert resolve("dandelin/vilt-b32-mlm") == "dandelin/vilt-b32-mlm"

@@ -191,7 +191,8 @@ def test_aggregate_round_runs_pfpt_and_averages_the_rest():
 # The client model: L2P as PFPT builds it
 # ---------------------------------------------------------------------------------------
 def test_pfpt_pool_uses_the_prompt_as_key_and_the_frozen_cls_query(tiny_vilt):
-    from fedprime_core.backbones.vilt import load_image_processor, resolve_vilt_source
+    from fedprime_core.backbones import resolve_source
+    from fedprime_core.backbones.vilt import load_image_processor
     from fedprime_core.data.embedded import make_embedded_dataset
     from fedprime_core.data.missing import sample_patterns, setting_mixture
     from fedprime_core.data.processing import MultimodalDataset, MultimodalProcessor, collate
@@ -199,7 +200,7 @@ def test_pfpt_pool_uses_the_prompt_as_key_and_the_frozen_cls_query(tiny_vilt):
     from fedprime_core.retrieval import cosine_relevance
 
     backbone, tokenizer = tiny_vilt
-    processor = MultimodalProcessor(tokenizer, load_image_processor(resolve_vilt_source("tiny-vilt")), 24)
+    processor = MultimodalProcessor(tokenizer, load_image_processor(resolve_source("vilt", "tiny-vilt")), 24)
     samples = make_embedded_dataset(seed=2, num_train=6, num_dev=0, num_test=0).train
     data = MultimodalDataset(
         samples, sample_patterns(6, setting_mixture("none", 0.0), np.random.default_rng(0)), processor, num_classes=8

@@ -274,13 +274,14 @@ def test_real_missing_patterns_reach_the_model_exactly_like_simulated_ones(tiny_
     complete row whose text (image) the simulation removed: missing_type, empty text, all-ones image."""
     import torch
 
-    from fedprime_core.backbones.vilt import load_image_processor, resolve_vilt_source
+    from fedprime_core.backbones import resolve_source
+    from fedprime_core.backbones.vilt import load_image_processor
     from fedprime_core.data.processing import MultimodalDataset, MultimodalProcessor, collate
     from fedprime_core.methods import method_spec
     from fedprime_core.model import PromptedModel, PromptSettings
 
     backbone, tokenizer = tiny_vilt
-    processor = MultimodalProcessor(tokenizer, load_image_processor(resolve_vilt_source("tiny-vilt")), 12)
+    processor = MultimodalProcessor(tokenizer, load_image_processor(resolve_source("vilt", "tiny-vilt")), 12)
     image = (np.arange(64 * 64 * 3) % 251).astype(np.uint8).reshape(64, 64, 3)
     complete = Sample(text="apple cinnamon pie", image=image, label=0, uid="c")
     no_text = Sample(text="", image=image, label=0, uid="t")

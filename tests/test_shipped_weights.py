@@ -11,8 +11,8 @@ import torch
 
 from fedprime_core.backbones import shipped
 from fedprime_core.backbones.shipped import ShippedWeightsError, read_shipped, shipped_path, tensor_digest
-from fedprime_core.backbones.text_encoder import TINY_BERT, TINY_BERT_VERSION, ensure_tiny_bert
 from fedprime_core.backbones.tiny import TINY_VILT, TINY_VILT_VERSION, ensure_tiny_vilt
+from fedprime_core.backbones.tiny_bert import TINY_BERT, TINY_BERT_VERSION, ensure_tiny_bert
 from fedprime_core.launch import APP_DIR, stage_app
 
 MODELS = [(TINY_VILT, TINY_VILT_VERSION), (TINY_BERT, TINY_BERT_VERSION)]
@@ -29,7 +29,7 @@ def test_shipped_files_carry_their_checksum_and_provenance(name, version):
 
 
 def test_loading_unpacks_the_shipped_weights_and_never_generates(tmp_path, monkeypatch):
-    from fedprime_core.backbones import text_encoder, tiny
+    from fedprime_core.backbones import resolve_source, tiny, tiny_bert
     from fedprime_core.backbones.text_encoder import load_text_encoder
     from fedprime_core.backbones.vilt import load_vilt
 
@@ -38,8 +38,8 @@ def test_loading_unpacks_the_shipped_weights_and_never_generates(tmp_path, monke
 
     monkeypatch.setenv("FEDPRIME_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr(tiny, "_pretrain", no_generation)
-    monkeypatch.setattr(text_encoder, "_pretrain_tiny_bert", no_generation)
-    backbone, _ = load_vilt("tiny-vilt")
+    monkeypatch.setattr(tiny_bert, "_pretrain_tiny_bert", no_generation)
+    backbone, _ = load_vilt(resolve_source("vilt", "tiny-vilt"))
     vilt_state, vilt_header = read_shipped(shipped_path(TINY_VILT, TINY_VILT_VERSION))
     assert tensor_digest(backbone.vilt.state_dict()) == vilt_header["sha256"]
     folder = ensure_tiny_vilt()

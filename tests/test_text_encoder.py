@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from fedprime_core.backbones import model_family
+from fedprime_core.backbones import model_family, resolve_source
 from fedprime_core.backbones.text_encoder import (
     TextEncoderBackbone,
     load_text_encoder,
@@ -36,7 +36,7 @@ PROJECTION = ("backbone.image_projection.weight", "backbone.image_projection.bia
 @pytest.fixture(scope="module")
 def tiny_bert():
     """The generated tiny BERT (trainable projection) and its tokenizer."""
-    return load_text_encoder(resolve_text_encoder_source("tiny-bert"), FEATURE_DIM, "trainable")
+    return load_text_encoder(resolve_source("text-encoder", "tiny-bert"), FEATURE_DIM, "trainable")
 
 
 @pytest.fixture(scope="module")
@@ -62,10 +62,11 @@ def feature_batch(tiny_bert):
 
 @pytest.fixture(scope="module")
 def pixel_batch(tiny_vilt):
-    from fedprime_core.backbones.vilt import load_image_processor, resolve_vilt_source
+    from fedprime_core.backbones import resolve_source
+    from fedprime_core.backbones.vilt import load_image_processor
 
     _, tokenizer = tiny_vilt
-    processor = MultimodalProcessor(tokenizer, load_image_processor(resolve_vilt_source("tiny-vilt")), 24)
+    processor = MultimodalProcessor(tokenizer, load_image_processor(resolve_source("vilt", "tiny-vilt")), 24)
     samples = make_embedded_dataset(seed=1, num_train=N, num_dev=0, num_test=0).train
     data = MultimodalDataset(samples, _patterns(), processor, num_classes=8)
     return collate([data[i] for i in range(N)])

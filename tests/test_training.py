@@ -36,10 +36,11 @@ def one_modality_samples(modality: str, count: int, seed: int) -> list[Sample]:
 
 @pytest.mark.parametrize("modality", ["image", "text"])
 def test_training_beats_chance_through_one_modality(tiny_vilt, modality):
-    from fedprime_core.backbones.vilt import load_image_processor, resolve_vilt_source
+    from fedprime_core.backbones import resolve_source
+    from fedprime_core.backbones.vilt import load_image_processor
 
     backbone, tokenizer = tiny_vilt
-    processor = MultimodalProcessor(tokenizer, load_image_processor(resolve_vilt_source("tiny-vilt")), 24)
+    processor = MultimodalProcessor(tokenizer, load_image_processor(resolve_source("vilt", "tiny-vilt")), 24)
 
     def dataset(count: int, seed: int) -> MultimodalDataset:
         return MultimodalDataset(
@@ -60,10 +61,11 @@ def test_training_beats_chance_through_one_modality(tiny_vilt, modality):
 
 
 def test_fedprox_term_keeps_weights_near_the_start(tiny_vilt):
-    from fedprime_core.backbones.vilt import load_image_processor, resolve_vilt_source
+    from fedprime_core.backbones import resolve_source
+    from fedprime_core.backbones.vilt import load_image_processor
 
     backbone, tokenizer = tiny_vilt
-    processor = MultimodalProcessor(tokenizer, load_image_processor(resolve_vilt_source("tiny-vilt")), 24)
+    processor = MultimodalProcessor(tokenizer, load_image_processor(resolve_source("vilt", "tiny-vilt")), 24)
     data = MultimodalDataset(
         one_modality_samples("image", 96, 2), np.zeros(96, int), processor, CLASSES, cache_images=True
     )

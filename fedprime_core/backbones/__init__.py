@@ -31,9 +31,12 @@ LOGGER = logging.getLogger(__name__)
 #: backbone kind -> how it sees images (``"pixels"`` or ``"features"``).
 IMAGE_MODES: dict[str, str] = {"vilt": "pixels", "text-encoder": "features"}
 
+#: The generated tiny models (:mod:`.tiny`, :mod:`.tiny_bert`), unpacked from shipped weights on first use.
+TINY_VILT = "tiny-vilt"
+TINY_BERT = "tiny-bert"
 #: Model names each family understands besides hub ids and local directories.
-VILT_MODELS: tuple[str, ...] = ("tiny-vilt",)
-TEXT_ENCODER_MODELS: tuple[str, ...] = ("tiny-bert", "all-MiniLM-L6-v2", "sentence-transformers/all-MiniLM-L6-v2")
+VILT_MODELS: tuple[str, ...] = (TINY_VILT,)
+TEXT_ENCODER_MODELS: tuple[str, ...] = (TINY_BERT, "all-MiniLM-L6-v2", "sentence-transformers/all-MiniLM-L6-v2")
 
 
 @dataclasses.dataclass
@@ -86,6 +89,30 @@ def model_family(model: str) -> str | None:
     return "vilt" if config["model_type"] == "vilt" else "text-encoder"
 
 
+def resolve_source(kind: str, model: str) -> str:
+    """Map the ``model`` config value of a ``kind`` backbone to something ``from_pretrained`` accepts.
+
+    A tiny model is unpacked once from its shipped weights into ``$FEDPRIME_CACHE`` (its folder
+    is returned); anything else goes to the family's resolver (for ViLT: a local directory
+    or a hub id; for text encoders also the ``all-MiniLM-L6-v2`` package).
+    """
+    if image_mode(kind) == "pixels":
+        if model == TINY_VILT:
+            from .tiny import ensure_tiny_vilt
+
+            return str(ensure_tiny_vilt())
+        from .base import resolve_pretrained_source
+
+        return resolve_pretrained_source(model)
+    if model == TINY_BERT:
+        from .tiny_bert import ensure_tiny_bert
+
+        return str(ensure_tiny_bert())
+    from .text_encoder import resolve_text_encoder_source
+
+    return resolve_text_encoder_source(model)
+
+
 def load_backbone(
     kind: str,
     model: str,
@@ -111,17 +138,17 @@ def load_backbone(
     if model not in ("tiny-vilt", "tiny-bert"):  # the tiny ones load in a second
         LOGGER.info("loading backbone %s (%s) ...", model, kind)
     if image_mode(kind) == "pixels":
-        from .vilt import load_image_processor, load_vilt, resolve_vilt_source
+        from .vilt import load_image_processor, load_vilt
 
-        backbone, tokenizer = load_vilt(model, text_max_length=text_max_length)
-        source = resolve_vilt_source(model)
+        source = resolve_source(kind, model)
+        backbone, tokenizer = load_vilt(source, text_max_length=text_max_length)
         processor = MultimodalProcessor(tokenizer, load_image_processor(source, image_size), text_max_length)
     else:
-        from .text_encoder import load_text_encoder, resolve_text_encoder_source
+        from .text_encoder import load_text_encoder
 
         if feature_shape is None:
             raise ValueError("the text-encoder backbone needs feature_shape (the shape of the precomputed features)")
-        source = resolve_text_encoder_source(model)
+        source = resolve_source(kind, model)
         backbone, tokenizer = load_text_encoder(
             source, feature_dim=feature_shape[1], image_projection=image_projection, text_max_length=text_max_length
         )

@@ -24,14 +24,8 @@ fingerprint of their frozen backbone so the server can warn when machines disagr
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
-import functools
 import logging
-import os
-import platform
-import shutil
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -40,11 +34,12 @@ import torch
 from torch import nn
 from transformers import ViltConfig, ViltModel
 
-from ..progress import Progress
+from . import TINY_VILT
+from .generated import ensure_tiny, made_with, masked_tokens, pretrain, single_thread
+from .vilt import make_image_processor
 
 LOGGER = logging.getLogger(__name__)
 
-TINY_VILT = "tiny-vilt"
 #: Bumped whenever the generated model changes (v6: generated on one thread, shipped).
 TINY_VILT_VERSION = 6
 TINY_VILT_SEED = 20250615
@@ -53,11 +48,6 @@ PRETRAIN_BATCH = 64
 PRETRAIN_CORPUS = 3000
 PRETRAIN_LR = 1e-3
 _CORPUS_SEED = 424242
-
-
-def fedprime_cache_dir() -> Path:
-    """Where generated models live: ``$FEDPRIME_CACHE`` or ``~/.cache/fedprime``."""
-    return Path(os.environ.get("FEDPRIME_CACHE", Path.home() / ".cache" / "fedprime"))
 
 
 def tiny_vilt_config(vocab_size: int) -> ViltConfig:
@@ -72,62 +62,6 @@ def tiny_vilt_config(vocab_size: int) -> ViltConfig:
         patch_size=16,
         max_position_embeddings=40,
     )
-
-
-@contextlib.contextmanager
-def single_thread() -> Iterator[None]:
-    """Run torch on one CPU thread inside the block.
-
-    The generators run on one thread: a reduction's order, hence the last bits of the
-    result, then does not depend on the machine's core count, and a model this small
-    gains nothing from more threads (oversubscribed threads on a busy machine made
-    generation 10x slower: 572 s instead of 49 s, measured on this project's 2 cores).
-    """
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-
-
-def made_with(generator: str, **extra: Any) -> dict[str, Any]:
-    """Provenance recorded with generated weights: generator, its settings, the software and CPU."""
-    import transformers
-
-    return {
-        "generator": generator,
-        **extra,
-        "threads": 1,
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "numpy": np.__version__,
-        "machine": platform.machine(),
-    }
-
-
-@contextlib.contextmanager
-def _quiet_transformers_bars() -> Iterator[None]:
-    from transformers.utils import logging as hf_logging
-
-    shown = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        if shown:
-            hf_logging.enable_progress_bar()
-
-
-@contextlib.contextmanager
-def _file_lock(path: Path):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def smooth_patch_filters_(model: ViltModel, generator: torch.Generator, frequencies: int = 3) -> None:
@@ -160,124 +94,40 @@ def _pretrain(model: ViltModel, tokenizer, image_processor, steps: int) -> dict[
     text_keys = ("input_ids", "attention_mask", "token_type_ids")
     vocab = len(tokenizer)
     hidden = model.config.hidden_size
-    mask_id = tokenizer.mask_token_id
-    first_word = max(tokenizer.all_special_ids) + 1
     mlm_head = nn.Linear(hidden, vocab)
     itm_head = nn.Linear(hidden, 2)
-    params = list(model.parameters()) + list(mlm_head.parameters()) + list(itm_head.parameters())
-    optimizer = torch.optim.AdamW(params, lr=PRETRAIN_LR, weight_decay=0.01)
-    generator = torch.Generator().manual_seed(TINY_VILT_SEED)
-    model.train()
-    losses = {"mlm": 0.0, "itm": 0.0}
-    progress = Progress(f"generating {TINY_VILT}", steps, unit="pretraining steps", logger=LOGGER, announce=True)
-    for step in range(steps):
-        idx = torch.randint(0, len(dataset), (PRETRAIN_BATCH,), generator=generator)
+
+    def losses(idx: torch.Tensor, generator: torch.Generator) -> dict[str, torch.Tensor]:
         batch = {k: data[k][idx].clone() for k in (*text_keys, "pixel_values", "pixel_mask")}
-        negative = torch.rand(PRETRAIN_BATCH, generator=generator) < 0.5
+        negative = torch.rand(PRETRAIN_BATCH, generator=generator) < 0.5  # image-text matching: half mismatched
         other = torch.randint(0, len(dataset), (PRETRAIN_BATCH,), generator=generator)
         for key in text_keys:
             batch[key][negative] = data[key][other][negative]
-        ids = batch["input_ids"]
-        masked = (torch.rand(ids.shape, generator=generator) < 0.15) & (ids >= first_word)
-        targets = torch.where(masked, ids, torch.full_like(ids, -100))
-        batch["input_ids"] = torch.where(masked, torch.full_like(ids, mask_id), ids)
+        batch["input_ids"], targets = masked_tokens(batch["input_ids"], tokenizer, generator)
         out = model(**batch)
-        text_states = out.last_hidden_state[:, : ids.shape[1]]
+        text_states = out.last_hidden_state[:, : targets.shape[1]]
         mlm = nn.functional.cross_entropy(
             mlm_head(text_states).reshape(-1, vocab), targets.reshape(-1), ignore_index=-100
         )
         itm = nn.functional.cross_entropy(itm_head(out.pooler_output), (~negative).long())
-        optimizer.zero_grad(set_to_none=True)
-        (mlm + itm).backward()
-        optimizer.step()
-        if step >= steps - 50:
-            losses["mlm"] += float(mlm.detach()) / 50
-            losses["itm"] += float(itm.detach()) / 50
-        progress.update()
-    progress.close()
-    model.eval()
-    return losses
+        return {"mlm": mlm, "itm": itm}
 
-
-def generate_once(directory: Path, build: Callable[[], Sequence[Any]]) -> Path:
-    """Make a ``save_pretrained`` directory once, safely across concurrent processes.
-
-    If ``directory/model.safetensors`` exists, returns at once. Otherwise, under a file
-    lock (the other processes wait, then find it done), calls ``build()`` and saves every
-    object it returns (model, tokenizer, processor: anything with ``save_pretrained``)
-    into a temporary sibling that is renamed into place, so a crash never leaves a
-    half-written directory behind.
-    """
-    marker = directory / "model.safetensors"
-    if marker.is_file():
-        return directory
-    with _file_lock(directory.with_name(directory.name + ".lock")):
-        if marker.is_file():  # another process finished it while we waited
-            return directory
-        parts = build()
-        tmp = directory.with_name(directory.name + f".tmp{os.getpid()}")
-        shutil.rmtree(tmp, ignore_errors=True)
-        with _quiet_transformers_bars():  # a bar for writing 0.5 MB is noise in a log
-            for part in parts:
-                part.save_pretrained(tmp)
-        shutil.rmtree(directory, ignore_errors=True)
-        tmp.rename(directory)
-    return directory
-
-
-def ensure_tiny(
-    name: str,
-    version: int,
-    assemble: Callable[[dict[str, torch.Tensor]], Sequence[Any]],
-    generate: Callable[[], Sequence[Any]],
-    directory: Path | None = None,
-) -> Path:
-    """The ``save_pretrained`` directory of a tiny model, made once per machine.
-
-    From the shipped weights when the package has them (``assemble(state)`` returns the
-    model with its tokenizer / processor, in about a second), else by running the generator
-    (``generate()``, minutes). The default directory is named after the weights' digest,
-    so a cache of other weights is never mistaken for these.
-    """
-    from .shipped import read_shipped, shipped_path
-
-    path = shipped_path(name, version)
-    if path.is_file():
-        sha = _shipped_digest(path, path.stat().st_mtime_ns)
-        directory = directory or fedprime_cache_dir() / f"{name}-v{version}-{sha[:12]}"
-
-        def build() -> Sequence[Any]:
-            state, _ = read_shipped(path)
-            LOGGER.info("%s: unpacking the shipped weights (sha256 %s...) into %s", name, sha[:12], directory)
-            return assemble(state)
-
-    else:
-        directory = directory or fedprime_cache_dir() / f"{name}-v{version}-generated"
-
-        def build() -> Sequence[Any]:
-            LOGGER.warning(
-                "%s: no shipped weights at %s; generating the model into %s instead "
-                "(about a minute of one CPU core, longer on a busy machine)",
-                name,
-                path,
-                directory,
-            )
-            return generate()
-
-    return generate_once(directory, build)
-
-
-@functools.lru_cache(maxsize=8)
-def _shipped_digest(path: Path, mtime_ns: int) -> str:
-    from .shipped import read_header
-
-    return str(read_header(path)["sha256"])
+    return pretrain(
+        TINY_VILT,
+        model,
+        (mlm_head, itm_head),
+        losses,
+        num_rows=len(dataset),
+        steps=steps,
+        batch=PRETRAIN_BATCH,
+        lr=PRETRAIN_LR,
+        seed=TINY_VILT_SEED,
+    )
 
 
 def _tiny_vilt_io() -> tuple[Any, Any]:
     """The tokenizer and image processor of ``tiny-vilt`` (built by code, nothing to learn)."""
     from ..data.embedded import IMAGE_SIZE, build_embedded_tokenizer
-    from .vilt import make_image_processor
 
     return build_embedded_tokenizer(), make_image_processor(shortest_edge=IMAGE_SIZE)
 

@@ -15,8 +15,7 @@ import torch
 from torch import nn
 from transformers import AutoTokenizer, ViltModel
 
-from .base import Backbone, Batch, resolve_pretrained_source
-from .tiny import TINY_VILT, ensure_tiny_vilt
+from .base import Backbone, Batch
 
 LOGGER = logging.getLogger(__name__)
 
@@ -44,13 +43,6 @@ def load_image_processor(source: str | Path, image_size: int = 0):
     if image_size:
         processor.size = {"shortest_edge": image_size, "longest_edge": int(image_size * 1333 / 800)}
     return processor
-
-
-def resolve_vilt_source(model: str) -> str:
-    """Map the ``model`` config value to something ``from_pretrained`` accepts."""
-    if model == TINY_VILT:
-        return str(ensure_tiny_vilt())
-    return resolve_pretrained_source(model)
 
 
 def interpolate_text_positions(model: ViltModel, length: int) -> None:
@@ -113,11 +105,12 @@ class ViltBackbone(Backbone):
         return {"weight": dense.weight.detach().clone(), "bias": dense.bias.detach().clone()}
 
 
-def load_vilt(model: str, text_max_length: int = 0, dtype: torch.dtype = torch.float32) -> tuple[ViltBackbone, object]:
+def load_vilt(source: str, text_max_length: int = 0, dtype: torch.dtype = torch.float32) -> tuple[ViltBackbone, object]:
     """Load a frozen ViLT backbone and its tokenizer.
 
     Args:
-        model: ``tiny-vilt``, a hub id (``dandelin/vilt-b32-mlm``) or a local directory.
+        source: a hub id (``dandelin/vilt-b32-mlm``) or a local directory
+            (:func:`fedprime_core.backbones.resolve_source` maps a ``model`` value to one).
         text_max_length: tokens per text; position embeddings are interpolated if longer
             than the checkpoint's.
         dtype: parameter dtype of the frozen weights.
@@ -125,13 +118,12 @@ def load_vilt(model: str, text_max_length: int = 0, dtype: torch.dtype = torch.f
     Returns:
         ``(backbone, tokenizer)``.
     """
-    source = resolve_vilt_source(model)
     try:
         vilt = ViltModel.from_pretrained(source, dtype=dtype)
         tokenizer = AutoTokenizer.from_pretrained(source)
     except OSError as exc:
         raise OSError(
-            f"could not load ViLT {model!r}: {exc}. With no hub access, download the model on a "
+            f"could not load ViLT {source!r}: {exc}. With no hub access, download the model on a "
             "machine that has it (hf download dandelin/vilt-b32-mlm --local-dir vilt-b32-mlm) and point "
             "'model' at that folder, or copy the HF cache and set HF_HOME"
         ) from exc
