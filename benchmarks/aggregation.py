@@ -10,12 +10,12 @@ prompt is its centre plus Gaussian noise (local drift), in a random order. Two c
 * **cold**: no positions (clusters built from scratch by a sequential pass).
 
 For each ``n`` the script reports the median wall time of ``align_prompts`` (same
-arguments as ``fedprime_core.federated.aggregate_round``: keys, ``max_prompts=100``,
+arguments as ``fedprime_core.method.federated.aggregate_round``: keys, ``max_prompts=100``,
 5 sweeps), the share of it spent in the Hungarian solves, the sweeps actually run (the
 engine stops early at a fixed point), the clusters found and their purity against the
 true centres; and the growth exponent (slope of log time against log n).
 
-**PFPT** (``fedprime_core.pfpt.pfpt_aggregate``, 50 sweeps, PFPT's protocol) gets its own
+**PFPT** (``fedprime_core.method.pfpt.pfpt_aggregate``, 50 sweeps, PFPT's protocol) gets its own
 input, an FL round as PFPT sees it: a global pool of ``tau = 20`` prompts drawn like PFPT's
 initialisation (uniform in ``+-sqrt(6 / (3 * 32 * 32 + d))``), every client returning all
 of them (the union of used rows) with a small drift (``--pfpt-drift``), each client's set in
@@ -56,14 +56,14 @@ from scipy.optimize import linear_sum_assignment
 from torch import nn
 from torch.distributions import Bernoulli, Independent, Normal
 
-from fedprime_core.aggregation import AlignmentResult, align_prompts
 from fedprime_core.backbones.base import Backbone
-from fedprime_core.federated import AggregationSettings, ClientUpdate, GlobalState, validate_update
-from fedprime_core.interpool import InterPool
-from fedprime_core.methods import method_spec
+from fedprime_core.method.aggregation import AlignmentResult, align_prompts
+from fedprime_core.method.federated import AggregationSettings, ClientUpdate, GlobalState, validate_update
+from fedprime_core.method.interpool import InterPool
+from fedprime_core.method.methods import method_spec
+from fedprime_core.method.model import PromptedModel, PromptSettings, trainable_state
+from fedprime_core.method.pfpt import pfpt_aggregate
 from fedprime_core.metrics import adjusted_rand_index
-from fedprime_core.model import PromptedModel, PromptSettings, trainable_state
-from fedprime_core.pfpt import pfpt_aggregate
 
 TAU, DIM, MAX_PROMPTS, SWEEPS, PFPT_SWEEPS = 20, 768, 100, 5, 50
 _INFEASIBLE = -1.0e30

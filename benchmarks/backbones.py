@@ -105,8 +105,8 @@ def _backbones(quick: bool) -> list[tuple[str, str, Any]]:
 def measure(backbone, batch, reps: int) -> dict[str, Any]:
     import torch
 
-    from fedprime_core.methods import method_spec
-    from fedprime_core.model import PromptedModel, PromptSettings, state_nbytes, trainable_state
+    from fedprime_core.method.methods import method_spec
+    from fedprime_core.method.model import PromptedModel, PromptSettings, state_nbytes, trainable_state
 
     model = PromptedModel(backbone, method_spec("fedprime"), 8, PromptSettings(), seed=0)
     model.train()

@@ -32,8 +32,8 @@ import numpy as np
 from _common import machine, parser, table, write_json
 
 from fedprime_core.config import COMM_PROFILES, METHODS, parse_run_config
-from fedprime_core.methods import method_spec
-from fedprime_core.model import PromptedModel, PromptSettings, state_nbytes, trainable_state
+from fedprime_core.method.methods import method_spec
+from fedprime_core.method.model import PromptedModel, PromptSettings, state_nbytes, trainable_state
 
 NUM_CLASSES, TAU, KAPPA, INTER_POOL_MAX = 8, 20, 5, 100
 #: What lean must reach for fedprime: each direction at most this share of the full model.

@@ -2,7 +2,7 @@
 
     python benchmarks/faults.py [--rounds 4] [--out benchmarks/faults.json]
 
-Six clients, of which (by ``fault-plan``, see fedprime_core/faults.py):
+Six clients, of which (by ``fault-plan``, see fedprime_core/tools/faults.py):
 
 * client 1 crashes in rounds 2-3 (an exception: Flower returns an error reply);
 * client 2 sends NaN in every round;
@@ -28,7 +28,7 @@ from pathlib import Path
 import _common  # noqa: F401  (puts the repository root on sys.path)
 from _common import machine
 
-from fedprime_core.launch import flower_env, run_flwr, stop_marked
+from fedprime_core.tools.launch import flower_env, run_flwr, stop_marked
 
 PLAN = "1:crash@2-3,2:nan,3:shape@1-2,4:zero@3,5:slow@2"
 REASONS = {

@@ -57,7 +57,7 @@ def readme_command(readme: Path) -> str:
 
 def clean_env(work: Path) -> dict[str, str]:
     """The caller's environment without its venv, with a private Flower home, model cache and ports."""
-    from fedprime_core.launch import local_superlink_ports
+    from fedprime_core.tools.launch import local_superlink_ports
 
     env = {k: v for k, v in os.environ.items() if not k.startswith(("FLWR_", "FEDPRIME_", "VIRTUAL_ENV"))}
     venv = os.environ.get("VIRTUAL_ENV")
@@ -117,7 +117,7 @@ def main() -> int:
     p.add_argument("--timeout", type=float, default=3600)
     args = p.parse_args()
     work = Path(tempfile.mkdtemp(prefix="fedprime-first-run-"))
-    from fedprime_core.launch import stop_marked
+    from fedprime_core.tools.launch import stop_marked
 
     env = clean_env(work)
     try:

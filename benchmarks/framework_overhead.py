@@ -7,7 +7,7 @@ aggregation only, and has well over 10 s of compute on a 2-core CPU.
 
 * **Flower**: a real ``flwr run . --stream --federation-config "num-supernodes=N
   client-resources-num-cpus=1"`` from the repository root, with a private ``FLWR_HOME`` and
-  private local-SuperLink ports (``fedprime_core.launch.flower_env``, so a concurrent
+  private local-SuperLink ports (``fedprime_core.tools.launch.flower_env``, so a concurrent
   ``flwr run`` neither collides with nor receives this run). The per-round wall time
   is the run's ``round-seconds`` (``results-dir/<run-name>/metrics.json``, measured by
   ``FedPrimeStrategy.start`` from sending the train messages to the end of aggregation;
@@ -178,8 +178,8 @@ def _train(values: dict[str, Any], state: dict[str, np.ndarray], pid: int, num: 
 def run_direct(args, work: Path, parallel: bool) -> dict[str, Any]:
     from fedprime_core import runtime
     from fedprime_core.config import method_default_sweeps, parse_run_config
-    from fedprime_core.federated import AggregationSettings, ClientUpdate, GlobalState, validate_update
-    from fedprime_core.methods import method_spec
+    from fedprime_core.method.federated import AggregationSettings, ClientUpdate, GlobalState, validate_update
+    from fedprime_core.method.methods import method_spec
 
     values = overrides(args, work / ("direct-parallel" if parallel else "direct-sequential"))
     cfg = parse_run_config(values)

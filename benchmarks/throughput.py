@@ -1,6 +1,6 @@
 """Local training throughput (samples/s) of the prompted ViLT-B/32 architecture and of tiny-vilt.
 
-One training step is what ``fedprime_core.training.train_local`` does per batch: forward
+One training step is what ``fedprime_core.method.training.train_local`` does per batch: forward
 through the frozen backbone with the retrieved prompts prepended, task loss + lambda x
 retrieval regulariser, backward into the trainable parts only (prompts, keys, query maps,
 pooler, head; the backbone's weights get no gradients, but the gradient still flows back
@@ -34,9 +34,9 @@ import _common  # noqa: F401  (puts the repository root on sys.path)
 import torch
 from _common import machine, parser, table, write_json
 
-from fedprime_core.methods import method_spec
-from fedprime_core.model import PromptedModel, PromptSettings
-from fedprime_core.training import TrainSettings, make_optimizer, task_loss, to_device
+from fedprime_core.method.methods import method_spec
+from fedprime_core.method.model import PromptedModel, PromptSettings
+from fedprime_core.method.training import TrainSettings, make_optimizer, task_loss, to_device
 
 NUM_CLASSES = 8
 

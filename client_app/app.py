@@ -26,7 +26,7 @@ from flwr.common.constant import ErrorCode
 from fedprime_core import runtime
 from fedprime_core.config import parse_run_config
 from fedprime_core.failures import exception_reason
-from fedprime_core.faults import inject_fault
+from fedprime_core.tools.faults import inject_fault
 from server_app.logs import connect, forward_logs
 from server_app.messages import (
     CONFIG,

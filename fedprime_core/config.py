@@ -23,12 +23,12 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from .methods import METHOD_SPECS
+from .method.methods import METHOD_SPECS
 from .yamlio import read_yaml_mapping
 
-#: The methods, in the order of the method table (fedprime_core.methods).
+#: The methods, in the order of the method table (fedprime_core.method.methods).
 METHODS = tuple(METHOD_SPECS)
-#: Methods whose clients keep personal inter pools merged by FedPrime's protocol (fedprime_core.interpool).
+#: Methods whose clients keep personal inter pools merged by FedPrime's protocol (fedprime_core.method.interpool).
 PERSONALISED_METHODS = tuple(name for name, spec in METHOD_SPECS.items() if spec.personalised_pools)
 DATASETS = ("embedded", "food101", "mmimdb")
 #: Tokens per text when ``text-max-length`` is 0, by dataset.
@@ -513,7 +513,7 @@ OPTIONS: tuple[Option, ...] = (
         "fault-plan",
         str,
         "",
-        "Testing aid: inject faults into client replies, e.g. '1:nan,2:crash@2-3' (see fedprime_core/faults.py).",
+        "Testing aid: inject faults into client replies, e.g. '1:nan,2:crash@2-3' (see fedprime_core/tools/faults.py).",
     ),
 )
 
@@ -736,7 +736,7 @@ def _check_backbone_model(backbone: str, model: str) -> None:
 
 
 def _check_fault_plan(plan: str) -> None:
-    from .faults import parse_fault_plan  # local import keeps the schema module light
+    from .tools.faults import parse_fault_plan  # local import keeps the schema module light
 
     try:
         parse_fault_plan(plan)

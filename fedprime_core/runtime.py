@@ -35,11 +35,11 @@ from .data.processing import MultimodalDataset, make_loader
 from .data.records import DatasetSplits
 from .data.shards import ClientNode, ClientShard, Draw, LabelSpace, draw_seed
 from .devices import resolve_device
-from .federated import client_identity
-from .methods import method_spec
-from .model import PromptedModel, PromptSettings, load_trainable_state, trainable_state
+from .method.federated import client_identity
+from .method.methods import method_spec
+from .method.model import PromptedModel, PromptSettings, load_trainable_state, trainable_state
+from .method.training import TrainResult, TrainSettings, evaluate, train_local
 from .progress import Progress, format_duration
-from .training import TrainResult, TrainSettings, evaluate, train_local
 
 LOGGER = logging.getLogger(__name__)
 
@@ -74,7 +74,7 @@ def process_backbone(cfg: RunConfig) -> LoadedBackbone:
             return backbones.load_backbone(
                 cfg.backbone, cfg.model, text_max_length=text_length(cfg), image_size=cfg.image_size
             )
-        from .features import feature_shape
+        from .tools.features import feature_shape
 
         if not has_data(cfg):
             raise ConfigError(

@@ -34,7 +34,7 @@ from fedprime_core.config import (
 )
 from fedprime_core.data.records import DataError
 from fedprime_core.failures import RunFailed
-from fedprime_core.methods import method_spec
+from fedprime_core.method.methods import method_spec
 from fedprime_core.results import CHECKPOINT_META, find_checkpoint, load_checkpoint, write_json
 from fedprime_core.runlock import RunFolderBusy, RunLock
 
@@ -267,7 +267,7 @@ def save_result(run_dir: Path, result: Result) -> None:
     """Write the strategy's :class:`~flwr.serverapp.strategy.result.Result` with the run's results.
 
     ``final.npz``: its arrays, the final global trainable state (prompts, keys, query maps,
-    pooler, head; load with ``fedprime_core.model.load_trainable_state``). ``result.json``:
+    pooler, head; load with ``fedprime_core.method.model.load_trainable_state``). ``result.json``:
     its metric records per round, as the strategy aggregated them (client-side train and
     evaluate metrics, server-side evaluation), for the rounds this process ran.
     """

@@ -38,7 +38,7 @@ Every array is cast for the wire here (both directions) and back to float32 on a
 (:func:`encode_arrays`, :func:`read_arrays`); a bfloat16 array travels as the ``uint16``
 upper half of its float32 pattern, since Flower's ``Array`` carries NumPy arrays and NumPy
 has no bfloat16. What arrives is validated after the cast
-(:func:`fedprime_core.federated.validate_update`).
+(:func:`fedprime_core.method.federated.validate_update`).
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ from typing import Any
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
-from fedprime_core.federated import ClientUpdate
+from fedprime_core.method.federated import ClientUpdate
 from fedprime_core.wire import WIRE_DTYPES, apply_delta, decode_state, encode_state, state_delta
 
 ARRAYS, CONFIG, METRICS, USAGE, CLIENT, WIRE = "arrays", "config", "metrics", "usage", "client", "wire"
@@ -184,7 +184,7 @@ def parse_train_reply(
         when the reply is structurally unusable (missing records, unreadable arrays, arrays
         that do not match their wire tag, a delta without ``sent``).
         Content checks (shapes, NaN, norms, usage sizes) are left to
-        :func:`fedprime_core.federated.validate_update`.
+        :func:`fedprime_core.method.federated.validate_update`.
     """
     content = message.content
     reasons: list[str] = []

@@ -1,15 +1,15 @@
 """``FedPrimeStrategy``: the Flower Message-API strategy of every FedPrime method.
 
 The strategy is an adapter: it samples nodes, turns reply messages into
-:class:`~fedprime_core.federated.ClientUpdate` objects, validates them with
-:func:`~fedprime_core.federated.validate_update` and aggregates them with
-:func:`~fedprime_core.federated.aggregate_round` (inter-prompt clustering-alignment,
+:class:`~fedprime_core.method.federated.ClientUpdate` objects, validates them with
+:func:`~fedprime_core.method.federated.validate_update` and aggregates them with
+:func:`~fedprime_core.method.federated.aggregate_round` (inter-prompt clustering-alignment,
 intra-prompt / query-map / head FedAvg). It keeps the global state, writes the results
 and a checkpoint after every round, and can start from a checkpoint (resume).
 
 Methods with personal inter pools (fedprime, fed-inter, fedprox-p) get one message per
 node: the shared arrays plus that client's own ``tau`` inter prompts and keys
-(:mod:`fedprime_core.interpool`). The strategy learns which client a node is with one
+(:mod:`fedprime_core.method.interpool`). The strategy learns which client a node is with one
 identity query the first time it samples the node (node ids change when a SuperNode or
 a simulation restarts; client ids do not), and keeps every client's slots in the
 checkpoint, so a resumed run gives every client back exactly its pool.
@@ -38,8 +38,8 @@ from flwr.serverapp.strategy.result import Result
 
 from fedprime_core.config import RunConfig, config_to_dict, describe_communication, method_default_sweeps
 from fedprime_core.failures import ClientOutcome, RunFailed, one_line, parse_reason, stop_reason
-from fedprime_core.federated import AggregationSettings, GlobalState, validate_update
-from fedprime_core.methods import method_spec
+from fedprime_core.method.federated import AggregationSettings, GlobalState, validate_update
+from fedprime_core.method.methods import method_spec
 from fedprime_core.progress import format_duration
 from fedprime_core.results import metric_name, save_checkpoint, write_json, write_run_outputs
 

@@ -1,4 +1,4 @@
-"""A plain, loop-based PFPT aggregation: the test oracle of :mod:`fedprime_core.pfpt`.
+"""A plain, loop-based PFPT aggregation: the test oracle of :mod:`fedprime_core.method.pfpt`.
 
 Written from the model's equations, one term at a time, the way PFPT's own
 ``NonparametricAgg`` computes them (a Python loop over centroids, ``torch.distributions``
@@ -25,7 +25,7 @@ from scipy.optimize import linear_sum_assignment
 from torch import nn
 from torch.distributions import Bernoulli, Normal
 
-from fedprime_core.pfpt import PFPTNets, initial_assignment
+from fedprime_core.method.pfpt import PFPTNets, initial_assignment
 
 
 def _scale(nets: PFPTNets, centroid: torch.Tensor) -> torch.Tensor:

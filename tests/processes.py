@@ -7,9 +7,9 @@ import socket
 import subprocess
 from pathlib import Path
 
-from fedprime_core.launch import APP_DIR as ROOT
-from fedprime_core.launch import flower_env as _flower_env
-from fedprime_core.launch import marked_pids, retry_slow_superlink, stop_marked
+from fedprime_core.tools.launch import APP_DIR as ROOT
+from fedprime_core.tools.launch import flower_env as _flower_env
+from fedprime_core.tools.launch import marked_pids, retry_slow_superlink, stop_marked
 
 __all__ = ["ROOT", "flower_env", "free_port", "marked_pids", "run_checked", "stop_marked"]
 

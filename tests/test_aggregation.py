@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from fedprime_core.aggregation import _run_alignment, align_prompts, fedavg
+from fedprime_core.method.aggregation import _run_alignment, align_prompts, fedavg
 from fedprime_core.metrics import adjusted_rand_index
 
 

@@ -10,16 +10,10 @@ import pytest
 
 from fedprime_core.config import ConfigError
 from fedprime_core.data.missing import TEST_SETTINGS
-from fedprime_core.experiments import (
-    cell_status,
-    comparison,
-    load_plan,
-    main,
-    run_plan,
-    table_rows,
-    varying_keys,
-    write_report,
-)
+from fedprime_core.tools.experiments.__main__ import main
+from fedprime_core.tools.experiments.plan import load_plan
+from fedprime_core.tools.experiments.report import comparison, table_rows, varying_keys, write_report
+from fedprime_core.tools.experiments.run import cell_status, run_plan
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -8,15 +8,15 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from fedprime_core.federated import (
+from fedprime_core.method.federated import (
     AggregationSettings,
     ClientUpdate,
     aggregate_round,
     client_identity,
     validate_update,
 )
-from fedprime_core.interpool import InterPool, assign_slots
-from fedprime_core.methods import method_spec
+from fedprime_core.method.interpool import InterPool, assign_slots
+from fedprime_core.method.methods import method_spec
 
 EXPECTED = {"pools.inter.prompts": (4, 1, 3), "pools.inter.keys": (4, 3), "head.weight": (2, 3)}
 

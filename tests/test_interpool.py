@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from fedprime_core.interpool import (
+from fedprime_core.method.interpool import (
     UNUSED_DECAY,
     InterPool,
     InterUpdate,

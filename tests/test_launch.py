@@ -1,11 +1,11 @@
-"""fedprime_core.launch: retrying a flwr command whose local SuperLink was slow to start."""
+"""fedprime_core.tools.launch: retrying a flwr command whose local SuperLink was slow to start."""
 
 from __future__ import annotations
 
 import pytest
 
-from fedprime_core import launch
-from fedprime_core.launch import SUPERLINK_START_FAILURE, retry_slow_superlink
+from fedprime_core.tools import launch
+from fedprime_core.tools.launch import SUPERLINK_START_FAILURE, retry_slow_superlink
 
 
 @pytest.fixture(autouse=True)

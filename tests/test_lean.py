@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from fedprime_core.data.processing import MultimodalDataset, MultimodalProcessor, make_loader
-from fedprime_core.federated import AggregationSettings, ClientUpdate, GlobalState
-from fedprime_core.methods import method_spec
-from fedprime_core.model import (
+from fedprime_core.method.federated import AggregationSettings, ClientUpdate, GlobalState
+from fedprime_core.method.methods import method_spec
+from fedprime_core.method.model import (
     LowRankQuery,
     PromptedModel,
     PromptSettings,
@@ -17,7 +17,7 @@ from fedprime_core.model import (
     query_parameter_count,
     trainable_state,
 )
-from fedprime_core.training import TrainSettings, evaluate, train_local
+from fedprime_core.method.training import TrainSettings, evaluate, train_local
 from tests.test_training import CLASSES, one_modality_samples
 
 DIM = 64  # tiny-vilt's width

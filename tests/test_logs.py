@@ -94,7 +94,7 @@ def test_forwarded_lines_are_capped_and_named_after_the_client_id(flower_output)
     @forward_logs
     def chatty(msg: Message, context: Context) -> Message:
         for i in range(MAX_LINES + 50):
-            logging.getLogger("fedprime_core.training").info("step %d", i)
+            logging.getLogger("fedprime_core.method.training").info("step %d", i)
         return Message(content=RecordDict(), reply_to=msg)
 
     reply = chatty(_message(), _context(**{"client-id": "hospital-a", "partition-id": 0}))

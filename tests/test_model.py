@@ -9,9 +9,15 @@ import torch
 from fedprime_core.data.embedded import make_embedded_dataset
 from fedprime_core.data.missing import sample_patterns, setting_mixture
 from fedprime_core.data.processing import MultimodalDataset, MultimodalProcessor, collate
-from fedprime_core.methods import METHOD_SPECS, method_spec
-from fedprime_core.model import PromptedModel, PromptSettings, load_trainable_state, state_nbytes, trainable_state
-from fedprime_core.retrieval import cosine_relevance, retrieval_regulariser, select_prompts
+from fedprime_core.method.methods import METHOD_SPECS, method_spec
+from fedprime_core.method.model import (
+    PromptedModel,
+    PromptSettings,
+    load_trainable_state,
+    state_nbytes,
+    trainable_state,
+)
+from fedprime_core.method.retrieval import cosine_relevance, retrieval_regulariser, select_prompts
 
 
 @pytest.fixture(scope="module")

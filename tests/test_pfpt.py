@@ -1,4 +1,5 @@
-"""PFPT's aggregation (fedprime_core.pfpt): the loop oracle, planted answers, the round protocol, the client pool."""
+"""PFPT's aggregation (fedprime_core.method.pfpt): the loop oracle, planted answers, the round protocol, the
+client pool."""
 
 from __future__ import annotations
 
@@ -6,10 +7,10 @@ import numpy as np
 import pytest
 import torch
 
-from fedprime_core.federated import AggregationSettings, ClientUpdate, aggregate_round, validate_update
-from fedprime_core.methods import method_spec
+from fedprime_core.method.federated import AggregationSettings, ClientUpdate, aggregate_round, validate_update
+from fedprime_core.method.methods import method_spec
+from fedprime_core.method.pfpt import aggregate_pfpt_pool, pfpt_aggregate, union_of_used
 from fedprime_core.metrics import adjusted_rand_index
-from fedprime_core.pfpt import aggregate_pfpt_pool, pfpt_aggregate, union_of_used
 from tests.pfpt_oracle import loop_pfpt
 
 PFPT_BOUND = float(np.sqrt(6 / (3 * 32 * 32 + 64)))  # PFPT's prompt initialisation at d = 64
@@ -196,8 +197,8 @@ def test_pfpt_pool_uses_the_prompt_as_key_and_the_frozen_cls_query(tiny_vilt):
     from fedprime_core.data.embedded import make_embedded_dataset
     from fedprime_core.data.missing import sample_patterns, setting_mixture
     from fedprime_core.data.processing import MultimodalDataset, MultimodalProcessor, collate
-    from fedprime_core.model import PFPTPromptPool, PromptedModel, PromptSettings, trainable_state
-    from fedprime_core.retrieval import cosine_relevance
+    from fedprime_core.method.model import PFPTPromptPool, PromptedModel, PromptSettings, trainable_state
+    from fedprime_core.method.retrieval import cosine_relevance
 
     backbone, tokenizer = tiny_vilt
     processor = MultimodalProcessor(tokenizer, load_image_processor(resolve_source("vilt", "tiny-vilt")), 24)

@@ -6,8 +6,8 @@ import logging
 
 import pytest
 
-from fedprime_core.experiments import progress_line
 from fedprime_core.progress import Progress, format_duration, remaining_seconds
+from fedprime_core.tools.experiments.run import progress_line
 
 
 class Clock:

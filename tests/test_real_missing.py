@@ -277,8 +277,8 @@ def test_real_missing_patterns_reach_the_model_exactly_like_simulated_ones(tiny_
     from fedprime_core.backbones import resolve_source
     from fedprime_core.backbones.vilt import load_image_processor
     from fedprime_core.data.processing import MultimodalDataset, MultimodalProcessor, collate
-    from fedprime_core.methods import method_spec
-    from fedprime_core.model import PromptedModel, PromptSettings
+    from fedprime_core.method.methods import method_spec
+    from fedprime_core.method.model import PromptedModel, PromptSettings
 
     backbone, tokenizer = tiny_vilt
     processor = MultimodalProcessor(tokenizer, load_image_processor(resolve_source("vilt", "tiny-vilt")), 12)

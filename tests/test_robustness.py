@@ -185,7 +185,7 @@ def test_item3_reasons_from_flower_and_ray_become_one_line():
         "<class 'ray.exceptions.RayTaskError(ClientAppException)'>:<'\x1b[36mray::ClientAppActor.run()\x1b[39m "
         '(pid=26188, ip=192.0.2.2)\n  File "/app/client_app/app.py", line 96, in train\n'
         "    new_state, metrics, usage = inject_fault(\n                                ^^^^^^^^^^^^^\n"
-        "fedprime_core.faults.InjectedFault: injected crash on partition 0 in round 1\n\n"
+        "fedprime_core.tools.faults.InjectedFault: injected crash on partition 0 in round 1\n\n"
         "The above exception was the direct cause of the following exception:\n\n"
         "\x1b[36mray::ClientAppActor.run()\x1b[39m (pid=26188)\n"
         '  File "/venv/flwr/simulation/ray_transport/ray_actor.py", line 65, in run\n'

@@ -13,7 +13,7 @@ from fedprime_core.backbones import shipped
 from fedprime_core.backbones.shipped import ShippedWeightsError, read_shipped, shipped_path, tensor_digest
 from fedprime_core.backbones.tiny import TINY_VILT, TINY_VILT_VERSION, ensure_tiny_vilt
 from fedprime_core.backbones.tiny_bert import TINY_BERT, TINY_BERT_VERSION, ensure_tiny_bert
-from fedprime_core.launch import APP_DIR, stage_app
+from fedprime_core.tools.launch import APP_DIR, stage_app
 
 MODELS = [(TINY_VILT, TINY_VILT_VERSION), (TINY_BERT, TINY_BERT_VERSION)]
 

@@ -23,10 +23,10 @@ from fedprime_core.data.embedded import FEATURE_DIM, encode_images, make_embedde
 from fedprime_core.data.missing import Pattern, sample_patterns, setting_mixture
 from fedprime_core.data.processing import MultimodalDataset, MultimodalProcessor, collate
 from fedprime_core.data.records import DataError
-from fedprime_core.federated import AggregationSettings, ClientUpdate, aggregate_round
-from fedprime_core.interpool import InterPool, assign_slots
-from fedprime_core.methods import method_spec
-from fedprime_core.model import PromptedModel, PromptSettings, load_trainable_state, trainable_state
+from fedprime_core.method.federated import AggregationSettings, ClientUpdate, aggregate_round
+from fedprime_core.method.interpool import InterPool, assign_slots
+from fedprime_core.method.methods import method_spec
+from fedprime_core.method.model import PromptedModel, PromptSettings, load_trainable_state, trainable_state
 
 N = 12
 PROJECTION = ("backbone.image_projection.weight", "backbone.image_projection.bias")
@@ -351,7 +351,7 @@ def tiny_vit(tmp_path_factory):
 
 def test_precompute_command_writes_features_and_resumes(tmp_path, tiny_vit, capsys):
     from fedprime_core.data.loaders import load_dataset
-    from fedprime_core.features import main
+    from fedprime_core.tools.features import main
 
     root = _write_dataset(tmp_path / "ds", features=False)
     original = (root / "train.jsonl").read_text()
@@ -381,7 +381,7 @@ def test_precompute_command_writes_features_and_resumes(tmp_path, tiny_vit, caps
 def test_precompute_command_passes_over_rows_without_image(tmp_path, tiny_vit, capsys):
     from fedprime_core.data.loaders import load_dataset
     from fedprime_core.data.records import Pattern
-    from fedprime_core.features import main
+    from fedprime_core.tools.features import main
 
     root = _write_dataset(tmp_path / "ds", features=False)
     rows = [json.loads(line) for line in (root / "train.jsonl").read_text().splitlines()]
@@ -397,7 +397,7 @@ def test_precompute_command_passes_over_rows_without_image(tmp_path, tiny_vit, c
 
 
 def test_precompute_command_errors(tmp_path, capsys):
-    from fedprime_core.features import _torchvision_available, main
+    from fedprime_core.tools.features import _torchvision_available, main
 
     root = _write_dataset(tmp_path / "ds", features=False)
     assert main(["--dataset-dir", str(root), "--encoder", str(tmp_path / "absent")]) == 2

@@ -8,10 +8,10 @@ import pytest
 from fedprime_core.data import embedded
 from fedprime_core.data.processing import MultimodalDataset, MultimodalProcessor, make_loader
 from fedprime_core.data.records import Sample
-from fedprime_core.methods import method_spec
+from fedprime_core.method.methods import method_spec
+from fedprime_core.method.model import PromptedModel, PromptSettings
+from fedprime_core.method.training import TrainSettings, evaluate, train_local
 from fedprime_core.metrics import classification_metrics, f1_scores
-from fedprime_core.model import PromptedModel, PromptSettings
-from fedprime_core.training import TrainSettings, evaluate, train_local
 
 CLASSES = 4
 

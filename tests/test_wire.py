@@ -10,7 +10,7 @@ from flwr.common import serde
 from flwr.proto.recorddict_pb2 import RecordDict as ProtoRecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
-from fedprime_core.federated import ClientUpdate, validate_update
+from fedprime_core.method.federated import ClientUpdate, validate_update
 from fedprime_core.wire import (
     LARGEST,
     UNIT_ROUNDOFF,

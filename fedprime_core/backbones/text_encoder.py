@@ -5,7 +5,7 @@
 * **text tokens** are the encoder's own embeddings (word + position + token type 0 +
   LayerNorm) of its own tokenizer's ids, exactly as the pretrained model sees a sentence;
 * **image tokens** come from precomputed frozen image features ``x`` ``(B, F, d_img)`` (one
-  vector or a grid per image; any frozen image encoder, see :mod:`fedprime_core.features`):
+  vector or a grid per image; any frozen image encoder, see :mod:`fedprime_core.tools.features`):
 
       image_f = LayerNorm_emb( P(std(x_f)) + type_emb[1] + pos_emb[n_text + f] )
 

@@ -14,10 +14,10 @@ class MethodSpec:
         pools: retrieval prompt pools, in the order their prompts are prepended.
         aligned_pools: pools aggregated by prompt alignment instead of FedAvg.
         aligner: ``"fedprime"`` (clustering-alignment, learned popularity, warm start) or
-            ``"pfpt"`` (PFPT's probabilistic set aggregation, :mod:`fedprime_core.pfpt`).
+            ``"pfpt"`` (PFPT's probabilistic set aggregation, :mod:`fedprime_core.method.pfpt`).
         pool_variant: the retrieval pool's client model: ``"keyed"``
-            (:class:`~fedprime_core.model.PromptPool`: learned keys, a query over the mean-pooled
-            input embeddings) or ``"pfpt"`` (:class:`~fedprime_core.model.PFPTPromptPool`: L2P
+            (:class:`~fedprime_core.method.model.PromptPool`: learned keys, a query over the mean-pooled
+            input embeddings) or ``"pfpt"`` (:class:`~fedprime_core.method.model.PFPTPromptPool`: L2P
             as PFPT's code builds it, the prompt is its own key and the query projects the
             frozen, prompt-free [CLS] feature).
         missing_aware: one prompt set per missing pattern at blocks 0..depth-1 (Lee et al.).
@@ -38,7 +38,7 @@ class MethodSpec:
     @property
     def personalised_pools(self) -> tuple[str, ...]:
         """Pools every client keeps across rounds, aggregated by FedPrime's protocol
-        (:mod:`fedprime_core.interpool`): the pools the ``fedprime`` aligner merges."""
+        (:mod:`fedprime_core.method.interpool`): the pools the ``fedprime`` aligner merges."""
         return self.aligned_pools if self.aligner == "fedprime" else ()
 
 

@@ -1,6 +1,6 @@
 """The prompted model: a frozen backbone plus the only trainable (and exchanged) parts.
 
-Trainable parts, by method (see :mod:`fedprime_core.methods`):
+Trainable parts, by method (see :mod:`fedprime_core.method.methods`):
 
 * ``pools.<name>``: a :class:`PromptPool` per retrieval pool (``intra`` and/or ``inter``):
   prompts ``(tau, length, d)``, keys ``(tau, d)`` and a query map ``d -> d``: dense
@@ -30,8 +30,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from .backbones.base import Backbone, Batch
-from .config import RunConfig
+from ..backbones.base import Backbone, Batch
+from ..config import RunConfig
 from .methods import MethodSpec
 from .retrieval import cosine_relevance, retrieval_regulariser, select_prompts
 

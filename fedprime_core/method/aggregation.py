@@ -5,7 +5,7 @@
 * :func:`align_prompts`: FedPrime's clustering-alignment of inter-client prompts.
 
 PFPT's probabilistic prompt aggregation is not this engine: it lives in
-:mod:`fedprime_core.pfpt` (centroids optimised jointly with both networks, PFPT's
+:mod:`fedprime_core.method.pfpt` (centroids optimised jointly with both networks, PFPT's
 initialisation and output rule).
 
 Alignment model
@@ -54,7 +54,7 @@ Popularity: learned, or PFNM-style empirical
   the empirical ``m_q / (n - m_q)`` of the other clients already in it (``U = m_q / n``)
   instead of a learned function of the centre. It stays available for ``fed-inter`` /
   ``fedprime`` experiments where a count-based popularity is wanted. PFPT itself learns
-  its popularity with a network of the centre (:mod:`fedprime_core.pfpt`).
+  its popularity with a network of the centre (:mod:`fedprime_core.method.pfpt`).
 """
 
 from __future__ import annotations

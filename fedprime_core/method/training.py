@@ -1,4 +1,4 @@
-"""Local training and evaluation of a :class:`~fedprime_core.model.PromptedModel`."""
+"""Local training and evaluation of a :class:`~fedprime_core.method.model.PromptedModel`."""
 
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from .config import RunConfig
+from ..config import RunConfig
+from ..metrics import classification_metrics
 from .methods import method_spec
-from .metrics import classification_metrics
 from .model import PromptedModel
 from .retrieval import pattern_usage_counts, usage_counts
 

@@ -226,10 +226,10 @@ def aggregate_round(
     * Personalised pools (``spec.personalised_pools``: FedPrime's inter pool): every
       client's trained prompts are aligned on content with the clusters its slots held,
       usage-weighted, and each client gets its new slots
-      (:func:`~fedprime_core.interpool.aggregate_inter_pool`); the global pool is the set of
+      (:func:`~fedprime_core.method.interpool.aggregate_inter_pool`); the global pool is the set of
       cluster centres. ``settings.inter_merge="position"`` merges slot ``p`` with slot ``p``.
     * Other aligned pools (PFPT): every client's rows at the union of the indices any
-      client used are aggregated by :func:`~fedprime_core.pfpt.aggregate_pfpt_pool`; the new
+      client used are aggregated by :func:`~fedprime_core.method.pfpt.aggregate_pfpt_pool`; the new
       pool is every centroid some client uses (bounded by ``settings.max_prompts``), the
       same for every client.
     * Everything else (intra pool, keys, query maps, pooler, head, missing-aware prompts):
@@ -287,7 +287,7 @@ def aggregate_round(
     for pool in spec.aligned_pools:
         if pool in spec.personalised_pools:
             continue
-        # PFPT's protocol: union of used rows from every client (fedprime_core.pfpt)
+        # PFPT's protocol: union of used rows from every client (fedprime_core.method.pfpt)
         prompts_key = f"pools.{pool}.prompts"
         new_state[prompts_key], pfpt_report = aggregate_pfpt_pool(
             [np.asarray(u.state[prompts_key]) for u in updates],
@@ -309,7 +309,7 @@ class GlobalState:
 
     What a Flower strategy (or any other driver: a benchmark, a notebook) keeps between
     rounds. For methods without personal pools it is just the global arrays; for FedPrime's
-    protocol it also holds the :class:`~fedprime_core.interpool.InterPool`, hands each
+    protocol it also holds the :class:`~fedprime_core.method.interpool.InterPool`, hands each
     client its own slots (:meth:`client_arrays`) and merges the replies (:meth:`aggregate`).
 
     Args:

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import TypeVar
 
 #: Repository root (where pyproject.toml with the Flower app lives).
-APP_DIR = Path(__file__).resolve().parents[1]
+APP_DIR = Path(__file__).resolve().parents[2]
 
 
 #: What a Flower app bundle (FAB) of this project needs: the app's packages and metadata.

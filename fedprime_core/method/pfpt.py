@@ -3,7 +3,7 @@
 Read against PFPT's public code (``PeiYauWeng/PFPT``: ``Algo/nonparametric_aggregation.py``
 ``NonparametricAgg``, ``Algo/communication.py`` ``'nonparametric_aggregation'``,
 ``Models/L2P_heuristic_model.py``). The client side (an L2P pool whose prompts are their own
-keys, queried by the frozen [CLS] feature) is :class:`fedprime_core.model.PFPTPromptPool`;
+keys, queried by the frozen [CLS] feature) is :class:`fedprime_core.method.model.PFPTPromptPool`;
 this module is the server side.
 
 One round (:func:`aggregate_pfpt_pool`)

@@ -16,7 +16,7 @@ The protocol implemented here:
   keys) of its own slots only, in its own slot order, trains them, and sends them back
   with how often it retrieved each one.
 * **Aggregation** (:func:`aggregate_inter_pool`): the prompts a client used this round
-  are aligned on content with :func:`~fedprime_core.aggregation.align_prompts`, warm-started
+  are aligned on content with :func:`~fedprime_core.method.aggregation.align_prompts`, warm-started
   in the clusters their slots held, weighted by their usage counts. Each client's slot
   then holds the centre of the cluster its prompt was matched to; unused slots keep their
   cluster; slots whose cluster was dropped are refilled with the most popular centres the
@@ -42,8 +42,8 @@ from typing import Any
 
 import numpy as np
 
+from ..metrics import entropy_bits, mutual_information_bits, specialised_share
 from .aggregation import align_prompts
-from .metrics import entropy_bits, mutual_information_bits, specialised_share
 
 #: Factor applied each round to the popularity of a cluster that no participating client used.
 UNUSED_DECAY = 0.5

@@ -1,7 +1,7 @@
 """Small command-line helpers around the run configuration.
 
-python -m fedprime_core.cli toml experiment.yaml > experiment.toml   # for flwr run --run-config
-python -m fedprime_core.cli check experiment.yaml                    # validate, print the resolved config
+python -m fedprime_core.tools.cli toml experiment.yaml > experiment.toml   # for flwr run --run-config
+python -m fedprime_core.tools.cli check experiment.yaml                    # validate, print the resolved config
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import sys
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from .config import ConfigError, config_to_dict, load_yaml_config, parse_run_config
+from ..config import ConfigError, config_to_dict, load_yaml_config, parse_run_config
 
 
 def to_toml(values: Mapping[str, Any]) -> str:
@@ -31,7 +31,9 @@ def to_toml(values: Mapping[str, Any]) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m fedprime_core.cli", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="python -m fedprime_core.tools.cli",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     sub = parser.add_subparsers(dest="command", required=True)
     toml = sub.add_parser("toml", help="convert a YAML file of run-config keys to TOML overrides")

@@ -5,7 +5,7 @@ vector or one grid of vectors per image, ``(F, d_img)``, from any frozen image e
 For a jsonl dataset (the MMBT layout of :func:`fedprime_core.data.loaders.load_dataset`)
 compute them once with::
 
-    python -m fedprime_core.features --dataset-dir /data/food101 --split train,dev,test \\
+    python -m fedprime_core.tools.features --dataset-dir /data/food101 --split train,dev,test \\
         --encoder google/vit-base-patch16-224-in21k --pool cls --batch-size 64 --device auto
 
 ``--encoder`` is a Hugging Face vision model (hub id in the local HF cache, or a local
@@ -50,9 +50,9 @@ from typing import Any
 
 import numpy as np
 
-from .atomic import atomic_write, atomic_write_bytes
-from .data.records import DataError, Sample
-from .progress import Progress
+from ..atomic import atomic_write, atomic_write_bytes
+from ..data.records import DataError, Sample
+from ..progress import Progress
 
 LOGGER = logging.getLogger(__name__)
 
@@ -72,7 +72,7 @@ def feature_shape(samples: Sequence[Sample]) -> tuple[int, int]:
         DataError: no samples, or no sample has (readable) features; the message names the
             first sample and how to compute features.
     """
-    from .data.processing import load_features
+    from ..data.processing import load_features
 
     if not samples:
         raise DataError("the training split is empty: cannot read the shape of its image features")
@@ -81,7 +81,7 @@ def feature_shape(samples: Sequence[Sample]) -> tuple[int, int]:
         first = samples[0]
         raise DataError(
             f"{first.uid}: sample has no precomputed image features, which backbone='text-encoder' needs; "
-            "compute them with: python -m fedprime_core.features --dataset-dir <data-dir> --encoder <model>"
+            "compute them with: python -m fedprime_core.tools.features --dataset-dir <data-dir> --encoder <model>"
         )
     array = load_features(first.image_features, first.uid)
     return int(array.shape[0]), int(array.shape[1])
@@ -122,7 +122,7 @@ def load_image_encoder(name: str, pool: str = "cls", device: str = "auto") -> Im
     """
     if pool not in POOLS:
         raise ValueError(f"--pool must be one of {', '.join(POOLS)}, got {pool!r}")
-    from .devices import resolve_device
+    from ..devices import resolve_device
 
     dev = resolve_device(device)
     if name.startswith("torchvision:"):
@@ -271,7 +271,7 @@ def precompute_features(
         ``{"computed": n, "skipped": n, "no-image": n, "rows": {split: n}, "folder": path, "shape": (..)}``;
         rows without an image (image-missing in the data) get no features and are counted.
     """
-    from .data.processing import open_image
+    from ..data.processing import open_image
 
     root = Path(root).resolve()
     if not root.is_dir():
@@ -332,7 +332,7 @@ def precompute_features(
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m fedprime_core.features",
+        prog="python -m fedprime_core.tools.features",
         description="Precompute frozen image features for a jsonl dataset (for backbone=text-encoder).",
     )
     parser.add_argument("--dataset-dir", required=True, help="folder holding train.jsonl / dev.jsonl / test.jsonl")

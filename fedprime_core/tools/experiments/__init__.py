@@ -1,0 +1,60 @@
+"""Reproduce the paper's tables with one command: a grid of real `flwr run` federations.
+
+    python -m fedprime_core.tools.experiments run experiments/smoke.yaml
+    python -m fedprime_core.tools.experiments report experiments/smoke.yaml   # tables/plots only
+    python -m fedprime_core.tools.experiments plan experiments/smoke.yaml     # list the cells
+
+A grid file (YAML)::
+
+    name: smoke
+    output: results/experiments/smoke        # relative to the app directory
+    federation: {num-supernodes: 4, client-resources-num-cpus: 1}
+    base: {num-server-rounds: 6, ...}          # run-config keys shared by every cell
+    grids:                                     # named sub-grids: the cartesian product of
+      main:                                    # every key given as a list; a name's part
+                                               # before '-' picks the table (main-x -> main)
+        method: [fedprime, fed-inter, fedavg-p]
+        missing-setting: [miss-text, miss-image, miss-both]
+        seed: [0, 1]
+      robustness: {method: [fedprime, fedavg-p, centralized-p], missing-setting: [miss-both],
+                   eta: [0.0, 0.5, 1.0]}
+
+Every cell is one `flwr run . --stream` in simulation with its configuration written to a
+TOML file; identical cells of different sub-grids run once. A finished cell (its
+``checkpoint.json`` reached ``num-server-rounds``) is never recomputed, and an interrupted
+cell resumes from its checkpoint, so a grid can be stopped and restarted at any time.
+``centralized-p`` cells run with one SuperNode.
+
+Outputs under ``output/``: ``runs/<cell>/`` (each run's results and its flwr log),
+``main_table.md/.csv`` (the paper's main layout: method rows per training setting, the
+five test settings as columns, mean and std over seeds), ``ablation_table.md/.csv``,
+``robustness.png/.csv`` (metric vs missing rate), ``convergence_<setting>.png``, and
+``cells.json`` (status and timing of every cell).
+
+Comparison tables (any sub-grids, any keys), declared under ``tables``::
+
+    tables:
+      label-skew:                     # -> output/label-skew.md and label-skew.csv
+        grids: [label-skew]           # the sub-grid(s) compared (default: the one named like the table)
+        round: final                  # final (default) or best: the best-validation round
+        extra:                        # optional columns from the rounds of each run's metrics.json
+          - {key: bytes-sent, per: sampled, over: mean, scale: 1.0e-3, label: kB sent per client per round}
+          - {key: inter-pool-size, over: final}
+        differences:                  # optional paired differences between two values of one key
+          - {key: method, value: pfpt, minus: fed-intra}
+
+Rows are the combinations of the run-config keys that vary within the table's cells, seed
+excepted; columns are the five test settings and ``val`` (metric in %, mean ± std over
+seeds), then the extra columns (mean ± std over seeds of each run's value: ``over`` the
+rounds that have ``key``, each divided by ``per`` of the same round if given, times
+``scale``; ``key`` may be a ``/`` path into a round record, e.g. ``client-eval/accuracy``).
+A difference pairs every run having ``key: value`` with the run whose configuration is the
+same except ``key: minus`` (so matched on seed and every other key), and reports the mean,
+std and a 95% t confidence interval of the per-pair differences, for every column. For
+``key: comm-profile`` the keys the profile sets (wire-dtype, upload-delta, query-rank,
+exchange-pooler) change with it and are no row keys of their own (``experiments/comm-paired.yaml``).
+
+Modules: :mod:`.plan` reads a grid file into a :class:`~.plan.Plan` of cells, :mod:`.run`
+runs the cells as real federations, :mod:`.report` writes the tables and plots from their
+results; ``__main__`` is the command line.
+"""

@@ -1,0 +1,251 @@
+"""An experiment grid file read into a :class:`Plan`: its cells, tables and output folder (format: the
+package docstring)."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import itertools
+import json
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from ...config import ConfigError, config_to_dict, parse_run_config
+from ...metrics import headline_metric
+from ...yamlio import read_yaml_mapping
+from ..launch import APP_DIR
+
+#: Run-config keys naming files or folders: a relative value is relative to the grid file's folder.
+PATH_KEYS = ("missing-table", "data-dir")
+_CELL_KEYS = ("method", "missing-setting", "eta", "seed")
+
+
+@dataclasses.dataclass(frozen=True)
+class Cell:
+    """One federation of the grid."""
+
+    name: str
+    config: dict[str, Any]
+    grids: tuple[str, ...]
+
+    @property
+    def label(self) -> dict[str, Any]:
+        return {k: self.config[k] for k in _CELL_KEYS}
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """A parsed grid file."""
+
+    name: str
+    output: Path
+    federation: dict[str, Any]
+    cells: tuple[Cell, ...]
+    metric: str
+    base_dir: Path = Path(".")
+    tables: tuple[TableSpec, ...] = ()
+
+    @property
+    def runs_dir(self) -> Path:
+        return self.output / "runs"
+
+    def resolve_paths(self, config: Mapping[str, Any]) -> dict[str, Any]:
+        """``config`` with relative file settings made absolute against the grid file's folder.
+
+        Cells are named and hashed with the values as written, so a grid gives the same cell
+        names in every checkout.
+        """
+        out = dict(config)
+        for key in PATH_KEYS:
+            value = out.get(key)
+            if value and not Path(value).expanduser().is_absolute():
+                out[key] = str((self.base_dir / value).resolve())
+        return out
+
+
+@dataclasses.dataclass(frozen=True)
+class ExtraColumn:
+    """A column computed from the rounds of each run's ``metrics.json`` (see the module docstring)."""
+
+    key: str
+    per: str | None = None
+    over: str = "mean"
+    scale: float = 1.0
+    label: str = ""
+
+    @property
+    def title(self) -> str:
+        if self.label:
+            return self.label
+        base = f"{self.key} / {self.per}" if self.per else self.key
+        return f"{base} ({self.over})"
+
+
+@dataclasses.dataclass(frozen=True)
+class Difference:
+    """Paired difference ``key: value`` minus ``key: minus``, matched on every other key."""
+
+    key: str
+    value: Any
+    minus: Any
+
+
+@dataclasses.dataclass(frozen=True)
+class TableSpec:
+    """A comparison table over named sub-grids (see the module docstring)."""
+
+    name: str
+    grids: tuple[str, ...]
+    round: str = "final"
+    extra: tuple[ExtraColumn, ...] = ()
+    differences: tuple[Difference, ...] = ()
+    axes: tuple[str, ...] = ()  # the sub-grids' keys, in the order written, to order the row keys
+
+
+def cell_name(config: Mapping[str, Any]) -> str:
+    """Readable, unique name: method-setting-eta-seed plus a hash of everything else."""
+    digest = hashlib.sha1(json.dumps(config, sort_keys=True).encode()).hexdigest()[:8]
+    eta = f"{float(config['eta']):g}".replace(".", "p")
+    return f"{config['method']}-{config['missing-setting']}-eta{eta}-s{config['seed']}-{digest}"
+
+
+def load_plan(path: str | Path) -> Plan:
+    """Parse and validate a grid file; every cell's configuration is checked up front.
+
+    Raises:
+        ConfigError: naming the file, sub-grid and key that is wrong.
+    """
+    path = Path(path)
+    spec = read_yaml_mapping(path, "grid file", ConfigError)
+    unknown = set(spec) - {"name", "output", "federation", "base", "grids", "description", "tables"}
+    if unknown:
+        raise ConfigError(f"grid file {path}: unknown top-level key(s) {sorted(unknown)}")
+    if not isinstance(spec.get("grids"), dict) or not spec["grids"]:
+        raise ConfigError(f"grid file {path}: 'grids' must map sub-grid names to key lists")
+    name = str(spec.get("name") or path.stem)
+    output = Path(spec.get("output") or f"results/experiments/{name}")
+    output = output if output.is_absolute() else APP_DIR / output
+    base = dict(spec.get("base") or {})
+    cells: dict[str, Cell] = {}
+    for grid_name, axes in spec["grids"].items():
+        if not isinstance(axes, dict):
+            raise ConfigError(f"grid file {path}: sub-grid {grid_name!r} must map run-config keys to values")
+        keys = list(axes)
+        values = [v if isinstance(v, list) else [v] for v in axes.values()]
+        for combo in itertools.product(*values):
+            overrides = {**base, **dict(zip(keys, combo))}
+            overrides.pop("run-name", None)
+            overrides.pop("results-dir", None)
+            overrides.pop("resume", None)
+            try:
+                config = config_to_dict(parse_run_config(overrides))
+            except ConfigError as exc:
+                raise ConfigError(
+                    f"grid file {path}, sub-grid {grid_name!r}, cell {dict(zip(keys, combo))}: {exc}"
+                ) from None
+            config.pop("run-name")
+            config.pop("results-dir")
+            config.pop("resume")
+            cname = cell_name(config)
+            previous = cells.get(cname)
+            grids = (*previous.grids, grid_name) if previous else (grid_name,)
+            cells[cname] = Cell(cname, config, grids)
+    datasets = {c.config["dataset"] for c in cells.values()}
+    headline = {headline_metric(dataset) for dataset in datasets}
+    metric = headline.pop() if len(headline) == 1 else "accuracy"  # a mixed grid: accuracy, which every set has
+    tables = _parse_tables(path, spec.get("tables"), spec["grids"], tuple(cells.values()))
+    return Plan(
+        name, output, dict(spec.get("federation") or {}), tuple(cells.values()), metric, path.parent.resolve(), tables
+    )
+
+
+_TABLE_KEYS = {"grids", "round", "extra", "differences"}
+_EXTRA_KEYS = {"key", "per", "over", "scale", "label"}
+_OVER = ("mean", "final", "sum", "max", "min")
+
+
+def _parse_tables(path: Path, raw: Any, grids: Mapping[str, Any], cells: tuple[Cell, ...]) -> tuple[TableSpec, ...]:
+    """Validate the ``tables`` section against the sub-grids and cells it refers to."""
+    from ...config import OPTIONS
+
+    if raw is None:
+        return ()
+    if not isinstance(raw, dict):
+        raise ConfigError(f"grid file {path}: 'tables' must map table names to table specs")
+    option_keys = {opt.key for opt in OPTIONS}
+    tables = []
+    for name, body in raw.items():
+        where = f"grid file {path}, table {name!r}"
+        body = {} if body is None else body
+        if not isinstance(body, dict):
+            raise ConfigError(f"{where}: must be a mapping with keys {sorted(_TABLE_KEYS)}")
+        unknown = set(body) - _TABLE_KEYS
+        if unknown:
+            raise ConfigError(f"{where}: unknown key(s) {sorted(unknown)}; use {sorted(_TABLE_KEYS)}")
+        names = body.get("grids", [name])
+        names = [names] if isinstance(names, str) else list(names)
+        missing = [g for g in names if g not in grids]
+        if not names or missing:
+            raise ConfigError(f"{where}: no sub-grid named {missing or names}; the grid file has {sorted(grids)}")
+        which = body.get("round", "final")
+        if which not in ("final", "best"):
+            raise ConfigError(f"{where}: 'round' must be 'final' or 'best', got {which!r}")
+        extras = []
+        for item in body.get("extra") or []:
+            if not isinstance(item, dict) or "key" not in item or set(item) - _EXTRA_KEYS:
+                raise ConfigError(
+                    f"{where}: every 'extra' entry must be a mapping with 'key' "
+                    f"and optionally {sorted(_EXTRA_KEYS - {'key'})}"
+                )
+            over = item.get("over", "mean")
+            if over not in _OVER:
+                raise ConfigError(f"{where}: extra column {item['key']!r}: 'over' must be one of {_OVER}, got {over!r}")
+            try:
+                scale = float(item.get("scale", 1.0))
+            except (TypeError, ValueError):
+                raise ConfigError(f"{where}: extra column {item['key']!r}: 'scale' must be a number") from None
+            extras.append(ExtraColumn(str(item["key"]), item.get("per"), over, scale, str(item.get("label", ""))))
+        table_cells = [c for c in cells if set(c.grids) & set(names)]
+        differences = []
+        for item in body.get("differences") or []:
+            if not isinstance(item, dict) or set(item) != {"key", "value", "minus"}:
+                raise ConfigError(f"{where}: every 'differences' entry must be a mapping with key, value and minus")
+            if item["key"] not in option_keys or item["key"] == "seed":
+                raise ConfigError(f"{where}: difference key {item['key']!r} is not a run-config key other than seed")
+            present = {json.dumps(c.config[item["key"]]) for c in table_cells}
+            for side in ("value", "minus"):
+                if json.dumps(_coerce_like(item[side], table_cells, item["key"])) not in present:
+                    raise ConfigError(
+                        f"{where}: no cell of the table has {item['key']} = {item[side]!r} "
+                        f"(values present: {sorted(json.loads(v) for v in present)})"
+                    )
+            differences.append(
+                Difference(
+                    item["key"],
+                    _coerce_like(item["value"], table_cells, item["key"]),
+                    _coerce_like(item["minus"], table_cells, item["key"]),
+                )
+            )
+        axes: list[str] = []
+        for g in names:
+            axes.extend(k for k in grids[g] if k not in axes)
+        tables.append(TableSpec(str(name), tuple(names), which, tuple(extras), tuple(differences), tuple(axes)))
+    return tuple(tables)
+
+
+def _coerce_like(value: Any, cells: Sequence[Cell], key: str) -> Any:
+    """``value`` with the type the validated configs hold for ``key`` (YAML 1 vs 1.0)."""
+    for cell in cells:
+        current = cell.config[key]
+        if isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool):
+            return float(value)
+        return value
+    return value
+
+
+def federation_args(plan: Plan, cell: Cell) -> str:
+    options = dict(plan.federation)
+    if cell.config["method"] == "centralized-p":
+        options["num-supernodes"] = 1
+    return " ".join(f"{k}={v}" for k, v in options.items())

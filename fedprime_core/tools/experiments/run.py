@@ -1,0 +1,123 @@
+"""Running a plan's cells as real `flwr run` federations, resumably."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from ...progress import format_duration
+from ..cli import to_toml
+from ..launch import flower_env, run_flwr, stage_app, stop_marked
+from .plan import Cell, Plan, federation_args
+from .report import write_report
+
+
+def cell_status(plan: Plan, cell: Cell) -> tuple[str, int]:
+    """``("done" | "partial" | "todo", completed rounds)`` from the cell's checkpoint."""
+    meta = plan.runs_dir / cell.name / "checkpoint.json"
+    if not meta.is_file():
+        return "todo", 0
+    try:
+        completed = int(json.loads(meta.read_text()).get("round", 0))
+    except (OSError, ValueError):
+        return "todo", 0
+    return ("done" if completed >= int(cell.config["num-server-rounds"]) else "partial"), completed
+
+
+def run_cell(plan: Plan, cell: Cell, home: Path, echo: bool = True, app_dir: Path | None = None) -> dict[str, Any]:
+    """Run (or resume) one cell with real `flwr run`; returns its status record.
+
+    ``app_dir``: where ``flwr run .`` runs (a :func:`~fedprime_core.tools.launch.stage_app` copy; default: the
+    repository).
+    """
+    status, completed = cell_status(plan, cell)
+    if status == "done":
+        return {"cell": cell.name, "status": "done", "skipped": True}
+    run_dir = plan.runs_dir / cell.name
+    overrides = {**plan.resolve_paths(cell.config), "results-dir": str(plan.runs_dir), "run-name": cell.name}
+    if cell.config["method"] == "centralized-p":
+        overrides.update({"min-available-nodes": 1, "min-train-nodes": 1})
+    if status == "partial":
+        overrides["resume"] = str(run_dir)
+    toml_path = plan.output / "configs" / f"{cell.name}.toml"
+    toml_path.parent.mkdir(parents=True, exist_ok=True)
+    toml_path.write_text(to_toml(overrides))
+    run_dir.mkdir(parents=True, exist_ok=True)
+    prefix = f"[{cell.name}] "
+    started = time.perf_counter()
+    code, output = run_flwr(
+        ["run", ".", "--stream", "--federation-config", federation_args(plan, cell), "--run-config", str(toml_path)],
+        flower_env(home),
+        log_path=run_dir / f"flwr-{int(time.time())}.log",
+        echo=(lambda line: print(prefix + line, flush=True)) if echo else None,
+        cwd=app_dir,
+    )
+    seconds = time.perf_counter() - started
+    final, _ = cell_status(plan, cell)
+    ok = code == 0 and final == "done"
+    return {
+        "cell": cell.name,
+        "status": "done" if ok else "failed",
+        "exit-code": code,
+        "seconds": seconds,
+        "resumed-from": completed if status == "partial" else None,
+    }
+
+
+def run_plan(plan: Plan, echo: bool = True) -> list[dict[str, Any]]:
+    """Run every unfinished cell in order, then write the report. Returns the cell records."""
+    plan.output.mkdir(parents=True, exist_ok=True)
+    home = plan.output / ".flwr-home"
+    home.mkdir(exist_ok=True)
+    records = []
+    staged = Path(tempfile.mkdtemp(prefix="fedprime-app-"))
+    started = time.perf_counter()
+    total = len(plan.cells)
+    try:
+        app_dir = stage_app(staged / "app")  # flwr run walks its whole folder: stage the app alone
+        for index, cell in enumerate(plan.cells, 1):
+            print(f"== cell {index}/{total}: {cell.name} ({', '.join(cell.grids)})", flush=True)
+            record = run_cell(plan, cell, home, echo=echo, app_dir=app_dir)
+            records.append(record)
+            if record["status"] == "failed":
+                print(
+                    f"!! cell {cell.name} failed (exit {record['exit-code']}); see {plan.runs_dir / cell.name}",
+                    flush=True,
+                )
+            (plan.output / "cells.json").write_text(json.dumps(records, indent=2))
+            to_run = sum(cell_status(plan, c)[0] != "done" for c in plan.cells[index:])
+            print(
+                progress_line(index, total, record, time.perf_counter() - started, records, to_run),
+                flush=True,
+            )
+    finally:
+        stop_marked(f"FLWR_HOME={home}")  # the local SuperLink flwr run left in the background
+        shutil.rmtree(staged, ignore_errors=True)
+    write_report(plan)
+    return records
+
+
+def progress_line(
+    index: int, total: int, record: dict[str, Any], elapsed: float, records: Sequence[dict[str, Any]], to_run: int
+) -> str:
+    """``== cell 3/29 done in 58s | 2m04s elapsed, about 25m10s left (26 cells to run)``.
+
+    The estimate is the mean duration of the cells this invocation ran (finished cells that
+    were skipped do not count) times the cells still to run.
+    """
+    outcome = "skipped (already done)" if record.get("skipped") else record["status"]
+    took = f" in {format_duration(record['seconds'])}" if "seconds" in record else ""
+    durations = [r["seconds"] for r in records if "seconds" in r]
+    if to_run == 0:
+        left = "nothing left to run"
+    elif durations:
+        mean = sum(durations) / len(durations)
+        left = f"about {format_duration(mean * to_run)} left ({to_run} cell{'s' * (to_run != 1)} to run)"
+    else:
+        left = f"{to_run} cell{'s' * (to_run != 1)} to run"
+    return f"== cell {index}/{total} {outcome}{took} | {format_duration(elapsed)} elapsed, {left}"
