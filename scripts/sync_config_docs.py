@@ -28,9 +28,10 @@ def _toml_value(value: object) -> str:
 
 def _help(option) -> tuple[str, str]:
     choices = option.choices or ()
+    resume = " May change when resuming a run." if option.resumable else ""
     return (
-        option.help + (f" One of: {', '.join(choices)}." if choices else ""),
-        option.help + (f" One of: `{'`, `'.join(choices)}`." if choices else ""),
+        option.help + (f" One of: {', '.join(choices)}." if choices else "") + resume,
+        option.help + (f" One of: `{'`, `'.join(choices)}`." if choices else "") + resume,
     )
 
 
