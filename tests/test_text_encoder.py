@@ -313,7 +313,7 @@ def test_feature_shape_errors_name_the_sample(tmp_path):
         loaded.processor.image(bad)
     plain = _write_dataset(tmp_path / "plain", features=False)
     with pytest.raises(
-        DataError, match=r"train\.jsonl:1: sample has no precomputed image features.*fedprime_core\.features"
+        DataError, match=r"train\.jsonl:1: sample has no precomputed image features.*fedprime_core\.tools\.features"
     ):
         runtime.process_backbone(_jsonl_config(plain))
 
