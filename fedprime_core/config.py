@@ -233,7 +233,24 @@ OPTIONS: tuple[Option, ...] = (
         resumable=True,
     ),
     Option(
-        "min-available-nodes", int, 2, "Clients that must be connected before a round starts.", min=1, resumable=True
+        "min-available-nodes",
+        int,
+        2,
+        "Clients that must be connected before a round starts (waited for up to node-wait seconds). In a "
+        "deployment set it below the number of sites so that a site that goes down does not hold the others up.",
+        min=1,
+        resumable=True,
+    ),
+    Option(
+        "node-wait",
+        float,
+        600.0,
+        "Seconds the ServerApp waits for min-available-nodes connected nodes before round 1 and before each "
+        "round. When the wait ends it goes on with the nodes it has if they are at least min-train-nodes "
+        "(the missing clients are named in the log), and otherwise stops the run as failed (resume it once the "
+        "sites are back).",
+        min=0.0,
+        resumable=True,
     ),
     Option(
         "round-timeout",
@@ -552,6 +569,7 @@ class RunConfig:
     fraction_evaluate: float = 1.0
     min_train_nodes: int = 2
     min_available_nodes: int = 2
+    node_wait: float = 600.0
     round_timeout: float = 3600.0
     max_skipped_rounds: int = 3
     superlink_timeout: float = 60.0
