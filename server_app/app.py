@@ -35,9 +35,9 @@ from fedprime_core.failures import RunFailed
 from fedprime_core.methods import method_spec
 from fedprime_core.results import CHECKPOINT_META, find_checkpoint, load_checkpoint, write_json
 from fedprime_core.runlock import RunFolderBusy, RunLock
+from fedprime_protocol.logs import ClientLogGrid, connect
+from fedprime_protocol.messages import CLIENT, identity_query, record_to_state, state_to_record
 
-from .logs import ClientLogGrid, connect
-from .messages import CLIENT, identity_query, record_to_state, state_to_record
 from .strategy import FedPrimeStrategy, NotEnoughNodesError
 from .watchdog import SuperLinkWatchdog, superlink_address
 

@@ -42,8 +42,7 @@ from fedprime_core.federated import AggregationSettings, GlobalState, validate_u
 from fedprime_core.methods import method_spec
 from fedprime_core.progress import format_duration
 from fedprime_core.results import save_checkpoint, write_json, write_run_outputs
-
-from .messages import (
+from fedprime_protocol.messages import (
     ARRAYS,
     CONFIG,
     METRICS,

@@ -150,8 +150,8 @@ def test_resume_refuses_changed_settings_and_fresh_runs_refuse_to_overwrite(quic
 
 def test_messages_carry_no_backbone_tensor_and_no_data(quick_config):
     from fedprime_core import runtime
-    from server_app.logs import CLIENT_LOG
-    from server_app.messages import ARRAYS, CLIENT, PATTERN_USAGE, USAGE, WIRE
+    from fedprime_protocol.logs import CLIENT_LOG
+    from fedprime_protocol.messages import ARRAYS, CLIENT, PATTERN_USAGE, USAGE, WIRE
 
     cfg = quick_config(run_name="privacy", num_server_rounds=1, fraction_evaluate=0.0, server_eval=False)
     grid = run(cfg, num_nodes=2)
@@ -190,7 +190,7 @@ def test_messages_carry_no_backbone_tensor_and_no_data(quick_config):
 
 def test_a_lean_run_sends_what_the_profile_says_and_reports_the_bytes(quick_config, flower_logs):
     from fedprime_core import runtime
-    from server_app.messages import state_to_record
+    from fedprime_protocol.messages import state_to_record
 
     cfg = quick_config(run_name="lean", comm_profile="lean", num_server_rounds=2, fraction_evaluate=0.0)
     grid = run(cfg, num_nodes=3)

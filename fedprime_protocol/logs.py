@@ -50,7 +50,7 @@ from flwr.serverapp import Grid
 from fedprime_core.progress import format_duration
 
 #: The loggers whose records are routed to Flower's handlers.
-LOGGERS = ("fedprime_core", "client_app", "server_app")
+LOGGERS = ("fedprime_core", "fedprime_protocol", "client_app", "server_app")
 #: Name of the ConfigRecord in which a client returns its log lines.
 CLIENT_LOG = "client-log"
 #: At most this many lines (of at most this many characters) travel with one reply.
