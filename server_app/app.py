@@ -207,12 +207,12 @@ def _run(
     )
     strategy.node_clients.update({node: str(info["client-id"]) for node, info in census.items() if "client-id" in info})
     try:
-        result = strategy.start(
+        result = strategy.start_or_resume(
             grid=ClientLogGrid(grid),  # logs the lines each client returns with its reply
             initial_arrays=state_to_record(state),
             num_rounds=cfg.num_server_rounds,
             timeout=cfg.round_timeout,
-            evaluate_fn=evaluate if server_eval else None,
+            evaluate_held_out=evaluate if server_eval else None,
         )
     except RunFailed:
         log(ERROR, "FedPrime stopped. Results so far: %s (summary.md says why)", run_dir)
