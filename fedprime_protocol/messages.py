@@ -58,6 +58,8 @@ from fedprime_core.wire import WIRE_DTYPES, apply_delta, decode_state, encode_st
 
 ARRAYS, CONFIG, METRICS, USAGE, CLIENT, WIRE = "arrays", "config", "metrics", "usage", "client", "wire"
 PATTERN_USAGE = "pattern-usage"
+#: The metric that weighs a reply (FedAvg's ``weighted_by_key``).
+NUM_EXAMPLES = "num-examples"
 IDENTITY_QUERY = "identity"
 
 
@@ -173,8 +175,8 @@ def train_reply_content(
 
 def evaluate_reply_content(metrics: Mapping[str, float | int]) -> RecordDict:
     """The RecordDict a client returns after evaluating: its metrics, ``num-examples`` as an integer."""
-    values: dict[str, float | int] = {k: float(v) for k, v in metrics.items() if k != "num-examples"}
-    values["num-examples"] = int(metrics["num-examples"])
+    values: dict[str, float | int] = {k: float(v) for k, v in metrics.items() if k != NUM_EXAMPLES}
+    values[NUM_EXAMPLES] = int(metrics[NUM_EXAMPLES])
     return RecordDict({METRICS: MetricRecord(values)})
 
 
@@ -239,7 +241,7 @@ def parse_train_reply(
         for pool, flat in content.config_records.get(PATTERN_USAGE, ConfigRecord()).items()
     }
     info = dict(content.config_records.get(CLIENT, ConfigRecord()))
-    num_examples = metrics.get("num-examples", 0)
+    num_examples = metrics.get(NUM_EXAMPLES, 0)
     if isinstance(num_examples, float) and num_examples.is_integer():
         num_examples = int(num_examples)
     update = ClientUpdate(

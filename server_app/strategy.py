@@ -51,7 +51,9 @@ from fedprime_core.progress import format_duration
 from fedprime_core.results import save_checkpoint, write_json, write_run_outputs
 from fedprime_protocol.messages import (
     ARRAYS,
+    CONFIG,
     METRICS,
+    NUM_EXAMPLES,
     identity_query,
     instruction_content,
     parse_identity_reply,
@@ -197,6 +199,9 @@ class FedPrimeStrategy(FedAvg):
             min_train_nodes=min_train,
             min_evaluate_nodes=1 if cfg.fraction_evaluate > 0 else 0,
             min_available_nodes=1 if spec.centralized else cfg.min_available_nodes,
+            weighted_by_key=NUM_EXAMPLES,  # the protocol's names, which FedAvg's summary reports
+            arrayrecord_key=ARRAYS,
+            configrecord_key=CONFIG,
         )
         self.cfg = cfg
         self.spec = spec
@@ -218,6 +223,16 @@ class FedPrimeStrategy(FedAvg):
         self._trained: TrainRecord | None = None
         #: Nodes whose message of the last exchange could not be pushed (:meth:`_exchange`).
         self._unsent: tuple[int, ...] = ()
+
+    def summary(self) -> None:
+        """Log FedPrime's settings, then FedAvg's sampling summary (as Flower's FedProx adds its own)."""
+        log(INFO, "\t├──> FedPrime settings:")
+        log(INFO, "\t│\t├── Method: %s (pools: %s)", self.cfg.method, ", ".join(self.spec.pools) or "none")
+        if "inter" in self.spec.pools:
+            limits = (self.cfg.inter_pool_max, self.sweeps)
+            log(INFO, "\t│\t├── Inter pool: at most %d prompts, %d alignment sweeps", *limits)
+        log(INFO, "\t│\t└── What travels: %s", describe_communication(self.cfg))
+        super().summary()
 
     # -- sampling --------------------------------------------------------------------
     def _sample(self, grid: Grid, fraction: float, minimum: int, server_round: int, purpose: int) -> list[int]:
@@ -596,8 +611,8 @@ class FedPrimeStrategy(FedAvg):
             if METRICS not in message.content.metric_records:
                 continue
             metrics = message.content.metric_records[METRICS]
-            n = metrics.get("num-examples", 0)
-            values = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and k != "num-examples"}
+            n = metrics.get(NUM_EXAMPLES, 0)
+            values = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and k != NUM_EXAMPLES}
             if isinstance(n, (int, float)) and n > 0 and all(np.isfinite(list(values.values()))):
                 rows.append((float(n), values))
         if not rows:
@@ -605,7 +620,7 @@ class FedPrimeStrategy(FedAvg):
         total = sum(n for n, _ in rows)
         keys = set.intersection(*(set(v) for _, v in rows))
         out = {k: sum(n * v[k] for n, v in rows) / total for k in sorted(keys)}
-        out["num-examples"] = int(total)
+        out[NUM_EXAMPLES] = int(total)
         return MetricRecord(out)
 
     # -- the loop ---------------------------------------------------------------------

@@ -276,7 +276,7 @@ def _strategy_on_a_loopback_grid(cfg):
     return FedPrimeStrategy(cfg, run_dir_of(cfg), state), LoopbackGrid(config_to_dict(cfg), 3), state
 
 
-def test_flowers_own_start_drives_the_hooks(quick_config):
+def test_flowers_own_start_drives_the_hooks(quick_config, flower_logs):
     """The hooks keep Flower's contract: Flower's Strategy.start runs them as it runs FedAvg's."""
     from flwr.app import MetricRecord
 
@@ -298,6 +298,9 @@ def test_flowers_own_start_drives_the_hooks(quick_config):
     assert sorted(result.evaluate_metrics_clientapp) == [1, 2]
     assert result.evaluate_metrics_serverapp[2]["arrays"] == len(state)
     assert [m.metadata.message_type for m in grid.sent].count(MessageType.TRAIN) == 6
+    # summary(): FedPrime's settings, then FedAvg's, which names the protocol's records.
+    text = flower_logs.text
+    assert text.index("FedPrime settings") < text.index("Sampling:") < text.index("ArrayRecord key: 'arrays'")
 
 
 def test_start_or_resume_keeps_evaluate_fns_meaning_next_to_the_held_out_sets(quick_config):
