@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # FedPrime multi-client demo on Flower's Deployment Runtime with Docker Compose.
 #
-#   docker/demo.sh [--tls] [--gpu] [--no-build] [--keep]
+#   docker/demo.sh [--tls] [--gpu] [--no-build] [--keep] [--kill-site] [--clean]
 #
 # Prepares three site folders and the server's held-out folder on this host (the embedded
 # dataset, or DEMO_DATASET_DIR, split by `python -m fedprime_core.data.prepare split` with
@@ -18,6 +18,11 @@
 #               container toolkit and a CUDA build of torch in the image, see docker/Dockerfile)
 #   --no-build  use the existing $FEDPRIME_IMAGE
 #   --keep      leave the stack running (stop it with the `down` command printed at the end)
+#   --kill-site kill site 3 (its SuperNode and ClientApp executor) once round 1 is done and
+#               leave it down: the federation carries on with the two other sites (the run
+#               has 3 rounds then); the demo sets min-available-nodes=2 and node-wait=120
+#   --clean     also delete the model-cache volume at teardown (kept by default, so that a
+#               second demo does not prepare the backbone again)
 #
 # Environment (optional)
 #   FLWR_VERSION          Flower release of the images; default: the flwr installed on this
@@ -42,15 +47,17 @@ set -euo pipefail
 
 HERE=$(cd "$(dirname "$0")" && pwd)
 ROOT=$(cd "$HERE/.." && pwd)
-TLS=0 GPU=0 BUILD=1 KEEP=0
+TLS=0 GPU=0 BUILD=1 KEEP=0 KILL_SITE=0 CLEAN=0
 for arg in "$@"; do
     case "$arg" in
         --tls) TLS=1 ;;
         --gpu) GPU=1 ;;
         --no-build) BUILD=0 ;;
         --keep) KEEP=1 ;;
+        --kill-site) KILL_SITE=1 ;;
+        --clean) CLEAN=1 ;;
         -h | --help)
-            sed -n '2,30p' "$0"
+            sed -n '2,45p' "$0"
             exit 0
             ;;
         *)
@@ -164,16 +171,22 @@ cleanup() {
         echo "stack left running; the flwr connection to it is kept in $FLWR_HOME:"
         echo "  FLWR_HOME=$FLWR_HOME $FLWR ls fedprime-docker"
         [ -n "${RUN_ID:-}" ] && echo "  FLWR_HOME=$FLWR_HOME $FLWR log $RUN_ID fedprime-docker --show"
-        echo "stop it with:"
-        echo "  COMPOSE_PROJECT_NAME=$COMPOSE_PROJECT_NAME ${COMPOSE[*]} ${FILES[*]} down -v && rm -rf $FLWR_HOME"
+        echo "stop it with (add -v to delete the model cache too):"
+        echo "  COMPOSE_PROJECT_NAME=$COMPOSE_PROJECT_NAME ${COMPOSE[*]} ${FILES[*]} down && rm -rf $FLWR_HOME"
     else
         compose logs --no-color >"$LOGS/compose.log" 2>&1
         if [ "$rc" != 0 ]; then
             echo "---- last container logs ----" >&2
             tail -60 "$LOGS/compose.log" >&2
         fi
-        stamp "tearing down"
-        compose down -v --remove-orphans >/dev/null 2>&1
+        # The model-cache volume stays unless --clean: a second demo finds the backbone prepared.
+        if [ "$CLEAN" = 1 ]; then
+            stamp "tearing down (and deleting the model-cache volume)"
+            compose down -v --remove-orphans >/dev/null 2>&1
+        else
+            stamp "tearing down (the model-cache volume is kept; --clean deletes it)"
+            compose down --remove-orphans >/dev/null 2>&1
+        fi
     fi
     if [ -n "${RUN_DIR:-}" ] && [ -d "$RUN_DIR" ]; then
         cp "$LOGS"/* "$RUN_DIR/" 2>/dev/null
@@ -235,7 +248,11 @@ stamp "$online SuperNodes online"
 RUN_NAME="docker-demo-$(date +%Y%m%d-%H%M%S)"
 # The sites' data is already incomplete (missing-setting "none": used as it is); the server
 # evaluates on its own held-out folder, mounted at /data in its container.
-RUN_CONFIG="num-server-rounds=2 max-test-samples=200 tau=8 kappa=2 min-available-nodes=3"
+# min-available-nodes below the 3 sites and a bounded node-wait: a site that goes down does
+# not hold the two others up (see --kill-site).
+ROUNDS=2
+[ "$KILL_SITE" = 1 ] && ROUNDS=3
+RUN_CONFIG="num-server-rounds=$ROUNDS max-test-samples=200 tau=8 kappa=2 min-available-nodes=2 node-wait=120.0"
 RUN_CONFIG+=" dataset=\"$DEMO_DATASET\" data-dir=\"/data\" missing-setting=\"none\""
 [ "$DEMO_DATASET_DIR" = "$HERE/.build/foodtoy" ] && RUN_CONFIG+=" text-max-length=24"
 RUN_CONFIG+=" results-dir=\"/results\" run-name=\"$RUN_NAME\""
@@ -248,7 +265,17 @@ RUN_ID=$(json_field "d['run-id']" <"$LOGS/flwr-run.json")
 stamp "run $RUN_ID started; waiting for it to finish (flwr ls)"
 RUN_T0=$(date +%s)
 status=""
+KILLED=0
+done_rounds() {
+    compose exec -T superexec-serverapp cat "/results/$RUN_NAME/checkpoint.json" 2>/dev/null |
+        json_field "d.get('round', 0)" 2>/dev/null || echo 0
+}
 while :; do
+    if [ "$KILL_SITE" = 1 ] && [ "$KILLED" = 0 ] && [ "$(done_rounds)" -ge 1 ]; then
+        stamp "round 1 done: killing site 3 (supernode-3 and superexec-clientapp-3); it stays down"
+        compose kill supernode-3 superexec-clientapp-3 >/dev/null
+        KILLED=1
+    fi
     status=$("$FLWR" ls fedprime-docker --run-id "$RUN_ID" --format json 2>/dev/null |
         json_field "d['runs'][0]['status']" 2>/dev/null || echo unknown)
     case "$status" in finished*) break ;; esac
@@ -264,8 +291,10 @@ RUN_SECONDS=$(($(date +%s) - RUN_T0))
 stamp "run $RUN_ID: $status after $RUN_SECONDS s"
 
 RUN_DIR="$FEDPRIME_RESULTS_DIR/$RUN_NAME"
-# The ServerApp writes as uid 49999, some files owner-only: make them readable on this host.
-compose exec -T superexec-serverapp chmod -R a+rX "/results/$RUN_NAME" >/dev/null 2>&1 || true
+# The ServerApp writes as uid 49999 (Flower's `app` user): hand the run folder to whoever ran
+# the demo, so that it can be read and deleted without sudo.
+compose exec -T -u 0 superexec-serverapp chown -R "$(id -u):$(id -g)" "/results/$RUN_NAME" >/dev/null 2>&1 ||
+    compose exec -T superexec-serverapp chmod -R a+rwX "/results/$RUN_NAME" >/dev/null 2>&1 || true
 if [ "$status" != "finished:completed" ] || [ ! -f "$RUN_DIR/summary.md" ]; then
     echo "run $RUN_ID ended as '$status'; ServerApp log:" >&2
     tail -40 "$LOGS/flwr-log.txt" >&2

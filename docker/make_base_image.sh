@@ -32,6 +32,12 @@ fi
 
 bash "$HERE/local-engine.sh" start
 
+# One build at a time: a second caller waits, then finds the image made (two debootstraps
+# into one root file system destroy each other).
+mkdir -p "$STATE_DIR"
+exec 9>"$STATE_DIR/make_base_image.lock"
+flock 9
+
 if docker image inspect "$TAG" >/dev/null 2>&1 && [ "${FORCE:-0}" != 1 ]; then
     echo "$TAG already exists (FORCE=1 rebuilds it)"
     exit 0

@@ -183,7 +183,24 @@ OPTIONS: tuple[Option, ...] = (
         "Fewest valid training replies a round needs; below it the round is skipped and the global state kept.",
         min=1,
     ),
-    Option("min-available-nodes", int, 2, "Clients that must be connected before a round starts.", min=1),
+    Option(
+        "min-available-nodes",
+        int,
+        2,
+        "Clients that must be connected before a round starts (waited for up to node-wait seconds). In a "
+        "deployment set it below the number of sites so that a site that goes down does not hold the others up.",
+        min=1,
+    ),
+    Option(
+        "node-wait",
+        float,
+        600.0,
+        "Seconds the ServerApp waits for min-available-nodes connected nodes before round 1 and before each "
+        "round. When the wait ends it goes on with the nodes it has if they are at least min-train-nodes "
+        "(the missing clients are named in the log), and otherwise stops the run as failed (resume it once the "
+        "sites are back).",
+        min=0.0,
+    ),
     Option(
         "round-timeout",
         float,

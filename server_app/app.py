@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
-import time
 from logging import ERROR, INFO, WARNING
 from pathlib import Path
 from typing import Any
@@ -38,7 +37,8 @@ from fedprime_core.runlock import RunFolderBusy, RunLock
 from fedprime_protocol.logs import ClientLogGrid, connect
 from fedprime_protocol.messages import CLIENT, identity_query, record_to_state, state_to_record
 
-from .strategy import FedPrimeStrategy, NotEnoughNodesError
+from .nodes import wait_for_nodes
+from .strategy import FedPrimeStrategy
 from .watchdog import SuperLinkWatchdog, superlink_address
 
 connect()  # fedprime_core's lines (loading, progress) reach flwr run --stream and flwr log
@@ -63,6 +63,7 @@ RESUMABLE_CHANGES = frozenset(
         "max-update-norm",
         "max-skipped-rounds",
         "superlink-timeout",
+        "node-wait",
     }
 )
 
@@ -203,7 +204,7 @@ def _run(
         multilabel=labels.metric == "macro_f1",
         labels_fingerprint=labels.fingerprint,
         inter_record=inter_record,
-        stop_check=(lambda: watchdog.reason if watchdog.lost.is_set() else None) if watchdog else None,
+        stop_check=watchdog.stop_reason if watchdog else None,
     )
     strategy.node_clients.update({node: str(info["client-id"]) for node, info in census.items() if "client-id" in info})
     try:
@@ -230,29 +231,19 @@ def _run(
 def node_census(grid: Grid, cfg: RunConfig, watchdog: SuperLinkWatchdog | None = None) -> dict[int, dict[str, Any]]:
     """Ask every connected node who it is (client id, and partition and partition count when it has them).
 
-    Waits up to ``round-timeout`` for ``min-available-nodes`` nodes (as round 1 would),
+    Waits up to ``node-wait`` for ``min-available-nodes`` nodes (as round 1 would),
     then sends one identity query to each and keeps the answers that arrive within
     ``round-timeout``. Nodes that fail or do not answer are left out here: the rounds
     account for them.
 
     Raises:
-        NotEnoughNodesError: fewer than ``min-available-nodes`` nodes after ``round-timeout``.
+        NotEnoughNodesError: fewer than ``min-train-nodes`` nodes when ``node-wait`` ended.
         RunFailed: the SuperLink went away while waiting.
     """
-    needed = 1 if method_spec(cfg.method).centralized else cfg.min_available_nodes  # as the strategy counts
-    started = time.monotonic()
-    next_note = started
-    while len(nodes := sorted(grid.get_node_ids())) < needed:
-        if time.monotonic() - started > cfg.round_timeout:
-            raise NotEnoughNodesError(
-                f"only {len(nodes)} node(s) connected after {cfg.round_timeout:.0f}s, min-available-nodes is {needed}"
-            )
-        if watchdog is not None and watchdog.lost.is_set():
-            raise RunFailed(watchdog.reason)
-        if time.monotonic() >= next_note:
-            log(INFO, "Waiting for nodes: %d connected, %d required", len(nodes), needed)
-            next_note = time.monotonic() + 10.0
-        time.sleep(1.0)
+    centralized = method_spec(cfg.method).centralized
+    needed, enough = (1, 1) if centralized else (cfg.min_available_nodes, cfg.min_train_nodes)  # as the strategy counts
+    check = watchdog.check if watchdog is not None else None
+    nodes = wait_for_nodes(grid, needed, enough, cfg.node_wait, check, what="round 1")
     if not nodes:
         return {}
     queries = [Message(content=identity_query(), message_type=MessageType.QUERY, dst_node_id=n) for n in nodes]

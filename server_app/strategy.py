@@ -61,14 +61,12 @@ from fedprime_protocol.messages import (
     state_to_record,
 )
 
+from .nodes import NotEnoughNodesError, wait_for_nodes
+
 #: ``evaluate_held_out(round, state) -> {"val": {...}, "same-as-train": {...}, ...}`` (see ``start_or_resume``)
 ServerEvaluate = Callable[[int, dict[str, np.ndarray]], dict[str, dict[str, float]]]
 #: ``stop_check() -> reason`` when the run must stop now (its SuperLink is gone), else ``None``.
 StopCheck = Callable[[], str | None]
-
-
-class NotEnoughNodesError(RunFailed):
-    """Fewer nodes connected than ``min-available-nodes`` within the round timeout."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -236,17 +234,16 @@ class FedPrimeStrategy(FedAvg):
 
     # -- sampling --------------------------------------------------------------------
     def _sample(self, grid: Grid, fraction: float, minimum: int, server_round: int, purpose: int) -> list[int]:
-        """Wait (up to the round timeout) for enough nodes, then sample deterministically."""
-        deadline = time.monotonic() + self.cfg.round_timeout
-        while len(nodes := sorted(grid.get_node_ids())) < self.min_available_nodes:
-            if time.monotonic() > deadline:
-                raise NotEnoughNodesError(
-                    f"only {len(nodes)} node(s) connected after {self.cfg.round_timeout:.0f}s, "
-                    f"min-available-nodes is {self.min_available_nodes}"
-                )
-            log(INFO, "Waiting for nodes: %d connected, %d required", len(nodes), self.min_available_nodes)
-            self._check_stop()
-            time.sleep(1.0)
+        """Wait (up to ``node-wait``) for enough nodes, then sample deterministically."""
+        nodes = wait_for_nodes(
+            grid,
+            self.min_available_nodes,
+            max(minimum, 1),
+            self.cfg.node_wait,
+            check=self._check_stop,
+            known=self.node_clients,
+            what=f"round {server_round}" + (" (client evaluation)" if purpose == 2 else ""),
+        )
         rng = random.Random(self.cfg.seed * 100_003 + server_round * 7 + purpose)
         if self.spec.centralized:
             return [nodes[0]]

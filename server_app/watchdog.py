@@ -28,6 +28,8 @@ from typing import Any
 
 from flwr.common.logger import log
 
+from fedprime_core.failures import RunFailed
+
 #: Command-line flags of Flower's app processes that name the SuperLink they serve.
 _ADDRESS_FLAGS = ("--runtime-api-address", "--serverappio-api-address", "--simulationio-api-address")
 
@@ -94,6 +96,15 @@ class SuperLinkWatchdog:
 
     def stop(self) -> None:
         self._stop.set()
+
+    def stop_reason(self) -> str | None:
+        """Why the run must stop now (the SuperLink is lost), else ``None``."""
+        return self.reason if self.lost.is_set() else None
+
+    def check(self) -> None:
+        """Raise :class:`~fedprime_core.failures.RunFailed` once the SuperLink is lost."""
+        if self.lost.is_set():
+            raise RunFailed(self.reason)
 
     def _watch(self) -> None:
         last_seen = time.monotonic()

@@ -225,6 +225,27 @@ def test_a_supernode_that_joins_late_takes_part_in_later_rounds(tmp_path, tiny_v
     assert sorted(clients) == ["0", "1", "2"] and clients["2"]["last-round"] == 3
 
 
+def test_a_supernode_that_never_starts_holds_the_run_up_only_for_node_wait(tmp_path, tiny_vilt):
+    """Three partitions, min-available-nodes 3, the third SuperNode never starts: after node-wait the
+    run goes on with the two that did (the round timeout, an hour by default, plays no part)."""
+    results = tmp_path / "results"
+    fed = Federation(tmp_path)
+    try:
+        fed.add_node(0, 3)
+        fed.add_node(1, 3)
+        overrides = (
+            f'num-server-rounds=2 results-dir="{results}" run-name="two-of-three" {QUICK} server-eval=false '
+            "min-available-nodes=3 min-train-nodes=2 node-wait=5.0"
+        )
+        log = fed.run(overrides, timeout=600)
+    finally:
+        fed.stop()
+    assert "waited 5s (node-wait) for 3 nodes (min-available-nodes) before round 1; going on with the 2" in log, log
+    rounds, clients = records(results, "two-of-three")
+    assert [r["accepted"] for r in rounds] == [2, 2]
+    assert sorted(clients) == ["0", "1"]
+
+
 def test_three_sites_each_with_its_own_folder_missing_modalities_and_labels(tmp_path, tiny_vilt):
     """Each SuperNode points at its own small site folder (different real missing mixture and
     label subset); the server holds only its held-out folder. clients.json shows each site's counts."""

@@ -28,7 +28,7 @@ from fedprime_core.failures import ClientOutcome, RunFailed, one_line, parse_rea
 from fedprime_core.results import load_checkpoint, save_checkpoint
 from fedprime_core.runlock import RunFolderBusy, RunLock
 from server_app.app import main as server_main
-from server_app.strategy import NotEnoughNodesError
+from server_app.nodes import NotEnoughNodesError
 from server_app.watchdog import SuperLinkWatchdog, superlink_address
 from tests.loopback import LoopbackGrid, history, run_dir_of
 from tests.loopback import run_server as run
@@ -88,12 +88,16 @@ def test_item1_partitioned_nodes_that_disagree_on_their_count_are_refused(quick_
         run(quick_config(run_name="disagree"), num_nodes=2, node_configs=configs)
 
 
-def test_item1_too_few_nodes_stop_the_run_before_round_1_after_one_round_timeout(quick_config, logs):
-    cfg = quick_config(run_name="lonely", min_available_nodes=2, round_timeout=1.0)
+def test_item1_too_few_nodes_stop_the_run_before_round_1_after_one_node_wait(quick_config, logs):
+    cfg = quick_config(run_name="lonely", min_available_nodes=2, min_train_nodes=2, node_wait=1.0)
     started = time.monotonic()
-    with pytest.raises(NotEnoughNodesError, match="only 1 node\\(s\\) connected after 1s, min-available-nodes is 2"):
+    with pytest.raises(
+        NotEnoughNodesError,
+        match="only 1 node\\(s\\) connected after 1s \\(node-wait\\) before round 1; min-available-nodes is 2 "
+        "and at least min-train-nodes = 2 are needed",
+    ):
         run(cfg, num_nodes=1)
-    assert time.monotonic() - started < 10  # one round-timeout, not one for the check and another for round 1
+    assert time.monotonic() - started < 10  # one node-wait, not one for the check and another for round 1
     assert "FedPrime cannot start" in logs.text and not run_dir_of(cfg).exists()
 
 
