@@ -10,7 +10,7 @@ uploads, rank-8 query maps, the pretrained pooler frozen; see ``fedprime_core.co
 * **download**: what ``FedPrimeStrategy.configure_train`` sends each sampled client: the
   ``"arrays"`` ArrayRecord of the state in the profile's ``wire-dtype``
   (``ArrayRecord.count_bytes()``, what the run's ``bytes-sent`` metric counts).
-* **upload**: the client's reply (``server_app.messages.train_reply_content``): the trained
+* **upload**: the client's reply (``fedprime_protocol.messages.train_reply_content``): the trained
   state (or, with ``upload-delta``, its change; same names, shapes and bytes) in the wire
   dtype, plus the wire tag, the metrics, the prompt usage counts and the client-info
   records (every record of the reply).
@@ -76,7 +76,7 @@ def resized(state: dict[str, np.ndarray], pools: tuple[str, ...], size: int) -> 
 
 def wire_bytes(state: dict[str, np.ndarray], spec, cfg) -> tuple[int, int]:
     """(download, upload) bytes as the strategy and the ClientApp build them under ``cfg``'s wire settings."""
-    from server_app.messages import encode_arrays, train_reply_content
+    from fedprime_protocol.messages import encode_arrays, train_reply_content
 
     download = encode_arrays(state, cfg.wire_dtype)["arrays"].count_bytes()
     usage = {pool: np.ones(state[f"pools.{pool}.prompts"].shape[0], dtype=np.int64) for pool in spec.pools}

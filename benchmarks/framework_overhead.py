@@ -10,7 +10,7 @@ aggregation only, and has well over 10 s of compute on a 2-core CPU.
   private local-SuperLink ports (``fedprime_core.tools.launch.flower_env``, so a concurrent
   ``flwr run`` neither collides with nor receives this run). The per-round wall time
   is the run's ``round-seconds`` (``results-dir/<run-name>/metrics.json``, measured by
-  ``FedPrimeStrategy.start`` from sending the train messages to the end of aggregation;
+  ``FedPrimeStrategy.start_or_resume`` from sending the train messages to the end of aggregation;
   writing results and the checkpoint afterwards is not in it). Round 1 is excluded: it
   includes the one-off start of the simulation engine's actors, loading the backbone,
   building each client's shard and processing its images (cached in memory for later

@@ -19,7 +19,7 @@ import logging
 from collections.abc import Callable
 
 import torch
-from flwr.app import Context, Error, Message, MetricRecord, RecordDict
+from flwr.app import Context, Error, Message
 from flwr.clientapp import ClientApp
 from flwr.common.constant import ErrorCode
 
@@ -27,12 +27,12 @@ from fedprime_core import runtime
 from fedprime_core.config import parse_run_config
 from fedprime_core.failures import exception_reason
 from fedprime_core.tools.faults import inject_fault
-from server_app.logs import connect, forward_logs
-from server_app.messages import (
-    CONFIG,
-    METRICS,
+from fedprime_protocol.logs import connect, forward_logs
+from fedprime_protocol.messages import (
+    evaluate_reply_content,
     identity_reply_content,
     read_arrays,
+    read_server_round,
     train_reply_content,
 )
 
@@ -76,11 +76,7 @@ def _threads() -> None:
 def query(msg: Message, context: Context) -> Message:
     """Tell the server which client this node is (asked before round 1, and before its first personal pool)."""
     node = runtime.node_client(context.node_config, context.node_id)
-    identity: dict[str, str | int] = {"client-id": node.client_id}
-    if node.partition_id is not None and node.num_partitions is not None:
-        identity["partition-id"] = node.partition_id
-        identity["num-partitions"] = node.num_partitions
-    return Message(content=identity_reply_content(identity), reply_to=msg)
+    return Message(content=identity_reply_content(node.describe()), reply_to=msg)
 
 
 @app.train()
@@ -91,7 +87,7 @@ def train(msg: Message, context: Context) -> Message:
     _threads()
     cfg = parse_run_config(context.run_config)
     node = runtime.node_client(context.node_config, context.node_id)
-    server_round = int(msg.content[CONFIG].get("server-round", 0))
+    server_round = read_server_round(msg.content)
     state = read_arrays(msg.content)
     new_state, result, shard = runtime.client_train(cfg, state, node, server_round=server_round)
     metrics = {
@@ -132,7 +128,4 @@ def evaluate(msg: Message, context: Context) -> Message:
     cfg = parse_run_config(context.run_config)
     node = runtime.node_client(context.node_config, context.node_id)
     metrics = runtime.client_evaluate(cfg, read_arrays(msg.content), node)
-    metrics = {k: float(v) for k, v in metrics.items() if k != "num-examples"} | {
-        "num-examples": int(metrics["num-examples"])
-    }
-    return Message(content=RecordDict({METRICS: MetricRecord(metrics)}), reply_to=msg)
+    return Message(content=evaluate_reply_content(metrics), reply_to=msg)

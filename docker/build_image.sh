@@ -41,7 +41,7 @@ rm -rf "$CTX"
 mkdir -p "$CTX/docker/pip"
 cp "$ROOT/docker/pip/README.md" "$CTX/docker/pip/"
 cp "$ROOT/pyproject.toml" "$ROOT/README.md" "$CTX/"
-for pkg in fedprime_core server_app client_app; do
+for pkg in fedprime_core fedprime_protocol server_app client_app; do
     (cd "$ROOT" && find "$pkg" -name '*.py' -o -name '*.json' -o -name '*.yaml' -o -name '*.txt') |
         grep -v __pycache__ | while read -r f; do
             mkdir -p "$CTX/$(dirname "$f")"

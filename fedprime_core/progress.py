@@ -13,7 +13,7 @@ nothing (or only its start, with ``announce``). Command-line tools that own a te
 for ``bar=True``: then, and only when stderr is a terminal, a tqdm bar is drawn instead.
 
 This module does not configure logging; the Flower apps connect the ``fedprime_core``
-loggers to Flower's handlers (``server_app.logs``).
+loggers to Flower's handlers (``fedprime_protocol.logs``).
 """
 
 from __future__ import annotations

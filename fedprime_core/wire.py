@@ -1,6 +1,6 @@
 """The wire format of exchanged arrays: float32, float16 or bfloat16, and update deltas.
 
-Framework-free codecs; ``server_app/messages.py`` applies them to Flower's ArrayRecords in
+Framework-free codecs; ``fedprime_protocol/messages.py`` applies them to Flower's ArrayRecords in
 both directions and tags every record with the encoding, so a receiver decodes what the
 sender says it sent (never what its own run config assumes).
 

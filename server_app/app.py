@@ -36,9 +36,9 @@ from fedprime_core.failures import RunFailed
 from fedprime_core.method.methods import method_spec
 from fedprime_core.results import CHECKPOINT_META, find_checkpoint, load_checkpoint, write_json
 from fedprime_core.runlock import RunFolderBusy, RunLock
+from fedprime_protocol.logs import ClientLogGrid, connect
+from fedprime_protocol.messages import CLIENT, identity_query, record_to_state, state_to_record
 
-from .logs import ClientLogGrid, connect
-from .messages import CLIENT, identity_query, record_to_state, state_to_record
 from .nodes import wait_for_nodes
 from .strategy import FedPrimeStrategy
 from .watchdog import SuperLinkWatchdog, superlink_address
@@ -185,12 +185,12 @@ def _run(
     )
     strategy.node_clients.update({node: str(info["client-id"]) for node, info in census.items() if "client-id" in info})
     try:
-        result = strategy.start(
+        result = strategy.start_or_resume(
             grid=ClientLogGrid(grid),  # logs the lines each client returns with its reply
             initial_arrays=state_to_record(state),
             num_rounds=cfg.num_server_rounds,
             timeout=cfg.round_timeout,
-            evaluate_fn=evaluate if server_eval else None,
+            evaluate_held_out=evaluate if server_eval else None,
         )
     except RunFailed:
         log(ERROR, "FedPrime stopped. Results so far: %s (summary.md says why)", run_dir)

@@ -7,6 +7,12 @@ The strategy is an adapter: it samples nodes, turns reply messages into
 intra-prompt / query-map / head FedAvg). It keeps the global state, writes the results
 and a checkpoint after every round, and can start from a checkpoint (resume).
 
+The round hooks keep Flower's contract, so Flower's own ``start`` can run them; what a
+hook leaves for the next is one frozen record, replaced whole each round (:class:`Dispatch`:
+what a configure hook sent to whom; :class:`TrainRecord`: what ``aggregate_train`` made of
+the replies). The ServerApp runs the rounds with :meth:`FedPrimeStrategy.start_or_resume`,
+Flower's loop plus resume, a checkpoint per round and the stops a long run needs.
+
 Methods with personal inter pools (fedprime, fed-inter, fedprox-p) get one message per
 node: the shared arrays plus that client's own ``tau`` inter prompts and keys
 (:mod:`fedprime_core.method.interpool`). The strategy learns which client a node is with one
@@ -24,13 +30,14 @@ from __future__ import annotations
 
 import random
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
 from logging import ERROR, INFO, WARNING
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
@@ -42,30 +49,115 @@ from fedprime_core.method.federated import AggregationSettings, GlobalState, val
 from fedprime_core.method.methods import method_spec
 from fedprime_core.progress import format_duration
 from fedprime_core.results import metric_name, save_checkpoint, write_json, write_run_outputs
-
-from .messages import (
+from fedprime_protocol.messages import (
     ARRAYS,
     CONFIG,
     METRICS,
-    encode_arrays,
+    NUM_EXAMPLES,
     identity_query,
+    instruction_content,
     parse_identity_reply,
     parse_train_reply,
     state_to_record,
 )
+
 from .nodes import NotEnoughNodesError, wait_for_nodes
 
-#: ``evaluate_fn(round, state) -> {"val": {...}, "same-as-train": {...}, ...}``
+#: ``evaluate_held_out(round, state) -> {"val": {...}, "same-as-train": {...}, ...}`` (see ``start_or_resume``)
 ServerEvaluate = Callable[[int, dict[str, np.ndarray]], dict[str, dict[str, float]]]
 #: ``stop_check() -> reason`` when the run must stop now (its SuperLink is gone), else ``None``.
 StopCheck = Callable[[], str | None]
+
+
+@dataclass(frozen=True, slots=True)
+class Dispatch:
+    """What a configure hook sent in one round: the messages, each node's client and arrays, the bytes.
+
+    The strategy keeps it until the replies are aggregated (Flower's aggregate hooks get only
+    the replies): a reply finds its node through the message it answers, and a client's delta
+    (``upload-delta``) is added to the float32 arrays its node was sent.
+
+    Attributes:
+        messages: one message per node (their ids are set when the grid pushes them).
+        clients: node id -> client id, as far as the strategy knows it (``None``: unknown).
+        arrays: node id -> the float32 arrays sent to it.
+        sampled: how many nodes were sampled; some may have been left out before sending.
+        nbytes: bytes of the encoded arrays of all the messages.
+        left_out: outcomes of the sampled nodes that got no message (no identity, a client id
+            claimed twice).
+    """
+
+    messages: tuple[Message, ...] = ()
+    clients: Mapping[int, str | None] = field(default_factory=dict)
+    arrays: Mapping[int, Mapping[str, np.ndarray]] = field(default_factory=dict)
+    sampled: int = 0
+    nbytes: int = 0
+    left_out: tuple[ClientOutcome, ...] = ()
+
+    @property
+    def bytes_per_client(self) -> float:
+        return self.nbytes / max(len(self.messages), 1)
+
+    def destinations(self) -> dict[str, int]:
+        """Message id -> destination node (ids exist once the grid pushed the messages)."""
+        return {m.metadata.message_id: m.metadata.dst_node_id for m in self.messages if m.metadata.message_id}
+
+
+@dataclass(frozen=True, slots=True)
+class TrainRecord:
+    """What ``aggregate_train`` made of one round's replies.
+
+    Attributes:
+        outcomes: every sampled node, accepted, rejected or timed out (those left out before
+            sending first).
+        arrays, metrics: what the hook returns (Flower's contract); ``arrays`` is ``None``
+            when the round was skipped.
+        bytes_received: bytes of the arrays of the replies that carried any.
+        replies_with_arrays: how many replies carried arrays.
+        skipped: fewer than ``min-train-nodes`` valid replies; the global state was kept.
+        report: the aggregation's figures (pool sizes, alignment cost, ...); empty when skipped.
+        train_loss: sample-weighted mean training loss of the accepted replies (``None``: skipped).
+        train_examples: their training samples.
+    """
+
+    outcomes: tuple[ClientOutcome, ...]
+    arrays: ArrayRecord | None
+    metrics: MetricRecord
+    bytes_received: int = 0
+    replies_with_arrays: int = 0
+    skipped: bool = True
+    report: Mapping[str, Any] = field(default_factory=dict)
+    train_loss: float | None = None
+    train_examples: int = 0
+
+    def with_status(self, status: str) -> list[ClientOutcome]:
+        return [o for o in self.outcomes if o.status == status]
+
+    def row(self) -> dict[str, Any]:
+        """The round's fields in metrics.json: bytes received, outcome counts and reasons, the aggregation."""
+        rejected, silent = self.with_status("rejected"), self.with_status("timed-out")
+        row: dict[str, Any] = {
+            "bytes-received": self.bytes_received,
+            "accepted": len(self.with_status("accepted")),
+            "rejected": len(rejected),
+            "timed-out": len(silent),
+            "rejected-reasons": [o.describe() for o in rejected],
+            "timed-out-nodes": [o.describe() for o in silent],
+            "bytes-received-per-client": self.bytes_received / max(self.replies_with_arrays, 1),
+        }
+        if self.skipped:
+            row["skipped"] = True
+            return row
+        row.update(self.report)
+        row.update({"train-loss": self.train_loss, "train-examples": self.train_examples, "skipped": False})
+        return row
 
 
 class FedPrimeStrategy(FedAvg):
     """Aggregates FedPrime prompt pools with alignment, everything else with FedAvg.
 
     Subclasses Flower's Message-API :class:`~flwr.serverapp.strategy.FedAvg` for its
-    sampling parameters and summary; overrides the round hooks and :meth:`start`.
+    sampling parameters and summary; overrides the round hooks and adds :meth:`start_or_resume`.
 
     Args:
         cfg: the validated run configuration.
@@ -105,6 +197,9 @@ class FedPrimeStrategy(FedAvg):
             min_train_nodes=min_train,
             min_evaluate_nodes=1 if cfg.fraction_evaluate > 0 else 0,
             min_available_nodes=1 if spec.centralized else cfg.min_available_nodes,
+            weighted_by_key=NUM_EXAMPLES,  # the protocol's names, which FedAvg's summary reports
+            arrayrecord_key=ARRAYS,
+            configrecord_key=CONFIG,
         )
         self.cfg = cfg
         self.spec = spec
@@ -119,7 +214,23 @@ class FedPrimeStrategy(FedAvg):
         #: node id -> client id, learned by identity queries (never checkpointed: node ids change).
         self.node_clients: dict[int, str] = {}
         self.stop_check = stop_check
-        self._round: dict[str, Any] = {}
+        #: What the last configure hooks sent and what the last aggregate_train made of it; each
+        #: hook replaces its record whole (Flower's hooks pass nothing else from one to the next).
+        self._train_sent = Dispatch()
+        self._evaluate_sent: Dispatch | None = None
+        self._trained: TrainRecord | None = None
+        #: Nodes whose message of the last exchange could not be pushed (:meth:`_exchange`).
+        self._unsent: tuple[int, ...] = ()
+
+    def summary(self) -> None:
+        """Log FedPrime's settings, then FedAvg's sampling summary (as Flower's FedProx adds its own)."""
+        log(INFO, "\t├──> FedPrime settings:")
+        log(INFO, "\t│\t├── Method: %s (pools: %s)", self.cfg.method, ", ".join(self.spec.pools) or "none")
+        if "inter" in self.spec.pools:
+            limits = (self.cfg.inter_pool_max, self.sweeps)
+            log(INFO, "\t│\t├── Inter pool: at most %d prompts, %d alignment sweeps", *limits)
+        log(INFO, "\t│\t└── What travels: %s", describe_communication(self.cfg))
+        super().summary()
 
     # -- sampling --------------------------------------------------------------------
     def _sample(self, grid: Grid, fraction: float, minimum: int, server_round: int, purpose: int) -> list[int]:
@@ -139,27 +250,40 @@ class FedPrimeStrategy(FedAvg):
         size = min(len(nodes), max(int(len(nodes) * fraction), minimum))
         return sorted(rng.sample(nodes, size))
 
-    def _messages(self, config: ConfigRecord, node_ids: list[int], kind: str) -> tuple[list[Message], int]:
-        """One message per node (the same arrays for everyone, or each client's own inter pool) and their bytes.
+    def _dispatch(
+        self,
+        grid: Grid,
+        server_round: int,
+        config: ConfigRecord,
+        kind: str,
+        sample: tuple[float, int, int],
+    ) -> Dispatch:
+        """Sample nodes (``sample``: fraction, minimum, seed purpose), identify them, build one message per node.
 
-        The float32 arrays sent to each node are kept in ``self._round["sent-arrays"]`` (a
-        client's delta is added to them).
+        Everyone gets the same arrays, or (personal inter pools) each client its own.
         """
-        sent_arrays = self._round.setdefault("sent-arrays", {})
-        if not self.model.personal:
-            arrays = self.model.arrays
-            content = RecordDict({**encode_arrays(arrays, self.cfg.wire_dtype), CONFIG: config})
-            messages = [Message(content=content, message_type=kind, dst_node_id=nid) for nid in node_ids]
-            sent_arrays.update({nid: arrays for nid in node_ids})
-            return messages, int(content.array_records[ARRAYS].count_bytes()) * len(node_ids)
-        messages, sent = [], 0
-        for nid in node_ids:
-            arrays = self.model.client_arrays(self.node_clients[nid])
-            content = RecordDict({**encode_arrays(arrays, self.cfg.wire_dtype), CONFIG: config})
-            sent += int(content.array_records[ARRAYS].count_bytes())
+        fraction, minimum, purpose = sample
+        node_ids = self._sample(grid, fraction, minimum, server_round, purpose)
+        left_out: list[ClientOutcome] = []
+        usable = self._identify(grid, node_ids, server_round, left_out)
+        config["server-round"] = server_round
+        messages, sent_arrays, nbytes = [], {}, 0
+        shared = None if self.model.personal else self.model.arrays
+        content = None if shared is None else instruction_content(shared, config, self.cfg.wire_dtype)
+        for nid in usable:
+            arrays = shared if shared is not None else self.model.client_arrays(self.node_clients[nid])
+            own = content if content is not None else instruction_content(arrays, config, self.cfg.wire_dtype)
+            nbytes += int(own.array_records[ARRAYS].count_bytes())
             sent_arrays[nid] = arrays
-            messages.append(Message(content=content, message_type=kind, dst_node_id=nid))
-        return messages, sent
+            messages.append(Message(content=own, message_type=kind, dst_node_id=nid))
+        return Dispatch(
+            messages=tuple(messages),
+            clients={nid: self.node_clients.get(nid) for nid in usable},
+            arrays=sent_arrays,
+            sampled=len(node_ids),
+            nbytes=nbytes,
+            left_out=tuple(left_out),
+        )
 
     # -- sending and receiving ----------------------------------------------------------
     def _check_stop(self) -> None:
@@ -172,7 +296,7 @@ class FedPrimeStrategy(FedAvg):
 
         Flower's ``send_and_receive`` with two differences: while waiting it asks
         ``stop_check`` (a run whose SuperLink is gone stops now, not after the round), and
-        it notes which messages could not even be pushed (``self._unsent``). Every pushed
+        it notes which nodes' messages could not even be pushed (``self._unsent``). Every pushed
         message gets its id set by the grid, which is how replies find their node again
         (:meth:`_node_of`).
         """
@@ -180,7 +304,7 @@ class FedPrimeStrategy(FedAvg):
             return []
         ids = list(grid.push_messages(messages))
         ids += [None] * (len(messages) - len(ids))
-        self._unsent = [m.metadata.dst_node_id for m, mid in zip(messages, ids) if not mid]
+        self._unsent = tuple(m.metadata.dst_node_id for m, mid in zip(messages, ids) if not mid)
         pending = {str(mid) for mid in ids if mid}
         replies: list[Message] = []
         started = time.monotonic()
@@ -211,11 +335,6 @@ class FedPrimeStrategy(FedAvg):
         return replies
 
     @staticmethod
-    def _destinations(messages: Iterable[Message]) -> dict[str, int]:
-        """Message id -> destination node (ids exist once the grid pushed the messages)."""
-        return {m.metadata.message_id: m.metadata.dst_node_id for m in messages if m.metadata.message_id}
-
-    @staticmethod
     def _node_of(reply: Message, destinations: dict[str, int]) -> int:
         """The node a reply is about.
 
@@ -241,7 +360,7 @@ class FedPrimeStrategy(FedAvg):
                 Message(content=identity_query(), message_type=MessageType.QUERY, dst_node_id=n) for n in unknown
             ]
             replies = self._exchange(grid, queries, self.cfg.round_timeout)
-            destinations = self._destinations(queries)
+            destinations = Dispatch(messages=tuple(queries)).destinations()
             answered = set()
             for reply in replies:
                 node = self._node_of(reply, destinations)
@@ -285,7 +404,7 @@ class FedPrimeStrategy(FedAvg):
 
     def _silent_reason(self, node: int, what: str) -> tuple[str, str]:
         """``(status, reason)`` of a node that gave no reply to ``what``."""
-        if node in getattr(self, "_unsent", []):
+        if node in self._unsent:
             return "rejected", f"{what} could not be delivered to the SuperLink"
         return "timed-out", f"no reply to {what} within round-timeout {self.cfg.round_timeout:g}s"
 
@@ -300,27 +419,20 @@ class FedPrimeStrategy(FedAvg):
         first). Others: the global state (PFPT's pool changes size between rounds; clients
         resize their pools from the arrays they receive). The arrays sent are always the
         strategy's own global state, encoded in ``wire-dtype``; ``arrays`` (the base
-        class's argument) is not used.
+        class's argument) is not used. What was sent is kept (a :class:`Dispatch`) for
+        :meth:`aggregate_train`.
         """
-        node_ids = self._sample(grid, self.fraction_train, self.min_train_nodes, server_round, purpose=1)
-        self._round["sampled"] = len(node_ids)
-        outcomes = self._round.setdefault("outcomes", [])
-        node_ids = self._identify(grid, node_ids, server_round, outcomes)
-        config["server-round"] = server_round
-        self._round.pop("sent-arrays", None)
-        messages, self._round["bytes-sent"] = self._messages(config, node_ids, MessageType.TRAIN)
-        self._round["sent-to"] = {nid: self.node_clients.get(nid) for nid in node_ids}
-        self._round["sent-messages"] = messages
-        self._round["bytes-sent-per-client"] = self._round["bytes-sent"] / max(len(node_ids), 1)
+        sample = (self.fraction_train, self.min_train_nodes, 1)
+        sent = self._train_sent = self._dispatch(grid, server_round, config, MessageType.TRAIN, sample)
         log(
             INFO,
             "configure_train: round %d, %d client(s), %.1f kB each (%s)",
             server_round,
-            len(node_ids),
-            self._round["bytes-sent-per-client"] / 1e3,
+            len(sent.messages),
+            sent.bytes_per_client / 1e3,
             self.cfg.wire_dtype,
         )
-        return messages
+        return list(sent.messages)
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
@@ -336,13 +448,20 @@ class FedPrimeStrategy(FedAvg):
         that did not answer within the round timeout is recorded as timed out; the round
         aggregates the rest. With fewer than ``min-train-nodes`` valid replies the round is
         skipped and the global state kept.
+
+        What it made of the round (outcomes, bytes, the aggregation's figures) is kept as a
+        :class:`TrainRecord`.
         """
-        outcomes: list[ClientOutcome] = self._round.setdefault("outcomes", [])
+        self._trained = self._aggregate_replies(server_round, replies, self._train_sent)
+        return self._trained.arrays, self._trained.metrics
+
+    def _aggregate_replies(self, server_round: int, replies: Iterable[Message], sent: Dispatch) -> TrainRecord:
+        """:meth:`aggregate_train` for the replies to ``sent``."""
+        outcomes = list(sent.left_out)
         updates, received, carrying = [], 0, 0
-        sent_to: dict[int, str | None] = self._round.get("sent-to", {})
-        destinations = self._destinations(self._round.get("sent-messages", []))
+        sent_to = sent.clients
+        destinations = sent.destinations()
         answered: set[int] = set()
-        sent_arrays = self._round.pop("sent-arrays", {})
         for message in replies:
             node = self._node_of(message, destinations)
             if sent_to and node not in sent_to:
@@ -365,7 +484,7 @@ class FedPrimeStrategy(FedAvg):
             if ARRAYS in message.content.array_records:
                 received += int(message.content.array_records[ARRAYS].count_bytes())
                 carrying += 1
-            update, info, reasons = parse_train_reply(message, sent_arrays.get(node))
+            update, info, reasons = parse_train_reply(message, sent.arrays.get(node))
             kind = None
             if update is not None:
                 if self.model.personal and client is not None and update.client_id != client:
@@ -386,9 +505,9 @@ class FedPrimeStrategy(FedAvg):
         for node, client in sent_to.items():
             if node not in answered:
                 outcomes.append(ClientOutcome(node, client, *self._silent_reason(node, "the train message")))
-        self._account(server_round, outcomes, received)
-        rejected = self._round["rejected"] + self._round["timed-out"]
-        self._round["bytes-received-per-client"] = received / max(carrying, 1)
+        self._log_outcomes(server_round, outcomes)
+        rejected = sum(o.status != "accepted" for o in outcomes)
+        counted = {"outcomes": tuple(outcomes), "bytes_received": received, "replies_with_arrays": carrying}
         if len(updates) < self.min_train_nodes:
             log(
                 WARNING,
@@ -397,8 +516,8 @@ class FedPrimeStrategy(FedAvg):
                 len(updates),
                 self.min_train_nodes,
             )
-            self._round["skipped"] = True
-            return None, MetricRecord({"accepted": len(updates), "rejected": rejected})
+            metrics = MetricRecord({"accepted": len(updates), "rejected": rejected})
+            return TrainRecord(arrays=None, metrics=metrics, **counted)
         settings = AggregationSettings(
             max_prompts=self.cfg.inter_pool_max,
             sweeps=self.sweeps,
@@ -408,30 +527,27 @@ class FedPrimeStrategy(FedAvg):
         report = self.model.aggregate(updates, settings)
         weights = np.array([u.num_examples for u in updates], dtype=np.float64)
         train_loss = float(np.average([u.metrics.get("train-loss", np.nan) for u in updates], weights=weights))
-        self._round.update(report)
-        self._round.update({"train-loss": train_loss, "train-examples": int(weights.sum()), "skipped": False})
         metrics = {"train-loss": train_loss, "accepted": len(updates), "rejected": rejected}
         metrics.update({k: v for k, v in report.items() if isinstance(v, (int, float))})
-        return state_to_record(self.model.arrays), MetricRecord(metrics)
-
-    def _account(self, server_round: int, outcomes: list[ClientOutcome], received: int) -> None:
-        """Counts, reasons and log lines of the round: every sampled client is accepted, rejected or timed out."""
-        rejected = [o for o in outcomes if o.status == "rejected"]
-        silent = [o for o in outcomes if o.status == "timed-out"]
-        for item in rejected:
-            log(WARNING, "round %d: rejected reply from %s", server_round, item.describe())
-        for item in silent:
-            log(WARNING, "round %d: timed out: %s", server_round, item.describe())
-        self._round.update(
-            {
-                "bytes-received": received,
-                "accepted": sum(o.status == "accepted" for o in outcomes),
-                "rejected": len(rejected),
-                "timed-out": len(silent),
-                "rejected-reasons": [o.describe() for o in rejected],
-                "timed-out-nodes": [o.describe() for o in silent],
-            }
+        return TrainRecord(
+            arrays=state_to_record(self.model.arrays),
+            metrics=MetricRecord(metrics),
+            skipped=False,
+            report=report,
+            train_loss=train_loss,
+            train_examples=int(weights.sum()),
+            **counted,
         )
+
+    @staticmethod
+    def _log_outcomes(server_round: int, outcomes: list[ClientOutcome]) -> None:
+        """A warning for every sampled client that was rejected or timed out."""
+        for item in outcomes:
+            if item.status == "rejected":
+                log(WARNING, "round %d: rejected reply from %s", server_round, item.describe())
+        for item in outcomes:
+            if item.status == "timed-out":
+                log(WARNING, "round %d: timed out: %s", server_round, item.describe())
 
     def _check_fingerprint(self, info: dict[str, Any]) -> list[str]:
         fingerprint = info.get("backbone-fingerprint")
@@ -466,21 +582,18 @@ class FedPrimeStrategy(FedAvg):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         """Ask sampled clients to evaluate the global state on their local validation split."""
+        self._evaluate_sent = None
         if self.fraction_evaluate == 0.0:
             return []
-        node_ids = self._sample(grid, self.fraction_evaluate, self.min_evaluate_nodes, server_round, purpose=2)
         # Evaluation is best effort: a node that cannot say who it is just does not evaluate.
-        node_ids = self._identify(grid, node_ids, server_round, outcomes=[])
-        config["server-round"] = server_round
-        messages, self._round["bytes-sent-evaluate"] = self._messages(config, node_ids, MessageType.EVALUATE)
-        self._round["evaluate-messages"] = messages
-        self._round.pop("sent-arrays", None)
-        return messages
+        sample = (self.fraction_evaluate, self.min_evaluate_nodes, 2)
+        self._evaluate_sent = self._dispatch(grid, server_round, config, MessageType.EVALUATE, sample)
+        return list(self._evaluate_sent.messages)
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         """Sample-weighted mean of the clients' local validation metrics (bad replies logged and ignored)."""
         rows = []
-        destinations = self._destinations(self._round.get("evaluate-messages", []))
+        destinations = (self._evaluate_sent or Dispatch()).destinations()
         for message in replies:
             if message.has_error():
                 node = self._node_of(message, destinations)
@@ -495,8 +608,8 @@ class FedPrimeStrategy(FedAvg):
             if METRICS not in message.content.metric_records:
                 continue
             metrics = message.content.metric_records[METRICS]
-            n = metrics.get("num-examples", 0)
-            values = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and k != "num-examples"}
+            n = metrics.get(NUM_EXAMPLES, 0)
+            values = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and k != NUM_EXAMPLES}
             if isinstance(n, (int, float)) and n > 0 and all(np.isfinite(list(values.values()))):
                 rows.append((float(n), values))
         if not rows:
@@ -504,11 +617,13 @@ class FedPrimeStrategy(FedAvg):
         total = sum(n for n, _ in rows)
         keys = set.intersection(*(set(v) for _, v in rows))
         out = {k: sum(n * v[k] for n, v in rows) / total for k in sorted(keys)}
-        out["num-examples"] = int(total)
+        out[NUM_EXAMPLES] = int(total)
         return MetricRecord(out)
 
     # -- the loop ---------------------------------------------------------------------
-    def start(
+    # Flower's own ``start`` (inherited) runs these hooks too; ``start_or_resume`` is that
+    # loop with what a long federated run needs: resume, a checkpoint per round, stops.
+    def start_or_resume(
         self,
         grid: Grid,
         initial_arrays: ArrayRecord,
@@ -516,13 +631,27 @@ class FedPrimeStrategy(FedAvg):
         timeout: float = 3600,
         train_config: ConfigRecord | None = None,
         evaluate_config: ConfigRecord | None = None,
-        evaluate_fn: ServerEvaluate | None = None,
+        evaluate_fn: Callable[[int, ArrayRecord], MetricRecord | None] | None = None,
+        *,
+        evaluate_held_out: ServerEvaluate | None = None,
     ) -> Result:
-        """Run rounds ``len(history)+1 .. num_rounds``, saving results and a checkpoint after each.
+        """Flower's :meth:`~flwr.serverapp.strategy.Strategy.start`, resumable: rounds ``len(history)+1 .. num_rounds``.
 
-        Unlike the base loop, this one can continue a resumed run: rounds already in
-        ``history`` are neither repeated nor lost. ``evaluate_fn`` returns nested metrics
-        per held-out set (``val`` and the five test settings).
+        The arguments mean what they mean to Flower's ``start``, and the hooks are called as
+        it calls them. What this loop adds:
+
+        * **resume**: rounds already in ``history`` (a resumed run's checkpoint) are neither
+          repeated nor lost; ``initial_arrays`` is then the checkpointed state;
+        * **a checkpoint per round**: results (metrics.json, summary, curves) and a
+          checkpoint after every round, so a stopped run can be resumed;
+        * **stops**: it pushes and pulls the messages itself (:meth:`_exchange`, not
+          ``grid.send_and_receive``) and asks ``stop_check`` while it waits (a run whose
+          SuperLink is gone stops now); it stops a run that cannot learn (below);
+        * ``evaluate_held_out(round, state) -> {"val": {...}, "same-as-train": {...}, ...}``,
+          FedPrime's server-side evaluation on the held-out sets, before round 1 of a fresh
+          run and every ``eval-every`` rounds (and the last); nested into metrics.json, and
+          from round 1 on flattened (``"val/accuracy"``) into
+          ``result.evaluate_metrics_serverapp``, next to what ``evaluate_fn`` returns.
 
         Raises:
             RunFailed: nothing can learn (every sampled client failed with a config or data
@@ -541,36 +670,49 @@ class FedPrimeStrategy(FedAvg):
             skipped_in_a_row += 1
         saved = False
         try:
-            if done < 0 and evaluate_fn is not None:
-                record = {"round": 0, "eval": evaluate_fn(0, self.model.arrays)}
+            if done < 0 and evaluate_held_out is not None:  # round 0: metrics.json only, as before
+                record = {"round": 0, "eval": evaluate_held_out(0, self.model.arrays)}
                 self.history.append(record)
                 self._log_eval(0, record["eval"])
                 self._persist(0, title, "running" if num_rounds > 0 else "finished")
+            if done < 0 and evaluate_fn is not None:
+                self._server_evaluation(0, result, evaluate_fn, None)
             first = max(done, 0) + 1
             if first > num_rounds:
                 log(INFO, "all %d rounds already completed in %s", num_rounds, self.run_dir)
             for server_round in range(first, num_rounds + 1):
                 self._check_stop()
                 started = time.perf_counter()
-                self._round = {"round": server_round, "outcomes": []}
-                messages = list(
-                    self.configure_train(server_round, ArrayRecord(), ConfigRecord(dict(train_config or {})), grid)
+                messages = self.configure_train(
+                    server_round, result.arrays, ConfigRecord(dict(train_config or {})), grid
                 )
-                replies = self._exchange(grid, messages, timeout)
+                sent = self._train_sent
+                replies = self._exchange(grid, list(messages), timeout)
                 new_arrays, train_metrics = self.aggregate_train(server_round, replies)
+                trained = self._trained
+                assert trained is not None  # set by aggregate_train
                 if new_arrays is not None:
                     result.arrays = new_arrays
                 if train_metrics is not None:
                     result.train_metrics_clientapp[server_round] = train_metrics
-                skipped_in_a_row = skipped_in_a_row + 1 if self._round.get("skipped") else 0
-                failure = stop_reason(self._round["outcomes"], skipped_in_a_row, self.cfg.max_skipped_rounds)
+                record = {
+                    "round": server_round,
+                    "sampled": sent.sampled,
+                    "bytes-sent": sent.nbytes,
+                    "bytes-sent-per-client": sent.bytes_per_client,
+                    **trained.row(),
+                }
+                skipped_in_a_row = skipped_in_a_row + 1 if trained.skipped else 0
+                failure = stop_reason(list(trained.outcomes), skipped_in_a_row, self.cfg.max_skipped_rounds)
                 if failure is None:
-                    self._evaluate_round(server_round, num_rounds, grid, evaluate_config, evaluate_fn, result)
-                self._round["round-seconds"] = time.perf_counter() - started
-                for transient in ("sent-to", "sent-messages", "evaluate-messages", "outcomes", "sent-arrays"):
-                    self._round.pop(transient, None)
-                self.history.append(dict(self._round))
-                self._log_round(server_round, num_rounds)
+                    record.update(self._client_evaluation(server_round, grid, evaluate_config, result))
+                    held_out = evaluate_held_out
+                    if server_round % self.cfg.eval_every and server_round != num_rounds:
+                        held_out = None
+                    record.update(self._server_evaluation(server_round, result, evaluate_fn, held_out))
+                record["round-seconds"] = time.perf_counter() - started
+                self.history.append(record)
+                self._log_round(record, num_rounds)
                 if failure is not None:
                     self._persist(server_round, title, "failed", failure)
                     saved = True
@@ -595,31 +737,44 @@ class FedPrimeStrategy(FedAvg):
         result.arrays = state_to_record(self.model.arrays)
         return result
 
-    def _evaluate_round(
-        self,
-        server_round: int,
-        num_rounds: int,
-        grid: Grid,
-        evaluate_config: ConfigRecord | None,
-        evaluate_fn: ServerEvaluate | None,
-        result: Result,
-    ) -> None:
-        """Client-side evaluation (where configured) and server-side evaluation (every ``eval-every`` rounds)."""
-        eval_messages = list(
-            self.configure_evaluate(server_round, ArrayRecord(), ConfigRecord(dict(evaluate_config or {})), grid)
+    def _client_evaluation(
+        self, server_round: int, grid: Grid, evaluate_config: ConfigRecord | None, result: Result
+    ) -> dict[str, Any]:
+        """Client-side evaluation where configured: the round's ``bytes-sent-evaluate`` and ``client-eval``."""
+        messages = list(
+            self.configure_evaluate(server_round, result.arrays, ConfigRecord(dict(evaluate_config or {})), grid)
         )
-        if eval_messages:
-            client_eval = self.aggregate_evaluate(
-                server_round, self._exchange(grid, eval_messages, self.cfg.round_timeout)
-            )
+        fields: dict[str, Any] = {}
+        if self._evaluate_sent is not None:
+            fields["bytes-sent-evaluate"] = self._evaluate_sent.nbytes
+        if messages:
+            client_eval = self.aggregate_evaluate(server_round, self._exchange(grid, messages, self.cfg.round_timeout))
             if client_eval is not None:
                 result.evaluate_metrics_clientapp[server_round] = client_eval
-                self._round["client-eval"] = dict(client_eval)
-        if evaluate_fn is not None and (server_round % self.cfg.eval_every == 0 or server_round == num_rounds):
-            self._round["eval"] = evaluate_fn(server_round, self.model.arrays)
-            result.evaluate_metrics_serverapp[server_round] = MetricRecord(
-                {f"{s}/{k}": float(v) for s, m in self._round["eval"].items() for k, v in m.items()}
-            )
+                fields["client-eval"] = dict(client_eval)
+        return fields
+
+    def _server_evaluation(
+        self,
+        server_round: int,
+        result: Result,
+        evaluate_fn: Callable[[int, ArrayRecord], MetricRecord | None] | None,
+        evaluate_held_out: ServerEvaluate | None,
+    ) -> dict[str, Any]:
+        """Server-side evaluation: the held-out sets (the round's ``eval``) and Flower's ``evaluate_fn``.
+
+        Both go into ``result.evaluate_metrics_serverapp`` (the held-out metrics flattened).
+        """
+        fields: dict[str, Any] = {}
+        metrics: dict[str, Any] = {}
+        if evaluate_held_out is not None:
+            fields["eval"] = evaluate_held_out(server_round, self.model.arrays)
+            metrics.update({f"{s}/{k}": float(v) for s, m in fields["eval"].items() for k, v in m.items()})
+        if evaluate_fn is not None:
+            metrics.update(evaluate_fn(server_round, result.arrays) or {})
+        if metrics:
+            result.evaluate_metrics_serverapp[server_round] = MetricRecord(metrics)
+        return fields
 
     def _persist(self, server_round: int, title: str, status: str = "running", reason: str = "") -> None:
         """Results first, checkpoint last: the checkpoint's round is the last complete one."""
@@ -652,13 +807,13 @@ class FedPrimeStrategy(FedAvg):
         parts = ", ".join(f"{name} {100 * m.get(metric, float('nan')):.1f}" for name, m in evaluation.items())
         log(INFO, "round %d server-side %s (%%): %s", server_round, metric, parts)
 
-    def _log_round(self, server_round: int, num_rounds: int) -> None:
-        r = self._round
+    def _log_round(self, record: dict[str, Any], num_rounds: int) -> None:
+        r = record
         pools = ", ".join(f"{p} pool {r[f'{p}-pool-size']}" for p in self.spec.pools if f"{p}-pool-size" in r)
         log(
             INFO,
             "[round %d/%d] %s train-loss %s | clients %s sampled: %s accepted, %s rejected, %s timed out | %s | %.1fs",
-            server_round,
+            r["round"],
             num_rounds,
             "SKIPPED" if r.get("skipped") else "",
             f"{r['train-loss']:.4f}" if "train-loss" in r else "-",
@@ -670,7 +825,7 @@ class FedPrimeStrategy(FedAvg):
             r["round-seconds"],
         )
         if "eval" in r:
-            self._log_eval(server_round, r["eval"])
+            self._log_eval(r["round"], r["eval"])
 
 
-__all__ = ["FedPrimeStrategy", "NotEnoughNodesError"]
+__all__ = ["Dispatch", "FedPrimeStrategy", "NotEnoughNodesError", "TrainRecord"]

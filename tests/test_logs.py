@@ -14,8 +14,8 @@ from flwr.common.logger import FLOWER_LOGGER, console_handler
 
 from fedprime_core.config import config_to_dict
 from fedprime_core.results import load_checkpoint
+from fedprime_protocol.logs import CLIENT_LOG, MAX_LINES, ClientLogGrid, connect, forward_logs, log_client_lines
 from server_app.app import main as server_main
-from server_app.logs import CLIENT_LOG, MAX_LINES, ClientLogGrid, connect, forward_logs, log_client_lines
 from tests.loopback import LoopbackGrid
 
 

@@ -79,9 +79,11 @@ def test_the_app_bundle_carries_the_apps_and_the_weights_and_nothing_else(tmp_pa
     names = _fab_files(stage_app(tmp_path / "app") if staged else APP_DIR)
     assert "fedprime_core/backbones/shipped/tiny-vilt-v6.json" in names
     assert "fedprime_core/backbones/shipped/tiny-bert-v1.json" in names
-    assert {"client_app/app.py", "server_app/app.py", "server_app/logs.py", "fedprime_core/runtime.py"} <= set(names)
+    apps = {"client_app/app.py", "server_app/app.py", "fedprime_protocol/messages.py", "fedprime_protocol/logs.py"}
+    assert apps | {"fedprime_core/runtime.py"} <= set(names)
     tops = {n.split("/")[0] for n in names}
-    assert tops == {"fedprime_core", "server_app", "client_app", "pyproject.toml", "README.md", ".info"}
+    packages = {"fedprime_core", "fedprime_protocol", "server_app", "client_app"}
+    assert tops == packages | {"pyproject.toml", "README.md", ".info"}
 
 
 @pytest.mark.slow

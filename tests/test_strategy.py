@@ -150,8 +150,8 @@ def test_resume_refuses_changed_settings_and_fresh_runs_refuse_to_overwrite(quic
 
 def test_messages_carry_no_backbone_tensor_and_no_data(quick_config):
     from fedprime_core import runtime
-    from server_app.logs import CLIENT_LOG
-    from server_app.messages import ARRAYS, CLIENT, PATTERN_USAGE, USAGE, WIRE
+    from fedprime_protocol.logs import CLIENT_LOG
+    from fedprime_protocol.messages import ARRAYS, CLIENT, PATTERN_USAGE, USAGE, WIRE
 
     cfg = quick_config(run_name="privacy", num_server_rounds=1, fraction_evaluate=0.0, server_eval=False)
     grid = run(cfg, num_nodes=2)
@@ -190,7 +190,7 @@ def test_messages_carry_no_backbone_tensor_and_no_data(quick_config):
 
 def test_a_lean_run_sends_what_the_profile_says_and_reports_the_bytes(quick_config, flower_logs):
     from fedprime_core import runtime
-    from server_app.messages import state_to_record
+    from fedprime_protocol.messages import state_to_record
 
     cfg = quick_config(run_name="lean", comm_profile="lean", num_server_rounds=2, fraction_evaluate=0.0)
     grid = run(cfg, num_nodes=3)
@@ -264,3 +264,75 @@ def test_lean_sends_and_receives_less_than_paper_and_never_the_pooler(quick_conf
         assert ("pools.inter.query.down" in names) == (profile == "lean")
     (paper_down, paper_up), (lean_down, lean_up) = sent["paper"], sent["lean"]
     assert lean_down < paper_down / 2 and lean_up < paper_up / 2
+
+
+def _strategy_on_a_loopback_grid(cfg):
+    """A FedPrimeStrategy over 3 loopback nodes, started from the run's initial state (no ServerApp)."""
+    from fedprime_core import runtime
+    from server_app.strategy import FedPrimeStrategy
+
+    run_dir_of(cfg).mkdir(parents=True)
+    state = runtime.initial_state(cfg)
+    return FedPrimeStrategy(cfg, run_dir_of(cfg), state), LoopbackGrid(config_to_dict(cfg), 3), state
+
+
+def test_flowers_own_start_drives_the_hooks(quick_config, flower_logs):
+    """The hooks keep Flower's contract: Flower's Strategy.start runs them as it runs FedAvg's."""
+    from flwr.app import MetricRecord
+
+    from fedprime_protocol.messages import record_to_state, state_to_record
+
+    cfg = quick_config(run_name="flower-start", fraction_evaluate=1.0, server_eval=False)
+    strategy, grid, state = _strategy_on_a_loopback_grid(cfg)
+    seen = []
+
+    def evaluate_fn(server_round, arrays):
+        seen.append((server_round, record_to_state(arrays)))
+        return MetricRecord({"arrays": len(arrays)})
+
+    result = strategy.start(grid, state_to_record(state), num_rounds=2, timeout=60, evaluate_fn=evaluate_fn)
+    assert [r for r, _ in seen] == [0, 1, 2]
+    assert all(np.array_equal(seen[0][1][k], state[k]) for k in state)
+    assert any(not np.array_equal(seen[2][1][k], state[k]) for k in state)  # it saw the aggregated state
+    assert {r: m["accepted"] for r, m in result.train_metrics_clientapp.items()} == {1: 3, 2: 3}
+    assert sorted(result.evaluate_metrics_clientapp) == [1, 2]
+    assert result.evaluate_metrics_serverapp[2]["arrays"] == len(state)
+    assert [m.metadata.message_type for m in grid.sent].count(MessageType.TRAIN) == 6
+    # summary(): FedPrime's settings, then FedAvg's, which names the protocol's records.
+    text = flower_logs.text
+    assert text.index("FedPrime settings") < text.index("Sampling:") < text.index("ArrayRecord key: 'arrays'")
+
+
+def test_start_or_resume_keeps_evaluate_fns_meaning_next_to_the_held_out_sets(quick_config):
+    from flwr.app import MetricRecord
+
+    from fedprime_protocol.messages import state_to_record
+
+    cfg = quick_config(run_name="both-evaluations", num_server_rounds=3, eval_every=2, fraction_evaluate=0.0)
+    strategy, grid, state = _strategy_on_a_loopback_grid(cfg)
+    flower, held_out = [], []
+
+    def evaluate_fn(server_round, arrays):
+        flower.append(server_round)
+        return MetricRecord({"flower-metric": float(server_round)})
+
+    def evaluate_held_out(server_round, global_state):
+        held_out.append(server_round)
+        return {"val": {"accuracy": 0.25, "num-examples": 8}}
+
+    result = strategy.start_or_resume(
+        grid, state_to_record(state), num_rounds=3, evaluate_fn=evaluate_fn, evaluate_held_out=evaluate_held_out
+    )
+    assert flower == [0, 1, 2, 3]  # Flower's meaning: before round 1 and after every round
+    assert held_out == [0, 2, 3]  # every eval-every rounds and the last
+    assert {r: dict(m) for r, m in result.evaluate_metrics_serverapp.items()} == {
+        0: {"flower-metric": 0.0},
+        1: {"flower-metric": 1.0},
+        2: {"val/accuracy": 0.25, "val/num-examples": 8.0, "flower-metric": 2.0},
+        3: {"val/accuracy": 0.25, "val/num-examples": 8.0, "flower-metric": 3.0},
+    }
+    records = history(cfg)
+    assert [r["round"] for r in records] == [0, 1, 2, 3]
+    assert [r["round"] for r in records if "eval" in r] == [0, 2, 3]
+    assert records[2]["eval"] == {"val": {"accuracy": 0.25, "num-examples": 8}}
+    assert all("bytes-sent-evaluate" not in r and r.get("accepted", 3) == 3 for r in records)

@@ -21,7 +21,7 @@ from fedprime_core.wire import (
     encode_array,
     state_delta,
 )
-from server_app.messages import (
+from fedprime_protocol.messages import (
     ARRAYS,
     METRICS,
     WIRE,

@@ -133,6 +133,19 @@ class ClientNode:
             return self.partition_id + 1
         return int.from_bytes(hashlib.sha256(self.client_id.encode()).digest()[:4], "big")
 
+    def describe(self) -> dict[str, Any]:
+        """The identity fields of the client-info record, as the node knows them before it loads any data.
+
+        ``client-id``, and ``partition-id`` and ``num-partitions`` for a partitioned node:
+        the server's answer to "who are you" (``fedprime_protocol.messages.identity_query``).
+        The record of a train reply is :meth:`ClientShard.describe` (same identity fields)
+        plus the shard's counts.
+        """
+        out: dict[str, Any] = {"client-id": self.client_id}
+        if self.partition_id is not None and self.num_partitions is not None:
+            out.update({"partition-id": self.partition_id, "num-partitions": self.num_partitions})
+        return out
+
     def config(self, cfg: RunConfig) -> RunConfig:
         """The run config as this node sees it: its own data-dir, layout and device."""
         changes = {}

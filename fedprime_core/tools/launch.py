@@ -26,7 +26,7 @@ APP_DIR = Path(__file__).resolve().parents[2]
 
 
 #: What a Flower app bundle (FAB) of this project needs: the app's packages and metadata.
-APP_FILES = ("pyproject.toml", "README.md", "fedprime_core", "server_app", "client_app")
+APP_FILES = ("pyproject.toml", "README.md", "fedprime_core", "fedprime_protocol", "server_app", "client_app")
 
 
 def stage_app(dest: Path) -> Path:

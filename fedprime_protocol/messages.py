@@ -1,8 +1,10 @@
 """The message protocol between the FedPrime ServerApp and ClientApps.
 
 Server -> client (query): ``"config"`` ConfigRecord ``{"query": "identity"}``; the
-client answers with its ``"client"`` ConfigRecord (``client-id``, ``partition-id`` when
-it has one). The server asks each node once, before it first sends it a personal pool.
+client answers with the identity fields of its client-info record, a ``"client"``
+ConfigRecord (``client-id``; ``partition-id`` and ``num-partitions`` when it has them:
+``fedprime_core.runtime.ClientNode.describe``). The server asks every node before round
+1, and a node it has not met before it first sends it a personal pool.
 
 Server -> client (train and evaluate): ``RecordDict``
     ``"arrays"``  ArrayRecord: the global trainable state (prompt pools, keys, query maps,
@@ -22,7 +24,9 @@ Client -> server (train reply):
     ``"usage"``   ConfigRecord: pool name -> list of per-prompt selection counts.
     ``"pattern-usage"`` ConfigRecord: pool name -> the same counts split by the missing
                   pattern of the selecting sample, flattened ``(3, pool size)`` row-major.
-    ``"client"``  ConfigRecord: ``client-id`` (and ``partition-id`` when it has one),
+    ``"client"``  ConfigRecord, the client-info record (``fedprime_core.runtime.client_info``:
+                  ``ClientShard.describe`` and the fingerprints): ``client-id`` (and
+                  ``partition-id`` when it has one),
                   ``data`` (``site`` or ``partition``), realised pattern counts
                   (``complete``, ``text-missing``, ``image-missing``, their ``real-*`` and
                   ``simulated-*`` parts, a site's ``skipped-no-modality`` rows),
@@ -54,6 +58,8 @@ from fedprime_core.wire import WIRE_DTYPES, apply_delta, decode_state, encode_st
 
 ARRAYS, CONFIG, METRICS, USAGE, CLIENT, WIRE = "arrays", "config", "metrics", "usage", "client", "wire"
 PATTERN_USAGE = "pattern-usage"
+#: The metric that weighs a reply (FedAvg's ``weighted_by_key``).
+NUM_EXAMPLES = "num-examples"
 IDENTITY_QUERY = "identity"
 
 
@@ -102,6 +108,23 @@ def read_wire(content: RecordDict) -> tuple[str, bool]:
     return str(dtype), delta
 
 
+def instruction_content(
+    state: Mapping[str, np.ndarray], config: ConfigRecord, wire_dtype: str = "float32"
+) -> RecordDict:
+    """What the server sends a node to train or evaluate: ``state`` in ``wire_dtype`` and ``config``.
+
+    Raises:
+        fedprime_core.wire.WireRangeError: a finite value does not fit ``wire_dtype``.
+    """
+    return RecordDict({**encode_arrays(state, wire_dtype), CONFIG: config})
+
+
+def read_server_round(content: RecordDict) -> int:
+    """The ``server-round`` of a server's message (0 when it names none)."""
+    config = content.config_records.get(CONFIG)
+    return int(config.get("server-round", 0)) if config is not None else 0
+
+
 def read_arrays(content: RecordDict) -> dict[str, np.ndarray]:
     """The float32 arrays of a message from the server (decoded as its ``"wire"`` record says).
 
@@ -148,6 +171,13 @@ def train_reply_content(
             {pool: [int(c) for c in np.asarray(table).ravel()] for pool, table in pattern_usage.items()}
         )
     return RecordDict(content)
+
+
+def evaluate_reply_content(metrics: Mapping[str, float | int]) -> RecordDict:
+    """The RecordDict a client returns after evaluating: its metrics, ``num-examples`` as an integer."""
+    values: dict[str, float | int] = {k: float(v) for k, v in metrics.items() if k != NUM_EXAMPLES}
+    values[NUM_EXAMPLES] = int(metrics[NUM_EXAMPLES])
+    return RecordDict({METRICS: MetricRecord(values)})
 
 
 def identity_query() -> RecordDict:
@@ -211,7 +241,7 @@ def parse_train_reply(
         for pool, flat in content.config_records.get(PATTERN_USAGE, ConfigRecord()).items()
     }
     info = dict(content.config_records.get(CLIENT, ConfigRecord()))
-    num_examples = metrics.get("num-examples", 0)
+    num_examples = metrics.get(NUM_EXAMPLES, 0)
     if isinstance(num_examples, float) and num_examples.is_integer():
         num_examples = int(num_examples)
     update = ClientUpdate(

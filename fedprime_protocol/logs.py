@@ -1,9 +1,10 @@
 """How FedPrime's log lines reach the user: Flower's console, ``flwr run --stream`` and ``flwr log``.
 
 ``fedprime_core`` never imports Flower; it logs through standard :mod:`logging` loggers
-(``fedprime_core.*``), as do ``client_app`` and ``server_app``. Left alone, nothing would
-configure them: their INFO lines would be dropped. This module connects them to Flower's
-logging, which the ServerApp and ClientApp call once at import (:func:`connect`):
+(``fedprime_core.*``), as do ``fedprime_protocol``, ``client_app`` and ``server_app``. Left
+alone, nothing would configure them: their INFO lines would be dropped. This module
+connects them to Flower's logging, which the ServerApp and ClientApp call once at import
+(:func:`connect`):
 
 * **Where Flower prints.** Records of those loggers go to the handlers of Flower's own
   logger (``flwr``: its console handler, plus any file handler Flower adds), so they look
@@ -50,7 +51,7 @@ from flwr.serverapp import Grid
 from fedprime_core.progress import format_duration
 
 #: The loggers whose records are routed to Flower's handlers.
-LOGGERS = ("fedprime_core", "client_app", "server_app")
+LOGGERS = ("fedprime_core", "fedprime_protocol", "client_app", "server_app")
 #: Name of the ConfigRecord in which a client returns its log lines.
 CLIENT_LOG = "client-log"
 #: At most this many lines (of at most this many characters) travel with one reply.
