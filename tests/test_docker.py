@@ -12,6 +12,7 @@ import functools
 import json
 import os
 import re
+import secrets
 import shutil
 import signal
 import subprocess
@@ -365,7 +366,9 @@ def test_demo_runs_end_to_end_and_carries_on_when_a_site_is_killed(tmp_path):
         "FEDPRIME_RESULTS_DIR": str(tmp_path / "results"),
         "FEDPRIME_SITES_DIR": str(tmp_path / "sites"),
         "FEDPRIME_CACHE_SEED": str(fedprime_cache_dir()),
-        "COMPOSE_PROJECT_NAME": "fedprime-test-" + re.sub(r"[^a-z0-9]", "", tmp_path.name.lower())[-12:],
+        # Unique per test run: pytest's tmp folder names repeat across sessions and checkouts,
+        # and two runs sharing a project name tear down each other's containers.
+        "COMPOSE_PROJECT_NAME": f"fedprime-test-{os.getpid()}-{secrets.token_hex(3)}",
     }
     out = run_demo(env, 3600, "--kill-site", "--clean")
     log = out.stdout + out.stderr
