@@ -45,7 +45,7 @@ from flwr.serverapp.strategy.result import Result
 
 from fedprime_core.config import RunConfig, config_to_dict, describe_communication, method_default_sweeps
 from fedprime_core.failures import ClientOutcome, RunFailed, one_line, parse_reason, stop_reason
-from fedprime_core.method.federated import AggregationSettings, GlobalState, validate_update
+from fedprime_core.method.federated import AggregationSettings, GlobalState, client_order, validate_update
 from fedprime_core.method.methods import method_spec
 from fedprime_core.progress import format_duration
 from fedprime_core.results import metric_name, save_checkpoint, write_json, write_run_outputs
@@ -505,6 +505,9 @@ class FedPrimeStrategy(FedAvg):
         for node, client in sent_to.items():
             if node not in answered:
                 outcomes.append(ClientOutcome(node, client, *self._silent_reason(node, "the train message")))
+        # Recorded and averaged in client order, not in the order replies arrived.
+        outcomes.sort(key=lambda o: (client_order(o.client or ""), o.node))
+        updates.sort(key=lambda u: client_order(u.client_id))
         self._log_outcomes(server_round, outcomes)
         rejected = sum(o.status != "accepted" for o in outcomes)
         counted = {"outcomes": tuple(outcomes), "bytes_received": received, "replies_with_arrays": carrying}
@@ -614,6 +617,9 @@ class FedPrimeStrategy(FedAvg):
                 rows.append((float(n), values))
         if not rows:
             return None
+        # Sum in an order fixed by the replies' content, not by when they arrived (nor by node
+        # ids, which differ between runs): the same run gives the same means, to the bit.
+        rows.sort(key=lambda row: (row[0], sorted(row[1].items())))
         total = sum(n for n, _ in rows)
         keys = set.intersection(*(set(v) for _, v in rows))
         out = {k: sum(n * v[k] for n, v in rows) / total for k in sorted(keys)}

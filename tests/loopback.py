@@ -28,7 +28,8 @@ class LoopbackGrid(Grid):
     """Nodes ``1..n`` with partition ids ``0..n-1``; ``offline`` ones never answer, the SuperLink answers for ``dead``.
 
     ``node_configs`` replaces the node configs (``[config of node 1, config of node 2, ...]``),
-    e.g. site-local nodes that name their own ``data-dir``.
+    e.g. site-local nodes that name their own ``data-dir``. ``last_first`` hands replies back
+    latest node first (replies arrive in any order in a real federation).
     """
 
     pull_interval = 0.01
@@ -40,6 +41,7 @@ class LoopbackGrid(Grid):
         offline: Iterable[int] = (),
         node_configs: list[dict] | None = None,
         dead: Iterable[int] = (),
+        last_first: bool = False,
     ) -> None:
         from client_app.app import app
 
@@ -52,6 +54,7 @@ class LoopbackGrid(Grid):
         }
         self.offline = set(offline)
         self.dead = set(dead)
+        self.last_first = last_first
         self.sent: list[Message] = []
         self._replies: dict[str, Message] = {}
         TaskIdentity.task_id = 1
@@ -90,7 +93,8 @@ class LoopbackGrid(Grid):
         return ids
 
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
-        return [self._replies.pop(mid) for mid in list(message_ids) if mid in self._replies]
+        replies = [self._replies.pop(mid) for mid in list(message_ids) if mid in self._replies]
+        return sorted(replies, key=lambda m: m.metadata.src_node_id, reverse=self.last_first)
 
     def _deliver(self, message: Message, node: int) -> Message:
         context = Context(

@@ -65,6 +65,16 @@ class ClientUpdate:
     wire: str = "float32"
 
 
+def client_order(client_id: str) -> tuple[int, int, str]:
+    """Sort key for client ids: numeric ids by value ("2" before "10"), then the others.
+
+    :func:`aggregate_round` aggregates updates in this order, not in the order replies
+    arrived (updates with one client id keep their given order: the sort is stable), and
+    the strategy records each round's outcomes in it.
+    """
+    return (0, int(client_id), "") if client_id.isdigit() else (1, 0, client_id)
+
+
 def array_norm(array: np.ndarray) -> float:
     """L2 norm of an array (float64 accumulation)."""
     return float(np.sqrt(np.sum(np.square(np.asarray(array, dtype=np.float64)))))
@@ -250,6 +260,9 @@ def aggregate_round(
     """
     if not updates:
         raise ValueError("aggregate_round needs at least one update")
+    # Replies arrive in whatever order the clients finish; the alignment's sweeps and the
+    # float sums depend on the order, so a fixed seed gives one result only in a fixed order.
+    updates = sorted(updates, key=lambda u: client_order(u.client_id))
     report: dict[str, Any] = {}
     weights = [float(u.num_examples) for u in updates]
     if spec.centralized:
