@@ -41,11 +41,12 @@ Columns: final-round (or ``--round best``) metric in % on the five test settings
 (from ``summary.json``), and kB sent / received per client per round (the mean over the
 rounds of ``bytes-sent-per-client`` / ``bytes-received-per-client`` in ``metrics.json``).
 
-Outputs: markdown tables on stdout; ``--csv`` a long-format CSV (``kind`` value / difference /
-residual, the group keys, ``arm`` (the arm, ``A - baseline`` or ``A - baseline - other arms``),
-``column``, ``n``, ``mean``, ``std``, ``ci95_low``, ``ci95_high``, ``below_zero``, ``above_zero``); ``--plot`` a PNG of the validation metric per
-evaluated round (or, with ``--plot-metric train-loss``, the train loss of every round), mean
-over the runs of each arm, one panel per group.
+Outputs: markdown tables on stdout; ``--csv`` a long-format CSV (``kind`` value / difference
+/ residual, the group keys, ``arm`` (the arm, ``A - baseline`` or ``A - baseline - other
+arms``), ``column``, ``n``, ``mean``, ``std``, ``ci95_low``, ``ci95_high``, ``below_zero``,
+``above_zero``); ``--plot`` a PNG of the validation metric per evaluated round (or, with
+``--plot-metric train-loss``, the train loss of every round), mean over the runs of each
+arm, one panel per group.
 """
 
 from __future__ import annotations
