@@ -11,7 +11,7 @@ import pytest
 from fedprime_core.config import ConfigError
 from fedprime_core.data.missing import TEST_SETTINGS
 from fedprime_core.tools.experiments.__main__ import main
-from fedprime_core.tools.experiments.plan import load_plan
+from fedprime_core.tools.experiments.plan import cell_name, load_plan, stale_settings
 from fedprime_core.tools.experiments.report import comparison, table_rows, varying_keys, write_report
 from fedprime_core.tools.experiments.run import cell_status, run_plan
 
@@ -103,6 +103,46 @@ grids:
     assert all(r.get("skipped") for r in again)  # a finished cell is not recomputed
     cells = json.loads((plan.output / "cells.json").read_text())
     assert len(cells) == 2
+
+
+def test_an_option_added_later_keeps_cell_names_and_a_changed_default_is_refused(tmp_path, capsys):
+    grid = tmp_path / "names.yaml"
+    grid.write_text(
+        f"""
+name: names
+output: {tmp_path / "out"}
+base: {{num-server-rounds: 2, lr: 0.1}}
+grids:
+  main: {{method: [fedprime], seed: [0, 1]}}
+"""
+    )
+    plan = load_plan(grid)
+    first, second = plan.cells
+    # A key the options table gains later enters the config at its default: same name.
+    older = {k: v for k, v in first.config.items() if k != "node-wait"}
+    assert cell_name(older) == first.name
+    assert cell_name({**first.config, "lr": 0.2}) != first.name  # a changed setting is a new cell
+    # A run folder from before the key existed stands for the cell ...
+    for cell in plan.cells:
+        fake_run(plan, cell, accuracy=0.5, bytes_sent=100.0, pool=3)
+        stored = {k: v for k, v in cell.config.items() if k != "node-wait"}
+        (plan.runs_dir / cell.name / "checkpoint.json").write_text(json.dumps({"round": 2}))
+        (plan.runs_dir / cell.name / "config.json").write_text(json.dumps(stored))
+    assert stale_settings(first.config, older) == []
+    # ... but one made when a default differed is refused, naming the setting, without running.
+    stored = {**second.config, "momentum": 0.5}
+    (plan.runs_dir / second.name / "config.json").write_text(json.dumps(stored))
+    records = run_plan(plan, echo=False)
+    assert records[0] == {"cell": first.name, "status": "done", "skipped": True}
+    assert (
+        records[1]["status"] == "failed"
+        and "'momentum' (0.5 in the run folder, 0.0 in the grid)" in records[1]["reason"]
+    )
+    capsys.readouterr()
+    assert main(["plan", str(grid)]) == 0
+    assert [line.split()[0] for line in capsys.readouterr().out.splitlines()[:2]] == ["done", "stale"]
+    # Settings that may change on resume, and file paths, are not compared.
+    assert stale_settings(first.config, {**first.config, "round-timeout": 5.0, "data-dir": "/elsewhere"}) == []
 
 
 def fake_run(plan, cell, accuracy: float, bytes_sent: float, pool: int) -> None:

@@ -22,7 +22,10 @@ A grid file (YAML)::
 Every cell is one `flwr run . --stream` in simulation with its configuration written to a
 TOML file; identical cells of different sub-grids run once. A finished cell (its
 ``checkpoint.json`` reached ``num-server-rounds``) is never recomputed, and an interrupted
-cell resumes from its checkpoint, so a grid can be stopped and restarted at any time.
+cell resumes from its checkpoint, so a grid can be stopped and restarted at any time. A cell
+is named by its method, setting, eta and seed plus a hash of its non-default settings
+(:func:`.plan.cell_name`: options added later leave names as they were); a run folder made
+with other settings is refused, naming them (:func:`.plan.stale_settings`).
 ``centralized-p`` cells run with one SuperNode.
 
 Outputs under ``output/``: ``runs/<cell>/`` (each run's results and its flwr log),

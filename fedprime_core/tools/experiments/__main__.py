@@ -11,7 +11,7 @@ from ...config import ConfigError
 from . import __doc__ as GUIDE
 from .plan import load_plan
 from .report import write_report
-from .run import cell_status, run_plan
+from .run import cell_status, folder_settings_changed, run_plan
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -32,6 +32,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "plan":
         for cell in plan.cells:
             status, completed = cell_status(plan, cell)
+            if folder_settings_changed(plan, cell):
+                status = "stale"
             print(f"{status:8s} {completed:4d}  {cell.name}  [{', '.join(cell.grids)}]")
         print(f"{len(plan.cells)} cells; output {plan.output}")
         return 0

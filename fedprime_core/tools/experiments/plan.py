@@ -11,7 +11,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from ...config import ConfigError, config_to_dict, parse_run_config
+from ...config import RESUMABLE_KEYS, ConfigError, RunConfig, config_to_dict, parse_run_config
 from ...metrics import headline_metric
 from ...yamlio import read_yaml_mapping
 from ..launch import APP_DIR
@@ -19,6 +19,10 @@ from ..launch import APP_DIR
 #: Run-config keys naming files or folders: a relative value is relative to the grid file's folder.
 PATH_KEYS = ("missing-table", "data-dir")
 _CELL_KEYS = ("method", "missing-setting", "eta", "seed")
+#: Run-config keys that say where a run's files go, not what it computes.
+BOOKKEEPING_KEYS = ("run-name", "results-dir", "resume")
+#: Every other run-config key at its default value.
+DEFAULTS: dict[str, Any] = {k: v for k, v in config_to_dict(RunConfig()).items() if k not in BOOKKEEPING_KEYS}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,10 +108,36 @@ class TableSpec:
 
 
 def cell_name(config: Mapping[str, Any]) -> str:
-    """Readable, unique name: method-setting-eta-seed plus a hash of everything else."""
-    digest = hashlib.sha1(json.dumps(config, sort_keys=True).encode()).hexdigest()[:8]
+    """Readable, unique name: method-setting-eta-seed plus a hash of the settings that are not defaults.
+
+    Only values that differ from :data:`DEFAULTS` enter the hash, so an option added to the
+    configuration later (at its default) leaves every cell's name, and the run folder it
+    names, as it was. A default that changes under a finished run is caught when the run
+    would be reused (:func:`stale_settings`).
+    """
+    changed = {k: v for k, v in config.items() if k not in DEFAULTS or v != DEFAULTS[k]}
+    digest = hashlib.sha1(json.dumps(changed, sort_keys=True).encode()).hexdigest()[:8]
     eta = f"{float(config['eta']):g}".replace(".", "p")
     return f"{config['method']}-{config['missing-setting']}-eta{eta}-s{config['seed']}-{digest}"
+
+
+def stale_settings(config: Mapping[str, Any], stored: Mapping[str, Any]) -> list[str]:
+    """The settings in which a cell's configuration and the ``config.json`` of its run folder differ.
+
+    ``["'lr' (0.05 in the run folder, 0.1 in the grid)", ...]``; empty when the run folder may
+    stand for the cell. Keys that may change when a run is resumed are not compared (a
+    larger ``num-server-rounds`` resumes the run), nor file paths (a results folder may come
+    from another checkout); a key the run folder lacks (an option added since) counts as its
+    default.
+    """
+    out = []
+    for key, value in config.items():
+        if key in BOOKKEEPING_KEYS or key in RESUMABLE_KEYS or key in PATH_KEYS:
+            continue
+        before = stored.get(key, DEFAULTS.get(key))
+        if before != value:
+            out.append(f"{key!r} ({before!r} in the run folder, {value!r} in the grid)")
+    return out
 
 
 def load_plan(path: str | Path) -> Plan:
@@ -144,9 +174,8 @@ def load_plan(path: str | Path) -> Plan:
                 raise ConfigError(
                     f"grid file {path}, sub-grid {grid_name!r}, cell {dict(zip(keys, combo))}: {exc}"
                 ) from None
-            config.pop("run-name")
-            config.pop("results-dir")
-            config.pop("resume")
+            for key in BOOKKEEPING_KEYS:
+                config.pop(key)
             cname = cell_name(config)
             previous = cells.get(cname)
             grids = (*previous.grids, grid_name) if previous else (grid_name,)

@@ -13,7 +13,7 @@ from typing import Any
 from ...progress import format_duration
 from ..cli import to_toml
 from ..launch import flower_env, run_flwr, stage_app, stop_marked
-from .plan import Cell, Plan, federation_args
+from .plan import Cell, Plan, federation_args, stale_settings
 from .report import write_report
 
 
@@ -29,6 +29,15 @@ def cell_status(plan: Plan, cell: Cell) -> tuple[str, int]:
     return ("done" if completed >= int(cell.config["num-server-rounds"]) else "partial"), completed
 
 
+def folder_settings_changed(plan: Plan, cell: Cell) -> list[str]:
+    """:func:`~.plan.stale_settings` of the cell against its run folder's ``config.json`` (none without one)."""
+    try:
+        stored = json.loads((plan.runs_dir / cell.name / "config.json").read_text())
+    except (OSError, ValueError):
+        return []
+    return stale_settings(cell.config, stored)
+
+
 def run_cell(plan: Plan, cell: Cell, home: Path, echo: bool = True, app_dir: Path | None = None) -> dict[str, Any]:
     """Run (or resume) one cell with real `flwr run`; returns its status record.
 
@@ -36,6 +45,13 @@ def run_cell(plan: Plan, cell: Cell, home: Path, echo: bool = True, app_dir: Pat
     repository).
     """
     status, completed = cell_status(plan, cell)
+    changed = folder_settings_changed(plan, cell)
+    if changed:
+        reason = (
+            f"its run folder {plan.runs_dir / cell.name} was made with other settings: {'; '.join(changed)} "
+            "(a default changed since?); move the folder away to run the cell again"
+        )
+        return {"cell": cell.name, "status": "failed", "exit-code": None, "reason": reason}
     if status == "done":
         return {"cell": cell.name, "status": "done", "skipped": True}
     run_dir = plan.runs_dir / cell.name
@@ -85,10 +101,8 @@ def run_plan(plan: Plan, echo: bool = True) -> list[dict[str, Any]]:
             record = run_cell(plan, cell, home, echo=echo, app_dir=app_dir)
             records.append(record)
             if record["status"] == "failed":
-                print(
-                    f"!! cell {cell.name} failed (exit {record['exit-code']}); see {plan.runs_dir / cell.name}",
-                    flush=True,
-                )
+                why = record.get("reason") or f"exit {record['exit-code']}; see {plan.runs_dir / cell.name}"
+                print(f"!! cell {cell.name} failed: {why}", flush=True)
             (plan.output / "cells.json").write_text(json.dumps(records, indent=2))
             to_run = sum(cell_status(plan, c)[0] != "done" for c in plan.cells[index:])
             print(
