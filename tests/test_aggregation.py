@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from fedprime_core.method.aggregation import _run_alignment, align_prompts, fedavg
+from fedprime_core.method.aggregation import align_prompts, fedavg
 from fedprime_core.metrics import adjusted_rand_index
 
 
@@ -29,20 +29,7 @@ def no_shared_cluster_within_client(assignments: list[np.ndarray]) -> bool:
 
 def pfnm_align(prompts, weights, seed):
     """The engine with PFNM-style empirical popularity, built from scratch (no warm start)."""
-    return _run_alignment(
-        prompts,
-        weights,
-        client_keys=None,
-        init_assignments=None,
-        max_prompts=None,
-        n_sweeps=50,
-        popularity="empirical",
-        hidden=128,
-        lr=1e-2,
-        grad_steps=10,
-        min_scale=0.02,
-        seed=seed,
-    )
+    return align_prompts(prompts, weights, n_sweeps=50, popularity="empirical", seed=seed)
 
 
 @pytest.mark.parametrize("aggregate", [align_prompts, pfnm_align], ids=["fedprime", "pfnm-empirical"])
@@ -181,3 +168,8 @@ def test_a_clients_prompts_stay_in_distinct_clusters_when_some_open_new_ones(see
     result = align_prompts(prompts, init_assignments=init, n_sweeps=5, seed=seed)
     for labels in result.assignments:
         assert len(np.unique(labels)) == labels.size  # one client's prompts: one cluster each
+
+
+def test_an_unknown_popularity_rule_is_refused():
+    with pytest.raises(ValueError, match="popularity must be 'learned' or 'empirical'"):
+        align_prompts([np.ones((2, 3)), np.zeros((2, 3))], popularity="counted")

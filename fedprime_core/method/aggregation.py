@@ -49,7 +49,7 @@ Popularity: learned, or PFNM-style empirical
   global prompt it was initialised from this round (``init_assignments``), so a round
   costs a few sweeps over ``~|pool|`` candidate centres (PFNM's bounded candidate set).
   5 sweeps by default.
-* The engine's other popularity option (``_run_alignment(..., popularity="empirical")``)
+* The engine's other popularity option (``align_prompts(..., popularity="empirical")``)
   is PFNM's (Yurochkin et al., 2019) Indian-buffet rule, not PFPT's: a cluster's odds are
   the empirical ``m_q / (n - m_q)`` of the other clients already in it (``U = m_q / n``)
   instead of a learned function of the centre. It stays available for ``fed-inter`` /
@@ -317,7 +317,7 @@ class ClusterAlignment:
     running weighted sums so that moving one client's prompts costs ``O(m_t D)``. A run is
     :meth:`initial_assignment`, then :meth:`sweep` (alpha-step for every client in a seeded
     order, then :meth:`theta_step`) until a sweep changes nothing or ``n_sweeps`` are done,
-    then :meth:`result`. :func:`align_prompts` (and ``_run_alignment``) do exactly that.
+    then :meth:`result`. :func:`align_prompts` does exactly that.
 
     Args:
         inputs: validated prompts, per-prompt weights, keys and warm-start labels.
@@ -342,6 +342,8 @@ class ClusterAlignment:
         self.inputs = inputs
         self.n = len(inputs.prompts)
         self.grad_steps = grad_steps
+        if popularity not in ("learned", "empirical"):
+            raise ValueError(f"popularity must be 'learned' or 'empirical', got {popularity!r}")
         self.rng = np.random.default_rng(seed)
         stacked = np.concatenate(inputs.prompts, axis=0)
         self.offset = stacked.mean(axis=0)
@@ -542,30 +544,6 @@ class ClusterAlignment:
         return self.result(max_prompts, trace, started)
 
 
-def _run_alignment(
-    client_prompts: Sequence[np.ndarray],
-    client_weights: Sequence[float] | None,
-    *,
-    client_keys: Sequence[np.ndarray] | None,
-    init_assignments: Sequence[np.ndarray] | None,
-    prompt_weights: Sequence[np.ndarray] | None = None,
-    max_prompts: int | None,
-    n_sweeps: int,
-    popularity: str,
-    hidden: int,
-    lr: float,
-    grad_steps: int,
-    min_scale: float,
-    seed: int,
-) -> AlignmentResult:
-    started = time.perf_counter()
-    inputs = _check_inputs(client_prompts, client_weights, client_keys, init_assignments, prompt_weights)
-    engine = ClusterAlignment(
-        inputs, popularity=popularity, hidden=hidden, lr=lr, grad_steps=grad_steps, min_scale=min_scale, seed=seed
-    )
-    return engine.run(n_sweeps, max_prompts, started)
-
-
 def align_prompts(
     client_prompts: Sequence[np.ndarray],
     client_weights: Sequence[float] | None = None,
@@ -575,6 +553,7 @@ def align_prompts(
     prompt_weights: Sequence[np.ndarray] | None = None,
     max_prompts: int | None = None,
     n_sweeps: int = 5,
+    popularity: str = "learned",
     hidden: int = 128,
     lr: float = 1e-2,
     grad_steps: int = 10,
@@ -598,6 +577,8 @@ def align_prompts(
             often it was retrieved this round); overrides ``client_weights``.
         max_prompts: bound on the number of returned centres (least popular dropped).
         n_sweeps: alternating-optimisation sweeps (reference: 5).
+        popularity: ``"learned"`` (FedPrime's popularity net) or ``"empirical"`` (PFNM's
+            count-based rule; see the module docstring).
         hidden: width of the scale and popularity nets (reference: 128).
         lr: Adam learning rate of the nets.
         grad_steps: Adam steps per theta-step.
@@ -607,18 +588,9 @@ def align_prompts(
     Returns:
         :class:`AlignmentResult`.
     """
-    return _run_alignment(
-        client_prompts,
-        client_weights,
-        client_keys=client_keys,
-        init_assignments=init_assignments,
-        prompt_weights=prompt_weights,
-        max_prompts=max_prompts,
-        n_sweeps=n_sweeps,
-        popularity="learned",
-        hidden=hidden,
-        lr=lr,
-        grad_steps=grad_steps,
-        min_scale=min_scale,
-        seed=seed,
+    started = time.perf_counter()
+    inputs = _check_inputs(client_prompts, client_weights, client_keys, init_assignments, prompt_weights)
+    engine = ClusterAlignment(
+        inputs, popularity=popularity, hidden=hidden, lr=lr, grad_steps=grad_steps, min_scale=min_scale, seed=seed
     )
+    return engine.run(n_sweeps, max_prompts, started)
