@@ -12,7 +12,7 @@ from fedprime_core.config import ConfigError
 from fedprime_core.data.missing import TEST_SETTINGS
 from fedprime_core.tools.experiments.__main__ import main
 from fedprime_core.tools.experiments.plan import cell_name, load_plan, stale_settings
-from fedprime_core.tools.experiments.report import comparison, table_rows, varying_keys, write_report
+from fedprime_core.tools.experiments.report import comparison, curve_label, table_rows, varying_keys, write_report
 from fedprime_core.tools.experiments.run import cell_status, run_plan
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -143,6 +143,16 @@ grids:
     assert [line.split()[0] for line in capsys.readouterr().out.splitlines()[:2]] == ["done", "stale"]
     # Settings that may change on resume, and file paths, are not compared.
     assert stale_settings(first.config, {**first.config, "round-timeout": 5.0, "data-dir": "/elsewhere"}) == []
+
+
+def test_convergence_curves_keep_profiles_and_backbones_apart():
+    plan = load_plan(ROOT / "experiments" / "comm-alignment.yaml")
+    fedprime = [c for c in plan.cells if c.config["method"] == "fedprime"]
+    labels = {curve_label(c, fedprime) for c in fedprime}
+    assert "fedprime backbone=vilt model=tiny-vilt inter-merge=align comm-profile=paper" in labels
+    assert "fedprime backbone=text-encoder model=tiny-bert inter-merge=position comm-profile=lean" in labels
+    assert len(labels) == len(fedprime) // 3  # one curve per arm, the three seeds averaged
+    assert all("wire-dtype" not in label for label in labels)  # the profile names its own keys
 
 
 def fake_run(plan, cell, accuracy: float, bytes_sent: float, pool: int) -> None:

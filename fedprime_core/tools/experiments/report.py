@@ -350,6 +350,18 @@ def _plot_robustness(plan: Plan, rows: list[dict[str, Any]], path: Path) -> None
     plt.close(fig)
 
 
+def curve_label(cell: Cell, group: Sequence[Cell]) -> str:
+    """``method`` plus ``key=value`` for every key but the seed in which ``group``'s cells differ.
+
+    Keys that differ only because ``comm-profile`` does are left out (the profile names them).
+    """
+    keys = [k for k in cell.config if k not in ("seed", "method")]
+    varying = [k for k in keys if len({json.dumps(c.config.get(k)) for c in group}) > 1]
+    if "comm-profile" in varying:
+        varying = [k for k in varying if k not in profile_keys() or not all(at_profile(c.config, k) for c in group)]
+    return " ".join([cell.config["method"], *(f"{k}={cell.config[k]}" for k in varying)])
+
+
 def _plot_convergence(plan: Plan, path_for: callable) -> list[Path]:
     import matplotlib
 
@@ -357,16 +369,29 @@ def _plot_convergence(plan: Plan, path_for: callable) -> list[Path]:
     import matplotlib.pyplot as plt
 
     # Train loss of every round; validation metric of the rounds the server evaluated
-    # (every ``eval-every`` rounds and the last).
+    # (every ``eval-every`` rounds and the last). One curve per method and per value of any
+    # other key its cells vary in (a profile, a backbone, an ablated option), averaged over
+    # seeds only.
+    # Cells only in robustness sub-grids (swept over eta) have their own plot.
+    cells = [
+        c
+        for c in plan.cells
+        if (c.config["method"] != "centralized-p" or in_kind(c, "main"))
+        and not all(grid_kind(g) == "robustness" for g in c.grids)
+    ]
+    groups: dict[tuple[str, str], list[Cell]] = defaultdict(list)
+    for cell in cells:
+        groups[(cell.config["missing-setting"], cell.config["method"])].append(cell)
     losses: dict[tuple[str, str], list[dict[int, float]]] = defaultdict(list)
     scores: dict[tuple[str, str], list[dict[int, float]]] = defaultdict(list)
-    for cell in plan.cells:
-        if cell.config["method"] == "centralized-p" and not in_kind(cell, "main"):
-            continue
+    for cell in cells:
         history = [r for r in _history(plan, cell) if r["round"] > 0 and not r.get("skipped")]
         if not history:
             continue
-        key = (cell.config["missing-setting"], cell.config["method"])
+        key = (
+            cell.config["missing-setting"],
+            curve_label(cell, groups[(cell.config["missing-setting"], cell.config["method"])]),
+        )
         losses[key].append({r["round"]: r.get("train-loss", np.nan) for r in history})
         scores[key].append(
             {r["round"]: r["eval"].get("val", {}).get(plan.metric, np.nan) for r in history if r.get("eval")}
