@@ -399,7 +399,12 @@ def _plot_convergence(plan: Plan, path_for: callable) -> list[Path]:
 
     def mean_curve(runs: list[dict[int, float]]) -> tuple[list[int], list[float]]:
         rounds = sorted({k for run in runs for k in run})
-        return rounds, [float(np.nanmean([run[k] for run in runs if k in run])) for k in rounds]
+
+        def mean(values: list[float]) -> float:  # nan, without numpy's warning, when every value is nan
+            finite = [v for v in values if not np.isnan(v)]
+            return float(np.mean(finite)) if finite else float("nan")
+
+        return rounds, [mean([run[k] for run in runs if k in run]) for k in rounds]
 
     written = []
     for setting in sorted({s for s, _ in losses}):
