@@ -56,6 +56,7 @@ import csv
 import json
 import math
 import sys
+import textwrap
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -402,8 +403,8 @@ def plot(runs, groups, arms, by, group_of, path: Path, title: str, metric: str =
         ax.set_ylabel(("val (%)" if metric == "val" else "train loss") + ", mean over runs")
     for ax in list(axes.flat)[len(groups) :]:
         ax.set_visible(False)
-    if title:
-        fig.suptitle(title, fontsize=10)
+    if title:  # wrapped to the figure's width (a single panel is narrow)
+        fig.suptitle(textwrap.fill(title, width=int(22 * cols + 20)), fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
