@@ -4,8 +4,8 @@ The model is ``PromptedModel(ViltBackbone(ViltModel(ViltConfig())))``: random we
 exactly the architecture of ``dandelin/vilt-b32-mlm`` (hidden 768, 12 blocks, 384-px
 images, 32-px patches, 40 text positions), paper settings (tau 20, kappa 5, 1 token per
 prompt, 8 classes; fedavg-p: 16 tokens at blocks 0-5), built for each ``comm-profile``
-(``paper``: float32, dense query maps, the pooler exchanged; ``lean``: float16 with delta
-uploads, rank-8 query maps, the pretrained pooler frozen; see ``fedprime_core.config``).
+(``paper``: float32, dense query maps; ``lean``: float16 with delta uploads, rank-8 query
+maps; both exchange the pooler; see ``fedprime_core.config``).
 
 * **download**: what ``FedPrimeStrategy.configure_train`` sends each sampled client: the
   ``"arrays"`` ArrayRecord of the state in the profile's ``wire-dtype``
@@ -105,9 +105,9 @@ def breakdown(state: dict[str, np.ndarray], bytes_per_value: int) -> dict[str, i
     return out
 
 
-def measure(backbone, method: str, profile: str, full_bytes: int) -> dict[str, Any]:
-    """One row: parameters and bytes of ``method`` under ``profile``."""
-    cfg = parse_run_config({"method": method, "comm-profile": profile, "tau": TAU, "kappa": KAPPA})
+def measure(backbone, method: str, profile: str, full_bytes: int, **keys: Any) -> dict[str, Any]:
+    """One row: parameters and bytes of ``method`` under ``profile`` (``keys``: run-config keys set over it)."""
+    cfg = parse_run_config({"method": method, "comm-profile": profile, "tau": TAU, "kappa": KAPPA, **keys})
     spec = method_spec(method)
     settings = PromptSettings(tau=TAU, kappa=KAPPA, query_rank=cfg.query_rank)
     model = PromptedModel(backbone, spec, NUM_CLASSES, settings, seed=0, train_pooler=cfg.exchange_pooler)
@@ -117,6 +117,7 @@ def measure(backbone, method: str, profile: str, full_bytes: int) -> dict[str, A
     row: dict[str, Any] = {
         "method": method,
         "comm-profile": profile,
+        "label": ", ".join([profile, *(f"{k}={str(v).lower()}" for k, v in keys.items())]),
         "wire-dtype": cfg.wire_dtype,
         "upload-delta": cfg.upload_delta,
         "query-rank": cfg.query_rank,
@@ -154,6 +155,9 @@ def main() -> None:
         f"{config.max_position_embeddings} text positions)\n"
     )
     rows = [measure(backbone, method, profile, full_bytes) for profile in COMM_PROFILES for method in METHODS]
+    # What lean would send with the pretrained pooler frozen at home (lean's definition until the
+    # experiments showed its accuracy cost: experiments/README.md, 'Communication profiles').
+    rows += [measure(backbone, m, "lean", full_bytes, **{"exchange-pooler": False}) for m in ("fedprime", "fedavg-p")]
 
     def mb(x: int) -> str:
         return f"{x / 1e6:.2f}"
@@ -179,7 +183,7 @@ def main() -> None:
             ],
             [
                 [
-                    r["comm-profile"],
+                    r["label"],
                     r["method"],
                     f"{r['trainable-parameters']:,}",
                     mb(r["download-bytes"]),
@@ -199,13 +203,13 @@ def main() -> None:
         table(
             ["profile", "method", *labels],
             [
-                [r["comm-profile"], r["method"], *(f"{r['breakdown-bytes'].get(lb, 0) / 1e3:.1f}" for lb in labels)]
+                [r["label"], r["method"], *(f"{r['breakdown-bytes'].get(lb, 0) / 1e3:.1f}" for lb in labels)]
                 for r in rows
             ],
         )
     )
-    lean = next(r for r in rows if r["method"] == "fedprime" and r["comm-profile"] == "lean")
-    paper = next(r for r in rows if r["method"] == "fedprime" and r["comm-profile"] == "paper")
+    lean = next(r for r in rows if r["method"] == "fedprime" and r["label"] == "lean")
+    paper = next(r for r in rows if r["method"] == "fedprime" and r["label"] == "paper")
     worst = max(lean["download-share-of-full-model"], lean["upload-share-of-full-model"])
     print(
         f"\nfedprime, lean: {mb(lean['download-bytes'])} MB down and {mb(lean['upload-bytes'])} MB up per client "

@@ -51,7 +51,7 @@ FROM_PROFILE = "profile"
 #: cuts what travels to under 1% of ViLT-B/32 per client per round (benchmarks/communication.py).
 PROFILE_VALUES: dict[str, dict[str, Any]] = {
     "paper": {"wire-dtype": "float32", "upload-delta": False, "query-rank": 0, "exchange-pooler": True},
-    "lean": {"wire-dtype": "float16", "upload-delta": True, "query-rank": 8, "exchange-pooler": False},
+    "lean": {"wire-dtype": "float16", "upload-delta": True, "query-rank": 8, "exchange-pooler": True},
 }
 
 
@@ -468,10 +468,10 @@ OPTIONS: tuple[Option, ...] = (
         "comm-profile",
         str,
         "paper",
-        "What travels each round: 'paper' (float32, dense query maps, the pooler exchanged: the paper's "
-        "model) or 'lean' (float16 with delta uploads, rank-8 query maps, the pretrained pooler kept "
-        "frozen: under 1% of ViLT-B/32 per client per round). Sets each key below that is left at "
-        "'profile'; a key given a value keeps it.",
+        "What travels each round: 'paper' (float32, dense query maps: the paper's model) or 'lean' "
+        "(float16 with delta uploads, rank-8 query maps: under 1% of ViLT-B/32 per client per round); "
+        "both exchange the pooler. Sets each key below that is left at 'profile'; a key given a value "
+        "keeps it.",
         COMM_PROFILES,
     ),
     Option(
@@ -512,7 +512,8 @@ OPTIONS: tuple[Option, ...] = (
         FROM_PROFILE,
         "true: the pooler (d x d, started from the backbone's pretrained pooler) is trained and "
         "averaged like the head; false: the pretrained pooler stays frozen and never travels (needs a "
-        "backbone with a pretrained pooler) (paper: true, lean: false). true, false or 'profile'.",
+        "backbone with a pretrained pooler; saves d x d + d numbers each way, but cost fedprime 5-7 "
+        "points in experiments/README.md) (paper: true, lean: true). true, false or 'profile'.",
         profile=True,
         affects=("model",),
     ),

@@ -156,15 +156,15 @@ def test_comm_profile_sets_the_communication_keys_left_at_profile():
     for cfg, profile in ((paper, "paper"), (lean, "lean")):
         assert config_to_dict(cfg) | PROFILE_VALUES[profile] == config_to_dict(cfg)  # the effective values
         assert parse_run_config(config_to_dict(cfg)) == cfg  # config.json round-trips to the same run
-    assert (lean.wire_dtype, lean.upload_delta, lean.query_rank, lean.exchange_pooler) == ("float16", True, 8, False)
+    assert (lean.wire_dtype, lean.upload_delta, lean.query_rank, lean.exchange_pooler) == ("float16", True, 8, True)
     # What Flower passes: every key of pyproject.toml, the communication keys at "profile".
     table = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
     assert parse_run_config({**table, "comm-profile": "lean"}) == lean
     # A key given a value wins over the profile, whichever way; the description marks it.
-    mixed = parse_run_config({**table, "comm-profile": "lean", "wire-dtype": "float32", "exchange-pooler": "true"})
-    assert (mixed.wire_dtype, mixed.exchange_pooler, mixed.query_rank) == ("float32", True, 8)
+    mixed = parse_run_config({**table, "comm-profile": "lean", "wire-dtype": "float32", "exchange-pooler": "false"})
+    assert (mixed.wire_dtype, mixed.exchange_pooler, mixed.query_rank) == ("float32", False, 8)
     assert describe_communication(mixed) == (
-        "comm-profile=lean: wire-dtype=float32*, upload-delta=true, query-rank=8, exchange-pooler=true*"
+        "comm-profile=lean: wire-dtype=float32*, upload-delta=true, query-rank=8, exchange-pooler=false*"
     )
     assert parse_run_config({"query-rank": "4"}).query_rank == 4
     # Changing the profile of a config resets the keys it sets, unless they are changed too.

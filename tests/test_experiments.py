@@ -257,7 +257,7 @@ tables:
     )
     plan = load_plan(grid)
     table = plan.tables[0]
-    # upload-delta, query-rank and exchange-pooler differ between the cells only because the
+    # upload-delta and query-rank differ between the cells only because the
     # profile does: no rows of their own; wire-dtype was pinned by one cell, so it is an axis.
     assert varying_keys(plan, table) == ["method", "comm-profile", "wire-dtype"]
     for cell in plan.cells:

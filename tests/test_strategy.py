@@ -234,9 +234,9 @@ def test_a_lean_run_sends_what_the_profile_says_and_reports_the_bytes(quick_conf
     folder = run_dir_of(cfg)
     saved = json.loads((folder / "config.json").read_text())
     assert (saved["comm-profile"], saved["wire-dtype"], saved["upload-delta"]) == ("lean", "float16", True)
-    assert (saved["query-rank"], saved["exchange-pooler"]) == (8, False)
+    assert (saved["query-rank"], saved["exchange-pooler"]) == (8, True)
     lean_state = runtime.initial_state(cfg)
-    assert "pooler.weight" not in lean_state and lean_state["pools.inter.query.down"].shape == (8, 64)
+    assert "pooler.weight" in lean_state and lean_state["pools.inter.query.down"].shape == (8, 64)
     expected = state_to_record(lean_state, "float16").count_bytes()  # a client's own tau inter prompts: same shapes
     for record in history(cfg)[1:]:
         assert record["accepted"] == 3 and record["rejected"] == 0
@@ -254,9 +254,7 @@ def test_a_lean_run_sends_what_the_profile_says_and_reports_the_bytes(quick_conf
     assert f"per client {expected / 1e6:.3f} MB down, {expected / 1e6:.3f} MB up" in text
     assert "What travels: comm-profile=lean" in flower_logs.text and f"{expected / 1e6:.3f} MB down" in flower_logs.text
     # What travels defines the run: a resumed run cannot change it.
-    with pytest.raises(
-        ConfigError, match="'comm-profile'.*'exchange-pooler'.*'query-rank'.*'upload-delta'.*'wire-dtype'"
-    ):
+    with pytest.raises(ConfigError, match="'comm-profile'.*'query-rank'.*'upload-delta'.*'wire-dtype'"):
         run(quick_config(run_name="x", num_server_rounds=3, resume=str(folder)))
 
 
@@ -281,26 +279,33 @@ def test_bad_replies_in_float16_deltas_are_rejected_for_what_they_are(quick_conf
     assert "beyond float16's range" in reasons and "Use wire-dtype='bfloat16'" in reasons
 
 
-def test_lean_sends_and_receives_less_than_paper_and_never_the_pooler(quick_config):
-    # The same short run (one round, 3 nodes, same seed) under both profiles: what actually went
-    # over the grid, counted by the strategy, and what the TRAIN messages held.
+def test_lean_sends_and_receives_less_than_paper_and_a_frozen_pooler_never_travels(quick_config):
+    # The same short run (one round, 3 nodes, same seed) under both profiles, and lean with the
+    # pooler frozen: what actually went over the grid, counted by the strategy, and what the
+    # TRAIN messages held.
     sent = {}
-    for profile in ("paper", "lean"):
+    for arm, profile, pooler in (("paper", "paper", True), ("lean", "lean", True), ("frozen", "lean", False)):
         cfg = quick_config(
-            run_name=profile, comm_profile=profile, num_server_rounds=1, fraction_evaluate=0.0, server_eval=False
+            run_name=arm,
+            comm_profile=profile,
+            exchange_pooler=pooler,
+            num_server_rounds=1,
+            fraction_evaluate=0.0,
+            server_eval=False,
         )
         grid = run(cfg, num_nodes=3)
         record = history(cfg)[-1]
         assert record["round"] == 1 and record["accepted"] == 3
-        sent[profile] = (record["bytes-sent-per-client"], record["bytes-received-per-client"])
+        sent[arm] = (record["bytes-sent-per-client"], record["bytes-received-per-client"])
         trains = [m.content["arrays"] for m in grid.sent if m.metadata.message_type == MessageType.TRAIN]
         assert len(trains) == 3
         names = set(trains[0].keys())
-        assert ("pooler.weight" in names) == (profile == "paper")  # lean keeps the pretrained pooler at home
+        assert ("pooler.weight" in names) == pooler  # a frozen pretrained pooler stays at home
         assert ("pools.inter.query.weight" in names) == (profile == "paper")
         assert ("pools.inter.query.down" in names) == (profile == "lean")
     (paper_down, paper_up), (lean_down, lean_up) = sent["paper"], sent["lean"]
     assert lean_down < paper_down / 2 and lean_up < paper_up / 2
+    assert sent["frozen"][0] < lean_down and sent["frozen"][1] < lean_up
 
 
 def _strategy_on_a_loopback_grid(cfg):
