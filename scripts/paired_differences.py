@@ -63,15 +63,19 @@ from typing import Any
 
 import numpy as np
 
-TEST_COLUMNS = ("same-as-train", "miss-both", "full-modal", "text-only", "image-only", "val")
+from fedprime_core.config import profile_keys
+from fedprime_core.data.missing import TEST_SETTINGS
+from fedprime_core.tools.experiments.plan import BOOKKEEPING_KEYS
+
+TEST_COLUMNS = (*TEST_SETTINGS, "val")
 BYTES_COLUMNS = {
     "kB sent per client per round": "bytes-sent-per-client",
     "kB received per client per round": "bytes-received-per-client",
 }
 #: Keys that name where a run was written, not what it ran.
-BOOKKEEPING = frozenset({"results-dir", "run-name", "resume"})
-#: The keys ``comm-profile`` sets (fedprime_core.config); they move with the profile.
-PROFILE_KEYS = frozenset({"wire-dtype", "upload-delta", "query-rank", "exchange-pooler"})
+BOOKKEEPING = frozenset(BOOKKEEPING_KEYS)
+#: The keys ``comm-profile`` sets; they move with the profile.
+PROFILE_KEYS = frozenset(profile_keys())
 
 
 def parse_value(text: str) -> Any:

@@ -148,13 +148,21 @@ def _table_cells(plan: Plan, table: TableSpec) -> list[Cell]:
     return [c for c in plan.cells if set(c.grids) & set(table.grids)]
 
 
+def _differing_keys(cells: Sequence[Cell], skip: Sequence[str] = ("seed",)) -> list[str]:
+    """Run-config keys (``skip`` aside) that take more than one value among ``cells``.
+
+    Keys that differ only because ``comm-profile`` does are left out: the profile names them.
+    """
+    keys = [k for k in cells[0].config if k not in skip] if cells else []
+    varying = [k for k in keys if len({json.dumps(c.config.get(k)) for c in cells}) > 1]
+    if "comm-profile" in varying:
+        varying = [k for k in varying if k not in profile_keys() or not all(at_profile(c.config, k) for c in cells)]
+    return varying
+
+
 def varying_keys(plan: Plan, table: TableSpec) -> list[str]:
     """Run-config keys (seed excepted) that take more than one value among the table's cells."""
-    cells = _table_cells(plan, table)
-    keys = [k for k in cells[0].config if k != "seed"] if cells else []
-    varying = [k for k in keys if len({json.dumps(c.config[k]) for c in cells}) > 1]
-    if "comm-profile" in varying:  # keys that vary only because the profile does are no axes of their own
-        varying = [k for k in varying if k not in profile_keys() or not all(at_profile(c.config, k) for c in cells)]
+    varying = _differing_keys(_table_cells(plan, table))
     ordered = [k for k in table.axes if k in varying]
     return ordered + sorted(k for k in varying if k not in ordered)
 
@@ -355,10 +363,7 @@ def curve_label(cell: Cell, group: Sequence[Cell]) -> str:
 
     Keys that differ only because ``comm-profile`` does are left out (the profile names them).
     """
-    keys = [k for k in cell.config if k not in ("seed", "method")]
-    varying = [k for k in keys if len({json.dumps(c.config.get(k)) for c in group}) > 1]
-    if "comm-profile" in varying:
-        varying = [k for k in varying if k not in profile_keys() or not all(at_profile(c.config, k) for c in group)]
+    varying = _differing_keys(group, skip=("seed", "method"))
     return " ".join([cell.config["method"], *(f"{k}={cell.config[k]}" for k in varying)])
 
 
