@@ -41,6 +41,9 @@ MMIMDB_PROTOCOLS = ("paper", "multilabel")
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SELECTIONS = ("sample", "batch")
 INTER_MERGES = ("align", "position")
+INTER_INITS = ("shared", "independent")
+ALIGN_STARTS = ("warm", "cold")
+ALIGN_ON = ("prompt", "delta", "usage")
 DEVICES = ("auto", "cpu", "cuda")
 WIRE_DTYPES = ("float32", "float16", "bfloat16")
 COMM_PROFILES = ("paper", "lean")
@@ -319,6 +322,31 @@ OPTIONS: tuple[Option, ...] = (
         "clustering-alignment) or slot p with slot p (position: the naive ablation).",
         INTER_MERGES,
     ),
+    Option(
+        "inter-init",
+        str,
+        "shared",
+        "fedprime, fed-inter, fedprox-p: a client's inter pool starts from the most popular global centres "
+        "(shared) or from seeded random prompts and keys of its own (independent: slot p on two clients holds "
+        "unrelated prompts, the regime where merging by position mixes them).",
+        INTER_INITS,
+    ),
+    Option(
+        "align-start",
+        str,
+        "warm",
+        "inter-merge=align: start each round's alignment from the clusters the slots held (warm) or from "
+        "scratch (cold, as the paper's reference code does).",
+        ALIGN_STARTS,
+    ),
+    Option(
+        "align-on",
+        str,
+        "prompt",
+        "inter-merge=align: what the alignment compares: the prompts (prompt), their change this round "
+        "(delta: what local training wrote), or their retrieval profile over the missing patterns (usage).",
+        ALIGN_ON,
+    ),
     Option("inter-pool-max", int, 100, "Upper bound on the global inter pool (cluster centres).", min=1),
     Option(
         "align-sweeps",
@@ -589,6 +617,9 @@ class RunConfig:
     selection: str = "sample"
     mu: float = 0.01
     inter_merge: str = "align"
+    inter_init: str = "shared"
+    align_start: str = "warm"
+    align_on: str = "prompt"
     inter_pool_max: int = 100
     align_sweeps: int = 0
     map_prompt_length: int = 16
@@ -728,6 +759,18 @@ def _check_consistency(cfg: RunConfig) -> None:
             f"run config key 'inter-merge' = {cfg.inter_merge!r} applies to methods with personal inter pools "
             f"({', '.join(PERSONALISED_METHODS)}), not to method={cfg.method!r}; leave it at 'align'"
         )
+    if cfg.inter_init != "shared" and cfg.method not in PERSONALISED_METHODS:
+        raise ConfigError(
+            f"run config key 'inter-init' = {cfg.inter_init!r} applies to methods with personal inter pools "
+            f"({', '.join(PERSONALISED_METHODS)}), not to method={cfg.method!r}; leave it at 'shared'"
+        )
+    for key, value, default in (("align-start", cfg.align_start, "warm"), ("align-on", cfg.align_on, "prompt")):
+        if value != default and (cfg.method not in PERSONALISED_METHODS or cfg.inter_merge != "align"):
+            raise ConfigError(
+                f"run config key {key!r} = {value!r} sets how the inter prompts are aligned, so it needs a method "
+                f"with personal inter pools ({', '.join(PERSONALISED_METHODS)}) and inter-merge='align' (got "
+                f"method={cfg.method!r}, inter-merge={cfg.inter_merge!r}); leave it at {default!r}"
+            )
     if cfg.min_train_nodes > cfg.min_available_nodes:
         raise ConfigError(
             f"run config key 'min-train-nodes' = {cfg.min_train_nodes} must not exceed "

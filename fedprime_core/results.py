@@ -221,6 +221,24 @@ def communication_summary(history: Sequence[Mapping[str, Any]]) -> dict[str, Any
     }
 
 
+def alignment_summary(history: Sequence[Mapping[str, Any]]) -> dict[str, Any] | None:
+    """How often the inter-prompt alignment did something merging by position would not have.
+
+    ``rounds``: training rounds that aligned inter prompts; ``noop-rounds``: those in which
+    the used prompts were grouped exactly as slot index groups them (``inter-align-noop``),
+    so the merge equalled the positional one; ``rematched``: used prompts placed in a
+    cluster other than their slot's, summed over the rounds. ``None`` without alignment.
+    """
+    rounds = [r for r in history if r.get("round", 0) > 0 and "inter-align-noop" in r]
+    if not rounds:
+        return None
+    return {
+        "rounds": len(rounds),
+        "noop-rounds": int(sum(int(r["inter-align-noop"]) for r in rounds)),
+        "rematched": int(sum(int(r.get("inter-rematched", 0)) for r in rounds)),
+    }
+
+
 def summarise(history: Sequence[Mapping[str, Any]], metric: str) -> dict[str, Any]:
     """Final-round and best-validation-round values of ``metric`` per test setting, and the bytes exchanged.
 
@@ -229,16 +247,24 @@ def summarise(history: Sequence[Mapping[str, Any]], metric: str) -> dict[str, An
     ``communication``: :func:`communication_summary`.
     """
     communication = communication_summary(history)
+    alignment = alignment_summary(history)
+    extra = {"alignment": alignment} if alignment else {}
     evaluated = [r for r in history if r.get("eval") and r["round"] > 0]
     if not evaluated:
-        return {"metric": metric, "final": None, "best": None, "communication": communication}
+        return {"metric": metric, "final": None, "best": None, "communication": communication, **extra}
 
     def pick(record: Mapping[str, Any]) -> dict[str, Any]:
         values = {s: record["eval"].get(s, {}).get(metric) for s in TEST_SETTINGS}
         return {"round": record["round"], "val": record["eval"].get("val", {}).get(metric), **values}
 
     best = max(evaluated, key=lambda r: (r["eval"].get("val", {}).get(metric) or -1.0, -r["round"]))
-    return {"metric": metric, "final": pick(evaluated[-1]), "best": pick(best), "communication": communication}
+    return {
+        "metric": metric,
+        "final": pick(evaluated[-1]),
+        "best": pick(best),
+        "communication": communication,
+        **extra,
+    }
 
 
 def _fmt(value: Any) -> str:
@@ -274,6 +300,14 @@ def summary_markdown(summary: Mapping[str, Any], title: str) -> str:
             f"{comm['bytes-received-per-client'] / 1e6:.3f} MB up; {comm['bytes-sent-total'] / 1e6:.2f} MB sent and "
             f"{comm['bytes-received-total'] / 1e6:.2f} MB received in {comm['rounds']} round(s) "
             "(arrays only, MB = 10^6 bytes).",
+        ]
+    alignment = summary.get("alignment")
+    if alignment:
+        lines += [
+            "",
+            f"Alignment: the alignment changed nothing in {alignment['noop-rounds']} of {alignment['rounds']} "
+            "round(s) (the used inter prompts were grouped by slot, so the merge equalled merging by position); "
+            f"{alignment['rematched']} used prompt(s) re-matched to another cluster in all.",
         ]
     return "\n".join(lines) + "\n"
 

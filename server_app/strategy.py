@@ -204,7 +204,13 @@ class FedPrimeStrategy(FedAvg):
         self.cfg = cfg
         self.spec = spec
         self.run_dir = Path(run_dir)
-        self.model = GlobalState.restore(spec, initial_state, inter_record, cfg.inter_merge)
+        self.model = GlobalState.restore(
+            spec, initial_state, inter_record, cfg.inter_merge, inter_init=cfg.inter_init, seed=cfg.seed
+        )
+        #: Pools whose pattern-usage table a reply must carry (the alignment compares retrieval profiles).
+        self.pattern_usage_required = (
+            tuple(spec.personalised_pools) if cfg.inter_merge == "align" and cfg.align_on == "usage" else ()
+        )
         self.history: list[dict[str, Any]] = list(history or [])
         self.clients: dict[str, dict[str, Any]] = dict(clients or {})
         self.reference_fingerprint = server_fingerprint
@@ -229,6 +235,9 @@ class FedPrimeStrategy(FedAvg):
         if "inter" in self.spec.pools:
             limits = (self.cfg.inter_pool_max, self.sweeps)
             log(INFO, "\t│\t├── Inter pool: at most %d prompts, %d alignment sweeps", *limits)
+            if self.spec.personalised_pools:
+                regime = (self.cfg.inter_merge, self.cfg.inter_init, self.cfg.align_start, self.cfg.align_on)
+                log(INFO, "\t│\t├── Personal inter pools: merge %s, init %s, align-start %s, align-on %s", *regime)
         log(INFO, "\t│\t└── What travels: %s", describe_communication(self.cfg))
         super().summary()
 
@@ -491,7 +500,9 @@ class FedPrimeStrategy(FedAvg):
                     reasons = [f"reply is from client {update.client_id!r} but node {node} identified as {client!r}"]
                 else:
                     expected = self.model.expected_shapes()
-                    reasons = validate_update(update, expected, self.spec.pools, self.cfg.max_update_norm)
+                    reasons = validate_update(
+                        update, expected, self.spec.pools, self.cfg.max_update_norm, self.pattern_usage_required
+                    )
                     federation = self._check_fingerprint(info) + self._check_labels(info)
                     kind = "config" if federation and not reasons else None
                     reasons += federation
@@ -526,6 +537,8 @@ class FedPrimeStrategy(FedAvg):
             sweeps=self.sweeps,
             seed=self.cfg.seed * 1000 + server_round,
             inter_merge=self.cfg.inter_merge,
+            align_start=self.cfg.align_start,
+            align_on=self.cfg.align_on,
         )
         report = self.model.aggregate(updates, settings)
         weights = np.array([u.num_examples for u in updates], dtype=np.float64)

@@ -94,6 +94,11 @@ def test_pyproject_app_config_matches_the_schema():
         ({"taus": 3}, "unknown run config key(s): taus"),
         ({"fault-plan": "x:nan"}, "'fault-plan'"),
         ({"lr": float("nan")}, "finite"),
+        ({"align-on": "keys"}, "'align-on' = 'keys' is not allowed; use one of: prompt, delta, usage"),
+        ({"inter-merge": "position", "align-on": "delta"}, "'align-on' = 'delta' sets how the inter prompts"),
+        ({"inter-merge": "position", "align-start": "cold"}, "inter-merge='align' (got method='fedprime'"),
+        ({"method": "fed-intra", "align-start": "cold"}, "'align-start' = 'cold' sets how the inter prompts"),
+        ({"method": "pfpt", "inter-init": "independent"}, "'inter-init' = 'independent' applies to methods"),
     ],
 )
 def test_bad_values_name_the_key_and_the_fix(values, fragment):

@@ -9,8 +9,10 @@ from fedprime_core.method.interpool import (
     UNUSED_DECAY,
     InterPool,
     InterUpdate,
+    _name_clusters,
     aggregate_inter_pool,
     assign_slots,
+    own_pool,
 )
 from fedprime_core.metrics import entropy_bits, mutual_information_bits, specialised_share
 
@@ -187,3 +189,169 @@ def test_information_measures():
     assert specialised_share(np.array([[9, 1, 0], [1, 1, 0], [0, 8, 0]]), 0.8) == pytest.approx(0.5)
     with pytest.raises(ValueError):
         mutual_information_bits(-np.ones((2, 2)))
+
+
+# --- the regimes in which content alignment has work to do (issue 26) --------------------------
+def own_pools_round(pool, centres, keys, num_clients: int, seed: int = 1, noise: float = 0.05, mode: str = "align"):
+    """Clients that started from pools of their own now hold planted content perm[p] at slot p."""
+    rng = np.random.default_rng(seed)
+    updates, perms = [], []
+    for client in range(num_clients):
+        pool, slots = assign_slots(pool, str(client), mode=mode, init="independent", seed=7)
+        assert np.all(slots >= TAU)  # clusters of its own, not the shared ones
+        perm = rng.permutation(TAU)
+        perms.append(perm)
+        updates.append(
+            InterUpdate(
+                client=str(client),
+                prompts=centres[perm] + noise * rng.normal(size=(TAU, LENGTH, DIM)),
+                keys=keys[perm] + noise * rng.normal(size=(TAU, DIM)),
+                usage=rng.integers(1, 50, size=TAU),
+            )
+        )
+    return pool, updates, perms
+
+
+def nearest_centre_distance(prompts: np.ndarray, centres: np.ndarray) -> np.ndarray:
+    flat = prompts.reshape(prompts.shape[0], 1, -1) - centres.reshape(1, centres.shape[0], -1)
+    return np.linalg.norm(flat, axis=-1)
+
+
+def test_own_pools_are_seeded_per_client_at_the_initial_scale():
+    pool, centres, keys = planted_pool()
+    a = own_pool(pool, "a", seed=3)
+    assert all(np.array_equal(x, y) for x, y in zip(a, own_pool(pool, "a", seed=3)))
+    assert not np.allclose(a[0], own_pool(pool, "b", seed=3)[0])
+    assert not np.allclose(a[0], own_pool(pool, "a", seed=4)[0])
+    rms = np.sqrt(np.mean(np.square(centres)))
+    assert np.sqrt(np.mean(np.square(a[0]))) == pytest.approx(rms, rel=0.2)
+    assert a[0].shape == centres.shape and a[1].shape == keys.shape
+
+
+@pytest.mark.parametrize("start", ["warm", "cold"])
+def test_independent_pools_align_recovers_the_planted_permutations_and_position_mixes_them(start):
+    pool, centres, keys = planted_pool()
+    # position: the same clients, the same planted content: slot p is averaged with slot p
+    ppool, pupdates, _ = own_pools_round(pool, centres, keys, num_clients=6, mode="position")
+    positional, preport = aggregate_inter_pool(ppool, pupdates, mode="position", init="independent", seed=0)
+    typical = np.linalg.norm(centres.reshape(TAU, -1), axis=1).mean()
+    assert positional.size == TAU  # the clients' own clusters were folded into the shared ones
+    assert np.all(nearest_centre_distance(positional.prompts, centres).min(axis=1) > 0.3 * typical)
+    assert all(s.tolist() == list(range(TAU)) for s in positional.slots.values())
+    # align: every planted content is one cluster again, and each client's slot p holds the
+    # centre of the content it had at p.
+    apool, aupdates, perms = own_pools_round(pool, centres, keys, num_clients=6)
+    aligned, report = aggregate_inter_pool(
+        apool, aupdates, mode="align", init="independent", align_start=start, max_size=100, seed=0
+    )
+    assert aligned.size == TAU, "independent init keeps only the clusters in use"
+    distances = nearest_centre_distance(aligned.prompts, centres)
+    assert np.all(distances.min(axis=1) < 0.1 * typical)
+    for client, perm in enumerate(perms):
+        prompts, client_keys = aligned.client_arrays(aligned.slots[str(client)])
+        np.testing.assert_allclose(prompts, centres[perm], atol=0.1)
+        np.testing.assert_allclose(client_keys, keys[perm], atol=0.1)
+    assert report["inter-align-noop"] == 0 and "inter-align-noop" not in preport
+
+
+@pytest.mark.parametrize("start", ["warm", "cold"])
+def test_drift_as_large_as_the_spacing_moves_prompts_under_warm_and_cold_starts(start):
+    # Shared pools: every client got the planted centres in slot order; local training carried
+    # the content at slot p to another centre's place (drift comparable to the spacing).
+    pool, centres, keys = planted_pool()
+    pool, updates, perms = permuted_round(pool, centres, keys, num_clients=6)
+    aligned, report = aggregate_inter_pool(pool, updates, mode="align", align_start=start, max_size=20, seed=0)
+    for client, perm in enumerate(perms):
+        prompts, _ = aligned.client_arrays(aligned.slots[str(client)])
+        np.testing.assert_allclose(prompts, centres[perm], atol=0.1)
+    assert report["inter-rematched"] > 0 and report["inter-align-noop"] == 0
+    assert aligned.size == TAU and report["inter-clusters-opened"] == 0  # cold start kept the ids too
+
+
+@pytest.mark.parametrize("start", ["warm", "cold"])
+def test_small_drift_is_reported_as_a_no_op(start):
+    pool, centres, keys = planted_pool()
+    updates = []
+    rng = np.random.default_rng(2)
+    for client in range(4):
+        pool, _ = assign_slots(pool, str(client))
+        updates.append(InterUpdate(str(client), centres + 0.01 * rng.normal(size=centres.shape), keys, np.full(TAU, 4)))
+    aligned, report = aggregate_inter_pool(pool, updates, mode="align", align_start=start, max_size=20, seed=0)
+    positional, _ = aggregate_inter_pool(pool, updates, mode="position", max_size=20, seed=0)
+    assert report["inter-align-noop"] == 1 and report["inter-rematched"] == 0
+    for cid in range(TAU):
+        np.testing.assert_allclose(
+            aligned.prompts[aligned.index_of([cid])[0]], positional.prompts[positional.index_of([cid])[0]], atol=1e-5
+        )
+
+
+def planted_groups_round(pool, num_clients: int, features: str, seed: int = 5):
+    """Shared pools; client t's slot p belongs to planted group perm_t[p], seen in its delta or its usage profile."""
+    rng = np.random.default_rng(seed)
+    sent = pool.prompts.copy()
+    directions = rng.normal(size=(TAU, LENGTH, DIM))
+    profiles = np.array([[1, 0, 0], [0, 1, 0], [0, 0, 1], [1, 1, 0], [1, 0, 1], [0, 1, 1]], dtype=np.int64) * 20
+    updates, perms = [], []
+    for client in range(num_clients):
+        pool, slots = assign_slots(pool, str(client))
+        perm = rng.permutation(TAU)
+        perms.append(perm)
+        if features == "delta":  # a small change, in the direction of its group
+            prompts = sent + 0.2 * directions[perm] + 0.01 * rng.normal(size=sent.shape)
+            table = None
+        else:  # the prompt barely moved; its group shows in who retrieved it
+            prompts = sent + 0.01 * rng.normal(size=sent.shape)
+            table = profiles[perm].T.copy()
+        usage = table.sum(axis=0) if table is not None else np.full(TAU, 10)
+        updates.append(InterUpdate(str(client), prompts, pool.keys.copy(), usage, table))
+    return pool, updates, perms
+
+
+def partition_of(pool, updates) -> set[frozenset[tuple[int, int]]]:
+    """The used prompts (client, slot) grouped by the cluster each client's slot now holds."""
+    groups: dict[int, set[tuple[int, int]]] = {}
+    for update in updates:
+        for p, cid in enumerate(pool.slots[update.client].tolist()):
+            groups.setdefault(cid, set()).add((int(update.client), p))
+    return {frozenset(g) for g in groups.values()}
+
+
+@pytest.mark.parametrize("features", ["delta", "usage"])
+def test_align_on_delta_and_usage_group_the_planted_patterns(features):
+    pool, _, _ = planted_pool()
+    pool, updates, perms = planted_groups_round(pool, 5, features)
+    planted = {
+        frozenset((c, p) for c, perm in enumerate(perms) for p in range(TAU) if perm[p] == g) for g in range(TAU)
+    }
+    by_slot = {frozenset((c, p) for c in range(len(perms))) for p in range(TAU)}
+    aligned, report = aggregate_inter_pool(pool, updates, mode="align", align_on=features, max_size=100, seed=0)
+    assert partition_of(aligned, updates) == planted
+    assert report["inter-align-noop"] == 0
+    # matching the prompts themselves sees only the (large) shared starting points: grouped by slot
+    on_prompts, report = aggregate_inter_pool(pool, updates, mode="align", align_on="prompt", max_size=100, seed=0)
+    assert partition_of(on_prompts, updates) == by_slot and report["inter-align-noop"] == 1
+
+
+def test_align_on_usage_needs_pattern_usage():
+    pool, centres, keys = planted_pool()
+    pool, _ = assign_slots(pool, "a")
+    with pytest.raises(ValueError, match="pattern usage"):
+        aggregate_inter_pool(pool, [InterUpdate("a", centres, keys, np.ones(TAU))], align_on="usage")
+    with pytest.raises(ValueError, match="align on"):
+        aggregate_inter_pool(pool, [InterUpdate("a", centres, keys, np.ones(TAU))], align_on="keys")
+    with pytest.raises(ValueError, match="inter init"):
+        assign_slots(pool, "b", init="random")
+
+
+def test_cold_clusters_keep_the_ids_their_members_held():
+    # cluster 0 holds the members that held ids 7 and 9 (9 mostly), cluster 1 those of 7, cluster 2 is new
+    assignments = [np.array([0, 1]), np.array([0, 1, 2])]
+    started = [np.array([9, 7]), np.array([9, 7, 11])]
+    weights = [np.array([5.0, 1.0]), np.array([5.0, 1.0, 1.0])]
+    names = _name_clusters(assignments, started, weights, num=4)
+    assert names.tolist() == [9, 7, 11, -1]
+    # names fixed already stay; only candidates are matched, never an id taken
+    names = _name_clusters(assignments, started, weights, num=4, names=np.array([11, -1, -1, -1]), candidates={9, 7})
+    assert names.tolist() == [11, 7, -1, -1]
+    names = _name_clusters(assignments, started, weights, num=4, names=np.full(4, -1), candidates={7, 11})
+    assert names.tolist() == [-1, 7, 11, -1]

@@ -194,12 +194,19 @@ class _Inputs:
         weights: per client ``(m_t,)`` positive weight of each prompt.
         keys: per client ``(m_t, Dk)`` or ``None``.
         init: per client ``(m_t,)`` distinct warm-start labels, or ``None``.
+        features: per client ``(m_t, F)`` what the clustering compares, or ``None`` (the prompts).
     """
 
     prompts: list[np.ndarray]
     weights: list[np.ndarray]
     keys: list[np.ndarray] | None
     init: list[np.ndarray] | None
+    features: list[np.ndarray] | None = None
+
+    @property
+    def matched(self) -> list[np.ndarray]:
+        """What the clustering compares: the features when given, else the prompts."""
+        return self.features if self.features is not None else self.prompts
 
 
 def _check_inputs(
@@ -208,6 +215,7 @@ def _check_inputs(
     client_keys: Sequence[np.ndarray] | None,
     init_assignments: Sequence[np.ndarray] | None,
     prompt_weights: Sequence[np.ndarray] | None = None,
+    client_features: Sequence[np.ndarray] | None = None,
 ) -> _Inputs:
     if len(client_prompts) == 0:
         raise ValueError("align_prompts needs at least one client")
@@ -247,9 +255,21 @@ def _check_inputs(
         if len(init) != n or any(a.shape != (p.shape[0],) for a, p in zip(init, prompts)):
             raise ValueError("init_assignments must hold one (m_t,) index array per client")
         for i, a in enumerate(init):
-            if np.any(a < 0) or len(np.unique(a)) != len(a):
-                raise ValueError(f"init_assignments of client {i} must be distinct non-negative indices")
-    return _Inputs(prompts, row_weights, keys, init)
+            placed = a[a >= 0]
+            if np.any(a < -1) or len(np.unique(placed)) != len(placed):
+                raise ValueError(
+                    f"init_assignments of client {i} must be distinct non-negative indices (-1: no warm start)"
+                )
+    features = None
+    if client_features is not None:
+        features = [np.asarray(f, dtype=np.float64) for f in client_features]
+        if len(features) != n or any(f.ndim != 2 or f.shape[0] != p.shape[0] for f, p in zip(features, prompts)):
+            raise ValueError("client_features must hold one (m_t, F) array per client, row-aligned with its prompts")
+        if len({f.shape[1] for f in features}) != 1:
+            raise ValueError("every client's features must have the same width")
+        if any(not np.isfinite(f).all() for f in features):
+            raise ValueError("client_features contain NaN or Inf")
+    return _Inputs(prompts, row_weights, keys, init, features)
 
 
 class _ClusterState:
@@ -345,10 +365,10 @@ class ClusterAlignment:
         if popularity not in ("learned", "empirical"):
             raise ValueError(f"popularity must be 'learned' or 'empirical', got {popularity!r}")
         self.rng = np.random.default_rng(seed)
-        stacked = np.concatenate(inputs.prompts, axis=0)
+        stacked = np.concatenate(inputs.matched, axis=0)
         self.offset = stacked.mean(axis=0)
         self.spread = float(np.sqrt(np.mean((stacked - self.offset) ** 2))) or 1.0
-        self.z = [(p - self.offset) / self.spread for p in inputs.prompts]
+        self.z = [(p - self.offset) / self.spread for p in inputs.matched]
         self.mean_weight = float(np.concatenate(inputs.weights).mean())
         self.w = [w / self.mean_weight for w in inputs.weights]
         self.dim = stacked.shape[1]
@@ -384,12 +404,22 @@ class ClusterAlignment:
 
     # -- alpha-step ---------------------------------------------------------------------
     def initial_assignment(self) -> None:
-        """Warm start from the given labels, or one sequential pass from scratch."""
+        """Warm start from the given labels, or one sequential pass from scratch.
+
+        Prompts labelled ``-1`` have no warm start: once the labelled ones are placed, each
+        client holding such a prompt is assigned by the Hungarian step (seeded order).
+        """
         if self.inputs.init is not None:
             for t, labels in enumerate(self.inputs.init):
+                placed = labels >= 0
                 self.assign[t] = labels.copy()
-                self.state.add(labels, self.z[t], self.w[t])
+                self.state.add(labels[placed], self.z[t][placed], self.w[t][placed])
             self.refresh_nets(self.state.active())
+            unplaced = {t for t, labels in enumerate(self.inputs.init) if np.any(labels < 0)}
+            if unplaced:
+                for t in self.rng.permutation(self.n):
+                    if int(t) in unplaced:
+                        self.assign_client(int(t))
         else:
             for t in self.rng.permutation(self.n):
                 self.assign_client(int(t))
@@ -504,21 +534,27 @@ class ClusterAlignment:
         new_index = np.full(self.capacity, -1, dtype=np.int64)
         new_index[slots] = np.arange(slots.size)
         assignments = [new_index[a] for a in self.assign]
-        merged_keys = None
-        if self.inputs.keys is not None:
-            keys = self.inputs.keys
-            key_sums = np.zeros((slots.size, keys[0].shape[1]))
+
+        def merged(values: list[np.ndarray]) -> np.ndarray:
+            """Weighted member means of ``values`` (per client ``(m_t, X)``) under the final assignment."""
+            sums = np.zeros((slots.size, values[0].shape[1]))
             for t, labels in enumerate(assignments):
                 kept = labels >= 0
-                np.add.at(key_sums, labels[kept], self.w[t][kept, None] * keys[t][kept])
-            merged_keys = key_sums / state.weight[slots, None]
+                np.add.at(sums, labels[kept], self.w[t][kept, None] * values[t][kept])
+            return sums / state.weight[slots, None]
+
+        merged_keys = None if self.inputs.keys is None else merged(self.inputs.keys)
+        if self.inputs.features is None:
+            centres = state.centres(slots) * self.spread + self.offset
+        else:  # clustered on features: the centres are the members' prompts, merged alike
+            centres = merged(self.inputs.prompts)
         if self.pop_net is not None:
             with torch.no_grad():
                 pop = self.pop_net(torch.from_numpy(state.centres(slots).astype(np.float32))).numpy()
         else:
             pop = np.clip(state.members[slots] / self.n, 1e-4, 1 - 1e-4)
         return AlignmentResult(
-            centres=(state.centres(slots) * self.spread + self.offset).astype(np.float32),
+            centres=centres.astype(np.float32),
             keys=None if merged_keys is None else merged_keys.astype(np.float32),
             assignments=assignments,
             cluster_sizes=state.members[slots].copy(),
@@ -551,6 +587,7 @@ def align_prompts(
     client_keys: Sequence[np.ndarray] | None = None,
     init_assignments: Sequence[np.ndarray] | None = None,
     prompt_weights: Sequence[np.ndarray] | None = None,
+    client_features: Sequence[np.ndarray] | None = None,
     max_prompts: int | None = None,
     n_sweeps: int = 5,
     popularity: str = "learned",
@@ -572,9 +609,15 @@ def align_prompts(
             starts in (warm start: the global prompt it was initialised from this round).
             Labels are any distinct non-negative integers per client; clusters opened
             during the alignment never reuse one (see ``AlignmentResult.source_labels``).
-            Without it clusters are built from scratch.
+            ``-1`` marks a prompt without a warm start (placed by the Hungarian step after
+            the labelled ones). Without it clusters are built from scratch.
         prompt_weights: per client, ``(m_t,)`` positive weight of each prompt (e.g. how
             often it was retrieved this round); overrides ``client_weights``.
+        client_features: per client, ``(m_t, F)`` what the clustering compares instead of
+            the prompts themselves (e.g. each prompt's change this round, or its retrieval
+            profile over missing patterns), row-aligned with the prompts. The assignment is
+            made on the features; the returned centres (and keys) are the weighted means of
+            the member prompts (keys) under that assignment.
         max_prompts: bound on the number of returned centres (least popular dropped).
         n_sweeps: alternating-optimisation sweeps (reference: 5).
         popularity: ``"learned"`` (FedPrime's popularity net) or ``"empirical"`` (PFNM's
@@ -589,7 +632,9 @@ def align_prompts(
         :class:`AlignmentResult`.
     """
     started = time.perf_counter()
-    inputs = _check_inputs(client_prompts, client_weights, client_keys, init_assignments, prompt_weights)
+    inputs = _check_inputs(
+        client_prompts, client_weights, client_keys, init_assignments, prompt_weights, client_features
+    )
     engine = ClusterAlignment(
         inputs, popularity=popularity, hidden=hidden, lr=lr, grad_steps=grad_steps, min_scale=min_scale, seed=seed
     )

@@ -85,6 +85,7 @@ def validate_update(
     expected: Mapping[str, tuple[int, ...]],
     pools: Sequence[str],
     max_norm: float,
+    pattern_usage_required: Sequence[str] = (),
 ) -> list[str]:
     """Every reason to reject a client update; an empty list means it is valid.
 
@@ -103,14 +104,22 @@ def validate_update(
         expected: name -> shape of the current global state.
         pools: retrieval pools of the method (``"intra"``, ``"inter"``).
         max_norm: bound on each array's L2 norm.
+        pattern_usage_required: pools whose pattern-usage table must be sent (the
+            alignment compares retrieval profiles: ``align-on = usage``).
     """
     try:
-        return _validate(update, expected, pools, max_norm)
+        return _validate(update, expected, pools, max_norm, pattern_usage_required)
     except Exception as exc:  # noqa: BLE001 - a validator must survive any malformed record
         return [f"malformed update: {type(exc).__name__}: {exc}"]
 
 
-def _validate(update: Any, expected: Mapping[str, tuple[int, ...]], pools: Sequence[str], max_norm: float) -> list[str]:
+def _validate(
+    update: Any,
+    expected: Mapping[str, tuple[int, ...]],
+    pools: Sequence[str],
+    max_norm: float,
+    pattern_usage_required: Sequence[str] = (),
+) -> list[str]:
     if not isinstance(update, ClientUpdate):
         return [f"update is a {type(update).__name__}, not a ClientUpdate"]
     reasons: list[str] = []
@@ -178,6 +187,8 @@ def _validate(update: Any, expected: Mapping[str, tuple[int, ...]], pools: Seque
             reasons.append(f"usage counts for pool {pool!r} must be non-negative with at least one use")
             continue
         table = update.pattern_usage.get(pool) if isinstance(update.pattern_usage, Mapping) else None
+        if table is None and pool in pattern_usage_required:
+            reasons.append(f"pattern usage for pool {pool!r} is missing (align-on = usage compares it)")
         if table is not None:
             table = np.asarray(table)
             if table.shape != (NUM_PATTERNS, counts.shape[0]) or table.dtype.kind not in "iu":
@@ -199,12 +210,16 @@ class AggregationSettings:
         sweeps: alignment sweeps.
         seed: alignment seed (seed it per round).
         inter_merge: ``"align"`` (content) or ``"position"`` for personalised pools.
+        align_start: ``"warm"`` (from the slots' clusters) or ``"cold"`` (from scratch).
+        align_on: what the alignment compares: ``"prompt"``, ``"delta"`` or ``"usage"``.
     """
 
     max_prompts: int = 100
     sweeps: int = 5
     seed: int = 0
     inter_merge: str = "align"
+    align_start: str = "warm"
+    align_on: str = "prompt"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -230,6 +245,7 @@ def aggregate_round(
     spec: MethodSpec,
     settings: AggregationSettings = AggregationSettings(),
     inter_pool: InterPool | None = None,
+    inter_init: str = "shared",
 ) -> RoundAggregate:
     """Aggregate one round of (already validated) client updates.
 
@@ -254,6 +270,8 @@ def aggregate_round(
         settings: alignment bound, sweeps, seed (seed it per round) and merge mode.
         inter_pool: the personalised inter pool the clients' slots were assigned from
             (required when ``spec.personalised_pools`` is not empty).
+        inter_init: how new clients' inter pools started (``"shared"`` / ``"independent"``,
+            :func:`~fedprime_core.method.interpool.assign_slots`).
 
     Returns:
         :class:`RoundAggregate`.
@@ -293,6 +311,9 @@ def aggregate_round(
             max_size=settings.max_prompts,
             sweeps=settings.sweeps,
             seed=settings.seed,
+            align_start=settings.align_start,
+            align_on=settings.align_on,
+            init=inter_init,
         )
         new_state[f"pools.{pool}.prompts"] = new_pool.prompts.copy()
         new_state[f"pools.{pool}.keys"] = new_pool.keys.copy()
@@ -330,6 +351,9 @@ class GlobalState:
         state: the global arrays (a fresh run's initial state, or a checkpoint's).
         inter_pool: a checkpoint's personal pools; a fresh run starts them from ``state``.
         inter_merge: ``"align"`` or ``"position"`` (how slots are given and merged).
+        inter_init: ``"shared"`` (a new client starts from the most popular centres) or
+            ``"independent"`` (from seeded prompts of its own).
+        seed: the run seed (a client's own initial prompts are drawn from it and its id).
     """
 
     def __init__(
@@ -338,9 +362,13 @@ class GlobalState:
         state: Mapping[str, np.ndarray],
         inter_pool: InterPool | None = None,
         inter_merge: str = "align",
+        inter_init: str = "shared",
+        seed: int = 0,
     ) -> None:
         self.spec = spec
         self.inter_merge = inter_merge
+        self.inter_init = inter_init
+        self.seed = seed
         self.arrays: dict[str, np.ndarray] = {k: np.asarray(v, dtype=np.float32) for k, v in state.items()}
         self.inter_pool: InterPool | None = None
         if spec.personalised_pools:
@@ -359,7 +387,7 @@ class GlobalState:
         """The arrays ``client`` trains or evaluates this round (its slots are recorded)."""
         if self.inter_pool is None:
             return self.arrays
-        self.inter_pool, slots = assign_slots(self.inter_pool, client, self.inter_merge)
+        self.inter_pool, slots = assign_slots(self.inter_pool, client, self.inter_merge, self.inter_init, self.seed)
         prompts, keys = self.inter_pool.client_arrays(slots)
         return {**self.arrays, "pools.inter.prompts": prompts, "pools.inter.keys": keys}
 
@@ -374,7 +402,9 @@ class GlobalState:
 
     def aggregate(self, updates: Sequence[ClientUpdate], settings: AggregationSettings) -> dict[str, Any]:
         """Merge one round of validated updates into the global state; returns the round's report."""
-        outcome = aggregate_round(self.arrays, updates, self.spec, settings, inter_pool=self.inter_pool)
+        outcome = aggregate_round(
+            self.arrays, updates, self.spec, settings, inter_pool=self.inter_pool, inter_init=self.inter_init
+        )
         self.arrays = outcome.state
         if outcome.inter_pool is not None:
             self.inter_pool = outcome.inter_pool
@@ -386,10 +416,16 @@ class GlobalState:
 
     @classmethod
     def restore(
-        cls, spec: MethodSpec, state: Mapping[str, np.ndarray], record: Mapping[str, Any] | None, inter_merge: str
+        cls,
+        spec: MethodSpec,
+        state: Mapping[str, np.ndarray],
+        record: Mapping[str, Any] | None,
+        inter_merge: str,
+        inter_init: str = "shared",
+        seed: int = 0,
     ) -> GlobalState:
         """The global state of a checkpoint: its arrays and :meth:`record`."""
         pool = None
         if record:
             pool = InterPool.from_record(record, state["pools.inter.prompts"], state["pools.inter.keys"])
-        return cls(spec, state, pool, inter_merge)
+        return cls(spec, state, pool, inter_merge, inter_init, seed)

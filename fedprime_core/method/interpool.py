@@ -27,7 +27,28 @@ The protocol implemented here:
   cluster ``p`` *is* slot ``p`` of every client (the pool never exceeds ``tau``) and is the
   usage-weighted average of the slot-``p`` prompts of the clients that used it.
 * A client seen for the first time (a late joiner, or one not sampled before) starts from
-  the ``tau`` most popular centres, most popular first.
+  the ``tau`` most popular centres, most popular first (``init="shared"``), or from ``tau``
+  clusters of its own, seeded random prompts and keys drawn like the model's initial ones
+  (``init="independent"``: the FedMA / PFNM regime, where slot ``p`` on two clients holds
+  unrelated prompts, so that merging by position mixes them and matching is needed).
+
+The regimes of the alignment (what makes it differ from merging by position):
+
+* ``align_start="warm"`` starts the alignment from the clusters the slots held;
+  ``"cold"`` aligns from scratch every round (as the paper and its reference code do) and
+  then names each resulting cluster after the cluster most of its members' slots held
+  (a maximum-weight matching of clusters to old ids), so ids stay stable where the
+  grouping did.
+* ``align_on`` says what the alignment compares: ``"prompt"`` the prompts themselves,
+  ``"delta"`` each prompt's change this round (what local training wrote into it), or
+  ``"usage"`` its retrieval profile over the missing patterns (the ``(3, tau)`` pattern
+  usage counts, normalised per prompt). The merged centres are always the usage-weighted
+  means of the member prompts.
+
+Every round reports whether the alignment did anything position would not have done
+(``inter-align-noop``: 1 when the used prompts are grouped exactly as slot index groups
+them, so the merge equals the positional one), next to how many used prompts ended in a
+cluster other than their slot's (``inter-rematched``).
 
 Everything here is a pure function of NumPy arrays: :class:`InterPool` is immutable and
 every operation returns a new one.
@@ -36,11 +57,13 @@ every operation returns a new one.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
+from scipy.optimize import linear_sum_assignment
 
 from ..metrics import entropy_bits, mutual_information_bits, specialised_share
 from .aggregation import align_prompts
@@ -52,6 +75,12 @@ INITIAL_POPULARITY = 0.5
 #: A cluster counts as specialised when one missing pattern accounts for more than this share of its uses.
 SPECIALISED_THRESHOLD = 0.8
 MERGE_MODES = ("align", "position")
+#: How a client's inter pool starts: the most popular centres, or prompts of its own.
+INIT_MODES = ("shared", "independent")
+#: Where each round's alignment starts: the slots' clusters, or from scratch.
+ALIGN_STARTS = ("warm", "cold")
+#: What the alignment compares: the prompts, their change this round, or their retrieval profile.
+ALIGN_ON = ("prompt", "delta", "usage")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,6 +95,10 @@ class InterPool:
         next_id: the id the next new cluster gets.
         slots: client id -> ``(tau,)`` cluster ids of its slots (distinct).
         tau: slots per client.
+        init_scale: root-mean-square entry of the initial prompts and of the initial keys;
+            a client's own pool (``init="independent"``) is drawn at that scale.
+        fresh: ids of a client's own clusters that no merge has touched yet; their prompts
+            have no cluster to warm-start in (the alignment places them from scratch).
     """
 
     ids: np.ndarray
@@ -75,6 +108,8 @@ class InterPool:
     next_id: int
     slots: Mapping[str, np.ndarray]
     tau: int
+    init_scale: tuple[float, float] = (1.0, 1.0)
+    fresh: frozenset[int] = frozenset()
 
     @classmethod
     def initial(cls, prompts: np.ndarray, keys: np.ndarray) -> InterPool:
@@ -92,6 +127,7 @@ class InterPool:
             next_id=tau,
             slots={},
             tau=tau,
+            init_scale=(_rms(prompts), _rms(keys)),
         )
 
     @property
@@ -123,6 +159,8 @@ class InterPool:
             "popularity": self.popularity.tolist(),
             "next-id": self.next_id,
             "tau": self.tau,
+            "init-scale": list(self.init_scale),
+            "fresh": sorted(self.fresh),
             "slots": {client: s.tolist() for client, s in sorted(self.slots.items())},
         }
 
@@ -138,6 +176,9 @@ class InterPool:
             next_id=int(record["next-id"]),
             slots={str(c): np.asarray(s, dtype=np.int64) for c, s in record.get("slots", {}).items()},
             tau=int(record["tau"]),
+            # checkpoints written before independent pools existed: only shared pools use them
+            init_scale=tuple(float(x) for x in record.get("init-scale", (1.0, 1.0))),
+            fresh=frozenset(int(x) for x in record.get("fresh", ())),
         )
         if pool.prompts.shape[0] != ids.size or pool.keys.shape[0] != ids.size or pool.popularity.size != ids.size:
             raise ValueError(
@@ -152,23 +193,64 @@ class InterPool:
         return pool
 
 
-def assign_slots(pool: InterPool, client: str, mode: str = "align") -> tuple[InterPool, np.ndarray]:
+def _rms(values: np.ndarray) -> float:
+    return float(np.sqrt(np.mean(np.square(np.asarray(values, dtype=np.float64))))) if np.size(values) else 1.0
+
+
+def client_seed(seed: int, client: str) -> list[int]:
+    """Entropy for ``np.random.default_rng`` that is stable across processes for ``(seed, client)``."""
+    digest = hashlib.sha256(client.encode("utf-8")).digest()
+    return [int(seed), int.from_bytes(digest[:8], "little")]
+
+
+def own_pool(pool: InterPool, client: str, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """A client's own initial prompts ``(tau, L, d)`` and keys ``(tau, d)`` (``init="independent"``).
+
+    Drawn as the model draws its pools, uniform with the initial pools' root-mean-square
+    entry (:attr:`InterPool.init_scale`), from a generator seeded by ``seed`` and the client id.
+    """
+    rng = np.random.default_rng(client_seed(seed, client))
+    bounds = np.sqrt(3.0) * np.asarray(pool.init_scale)
+    prompts = rng.uniform(-bounds[0], bounds[0], size=(pool.tau, *pool.prompts.shape[1:]))
+    keys = rng.uniform(-bounds[1], bounds[1], size=(pool.tau, pool.keys.shape[1]))
+    return prompts.astype(np.float32), keys.astype(np.float32)
+
+
+def assign_slots(
+    pool: InterPool, client: str, mode: str = "align", init: str = "shared", seed: int = 0
+) -> tuple[InterPool, np.ndarray]:
     """The slots ``client`` holds this round, recorded in the returned pool.
 
     A known client keeps its slots; any slot whose cluster has since been dropped is
     refilled with the most popular cluster it does not hold. A new client gets the ``tau``
-    most popular clusters. With ``mode="position"`` slot ``p`` always holds cluster ``p``.
+    most popular clusters (``init="shared"``; with ``mode="position"`` slot ``p`` holds
+    cluster ``p``), or ``tau`` new clusters holding its own seeded prompts and keys
+    (``init="independent"``, :func:`own_pool`), which the next merge folds into the pool.
 
     Returns:
         ``(pool with the client's slots recorded, (tau,) cluster ids)``.
     """
+    if init not in INIT_MODES:
+        raise ValueError(f"inter init {init!r} is not one of {INIT_MODES}")
     if pool.size < pool.tau:
         raise ValueError(f"the inter pool holds {pool.size} clusters, fewer than tau = {pool.tau}")
     current = pool.slots.get(client)
-    if mode == "position":
-        slots = np.arange(pool.tau, dtype=np.int64)
-    elif current is None:
-        slots = pool.most_popular(pool.tau)
+    if current is None and init == "independent":
+        prompts, keys = own_pool(pool, client, seed)
+        slots = np.arange(pool.next_id, pool.next_id + pool.tau, dtype=np.int64)
+        grown = dataclasses.replace(
+            pool,
+            ids=np.concatenate([pool.ids, slots]),
+            prompts=np.concatenate([pool.prompts, prompts]),
+            keys=np.concatenate([pool.keys, keys]),
+            popularity=np.concatenate([pool.popularity, np.full(pool.tau, INITIAL_POPULARITY)]),
+            next_id=pool.next_id + pool.tau,
+            slots={**pool.slots, client: slots},
+            fresh=pool.fresh | frozenset(slots.tolist()),
+        )
+        return grown, slots
+    if current is None:
+        slots = np.arange(pool.tau, dtype=np.int64) if mode == "position" else pool.most_popular(pool.tau)
     else:
         slots = np.asarray(current, dtype=np.int64).copy()
         alive = pool.index_of(slots) >= 0
@@ -200,6 +282,75 @@ class InterUpdate:
     pattern_usage: np.ndarray | None = None
 
 
+def _features(align_on: str, update: InterUpdate, sent: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """What the alignment compares for ``update``'s used prompts ``rows``: ``(m, F)`` float64.
+
+    ``sent`` is ``(tau, L, d)``, the prompts the client received this round (for ``delta``).
+    """
+    prompts = np.asarray(update.prompts, dtype=np.float64)[rows]
+    if align_on == "prompt":
+        return prompts.reshape(rows.size, -1)
+    if align_on == "delta":
+        return (prompts - np.asarray(sent, dtype=np.float64)[rows]).reshape(rows.size, -1)
+    if update.pattern_usage is None:
+        raise ValueError(f"client {update.client!r} sent no pattern usage, which align-on='usage' compares")
+    table = np.asarray(update.pattern_usage, dtype=np.float64)[:, rows]  # (3, m)
+    return (table / np.maximum(table.sum(axis=0), 1.0)).T
+
+
+def _name_clusters(
+    assignments: Sequence[np.ndarray],
+    started: Sequence[np.ndarray],
+    weights: Sequence[np.ndarray],
+    num: int,
+    names: np.ndarray | None = None,
+    candidates: set[int] | None = None,
+) -> np.ndarray:
+    """``(num,)`` the old cluster id each aligned cluster continues, or ``-1`` (it gets a new id).
+
+    Clusters already named in ``names`` keep their name. The others are matched to the ids
+    their members' slots held (``candidates`` only, when given; never an id already taken)
+    by a maximum-weight matching (weight: the members' usage), so a cluster built from
+    scratch keeps its id when its membership did; one sharing no member with a free old
+    id gets ``-1``.
+
+    Args:
+        assignments: per client, ``(m_t,)`` the aligned cluster of each used prompt.
+        started: per client, ``(m_t,)`` the cluster id its slot held.
+        weights: per client, ``(m_t,)`` the prompt's usage.
+        num: number of aligned clusters.
+        names: ``(num,)`` names fixed already (``-1``: to be matched), default none.
+        candidates: the old ids that may be matched (default: any).
+    """
+    names = np.full(num, -1, dtype=np.int64) if names is None else names.copy()
+    taken = set(names[names >= 0].tolist())
+    old = np.unique(np.concatenate(list(started))) if started else np.zeros(0, dtype=np.int64)
+    old = np.array(
+        [i for i in old.tolist() if i not in taken and (candidates is None or i in candidates)], dtype=np.int64
+    )
+    open_rows = np.flatnonzero(names < 0)
+    if old.size == 0 or open_rows.size == 0:
+        return names
+    overlap = np.zeros((num, old.size))
+    for labels, ids, w in zip(assignments, started, weights):
+        known = np.isin(ids, old)
+        np.add.at(overlap, (labels[known], np.searchsorted(old, ids[known])), w[known])
+    rows, cols = linear_sum_assignment(overlap[open_rows], maximize=True)
+    keep = overlap[open_rows[rows], cols] > 0
+    names[open_rows[rows[keep]]] = old[cols[keep]]
+    return names
+
+
+def _same_partition(groups_a: Sequence[np.ndarray], groups_b: Sequence[np.ndarray]) -> bool:
+    """Whether two labellings of the same items (per client, row-aligned) define the same partition."""
+    a = np.concatenate(list(groups_a)) if groups_a else np.zeros(0, dtype=np.int64)
+    b = np.concatenate(list(groups_b)) if groups_b else np.zeros(0, dtype=np.int64)
+    if a.size == 0:
+        return True
+    pairs = np.unique(np.stack([a, b], axis=1), axis=0)
+    return len(np.unique(pairs[:, 0])) == len(pairs) == len(np.unique(pairs[:, 1]))
+
+
 def aggregate_inter_pool(
     pool: InterPool,
     updates: Sequence[InterUpdate],
@@ -208,6 +359,9 @@ def aggregate_inter_pool(
     max_size: int = 100,
     sweeps: int = 5,
     seed: int = 0,
+    align_start: str = "warm",
+    align_on: str = "prompt",
+    init: str = "shared",
 ) -> tuple[InterPool, dict[str, Any]]:
     """Merge the participating clients' inter prompts and give each client its new slots.
 
@@ -218,21 +372,36 @@ def aggregate_inter_pool(
         max_size: bound on the number of clusters (``inter-pool-max``), at least ``tau``.
         sweeps: alignment sweeps (``align`` only).
         seed: alignment seed (seed it per round for determinism).
+        align_start: ``"warm"`` (from the slots' clusters) or ``"cold"`` (from scratch).
+        align_on: what the alignment compares: ``"prompt"``, ``"delta"`` (change this round)
+            or ``"usage"`` (retrieval profile over missing patterns; needs pattern usage).
+        init: how the clients' pools started (:func:`assign_slots`); with ``"independent"``
+            the pool keeps only clusters merged this round or held by some client, and the
+            positional merge folds every participant's own slots into the shared clusters
+            ``0 .. tau-1``.
 
     Returns:
         ``(new pool, report)``. The report holds the pool size, clusters opened, carried
         over and dropped, how many used prompts left the cluster they started in
-        (``inter-rematched``), the alignment objective and timings, and how much the
+        (``inter-rematched``), whether the grouping equals the positional one
+        (``inter-align-noop``, 0/1, align mode only), the alignment objective and timings, and how much the
         sample's missing pattern tells about the cluster it retrieves
         (``inter-specialisation-bits``, ``inter-pattern-entropy-bits``,
         ``inter-specialised-share``) when pattern usage was reported.
 
     Raises:
-        ValueError: unknown mode, a client without recorded slots, or shapes that do not fit.
+        ValueError: unknown mode, a client without recorded slots, shapes that do not fit,
+            or ``align_on="usage"`` without pattern usage.
     """
     start = time.perf_counter()
-    if mode not in MERGE_MODES:
-        raise ValueError(f"inter merge mode {mode!r} is not one of {MERGE_MODES}")
+    for name, value, allowed in (
+        ("inter merge mode", mode, MERGE_MODES),
+        ("align start", align_start, ALIGN_STARTS),
+        ("align on", align_on, ALIGN_ON),
+        ("inter init", init, INIT_MODES),
+    ):
+        if value not in allowed:
+            raise ValueError(f"{name} {value!r} is not one of {allowed}")
     if max_size < pool.tau:
         raise ValueError(f"max_size ({max_size}) must be at least tau ({pool.tau})")
     prompt_shape = pool.prompts.shape[1:]
@@ -257,22 +426,45 @@ def aggregate_inter_pool(
     active = [i for i, rows in enumerate(used_rows) if rows.size]
     if active and mode == "align":
         labels = np.unique(np.concatenate([client_slots[i][used_rows[i]] for i in active]))
-        compact = {int(label): k for k, label in enumerate(labels)}
+        # a client's own clusters that no merge touched yet hold nothing to warm-start in
+        compact = {int(label): (-1 if int(label) in pool.fresh else k) for k, label in enumerate(labels)}
+        features = None
+        if align_on != "prompt":
+            features = [
+                _features(align_on, updates[i], pool.client_arrays(client_slots[i])[0], used_rows[i]) for i in active
+            ]
         result = align_prompts(
             [
                 np.asarray(updates[i].prompts, dtype=np.float64)[used_rows[i]].reshape(used_rows[i].size, -1)
                 for i in active
             ],
             client_keys=[np.asarray(updates[i].keys, dtype=np.float64)[used_rows[i]] for i in active],
-            init_assignments=[np.array([compact[int(s)] for s in client_slots[i][used_rows[i]]]) for i in active],
+            init_assignments=(
+                [np.array([compact[int(s)] for s in client_slots[i][used_rows[i]]]) for i in active]
+                if align_start == "warm"
+                else None
+            ),
             prompt_weights=[np.asarray(updates[i].usage, dtype=np.float64)[used_rows[i]] for i in active],
+            client_features=features,
             n_sweeps=sweeps,
             seed=seed,
         )
+        naming = (
+            result.assignments,
+            [client_slots[i][used_rows[i]] for i in active],
+            [np.asarray(updates[i].usage, dtype=np.float64)[used_rows[i]] for i in active],
+            result.centres.shape[0],
+        )
+        if align_start == "warm":  # warm-started clusters keep their ids; a client's own fresh ones continue
+            sources = np.where(result.source_labels >= 0, labels[np.maximum(result.source_labels, 0)], -1)
+            if pool.fresh:
+                sources = _name_clusters(*naming, names=sources, candidates=set(pool.fresh))
+        else:
+            sources = _name_clusters(*naming)
         out_ids = np.empty(result.centres.shape[0], dtype=np.int64)
-        for j, source in enumerate(result.source_labels):
+        for j, source in enumerate(sources):
             if source >= 0:
-                out_ids[j] = labels[source]
+                out_ids[j] = source
             else:
                 out_ids[j] = next_id
                 next_id += 1
@@ -289,9 +481,8 @@ def aggregate_inter_pool(
             }
         )
     elif active:
-        # Position: cluster p is slot p of every client (slots are the identity in this mode).
-        if any(not np.array_equal(client_slots[i], np.arange(pool.tau)) for i in active):
-            raise ValueError("position merge needs slot p of every client to hold cluster p (assign_slots mode)")
+        # Position: cluster p is slot p of every client (its own slots, under independent
+        # init, are folded into the shared cluster p).
         for p in range(pool.tau):
             users = [i for i in active if np.asarray(updates[i].usage)[p] > 0]
             if not users:
@@ -299,10 +490,9 @@ def aggregate_inter_pool(
             w = np.array([float(np.asarray(updates[i].usage)[p]) for i in users])
             centre = np.tensordot(w, np.stack([np.asarray(updates[i].prompts)[p] for i in users]), axes=1) / w.sum()
             key = np.tensordot(w, np.stack([np.asarray(updates[i].keys)[p] for i in users]), axes=1) / w.sum()
-            cid = int(client_slots[users[0]][p])
-            merged[cid] = (centre, key, len(users) / len(active))
+            merged[p] = (centre, key, len(users) / len(active))
             for i in users:
-                assigned[i][p] = client_slots[i][p]
+                assigned[i][p] = p
         report["inter-largest-cluster"] = max(
             int(sum(np.asarray(updates[i].usage)[p] > 0 for i in active)) for p in range(pool.tau)
         )
@@ -310,44 +500,71 @@ def aggregate_inter_pool(
     ended_in = np.concatenate([assigned[i][used_rows[i]] for i in active]) if active else np.zeros(0)
     report["inter-rematched"] = int(np.sum(started_in != ended_in))
     report["inter-clusters-opened"] = int(next_id - pool.next_id)
+    if mode == "align":
+        report["inter-align-noop"] = int(
+            _same_partition([assigned[i][used_rows[i]] for i in active], [used_rows[i] for i in active])
+        )
 
     # 2. The new pool: merged clusters, the rest carried over with decayed popularity,
     #    bounded by max_size (least popular dropped; this round's clusters win ties).
+    #    Position mode keeps its tau shared clusters; with independent init only clusters
+    #    some client still holds are carried (a participant's own slots end up merged).
+    participants = {u.client for u in updates}
+    if mode == "position":
+        held = {int(c) for client, s in pool.slots.items() if client not in participants for c in s}
+        carry = held | set(range(pool.tau))
+    elif init == "independent":
+        held = {int(c) for client, s in pool.slots.items() if client not in participants for c in s}
+        for i in range(len(updates)):
+            unused = np.setdiff1d(np.arange(pool.tau), used_rows[i])
+            held.update(int(c) for c in client_slots[i][unused])
+        carry = held
+    else:
+        carry = None  # every cluster
     entries: dict[int, tuple[np.ndarray, np.ndarray, float, bool]] = {
         cid: (c, k, u, True) for cid, (c, k, u) in merged.items()
     }
     for row, cid in enumerate(pool.ids.tolist()):
-        if cid not in entries:
+        if cid not in entries and (carry is None or cid in carry):
             entries[cid] = (pool.prompts[row], pool.keys[row], float(pool.popularity[row]) * UNUSED_DECAY, False)
-    order = sorted(entries, key=lambda cid: (-entries[cid][2], not entries[cid][3], cid))
+    # (position mode never drops its shared clusters 0 .. tau-1: every participant's slots hold them)
+    shared_last = mode == "position"
+    order = sorted(
+        entries, key=lambda cid: (shared_last and cid >= pool.tau, -entries[cid][2], not entries[cid][3], cid)
+    )
     kept, dropped = order[:max_size], order[max_size:]
     report["inter-clusters-carried"] = sum(not entries[cid][3] for cid in kept)
     report["inter-clusters-dropped"] = len(dropped)
-    new_pool = InterPool(
+    new_pool = dataclasses.replace(
+        pool,
         ids=np.asarray(kept, dtype=np.int64),
         prompts=np.stack([entries[cid][0] for cid in kept]).astype(np.float32),
         keys=np.stack([entries[cid][1] for cid in kept]).astype(np.float32),
         popularity=np.asarray([entries[cid][2] for cid in kept], dtype=np.float64),
         next_id=next_id,
         slots=dict(pool.slots),
-        tau=pool.tau,
+        fresh=frozenset(pool.fresh - set(merged)) & frozenset(kept),
     )
 
     # 3. Each participant's slots: the cluster its prompt was matched to, else the one it
     #    held, else (dropped, or taken by another of its slots) the most popular it lacks.
+    #    Position mode: slot p holds cluster p.
     alive = set(kept)
     new_slots = dict(pool.slots)
     for i, update in enumerate(updates):
+        if mode == "position":
+            new_slots[update.client] = np.arange(pool.tau, dtype=np.int64)
+            continue
         slots = np.where(np.isin(assigned[i], kept), assigned[i], -1)
-        held = set(slots[slots >= 0].tolist())
+        held_now = set(slots[slots >= 0].tolist())
         for p in np.flatnonzero(slots < 0):
             old = int(client_slots[i][p])
-            if assigned[i][p] < 0 and old in alive and old not in held:
+            if assigned[i][p] < 0 and old in alive and old not in held_now:
                 slots[p] = old
-                held.add(old)
+                held_now.add(old)
         missing = np.flatnonzero(slots < 0)
         if missing.size:
-            slots[missing] = new_pool.most_popular(missing.size, exclude=held)
+            slots[missing] = new_pool.most_popular(missing.size, exclude=held_now)
         new_slots[update.client] = slots
     new_pool = dataclasses.replace(new_pool, slots=new_slots)
     report["inter-pool-size"] = new_pool.size
