@@ -19,11 +19,11 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from .method.methods import METHOD_SPECS
+from .method.methods import METHOD_SPECS, PFPT_STEPS
 from .yamlio import read_yaml_mapping
 
 #: The methods, in the order of the method table (fedprime_core.method.methods).
@@ -91,6 +91,10 @@ class Option:
     one's cache key is made of the values of exactly these options (:func:`cache_key`)."""
     resumable: bool = False
     """The key may differ between a run and its resumption; any other difference is refused."""
+    earlier: Callable[[Mapping[str, Any]], Any] | None = None
+    """For a key added after runs were made that computed what the default now changes: the value a
+    run whose stored config lacks the key effectively ran with, from its other settings
+    (:func:`stored_value`); ``None``: such a run ran as the default does."""
 
     @property
     def attr(self) -> str:
@@ -326,6 +330,17 @@ OPTIONS: tuple[Option, ...] = (
         0,
         "Alternating-optimisation sweeps of the alignment; 0 = method default (fedprime 5, pfpt 50).",
         min=0,
+    ),
+    Option(
+        "pfpt-steps",
+        str,
+        "per-client",
+        "pfpt: how its aggregation takes Adam steps: one per client per sweep on that client's terms, then "
+        "that client's assignment (per-client: PFPT's code, sweeps x clients steps), or one per sweep on every "
+        "client's terms, then every assignment (per-sweep: this project's block form before issue 26, sweeps "
+        "steps in all). Runs made before the key existed used per-sweep.",
+        PFPT_STEPS,
+        earlier=lambda stored: "per-sweep" if stored.get("method") == "pfpt" else "per-client",
     ),
     Option(
         "map-prompt-length",
@@ -591,6 +606,7 @@ class RunConfig:
     inter_merge: str = "align"
     inter_pool_max: int = 100
     align_sweeps: int = 0
+    pfpt_steps: str = "per-client"
     map_prompt_length: int = 16
     map_prompt_depth: int = 6
     missing_setting: str = "miss-both"
@@ -618,6 +634,18 @@ class RunConfig:
     max_update_norm: float = 10000.0
     num_workers: int = 0
     fault_plan: str = ""
+
+
+def stored_value(stored: Mapping[str, Any], key: str) -> Any:
+    """The value of ``key`` a run with the stored config ``stored`` (its config.json) ran with.
+
+    Its own value when it has one; else, for a key added later, what runs before the key
+    existed did (:attr:`Option.earlier`), else the key's default.
+    """
+    if key in stored:
+        return stored[key]
+    opt = OPTIONS_BY_KEY[key]
+    return opt.earlier(stored) if opt.earlier is not None else opt.default
 
 
 def cache_key(cfg: RunConfig, cached: str) -> tuple:

@@ -526,6 +526,7 @@ class FedPrimeStrategy(FedAvg):
             sweeps=self.sweeps,
             seed=self.cfg.seed * 1000 + server_round,
             inter_merge=self.cfg.inter_merge,
+            pfpt_steps=self.cfg.pfpt_steps,
         )
         report = self.model.aggregate(updates, settings)
         weights = np.array([u.num_examples for u in updates], dtype=np.float64)

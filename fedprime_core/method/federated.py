@@ -199,12 +199,15 @@ class AggregationSettings:
         sweeps: alignment sweeps.
         seed: alignment seed (seed it per round).
         inter_merge: ``"align"`` (content) or ``"position"`` for personalised pools.
+        pfpt_steps: ``pfpt``'s Adam schedule, ``"per-client"`` (PFPT's) or ``"per-sweep"``
+            (:func:`~fedprime_core.method.pfpt.pfpt_aggregate`).
     """
 
     max_prompts: int = 100
     sweeps: int = 5
     seed: int = 0
     inter_merge: str = "align"
+    pfpt_steps: str = "per-client"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -308,6 +311,7 @@ def aggregate_round(
             max_prompts=settings.max_prompts,
             n_sweeps=settings.sweeps,
             seed=settings.seed,
+            schedule=settings.pfpt_steps,
         )
         report.update({f"{pool}-{key}": value for key, value in pfpt_report.items()})
     for pool in spec.pools:
