@@ -223,7 +223,8 @@ OPTIONS: tuple[Option, ...] = (
         float,
         1.0,
         "Fraction of clients asked to evaluate the global model (with their own inter pool where the method "
-        "keeps one) on their local validation split; 0 disables client-side evaluation.",
+        "keeps one) on their local validation split and their own test set (client-test-samples); 0 disables "
+        "client-side evaluation.",
         min=0.0,
         max=1.0,
         resumable=True,
@@ -423,6 +424,17 @@ OPTIONS: tuple[Option, ...] = (
         affects=("shard", "server-eval"),
     ),
     Option(
+        "client-test-samples",
+        int,
+        200,
+        "Size of each client's own test set, on which client-side evaluation also scores the state the client "
+        "uses: at most this many rows of the dataset's test split with the label proportions of the client's "
+        "training partition and its own missing mixture (simulation), or of the site's own test split with its "
+        "mixture (deployment); 0: none (client-side evaluation on the local validation split only).",
+        min=0,
+        affects=("shard",),
+    ),
+    Option(
         "max-test-samples",
         int,
         0,
@@ -462,10 +474,21 @@ OPTIONS: tuple[Option, ...] = (
         resumable=True,
     ),
     Option(
+        "server-eval-top-tau",
+        bool,
+        True,
+        "fedprime, fed-inter, fedprox-p: the server also evaluates the global model with only the tau most popular "
+        "centres of the inter pool (what a new client starts from; the same size under both inter-merge modes, "
+        "where the whole pool grows to inter-pool-max under align and stays tau under position), recorded per "
+        "round as eval-top-tau next to eval (the whole pool). Where that is the same model (other methods, or a "
+        "pool of at most tau centres) it is not evaluated twice: eval-top-tau repeats eval.",
+        resumable=True,
+    ),
+    Option(
         "eval-every",
         int,
         1,
-        "Server-side evaluation every N rounds (the last round is always evaluated).",
+        "Server-side and client-side evaluation every N rounds (the last round is always evaluated).",
         min=1,
         resumable=True,
     ),
@@ -618,12 +641,14 @@ class RunConfig:
     min_partition_size: int = 10
     val_fraction: float = 0.1
     max_train_samples: int = 0
+    client_test_samples: int = 200
     max_test_samples: int = 0
     seed: int = 42
     results_dir: str = "results"
     run_name: str = ""
     resume: str = ""
     server_eval: bool = True
+    server_eval_top_tau: bool = True
     eval_every: int = 1
     device: str = "auto"
     comm_profile: str = "paper"

@@ -367,6 +367,21 @@ class GlobalState:
         prompts, keys = self.inter_pool.client_arrays(slots)
         return {**self.arrays, "pools.inter.prompts": prompts, "pools.inter.keys": keys}
 
+    def top_tau_arrays(self) -> dict[str, np.ndarray] | None:
+        """The global arrays with only the ``tau`` most popular centres of the personal inter pool.
+
+        What a new client starts from (:func:`~fedprime_core.method.interpool.assign_slots`), and the
+        same size under both merges, so the server can compare ``align`` and ``position`` on pools
+        of equal size: the whole pool of centres grows under ``align`` and does not under
+        ``position``. ``None`` when that is the whole global state: no personal pool, or a pool
+        of at most ``tau`` centres.
+        """
+        pool = self.inter_pool
+        if pool is None or pool.size <= pool.tau:
+            return None
+        prompts, keys = pool.client_arrays(pool.most_popular(pool.tau))
+        return {**self.arrays, "pools.inter.prompts": prompts, "pools.inter.keys": keys}
+
     def expected_shapes(self) -> dict[str, tuple[int, ...]]:
         """Shapes every client reply must have (a personal inter pool holds ``tau`` prompts)."""
         shapes = {name: value.shape for name, value in self.arrays.items()}
