@@ -69,6 +69,12 @@ def test_paper_grids_use_the_paper_settings():
         5,
     )
     assert plan.federation["num-supernodes"] == 20
+    # The paper's one global missing table; its heterogeneous variant in a grid file of its own.
+    assert all(c.config["missing-alpha"] == 0.0 and c.config["fraction-evaluate"] == 1.0 for c in plan.cells)
+    variant = load_plan(ROOT / "experiments" / "paper-food101-heterogeneous.yaml")
+    assert {c.config["missing-alpha"] for c in variant.cells} == {1.0}
+    twins = {c.name for c in plan.cells if "main" in c.grids[0]}
+    assert {cell_name({**c.config, "missing-alpha": 0.0}) for c in variant.cells} <= twins  # all else equal
 
 
 def test_bad_grid_files_name_the_problem(tmp_path):
