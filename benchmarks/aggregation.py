@@ -51,7 +51,7 @@ from typing import Any
 import _common  # noqa: F401  (puts the repository root on sys.path)
 import numpy as np
 import torch
-from _common import loglog_slope, machine, median_wall_cpu, parser, table, write_json
+from _common import load_average, loglog_slope, machine, median_wall_cpu, parser, table, write_json
 from scipy.optimize import linear_sum_assignment
 from torch import nn
 from torch.distributions import Bernoulli, Independent, Normal
@@ -136,9 +136,12 @@ def make_pfpt_round(n: int, tau: int = TAU, dim: int = DIM, drift: float = 0.002
     return {"prompts": pool[truth] + drift * rng.standard_normal((n, tau, dim)), "truth": truth}
 
 
-def bench_pfpt(data: dict[str, Any], reps: int) -> dict[str, Any]:
+def bench_pfpt(data: dict[str, Any], reps: int, schedule: str = "per-client") -> dict[str, Any]:
     seconds, times, cpu, result = median_wall_cpu(
-        lambda: pfpt_aggregate(data["prompts"], n_sweeps=PFPT_SWEEPS, max_prompts=MAX_PROMPTS, seed=1), reps
+        lambda: pfpt_aggregate(
+            data["prompts"], n_sweeps=PFPT_SWEEPS, max_prompts=MAX_PROMPTS, seed=1, schedule=schedule
+        ),
+        reps,
     )
     # Where the centroids end up: PFPT's Adam moves them with every network's gradient, not only
     # towards their members; compare with how far the members lie from their own mean.
@@ -149,6 +152,8 @@ def bench_pfpt(data: dict[str, Any], reps: int) -> dict[str, Any]:
         offsets.append(np.linalg.norm(result.prompts[k] - members.mean(0)))
         spreads.append(np.linalg.norm(members - members.mean(0), axis=1).mean())
     return {
+        "schedule": schedule,
+        "adam-steps": result.adam_steps,
         "median-seconds": seconds,
         "median-cpu-seconds": cpu,
         "times": [round(x, 4) for x in times],
@@ -464,6 +469,49 @@ def warm_up() -> None:
     reference_client_step_seconds(small["prompts"], 1)
 
 
+def pfpt_only(args: Any) -> None:
+    """``--pfpt-only``: PFPT's aggregation per ``n`` and schedule, nothing else."""
+    ns = [5] if args.quick else [int(x) for x in args.clients.split(",") if int(x) <= args.pfpt_max_n]
+    reps = 1 if args.quick else args.reps
+    schedules = ("per-client", "per-sweep") if args.pfpt_steps == "both" else (args.pfpt_steps,)
+    info = machine()
+    print(f"machine: {info['cpu']}, {info['cores']} cores, torch {info['torch']} ({torch.get_num_threads()} threads)")
+    rows = []
+    for n in ns:
+        data = make_pfpt_round(n, drift=args.pfpt_drift, seed=n)
+        pfpt_aggregate(data["prompts"], n_sweeps=1, seed=1)  # warm-up; not timed
+        row: dict[str, Any] = {"n": n}
+        for schedule in schedules:
+            row[schedule] = r = bench_pfpt(data, reps, schedule)
+            print(
+                f"n={n:4d} pfpt {schedule:10s} {r['adam-steps']:5d} Adam steps  {r['median-seconds']:8.2f} s "
+                f"(CPU {r['median-cpu-seconds']:.2f} s)  hungarian {100 * r['hungarian-share']:4.1f}%  "
+                f"{n * TAU} centroids -> {r['global-prompts']} global prompts, ARI {r['ari']}, centroid "
+                f"{r['centroid-to-member-mean']} from its members' mean (spread {r['member-spread']}, prompt norm "
+                f"{r['prompt-norm']})",
+                flush=True,
+            )
+        rows.append(row)
+    info["load-average-at-end"] = load_average()
+    write_json(
+        args.out,
+        {
+            "benchmark": "aggregation",
+            "machine": info,
+            "settings": {
+                "tau": TAU,
+                "dim": DIM,
+                "pfpt-sweeps": PFPT_SWEEPS,
+                "max-prompts": MAX_PROMPTS,
+                "pfpt-drift": args.pfpt_drift,
+                "reps": reps,
+                "schedules": list(schedules),
+            },
+            "pfpt-rows": rows,
+        },
+    )
+
+
 def main() -> None:
     p = parser("aggregation", __doc__.splitlines()[0])
     p.add_argument("--clients", default="10,50,100,500", help="comma-separated client counts n")
@@ -476,7 +524,17 @@ def main() -> None:
     p.add_argument("--no-pfpt", action="store_true")
     p.add_argument("--pfpt-max-n", type=int, default=100, help="largest n at which PFPT is timed")
     p.add_argument("--pfpt-drift", type=float, default=0.002, help="per-coordinate drift of PFPT's client prompts")
+    p.add_argument(
+        "--pfpt-steps",
+        default="per-client",
+        choices=("per-client", "per-sweep", "both"),
+        help="PFPT's Adam schedule (fedprime_core.method.pfpt); both: each, side by side",
+    )
+    p.add_argument("--pfpt-only", action="store_true", help="time PFPT's aggregation only (up to --pfpt-max-n)")
     args = p.parse_args()
+    if args.pfpt_only:
+        pfpt_only(args)
+        return
     ns = [5, 10] if args.quick else [int(x) for x in args.clients.split(",")]
     reps = 1 if args.quick else args.reps
     budget = 1.0 if args.quick else args.loop_budget
@@ -514,7 +572,9 @@ def main() -> None:
             pfpt_data = make_pfpt_round(n, drift=args.pfpt_drift, seed=n)
             if n == ns[0]:
                 pfpt_aggregate(pfpt_data["prompts"], n_sweeps=2, seed=1)  # warm-up; not timed
-            row["pfpt"] = r = bench_pfpt(pfpt_data, reps)
+            row["pfpt"] = r = bench_pfpt(
+                pfpt_data, reps, "per-client" if args.pfpt_steps == "both" else args.pfpt_steps
+            )
             print(
                 f"n={n:4d} pfpt  {r['median-seconds']:7.3f} s (CPU {r['median-cpu-seconds']:.3f} s)  "
                 f"hungarian {100 * r['hungarian-share']:4.1f}%  sweeps {r['sweeps-run']}  "

@@ -123,9 +123,10 @@ def train(msg: Message, context: Context) -> Message:
 @reports_errors
 @forward_logs
 def evaluate(msg: Message, context: Context) -> Message:
-    """Evaluate the received global state on the local validation split."""
+    """Evaluate the received state (this client's own inter pool where the method keeps one) on the local
+    validation split and the client's own test set."""
     _threads()
     cfg = parse_run_config(context.run_config)
     node = runtime.node_client(context.node_config, context.node_id)
     metrics = runtime.client_evaluate(cfg, read_arrays(msg.content), node)
-    return Message(content=evaluate_reply_content(metrics), reply_to=msg)
+    return Message(content=evaluate_reply_content(metrics, node.describe()), reply_to=msg)

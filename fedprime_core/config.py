@@ -19,11 +19,11 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from .method.methods import METHOD_SPECS
+from .method.methods import METHOD_SPECS, PFPT_STEPS
 from .yamlio import read_yaml_mapping
 
 #: The methods, in the order of the method table (fedprime_core.method.methods).
@@ -94,6 +94,10 @@ class Option:
     one's cache key is made of the values of exactly these options (:func:`cache_key`)."""
     resumable: bool = False
     """The key may differ between a run and its resumption; any other difference is refused."""
+    earlier: Callable[[Mapping[str, Any]], Any] | None = None
+    """For a key added after runs were made that computed what the default now changes: the value a
+    run whose stored config lacks the key effectively ran with, from its other settings
+    (:func:`stored_value`); ``None``: such a run ran as the default does."""
 
     @property
     def attr(self) -> str:
@@ -222,7 +226,8 @@ OPTIONS: tuple[Option, ...] = (
         float,
         1.0,
         "Fraction of clients asked to evaluate the global model (with their own inter pool where the method "
-        "keeps one) on their local validation split; 0 disables client-side evaluation.",
+        "keeps one) on their local validation split and their own test set (client-test-samples); 0 disables "
+        "client-side evaluation.",
         min=0.0,
         max=1.0,
         resumable=True,
@@ -356,6 +361,17 @@ OPTIONS: tuple[Option, ...] = (
         min=0,
     ),
     Option(
+        "pfpt-steps",
+        str,
+        "per-client",
+        "pfpt: how its aggregation takes Adam steps: one per client per sweep on that client's terms, then "
+        "that client's assignment (per-client: PFPT's code, sweeps x clients steps), or one per sweep on every "
+        "client's terms, then every assignment (per-sweep: this project's block form before issue 26, sweeps "
+        "steps in all). Runs made before the key existed used per-sweep.",
+        PFPT_STEPS,
+        earlier=lambda stored: "per-sweep" if stored.get("method") == "pfpt" else "per-client",
+    ),
+    Option(
         "map-prompt-length",
         int,
         16,
@@ -436,6 +452,17 @@ OPTIONS: tuple[Option, ...] = (
         affects=("shard", "server-eval"),
     ),
     Option(
+        "client-test-samples",
+        int,
+        200,
+        "Size of each client's own test set, on which client-side evaluation also scores the state the client "
+        "uses: at most this many rows of the dataset's test split with the label proportions of the client's "
+        "training partition and its own missing mixture (simulation), or of the site's own test split with its "
+        "mixture (deployment); 0: none (client-side evaluation on the local validation split only).",
+        min=0,
+        affects=("shard",),
+    ),
+    Option(
         "max-test-samples",
         int,
         0,
@@ -475,10 +502,21 @@ OPTIONS: tuple[Option, ...] = (
         resumable=True,
     ),
     Option(
+        "server-eval-top-tau",
+        bool,
+        True,
+        "fedprime, fed-inter, fedprox-p: the server also evaluates the global model with only the tau most popular "
+        "centres of the inter pool (what a new client starts from; the same size under both inter-merge modes, "
+        "where the whole pool grows to inter-pool-max under align and stays tau under position), recorded per "
+        "round as eval-top-tau next to eval (the whole pool). Where that is the same model (other methods, or a "
+        "pool of at most tau centres) it is not evaluated twice: eval-top-tau repeats eval.",
+        resumable=True,
+    ),
+    Option(
         "eval-every",
         int,
         1,
-        "Server-side evaluation every N rounds (the last round is always evaluated).",
+        "Server-side and client-side evaluation every N rounds (the last round is always evaluated).",
         min=1,
         resumable=True,
     ),
@@ -622,6 +660,7 @@ class RunConfig:
     align_on: str = "prompt"
     inter_pool_max: int = 100
     align_sweeps: int = 0
+    pfpt_steps: str = "per-client"
     map_prompt_length: int = 16
     map_prompt_depth: int = 6
     missing_setting: str = "miss-both"
@@ -633,12 +672,14 @@ class RunConfig:
     min_partition_size: int = 10
     val_fraction: float = 0.1
     max_train_samples: int = 0
+    client_test_samples: int = 200
     max_test_samples: int = 0
     seed: int = 42
     results_dir: str = "results"
     run_name: str = ""
     resume: str = ""
     server_eval: bool = True
+    server_eval_top_tau: bool = True
     eval_every: int = 1
     device: str = "auto"
     comm_profile: str = "paper"
@@ -649,6 +690,18 @@ class RunConfig:
     max_update_norm: float = 10000.0
     num_workers: int = 0
     fault_plan: str = ""
+
+
+def stored_value(stored: Mapping[str, Any], key: str) -> Any:
+    """The value of ``key`` a run with the stored config ``stored`` (its config.json) ran with.
+
+    Its own value when it has one; else, for a key added later, what runs before the key
+    existed did (:attr:`Option.earlier`), else the key's default.
+    """
+    if key in stored:
+        return stored[key]
+    opt = OPTIONS_BY_KEY[key]
+    return opt.earlier(stored) if opt.earlier is not None else opt.default
 
 
 def cache_key(cfg: RunConfig, cached: str) -> tuple:

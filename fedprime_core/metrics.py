@@ -3,7 +3,7 @@ of how prompt clusters specialise on missing patterns."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
@@ -123,3 +123,43 @@ def specialised_share(joint: np.ndarray, threshold: float = 0.8) -> float:
     if not mask.any():
         return 0.0
     return float(np.mean(counts[:, mask].max(axis=0) / used[mask] > threshold))
+
+
+#: Prefix of the metrics a client computes on its own test set (``test-accuracy``, ``test-num-examples``, ...).
+CLIENT_TEST_PREFIX = "test-"
+
+
+def weighted_means(
+    rows: Sequence[Mapping[str, float]], groups: Sequence[str] = ("", CLIENT_TEST_PREFIX)
+) -> dict[str, float]:
+    """Sample-weighted means of several clients' metrics, each group of metrics weighted by its own count.
+
+    A group is a key prefix: ``"test-accuracy"`` belongs to group ``"test-"`` and is weighted by
+    ``"test-num-examples"``; ``"accuracy"`` to group ``""``, weighted by ``"num-examples"``. A
+    row without (or with zero) examples in a group adds nothing to that group's means; a key
+    is averaged over the rows that have it. The sums run in the order of ``rows``.
+
+    Args:
+        rows: per client, metric name -> value (finite numbers), counts included.
+        groups: the prefixes, ``""`` (the unprefixed keys) first.
+
+    Returns:
+        Every key's weighted mean, and each group's count summed (only groups with examples).
+    """
+
+    def group_of(key: str) -> str:
+        return max((g for g in groups if key.startswith(g)), key=len)
+
+    out: dict[str, float] = {}
+    for group in groups:
+        count_key = group + "num-examples"
+        members = [r for r in rows if float(r.get(count_key, 0) or 0) > 0]
+        if not members:
+            continue
+        keys = sorted({k for r in members for k in r if group_of(k) == group and k != count_key})
+        for key in keys:
+            having = [r for r in members if key in r]
+            total = sum(float(r[count_key]) for r in having)
+            out[key] = sum(float(r[count_key]) * float(r[key]) for r in having) / total
+        out[count_key] = int(sum(float(r[count_key]) for r in members))
+    return out

@@ -8,9 +8,11 @@ Layout of ``<results-dir>/<run-name>/``::
     clients.json      per client: missing mixture, realised pattern counts, samples
     curves.png        train loss, accuracy per test setting, pool sizes, and how much a sample's
                       missing pattern tells which inter cluster it retrieves, per round
-    summary.md        the paper-layout table: final round and best-validation round, the
-                      bytes the run sent and received per round and per client (and, for
-                      a run that stopped, that it failed and why)
+    summary.md        the paper-layout table: final round and best-validation round (and the
+                      clients' own test sets, where they evaluated), the same with the tau most
+                      popular inter centres, the clients' evaluation per client, the bytes the
+                      run sent and received per round and per client (and, for a run that
+                      stopped, that it failed and why)
     summary.json      the same numbers, machine-readable, with ``status`` and ``reason``
     checkpoint.json   the commit point: round, history, clients, personal inter pools, and the
                       name and SHA-256 of the array file that belongs to them
@@ -43,6 +45,7 @@ import numpy as np
 
 from .atomic import atomic_write, atomic_write_bytes
 from .data.missing import TEST_SETTINGS
+from .metrics import CLIENT_TEST_PREFIX
 
 CHECKPOINT_META = "checkpoint.json"
 #: Array files of older versions (one fixed name, written before the metadata).
@@ -239,23 +242,63 @@ def alignment_summary(history: Sequence[Mapping[str, Any]]) -> dict[str, Any] | 
     }
 
 
+def top_tau_evaluation(record: Mapping[str, Any]) -> Mapping[str, Any] | None:
+    """A round's server-side evaluation with the ``tau`` most popular inter centres: its ``eval-top-tau``, or its
+    ``eval`` where the round says that is the same model (``eval-top-tau-same``); ``None`` when not evaluated."""
+    if record.get("eval-top-tau"):
+        return record["eval-top-tau"]
+    return record.get("eval") if record.get("eval-top-tau-same") else None
+
+
+def client_evaluation(history: Sequence[Mapping[str, Any]]) -> dict[str, Any] | None:
+    """The last client-side evaluation: its round, sample-weighted means and per-client metrics (``None``: none)."""
+    rounds = [r for r in history if r.get("round", 0) > 0 and r.get("client-eval")]
+    if not rounds:
+        return None
+    last = rounds[-1]
+    return {"round": last["round"], "means": last["client-eval"], "per-client": last.get("client-eval-per-client", {})}
+
+
 def summarise(history: Sequence[Mapping[str, Any]], metric: str) -> dict[str, Any]:
     """Final-round and best-validation-round values of ``metric`` per test setting, and the bytes exchanged.
 
     The best round is chosen on the held-out validation split, never on the test
     settings (the reference code reports the maximum over rounds of the test metric).
-    ``communication``: :func:`communication_summary`.
+    Each row also holds, where that round has them, ``top-tau`` (the test settings and ``val``
+    with the ``tau`` most popular inter centres, ``eval-top-tau``) and ``clients-test``
+    (``clients-val``): the sample-weighted mean of ``metric`` over the clients' own test sets
+    (validation splits), each client evaluating the state it uses.
+    ``communication``: :func:`communication_summary`; ``client-eval``: :func:`client_evaluation`.
     """
     communication = communication_summary(history)
     alignment = alignment_summary(history)
     extra = {"alignment": alignment} if alignment else {}
+    clients = client_evaluation(history)
     evaluated = [r for r in history if r.get("eval") and r["round"] > 0]
     if not evaluated:
-        return {"metric": metric, "final": None, "best": None, "communication": communication, **extra}
+        return {
+            "metric": metric,
+            "final": None,
+            "best": None,
+            "communication": communication,
+            "client-eval": clients,
+            **extra,
+        }
+
+    def settings(evaluation: Mapping[str, Any]) -> dict[str, Any]:
+        return {s: evaluation.get(s, {}).get(metric) for s in ("val", *TEST_SETTINGS)}
 
     def pick(record: Mapping[str, Any]) -> dict[str, Any]:
-        values = {s: record["eval"].get(s, {}).get(metric) for s in TEST_SETTINGS}
-        return {"round": record["round"], "val": record["eval"].get("val", {}).get(metric), **values}
+        row = {"round": record["round"], **settings(record["eval"])}
+        top = top_tau_evaluation(record)
+        if top:
+            row["top-tau"] = settings(top)
+            row["top-tau-same"] = bool(record.get("eval-top-tau-same"))
+        means = record.get("client-eval") or {}
+        for key, name in ((CLIENT_TEST_PREFIX + metric, "clients-test"), (metric, "clients-val")):
+            if key in means:
+                row[name] = means[key]
+        return row
 
     best = max(evaluated, key=lambda r: (r["eval"].get("val", {}).get(metric) or -1.0, -r["round"]))
     return {
@@ -263,6 +306,7 @@ def summarise(history: Sequence[Mapping[str, Any]], metric: str) -> dict[str, An
         "final": pick(evaluated[-1]),
         "best": pick(best),
         "communication": communication,
+        "client-eval": clients,
         **extra,
     }
 
@@ -272,24 +316,66 @@ def _fmt(value: Any) -> str:
 
 
 def summary_markdown(summary: Mapping[str, Any], title: str) -> str:
-    """The paper's table layout (columns: the five test settings), in percent."""
-    header = "| round | " + " | ".join(TEST_SETTINGS) + " | val |"
-    rule = "|---" * (len(TEST_SETTINGS) + 2) + "|"
+    """The paper's table layout (columns: the five test settings), in percent; then the same with the ``tau``
+    most popular inter centres, and the clients' own evaluation."""
+    rows = [(label, summary.get(label)) for label in ("final", "best") if summary.get(label) is not None]
+    with_clients = any("clients-test" in row for _, row in rows)
+    header = "| round | " + " | ".join(TEST_SETTINGS) + " | val |" + (" clients' own test |" if with_clients else "")
+    rule = "|---" * (len(TEST_SETTINGS) + 2 + with_clients) + "|"
     lines = [
         f"# {title}",
         "",
-        f"Metric: {summary['metric']} (%), server-side evaluation on held-out data.",
+        f"Metric: {summary['metric']} (%), server-side evaluation of the global model on held-out data"
+        + (
+            "; clients' own test: the sample-weighted mean over the clients, each scoring the state it uses on "
+            "its own test set (client-side evaluation)."
+            if with_clients
+            else "."
+        ),
         "",
         header,
         rule,
     ]
-    for label in ("final", "best"):
-        row = summary.get(label)
-        if row is None:
-            continue
+    for label, row in rows:
         name = "final" if label == "final" else "best val"
         cells = " | ".join(_fmt(row.get(s)) for s in TEST_SETTINGS)
-        lines.append(f"| {name} (round {row['round']}) | {cells} | {_fmt(row.get('val'))} |")
+        own = f" {_fmt(row.get('clients-test'))} |" if with_clients else ""
+        lines.append(f"| {name} (round {row['round']}) | {cells} | {_fmt(row.get('val'))} |{own}")
+    top = [(label, row) for label, row in rows if row.get("top-tau")]
+    if any(not row["top-tau-same"] for _, row in top):
+        lines += [
+            "",
+            "The same global model with only the tau most popular inter centres (what a new client starts from; "
+            "the same pool size for every inter-merge):",
+            "",
+            "| round | " + " | ".join(TEST_SETTINGS) + " | val |",
+            "|---" * (len(TEST_SETTINGS) + 2) + "|",
+        ]
+        for label, row in top:
+            name = "final" if label == "final" else "best val (chosen on the whole pool)"
+            cells = " | ".join(_fmt(row["top-tau"].get(s)) for s in TEST_SETTINGS)
+            lines.append(f"| {name} (round {row['round']}) | {cells} | {_fmt(row['top-tau'].get('val'))} |")
+    clients = summary.get("client-eval")
+    if clients:
+        metric = summary["metric"]
+        means = clients["means"]
+        lines += [
+            "",
+            f"Client-side evaluation, round {clients['round']}: each client scores the state it uses (its own inter "
+            f"pool where the method keeps one). Sample-weighted mean {metric}: "
+            f"{_fmt(means.get(CLIENT_TEST_PREFIX + metric))} on the clients' own test sets "
+            f"({int(means.get(CLIENT_TEST_PREFIX + 'num-examples', 0))} samples), "
+            f"{_fmt(means.get(metric))} on their validation splits ({int(means.get('num-examples', 0))} samples).",
+            "",
+            "| client | own test samples | own test | validation samples | validation |",
+            "|---|---|---|---|---|",
+        ]
+        for client, values in clients["per-client"].items():
+            lines.append(
+                f"| {client} | {int(values.get(CLIENT_TEST_PREFIX + 'num-examples', 0))} | "
+                f"{_fmt(values.get(CLIENT_TEST_PREFIX + metric))} | {int(values.get('num-examples', 0))} | "
+                f"{_fmt(values.get(metric))} |"
+            )
     comm = summary.get("communication")
     if comm:
         lines += [
@@ -336,7 +422,15 @@ def plot_curves(run_dir: Path, history: Sequence[Mapping[str, Any]], metric: str
         ys = [r["eval"][setting].get(metric) for r in evaluated if setting in r["eval"]]
         if xs:
             axes[1].plot(xs, ys, marker=".", label=setting)
-    axes[1].set(title=f"{metric} (server-side)", xlabel="round")
+    separate = [r for r in evaluated if r.get("eval-top-tau-same") is False]
+    if separate:
+        ys = [r["eval-top-tau"].get("val", {}).get(metric) for r in separate]
+        axes[1].plot([r["round"] for r in separate], ys, ls="--", marker=".", label="val, top-tau centres")
+    clients = [r for r in history if r.get("client-eval", {}).get(CLIENT_TEST_PREFIX + metric) is not None]
+    if clients:
+        ys = [r["client-eval"][CLIENT_TEST_PREFIX + metric] for r in clients]
+        axes[1].plot([r["round"] for r in clients], ys, ls=":", marker="x", label="clients' own test (mean)")
+    axes[1].set(title=f"{metric} (server-side; clients' own test sets)", xlabel="round")
     for pool in ("intra", "inter"):
         ys = [r.get(f"{pool}-pool-size") for r in history if r["round"] > 0]
         if any(y is not None for y in ys):

@@ -39,6 +39,7 @@ from .method.federated import client_identity
 from .method.methods import method_spec
 from .method.model import PromptedModel, PromptSettings, load_trainable_state, trainable_state
 from .method.training import TrainResult, TrainSettings, evaluate, train_local
+from .metrics import CLIENT_TEST_PREFIX
 from .progress import Progress, format_duration
 
 LOGGER = logging.getLogger(__name__)
@@ -375,14 +376,27 @@ def client_train(
 def client_evaluate(
     cfg: RunConfig, state: Mapping[str, np.ndarray], client: ClientNode | int, num_partitions: int | None = None
 ) -> dict[str, float]:
-    """Evaluate the global ``state`` on the client's local validation split."""
+    """Evaluate ``state`` (what the server sent this client: its own inter pool where the method keeps one)
+    on the client's local validation split and on its own test set.
+
+    Returns:
+        ``{"loss", "accuracy", "macro_f1", "micro_f1", "num-examples"}`` of the validation split,
+        and the same of the client's test set prefixed ``test-`` (:data:`CLIENT_TEST_PREFIX`;
+        absent when it has none: :attr:`~fedprime_core.data.shards.ClientShard.test`).
+    """
     node = _as_node(client, num_partitions)
     cfg = node.config(cfg)
     shard = client_shard(cfg, node)
     model = process_model(cfg)
     load_trainable_state(model, state)
+    device = resolve_device(cfg.device)
     loader = make_loader(shard.val, cfg.eval_batch_size, shuffle=False, num_workers=cfg.num_workers)
-    return evaluate(model, loader, shard.val.multilabel, resolve_device(cfg.device))
+    out = evaluate(model, loader, shard.val.multilabel, device)
+    if shard.test is not None:
+        loader = make_loader(shard.test, cfg.eval_batch_size, shuffle=False, num_workers=cfg.num_workers)
+        test = evaluate(model, loader, shard.test.multilabel, device)
+        out.update({CLIENT_TEST_PREFIX + key: value for key, value in test.items()})
+    return out
 
 
 def server_eval_sets(cfg: RunConfig) -> dict[str, MultimodalDataset]:

@@ -34,7 +34,9 @@ Client -> server (train reply):
                   and the ``labels-fingerprint`` (of its class list).
 
 Client -> server (evaluate reply): ``"metrics"`` with ``num-examples``, ``loss``,
-``accuracy``, ``macro_f1``, ``micro_f1``.
+``accuracy``, ``macro_f1``, ``micro_f1`` of the client's validation split and the same,
+prefixed ``test-``, of its own test set (``fedprime_core.runtime.client_evaluate``; absent
+when it has none); ``"client"`` ConfigRecord with the identity fields (``client-id``, ...).
 
 No message ever carries a data sample or a backbone tensor.
 
@@ -173,11 +175,15 @@ def train_reply_content(
     return RecordDict(content)
 
 
-def evaluate_reply_content(metrics: Mapping[str, float | int]) -> RecordDict:
-    """The RecordDict a client returns after evaluating: its metrics, ``num-examples`` as an integer."""
-    values: dict[str, float | int] = {k: float(v) for k, v in metrics.items() if k != NUM_EXAMPLES}
+def evaluate_reply_content(metrics: Mapping[str, float | int], client: Mapping[str, Any] | None = None) -> RecordDict:
+    """The RecordDict a client returns after evaluating: its metrics (sample counts as integers) and,
+    given, its identity fields (``client``)."""
+    values: dict[str, float | int] = {k: int(v) if k.endswith(NUM_EXAMPLES) else float(v) for k, v in metrics.items()}
     values[NUM_EXAMPLES] = int(metrics[NUM_EXAMPLES])
-    return RecordDict({METRICS: MetricRecord(values)})
+    content: dict[str, Any] = {METRICS: MetricRecord(values)}
+    if client:
+        content[CLIENT] = ConfigRecord(dict(client))
+    return RecordDict(content)
 
 
 def identity_query() -> RecordDict:

@@ -33,6 +33,12 @@ How runs are matched:
 * **Differences** are arm - baseline per pair, in points for the accuracies; per group of the
   ``--by`` keys: number of pairs, mean, std, 95% t interval (mean ± t(0.975, n-1) std / sqrt(n))
   and how many pairs fall below and above zero.
+* **No-op pairs**: a pair whose two runs ran the same algorithm in effect (every per-round
+  result identical to the bit, or, where they differ in ``inter-merge`` only, an ``align`` run
+  whose alignment changed nothing in any round: ``inter-align-noop``;
+  ``fedprime_core.tools.experiments.report.no_op_pair``) measures nothing. Each difference
+  table counts them (``no-op``) and gives, under it, the same differences over the other
+  pairs only.
 * ``--residual ARM``: per pair, (ARM - baseline) minus the sum of (other arm - baseline) over
   the other arms present for that pair: what the single options do not account for of ARM's
   change (the options left out of the ablation plus any interaction between options).
@@ -42,9 +48,10 @@ Columns: final-round (or ``--round best``) metric in % on the five test settings
 rounds of ``bytes-sent-per-client`` / ``bytes-received-per-client`` in ``metrics.json``).
 
 Outputs: markdown tables on stdout; ``--csv`` a long-format CSV (``kind`` value / difference
-/ residual, the group keys, ``arm`` (the arm, ``A - baseline`` or ``A - baseline - other
-arms``), ``column``, ``n``, ``mean``, ``std``, ``ci95_low``, ``ci95_high``, ``below_zero``,
-``above_zero``); ``--plot`` a PNG of the validation metric per evaluated round (or, with
+/ difference-differing (the pairs that are no no-op) / residual, the group keys, ``arm`` (the
+arm, ``A - baseline`` or ``A - baseline - other arms``), ``column``, ``n``, ``mean``, ``std``,
+``ci95_low``, ``ci95_high``, ``below_zero``, ``above_zero``, ``noop_pairs`` (difference rows));
+``--plot`` a PNG of the validation metric per evaluated round (or, with
 ``--plot-metric train-loss``, the train loss of every round), mean over the runs of each
 arm, one panel per group.
 """
@@ -66,6 +73,7 @@ import numpy as np
 from fedprime_core.config import profile_keys
 from fedprime_core.data.missing import TEST_SETTINGS
 from fedprime_core.tools.experiments.plan import BOOKKEEPING_KEYS
+from fedprime_core.tools.experiments.report import no_op_pair
 
 TEST_COLUMNS = (*TEST_SETTINGS, "val")
 BYTES_COLUMNS = {
@@ -131,7 +139,7 @@ def load_run(folder: Path, which_round: str) -> dict[str, Any] | None:
             if r.get("train-loss") is not None and not r.get("skipped")
         },
     }
-    return {"name": folder.name, "config": config, "values": values, "curves": curves}
+    return {"name": folder.name, "config": config, "values": values, "curves": curves, "history": history}
 
 
 def stats(values: list[float]) -> dict[str, float]:
@@ -257,44 +265,47 @@ def main(argv: list[str] | None = None) -> int:
                 st = stats([r["values"][col] for r in members if r["values"][col] is not None])
                 if col in shown:
                     row.append(fmt(st, interval=False))
-                csv_rows.append(["value", *group, arm, col, st["n"], st["mean"], st["std"], "", "", "", ""])
+                csv_rows.append(["value", *group, arm, col, st["n"], st["mean"], st["std"], "", "", "", "", ""])
             out.append("| " + " | ".join(row) + " |")
 
-    def differences(kind: str, name: str, label: str, per_pair) -> None:
+    def differences(kind: str, name: str, label: str, per_pair, noop=None) -> None:
+        """A table of ``per_pair(slot) -> (group, {column: difference}) | None``; with ``noop(slot) -> reason | None``
+        it counts the no-op pairs and adds the differences over the other pairs."""
+        counted = noop is not None
         out.extend(
             [
                 "",
                 f"## {label}",
                 "",
-                "| " + " | ".join([*args.by, "pairs", *shown]) + " |",
-                "|---" * (len(args.by) + 1 + len(shown)) + "|",
+                "| "
+                + " | ".join([*args.by, *(["pairs used"] if counted else []), "pairs"])
+                + (" | no-op" if counted else "")
+                + " | "
+                + " | ".join(shown)
+                + " |",
+                "|---" * (len(args.by) + 1 + 2 * counted + len(shown)) + "|",
             ]
         )
         for group in groups:
-            diffs = [d for slot in by_pair.values() for d in [per_pair(slot)] if d and d[0] == group]
-            if not diffs:
+            slots = [slot for slot in by_pair.values() if (d := per_pair(slot)) and d[0] == group]
+            if not slots:
                 continue
-            row = [str(g) for g in group] + [str(len(diffs))]
-            for col in columns:
-                st = stats([d[1][col] for d in diffs if d[1][col] is not None])
-                if col in shown:
-                    row.append(fmt(st, interval=True))
-                csv_rows.append(
-                    [
-                        kind,
-                        *group,
-                        name,
-                        col,
-                        st["n"],
-                        st["mean"],
-                        st["std"],
-                        st["lo"],
-                        st["hi"],
-                        st["below"],
-                        st["above"],
-                    ]
-                )
-            out.append("| " + " | ".join(row) + " |")
+            flagged = [noop(slot) is not None for slot in slots] if counted else [False] * len(slots)
+            parts = [("all", kind, slots)]
+            if counted:
+                parts.append(("differing", kind + "-differing", [s for s, f in zip(slots, flagged) if not f]))
+            for used, row_kind, chosen in parts:
+                diffs = [per_pair(slot) for slot in chosen]
+                row = [str(g) for g in group] + ([used] if counted else []) + [str(len(diffs))]
+                if counted:
+                    row.append(str(sum(flagged)))
+                for col in columns:
+                    st = stats([d[1][col] for d in diffs if d[1][col] is not None])
+                    if col in shown:
+                        row.append(fmt(st, interval=True))
+                    figures = [st["n"], st["mean"], st["std"], st["lo"], st["hi"], st["below"], st["above"]]
+                    csv_rows.append([row_kind, *group, name, col, *figures, sum(flagged) if counted else ""])
+                out.append("| " + " | ".join(row) + " |")
 
     def delta(slot: dict, arm: str) -> dict[str, float | None]:
         a, b = slot[arm]["values"], slot[baseline]["values"]
@@ -306,8 +317,17 @@ def main(argv: list[str] | None = None) -> int:
         differences(
             "difference",
             f"{arm} - {baseline}",
-            f"Paired differences {arm} - {baseline} (mean ± std [95% t interval])",
+            f"Paired differences {arm} - {baseline} (mean ± std [95% t interval]); no-op: pairs whose two runs "
+            "ran the same algorithm (identical per-round results, or an alignment that changed nothing); "
+            "'differing' leaves them out",
             lambda slot, arm=arm: (group_of(slot[arm]), delta(slot, arm)) if arm in slot and baseline in slot else None,
+            lambda slot, arm=arm: no_op_pair(
+                slot[arm]["config"],
+                slot[arm]["history"],
+                slot[baseline]["config"],
+                slot[baseline]["history"],
+                (slot[arm]["values"], slot[baseline]["values"]),
+            ),
         )
     for arm in args.residual:
 
@@ -362,6 +382,7 @@ def main(argv: list[str] | None = None) -> int:
                     "ci95_high",
                     "below_zero",
                     "above_zero",
+                    "noop_pairs",
                 ]
             )
             for row in csv_rows:

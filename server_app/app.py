@@ -23,6 +23,7 @@ from flwr.serverapp.strategy.result import Result
 from fedprime_core import runtime
 from fedprime_core.atomic import atomic_write
 from fedprime_core.config import (
+    OPTIONS,
     PROFILE_VALUES,
     RESUMABLE_KEYS,
     ConfigError,
@@ -80,8 +81,11 @@ def prepare_run(
     run_dir = run_dir or run_folder(cfg)
     if cfg.resume:
         state, meta = load_checkpoint(run_dir)
-        # A checkpoint from before the communication keys existed exchanged what 'paper' does.
-        previous = {"comm-profile": "paper", **PROFILE_VALUES["paper"], **meta.get("config", {})}
+        # A checkpoint from before the communication keys existed exchanged what 'paper' does;
+        # one from before another key computed what that key says runs before it did.
+        stored = meta.get("config", {})
+        previous = {"comm-profile": "paper", **PROFILE_VALUES["paper"], **stored}
+        previous.update({opt.key: opt.earlier(stored) for opt in OPTIONS if opt.earlier and opt.key not in stored})
         current = config_to_dict(cfg)
         changed = sorted(
             k for k, v in current.items() if k not in RESUMABLE_KEYS and k in previous and previous[k] != v

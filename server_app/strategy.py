@@ -47,10 +47,12 @@ from fedprime_core.config import RunConfig, config_to_dict, describe_communicati
 from fedprime_core.failures import ClientOutcome, RunFailed, one_line, parse_reason, stop_reason
 from fedprime_core.method.federated import AggregationSettings, GlobalState, client_order, validate_update
 from fedprime_core.method.methods import method_spec
+from fedprime_core.metrics import CLIENT_TEST_PREFIX, weighted_means
 from fedprime_core.progress import format_duration
 from fedprime_core.results import metric_name, save_checkpoint, write_json, write_run_outputs
 from fedprime_protocol.messages import (
     ARRAYS,
+    CLIENT,
     CONFIG,
     METRICS,
     NUM_EXAMPLES,
@@ -153,6 +155,22 @@ class TrainRecord:
         return row
 
 
+def _evaluation_values(message: Message) -> tuple[dict[str, float], str]:
+    """``(metrics, "")`` of an evaluate reply, or ``({}, reason)`` when it cannot be counted."""
+    if METRICS not in message.content.metric_records:
+        return {}, f"no '{METRICS}' MetricRecord"
+    values: dict[str, float] = {}
+    for key, value in message.content.metric_records[METRICS].items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return {}, f"metric {key!r} is not a number"
+        if not np.isfinite(value) or (key.endswith(NUM_EXAMPLES) and value < 0):
+            return {}, f"metric {key!r} = {value!r} is not a finite (non-negative) number"
+        values[key] = float(value)
+    if not any(values.get(prefix + NUM_EXAMPLES, 0) > 0 for prefix in ("", CLIENT_TEST_PREFIX)):
+        return {}, "no evaluated samples"
+    return values, ""
+
+
 class FedPrimeStrategy(FedAvg):
     """Aggregates FedPrime prompt pools with alignment, everything else with FedAvg.
 
@@ -224,6 +242,8 @@ class FedPrimeStrategy(FedAvg):
         #: hook replaces its record whole (Flower's hooks pass nothing else from one to the next).
         self._train_sent = Dispatch()
         self._evaluate_sent: Dispatch | None = None
+        #: Client id -> metrics of the last client-side evaluation (:meth:`aggregate_evaluate`).
+        self._evaluated: dict[str, dict[str, float]] = {}
         self._trained: TrainRecord | None = None
         #: Nodes whose message of the last exchange could not be pushed (:meth:`_exchange`).
         self._unsent: tuple[int, ...] = ()
@@ -539,6 +559,7 @@ class FedPrimeStrategy(FedAvg):
             inter_merge=self.cfg.inter_merge,
             align_start=self.cfg.align_start,
             align_on=self.cfg.align_on,
+            pfpt_steps=self.cfg.pfpt_steps,
         )
         report = self.model.aggregate(updates, settings)
         weights = np.array([u.num_examples for u in updates], dtype=np.float64)
@@ -597,8 +618,10 @@ class FedPrimeStrategy(FedAvg):
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        """Ask sampled clients to evaluate the global state on their local validation split."""
+        """Ask sampled clients to evaluate, on their local validation split and their own test set, the state
+        they use: the global state, with their own inter pool where the method keeps one."""
         self._evaluate_sent = None
+        self._evaluated = {}
         if self.fraction_evaluate == 0.0:
             return []
         # Evaluation is best effort: a node that cannot say who it is just does not evaluate.
@@ -607,36 +630,38 @@ class FedPrimeStrategy(FedAvg):
         return list(self._evaluate_sent.messages)
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        """Sample-weighted mean of the clients' local validation metrics (bad replies logged and ignored)."""
-        rows = []
-        destinations = (self._evaluate_sent or Dispatch()).destinations()
+        """Sample-weighted means of the clients' metrics: each one's validation split, and its own test set
+        (``test-*``, weighted by ``test-num-examples``), evaluated with the state it was sent.
+
+        A reply that is an error, carries no metrics, or carries a count that is not a
+        non-negative number or a value that is not finite is logged and left out; the others are
+        kept per client (by client id) for the round's record (:meth:`_client_evaluation`).
+        """
+        per_client: dict[str, dict[str, float]] = {}
+        sent = self._evaluate_sent or Dispatch()
+        destinations = sent.destinations()
         for message in replies:
+            node = self._node_of(message, destinations)
             if message.has_error():
-                node = self._node_of(message, destinations)
-                log(
-                    WARNING,
-                    "round %d: node %s did not evaluate: %s",
-                    server_round,
-                    node,
-                    parse_reason(message.error.reason)[1],
-                )
+                reason = parse_reason(message.error.reason)[1]
+                log(WARNING, "round %d: node %s did not evaluate: %s", server_round, node, reason)
                 continue
-            if METRICS not in message.content.metric_records:
+            values, problem = _evaluation_values(message)
+            if problem:
+                log(WARNING, "round %d: evaluate reply of node %s left out: %s", server_round, node, problem)
                 continue
-            metrics = message.content.metric_records[METRICS]
-            n = metrics.get(NUM_EXAMPLES, 0)
-            values = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and k != NUM_EXAMPLES}
-            if isinstance(n, (int, float)) and n > 0 and all(np.isfinite(list(values.values()))):
-                rows.append((float(n), values))
-        if not rows:
+            claimed = message.content.config_records.get(CLIENT, ConfigRecord()).get("client-id")
+            client = sent.clients.get(node) or (claimed if isinstance(claimed, str) and claimed else f"node-{node}")
+            if client in per_client:
+                client = f"{client} (node {node})"
+            per_client[client] = values
+        # Sum in client order, not in the order the replies arrived (nor by node ids, which
+        # differ between runs): the same run gives the same means, to the bit.
+        self._evaluated = {c: per_client[c] for c in sorted(per_client, key=client_order)}
+        out = weighted_means(list(self._evaluated.values()), groups=("", CLIENT_TEST_PREFIX))
+        if not out:
             return None
-        # Sum in an order fixed by the replies' content, not by when they arrived (nor by node
-        # ids, which differ between runs): the same run gives the same means, to the bit.
-        rows.sort(key=lambda row: (row[0], sorted(row[1].items())))
-        total = sum(n for n, _ in rows)
-        keys = set.intersection(*(set(v) for _, v in rows))
-        out = {k: sum(n * v[k] for n, v in rows) / total for k in sorted(keys)}
-        out[NUM_EXAMPLES] = int(total)
+        out.setdefault(NUM_EXAMPLES, 0)
         return MetricRecord(out)
 
     # -- the loop ---------------------------------------------------------------------
@@ -690,9 +715,11 @@ class FedPrimeStrategy(FedAvg):
         saved = False
         try:
             if done < 0 and evaluate_held_out is not None:  # round 0: metrics.json only, as before
-                record = {"round": 0, "eval": evaluate_held_out(0, self.model.arrays)}
+                record = {"round": 0, **self._held_out(0, evaluate_held_out)}
                 self.history.append(record)
                 self._log_eval(0, record["eval"])
+                if record.get("eval-top-tau-same") is False:
+                    self._log_eval(0, record["eval-top-tau"], f"the {self.cfg.tau} most popular inter centres")
                 self._persist(0, title, "running" if num_rounds > 0 else "finished")
             if done < 0 and evaluate_fn is not None:
                 self._server_evaluation(0, result, evaluate_fn, None)
@@ -724,10 +751,11 @@ class FedPrimeStrategy(FedAvg):
                 skipped_in_a_row = skipped_in_a_row + 1 if trained.skipped else 0
                 failure = stop_reason(list(trained.outcomes), skipped_in_a_row, self.cfg.max_skipped_rounds)
                 if failure is None:
-                    record.update(self._client_evaluation(server_round, grid, evaluate_config, result))
-                    held_out = evaluate_held_out
-                    if server_round % self.cfg.eval_every and server_round != num_rounds:
-                        held_out = None
+                    # Both evaluations every eval-every rounds and in the last one.
+                    evaluating = not server_round % self.cfg.eval_every or server_round == num_rounds
+                    if evaluating:
+                        record.update(self._client_evaluation(server_round, grid, evaluate_config, result))
+                    held_out = evaluate_held_out if evaluating else None
                     record.update(self._server_evaluation(server_round, result, evaluate_fn, held_out))
                 record["round-seconds"] = time.perf_counter() - started
                 self.history.append(record)
@@ -759,7 +787,8 @@ class FedPrimeStrategy(FedAvg):
     def _client_evaluation(
         self, server_round: int, grid: Grid, evaluate_config: ConfigRecord | None, result: Result
     ) -> dict[str, Any]:
-        """Client-side evaluation where configured: the round's ``bytes-sent-evaluate`` and ``client-eval``."""
+        """Client-side evaluation where configured: the round's ``bytes-sent-evaluate``, ``client-eval`` (the
+        sample-weighted means) and ``client-eval-per-client`` (client id -> its metrics)."""
         messages = list(
             self.configure_evaluate(server_round, result.arrays, ConfigRecord(dict(evaluate_config or {})), grid)
         )
@@ -771,6 +800,25 @@ class FedPrimeStrategy(FedAvg):
             if client_eval is not None:
                 result.evaluate_metrics_clientapp[server_round] = client_eval
                 fields["client-eval"] = dict(client_eval)
+                fields["client-eval-per-client"] = dict(self._evaluated)
+        return fields
+
+    def _held_out(self, server_round: int, evaluate_held_out: ServerEvaluate) -> dict[str, Any]:
+        """The held-out evaluation of the global state (``eval``) and, with ``server-eval-top-tau``, of the
+        state a new client starts from (``eval-top-tau``).
+
+        ``eval-top-tau``: the global state with only the ``tau`` most popular centres of the
+        personal inter pool (the same size under ``align`` and ``position``). Where that is the
+        same model as ``eval`` (no personal pool, or a pool of at most ``tau`` centres) it is
+        neither evaluated nor written again: the record says ``eval-top-tau-same: true`` (and
+        readers take ``eval``: :func:`fedprime_core.results.top_tau_evaluation`).
+        """
+        fields: dict[str, Any] = {"eval": evaluate_held_out(server_round, self.model.arrays)}
+        if self.cfg.server_eval_top_tau:
+            top = self.model.top_tau_arrays()
+            fields["eval-top-tau-same"] = top is None
+            if top is not None:
+                fields["eval-top-tau"] = evaluate_held_out(server_round, top)
         return fields
 
     def _server_evaluation(
@@ -787,8 +835,11 @@ class FedPrimeStrategy(FedAvg):
         fields: dict[str, Any] = {}
         metrics: dict[str, Any] = {}
         if evaluate_held_out is not None:
-            fields["eval"] = evaluate_held_out(server_round, self.model.arrays)
+            fields = self._held_out(server_round, evaluate_held_out)
             metrics.update({f"{s}/{k}": float(v) for s, m in fields["eval"].items() for k, v in m.items()})
+            if fields.get("eval-top-tau-same") is False:
+                top = fields["eval-top-tau"]
+                metrics.update({f"top-tau/{s}/{k}": float(v) for s, m in top.items() for k, v in m.items()})
         if evaluate_fn is not None:
             metrics.update(evaluate_fn(server_round, result.arrays) or {})
         if metrics:
@@ -821,10 +872,10 @@ class FedPrimeStrategy(FedAvg):
             },
         )
 
-    def _log_eval(self, server_round: int, evaluation: dict[str, dict[str, float]]) -> None:
+    def _log_eval(self, server_round: int, evaluation: dict[str, dict[str, float]], pool: str = "") -> None:
         metric = metric_name(self.multilabel)
         parts = ", ".join(f"{name} {100 * m.get(metric, float('nan')):.1f}" for name, m in evaluation.items())
-        log(INFO, "round %d server-side %s (%%): %s", server_round, metric, parts)
+        log(INFO, "round %d server-side %s (%%)%s: %s", server_round, metric, f", {pool}" if pool else "", parts)
 
     def _log_round(self, record: dict[str, Any], num_rounds: int) -> None:
         r = record
@@ -845,6 +896,22 @@ class FedPrimeStrategy(FedAvg):
         )
         if "eval" in r:
             self._log_eval(r["round"], r["eval"])
+        if r.get("eval-top-tau-same") is False:
+            self._log_eval(r["round"], r["eval-top-tau"], f"the {self.cfg.tau} most popular inter centres")
+        if "client-eval" in r:
+            metric = metric_name(self.multilabel)
+            means = r["client-eval"]
+            parts = [f"validation {100 * means[metric]:.1f}"] if metric in means else []
+            if f"test-{metric}" in means:
+                parts.append(f"own test sets {100 * means[f'test-{metric}']:.1f}")
+            log(
+                INFO,
+                "round %d client-side %s (%%, %d clients): %s",
+                r["round"],
+                metric,
+                len(r.get("client-eval-per-client", {})),
+                ", ".join(parts) or "-",
+            )
 
 
 __all__ = ["Dispatch", "FedPrimeStrategy", "NotEnoughNodesError", "TrainRecord"]

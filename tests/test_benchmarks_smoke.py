@@ -36,3 +36,19 @@ def test_benchmark_runs_quick(name, tmp_path):
     payload = json.loads(out.read_text())
     assert payload["benchmark"] == name
     assert payload["machine"]["cores"] >= 1 and payload["machine"]["torch"]
+
+
+def test_pfpt_schedules_benchmark_runs_quick(tmp_path):
+    out = tmp_path / "pfpt.json"
+    cmd = [
+        sys.executable,
+        str(ROOT / "benchmarks" / "aggregation.py"),
+        "--quick",
+        "--pfpt-only",
+        "--pfpt-steps",
+        "both",
+    ]
+    proc = subprocess.run([*cmd, "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    (row,) = json.loads(out.read_text())["pfpt-rows"]
+    assert row["per-client"]["adam-steps"] == 5 * row["per-sweep"]["adam-steps"]  # 5 clients

@@ -69,6 +69,12 @@ def test_paper_grids_use_the_paper_settings():
         5,
     )
     assert plan.federation["num-supernodes"] == 20
+    # The paper's one global missing table; its heterogeneous variant in a grid file of its own.
+    assert all(c.config["missing-alpha"] == 0.0 and c.config["fraction-evaluate"] == 1.0 for c in plan.cells)
+    variant = load_plan(ROOT / "experiments" / "paper-food101-heterogeneous.yaml")
+    assert {c.config["missing-alpha"] for c in variant.cells} == {1.0}
+    twins = {c.name for c in plan.cells if "main" in c.grids[0]}
+    assert {cell_name({**c.config, "missing-alpha": 0.0}) for c in variant.cells} <= twins  # all else equal
 
 
 def test_bad_grid_files_name_the_problem(tmp_path):
@@ -225,8 +231,10 @@ tables:
     assert "## Paired differences: method = pfpt minus method = fed-intra" in text
     assert f"6.00 ± 1.00 [{6 - half:.2f}, {6 + half:.2f}]" in text
     lines = (plan.output / "skew.csv").read_text().splitlines()
-    assert lines[0] == "kind,method,label-alpha,column,n,mean,std,ci95_low,ci95_high"
+    assert lines[0] == "kind,method,label-alpha,column,n,mean,std,ci95_low,ci95_high,noop_pairs"
     assert any(line.startswith("difference,pfpt - fed-intra,0.1,full-modal,3,6,") for line in lines)
+    # The planted runs record no results per round, so no pair can be told to be a no-op.
+    assert diffs[0]["noop"] == 0 and diffs[0]["differing"]["full-modal"]["n"] == 3
 
 
 def test_bad_tables_name_the_problem(tmp_path):
@@ -295,3 +303,103 @@ tables:
     assert (
         "## Paired differences: comm-profile = lean minus comm-profile = paper" in (plan.output / "comm.md").read_text()
     )
+
+
+def planted_run(plan, cell, accuracy: float, loss: float, noop: list[int] | None = None) -> None:
+    """A finished run whose metrics.json holds per-round results (two rounds), as the ServerApp writes them."""
+    run = plan.runs_dir / cell.name
+    run.mkdir(parents=True)
+    evaluation = {s: {"accuracy": accuracy, "macro_f1": accuracy / 2, "loss": 1.0} for s in ("val", *TEST_SETTINGS)}
+    rounds = [{"round": 0, "eval": evaluation}]
+    for r in (1, 2):
+        record = {"round": r, "train-loss": loss / r, "inter-pool-size": 6, "eval": evaluation, "skipped": False}
+        record["client-eval"] = {"test-accuracy": accuracy, "test-num-examples": 40, "num-examples": 8}
+        if noop is not None:
+            record["inter-align-noop"] = noop[r - 1]
+        rounds.append(record)
+    (run / "metrics.json").write_text(json.dumps(rounds))
+    final = {"round": 2, **{s: accuracy for s in ("val", *TEST_SETTINGS)}}
+    (run / "summary.json").write_text(json.dumps({"metric": "accuracy", "final": final, "best": final}))
+
+
+def test_paired_differences_count_pairs_in_which_both_arms_ran_the_same_algorithm(tmp_path):
+    from fedprime_core.tools.experiments.report import no_op_pair
+
+    grid = tmp_path / "noop.yaml"
+    grid.write_text(
+        f"""
+name: noop
+output: {tmp_path / "out"}
+base: {{num-server-rounds: 2, missing-setting: miss-both}}
+grids:
+  merge: {{method: [fedprime], inter-merge: [align, position], seed: [0, 1, 2, 3]}}
+tables:
+  merge:
+    extra:
+      - {{key: client-eval/test-accuracy, over: final, scale: 100, label: clients' own test}}
+    differences:
+      - {{key: inter-merge, value: align, minus: position}}
+"""
+    )
+    plan = load_plan(grid)
+    cells = {(c.config["seed"], c.config["inter-merge"]): c for c in plan.cells}
+    # seed 0: the same algorithm, identical results; seed 1: the alignment changed nothing in any
+    # round (float noise in the loss); seed 2: it changed something in round 2; seed 3: no flag.
+    # Where the arms differ, align is 4 points better.
+    for seed, align_flags in ((0, None), (1, [1, 1]), (2, [1, 0]), (3, None)):
+        differ = seed >= 2
+        planted_run(plan, cells[(seed, "position")], 0.5 + 0.01 * seed, 2.0)
+        loss = 2.0 if seed == 0 else 2.0 + 1e-12 * seed
+        planted_run(plan, cells[(seed, "align")], 0.5 + 0.01 * seed + 0.04 * differ, loss, align_flags)
+    data = comparison(plan, plan.tables[0])
+    (row,) = data["differences"]
+    assert row["runs"] == 4 and row["noop"] == 2
+    assert row["stats"]["full-modal"]["n"] == 4 and row["stats"]["full-modal"]["mean"] == pytest.approx(2.0)
+    assert row["differing"]["full-modal"]["n"] == 2 and row["differing"]["full-modal"]["mean"] == pytest.approx(4.0)
+    assert row["differing"]["clients' own test"]["mean"] == pytest.approx(4.0)  # the client-side column
+    write_report(plan)
+    text = (plan.output / "merge.md").read_text()
+    assert "| pairs used | pairs | no-op pairs | same-as-train |" in text
+    assert "| all | 4 | 2 | 2.00 ± 2.31" in text and "| differing | 2 | 2 | 4.00 ± 0.00" in text
+    lines = (plan.output / "merge.csv").read_text().splitlines()
+    assert any(line.startswith("difference-differing,align - position,full-modal,2,4,") for line in lines)
+    # The flag speaks for align vs position only: the same run against another method is no no-op.
+    align, position = (plan.runs_dir / cells[(1, m)].name for m in ("align", "position"))
+    history = [json.loads((folder / "metrics.json").read_text()) for folder in (align, position)]
+    config = cells[(1, "align")].config
+    assert no_op_pair(config, history[0], {**config, "inter-merge": "position"}, history[1]) == "alignment no-op"
+    other = {**config, "method": "fed-intra", "inter-merge": "align"}
+    assert no_op_pair(config, history[0], other, history[1]) is None
+
+
+def test_every_alignment_regime_pairs_with_the_position_run_of_its_inter_init(tmp_path):
+    """A cold / delta align run pairs with the position run of the same inter-init and seed (a position
+    run holds align-start and align-on at their defaults), and the no-op flag still speaks for it."""
+    grid = tmp_path / "regimes.yaml"
+    grid.write_text(
+        f"""
+name: regimes
+output: {tmp_path / "out"}
+base: {{num-server-rounds: 2, missing-setting: miss-both, method: fedprime, inter-init: independent}}
+grids:
+  position: {{inter-merge: [position], seed: [0, 1]}}
+  align: {{inter-merge: [align], align-start: [warm, cold], align-on: [prompt, delta], seed: [0, 1]}}
+tables:
+  regimes:
+    grids: [position, align]
+    differences:
+      - {{key: inter-merge, value: align, minus: position}}
+"""
+    )
+    plan = load_plan(grid)
+    for cell in plan.cells:
+        config = cell.config
+        noop = config["inter-merge"] == "align" and config["align-start"] == "cold" and config["seed"] == 0
+        shift = 0.0 if config["inter-merge"] == "position" else 0.03
+        planted_run(plan, cell, 0.5 + shift + 0.01 * config["seed"], 2.0, [1, 1] if noop else [0, 0])
+    data = comparison(plan, plan.tables[0])
+    rows = {(r["key"]["align-start"], r["key"]["align-on"]): r for r in data["differences"]}
+    assert set(rows) == {("warm", "prompt"), ("warm", "delta"), ("cold", "prompt"), ("cold", "delta")}
+    for (start, _), row in rows.items():
+        assert row["runs"] == 2 and row["stats"]["full-modal"]["mean"] == pytest.approx(3.0)
+        assert row["noop"] == (1 if start == "cold" else 0)

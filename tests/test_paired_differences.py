@@ -73,6 +73,8 @@ def test_planted_differences_are_paired_pooled_and_split(tmp_path, script, capsy
     assert code == 0
     assert "36 finished runs in 3 arms" in capsys.readouterr().out
     table = rows(out)
+    # Per-round records hold only a train loss, the same for every run, but the runs' accuracies differ.
+    assert {r["noop_pairs"] for k, r in table.items() if k[0] == "difference"} == {"0"}
     for method in ("fedprime", "fedavg-p"):
         lean = table[("difference", method, "lean - paper", "full-modal")]
         assert int(lean["n"]) == 6 and float(lean["mean"]) == pytest.approx(-3.0, abs=1e-3)
@@ -89,3 +91,42 @@ def test_a_run_matching_two_arms_is_an_error(tmp_path, script):
     write_run(tmp_path / "runs", "a", {"comm-profile": "paper", "exchange-pooler": False}, 0.5)
     with pytest.raises(SystemExit):
         script.main([str(tmp_path), "--arm", "p:comm-profile=paper", "--arm", "q:exchange-pooler=false"])
+
+
+def write_history(runs: Path, name: str, accuracy: float, loss: float, noop: list[int] | None = None) -> None:
+    """Replace a planted run's metrics.json with two rounds of results (evaluations, train loss, pool size)."""
+    evaluation = {s: {"accuracy": accuracy, "macro_f1": accuracy, "loss": 1.0} for s in SETTINGS}
+    rounds = []
+    for r in (1, 2):
+        record = {"round": r, "train-loss": loss / r, "inter-pool-size": 6, "eval": evaluation}
+        if noop is not None:
+            record["inter-align-noop"] = noop[r - 1]
+        rounds.append(record)
+    (runs / name / "metrics.json").write_text(json.dumps(rounds))
+
+
+def test_no_op_pairs_are_counted_and_left_out_of_the_differing_rows(tmp_path, script, capsys):
+    runs = tmp_path / "runs"
+    # seeds 0, 1: the same algorithm under both names (identical results; an alignment that changed
+    # nothing with float noise in the loss); seeds 2, 3: align 3 points better.
+    for seed, flags in ((0, None), (1, [1, 1]), (2, [0, 1]), (3, None)):
+        base = 0.5 + 0.02 * seed
+        gain = 0.03 if seed >= 2 else 0.0
+        for merge, accuracy, loss in (("position", base, 2.0), ("align", base + gain, 2.0 + 1e-12 * seed)):
+            name = f"s{seed}-{merge}"
+            write_run(runs, name, {"seed": seed, "inter-merge": merge}, accuracy)
+            write_history(runs, name, accuracy, loss, flags if merge == "align" else None)
+    out = tmp_path / "noop.csv"
+    code = script.main(
+        [str(tmp_path), "--arm", "position:inter-merge=position", "--arm", "align:inter-merge=align", "--by", "method"]
+        + ["--csv", str(out)]
+    )
+    assert code == 0
+    text = capsys.readouterr().out
+    assert "| method | pairs used | pairs | no-op | same-as-train |" in text
+    assert "| fedprime | all | 4 | 2 | +1.50" in text and "| fedprime | differing | 2 | 2 | +3.00" in text
+    table = rows(out)
+    every = table[("difference", "fedprime", "align - position", "miss-both")]
+    differing = table[("difference-differing", "fedprime", "align - position", "miss-both")]
+    assert (int(every["n"]), int(every["noop_pairs"])) == (4, 2) and float(every["mean"]) == pytest.approx(1.5)
+    assert int(differing["n"]) == 2 and float(differing["mean"]) == pytest.approx(3.0)

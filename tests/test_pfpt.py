@@ -3,9 +3,12 @@ client pool."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from fedprime_core.method.federated import AggregationSettings, ClientUpdate, aggregate_round, validate_update
 from fedprime_core.method.methods import method_spec
@@ -39,20 +42,46 @@ def oracle_inputs(kind: str, seed: int) -> np.ndarray:
 
 @pytest.mark.parametrize("kind", ["shared", "drifted", "distinct"])
 @pytest.mark.parametrize("seed, grad_steps", [(0, 1), (1, 2)])
-def test_fast_implementation_matches_the_loop_oracle(kind, seed, grad_steps):
-    """Same assignments, centroids and objective as a per-centroid loop of the same equations.
+@pytest.mark.parametrize("schedule", ["per-client", "per-sweep"])
+def test_fast_implementation_matches_the_loop_oracle(kind, seed, grad_steps, schedule):
+    """Same assignments, centroids, objective and Adam step count as a per-centroid loop of the same equations.
 
     K = 12 centroids > m^2 = 9, so the fast path's top-m column screening is exercised.
     """
     prompts = oracle_inputs(kind, seed)
-    settings = dict(n_sweeps=6, grad_steps=grad_steps, hidden=8, seed=seed)
+    settings = dict(n_sweeps=6, grad_steps=grad_steps, hidden=8, seed=seed, schedule=schedule)
     fast = pfpt_aggregate(prompts, dtype=torch.float64, **settings)
-    theta, z, trace = loop_pfpt(prompts, **settings)
+    theta, z, trace, steps = loop_pfpt(prompts, **settings)
     expected_prompts, expected_assignments, expected_usage = output_rule(theta, z)
     np.testing.assert_array_equal(fast.assignments, expected_assignments)
     np.testing.assert_array_equal(fast.usage, expected_usage)
     np.testing.assert_allclose(fast.prompts, expected_prompts, rtol=1e-9, atol=1e-12)
     np.testing.assert_allclose(fast.objective_trace, trace, rtol=1e-9)
+    assert fast.adam_steps == steps
+
+
+@pytest.fixture()
+def adam_steps():
+    """Counts every ``optimizer.step()`` taken while the test runs (a global post-step hook)."""
+    calls = []
+    handle = register_optimizer_step_post_hook(lambda opt, args, kwargs: calls.append(opt))
+    yield calls
+    handle.remove()
+
+
+@pytest.mark.parametrize("schedule, expected", [("per-client", 7 * 4), ("per-sweep", 7)])
+def test_pfpt_takes_one_adam_step_per_client_per_sweep_by_default(adam_steps, schedule, expected):
+    """PFPT's NonparametricAgg steps once per client per sweep (50 n in all); per-sweep once per sweep."""
+    prompts = oracle_inputs("drifted", 0)  # 4 clients
+    result = pfpt_aggregate(prompts, n_sweeps=7, hidden=8, seed=0, schedule=schedule)
+    assert len(adam_steps) == expected and result.adam_steps == expected
+    adam_steps.clear()
+    pool, report = aggregate_pfpt_pool(
+        [p.reshape(3, 1, 5) for p in prompts], [np.ones(3, dtype=np.int64)] * 4, n_sweeps=7, seed=0
+    )
+    assert len(adam_steps) == report["align-adam-steps"] == 7 * 4  # the round's default is PFPT's count
+    with pytest.raises(ValueError, match="schedule"):
+        pfpt_aggregate(prompts, n_sweeps=1, schedule="per-round")
 
 
 def planted(num_clients: int, num_centres: int = 8, dim: int = 64, noise: float = 0.002, seed: int = 0):
@@ -262,3 +291,30 @@ def test_pfpt_runs_through_the_apps_with_a_variable_broadcast_pool(quick_config)
     assert state["pools.inter.prompts"].shape[0] == records[-1]["inter-pool-size"]
     sizes = [c["num-train"] for c in json.loads((folder / "clients.json").read_text()).values()]
     assert len(set(sizes)) == 3  # label skew with imbalanced sizes (tests/test_data.py checks the split itself)
+
+
+def test_a_pfpt_run_from_before_pfpt_steps_is_neither_reused_nor_resumed_with_the_new_schedule(quick_config):
+    """Runs made before ``pfpt-steps`` existed took PFPT's steps per sweep: their folders say so."""
+    from fedprime_core.config import ConfigError, config_to_dict
+    from fedprime_core.results import save_checkpoint
+    from fedprime_core.tools.experiments.plan import stale_settings
+    from server_app.app import prepare_run
+
+    for method, expected in (("pfpt", "per-sweep"), ("fed-intra", "per-client")):
+        cfg = quick_config(method=method, run_name=method)
+        older = {k: v for k, v in config_to_dict(cfg).items() if k != "pfpt-steps"}  # a config.json from before
+        stale = stale_settings(config_to_dict(cfg), older)
+        if expected == "per-sweep":
+            assert stale == ["'pfpt-steps' ('per-sweep' in the run folder, 'per-client' in the grid)"]
+            assert stale_settings(config_to_dict(quick_config(method=method, pfpt_steps="per-sweep")), older) == []
+        else:
+            assert stale == []  # the key changes nothing for other methods
+        folder = Path(cfg.results_dir) / method
+        folder.mkdir(parents=True)
+        save_checkpoint(folder, {"x": np.zeros(1)}, {"round": 1, "config": older})
+        resumed = quick_config(method=method, run_name="again", resume=str(folder))
+        if expected == "per-sweep":
+            with pytest.raises(ConfigError, match=r"'pfpt-steps' \('per-sweep' -> 'per-client'\)"):
+                prepare_run(resumed)
+            resumed = quick_config(method=method, run_name="again", resume=str(folder), pfpt_steps="per-sweep")
+        assert prepare_run(resumed)[3] == {}  # resumes

@@ -11,6 +11,13 @@ A client's data comes one of two ways:
   ``val-fraction`` of train), nothing partitioned: :func:`site_shard`. The server then keeps
   only its own held-out folder (the run config's ``data-dir``), or none.
 
+Each client also gets a **test set of its own** (``client-test-samples`` rows at most), on
+which it evaluates the state it actually uses (client-side evaluation): a partitioned client
+draws it from the dataset's test split with the label proportions of its training partition
+(:func:`label_matched_rows`) and applies its own missing mixture; a site takes its own test
+split (``test.jsonl``), with its mixture applied to the complete rows as on its train split.
+The test split is never used to select a model (the server selects on its validation split).
+
 In both, rows that miss a modality in the data keep it, and a simulated mixture applies
 on top only to complete rows (:func:`fedprime_core.data.missing.apply_missing`).
 
@@ -72,7 +79,9 @@ class SplitDraw(enum.IntEnum):
     SERVER_VALIDATION_CAP = 3  #: the ``max-test-samples`` rows of the server's validation set
     TEST_CAP = 4  #: the ``max-test-samples`` rows of the test set
     TEST_AS_VALIDATION = 5  #: a held-out folder without dev or train: the test rows that validate
+    CLIENT_TEST = 6  #: a partitioned client's own test rows (then the client)
     SITE_TRAIN_CAP = 10  #: the ``max-train-samples`` rows a site keeps
+    SITE_TEST_CAP = 11  #: the ``client-test-samples`` rows of a site's own test split (then the client)
 
 
 class MixtureDraw(enum.IntEnum):
@@ -86,6 +95,7 @@ class PatternDraw(enum.IntEnum):
 
     TRAIN = 0
     VALIDATION = 1
+    TEST = 2
 
 
 #: The :attr:`Draw.TEST` purpose of the server's validation set (test settings use their index).
@@ -195,6 +205,8 @@ class ClientShard:
         partition_id: the client's partition (``-1`` for the centralized owner and for a
             site without one).
         train, val: local training and validation sets.
+        test: the client's own test set (module docstring), ``None`` when it has none
+            (``client-test-samples = 0``, or a site without a test split).
         mixture: ``(3,)`` the simulated pattern mixture (complete, text-missing,
             image-missing) applied to the complete rows.
         counts: realised pattern counts of the training set, with their real and simulated
@@ -212,12 +224,17 @@ class ClientShard:
     client_id: str = ""
     site_local: bool = False
     skipped_empty: int = 0
+    test: MultimodalDataset | None = None
+
+    @property
+    def num_test(self) -> int:
+        return 0 if self.test is None else len(self.test)
 
     def summary(self) -> str:
         """One readable line: sizes, the missing mixture and the realised pattern counts (real and simulated)."""
         mixture = " / ".join(f"{name} {share:.2f}" for name, share in zip(self.counts, self.mixture))
         counts = ", ".join(f"{name} {count}" for name, count in self.counts.items())
-        sizes = f"{len(self.train)} train / {len(self.val)} validation samples"
+        sizes = f"{len(self.train)} train / {len(self.val)} validation / {self.num_test} test samples"
         line = f"{sizes}; missing mixture {mixture}; train patterns {counts}"
         if self.site_local and self.skipped_empty:
             line += f"; {self.skipped_empty} rows with neither text nor image skipped"
@@ -232,6 +249,7 @@ class ClientShard:
                 "data": "site" if self.site_local else "partition",
                 "num-train": len(self.train),
                 "num-val": len(self.val),
+                "num-test": self.num_test,
                 "mixture": [round(float(x), 4) for x in self.mixture],
                 **self.counts,
             }
@@ -257,11 +275,11 @@ def train_and_server_val(cfg: RunConfig, splits: DatasetSplits) -> tuple[list[Sa
     return _cap(train, cfg.max_train_samples, cfg.seed, SplitDraw.TRAIN_CAP), dev
 
 
-def _cap(samples: list[Sample], limit: int, seed: int, draw: SplitDraw) -> list[Sample]:
-    """At most ``limit`` of ``samples`` (0: all), drawn by ``draw``, in their order."""
+def _cap(samples: list[Sample], limit: int, seed: int, draw: SplitDraw, *purpose: int) -> list[Sample]:
+    """At most ``limit`` of ``samples`` (0: all), drawn by ``draw`` (then ``purpose``), in their order."""
     if not limit or len(samples) <= limit:
         return samples
-    keep = rng(seed, Draw.SPLIT, draw).permutation(len(samples))[:limit]
+    keep = rng(seed, Draw.SPLIT, draw, *purpose).permutation(len(samples))[:limit]
     return [samples[i] for i in sorted(keep)]
 
 
@@ -343,6 +361,94 @@ def _client_sets(
     )
 
 
+def label_matched_rows(
+    pool_labels: np.ndarray, proportions: np.ndarray, size: int, generator: np.random.Generator
+) -> np.ndarray:
+    """Rows of a pool whose label counts follow ``proportions``: at most ``size`` of them, drawn without replacement.
+
+    Each label gets its largest-remainder share of the size (ties: the lower label). When the
+    pool lacks the rows of some label for that, the size shrinks until every share fits, so
+    the proportions hold; the rows are never drawn twice.
+
+    Args:
+        pool_labels: ``(N,)`` int label of every row of the pool (``-1``: no label, never drawn).
+        proportions: ``(C,)`` non-negative label weights (need not sum to 1).
+        size: how many rows at most.
+        generator: the draw's randomness.
+
+    Returns:
+        Sorted row indices into the pool, ``(M,)`` with ``M <= size``.
+    """
+    pool_labels = np.asarray(pool_labels)
+    weights = np.asarray(proportions, dtype=np.float64)
+    if weights.ndim != 1 or np.any(weights < 0) or not np.isfinite(weights).all():
+        raise ValueError(f"proportions must be a vector of non-negative weights, got {proportions!r}")
+    if size <= 0 or weights.sum() <= 0:
+        return np.zeros(0, dtype=np.int64)
+    share = weights / weights.sum()
+    available = np.array([np.sum(pool_labels == c) for c in range(share.size)])
+    wanted = share > 0
+    fits = available[wanted] / share[wanted]
+    size = int(min(size, np.floor(fits.min() + 1e-9))) if fits.size else 0
+
+    def quotas(total: int) -> np.ndarray:
+        exact = share * total
+        counts = np.floor(exact).astype(np.int64)
+        order = np.lexsort((np.arange(share.size), -(exact - counts)))
+        counts[order[: total - int(counts.sum())]] += 1
+        return counts
+
+    counts = np.minimum(quotas(size), available)
+    chosen = [
+        generator.choice(np.flatnonzero(pool_labels == c), size=int(k), replace=False)
+        for c, k in enumerate(counts)
+        if k
+    ]
+    return np.sort(np.concatenate(chosen)) if chosen else np.zeros(0, dtype=np.int64)
+
+
+def _test_set(
+    cfg: RunConfig,
+    samples: list[Sample],
+    mixture: np.ndarray,
+    key: int,
+    processor: MultimodalProcessor,
+    splits: DatasetSplits,
+) -> MultimodalDataset | None:
+    """A client's test set: ``samples`` with its ``mixture`` applied (drawn under client ``key``)."""
+    if not samples:
+        return None
+    patterns, _ = apply_missing(samples, mixture, rng(cfg.seed, Draw.PATTERNS, key, PatternDraw.TEST))
+    return _dataset(cfg, samples, patterns, processor, splits)
+
+
+def client_test_rows(
+    cfg: RunConfig, splits: DatasetSplits, partition_labels: np.ndarray, key: int, who: str = ""
+) -> list[Sample]:
+    """A partitioned client's own test rows: ``client-test-samples`` rows of the test split at most, with the
+    label proportions of the client's training partition (``partition_labels``), drawn under client ``key``
+    (``who`` names it in the log)."""
+    if not cfg.client_test_samples or not splits.test:
+        return []
+    test = list(splits.test)
+    proportions = np.bincount(partition_labels[partition_labels >= 0], minlength=splits.num_classes)
+    rows = label_matched_rows(
+        primary_labels(test),
+        proportions,
+        cfg.client_test_samples,
+        rng(cfg.seed, Draw.SPLIT, SplitDraw.CLIENT_TEST, key),
+    )
+    if len(rows) < cfg.client_test_samples:
+        LOGGER.info(
+            "client %s: %d test rows with its label proportions (client-test-samples=%d; the test split has "
+            "no more of its classes)",
+            who or key,
+            len(rows),
+            cfg.client_test_samples,
+        )
+    return [test[i] for i in rows]
+
+
 def partition_shard(
     cfg: RunConfig,
     splits: DatasetSplits,
@@ -369,6 +475,8 @@ def partition_shard(
     draw = rng(cfg.seed, Draw.SPLIT, SplitDraw.CLIENT_VALIDATION, pid + 1)
     val, local_train = _split_validation(train, indices, cfg.val_fraction, draw)
     train_set, val_set, counts = _client_sets(cfg, local_train, val, mixture, pid + 1, processor, splits)
+    labels = primary_labels([train[i] for i in indices])
+    test_rows = client_test_rows(cfg, splits, labels, pid + 1, "centralized" if centralized else client_id)
     return ClientShard(
         partition_id=pid,
         train=train_set,
@@ -376,6 +484,7 @@ def partition_shard(
         mixture=mixture,
         counts=counts,
         client_id="centralized" if centralized else client_id,
+        test=_test_set(cfg, test_rows, mixture, pid + 1, processor, splits),
     )
 
 
@@ -404,6 +513,15 @@ def site_shard(
         val, train = _split_validation(train, np.arange(len(train)), cfg.val_fraction, draw)
     mixture = site_mixture(cfg, client)
     train_set, val_set, counts = _client_sets(cfg, train, val, mixture, client.seed_key, processor, splits)
+    test = []
+    if cfg.client_test_samples:
+        test = _cap(list(splits.test), cfg.client_test_samples, cfg.seed, SplitDraw.SITE_TEST_CAP, client.seed_key)
+        if not test:
+            LOGGER.info(
+                "site %s: no test split in %s; client-side evaluation on validation only",
+                client.client_id,
+                cfg.data_dir,
+            )
     return ClientShard(
         partition_id=-1 if client.partition_id is None else client.partition_id,
         train=train_set,
@@ -413,6 +531,7 @@ def site_shard(
         client_id=client.client_id,
         site_local=True,
         skipped_empty=int(splits.skipped_empty.get("train", 0)),
+        test=_test_set(cfg, test, mixture, client.seed_key, processor, splits),
     )
 
 

@@ -212,6 +212,8 @@ class AggregationSettings:
         inter_merge: ``"align"`` (content) or ``"position"`` for personalised pools.
         align_start: ``"warm"`` (from the slots' clusters) or ``"cold"`` (from scratch).
         align_on: what the alignment compares: ``"prompt"``, ``"delta"`` or ``"usage"``.
+        pfpt_steps: ``pfpt``'s Adam schedule, ``"per-client"`` (PFPT's) or ``"per-sweep"``
+            (:func:`~fedprime_core.method.pfpt.pfpt_aggregate`).
     """
 
     max_prompts: int = 100
@@ -220,6 +222,7 @@ class AggregationSettings:
     inter_merge: str = "align"
     align_start: str = "warm"
     align_on: str = "prompt"
+    pfpt_steps: str = "per-client"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -329,6 +332,7 @@ def aggregate_round(
             max_prompts=settings.max_prompts,
             n_sweeps=settings.sweeps,
             seed=settings.seed,
+            schedule=settings.pfpt_steps,
         )
         report.update({f"{pool}-{key}": value for key, value in pfpt_report.items()})
     for pool in spec.pools:
@@ -389,6 +393,21 @@ class GlobalState:
             return self.arrays
         self.inter_pool, slots = assign_slots(self.inter_pool, client, self.inter_merge, self.inter_init, self.seed)
         prompts, keys = self.inter_pool.client_arrays(slots)
+        return {**self.arrays, "pools.inter.prompts": prompts, "pools.inter.keys": keys}
+
+    def top_tau_arrays(self) -> dict[str, np.ndarray] | None:
+        """The global arrays with only the ``tau`` most popular centres of the personal inter pool.
+
+        What a new client starts from (:func:`~fedprime_core.method.interpool.assign_slots`), and the
+        same size under both merges, so the server can compare ``align`` and ``position`` on pools
+        of equal size: the whole pool of centres grows under ``align`` and does not under
+        ``position``. ``None`` when that is the whole global state: no personal pool, or a pool
+        of at most ``tau`` centres.
+        """
+        pool = self.inter_pool
+        if pool is None or pool.size <= pool.tau:
+            return None
+        prompts, keys = pool.client_arrays(pool.most_popular(pool.tau))
         return {**self.arrays, "pools.inter.prompts": prompts, "pools.inter.keys": keys}
 
     def expected_shapes(self) -> dict[str, tuple[int, ...]]:

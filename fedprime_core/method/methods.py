@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 
+#: How ``pfpt``'s aggregation schedules its Adam steps (:mod:`fedprime_core.method.pfpt`): one per
+#: client per sweep (PFPT's code, the default), or one per sweep over every client's terms.
+PFPT_STEPS = ("per-client", "per-sweep")
+
 
 @dataclasses.dataclass(frozen=True)
 class MethodSpec:

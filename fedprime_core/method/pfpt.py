@@ -44,18 +44,29 @@ Optimisation (alternating maximisation of ``J``):
   (seeded), a random injective ``z_t`` per client (the first ``m`` entries of a random
   permutation of the ``K`` centroids), and one Adam optimiser (lr ``1e-3``, PFPT's default)
   over ``theta`` and both networks.
-* **each of** ``n_sweeps`` (PFPT: 50) sweeps: (a) ``grad_steps`` Adam steps on ``-J`` with every
-  ``z_t`` fixed; (b) with the parameters fixed, every client's ``z_t`` re-solved by the
-  Hungarian algorithm (``scipy.optimize.linear_sum_assignment``, maximising) on its
-  ``(m, K)`` gain matrix.
+* **each of** ``n_sweeps`` (PFPT: 50) sweeps, one of two schedules (``schedule``, run config
+  ``pfpt-steps``):
+
+  - ``"per-client"`` (the default; PFPT's code): the clients in turn, and for client ``t``
+    one Adam step on ``-J_t``, its own terms of ``J`` (its Gaussian terms and its Bernoulli
+    terms; ``J = sum_t J_t``), then its ``z_t`` re-solved by the Hungarian algorithm
+    (``scipy.optimize.linear_sum_assignment``, maximising) on its ``(m, K)`` gain matrix,
+    computed, as PFPT's code computes it, in the same pass as the step's loss, i.e. with
+    the parameters from before the step. **``n_sweeps * n`` Adam steps in all** (PFPT:
+    ``50 n``), each moving every parameter by up to about ``lr``.
+  - ``"per-sweep"`` (this project's block form until issue 26): one Adam step on ``-J`` with
+    every ``z_t`` fixed, then, with the parameters fixed, every client's ``z_t`` re-solved.
+    ``n_sweeps`` Adam steps in all (50 however many clients), so the centroids and both
+    networks travel about ``n`` times less far than under PFPT's optimiser.
+
+  ``grad_steps`` repeats each step (1 in PFPT).
 * **output** (PFPT's): the centroids used by at least one client under the final
   assignment, here ordered by the number of clients using them (then by index).
 
-Speed: the gain of every local prompt against every centroid is one matrix product per
-sweep (``sum_d (p - theta)^2 / s^2`` expanded), and each network runs once over all ``K``
-centroids per Adam step; nothing loops over centroids in Python. 100 clients x 20 prompts
-x 768 dims (2,000 centroids) take seconds; PFPT's per-centroid loops take minutes to hours
-(``benchmarks/aggregation.py``).
+Speed: the gain of every local prompt against every centroid is one matrix product
+(``sum_d (p - theta)^2 / s^2`` expanded), and each network runs once over all ``K``
+centroids per Adam step; nothing loops over centroids in Python. PFPT's per-centroid loops
+take minutes to hours where this takes seconds to minutes (``benchmarks/aggregation.py``).
 
 What it does in practice
 ------------------------
@@ -65,12 +76,13 @@ What it does in practice
   separate, one per client; a client's prompt that drifted to a new pattern becomes a global
   prompt of its own (``tests/test_pfpt.py``).
 * The centroids are free parameters, and Adam moves every coordinate by up to about ``lr``
-  per step along the *networks'* gradients (the popularity and ``log s`` terms) as much as
+  per step along the *networks'* gradients (the popularity and ``log s`` terms) as well as
   along the pull of their members, which is weak while ``s`` is large. So a returned
   prompt is not the mean of the prompts it merges: with ``d = 768`` and 50 sweeps it lies
-  farther from its members' mean than the prompts' own norm (``benchmarks/aggregation.py``
-  reports the distance; PFPT's own ``NonparametricAgg`` does the same on the same input).
-  This is PFPT's design, kept as is.
+  0.31-0.39 (L2) from its members' mean under PFPT's schedule, about half the prompts' own
+  norm and six times the members' spread (PFPT's own ``NonparametricAgg``: 0.43 on the same
+  kind of input), and 0.76-1.10 under ``per-sweep`` (``benchmarks/aggregation.py``,
+  ``benchmarks/README.md``). This is PFPT's design, kept as is.
 
 Where this differs from PFPT's code, and why
 --------------------------------------------
@@ -81,13 +93,15 @@ Where this differs from PFPT's code, and why
   *before* the update, so a centroid is priced by whether the client used it last time.
   Neither is part of the generative model (Bernoulli selection, Gaussian perturbation);
   we use that model's likelihood ``J`` above, whose assignment gain is ``logit u(theta_k)``.
-* **Schedule: the alternating maximisation in block form.** The code interleaves, for each
-  client in turn, one Adam step on that client's terms and that client's Hungarian solve
-  (with the costs from before the step), so one sweep runs both networks over all ``K``
-  centroids ``n`` times. The method alternates between the parameters (gradient steps with
-  the assignments fixed) and the assignments (one Hungarian problem per client with the
-  parameters fixed; the clients' problems are independent given the parameters); we take
-  these blocks whole, which is what makes a sweep one batched pass.
+* **Schedule: PFPT's, by default.** ``per-client`` is the code's schedule and step count
+  (one Adam step per client per sweep, ``50 n`` in all). ``per-sweep`` takes the alternating
+  maximisation in block form (all assignments fixed for one step on the whole ``J``, then
+  all assignments re-solved), which makes a sweep one batched pass but takes ``n`` times
+  fewer Adam steps; it was this module's only schedule before issue 26 (the results in
+  ``experiments/README.md`` marked so were made with it), and it stays for comparison.
+  Under ``per-client`` a sweep runs both networks over all ``K`` centroids ``n`` times
+  (once per client, as PFPT's code does) instead of once: at 100 clients x 20 prompts x
+  768 dims about 25 times the CPU time of ``per-sweep`` (``benchmarks/README.md``).
 * **Union of used indices: clients only.** The code's union also holds the indices the
   server's own model selected while it evaluated on the *test set* in the previous round
   (``trained_prompts_checklist`` is filled by every forward pass and read by the next
@@ -113,7 +127,11 @@ from scipy.optimize import linear_sum_assignment
 from torch import nn
 from torch.nn import functional as F
 
+from .methods import PFPT_STEPS
+
 _LOG_2PI = math.log(2.0 * math.pi)
+#: How the aggregation's Adam steps are scheduled (module docstring): PFPT's, then the block form.
+SCHEDULES = PFPT_STEPS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -133,6 +151,8 @@ class PFPTResult:
         hungarian_seconds: wall time of the assignment steps (top-``m`` screening and
             ``linear_sum_assignment``).
         total_seconds: wall time of the whole call.
+        adam_steps: Adam steps taken (read from the optimiser's own step count):
+            ``n_sweeps * n * grad_steps`` per client, ``n_sweeps * grad_steps`` per sweep.
     """
 
     prompts: np.ndarray
@@ -144,6 +164,7 @@ class PFPTResult:
     num_dropped: int
     hungarian_seconds: float
     total_seconds: float
+    adam_steps: int = 0
 
 
 class PFPTNets(nn.Module):
@@ -288,29 +309,35 @@ def pfpt_aggregate(
     max_prompts: int | None = None,
     seed: int = 0,
     dtype: torch.dtype = torch.float32,
+    schedule: str = "per-client",
 ) -> PFPTResult:
     """Aggregate ``n`` clients' prompt sets into one global set, as PFPT does (module docstring).
 
     Args:
         local_prompts: ``(n, m, D)``: client ``t``'s ``m`` prompts (flattened), in any order.
         n_sweeps: alternating sweeps (PFPT: 50).
-        grad_steps: Adam steps on ``-J`` per sweep.
+        grad_steps: Adam steps per client per sweep (``per-client``) or per sweep (``per-sweep``);
+            PFPT: 1.
         hidden: width of both networks (PFPT: 128).
         lr: Adam learning rate (PFPT: PyTorch's default 1e-3).
         max_prompts: keep at most this many used centroids (most used first); ``None``: all.
         seed: the networks' initialisation and the random initial assignment.
         dtype: computation precision (float32; float64 for exact comparisons).
+        schedule: ``"per-client"`` (PFPT's code: ``n_sweeps * n`` Adam steps) or
+            ``"per-sweep"`` (block form: ``n_sweeps`` steps); module docstring.
 
     Returns:
         :class:`PFPTResult`.
 
     Raises:
-        ValueError: on a malformed or non-finite input or non-positive settings.
+        ValueError: on a malformed or non-finite input, non-positive settings or an unknown schedule.
     """
     start = time.perf_counter()
     array = _check(local_prompts)
     if n_sweeps < 0 or grad_steps < 0 or hidden < 1 or lr <= 0:
         raise ValueError("n_sweeps and grad_steps must be >= 0, hidden >= 1 and lr > 0")
+    if schedule not in SCHEDULES:
+        raise ValueError(f"schedule {schedule!r} is not one of {SCHEDULES}")
     if max_prompts is not None and max_prompts < 1:
         raise ValueError(f"max_prompts must be at least 1, got {max_prompts}")
     n, m, dim = array.shape
@@ -321,17 +348,32 @@ def pfpt_aggregate(
     assignment = initial_assignment(n, m, seed)
     hungarian = 0.0
     trace: list[float] = []
-    for _ in range(n_sweeps):
-        z = torch.from_numpy(assignment)
+
+    def step(local: torch.Tensor, z: np.ndarray) -> None:
         for _ in range(grad_steps):
             optimiser.zero_grad(set_to_none=True)
-            (-pfpt_objective(prompts, theta, nets, z)).backward()
+            (-pfpt_objective(local, theta, nets, torch.from_numpy(z))).backward()
             optimiser.step()
-        gains, log_unused = assignment_gains(prompts, theta.detach(), nets)
-        gains = gains.reshape(n, m, -1)
-        tick = time.perf_counter()
-        assignment = best_assignments(gains)
-        hungarian += time.perf_counter() - tick
+
+    for _ in range(n_sweeps):
+        if schedule == "per-client":
+            # PFPT's NonparametricAgg: client t's step, then its assignment, with the gains of
+            # the pass that computed the step's loss (the parameters before the step).
+            for t in range(n):
+                own, _ = assignment_gains(prompts[t : t + 1], theta.detach(), nets)
+                step(prompts[t : t + 1], assignment[t : t + 1])
+                tick = time.perf_counter()
+                assignment[t] = best_assignments(own.unsqueeze(0))[0]
+                hungarian += time.perf_counter() - tick
+            gains, log_unused = assignment_gains(prompts, theta.detach(), nets)
+            gains = gains.reshape(n, m, -1)
+        else:
+            step(prompts, assignment)
+            gains, log_unused = assignment_gains(prompts, theta.detach(), nets)
+            gains = gains.reshape(n, m, -1)
+            tick = time.perf_counter()
+            assignment = best_assignments(gains)
+            hungarian += time.perf_counter() - tick
         chosen = gains.gather(2, torch.from_numpy(assignment).unsqueeze(-1))
         trace.append(float(chosen.double().sum()) + n * log_unused)
     with torch.no_grad():
@@ -358,6 +400,7 @@ def pfpt_aggregate(
         num_dropped=int(order.size - kept.size),
         hungarian_seconds=hungarian,
         total_seconds=time.perf_counter() - start,
+        adam_steps=int(optimiser.state[theta]["step"]) if theta in optimiser.state else 0,
     )
 
 
@@ -375,6 +418,7 @@ def aggregate_pfpt_pool(
     max_prompts: int | None = None,
     n_sweeps: int = 50,
     seed: int = 0,
+    schedule: str = "per-client",
 ) -> tuple[np.ndarray, dict[str, Any]]:
     """One round of PFPT's server side for one pool: gather the union of used rows, aggregate.
 
@@ -385,12 +429,13 @@ def aggregate_pfpt_pool(
         max_prompts: bound on the new pool's size.
         n_sweeps: alternating sweeps.
         seed: seed of the aggregation.
+        schedule: the Adam steps' schedule (:func:`pfpt_aggregate`).
 
     Returns:
         ``(pool, report)``: the new global pool ``(G, length, d)`` float32 and a report
         (``pool-size``; ``union-size``: ``|U|``; ``prompts-in``: ``n * |U|``; ``clusters-dropped``;
         ``largest-cluster``: most clients on one prompt; ``align-objective``: ``J``;
-        ``align-sweeps``; ``align-seconds``).
+        ``align-sweeps``; ``align-adam-steps``; ``align-seconds``).
 
     Raises:
         ValueError: if shapes disagree or no client used any prompt.
@@ -408,7 +453,7 @@ def aggregate_pfpt_pool(
     if union.size == 0:
         raise ValueError("no client used any prompt of the pool")
     gathered = np.stack([p[union].reshape(union.size, -1) for p in pools]).astype(np.float64)
-    result = pfpt_aggregate(gathered, n_sweeps=n_sweeps, max_prompts=max_prompts, seed=seed)
+    result = pfpt_aggregate(gathered, n_sweeps=n_sweeps, max_prompts=max_prompts, seed=seed, schedule=schedule)
     pool = result.prompts.reshape(-1, *pools[0].shape[1:]).astype(np.float32)
     report = {
         "pool-size": int(pool.shape[0]),
@@ -418,6 +463,7 @@ def aggregate_pfpt_pool(
         "largest-cluster": int(result.usage.max()),
         "align-objective": result.objective if math.isfinite(result.objective) else 0.0,
         "align-sweeps": len(result.objective_trace),
+        "align-adam-steps": result.adam_steps,
         "align-seconds": result.total_seconds,
     }
     return pool, report

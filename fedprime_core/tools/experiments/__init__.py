@@ -50,10 +50,14 @@ Rows are the combinations of the run-config keys that vary within the table's ce
 excepted; columns are the five test settings and ``val`` (metric in %, mean ± std over
 seeds), then the extra columns (mean ± std over seeds of each run's value: ``over`` the
 rounds that have ``key``, each divided by ``per`` of the same round if given, times
-``scale``; ``key`` may be a ``/`` path into a round record, e.g. ``client-eval/accuracy``).
+``scale``; ``key`` may be a ``/`` path into a round record, e.g. ``client-eval/test-accuracy``,
+the clients' own test sets, or ``eval-top-tau/miss-both/accuracy``, the server's evaluation
+with the tau most popular inter centres, which reads ``eval`` where that is the same model).
 A difference pairs every run having ``key: value`` with the run whose configuration is the
 same except ``key: minus`` (so matched on seed and every other key), and reports the mean,
-std and a 95% t confidence interval of the per-pair differences, for every column. For
+std and a 95% t confidence interval of the per-pair differences, for every column, over all
+pairs and over the pairs whose two runs are not the same algorithm in effect
+(:func:`.report.no_op_pair`), with the number of such no-op pairs. For
 ``key: comm-profile`` the keys the profile sets (wire-dtype, upload-delta, query-rank,
 exchange-pooler) change with it and are no row keys of their own (``experiments/comm-paired.yaml``).
 

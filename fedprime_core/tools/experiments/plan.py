@@ -11,7 +11,15 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from ...config import RESUMABLE_KEYS, ConfigError, RunConfig, config_to_dict, parse_run_config
+from ...config import (
+    OPTIONS_BY_KEY,
+    RESUMABLE_KEYS,
+    ConfigError,
+    RunConfig,
+    config_to_dict,
+    parse_run_config,
+    stored_value,
+)
 from ...metrics import headline_metric
 from ...yamlio import read_yaml_mapping
 from ..launch import APP_DIR
@@ -127,14 +135,15 @@ def stale_settings(config: Mapping[str, Any], stored: Mapping[str, Any]) -> list
     ``["'lr' (0.05 in the run folder, 0.1 in the grid)", ...]``; empty when the run folder may
     stand for the cell. Keys that may change when a run is resumed are not compared (a
     larger ``num-server-rounds`` resumes the run), nor file paths (a results folder may come
-    from another checkout); a key the run folder lacks (an option added since) counts as its
-    default.
+    from another checkout); a key the run folder lacks (an option added since) counts as what
+    runs before it did (:func:`~fedprime_core.config.stored_value`: its default, unless the
+    option says otherwise, as ``pfpt-steps`` does for pfpt runs).
     """
     out = []
     for key, value in config.items():
         if key in BOOKKEEPING_KEYS or key in RESUMABLE_KEYS or key in PATH_KEYS:
             continue
-        before = stored.get(key, DEFAULTS.get(key))
+        before = stored_value(stored, key) if key in OPTIONS_BY_KEY else stored.get(key, DEFAULTS.get(key))
         if before != value:
             out.append(f"{key!r} ({before!r} in the run folder, {value!r} in the grid)")
     return out

@@ -14,7 +14,9 @@ import numpy as np
 
 from ...config import at_profile, profile_keys, with_profile
 from ...data.missing import TEST_SETTINGS
-from .plan import Cell, ExtraColumn, Plan, TableSpec
+from ...metrics import CLIENT_TEST_PREFIX
+from ...results import top_tau_evaluation
+from .plan import BOOKKEEPING_KEYS, DEFAULTS, Cell, ExtraColumn, Plan, TableSpec
 
 #: The methods of the ablation table, in its row order.
 ABLATION_METHODS = ("fedavg-p", "fed-intra", "fed-inter", "fedprime")
@@ -115,12 +117,99 @@ def write_table(rows: list[dict[str, Any]], path_stem: Path, title: str, metric:
 # Comparison tables
 # ---------------------------------------------------------------------------------------
 def _lookup(record: Mapping[str, Any], path: str) -> Any:
-    value: Any = record
-    for part in path.split("/"):
+    """The value at ``path`` (``a/b/c``) in a round record.
+
+    ``eval-top-tau/...`` reads :func:`~fedprime_core.results.top_tau_evaluation`: the round's
+    ``eval`` where that is the same model (a method without personal pools, or a pool of at
+    most ``tau`` centres), so a column of it covers every method of a table.
+    """
+    head, _, rest = path.partition("/")
+    value: Any = top_tau_evaluation(record) if head == "eval-top-tau" else record.get(head)
+    for part in rest.split("/") if rest else ():
         if not isinstance(value, Mapping) or part not in value:
             return None
         value = value[part]
     return value
+
+
+# ---------------------------------------------------------------------------------------
+# Pairs in which both arms ran the same algorithm
+# ---------------------------------------------------------------------------------------
+#: What a round record's evaluations are compared on (sample counts and losses are not results of the algorithm
+#: that float noise leaves alone: a loss may differ in its last bit between two runs of one algorithm).
+_EVAL_METRICS = ("accuracy", "macro_f1", "micro_f1")
+#: The per-round flag of an align run whose alignment gave exactly what ``position`` would have.
+NOOP_FLAG = "inter-align-noop"
+
+
+def round_results(history: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """What a run computed, round by round: every evaluation's accuracy and F1 per test setting (server-side, with
+    the whole pool and the ``tau`` most popular centres; client-side, means and per client), the train loss and
+    the pool sizes. Two runs with equal lists (to the bit) ran the same algorithm in effect."""
+
+    def scores(evaluation: Any) -> Any:
+        if not isinstance(evaluation, Mapping):
+            return None
+        return {s: {m: v for m, v in sorted(dict(e).items()) if m in _EVAL_METRICS} for s, e in evaluation.items()}
+
+    def client_scores(values: Any) -> Any:
+        if not isinstance(values, Mapping):
+            return None
+        return {k: v for k, v in sorted(values.items()) if k.removeprefix(CLIENT_TEST_PREFIX) in _EVAL_METRICS}
+
+    out = []
+    for record in history:
+        row: dict[str, Any] = {"round": record.get("round"), "skipped": bool(record.get("skipped"))}
+        row["train-loss"] = record.get("train-loss")
+        row.update({k: v for k, v in sorted(record.items()) if k.endswith("-pool-size")})
+        row["eval"] = scores(record.get("eval"))
+        row["eval-top-tau"] = scores(top_tau_evaluation(record))
+        row["client-eval"] = client_scores(record.get("client-eval"))
+        per_client = record.get("client-eval-per-client")
+        if isinstance(per_client, Mapping):
+            row["client-eval-per-client"] = {c: client_scores(v) for c, v in sorted(per_client.items())}
+        out.append(row)
+    return out
+
+
+def _alignment_changed_nothing(history: Sequence[Mapping[str, Any]]) -> bool:
+    trained = [r for r in history if r.get("round", 0) > 0 and not r.get("skipped")]
+    return bool(trained) and all(r.get(NOOP_FLAG) == 1 for r in trained)
+
+
+def no_op_pair(
+    config_a: Mapping[str, Any],
+    history_a: Sequence[Mapping[str, Any]],
+    config_b: Mapping[str, Any],
+    history_b: Sequence[Mapping[str, Any]],
+    values: tuple[Mapping[str, Any], Mapping[str, Any]] | None = None,
+) -> str | None:
+    """Why two paired runs are the same algorithm in effect, or ``None`` when they are not (or it cannot be told).
+
+    * ``"identical results"``: every per-round result (:func:`round_results`) is the same to the bit
+      (and so are the runs' table ``values``, when given: what a table shows of each run);
+    * ``"alignment no-op"``: the runs differ in ``inter-merge`` only (bookkeeping keys aside), and the
+      ``align`` run's alignment gave exactly what ``position`` would have in every trained round
+      (``inter-align-noop`` = 1 in each), even where float noise makes the results differ.
+    """
+    results_a, results_b = round_results(history_a), round_results(history_b)
+
+    def computed(results: list[dict[str, Any]]) -> bool:  # a trained round with a loss or an evaluation
+        return any(r["round"] and (r["train-loss"] is not None or r["eval"] or r["client-eval"]) for r in results)
+
+    if not computed(results_a) or not computed(results_b):
+        return None
+    same_values = values is None or json.dumps(values[0], sort_keys=True) == json.dumps(values[1], sort_keys=True)
+    if same_values and json.dumps(results_a) == json.dumps(results_b):
+        return "identical results"
+    differing = {
+        k for k in set(config_a) | set(config_b) if k not in BOOKKEEPING_KEYS and config_a.get(k) != config_b.get(k)
+    }
+    if differing and differing <= {"inter-merge", *ALIGNMENT_ONLY_KEYS} and "inter-merge" in differing:
+        align = history_a if config_a.get("inter-merge") == "align" else history_b
+        if _alignment_changed_nothing(align):
+            return "alignment no-op"
+    return None
 
 
 def extra_value(history: Sequence[Mapping[str, Any]], column: ExtraColumn) -> float | None:
@@ -195,14 +284,23 @@ def _stats(values: Sequence[float | None], interval: bool = False) -> dict[str, 
     return out
 
 
+ALIGNMENT_ONLY_KEYS = ("align-start", "align-on")
+"""Keys that only an ``inter-merge = align`` run may set away from their defaults."""
+
+
 def _twin(config: Mapping[str, Any], key: str, value: Any) -> dict[str, Any]:
     """The configuration a difference pairs ``config`` with: the same, except ``key = value``.
 
     For ``comm-profile`` the keys the profile sets move with it (:func:`~fedprime_core.config.with_profile`),
-    so a ``lean`` run pairs with the ``paper`` run of the same seed and settings.
+    so a ``lean`` run pairs with the ``paper`` run of the same seed and settings. For
+    ``inter-merge = position`` the alignment-only keys (``align-start``, ``align-on``) return to
+    their defaults, which is what a position run must hold: every alignment regime pairs with the
+    position run of the same inter-init, seed and settings.
     """
     if key == "comm-profile":
         return with_profile(config, value)
+    if key == "inter-merge" and value == "position":
+        return {**config, key: value, **{k: DEFAULTS[k] for k in ALIGNMENT_ONLY_KEYS if k in config}}
     return {**config, key: value}
 
 
@@ -211,7 +309,10 @@ def comparison(plan: Plan, table: TableSpec) -> dict[str, Any]:
 
     Returns:
         ``{"keys": [...], "columns": [...], "rows": [...], "differences": [...]}``; each row
-        holds its key values, ``runs`` and per column ``{"n", "mean", "std", "lo", "hi"}``.
+        holds its key values, ``runs`` and per column ``{"n", "mean", "std", "lo", "hi"}``. A
+        difference row also holds ``noop`` (how many of its pairs ran the same algorithm in
+        both arms, :func:`no_op_pair`) and ``differing`` (the per-column statistics over the
+        other pairs).
     """
     keys = varying_keys(plan, table)
     columns = [*TEST_SETTINGS, "val", *(c.title for c in table.extra)]
@@ -228,9 +329,16 @@ def comparison(plan: Plan, table: TableSpec) -> dict[str, Any]:
         rows.append(row)
     differences = []
     by_config = {json.dumps(c.config, sort_keys=True): c for c in cells}
+    histories: dict[str, list[dict[str, Any]]] = {}
+
+    def history(cell: Cell) -> list[dict[str, Any]]:
+        if cell.name not in histories:
+            histories[cell.name] = _history(plan, cell)
+        return histories[cell.name]
+
     for diff in table.differences:
         other_keys = [k for k in keys if k != diff.key]
-        paired: dict[tuple, list[tuple[dict, dict]]] = {}
+        paired: dict[tuple, list[tuple[dict, dict, str | None]]] = {}
         for cell in cells:
             if cell.config[diff.key] != diff.value:
                 continue
@@ -238,15 +346,25 @@ def comparison(plan: Plan, table: TableSpec) -> dict[str, Any]:
             if partner is None or values[cell.name] is None or values[partner.name] is None:
                 continue
             group = tuple(json.dumps(cell.config[k]) for k in other_keys)
-            paired.setdefault(group, []).append((values[cell.name], values[partner.name]))
+            noop = no_op_pair(
+                cell.config, history(cell), partner.config, history(partner), (values[cell.name], values[partner.name])
+            )
+            paired.setdefault(group, []).append((values[cell.name], values[partner.name], noop))
         for group, pairs in paired.items():
             row = {"key": dict(zip(other_keys, (json.loads(v) for v in group))), "runs": len(pairs), "diff": diff}
-            row["stats"] = {
-                col: _stats(
-                    [None if a[col] is None or b[col] is None else a[col] - b[col] for a, b in pairs], interval=True
-                )
-                for col in columns
-            }
+
+            def stats(chosen: list[tuple[dict, dict, str | None]]) -> dict[str, dict[str, float]]:
+                return {
+                    col: _stats(
+                        [None if a[col] is None or b[col] is None else a[col] - b[col] for a, b, _ in chosen],
+                        interval=True,
+                    )
+                    for col in columns
+                }
+
+            row["stats"] = stats(pairs)
+            row["noop"] = sum(noop is not None for _, _, noop in pairs)
+            row["differing"] = stats([pair for pair in pairs if pair[2] is None])
             differences.append(row)
     return {"keys": keys, "columns": columns, "rows": rows, "differences": differences}
 
@@ -295,35 +413,47 @@ def write_comparison(plan: Plan, table: TableSpec) -> dict[str, Any]:
             "",
             f"## Paired differences: {diff.key} = {diff.value} minus {diff.key} = {diff.minus}",
             "",
-            "Matched on seed and every other key; mean ± std [95% t confidence interval] over the pairs.",
+            "Matched on seed and every other key; mean ± std [95% t confidence interval] over the pairs. "
+            "No-op pairs: both arms ran the same algorithm in effect (every per-round result identical to the bit, "
+            "or, for inter-merge, an alignment that changed nothing in any round); the 'differing' row leaves "
+            "them out.",
             "",
-            "| " + " | ".join([*other, "pairs", *columns]) + " |",
-            "|---" * (len(other) + 1 + len(columns)) + "|",
+            "| " + " | ".join([*other, "pairs used", "pairs", "no-op pairs", *columns]) + " |",
+            "|---" * (len(other) + 3 + len(columns)) + "|",
         ]
         for row in rows:
-            cells = [str(row["key"][k]) for k in other] + [str(row["runs"])]
-            cells += [_cell_text(row["stats"][c], interval=True) for c in columns]
-            lines.append("| " + " | ".join(cells) + " |")
+            keys_text = [str(row["key"][k]) for k in other]
+            for used, stats, count in (
+                ("all", row["stats"], row["runs"]),
+                ("differing", row["differing"], row["runs"] - row["noop"]),
+            ):
+                cells = [*keys_text, used, str(count), str(row["noop"])]
+                cells += [_cell_text(stats[c], interval=True) for c in columns]
+                lines.append("| " + " | ".join(cells) + " |")
         if not rows:
-            lines.append("| " + " | ".join(["-"] * (len(other) + 1 + len(columns))) + " |")
+            lines.append("| " + " | ".join(["-"] * (len(other) + 3 + len(columns))) + " |")
     stem = plan.output / table.name
     stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
     with open(stem.with_suffix(".csv"), "w", newline="") as handle:
         writer = csv.writer(handle)
-        writer.writerow(["kind", *keys, "column", "n", "mean", "std", "ci95_low", "ci95_high"])
-        for kind, rows in (("value", data["rows"]), ("difference", data["differences"])):
+        writer.writerow(["kind", *keys, "column", "n", "mean", "std", "ci95_low", "ci95_high", "noop_pairs"])
+        for kind, rows, part in (
+            ("value", data["rows"], "stats"),
+            ("difference", data["differences"], "stats"),
+            ("difference-differing", data["differences"], "differing"),
+        ):
             for row in rows:
                 key_cells = [
                     f"{row['diff'].value} - {row['diff'].minus}"
-                    if kind == "difference" and k == row["diff"].key
+                    if kind != "value" and k == row["diff"].key
                     else row["key"].get(k, "")
                     for k in keys
                 ]
+                noop = row["noop"] if kind != "value" else ""
                 for col in columns:
-                    st = row["stats"][col]
-                    writer.writerow(
-                        [kind, *key_cells, col, int(st["n"]), *(f"{st[x]:.6g}" for x in ("mean", "std", "lo", "hi"))]
-                    )
+                    st = row[part][col]
+                    figures = (f"{st[x]:.6g}" for x in ("mean", "std", "lo", "hi"))
+                    writer.writerow([kind, *key_cells, col, int(st["n"]), *figures, noop])
     return data
 
 
