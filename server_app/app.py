@@ -32,12 +32,12 @@ from fedprime_core.config import (
     parse_run_config,
 )
 from fedprime_core.data.records import DataError
-from fedprime_core.failures import RunFailed
+from fedprime_core.failures import RunFailed, one_line
 from fedprime_core.method.methods import method_spec
 from fedprime_core.results import CHECKPOINT_META, find_checkpoint, load_checkpoint, write_json
 from fedprime_core.runlock import RunFolderBusy, RunLock
 from fedprime_protocol.logs import ClientLogGrid, connect
-from fedprime_protocol.messages import CLIENT, identity_query, record_to_state, state_to_record
+from fedprime_protocol.messages import identity_query, parse_identity_record, record_to_state, state_to_record
 
 from .nodes import wait_for_nodes
 from .strategy import FedPrimeStrategy
@@ -183,7 +183,8 @@ def _run(
         inter_record=inter_record,
         stop_check=watchdog.stop_reason if watchdog else None,
     )
-    strategy.node_clients.update({node: str(info["client-id"]) for node, info in census.items() if "client-id" in info})
+    strategy.node_clients.update({node: info["client-id"] for node, info in census.items()})
+    strategy.node_records.update(census)
     try:
         result = strategy.start_or_resume(
             grid=ClientLogGrid(grid),  # logs the lines each client returns with its reply
@@ -227,9 +228,13 @@ def node_census(grid: Grid, cfg: RunConfig, watchdog: SuperLinkWatchdog | None =
     census: dict[int, dict[str, Any]] = {}
     for reply in grid.send_and_receive(queries, timeout=cfg.round_timeout):
         node = reply.metadata.src_node_id
-        if reply.has_error() or node not in nodes or CLIENT not in reply.content.config_records:
+        if reply.has_error() or node not in nodes or node in census:
             continue
-        census[node] = dict(reply.content.config_records[CLIENT])
+        record, reason = parse_identity_record(reply)
+        if record is None:  # the rounds account for it; one bad node must not stop the run here
+            log(WARNING, "node %s gave no usable identity: %s", node, one_line(reason))
+            continue
+        census[node] = record
     log(INFO, "nodes before round 1: %d connected, %d answered the identity query", len(nodes), len(census))
     return census
 

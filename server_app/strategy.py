@@ -28,6 +28,7 @@ their per-client figures in metrics.json and the summary).
 
 from __future__ import annotations
 
+import math
 import random
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -45,21 +46,28 @@ from flwr.serverapp.strategy.result import Result
 
 from fedprime_core.config import RunConfig, config_to_dict, describe_communication, method_default_sweeps
 from fedprime_core.failures import ClientOutcome, RunFailed, one_line, parse_reason, stop_reason
-from fedprime_core.method.federated import AggregationSettings, GlobalState, client_order, validate_update
+from fedprime_core.method.federated import (
+    AggregationSettings,
+    GlobalState,
+    client_order,
+    mean_train_loss,
+    validate_update,
+)
 from fedprime_core.method.methods import method_spec
 from fedprime_core.progress import format_duration
 from fedprime_core.results import metric_name, save_checkpoint, write_json, write_run_outputs
 from fedprime_protocol.messages import (
     ARRAYS,
     CONFIG,
-    METRICS,
     NUM_EXAMPLES,
     identity_query,
     instruction_content,
-    parse_identity_reply,
+    parse_evaluate_reply,
+    parse_identity_record,
     parse_train_reply,
     state_to_record,
 )
+from fedprime_protocol.replies import ReplyLimits
 
 from .nodes import NotEnoughNodesError, wait_for_nodes
 
@@ -213,6 +221,8 @@ class FedPrimeStrategy(FedAvg):
         self.sweeps = cfg.align_sweeps or method_default_sweeps(cfg.method)
         #: node id -> client id, learned by identity queries (never checkpointed: node ids change).
         self.node_clients: dict[int, str] = {}
+        #: node id -> its typed identity record (:func:`~fedprime_protocol.messages.parse_identity_record`).
+        self.node_records: dict[int, dict[str, Any]] = {}
         self.stop_check = stop_check
         #: What the last configure hooks sent and what the last aggregate_train made of it; each
         #: hook replaces its record whole (Flower's hooks pass nothing else from one to the next).
@@ -371,11 +381,12 @@ class FedPrimeStrategy(FedAvg):
                     kind, text = parse_reason(reply.error.reason)
                     outcomes.append(ClientOutcome(node, None, "rejected", f"no identity: client error: {text}", kind))
                     continue
-                client, reason = parse_identity_reply(reply)
-                if client is None:
+                record, reason = parse_identity_record(reply)
+                if record is None:
                     outcomes.append(ClientOutcome(node, None, "rejected", f"no identity: {one_line(reason)}"))
                     continue
-                self.node_clients[node] = client
+                self.node_clients[node] = record["client-id"]
+                self.node_records[node] = record
             for node in unknown:
                 if node not in answered:
                     outcomes.append(ClientOutcome(node, None, *self._silent_reason(node, "the identity query")))
@@ -462,6 +473,11 @@ class FedPrimeStrategy(FedAvg):
         sent_to = sent.clients
         destinations = sent.destinations()
         answered: set[int] = set()
+        claimed: dict[str, int] = {}  # client id -> the node whose reply claimed it first
+        accepted_info: dict[str, dict[str, Any]] = {}
+        # Nodes in id order, not arrival order: which of two nodes claiming one client id is
+        # refused must not depend on which answered first.
+        replies = sorted(replies, key=lambda m: self._node_of(m, destinations))
         for message in replies:
             node = self._node_of(message, destinations)
             if sent_to and node not in sent_to:
@@ -484,30 +500,28 @@ class FedPrimeStrategy(FedAvg):
             if ARRAYS in message.content.array_records:
                 received += int(message.content.array_records[ARRAYS].count_bytes())
                 carrying += 1
-            update, info, reasons = parse_train_reply(message, sent.arrays.get(node))
+            update, info, reasons = self._parse_train(message, node, client, sent)
             kind = None
-            if update is not None:
-                if self.model.personal and client is not None and update.client_id != client:
-                    reasons = [f"reply is from client {update.client_id!r} but node {node} identified as {client!r}"]
-                else:
-                    expected = self.model.expected_shapes()
-                    reasons = validate_update(update, expected, self.spec.pools, self.cfg.max_update_norm)
-                    federation = self._check_fingerprint(info) + self._check_labels(info)
-                    kind = "config" if federation and not reasons else None
-                    reasons += federation
-            if reasons:
-                who = client if client is not None else info.get("client-id", info.get("partition-id"))
-                outcomes.append(ClientOutcome(node, who, "rejected", "; ".join(reasons), kind))
+            if update is not None and not reasons and update.client_id in claimed:
+                reasons = [f"client-id {update.client_id!r} is also claimed by node {claimed[update.client_id]}"]
+            if update is not None and not reasons:  # only a reply that is valid otherwise may set the reference
+                reasons = self._check_fingerprint(info) + self._check_labels(info)
+                kind = "config" if reasons else None
+            if reasons or update is None:
+                who = client if client is not None else info.get("client-id")
+                outcomes.append(ClientOutcome(node, who, "rejected", one_line("; ".join(reasons)), kind))
                 continue
+            claimed[update.client_id] = node
             updates.append(update)
             outcomes.append(ClientOutcome(node, update.client_id, "accepted"))
-            self.clients[update.client_id] = {**info, "node-id": node, "last-round": server_round}
+            accepted_info[update.client_id] = {**info, "node-id": node, "last-round": server_round}
         for node, client in sent_to.items():
             if node not in answered:
                 outcomes.append(ClientOutcome(node, client, *self._silent_reason(node, "the train message")))
         # Recorded and averaged in client order, not in the order replies arrived.
         outcomes.sort(key=lambda o: (client_order(o.client or ""), o.node))
         updates.sort(key=lambda u: client_order(u.client_id))
+        self.clients.update(accepted_info)
         self._log_outcomes(server_round, outcomes)
         rejected = sum(o.status != "accepted" for o in outcomes)
         counted = {"outcomes": tuple(outcomes), "bytes_received": received, "replies_with_arrays": carrying}
@@ -529,7 +543,7 @@ class FedPrimeStrategy(FedAvg):
         )
         report = self.model.aggregate(updates, settings)
         weights = np.array([u.num_examples for u in updates], dtype=np.float64)
-        train_loss = float(np.average([u.metrics.get("train-loss", np.nan) for u in updates], weights=weights))
+        train_loss = mean_train_loss(updates)
         metrics = {"train-loss": train_loss, "accepted": len(updates), "rejected": rejected}
         metrics.update({k: v for k, v in report.items() if isinstance(v, (int, float))})
         return TrainRecord(
@@ -541,6 +555,26 @@ class FedPrimeStrategy(FedAvg):
             train_examples=int(weights.sum()),
             **counted,
         )
+
+    def _limits(self, node: int) -> ReplyLimits:
+        """What a reply from ``node`` may claim: ``max-client-examples``, and the ``num-train``
+        the node gave when it identified itself (if it did)."""
+        known = self.node_records.get(node, {}).get("num-train")
+        return ReplyLimits(max_examples=self.cfg.max_client_examples, known_train=known)
+
+    def _parse_train(
+        self, message: Message, node: int, client: str | None, sent: Dispatch
+    ) -> tuple[Any, dict[str, Any], list[str]]:
+        """``(update, client record, reasons)`` of one train reply: parsed, then validated."""
+        update, info, reasons = parse_train_reply(
+            message, sent.arrays.get(node), pools=self.spec.pools, limits=self._limits(node)
+        )
+        if update is None:
+            return None, info, reasons
+        if self.model.personal and client is not None and update.client_id != client:
+            return None, info, [f"reply is from client {update.client_id!r} but node {node} identified as {client!r}"]
+        expected = self.model.expected_shapes()
+        return update, info, validate_update(update, expected, self.spec.pools, self.cfg.max_update_norm)
 
     @staticmethod
     def _log_outcomes(server_round: int, outcomes: list[ClientOutcome]) -> None:
@@ -594,27 +628,32 @@ class FedPrimeStrategy(FedAvg):
         return list(self._evaluate_sent.messages)
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        """Sample-weighted mean of the clients' local validation metrics (bad replies logged and ignored)."""
+        """Sample-weighted mean of the clients' local validation metrics (bad replies logged and ignored).
+
+        Each reply's metrics are parsed at :func:`~fedprime_protocol.messages.parse_evaluate_reply`
+        (known names, finite values in range, ``num-examples`` at most ``max-client-examples``);
+        a reply that does not fit is logged with its reason and left out.
+        """
         rows = []
         destinations = (self._evaluate_sent or Dispatch()).destinations()
+        limits = ReplyLimits(max_examples=self.cfg.max_client_examples)
+        seen: set[int] = set()
         for message in replies:
+            node = self._node_of(message, destinations)
+            if node in seen or (destinations and node not in destinations.values()):
+                continue
+            seen.add(node)
             if message.has_error():
-                node = self._node_of(message, destinations)
-                log(
-                    WARNING,
-                    "round %d: node %s did not evaluate: %s",
-                    server_round,
-                    node,
-                    parse_reason(message.error.reason)[1],
-                )
+                reason = parse_reason(message.error.reason)[1]
+                log(WARNING, "round %d: node %s did not evaluate: %s", server_round, node, reason)
                 continue
-            if METRICS not in message.content.metric_records:
+            metrics, reason = parse_evaluate_reply(message, limits)
+            if metrics is None:
+                if reason:
+                    log(WARNING, "round %d: rejected evaluate reply from node %s: %s", server_round, node, one_line(reason))
                 continue
-            metrics = message.content.metric_records[METRICS]
-            n = metrics.get(NUM_EXAMPLES, 0)
-            values = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and k != NUM_EXAMPLES}
-            if isinstance(n, (int, float)) and n > 0 and all(np.isfinite(list(values.values()))):
-                rows.append((float(n), values))
+            count = int(metrics.pop(NUM_EXAMPLES))
+            rows.append((count, metrics))
         if not rows:
             return None
         # Sum in an order fixed by the replies' content, not by when they arrived (nor by node
@@ -622,7 +661,9 @@ class FedPrimeStrategy(FedAvg):
         rows.sort(key=lambda row: (row[0], sorted(row[1].items())))
         total = sum(n for n, _ in rows)
         keys = set.intersection(*(set(v) for _, v in rows))
-        out = {k: sum(n * v[k] for n, v in rows) / total for k in sorted(keys)}
+        out: dict[str, float | int] = {
+            k: math.fsum((n / total) * v[k] for n, v in rows) for k in sorted(keys)
+        }
         out[NUM_EXAMPLES] = int(total)
         return MetricRecord(out)
 
