@@ -35,6 +35,7 @@ from fedprime_core.data.records import DataError
 from fedprime_core.failures import RunFailed, one_line
 from fedprime_core.method.methods import method_spec
 from fedprime_core.results import CHECKPOINT_META, find_checkpoint, load_checkpoint, write_json
+from fedprime_core.runguard import RunGuard
 from fedprime_core.runlock import RunFolderBusy, RunLock
 from fedprime_protocol.logs import ClientLogGrid, connect
 from fedprime_protocol.messages import identity_query, parse_identity_record, record_to_state, state_to_record
@@ -110,22 +111,41 @@ def prepare_run(
     return run_dir, None, [], {}, None
 
 
+def folder_problem(run_dir: Path | str, exc: OSError) -> str:
+    """What is wrong with a run folder the ServerApp cannot create, lock or write, and what to do."""
+    what = exc.strerror or type(exc).__name__
+    where = f" ({exc.filename})" if exc.filename and str(exc.filename) != str(run_dir) else ""
+    return (
+        f"the run folder {run_dir} cannot be created or written: {what}{where} [{type(exc).__name__}]; "
+        "set results-dir to a folder this ServerApp can write (an absolute path on the machine it runs on)"
+    )
+
+
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     """Run a FedPrime federation configured by ``context.run_config``."""
+    folder: Path | str = "?"
     try:
         cfg = parse_run_config(context.run_config)
-        lock = RunLock(run_folder(cfg), purpose=f"ServerApp of run {context.run_id}").acquire()
+        folder = run_folder(cfg)
+        lock = RunLock(folder, purpose=f"ServerApp of run {context.run_id}").acquire()
     except (ConfigError, FileNotFoundError, RunFolderBusy) as exc:
         log(ERROR, "FedPrime cannot start: %s", exc)
         raise
-    watchdog = None
+    except OSError as exc:  # results-dir under a regular file, read-only, full
+        log(ERROR, "FedPrime cannot start: %s", folder_problem(folder, exc))
+        raise
+    watchdog = guard = None
     try:
         try:
             run_dir, state, history, clients, inter_record = prepare_run(cfg, lock.path.parent)
         except (ConfigError, FileNotFoundError, ValueError) as exc:
             log(ERROR, "FedPrime cannot start: %s", exc)
             raise
+        except OSError as exc:
+            log(ERROR, "FedPrime cannot start: %s", folder_problem(lock.path.parent, exc))
+            raise
+        guard = RunGuard(run_dir).start()  # marks the summary failed if this process is killed
         address = superlink_address(grid)
         if cfg.superlink_timeout > 0 and address:
             watchdog = SuperLinkWatchdog(address, cfg.superlink_timeout).start()
@@ -133,6 +153,8 @@ def main(grid: Grid, context: Context) -> None:
     finally:
         if watchdog is not None:
             watchdog.stop()
+        if guard is not None:
+            guard.stop()
         lock.release()
         with contextlib.suppress(OSError):
             lock.path.parent.rmdir()  # only a folder this start created and left empty
@@ -154,7 +176,11 @@ def _run(
     except (ConfigError, DataError, FileNotFoundError, ValueError, RunFailed) as exc:
         log(ERROR, "FedPrime cannot start: %s", exc)
         raise
-    write_json(run_dir / "config.json", config_to_dict(cfg))
+    try:
+        write_json(run_dir / "config.json", config_to_dict(cfg))
+    except OSError as exc:
+        log(ERROR, "FedPrime cannot start: %s", folder_problem(run_dir, exc))
+        raise
     log(INFO, "FedPrime run: method=%s dataset=%s model=%s; results in %s", cfg.method, cfg.dataset, cfg.model, run_dir)
     log(INFO, "What travels: %s", describe_communication(cfg))
 

@@ -771,15 +771,13 @@ class FedPrimeStrategy(FedAvg):
             if not saved:
                 # Stopped inside a round: the global state may already hold part of it, so the
                 # checkpoint stays at the last completed round; only the summary changes.
-                write_run_outputs(
-                    self.run_dir,
-                    self.history,
-                    self.multilabel,
-                    title,
-                    status="failed",
-                    reason=str(exc),
-                    wire=describe_communication(self.cfg),
-                )
+                self._write_failed(title, str(exc))
+            raise
+        except BaseException as exc:  # a bug, an interrupt, flwr stop: the summary must not say "running"
+            last = max((r["round"] for r in self.history), default=0)
+            reason = self._stop_reason(exc)
+            log(ERROR, "FedPrime run FAILED after round %d: %s", last, reason)
+            self._write_failed(title, reason)
             raise
         result.arrays = state_to_record(self.model.arrays)
         return result
@@ -824,30 +822,69 @@ class FedPrimeStrategy(FedAvg):
         return fields
 
     def _persist(self, server_round: int, title: str, status: str = "running", reason: str = "") -> None:
-        """Results first, checkpoint last: the checkpoint's round is the last complete one."""
-        write_run_outputs(
-            self.run_dir,
-            self.history,
-            self.multilabel,
-            title,
-            status=status,
-            reason=reason,
-            wire=describe_communication(self.cfg),
-        )
-        write_json(self.run_dir / "clients.json", self.clients)
-        save_checkpoint(
-            self.run_dir,
-            self.model.arrays,
-            {
-                "round": server_round,
-                "history": self.history,
-                "clients": self.clients,
-                "config": config_to_dict(self.cfg),
-                "state-keys": sorted(self.model.arrays),
-                "fingerprint": self.reference_fingerprint,
-                "inter-pool": self.model.record(),
-            },
-        )
+        """Results first, checkpoint last: the checkpoint's round is the last complete one.
+
+        Raises:
+            RunFailed: a file cannot be written (disk full, the folder turned read-only or
+                went away); the round is taken back out of the history, since its
+                checkpoint was not committed.
+        """
+        try:
+            write_run_outputs(
+                self.run_dir,
+                self.history,
+                self.multilabel,
+                title,
+                status=status,
+                reason=reason,
+                wire=describe_communication(self.cfg),
+            )
+            write_json(self.run_dir / "clients.json", self.clients)
+            save_checkpoint(
+                self.run_dir,
+                self.model.arrays,
+                {
+                    "round": server_round,
+                    "history": self.history,
+                    "clients": self.clients,
+                    "config": config_to_dict(self.cfg),
+                    "state-keys": sorted(self.model.arrays),
+                    "fingerprint": self.reference_fingerprint,
+                    "inter-pool": self.model.record(),
+                },
+            )
+        except OSError as exc:
+            if self.history and self.history[-1].get("round") == server_round:
+                self.history.pop()
+            where = f" ({exc.filename})" if exc.filename else ""
+            raise RunFailed(
+                f"cannot write the results of round {server_round} to {self.run_dir}: "
+                f"{exc.strerror or exc}{where} [{type(exc).__name__}]; the checkpoint stays at the last round saved"
+            ) from exc
+
+    def _write_failed(self, title: str, reason: str) -> None:
+        """The summary of a failed run, as far as the folder can still be written (else a log line says so)."""
+        try:
+            write_run_outputs(
+                self.run_dir,
+                self.history,
+                self.multilabel,
+                title,
+                status="failed",
+                reason=reason,
+                wire=describe_communication(self.cfg),
+            )
+        except OSError as exc:
+            log(ERROR, "cannot write the failed status to %s either: %s", self.run_dir, exc.strerror or exc)
+
+    def _stop_reason(self, exc: BaseException) -> str:
+        """One line on why the loop ended with ``exc``, which is not a :class:`RunFailed`."""
+        if isinstance(exc, KeyboardInterrupt):
+            lost = self.stop_check() if self.stop_check is not None else None
+            return lost or "the ServerApp was interrupted (SIGINT)"
+        if isinstance(exc, SystemExit):
+            return f"the ServerApp was stopped (exit code {exc.code}: flwr stop, SIGTERM, or its SuperLink went away)"
+        return f"the ServerApp failed: {one_line(f'{type(exc).__name__}: {exc}')} (a bug: please report it with the log)"
 
     def _log_eval(self, server_round: int, evaluation: dict[str, dict[str, float]]) -> None:
         metric = metric_name(self.multilabel)
