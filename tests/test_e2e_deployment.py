@@ -209,7 +209,10 @@ def test_an_outsider_with_the_ca_or_an_unregistered_key_cannot_join_register_or_
         addresses = {"sites": _listening(fed.port), "control": _listening(fed.control)}
     finally:
         fed.stop()
-    record = "\n".join(f"outsider {name}: exit {out.returncode}: {' '.join(out.stdout.split())[-300:]}" for name, out in tries.items())
+    record = "\n".join(
+        f"outsider {name}: exit {out.returncode}: {' '.join((out.stdout + out.stderr).split())[-300:]}"
+        for name, out in tries.items()
+    )
     (tmp_path / "outsider.txt").write_text(record)
     print(record)
     for name, out in tries.items():
