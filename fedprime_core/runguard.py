@@ -21,6 +21,7 @@ import datetime as dt
 import fcntl
 import json
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -39,10 +40,13 @@ class RunGuard:
 
     Args:
         run_dir: the run folder (holding ``run.lock`` and, from round 0 on, ``summary.json``).
+        superlink: ``host:port`` of the SuperLink the ServerApp talks to, if known: the reason
+            then says whether it was still there.
     """
 
-    def __init__(self, run_dir: Path) -> None:
+    def __init__(self, run_dir: Path, superlink: str | None = None) -> None:
         self.run_dir = Path(run_dir)
+        self.superlink = superlink
         self._write: int | None = None
         self.process: subprocess.Popen | None = None
 
@@ -50,7 +54,15 @@ class RunGuard:
         read, write = os.pipe()  # not inherited by any other child: only the guard gets `read`
         try:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "fedprime_core.runguard", str(self.run_dir), str(os.getpid()), str(read)],
+                [
+                    sys.executable,
+                    "-m",
+                    "fedprime_core.runguard",
+                    str(self.run_dir),
+                    str(os.getpid()),
+                    str(read),
+                    self.superlink or "",
+                ],
                 pass_fds=(read,),
                 stdin=subprocess.DEVNULL,  # and no output pipe held open after the ServerApp is gone
                 stdout=subprocess.DEVNULL,
@@ -98,7 +110,16 @@ def _take_lock(path: Path, timeout: float) -> int | None:
         time.sleep(0.2)
 
 
-def mark_dead(run_dir: Path, pid: int) -> str | None:
+def _reachable(address: str, timeout: float = 3.0) -> bool:
+    host, _, port = address.rpartition(":")
+    try:
+        with socket.create_connection((host.strip("[]") or "127.0.0.1", int(port)), timeout=timeout):
+            return True
+    except (OSError, ValueError):
+        return False
+
+
+def mark_dead(run_dir: Path, pid: int, superlink: str | None = None) -> str | None:
     """After the ServerApp ``pid`` died: the reason written into a summary that said ``running``
     (``None`` when the folder needed nothing or belongs to a live process again)."""
     lock = run_dir / LOCK_NAME
@@ -119,10 +140,13 @@ def mark_dead(run_dir: Path, pid: int) -> str | None:
             from .results import mark_failed
 
             last = _last_round(run_dir)
+            if superlink and not _reachable(superlink):
+                why = f"its SuperLink at {superlink} is gone; restart the SuperLink, then"
+            else:
+                why = "it was killed (or crashed without a word);"
             reason = (
                 f"the ServerApp (process {pid}) ended without finishing after round {last} at "
-                f"{dt.datetime.now().isoformat(timespec='seconds')}: it was killed, or its SuperLink or machine went "
-                f"away; resume with resume='{run_dir}'"
+                f"{dt.datetime.now().isoformat(timespec='seconds')}: {why} resume with resume='{run_dir}'"
             )
             mark_failed(run_dir, reason)
         lock.unlink(missing_ok=True)
@@ -140,6 +164,7 @@ def _last_round(run_dir: Path) -> int:
 
 def main(argv: list[str]) -> int:
     run_dir, pid, fd = Path(argv[0]), int(argv[1]), int(argv[2])
+    superlink = argv[3] if len(argv) > 3 and argv[3] else None
     word = b""
     while True:
         try:
@@ -152,7 +177,7 @@ def main(argv: list[str]) -> int:
     if word.startswith(DONE):
         return 0
     try:
-        mark_dead(run_dir, pid)
+        mark_dead(run_dir, pid, superlink)
     except OSError:  # a folder that cannot be written any more: nothing more to do
         return 1
     return 0

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import sys
 from logging import ERROR, INFO, WARNING
 from pathlib import Path
 from typing import Any
@@ -145,8 +146,8 @@ def main(grid: Grid, context: Context) -> None:
         except OSError as exc:
             log(ERROR, "FedPrime cannot start: %s", folder_problem(lock.path.parent, exc))
             raise
-        guard = RunGuard(run_dir).start()  # marks the summary failed if this process is killed
         address = superlink_address(grid)
+        guard = RunGuard(run_dir, address).start()  # marks the summary failed if this process is killed
         if cfg.superlink_timeout > 0 and address:
             watchdog = SuperLinkWatchdog(address, cfg.superlink_timeout).start()
         _run(cfg, grid, run_dir, state, history, clients, inter_record, watchdog)
@@ -176,6 +177,14 @@ def _run(
     except (ConfigError, DataError, FileNotFoundError, ValueError, RunFailed) as exc:
         log(ERROR, "FedPrime cannot start: %s", exc)
         raise
+    exposed = ray_address()
+    if exposed:
+        log(
+            WARNING,
+            "Ray (the simulation engine) listens on %s, not only on this machine: export "
+            "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 before `flwr run` to keep it on 127.0.0.1",
+            exposed,
+        )
     try:
         write_json(run_dir / "config.json", config_to_dict(cfg))
     except OSError as exc:
@@ -230,6 +239,22 @@ def _run(
     if summary.is_file():
         for line in summary.read_text().splitlines():
             log(INFO, "%s", line)
+
+
+def ray_address() -> str | None:
+    """The address Ray's processes listen on when this is a simulation whose Ray is not on loopback, else ``None``.
+
+    On Linux Ray binds its servers to every interface of the machine (and its agents to its
+    external address) unless ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`` was set for ``flwr run``.
+    """
+    ray = sys.modules.get("ray")
+    try:
+        if ray is None or not ray.is_initialized():
+            return None
+        address = ray.util.get_node_ip_address()
+    except Exception:  # noqa: BLE001 - a check that must never stop a run
+        return None
+    return None if address in ("127.0.0.1", "localhost", "::1") else str(address)
 
 
 def node_census(grid: Grid, cfg: RunConfig, watchdog: SuperLinkWatchdog | None = None) -> dict[int, dict[str, Any]]:

@@ -131,7 +131,7 @@ SERVERAPP = textwrap.dedent(
     (folder / "summary.json").write_text(json.dumps({"status": "running", "metric": "accuracy"}))
     (folder / "summary.md").write_text("# title\\n\\nMetric: accuracy\\n")
     (folder / "checkpoint.json").write_text(json.dumps({"round": 3}))
-    guard = RunGuard(folder).start()
+    guard = RunGuard(folder, sys.argv[3] if len(sys.argv) > 3 else None).start()
     print(guard.process.pid, flush=True)
     if sys.argv[2] == "kill":
         os.kill(os.getpid(), signal.SIGKILL)
@@ -142,9 +142,13 @@ SERVERAPP = textwrap.dedent(
 )
 
 
-def _serverapp(folder: Path, how: str) -> int:
+def _serverapp(folder: Path, how: str, *superlink: str) -> int:
     proc = subprocess.run(
-        [sys.executable, "-c", SERVERAPP, str(folder), how], cwd=ROOT, capture_output=True, text=True, timeout=60
+        [sys.executable, "-c", SERVERAPP, str(folder), how, *superlink],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     return int(proc.stdout.split()[0])
 
@@ -165,10 +169,17 @@ def test_a_killed_serverapps_summary_is_marked_failed_and_its_lock_released(tmp_
     assert _gone(guard), "the guard outlived its ServerApp"
     status = json.loads((tmp_path / "summary.json").read_text())
     assert status["status"] == "failed" and status["metric"] == "accuracy"
-    assert "ended without finishing after round 3" in status["reason"]
+    assert "ended without finishing after round 3" in status["reason"] and "it was killed" in status["reason"]
     assert f"resume='{tmp_path}'" in status["reason"]
     assert "**Run failed:** the ServerApp (process" in (tmp_path / "summary.md").read_text()
     assert not (tmp_path / "run.lock").exists()
+
+
+def test_a_serverapp_whose_superlink_is_gone_is_marked_failed_with_that_reason(tmp_path):
+    guard = _serverapp(tmp_path, "kill", "127.0.0.1:9")  # the discard port: nothing listens
+    assert _gone(guard)
+    reason = json.loads((tmp_path / "summary.json").read_text())["reason"]
+    assert "its SuperLink at 127.0.0.1:9 is gone; restart the SuperLink, then resume with resume=" in reason
 
 
 def test_a_serverapp_that_ends_by_itself_leaves_its_status_to_itself(tmp_path):
