@@ -189,3 +189,12 @@ def test_evaluate_replies_are_parsed_too():
         out = round_.strategy.aggregate_evaluate(1, replies)
     assert out["num-examples"] == 20 and out["accuracy"] == pytest.approx(0.6)
     assert np.isfinite(list(out.values())).all()
+
+
+def test_a_site_with_a_client_id_the_server_would_refuse_is_told_at_home():
+    from fedprime_core.config import ConfigError
+    from fedprime_core.runtime import node_client
+
+    with pytest.raises(ConfigError, match=r"node config key 'client-id': client id 'hôpital a' must be 1-64 ASCII"):
+        node_client({"client-id": "hôpital a", "partition-id": 0, "num-partitions": 2})
+    assert node_client({"client-id": "hospital-a.b@c+1", "data-dir": "/data"}).client_id == "hospital-a.b@c+1"
