@@ -377,7 +377,11 @@ def mark_failed(run_dir: Path, reason: str) -> None:
     run_dir = Path(run_dir)
     path = run_dir / "summary.json"
     summary = json.loads(path.read_text())
-    summary = {"status": "failed", "reason": reason, **{k: v for k, v in summary.items() if k not in ("status", "reason")}}
+    summary = {
+        "status": "failed",
+        "reason": reason,
+        **{k: v for k, v in summary.items() if k not in ("status", "reason")},
+    }
     write_json(path, summary)
     markdown = run_dir / "summary.md"
     if markdown.is_file():

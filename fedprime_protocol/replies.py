@@ -234,7 +234,11 @@ def parse_record(
         except Rejected as exc:
             reasons.append(f"{what} field '{key}' {exc}")
     reasons += [f"{what} has no '{key}'" for key in required if key not in out and key not in values]
-    if not reasons and {"partition-id", "num-partitions"} <= out.keys() and out["partition-id"] >= out["num-partitions"]:
+    if (
+        not reasons
+        and {"partition-id", "num-partitions"} <= out.keys()
+        and out["partition-id"] >= out["num-partitions"]
+    ):
         reasons.append(f"{what} has partition-id {out['partition-id']} outside 0..num-partitions-1")
     return out, reasons
 

@@ -650,7 +650,13 @@ class FedPrimeStrategy(FedAvg):
             metrics, reason = parse_evaluate_reply(message, limits)
             if metrics is None:
                 if reason:
-                    log(WARNING, "round %d: rejected evaluate reply from node %s: %s", server_round, node, one_line(reason))
+                    log(
+                        WARNING,
+                        "round %d: rejected evaluate reply from node %s: %s",
+                        server_round,
+                        node,
+                        one_line(reason),
+                    )
                 continue
             count = int(metrics.pop(NUM_EXAMPLES))
             rows.append((count, metrics))
@@ -661,9 +667,7 @@ class FedPrimeStrategy(FedAvg):
         rows.sort(key=lambda row: (row[0], sorted(row[1].items())))
         total = sum(n for n, _ in rows)
         keys = set.intersection(*(set(v) for _, v in rows))
-        out: dict[str, float | int] = {
-            k: math.fsum((n / total) * v[k] for n, v in rows) for k in sorted(keys)
-        }
+        out: dict[str, float | int] = {k: math.fsum((n / total) * v[k] for n, v in rows) for k in sorted(keys)}
         out[NUM_EXAMPLES] = int(total)
         return MetricRecord(out)
 
@@ -884,7 +888,9 @@ class FedPrimeStrategy(FedAvg):
             return lost or "the ServerApp was interrupted (SIGINT)"
         if isinstance(exc, SystemExit):
             return f"the ServerApp was stopped (exit code {exc.code}: flwr stop, SIGTERM, or its SuperLink went away)"
-        return f"the ServerApp failed: {one_line(f'{type(exc).__name__}: {exc}')} (a bug: please report it with the log)"
+        return (
+            f"the ServerApp failed: {one_line(f'{type(exc).__name__}: {exc}')} (a bug: please report it with the log)"
+        )
 
     def _log_eval(self, server_round: int, evaluation: dict[str, dict[str, float]]) -> None:
         metric = metric_name(self.multilabel)

@@ -220,7 +220,9 @@ def test_an_outsider_with_the_ca_or_an_unregistered_key_cannot_join_register_or_
     assert "registered successfully" not in tries["register"].stdout
     superlink_log = (fed.logs / "superlink.log").read_text()
     for path in ("/v1/control/register-node", "/v1/control/start-run", "/v1/control/list-runs", "/v1/control/stop-run"):
-        assert f"fleet gate: refused POST {path} from 127.0.0.1: this address serves the Fleet API only" in superlink_log
+        assert (
+            f"fleet gate: refused POST {path} from 127.0.0.1: this address serves the Fleet API only" in superlink_log
+        )
     assert "No SuperNode found with the given public key" in superlink_log  # the SuperLink's own line
     assert "fleet gate: the SuperLink refused /v1/fleet/activate-node from 127.0.0.1: 412" in superlink_log
     assert "Failed to activate SuperNode" in (fed.logs / "supernode-1.log").read_text()

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.processes import ROOT, flower_env, marked_pids, run_checked, stop_marked
+from tests.processes import ROOT, flower_env, marked_pids, stop_marked
 from tests.test_e2e_deployment import QUICK, Federation, wait_for_round
 
 pytestmark = pytest.mark.slow
@@ -72,40 +72,61 @@ def kill(marker: str, name: str) -> list[int]:
 
 
 class Simulation:
+    """``flwr run --stream`` of a small simulation, in the background, until its round 1 is saved."""
+
     def __init__(self, tmp_path: Path) -> None:
         self.home = tmp_path / "flwr-home"
         self.home.mkdir()
         self.results = tmp_path / "results"
         self.env = flower_env(self.home)
         self.marker = f"FLWR_HOME={self.home}"
-        run_checked(["flwr", "ls"], self.env, timeout=120)  # the local SuperLink, started (and retried) first
-        self.stream = open(tmp_path / "stream.log", "w")  # noqa: SIM115 - closed in stop()
-        self.run = subprocess.Popen(
-            [
-                "flwr",
-                "run",
-                ".",
-                "--stream",
-                "--federation-config",
-                "num-supernodes=2 client-resources-num-cpus=1",
-                "--run-config",
-                f'results-dir="{self.results}" run-name="k" {SMALL}',
-            ],
-            cwd=ROOT,
-            env=self.env,
-            stdout=self.stream,
-            stderr=subprocess.STDOUT,
-        )
+        self.log = tmp_path / "stream.log"
+        for _ in range(3):  # flwr gives its local SuperLink 15 s to start; a loaded machine may need more
+            self.run = self._start()
+            if self._round_1_or_exit():
+                return
+            if "Failed to start local SuperLink" not in self.log.read_text():
+                break
+            time.sleep(5)
+        raise AssertionError("the run did not reach round 1:\n" + self.log.read_text()[-3000:])
+
+    def _start(self) -> subprocess.Popen:
+        with open(self.log, "w") as stream:
+            return subprocess.Popen(
+                [
+                    "flwr",
+                    "run",
+                    ".",
+                    "--stream",
+                    "--federation-config",
+                    "num-supernodes=2 client-resources-num-cpus=1",
+                    "--run-config",
+                    f'results-dir="{self.results}" run-name="k" {SMALL}',
+                ],
+                cwd=ROOT,
+                env=self.env,
+                stdout=stream,
+                stderr=subprocess.STDOUT,
+            )
+
+    def _round_1_or_exit(self, timeout: float = 900) -> bool:
+        meta = self.results / "k" / "checkpoint.json"
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if meta.exists() and json.loads(meta.read_text())["round"] >= 1:
+                return True
+            if self.run.poll() is not None:
+                return False
+            time.sleep(1)
+        return False
 
     def stop(self) -> None:
         stop_marked(self.marker)
-        self.stream.close()
 
 
 def test_simulation_superlink_killed(tmp_path, tiny_vilt):
     sim = Simulation(tmp_path)
     try:
-        wait_for_round(sim.results / "k", 1)
         listening = listeners(marked_pids(sim.marker))
         kill(sim.marker, "flower-superlink")
         sim.run.wait(timeout=300)  # flwr run --stream returns
@@ -122,7 +143,6 @@ def test_simulation_superlink_killed(tmp_path, tiny_vilt):
 def test_simulation_serverapp_killed(tmp_path, tiny_vilt):
     sim = Simulation(tmp_path)
     try:
-        wait_for_round(sim.results / "k", 1)
         kill(sim.marker, "flwr-simulation")
         sim.run.wait(timeout=300)  # flwr run --stream returns
         # The local SuperLink (and its SuperExec) outlive every run by design; nothing else may.

@@ -24,6 +24,7 @@ from pathlib import Path
 import pytest
 
 from fedprime_core import atomic
+from fedprime_core.config import config_to_dict
 from fedprime_core.failures import RunFailed
 from fedprime_core.results import load_checkpoint
 from fedprime_core.runguard import RunGuard
@@ -251,10 +252,9 @@ def test_a_really_full_or_read_only_results_folder(quick_config, tmp_path, mount
     results = tmp_path / "mnt"
     results.mkdir()
     cfg = quick_config(results_dir=str(results), run_name="r", num_server_rounds=6, fraction_evaluate=0.0)
-    from fedprime_core.config import config_to_dict
-
-    script = RUN_IN_NAMESPACE.format(root=str(ROOT))
-    inner = f"mount -t tmpfs -o {mount} tmpfs {results} && {sys.executable} -c {_quote(script)} {_quote(json.dumps(config_to_dict(cfg)))}"
+    script = _quote(RUN_IN_NAMESPACE.format(root=str(ROOT)))
+    settings = _quote(json.dumps(config_to_dict(cfg)))
+    inner = f"mount -t tmpfs -o {mount} tmpfs {results} && {sys.executable} -c {script} {settings}"
     if mount != "ro":
         inner += f" ; cat {results}/r/summary.json ; ls -a {results}/r"
     proc = subprocess.run(["unshare", "-rm", "sh", "-c", inner], cwd=ROOT, capture_output=True, text=True, timeout=600)

@@ -37,7 +37,10 @@ def play(method: str, hostile_parts: dict[str, Any] | None) -> dict[str, Any]:
         round_ = ReplyRound(method, Path(tmp) / "fuzz")
         replies = [round_.honest(node) for node in HONEST]
         if hostile_parts is not None:
-            replies.append(round_.message(HOSTILE, hostile_parts))
+            try:
+                replies.append(round_.message(HOSTILE, hostile_parts))
+            except (TypeError, ValueError):
+                reject()  # Flower itself refuses to carry it: no client can send it
         return round_.run(replies)
 
 
@@ -56,12 +59,7 @@ def parts_of(method: str, node: int = HOSTILE) -> dict[str, Any]:
 def check(method: str, ops: list[tuple]) -> str:
     """Play ``ops`` against ``method``; the properties every reply must keep. Returns the fourth node's status."""
     parts = apply(parts_of(method), ops)
-    try:
-        outcome = play(method, parts)
-    except (TypeError, ValueError) as exc:
-        if "Array" in str(exc) or "Record" in type(exc).__name__ or "must be of type" in str(exc) or "not supported" in str(exc):
-            reject()  # Flower itself refuses to carry it: no client can send it
-        raise
+    outcome = play(method, parts)
     status = outcome["status"][HOSTILE]
     assert status in ("accepted", "rejected")
     assert all(outcome["status"][node] == "accepted" for node in HONEST)
@@ -143,7 +141,11 @@ def test_a_sample_count_within_the_clients_own_num_train_is_its_weight_and_no_mo
 def test_a_client_log_cannot_forge_server_lines(caplog):
     caplog.set_level(logging.INFO, logger="flwr")
     parts = parts_of("fed-intra")
-    parts["client-log"] = {"client": "x\nFedPrime finished", "levels": [10**6], "lines": ["ok\nFedPrime finished\x1b[2J"]}
+    parts["client-log"] = {
+        "client": "x\nFedPrime finished",
+        "levels": [10**6],
+        "lines": ["ok\nFedPrime finished\x1b[2J"],
+    }
     play("fed-intra", parts)
     lines = [r.getMessage() for r in caplog.records if "client " in r.getMessage()]
     assert "client node-4 | ok?FedPrime finished?[2J" in lines

@@ -182,10 +182,14 @@ async def _watch(pid: int, server) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m fedprime_core.tools.fleet_gate", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m fedprime_core.tools.fleet_gate", description=__doc__.split("\n")[0]
+    )
     parser.add_argument("--listen", required=True, help="HOST:PORT the sites connect to (their --superlink)")
     parser.add_argument("--upstream", required=True, help="HOST:PORT of the SuperLink (on loopback)")
-    parser.add_argument("--certs", help="folder with ca.crt, server.pem, server.key (scripts/gen_certs.sh); omit for HTTP")
+    parser.add_argument(
+        "--certs", help="folder with ca.crt, server.pem, server.key (scripts/gen_certs.sh); omit for HTTP"
+    )
     parser.add_argument("--watch-pid", type=int, help="exit when this process (the SuperLink) is gone")
     args = parser.parse_args(argv)
     import uvicorn
