@@ -67,6 +67,7 @@ from .replies import (
     parse_counts,
     parse_evaluate_metrics,
     parse_train_metrics,
+    show,
 )
 
 ARRAYS, CONFIG, METRICS, USAGE, CLIENT, WIRE = "arrays", "config", "metrics", "usage", "client", "wire"
@@ -114,10 +115,10 @@ def read_wire(content: RecordDict) -> tuple[str, bool]:
     if record is None:
         return "float32", False
     dtype, delta = record.get("dtype", "float32"), record.get("delta", False)
-    if dtype not in WIRE_DTYPES:
-        raise ValueError(f"wire dtype {dtype!r} is not one of {', '.join(WIRE_DTYPES)}")
+    if not isinstance(dtype, str) or dtype not in WIRE_DTYPES:
+        raise ValueError(f"wire dtype {show(dtype)} is not one of {', '.join(WIRE_DTYPES)}")
     if not isinstance(delta, bool):
-        raise ValueError(f"wire delta flag {delta!r} is not a boolean")
+        raise ValueError(f"wire delta flag {show(delta)} is not a boolean")
     return str(dtype), delta
 
 
