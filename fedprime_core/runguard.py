@@ -32,7 +32,7 @@ from .runlock import LOCK_NAME
 #: What the ServerApp writes on the pipe when it ends by itself.
 DONE = b"done"
 #: How long the guard tries to take the lock after the ServerApp died (the kernel frees it at exit).
-LOCK_WAIT_SECONDS = 10.0
+LOCK_WAIT_SECONDS = 3.0
 
 
 class RunGuard:

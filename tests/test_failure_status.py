@@ -72,7 +72,7 @@ def _fail_writes(monkeypatch, predicate, code=errno.ENOSPC):
 def test_a_full_disk_while_writing_a_checkpoint_fails_the_run_honestly_and_resume_repairs_it(
     quick_config, monkeypatch, logs
 ):
-    cfg = quick_config(run_name="full", num_server_rounds=3, fraction_evaluate=0.0)
+    cfg = quick_config(run_name="full", num_server_rounds=2, fraction_evaluate=0.0)
     folder = run_dir_of(cfg)
 
     def full_from_round_2(path: Path) -> bool:
@@ -91,12 +91,12 @@ def test_a_full_disk_while_writing_a_checkpoint_fails_the_run_honestly_and_resum
     assert not (folder / "run.lock").exists()
     assert "FedPrime run FAILED after round 1: cannot write the results of round 2" in logs.text
     monkeypatch.undo()
-    run(quick_config(run_name="full", num_server_rounds=3, fraction_evaluate=0.0, resume=str(folder)), num_nodes=2)
-    assert [r["round"] for r in history(cfg)] == [0, 1, 2, 3] and summary(cfg)["status"] == "finished"
+    run(quick_config(run_name="full", num_server_rounds=2, fraction_evaluate=0.0, resume=str(folder)), num_nodes=2)
+    assert [r["round"] for r in history(cfg)] == [0, 1, 2] and summary(cfg)["status"] == "finished"
 
 
 def test_a_disk_too_full_for_even_the_summary_says_so_in_the_log_and_lets_the_lock_go(quick_config, monkeypatch, logs):
-    cfg = quick_config(run_name="nothing", num_server_rounds=2, fraction_evaluate=0.0)
+    cfg = quick_config(run_name="nothing", num_server_rounds=1, fraction_evaluate=0.0)
     folder = run_dir_of(cfg)
     _fail_writes(monkeypatch, lambda path: path.name != "config.json" and path.name != "metrics.json")
     with pytest.raises(RunFailed):
@@ -106,7 +106,7 @@ def test_a_disk_too_full_for_even_the_summary_says_so_in_the_log_and_lets_the_lo
 
 
 def test_a_bug_in_the_loop_is_a_failed_run_not_a_running_one(quick_config, monkeypatch, logs):
-    cfg = quick_config(run_name="bug", num_server_rounds=2, fraction_evaluate=0.0)
+    cfg = quick_config(run_name="bug", num_server_rounds=1, fraction_evaluate=0.0)
 
     def broken(self, *args, **kwargs):
         raise ZeroDivisionError("planted")
