@@ -20,6 +20,7 @@ from __future__ import annotations
 import datetime as dt
 import fcntl
 import json
+import logging
 import os
 import socket
 import subprocess
@@ -28,6 +29,8 @@ import time
 from pathlib import Path
 
 from .runlock import LOCK_NAME
+
+LOGGER = logging.getLogger(__name__)
 
 #: What the ServerApp writes on the pipe when it ends by itself.
 DONE = b"done"
@@ -51,6 +54,7 @@ class RunGuard:
         self.process: subprocess.Popen | None = None
 
     def start(self) -> RunGuard:
+        """Start the guard process; a guard that cannot start is logged and the run goes on without it."""
         read, write = os.pipe()  # not inherited by any other child: only the guard gets `read`
         try:
             self.process = subprocess.Popen(
@@ -69,6 +73,12 @@ class RunGuard:
                 stderr=subprocess.DEVNULL,
                 start_new_session=True,  # a kill of the ServerApp's process group does not take the guard along
             )
+        except OSError as exc:
+            os.close(write)
+            LOGGER.warning(
+                "no guard for %s (%s): a killed ServerApp would leave its summary 'running'", self.run_dir, exc
+            )
+            return self
         finally:
             os.close(read)
         self._write = write

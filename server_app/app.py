@@ -35,7 +35,7 @@ from fedprime_core.config import (
 from fedprime_core.data.records import DataError
 from fedprime_core.failures import RunFailed, one_line
 from fedprime_core.method.methods import method_spec
-from fedprime_core.results import CHECKPOINT_META, find_checkpoint, load_checkpoint, write_json
+from fedprime_core.results import CHECKPOINT_META, find_checkpoint, load_checkpoint, mark_failed, write_json
 from fedprime_core.runguard import RunGuard
 from fedprime_core.runlock import RunFolderBusy, RunLock
 from fedprime_protocol.logs import ClientLogGrid, connect
@@ -231,7 +231,17 @@ def _run(
     except RunFailed:
         log(ERROR, "FedPrime stopped. Results so far: %s (summary.md says why)", run_dir)
         raise
-    save_result(run_dir, result)
+    try:
+        save_result(run_dir, result)
+    except OSError as exc:
+        reason = (
+            f"all {cfg.num_server_rounds} rounds finished and the checkpoint holds them, but final.npz and "
+            f"result.json cannot be written to {run_dir}: {exc.strerror or exc} [{type(exc).__name__}]"
+        )
+        log(ERROR, "FedPrime run FAILED: %s", reason)
+        with contextlib.suppress(OSError, ValueError):
+            mark_failed(run_dir, reason)
+        raise RunFailed(reason) from exc
     if not strategy.clients:
         log(WARNING, "no client update was accepted in this run")
     log(INFO, "FedPrime finished. Results: %s (summary.md, metrics.csv, curves.png, final.npz)", run_dir)
