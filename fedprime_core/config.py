@@ -592,6 +592,15 @@ OPTIONS: tuple[Option, ...] = (
         min_exclusive=True,
         resumable=True,
     ),
+    Option(
+        "max-client-examples",
+        int,
+        1_000_000,
+        "Reject a reply claiming more samples than this (a train reply also when it claims more than "
+        "its own num-train): the sample count weighs a client in FedAvg and the server cannot check it.",
+        min=1,
+        resumable=True,
+    ),
     Option("num-workers", int, 0, "DataLoader worker processes per client.", min=0, resumable=True),
     Option(
         "fault-plan",
@@ -688,6 +697,7 @@ class RunConfig:
     query_rank: int = 0
     exchange_pooler: bool = True
     max_update_norm: float = 10000.0
+    max_client_examples: int = 1000000
     num_workers: int = 0
     fault_plan: str = ""
 

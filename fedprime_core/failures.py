@@ -83,6 +83,7 @@ def one_line(text: str, limit: int = MAX_REASON_CHARS) -> str:
 
 def parse_reason(reason: str) -> tuple[str | None, str]:
     """``(kind, one-line text)`` of an error reason a client sent (or Flower made up)."""
+    reason = "" if reason is None else str(reason)
     match = _TAG.match(reason.strip())
     if match:
         kind, text = match.groups()

@@ -96,10 +96,13 @@ def save_checkpoint(run_dir: Path, state: Mapping[str, np.ndarray], meta: Mappin
     committed = {**meta, "arrays-file": name, "arrays-sha256": hashlib.sha256(blob).hexdigest()}
     text = json.dumps(_jsonable(committed), indent=2)
     atomic_write(run_dir / CHECKPOINT_META, lambda h: h.write(text.encode()), durable=True)
-    for old in run_dir.iterdir():
-        stale_array = old.name != name and (_ARRAYS_NAME.match(old.name) or old.name == LEGACY_CHECKPOINT_ARRAYS)
-        if stale_array or old.name.startswith((".checkpoint-", f".{CHECKPOINT_META}.")):  # left by a killed write
-            old.unlink(missing_ok=True)
+    try:  # committed: what follows is tidying, and a failure here loses nothing
+        for old in run_dir.iterdir():
+            stale_array = old.name != name and (_ARRAYS_NAME.match(old.name) or old.name == LEGACY_CHECKPOINT_ARRAYS)
+            if stale_array or old.name.startswith((".checkpoint-", f".{CHECKPOINT_META}.")):  # left by a killed write
+                old.unlink(missing_ok=True)
+    except OSError:
+        pass
 
 
 def _arrays_path(run_dir: Path, meta: Mapping[str, Any]) -> Path:
@@ -491,3 +494,24 @@ def write_run_outputs(
     atomic_write_bytes(run_dir / "summary.md", text.encode())
     plot_curves(run_dir, history, metric_name(multilabel), title)
     return summary
+
+
+def mark_failed(run_dir: Path, reason: str) -> None:
+    """Mark the summary of a run whose ServerApp is gone as ``failed`` with ``reason``.
+
+    ``summary.json`` gets ``status: failed`` and the reason; ``summary.md`` the reason under its
+    title. Everything else (metrics, checkpoint) stays as the last completed round left it.
+    """
+    run_dir = Path(run_dir)
+    path = run_dir / "summary.json"
+    summary = json.loads(path.read_text())
+    summary = {
+        "status": "failed",
+        "reason": reason,
+        **{k: v for k, v in summary.items() if k not in ("status", "reason")},
+    }
+    write_json(path, summary)
+    markdown = run_dir / "summary.md"
+    if markdown.is_file():
+        header, _, rest = markdown.read_text().partition("\n\n")
+        atomic_write_bytes(markdown, f"{header}\n\n**Run failed:** {reason}\n\n{rest}".encode())

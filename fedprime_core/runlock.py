@@ -118,11 +118,17 @@ class RunLock:
         return self
 
     def release(self) -> None:
-        """Remove the lock file and let go (removing first, so nobody locks a file about to vanish)."""
+        """Remove the lock file and let go (removing first, so nobody locks a file about to vanish).
+
+        A lock file that cannot be removed (the folder turned read-only) is only let go: it stays,
+        unlocked, and counts as stale (:func:`lock_state`); the next owner takes it over.
+        """
         if self._fd is None:
             return
         try:
             self.path.unlink(missing_ok=True)
+        except OSError as exc:
+            LOGGER.warning("cannot remove %s (%s): it stays behind, unlocked (stale)", self.path, exc.strerror or exc)
         finally:
             os.close(self._fd)  # closing the last descriptor releases the flock
             self._fd = None

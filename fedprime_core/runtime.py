@@ -35,7 +35,7 @@ from .data.processing import MultimodalDataset, make_loader
 from .data.records import DatasetSplits
 from .data.shards import ClientNode, ClientShard, Draw, LabelSpace, draw_seed
 from .devices import resolve_device
-from .method.federated import client_identity
+from .method.federated import client_id_problem, client_identity
 from .method.methods import method_spec
 from .method.model import PromptedModel, PromptSettings, load_trainable_state, trainable_state
 from .method.training import TrainResult, TrainSettings, evaluate, train_local
@@ -204,7 +204,10 @@ def node_client(node_config: Mapping[str, Any], node_id: int = 0) -> ClientNode:
             "node config names no data: start the SuperNode with --node-config 'data-dir=\"/path/to/site\"' "
             "(this site's own data) or 'partition-id=<i> num-partitions=<n>' (a shard of the run's data-dir)"
         )
-    text("client-id")  # checked: a string if given
+    explicit_id = text("client-id")
+    problem = client_id_problem(explicit_id) if explicit_id else None
+    if problem:  # the server would refuse every reply of this node: say so where it can be fixed
+        raise ConfigError(f"node config key 'client-id': {problem}")
     return ClientNode(
         client_id=client_identity(node_config, node_id),
         partition_id=partition_id,

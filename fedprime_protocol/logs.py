@@ -48,15 +48,18 @@ from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.common.logger import FLOWER_LOGGER, console_handler, log
 from flwr.serverapp import Grid
 
+from fedprime_core.method.federated import client_id_problem
 from fedprime_core.progress import format_duration
+
+from .replies import MAX_LOG_CHARS, MAX_LOG_LINES, parse_client_log
 
 #: The loggers whose records are routed to Flower's handlers.
 LOGGERS = ("fedprime_core", "fedprime_protocol", "client_app", "server_app")
 #: Name of the ConfigRecord in which a client returns its log lines.
 CLIENT_LOG = "client-log"
 #: At most this many lines (of at most this many characters) travel with one reply.
-MAX_LINES = 200
-MAX_CHARS = 2000
+MAX_LINES = MAX_LOG_LINES
+MAX_CHARS = MAX_LOG_CHARS
 
 
 def flower_level() -> int:
@@ -188,17 +191,20 @@ def forward_logs(handler: Callable[[Message, object], Message]) -> Callable[[Mes
 # ServerApp side: log the lines that arrive with the replies
 # ---------------------------------------------------------------------------------------
 def log_client_lines(reply: Message) -> None:
-    """Log the lines a client returned with ``reply`` (``client <id> | <line>``)."""
+    """Log the lines a client returned with ``reply`` (``client <id> | <line>``).
+
+    What a client sends is bounded here (:func:`fedprime_protocol.replies.parse_client_log`):
+    at most :data:`MAX_LINES` lines of :data:`MAX_CHARS` characters, control characters (ANSI
+    escapes, line breaks that would forge a line of the server's own) shown as ``?``, levels
+    clamped; a label that is no valid client id is replaced by the node id.
+    """
     if reply.has_error() or CLIENT_LOG not in reply.content.config_records:
         return
     record = reply.content.config_records[CLIENT_LOG]
-    label = record.get("client", f"node-{reply.metadata.src_node_id}")
-    lines = record.get("lines", [])
-    levels = record.get("levels", [])
-    if not isinstance(lines, list):
-        return
-    for i, line in enumerate(lines):
-        level = levels[i] if isinstance(levels, list) and i < len(levels) and isinstance(levels[i], int) else INFO
+    label = record.get("client")
+    if client_id_problem(label) is not None:
+        label = f"node-{reply.metadata.src_node_id}"
+    for level, line in parse_client_log(record.get("lines"), record.get("levels")):
         log(level, "client %s | %s", label, line)
 
 

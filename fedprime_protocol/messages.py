@@ -44,12 +44,15 @@ Every array is cast for the wire here (both directions) and back to float32 on a
 (:func:`encode_arrays`, :func:`read_arrays`); a bfloat16 array travels as the ``uint16``
 upper half of its float32 pattern, since Flower's ``Array`` carries NumPy arrays and NumPy
 has no bfloat16. What arrives is validated after the cast
-(:func:`fedprime_core.method.federated.validate_update`).
+(:func:`fedprime_core.method.federated.validate_update`). Every other value in a reply
+(client record, metrics, counts) is parsed into typed, bounded values at one boundary,
+:mod:`fedprime_protocol.replies`, by :func:`parse_identity_record`, :func:`parse_train_reply`
+and :func:`parse_evaluate_reply`; what does not fit its schema is a rejection with a reason.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -57,6 +60,17 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, Re
 
 from fedprime_core.method.federated import ClientUpdate
 from fedprime_core.wire import WIRE_DTYPES, apply_delta, decode_state, encode_state, state_delta
+
+from .replies import (
+    IDENTITY_REQUIRED,
+    ReplyLimits,
+    clean_line,
+    parse_client_record,
+    parse_counts,
+    parse_evaluate_metrics,
+    parse_train_metrics,
+    show,
+)
 
 ARRAYS, CONFIG, METRICS, USAGE, CLIENT, WIRE = "arrays", "config", "metrics", "usage", "client", "wire"
 PATTERN_USAGE = "pattern-usage"
@@ -103,10 +117,10 @@ def read_wire(content: RecordDict) -> tuple[str, bool]:
     if record is None:
         return "float32", False
     dtype, delta = record.get("dtype", "float32"), record.get("delta", False)
-    if dtype not in WIRE_DTYPES:
-        raise ValueError(f"wire dtype {dtype!r} is not one of {', '.join(WIRE_DTYPES)}")
+    if not isinstance(dtype, str) or dtype not in WIRE_DTYPES:
+        raise ValueError(f"wire dtype {show(dtype)} is not one of {', '.join(WIRE_DTYPES)}")
     if not isinstance(delta, bool):
-        raise ValueError(f"wire delta flag {delta!r} is not a boolean")
+        raise ValueError(f"wire delta flag {show(delta)} is not a boolean")
     return str(dtype), delta
 
 
@@ -196,31 +210,51 @@ def identity_reply_content(client: Mapping[str, Any]) -> RecordDict:
     return RecordDict({CLIENT: ConfigRecord(dict(client))})
 
 
-def parse_identity_reply(message: Message) -> tuple[str | None, str]:
-    """``(client id, "")`` from an identity reply, or ``(None, reason)`` when it has none."""
+def parse_identity_record(message: Message) -> tuple[dict[str, Any] | None, str]:
+    """``(typed client record, "")`` of an identity reply, or ``(None, reason)`` when it is unusable.
+
+    The record is parsed by :func:`fedprime_protocol.replies.parse_client_record` (every field
+    typed and bounded, ``client-id`` required, no unknown field).
+    """
     if message.has_error():
         return None, f"client error: {message.error.reason}"
     record = message.content.config_records.get(CLIENT)
-    client = record.get("client-id") if record is not None else None
-    if not isinstance(client, str) or not client:
-        return None, "identity reply has no 'client-id'"
+    if record is None:
+        return None, f"identity reply has no '{CLIENT}' record"
+    client, reasons = parse_client_record(dict(record), required=IDENTITY_REQUIRED)
+    if reasons:
+        return None, "; ".join(reasons)
     return client, ""
 
 
+def parse_identity_reply(message: Message) -> tuple[str | None, str]:
+    """``(client id, "")`` from an identity reply, or ``(None, reason)`` (:func:`parse_identity_record`)."""
+    client, reason = parse_identity_record(message)
+    return (client["client-id"], "") if client is not None else (None, reason)
+
+
 def parse_train_reply(
-    message: Message, sent: Mapping[str, np.ndarray] | None = None
+    message: Message,
+    sent: Mapping[str, np.ndarray] | None = None,
+    *,
+    pools: Sequence[str] | None = None,
+    limits: ReplyLimits = ReplyLimits(),
 ) -> tuple[ClientUpdate | None, dict[str, Any], list[str]]:
     """Turn a train reply into a :class:`ClientUpdate` without trusting its contents.
 
     The arrays are decoded to float32 as the reply's ``"wire"`` record says; a delta is
-    added to ``sent``, the float32 arrays the server sent that node.
+    added to ``sent``, the float32 arrays the server sent that node. Every other record is
+    parsed at :mod:`fedprime_protocol.replies`: the client record, the metrics (with
+    ``num-examples`` bounded by ``limits`` and the client's own ``num-train``), the usage
+    and pattern-usage counts of ``pools`` (default: whatever pools the reply names).
 
     Returns:
         ``(update, client_info, reasons)``; ``update`` is ``None`` and ``reasons`` says why
-        when the reply is structurally unusable (missing records, unreadable arrays, arrays
-        that do not match their wire tag, a delta without ``sent``).
-        Content checks (shapes, NaN, norms, usage sizes) are left to
-        :func:`fedprime_core.method.federated.validate_update`.
+        when anything cannot be used (missing records, unreadable arrays, arrays that do
+        not match their wire tag, a delta without ``sent``, a field of the wrong type or out
+        of bounds). ``client_info`` is the typed client record (empty when it was refused).
+        Content checks of the arrays and of the counts against the pools (shapes, NaN,
+        norms, usage sizes) are left to :func:`fedprime_core.method.federated.validate_update`.
     """
     content = message.content
     reasons: list[str] = []
@@ -234,37 +268,58 @@ def parse_train_reply(
         dtype, delta = read_wire(content)
         state = record_to_state(content.array_records[ARRAYS], dtype)
     except Exception as exc:  # noqa: BLE001 - a corrupt array must not stop the round
-        return None, {}, [f"arrays cannot be decoded: {type(exc).__name__}: {exc}"]
+        return None, {}, [f"arrays cannot be decoded: {type(exc).__name__}: {clean_line(str(exc), 300)}"]
     if delta:
         if sent is None:
             return None, {}, ["reply carries a delta, but the server sent this node nothing to add it to"]
-        state = apply_delta(sent, state)
-    metrics = content.metric_records[METRICS]
-    usage_record = content.config_records.get(USAGE, ConfigRecord())
-    usage = {pool: np.asarray(counts) for pool, counts in usage_record.items()}
-    pattern_usage = {
-        pool: _pattern_table(flat, len(usage.get(pool, ())))
-        for pool, flat in content.config_records.get(PATTERN_USAGE, ConfigRecord()).items()
-    }
-    info = dict(content.config_records.get(CLIENT, ConfigRecord()))
-    num_examples = metrics.get(NUM_EXAMPLES, 0)
-    if isinstance(num_examples, float) and num_examples.is_integer():
-        num_examples = int(num_examples)
+        try:
+            state = apply_delta(sent, state)
+        except Exception as exc:  # noqa: BLE001 - a delta of another shape is the client's fault
+            return None, {}, [f"the delta cannot be added to what was sent: {type(exc).__name__}"]
+    record = content.config_records.get(CLIENT)
+    info, reasons = parse_client_record(dict(record) if record is not None else {}, required=())
+    if reasons:
+        info = {}
+    metrics, metric_reasons = parse_train_metrics(dict(content.metric_records[METRICS]), limits, info)
+    usage_record, pattern_record = content.config_records.get(USAGE), content.config_records.get(PATTERN_USAGE)
+    usage, pattern_usage, count_reasons = parse_counts(
+        dict(usage_record) if usage_record is not None else None,
+        dict(pattern_record) if pattern_record is not None else None,
+        tuple(pools) if pools is not None else tuple(usage_record or ()),
+    )
+    reasons += metric_reasons + count_reasons
+    if reasons:
+        return None, info, reasons
+    if "client-id" in info:
+        client_id = info["client-id"]
+    elif "partition-id" in info:
+        client_id = str(info["partition-id"])
+    else:
+        client_id = f"node-{int(message.metadata.src_node_id)}"
     update = ClientUpdate(
         state=state,
-        num_examples=num_examples,
+        num_examples=int(metrics[NUM_EXAMPLES]),
         usage=usage,
-        client_id=str(info.get("client-id", info.get("partition-id", message.metadata.src_node_id))),
-        metrics={k: v for k, v in metrics.items() if isinstance(v, (int, float))},
+        client_id=client_id,
+        metrics={k: v for k, v in metrics.items() if k != NUM_EXAMPLES},
         pattern_usage=pattern_usage,
         wire=dtype + (" delta" if delta else ""),
     )
     return update, info, []
 
 
-def _pattern_table(flat: Any, pool_size: int) -> np.ndarray:
-    """A flattened ``(3, pool size)`` table back in shape (left as sent when it cannot be; the validator says why)."""
-    values = np.asarray(flat)
-    if values.ndim == 1 and pool_size > 0 and values.size == 3 * pool_size:
-        return values.reshape(3, pool_size)
-    return values
+def parse_evaluate_reply(message: Message, limits: ReplyLimits = ReplyLimits()) -> tuple[dict[str, Any] | None, str]:
+    """``(typed metrics, "")`` of an evaluate reply (:data:`fedprime_protocol.replies.EVALUATE_METRICS`),
+    ``(None, "")`` for a client that evaluated no sample (neither validation nor its own test set), or
+    ``(None, reason)`` when it is refused."""
+    if message.has_error():
+        return None, f"client error: {message.error.reason}"
+    record = message.content.metric_records.get(METRICS)
+    if record is None:
+        return None, f"reply has no '{METRICS}' MetricRecord"
+    metrics, reasons = parse_evaluate_metrics(dict(record), limits)
+    if reasons:
+        return None, "; ".join(reasons)
+    if metrics[NUM_EXAMPLES] == 0 and not metrics.get("test-" + NUM_EXAMPLES):
+        return None, ""
+    return metrics, ""

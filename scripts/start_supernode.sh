@@ -50,6 +50,9 @@ if [[ -n "$data_dir" ]]; then
   data_dir=$(cd "$data_dir" && pwd)  # the ClientApp runs elsewhere: pass an absolute path
   case "$data_dir$client_id" in *'"'*|*\\*) echo "--data-dir and --client-id cannot contain quotes or backslashes" >&2; exit 2 ;; esac
 fi
+if [[ -n "$client_id" && ! "$client_id" =~ ^[A-Za-z0-9][A-Za-z0-9._@+-]{0,63}$ ]]; then
+  echo "--client-id '$client_id': 1-64 ASCII letters, digits and '._-@+', starting with a letter or digit" >&2; exit 2
+fi
 config=()
 [[ -n "$data_dir" ]] && config+=("data-dir=\"$data_dir\"")
 [[ -n "$client_id" ]] && config+=("client-id=\"$client_id\"")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import sys
 from logging import ERROR, INFO, WARNING
 from pathlib import Path
 from typing import Any
@@ -33,12 +34,13 @@ from fedprime_core.config import (
     parse_run_config,
 )
 from fedprime_core.data.records import DataError
-from fedprime_core.failures import RunFailed
+from fedprime_core.failures import RunFailed, one_line
 from fedprime_core.method.methods import method_spec
-from fedprime_core.results import CHECKPOINT_META, find_checkpoint, load_checkpoint, write_json
+from fedprime_core.results import CHECKPOINT_META, find_checkpoint, load_checkpoint, mark_failed, write_json
+from fedprime_core.runguard import RunGuard
 from fedprime_core.runlock import RunFolderBusy, RunLock
 from fedprime_protocol.logs import ClientLogGrid, connect
-from fedprime_protocol.messages import CLIENT, identity_query, record_to_state, state_to_record
+from fedprime_protocol.messages import identity_query, parse_identity_record, record_to_state, state_to_record
 
 from .nodes import wait_for_nodes
 from .strategy import FedPrimeStrategy
@@ -114,29 +116,50 @@ def prepare_run(
     return run_dir, None, [], {}, None
 
 
+def folder_problem(run_dir: Path | str, exc: OSError) -> str:
+    """What is wrong with a run folder the ServerApp cannot create, lock or write, and what to do."""
+    what = exc.strerror or type(exc).__name__
+    where = f" ({exc.filename})" if exc.filename and str(exc.filename) != str(run_dir) else ""
+    return (
+        f"the run folder {run_dir} cannot be created or written: {what}{where} [{type(exc).__name__}]; "
+        "set results-dir to a folder this ServerApp can write (an absolute path on the machine it runs on)"
+    )
+
+
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     """Run a FedPrime federation configured by ``context.run_config``."""
+    folder: Path | str = "?"
     try:
         cfg = parse_run_config(context.run_config)
-        lock = RunLock(run_folder(cfg), purpose=f"ServerApp of run {context.run_id}").acquire()
+        folder = run_folder(cfg)
+        lock = RunLock(folder, purpose=f"ServerApp of run {context.run_id}").acquire()
     except (ConfigError, FileNotFoundError, RunFolderBusy) as exc:
         log(ERROR, "FedPrime cannot start: %s", exc)
         raise
-    watchdog = None
+    except OSError as exc:  # results-dir under a regular file, read-only, full
+        log(ERROR, "FedPrime cannot start: %s", folder_problem(folder, exc))
+        raise
+    watchdog = guard = None
     try:
         try:
             run_dir, state, history, clients, inter_record = prepare_run(cfg, lock.path.parent)
         except (ConfigError, FileNotFoundError, ValueError) as exc:
             log(ERROR, "FedPrime cannot start: %s", exc)
             raise
+        except OSError as exc:
+            log(ERROR, "FedPrime cannot start: %s", folder_problem(lock.path.parent, exc))
+            raise
         address = superlink_address(grid)
+        guard = RunGuard(run_dir, address).start()  # marks the summary failed if this process is killed
         if cfg.superlink_timeout > 0 and address:
             watchdog = SuperLinkWatchdog(address, cfg.superlink_timeout).start()
         _run(cfg, grid, run_dir, state, history, clients, inter_record, watchdog)
     finally:
         if watchdog is not None:
             watchdog.stop()
+        if guard is not None:
+            guard.stop()
         lock.release()
         with contextlib.suppress(OSError):
             lock.path.parent.rmdir()  # only a folder this start created and left empty
@@ -158,7 +181,19 @@ def _run(
     except (ConfigError, DataError, FileNotFoundError, ValueError, RunFailed) as exc:
         log(ERROR, "FedPrime cannot start: %s", exc)
         raise
-    write_json(run_dir / "config.json", config_to_dict(cfg))
+    exposed = ray_address()
+    if exposed:
+        log(
+            WARNING,
+            "Ray (the simulation engine) listens on %s, not only on this machine: export "
+            "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 before `flwr run` to keep it on 127.0.0.1",
+            exposed,
+        )
+    try:
+        write_json(run_dir / "config.json", config_to_dict(cfg))
+    except OSError as exc:
+        log(ERROR, "FedPrime cannot start: %s", folder_problem(run_dir, exc))
+        raise
     log(INFO, "FedPrime run: method=%s dataset=%s model=%s; results in %s", cfg.method, cfg.dataset, cfg.model, run_dir)
     log(INFO, "What travels: %s", describe_communication(cfg))
 
@@ -187,7 +222,8 @@ def _run(
         inter_record=inter_record,
         stop_check=watchdog.stop_reason if watchdog else None,
     )
-    strategy.node_clients.update({node: str(info["client-id"]) for node, info in census.items() if "client-id" in info})
+    strategy.node_clients.update({node: info["client-id"] for node, info in census.items()})
+    strategy.node_records.update(census)
     try:
         result = strategy.start_or_resume(
             grid=ClientLogGrid(grid),  # logs the lines each client returns with its reply
@@ -199,7 +235,17 @@ def _run(
     except RunFailed:
         log(ERROR, "FedPrime stopped. Results so far: %s (summary.md says why)", run_dir)
         raise
-    save_result(run_dir, result)
+    try:
+        save_result(run_dir, result)
+    except OSError as exc:
+        reason = (
+            f"all {cfg.num_server_rounds} rounds finished and the checkpoint holds them, but final.npz and "
+            f"result.json cannot be written to {run_dir}: {exc.strerror or exc} [{type(exc).__name__}]"
+        )
+        log(ERROR, "FedPrime run FAILED: %s", reason)
+        with contextlib.suppress(OSError, ValueError):
+            mark_failed(run_dir, reason)
+        raise RunFailed(reason) from exc
     if not strategy.clients:
         log(WARNING, "no client update was accepted in this run")
     log(INFO, "FedPrime finished. Results: %s (summary.md, metrics.csv, curves.png, final.npz)", run_dir)
@@ -207,6 +253,22 @@ def _run(
     if summary.is_file():
         for line in summary.read_text().splitlines():
             log(INFO, "%s", line)
+
+
+def ray_address() -> str | None:
+    """The address Ray's processes listen on when this is a simulation whose Ray is not on loopback, else ``None``.
+
+    On Linux Ray binds its servers to every interface of the machine (and its agents to its
+    external address) unless ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`` was set for ``flwr run``.
+    """
+    ray = sys.modules.get("ray")
+    try:
+        if ray is None or not ray.is_initialized():
+            return None
+        address = ray.util.get_node_ip_address()
+    except Exception:  # noqa: BLE001 - a check that must never stop a run
+        return None
+    return None if address in ("127.0.0.1", "localhost", "::1") else str(address)
 
 
 def node_census(grid: Grid, cfg: RunConfig, watchdog: SuperLinkWatchdog | None = None) -> dict[int, dict[str, Any]]:
@@ -231,9 +293,13 @@ def node_census(grid: Grid, cfg: RunConfig, watchdog: SuperLinkWatchdog | None =
     census: dict[int, dict[str, Any]] = {}
     for reply in grid.send_and_receive(queries, timeout=cfg.round_timeout):
         node = reply.metadata.src_node_id
-        if reply.has_error() or node not in nodes or CLIENT not in reply.content.config_records:
+        if reply.has_error() or node not in nodes or node in census:
             continue
-        census[node] = dict(reply.content.config_records[CLIENT])
+        record, reason = parse_identity_record(reply)
+        if record is None:  # the rounds account for it; one bad node must not stop the run here
+            log(WARNING, "node %s gave no usable identity: %s", node, one_line(reason))
+            continue
+        census[node] = record
     log(INFO, "nodes before round 1: %d connected, %d answered the identity query", len(nodes), len(census))
     return census
 

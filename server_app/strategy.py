@@ -45,7 +45,14 @@ from flwr.serverapp.strategy.result import Result
 
 from fedprime_core.config import RunConfig, config_to_dict, describe_communication, method_default_sweeps
 from fedprime_core.failures import ClientOutcome, RunFailed, one_line, parse_reason, stop_reason
-from fedprime_core.method.federated import AggregationSettings, GlobalState, client_order, validate_update
+from fedprime_core.method.federated import (
+    AggregationSettings,
+    GlobalState,
+    client_id_problem,
+    client_order,
+    mean_train_loss,
+    validate_update,
+)
 from fedprime_core.method.methods import method_spec
 from fedprime_core.metrics import CLIENT_TEST_PREFIX, weighted_means
 from fedprime_core.progress import format_duration
@@ -54,14 +61,15 @@ from fedprime_protocol.messages import (
     ARRAYS,
     CLIENT,
     CONFIG,
-    METRICS,
     NUM_EXAMPLES,
     identity_query,
     instruction_content,
-    parse_identity_reply,
+    parse_evaluate_reply,
+    parse_identity_record,
     parse_train_reply,
     state_to_record,
 )
+from fedprime_protocol.replies import ReplyLimits
 
 from .nodes import NotEnoughNodesError, wait_for_nodes
 
@@ -155,22 +163,6 @@ class TrainRecord:
         return row
 
 
-def _evaluation_values(message: Message) -> tuple[dict[str, float], str]:
-    """``(metrics, "")`` of an evaluate reply, or ``({}, reason)`` when it cannot be counted."""
-    if METRICS not in message.content.metric_records:
-        return {}, f"no '{METRICS}' MetricRecord"
-    values: dict[str, float] = {}
-    for key, value in message.content.metric_records[METRICS].items():
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            return {}, f"metric {key!r} is not a number"
-        if not np.isfinite(value) or (key.endswith(NUM_EXAMPLES) and value < 0):
-            return {}, f"metric {key!r} = {value!r} is not a finite (non-negative) number"
-        values[key] = float(value)
-    if not any(values.get(prefix + NUM_EXAMPLES, 0) > 0 for prefix in ("", CLIENT_TEST_PREFIX)):
-        return {}, "no evaluated samples"
-    return values, ""
-
-
 class FedPrimeStrategy(FedAvg):
     """Aggregates FedPrime prompt pools with alignment, everything else with FedAvg.
 
@@ -237,6 +229,8 @@ class FedPrimeStrategy(FedAvg):
         self.sweeps = cfg.align_sweeps or method_default_sweeps(cfg.method)
         #: node id -> client id, learned by identity queries (never checkpointed: node ids change).
         self.node_clients: dict[int, str] = {}
+        #: node id -> its typed identity record (:func:`~fedprime_protocol.messages.parse_identity_record`).
+        self.node_records: dict[int, dict[str, Any]] = {}
         self.stop_check = stop_check
         #: What the last configure hooks sent and what the last aggregate_train made of it; each
         #: hook replaces its record whole (Flower's hooks pass nothing else from one to the next).
@@ -400,11 +394,12 @@ class FedPrimeStrategy(FedAvg):
                     kind, text = parse_reason(reply.error.reason)
                     outcomes.append(ClientOutcome(node, None, "rejected", f"no identity: client error: {text}", kind))
                     continue
-                client, reason = parse_identity_reply(reply)
-                if client is None:
+                record, reason = parse_identity_record(reply)
+                if record is None:
                     outcomes.append(ClientOutcome(node, None, "rejected", f"no identity: {one_line(reason)}"))
                     continue
-                self.node_clients[node] = client
+                self.node_clients[node] = record["client-id"]
+                self.node_records[node] = record
             for node in unknown:
                 if node not in answered:
                     outcomes.append(ClientOutcome(node, None, *self._silent_reason(node, "the identity query")))
@@ -491,6 +486,11 @@ class FedPrimeStrategy(FedAvg):
         sent_to = sent.clients
         destinations = sent.destinations()
         answered: set[int] = set()
+        claimed: dict[str, int] = {}  # client id -> the node whose reply claimed it first
+        accepted_info: dict[str, dict[str, Any]] = {}
+        # Nodes in id order, not arrival order: which of two nodes claiming one client id is
+        # refused must not depend on which answered first.
+        replies = sorted(replies, key=lambda m: self._node_of(m, destinations))
         for message in replies:
             node = self._node_of(message, destinations)
             if sent_to and node not in sent_to:
@@ -513,32 +513,28 @@ class FedPrimeStrategy(FedAvg):
             if ARRAYS in message.content.array_records:
                 received += int(message.content.array_records[ARRAYS].count_bytes())
                 carrying += 1
-            update, info, reasons = parse_train_reply(message, sent.arrays.get(node))
+            update, info, reasons = self._parse_train(message, node, client, sent)
             kind = None
-            if update is not None:
-                if self.model.personal and client is not None and update.client_id != client:
-                    reasons = [f"reply is from client {update.client_id!r} but node {node} identified as {client!r}"]
-                else:
-                    expected = self.model.expected_shapes()
-                    reasons = validate_update(
-                        update, expected, self.spec.pools, self.cfg.max_update_norm, self.pattern_usage_required
-                    )
-                    federation = self._check_fingerprint(info) + self._check_labels(info)
-                    kind = "config" if federation and not reasons else None
-                    reasons += federation
-            if reasons:
-                who = client if client is not None else info.get("client-id", info.get("partition-id"))
-                outcomes.append(ClientOutcome(node, who, "rejected", "; ".join(reasons), kind))
+            if update is not None and not reasons and update.client_id in claimed:
+                reasons = [f"client-id {update.client_id!r} is also claimed by node {claimed[update.client_id]}"]
+            if update is not None and not reasons:  # only a reply that is valid otherwise may set the reference
+                reasons = self._check_fingerprint(info) + self._check_labels(info)
+                kind = "config" if reasons else None
+            if reasons or update is None:
+                who = client if client is not None else info.get("client-id")
+                outcomes.append(ClientOutcome(node, who, "rejected", one_line("; ".join(reasons)), kind))
                 continue
+            claimed[update.client_id] = node
             updates.append(update)
             outcomes.append(ClientOutcome(node, update.client_id, "accepted"))
-            self.clients[update.client_id] = {**info, "node-id": node, "last-round": server_round}
+            accepted_info[update.client_id] = {**info, "node-id": node, "last-round": server_round}
         for node, client in sent_to.items():
             if node not in answered:
                 outcomes.append(ClientOutcome(node, client, *self._silent_reason(node, "the train message")))
         # Recorded and averaged in client order, not in the order replies arrived.
         outcomes.sort(key=lambda o: (client_order(o.client or ""), o.node))
         updates.sort(key=lambda u: client_order(u.client_id))
+        self.clients.update(accepted_info)
         self._log_outcomes(server_round, outcomes)
         rejected = sum(o.status != "accepted" for o in outcomes)
         counted = {"outcomes": tuple(outcomes), "bytes_received": received, "replies_with_arrays": carrying}
@@ -563,7 +559,7 @@ class FedPrimeStrategy(FedAvg):
         )
         report = self.model.aggregate(updates, settings)
         weights = np.array([u.num_examples for u in updates], dtype=np.float64)
-        train_loss = float(np.average([u.metrics.get("train-loss", np.nan) for u in updates], weights=weights))
+        train_loss = mean_train_loss(updates)
         metrics = {"train-loss": train_loss, "accepted": len(updates), "rejected": rejected}
         metrics.update({k: v for k, v in report.items() if isinstance(v, (int, float))})
         return TrainRecord(
@@ -575,6 +571,29 @@ class FedPrimeStrategy(FedAvg):
             train_examples=int(weights.sum()),
             **counted,
         )
+
+    def _limits(self, node: int) -> ReplyLimits:
+        """What a reply from ``node`` may claim: ``max-client-examples``, and the ``num-train``
+        the node gave when it identified itself (if it did)."""
+        known = self.node_records.get(node, {}).get("num-train")
+        return ReplyLimits(max_examples=self.cfg.max_client_examples, known_train=known)
+
+    def _parse_train(
+        self, message: Message, node: int, client: str | None, sent: Dispatch
+    ) -> tuple[Any, dict[str, Any], list[str]]:
+        """``(update, client record, reasons)`` of one train reply: parsed, then validated."""
+        update, info, reasons = parse_train_reply(
+            message, sent.arrays.get(node), pools=self.spec.pools, limits=self._limits(node)
+        )
+        if update is None:
+            return None, info, reasons
+        if self.model.personal and client is not None and update.client_id != client:
+            return None, info, [f"reply is from client {update.client_id!r} but node {node} identified as {client!r}"]
+        expected = self.model.expected_shapes()
+        reasons = validate_update(
+            update, expected, self.spec.pools, self.cfg.max_update_norm, self.pattern_usage_required
+        )
+        return update, info, reasons
 
     @staticmethod
     def _log_outcomes(server_round: int, outcomes: list[ClientOutcome]) -> None:
@@ -633,28 +652,42 @@ class FedPrimeStrategy(FedAvg):
         """Sample-weighted means of the clients' metrics: each one's validation split, and its own test set
         (``test-*``, weighted by ``test-num-examples``), evaluated with the state it was sent.
 
-        A reply that is an error, carries no metrics, or carries a count that is not a
-        non-negative number or a value that is not finite is logged and left out; the others are
-        kept per client (by client id) for the round's record (:meth:`_client_evaluation`).
+        Each reply's metrics are parsed at :func:`~fedprime_protocol.messages.parse_evaluate_reply`
+        (known names, finite values in range, counts at most ``max-client-examples``); a reply
+        that does not fit is logged with its reason and left out. The others are kept per client
+        (by client id) for the round's record (:meth:`_client_evaluation`).
         """
         per_client: dict[str, dict[str, float]] = {}
         sent = self._evaluate_sent or Dispatch()
         destinations = sent.destinations()
+        limits = ReplyLimits(max_examples=self.cfg.max_client_examples)
+        seen: set[int] = set()
         for message in replies:
             node = self._node_of(message, destinations)
+            if node in seen or (destinations and node not in destinations.values()):
+                continue
+            seen.add(node)
             if message.has_error():
                 reason = parse_reason(message.error.reason)[1]
                 log(WARNING, "round %d: node %s did not evaluate: %s", server_round, node, reason)
                 continue
-            values, problem = _evaluation_values(message)
-            if problem:
-                log(WARNING, "round %d: evaluate reply of node %s left out: %s", server_round, node, problem)
+            metrics, reason = parse_evaluate_reply(message, limits)
+            if metrics is None:
+                if reason:
+                    log(
+                        WARNING,
+                        "round %d: rejected evaluate reply from node %s: %s",
+                        server_round,
+                        node,
+                        one_line(reason),
+                    )
                 continue
             claimed = message.content.config_records.get(CLIENT, ConfigRecord()).get("client-id")
-            client = sent.clients.get(node) or (claimed if isinstance(claimed, str) and claimed else f"node-{node}")
+            safe = isinstance(claimed, str) and bool(claimed) and client_id_problem(claimed) is None
+            client = sent.clients.get(node) or (claimed if safe else f"node-{node}")
             if client in per_client:
                 client = f"{client} (node {node})"
-            per_client[client] = values
+            per_client[client] = {k: float(v) for k, v in metrics.items()}
         # Sum in client order, not in the order the replies arrived (nor by node ids, which
         # differ between runs): the same run gives the same means, to the bit.
         self._evaluated = {c: per_client[c] for c in sorted(per_client, key=client_order)}
@@ -771,15 +804,13 @@ class FedPrimeStrategy(FedAvg):
             if not saved:
                 # Stopped inside a round: the global state may already hold part of it, so the
                 # checkpoint stays at the last completed round; only the summary changes.
-                write_run_outputs(
-                    self.run_dir,
-                    self.history,
-                    self.multilabel,
-                    title,
-                    status="failed",
-                    reason=str(exc),
-                    wire=describe_communication(self.cfg),
-                )
+                self._write_failed(title, str(exc))
+            raise
+        except BaseException as exc:  # a bug, an interrupt, flwr stop: the summary must not say "running"
+            last = max((r["round"] for r in self.history), default=0)
+            reason = self._stop_reason(exc)
+            log(ERROR, "FedPrime run FAILED after round %d: %s", last, reason)
+            self._write_failed(title, reason)
             raise
         result.arrays = state_to_record(self.model.arrays)
         return result
@@ -847,29 +878,70 @@ class FedPrimeStrategy(FedAvg):
         return fields
 
     def _persist(self, server_round: int, title: str, status: str = "running", reason: str = "") -> None:
-        """Results first, checkpoint last: the checkpoint's round is the last complete one."""
-        write_run_outputs(
-            self.run_dir,
-            self.history,
-            self.multilabel,
-            title,
-            status=status,
-            reason=reason,
-            wire=describe_communication(self.cfg),
-        )
-        write_json(self.run_dir / "clients.json", self.clients)
-        save_checkpoint(
-            self.run_dir,
-            self.model.arrays,
-            {
-                "round": server_round,
-                "history": self.history,
-                "clients": self.clients,
-                "config": config_to_dict(self.cfg),
-                "state-keys": sorted(self.model.arrays),
-                "fingerprint": self.reference_fingerprint,
-                "inter-pool": self.model.record(),
-            },
+        """Results first, checkpoint last: the checkpoint's round is the last complete one.
+
+        Raises:
+            RunFailed: a file cannot be written (disk full, the folder turned read-only or
+                went away); the round is taken back out of the history, since its
+                checkpoint was not committed.
+        """
+        try:
+            write_run_outputs(
+                self.run_dir,
+                self.history,
+                self.multilabel,
+                title,
+                status=status,
+                reason=reason,
+                wire=describe_communication(self.cfg),
+            )
+            write_json(self.run_dir / "clients.json", self.clients)
+            save_checkpoint(
+                self.run_dir,
+                self.model.arrays,
+                {
+                    "round": server_round,
+                    "history": self.history,
+                    "clients": self.clients,
+                    "config": config_to_dict(self.cfg),
+                    "state-keys": sorted(self.model.arrays),
+                    "fingerprint": self.reference_fingerprint,
+                    "inter-pool": self.model.record(),
+                },
+            )
+        except OSError as exc:
+            if self.history and self.history[-1].get("round") == server_round:
+                self.history.pop()
+            where = f" ({exc.filename})" if exc.filename else ""
+            raise RunFailed(
+                f"cannot write the results of round {server_round} to {self.run_dir}: "
+                f"{exc.strerror or exc}{where} [{type(exc).__name__}]; the checkpoint stays at the last round saved"
+            ) from exc
+
+    def _write_failed(self, title: str, reason: str) -> None:
+        """The summary of a failed run, as far as the folder can still be written (else a log line says so)."""
+        try:
+            write_run_outputs(
+                self.run_dir,
+                self.history,
+                self.multilabel,
+                title,
+                status="failed",
+                reason=reason,
+                wire=describe_communication(self.cfg),
+            )
+        except OSError as exc:
+            log(ERROR, "cannot write the failed status to %s either: %s", self.run_dir, exc.strerror or exc)
+
+    def _stop_reason(self, exc: BaseException) -> str:
+        """One line on why the loop ended with ``exc``, which is not a :class:`RunFailed`."""
+        if isinstance(exc, KeyboardInterrupt):
+            lost = self.stop_check() if self.stop_check is not None else None
+            return lost or "the ServerApp was interrupted (SIGINT)"
+        if isinstance(exc, SystemExit):
+            return f"the ServerApp was stopped (exit code {exc.code}: flwr stop, SIGTERM, or its SuperLink went away)"
+        return (
+            f"the ServerApp failed: {one_line(f'{type(exc).__name__}: {exc}')} (a bug: please report it with the log)"
         )
 
     def _log_eval(self, server_round: int, evaluation: dict[str, dict[str, float]], pool: str = "") -> None:

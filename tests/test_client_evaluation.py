@@ -136,7 +136,7 @@ def test_client_side_evaluation_is_reported_per_client_and_as_the_weighted_mean(
     per_client = record["client-eval-per-client"]
     assert sorted(per_client) == ["0", "1"]  # the two that could not evaluate are left out ...
     assert "node 3 did not evaluate: RuntimeError: out of memory" in caplog.text  # ... and logged
-    assert "evaluate reply of node 4 left out: metric 'test-accuracy' = nan" in caplog.text
+    assert "rejected evaluate reply from node 4: metrics field 'test-accuracy' must be a finite number" in caplog.text
     assert all(v["test-num-examples"] == 40 and v["num-examples"] > 0 for v in per_client.values())
     expected = weighted_means(list(per_client.values()))
     means = record["client-eval"]

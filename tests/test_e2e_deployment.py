@@ -25,25 +25,33 @@ QUICK = "tau=8 kappa=2 max-train-samples=300 max-test-samples=100 fraction-evalu
 class Federation:
     """A SuperLink and SuperNodes started with scripts/, on 127.0.0.1."""
 
-    def __init__(self, tmp_path: Path, certs: Path | None = None, auth: bool = False) -> None:
+    def __init__(self, tmp_path: Path, certs: Path | None = None, auth: bool = False, expose: bool = False) -> None:
         self.home = tmp_path / "flwr-home"
         self.home.mkdir()
         self.logs = tmp_path / "logs"
         self.logs.mkdir()
         # A fresh model cache, as on a new machine: the apps unpack the shipped tiny weights.
         self.env = flower_env(self.home, FEDPRIME_CACHE=str(tmp_path / "model-cache"))
+        # The sites' address (the Fleet gate) and the operator's (the SuperLink on loopback);
+        # with `expose` (Flower's own layout) the SuperLink serves everything on the sites' address.
         self.port = free_port()
+        self.control = self.port if expose else free_port()
         self.certs = certs
         self.nodes: dict[int, subprocess.Popen] = {}
         args = ["--port", str(self.port), "--host", "127.0.0.1"]
+        args += ["--expose-control-api"] if expose else ["--control-port", str(self.control)]
         if certs:
             args += ["--certs", str(certs)]
         if auth:
             args += ["--auth"]
         self.superlink = self._spawn("superlink", [str(ROOT / "scripts/start_superlink.sh"), *args])
-        add = [str(ROOT / "scripts/add_connection.sh"), "fed", f"127.0.0.1:{self.port}"]
-        run_checked(add + (["--ca", str(certs / "ca.crt")] if certs else []), self.env, timeout=30)
+        self.connect("fed", self.control)
         self._wait_for_superlink()
+
+    def connect(self, name: str, port: int) -> None:
+        """A connection ``name`` in this federation's FLWR_HOME to 127.0.0.1:``port`` (with the CA, if TLS)."""
+        add = [str(ROOT / "scripts/add_connection.sh"), name, f"127.0.0.1:{port}"]
+        run_checked(add + (["--ca", str(self.certs / "ca.crt")] if self.certs else []), self.env, timeout=30)
 
     def _spawn(self, name: str, cmd: list[str]) -> subprocess.Popen:
         log = open(self.logs / f"{name}.log", "w")  # noqa: SIM115 - closed with the process
@@ -153,14 +161,44 @@ def test_superlink_and_two_supernodes_with_different_node_configs(tmp_path, tiny
     assert clients["0"]["mixture"] != clients["1"]["mixture"]
 
 
-def test_tls_and_supernode_authentication_refuse_an_unregistered_node(tmp_path, tiny_vilt):
+def _keys(tmp_path: Path) -> tuple[Path, Path]:
     certs, keys = tmp_path / "certs", tmp_path / "keys"
     run_checked([str(ROOT / "scripts/gen_certs.sh"), str(certs)], dict(os.environ), timeout=120)
     run_checked([str(ROOT / "scripts/gen_node_keys.sh"), str(keys), "2"], dict(os.environ), timeout=60)
+    return certs, keys
+
+
+def _flwr_as(fed: Federation, *args: str) -> subprocess.CompletedProcess:
+    """``flwr`` without checking its exit code (an outsider's attempts fail)."""
+    return subprocess.run(["flwr", *args], cwd=ROOT, env=fed.env, capture_output=True, text=True, timeout=120)
+
+
+def _listening(port: int) -> set[str]:
+    """The local addresses something listens on at ``port`` (from /proc/net/tcp)."""
+    found = set()
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        local, state = line.split()[1], line.split()[3]
+        host, port_hex = local.split(":")
+        if state == "0A" and int(port_hex, 16) == port:
+            found.add(".".join(str(int(host[i : i + 2], 16)) for i in (6, 4, 2, 0)))
+    return found
+
+
+def test_an_outsider_with_the_ca_or_an_unregistered_key_cannot_join_register_or_run(tmp_path, tiny_vilt):
+    """The documented set-up (TLS, SuperNode authentication, the Fleet gate): an outsider holds
+    ``ca.crt`` (every site has it) and a key pair of its own, and reaches the sites' address."""
+    certs, keys = _keys(tmp_path)
     results = tmp_path / "results"
     fed = Federation(tmp_path, certs=certs, auth=True)
     try:
-        fed.flwr("supernode", "register", str(keys / "supernode_0.pub"), "fed", timeout=60)
+        fed.connect("outsider", fed.port)  # the address every site knows, with the CA every site holds
+        tries = {
+            "register": _flwr_as(fed, "supernode", "register", str(keys / "supernode_1.pub"), "outsider"),
+            "run": _flwr_as(fed, "run", ".", "outsider", "--run-config", "num-server-rounds=1"),
+            "ls": _flwr_as(fed, "ls", "outsider"),
+            "stop": _flwr_as(fed, "stop", "1", "outsider"),
+        }
+        fed.flwr("supernode", "register", str(keys / "supernode_0.pub"), "fed", timeout=60)  # the operator
         fed.add_node(0, 2, key=keys / "supernode_0")
         intruder = fed.add_node(1, 2, key=keys / "supernode_1")  # its key was never registered
         assert intruder.wait(timeout=120) != 0
@@ -168,12 +206,42 @@ def test_tls_and_supernode_authentication_refuse_an_unregistered_node(tmp_path, 
         log = fed.run(f'num-server-rounds=1 results-dir="{results}" run-name="tls" {QUICK} {one_node}')
         assert "FedPrime finished" in log, log[-3000:]
         listing = fed.flwr("supernode", "list", "fed", timeout=60).stdout
+        addresses = {"sites": _listening(fed.port), "control": _listening(fed.control)}
     finally:
         fed.stop()
+    record = "\n".join(
+        f"outsider {name}: exit {out.returncode}: {' '.join((out.stdout + out.stderr).split())[-300:]}"
+        for name, out in tries.items()
+    )
+    (tmp_path / "outsider.txt").write_text(record)
+    print(record)
+    for name, out in tries.items():
+        assert out.returncode != 0 and "403 Forbidden" in out.stdout + out.stderr, f"{name}: {out.stdout}{out.stderr}"
+    assert "registered successfully" not in tries["register"].stdout
+    superlink_log = (fed.logs / "superlink.log").read_text()
+    for path in ("/v1/control/register-node", "/v1/control/start-run", "/v1/control/list-runs", "/v1/control/stop-run"):
+        assert (
+            f"fleet gate: refused POST {path} from 127.0.0.1: this address serves the Fleet API only" in superlink_log
+        )
+    assert "No SuperNode found with the given public key" in superlink_log  # the SuperLink's own line
+    assert "fleet gate: the SuperLink refused /v1/fleet/activate-node from 127.0.0.1: 412" in superlink_log
     assert "Failed to activate SuperNode" in (fed.logs / "supernode-1.log").read_text()
-    assert listing.count("online") == 1
+    assert listing.count("online") == 1 and listing.count("registered") == 0
+    assert addresses["control"] == {"127.0.0.1"}  # the Control API listens on loopback only
     rounds, clients = records(results, "tls")
     assert sorted(clients) == ["0"] and rounds[1]["accepted"] == 1
+
+
+def test_without_the_gate_whoever_holds_the_ca_registers_a_node(tmp_path):
+    """The record of what Flower 1.42 alone allows (``--expose-control-api``: its own layout, one
+    port for everything): with only ``ca.crt``, an outsider registers a SuperNode of its own."""
+    certs, keys = _keys(tmp_path)
+    fed = Federation(tmp_path, certs=certs, auth=True, expose=True)
+    try:
+        attempt = _flwr_as(fed, "supernode", "register", str(keys / "supernode_1.pub"), "fed")
+    finally:
+        fed.stop()
+    assert attempt.returncode == 0 and "registered successfully" in attempt.stdout, attempt.stdout
 
 
 def test_killing_the_serverapp_mid_run_then_resuming_loses_and_repeats_no_round(tmp_path, tiny_vilt):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -22,6 +23,24 @@ from .pfpt import aggregate_pfpt_pool
 
 #: Rows of a pattern-usage table: the missing pattern of the retrieving sample.
 NUM_PATTERNS = 3
+#: Longest client id.
+MAX_CLIENT_ID_CHARS = 64
+#: What a client id may hold: ASCII letters, digits and ``. _ - @ +``, starting with a letter or
+#: digit. It names files' entries, log lines and sort keys; nothing else reaches them.
+CLIENT_ID_PATTERN = re.compile(rf"[A-Za-z0-9][A-Za-z0-9._@+-]{{0,{MAX_CLIENT_ID_CHARS - 1}}}")
+
+
+def client_id_problem(value: Any) -> str | None:
+    """Why ``value`` cannot be a client id (``None`` when it can): see :data:`CLIENT_ID_PATTERN`."""
+    if not isinstance(value, str):
+        return f"a client id must be a string, got {type(value).__name__}"
+    if CLIENT_ID_PATTERN.fullmatch(value) is None:
+        shown = value if len(value) <= 40 else value[:37] + "..."
+        return (
+            f"client id {shown!r} must be 1-{MAX_CLIENT_ID_CHARS} ASCII letters, digits and '._-@+', "
+            "starting with a letter or digit"
+        )
+    return None
 
 
 def client_identity(node_config: Mapping[str, Any], node_id: int) -> str:
@@ -29,7 +48,8 @@ def client_identity(node_config: Mapping[str, Any], node_id: int) -> str:
 
     The node config's ``client-id`` when given (a site's chosen name), else its
     ``partition-id`` (simulation and partitioned deployments), else ``node-<node id>``
-    (stable for as long as the SuperNode runs).
+    (stable for as long as the SuperNode runs). The server accepts only ids that
+    :func:`client_id_problem` finds nothing wrong with.
     """
     explicit = node_config.get("client-id")
     if explicit not in (None, ""):
@@ -65,14 +85,32 @@ class ClientUpdate:
     wire: str = "float32"
 
 
-def client_order(client_id: str) -> tuple[int, int, str]:
+def client_order(client_id: str) -> tuple[int, int, str, str]:
     """Sort key for client ids: numeric ids by value ("2" before "10"), then the others.
 
     :func:`aggregate_round` aggregates updates in this order, not in the order replies
     arrived (updates with one client id keep their given order: the sort is stable), and
-    the strategy records each round's outcomes in it.
+    the strategy records each round's outcomes in it. Numeric means ASCII digits only
+    (``"²"`` is a digit to :meth:`str.isdigit`, but no number); numbers are compared by
+    length and digits, never converted, so no id is too long to sort.
     """
-    return (0, int(client_id), "") if client_id.isdigit() else (1, 0, client_id)
+    if client_id.isascii() and client_id.isdecimal():
+        digits = client_id.lstrip("0") or "0"
+        return (0, len(digits), digits, client_id)
+    return (1, 0, client_id, "")
+
+
+def mean_train_loss(updates: Sequence[ClientUpdate]) -> float:
+    """Sample-weighted mean ``train-loss`` of the updates that report one (NaN when none does).
+
+    Each loss is weighed by its share of the samples (at most 1), and the sums are exact
+    (:func:`math.fsum`): whatever the sample counts, the mean of finite losses is finite.
+    """
+    pairs = [(float(u.num_examples), float(u.metrics["train-loss"])) for u in updates if "train-loss" in u.metrics]
+    total = math.fsum(weight for weight, _ in pairs)
+    if not pairs or total <= 0:
+        return float("nan")
+    return math.fsum((weight / total) * loss for weight, loss in pairs)
 
 
 def array_norm(array: np.ndarray) -> float:

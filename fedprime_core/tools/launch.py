@@ -86,7 +86,8 @@ def local_superlink_ports(home: Path) -> dict[str, str]:
 
 
 def flower_env(home: Path, extra: Mapping[str, str] | None = None) -> dict[str, str]:
-    """Environment for Flower commands: private FLWR_HOME and local SuperLink, no runtime dependency installation.
+    """Environment for Flower commands: private FLWR_HOME and local SuperLink, no runtime dependency installation,
+    Ray on loopback only.
 
     Local SuperLink ports set in the caller's environment are kept.
     """
@@ -100,6 +101,8 @@ def flower_env(home: Path, extra: Mapping[str, str] | None = None) -> dict[str, 
         HF_HUB_OFFLINE=env.get("HF_HUB_OFFLINE", "1"),
         PYTHONUNBUFFERED="1",
         PATH=f"{bin_dir}{os.pathsep}{env.get('PATH', '')}",
+        # Ray (the simulation engine) on 127.0.0.1 only: on Linux it listens on every interface otherwise.
+        RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=env.get("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0"),
     )
     for var, port in local_superlink_ports(home).items():
         env.setdefault(var, port)
