@@ -158,7 +158,7 @@ def forward_logs(handler: Callable[[Message, object], Message]) -> Callable[[Mes
         connect(client=True)
         if not forwarding_allowed(dict(context.node_config)):
             return handler(msg, context)
-        from fedprime_core.method.federated import client_identity  # the server's name for this client
+        from fedprime_core.identity import client_identity  # the server's name for this client
 
         label = client_identity(dict(context.node_config), context.node_id)
         collector = _Collector(flower_level())

@@ -48,15 +48,19 @@ has no bfloat16. What arrives is validated after the cast
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
-from fedprime_core.method.federated import ClientUpdate
 from fedprime_core.wire import WIRE_DTYPES, apply_delta, decode_state, encode_state, state_delta
 
+if TYPE_CHECKING:  # the method's modules import torch; a ClientApp served by a site worker never needs them
+    from fedprime_core.method.federated import ClientUpdate
+
 ARRAYS, CONFIG, METRICS, USAGE, CLIENT, WIRE = "arrays", "config", "metrics", "usage", "client", "wire"
+#: The ConfigRecord of an identity reply that says whether a site's data can be trained on.
+SITE_CHECK = "site-check"
 PATTERN_USAGE = "pattern-usage"
 #: The metric that weighs a reply (FedAvg's ``weighted_by_key``).
 NUM_EXAMPLES = "num-examples"
@@ -185,9 +189,18 @@ def identity_query() -> RecordDict:
     return RecordDict({CONFIG: ConfigRecord({"query": IDENTITY_QUERY})})
 
 
-def identity_reply_content(client: Mapping[str, Any]) -> RecordDict:
-    """A client's answer to :func:`identity_query`: its client-info record."""
-    return RecordDict({CLIENT: ConfigRecord(dict(client))})
+def identity_reply_content(client: Mapping[str, Any], site_check: Mapping[str, Any] | None = None) -> RecordDict:
+    """A client's answer to :func:`identity_query`: its client-info record, and a site's data check.
+
+    ``site_check`` (a site-local node only: :func:`fedprime_core.runtime.site_check`) becomes the
+    ``"site-check"`` ConfigRecord: ``ok``, ``problems`` (one line each), ``warnings``, and for a
+    usable site its counts (``num-train``, ``num-val``, pattern counts, ``mixture``,
+    ``num-classes-present``), its ``summary`` line and fingerprints.
+    """
+    content: dict[str, ConfigRecord] = {CLIENT: ConfigRecord(dict(client))}
+    if site_check is not None:
+        content[SITE_CHECK] = ConfigRecord(dict(site_check))
+    return RecordDict(content)
 
 
 def parse_identity_reply(message: Message) -> tuple[str | None, str]:
@@ -216,6 +229,8 @@ def parse_train_reply(
         Content checks (shapes, NaN, norms, usage sizes) are left to
         :func:`fedprime_core.method.federated.validate_update`.
     """
+    from fedprime_core.method.federated import ClientUpdate
+
     content = message.content
     reasons: list[str] = []
     if ARRAYS not in content.array_records:

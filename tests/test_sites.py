@@ -87,7 +87,11 @@ def test_a_site_trains_on_all_of_its_data_with_its_real_missing_modalities(plan,
         assert info["real-image-missing"] == info["image-missing"] == planted["image-missing"]
         assert info["simulated-text-missing"] == info["simulated-image-missing"] == 0  # missing-setting none
         assert info["skipped-no-modality"] == planted["skipped"]
-        assert info["mixture"] == [1.0, 0.0, 0.0]
+        # The mixture is the one the rows have, counted (the issue: [1, 0, 0] for a site with 20% text-missing).
+        counted = [planted["rows"] - planted["text-missing"] - planted["image-missing"]]
+        counted += [planted["text-missing"], planted["image-missing"]]
+        assert info["mixture"] == [round(n / planted["rows"], 4) for n in counted]
+        assert info["simulated-mixture"] == [1.0, 0.0, 0.0]  # nothing simulated on top (missing-setting none)
         # One label mapping for everyone, whatever classes the site holds.
         assert info["labels-fingerprint"] == runtime.label_space(cfg).fingerprint
         labels = {plan["classes"][s.label] for s in shard.train.samples}
@@ -102,7 +106,7 @@ def test_simulated_missingness_applies_on_top_only_where_asked(plan, tmp_path, t
     assert info["real-text-missing"] == 8 and info["simulated-text-missing"] == 0
     assert info["simulated-image-missing"] == 16 and info["complete"] == 16  # half of the 32 complete rows
     other = runtime.client_info(cfg, node(plan, "site-b"), runtime.client_shard(cfg, node(plan, "site-b")))
-    assert other["simulated-image-missing"] == 0 and other["mixture"] == [1.0, 0.0, 0.0]  # the default entry
+    assert other["simulated-image-missing"] == 0 and other["simulated-mixture"] == [1.0, 0.0, 0.0]  # the default entry
     drawn = site_config(plan, tmp_path, missing_setting="miss-text", eta=0.5, missing_alpha=0.0)
     info = runtime.client_info(drawn, node(plan, "site-b"), runtime.client_shard(drawn, node(plan, "site-b")))
     assert info["real-image-missing"] == 10 and info["simulated-text-missing"] == 15  # eta 0.5 of the 30 complete

@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from ..identity import client_identity  # noqa: F401 - re-exported: the method's name for a client
 from .aggregation import fedavg
 from .interpool import InterPool, InterUpdate, aggregate_inter_pool, assign_slots
 from .methods import MethodSpec
@@ -22,21 +23,6 @@ from .pfpt import aggregate_pfpt_pool
 
 #: Rows of a pattern-usage table: the missing pattern of the retrieving sample.
 NUM_PATTERNS = 3
-
-
-def client_identity(node_config: Mapping[str, Any], node_id: int) -> str:
-    """The stable id under which the server keeps a client's state (its personal prompt pool, clients.json).
-
-    The node config's ``client-id`` when given (a site's chosen name), else its
-    ``partition-id`` (simulation and partitioned deployments), else ``node-<node id>``
-    (stable for as long as the SuperNode runs).
-    """
-    explicit = node_config.get("client-id")
-    if explicit not in (None, ""):
-        return str(explicit)
-    if "partition-id" in node_config:
-        return str(int(node_config["partition-id"]))
-    return f"node-{node_id}"
 
 
 @dataclasses.dataclass
