@@ -32,14 +32,15 @@ from fedprime_core.config import (
     parse_run_config,
 )
 from fedprime_core.data.records import DataError
-from fedprime_core.failures import RunFailed
+from fedprime_core.failures import RunFailed, parse_reason
 from fedprime_core.method.methods import method_spec
-from fedprime_core.results import CHECKPOINT_META, find_checkpoint, load_checkpoint, write_json
+from fedprime_core.results import CHECKPOINT_META, find_checkpoint, load_checkpoint, write_json, write_run_outputs
 from fedprime_core.runlock import RunFolderBusy, RunLock
 from fedprime_protocol.logs import ClientLogGrid, connect
-from fedprime_protocol.messages import CLIENT, identity_query, record_to_state, state_to_record
+from fedprime_protocol.messages import CLIENT, SITE_CHECK, identity_query, record_to_state, state_to_record
 
 from .nodes import wait_for_nodes
+from .sites import SiteVerdict, refusal_stops_run, site_verdicts
 from .strategy import FedPrimeStrategy
 from .watchdog import SuperLinkWatchdog, superlink_address
 
@@ -49,8 +50,15 @@ app = ServerApp()
 
 
 def default_run_name(cfg: RunConfig) -> str:
+    """``method-dataset-setting-sSEED-stamp``; the setting names eta only where it applies."""
     stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-    return f"{cfg.method}-{cfg.dataset}-{cfg.missing_setting}-eta{cfg.eta:g}-s{cfg.seed}-{stamp}"
+    if cfg.missing_table:
+        setting = "table"
+    elif cfg.missing_setting == "none":
+        setting = "none"
+    else:
+        setting = f"{cfg.missing_setting}-eta{cfg.eta:g}"
+    return f"{cfg.method}-{cfg.dataset}-{setting}-s{cfg.seed}-{stamp}"
 
 
 def run_folder(cfg: RunConfig) -> Path:
@@ -149,7 +157,7 @@ def _run(
     watchdog: SuperLinkWatchdog | None,
 ) -> None:
     try:
-        census = node_census(grid, cfg, watchdog)
+        census, failed = node_census(grid, cfg, watchdog)
         labels = runtime.check_server_inputs(cfg, partition_count(census))
     except (ConfigError, DataError, FileNotFoundError, ValueError, RunFailed) as exc:
         log(ERROR, "FedPrime cannot start: %s", exc)
@@ -165,6 +173,8 @@ def _run(
     fingerprint = None
     if server_eval or state is None:
         fingerprint = runtime.process_backbone(cfg).fingerprint
+    verdicts = site_verdicts(census, failed, labels_fingerprint=labels.fingerprint, backbone_fingerprint=fingerprint)
+    admit_sites(cfg, grid, run_dir, verdicts, labels.metric == "macro_f1", clients)
     if state is None:
         state = runtime.initial_state(cfg)
 
@@ -184,6 +194,7 @@ def _run(
         stop_check=watchdog.stop_reason if watchdog else None,
     )
     strategy.node_clients.update({node: str(info["client-id"]) for node, info in census.items() if "client-id" in info})
+    strategy.take_verdicts(verdicts.values())
     try:
         result = strategy.start_or_resume(
             grid=ClientLogGrid(grid),  # logs the lines each client returns with its reply
@@ -196,7 +207,7 @@ def _run(
         log(ERROR, "FedPrime stopped. Results so far: %s (summary.md says why)", run_dir)
         raise
     save_result(run_dir, result)
-    if not strategy.clients:
+    if not any(c.get("state") in ("training", "lost") for c in strategy.clients.values()):
         log(WARNING, "no client update was accepted in this run")
     log(INFO, "FedPrime finished. Results: %s (summary.md, metrics.csv, curves.png, final.npz)", run_dir)
     summary = run_dir / "summary.md"
@@ -205,13 +216,22 @@ def _run(
             log(INFO, "%s", line)
 
 
-def node_census(grid: Grid, cfg: RunConfig, watchdog: SuperLinkWatchdog | None = None) -> dict[int, dict[str, Any]]:
-    """Ask every connected node who it is (client id, and partition and partition count when it has them).
+def node_census(
+    grid: Grid, cfg: RunConfig, watchdog: SuperLinkWatchdog | None = None
+) -> tuple[dict[int, dict[str, Any]], dict[int, tuple[str | None, str]]]:
+    """Ask every connected node who it is, and every site whether its data can be trained on.
 
     Waits up to ``node-wait`` for ``min-available-nodes`` nodes (as round 1 would),
     then sends one identity query to each and keeps the answers that arrive within
-    ``round-timeout``. Nodes that fail or do not answer are left out here: the rounds
-    account for them.
+    ``round-timeout``: the client id (and partition and partition count when it has them)
+    and, from a site, its data check under ``"site-check"`` (a site loads what training
+    needs to answer it: :func:`fedprime_core.runtime.site_check`).
+
+    Returns:
+        ``(census, failed)``: node id -> its identity record; node id -> ``(kind, reason)``
+        of the nodes that answered with an error (:func:`server_app.sites.site_verdicts`
+        refuses those with a config or data error). Nodes that do not answer are left out:
+        the rounds account for them.
 
     Raises:
         NotEnoughNodesError: fewer than ``min-train-nodes`` nodes when ``node-wait`` ended.
@@ -222,16 +242,64 @@ def node_census(grid: Grid, cfg: RunConfig, watchdog: SuperLinkWatchdog | None =
     check = watchdog.check if watchdog is not None else None
     nodes = wait_for_nodes(grid, needed, enough, cfg.node_wait, check, what="round 1")
     if not nodes:
-        return {}
+        return {}, {}
     queries = [Message(content=identity_query(), message_type=MessageType.QUERY, dst_node_id=n) for n in nodes]
     census: dict[int, dict[str, Any]] = {}
+    failed: dict[int, tuple[str | None, str]] = {}
     for reply in grid.send_and_receive(queries, timeout=cfg.round_timeout):
         node = reply.metadata.src_node_id
-        if reply.has_error() or node not in nodes or CLIENT not in reply.content.config_records:
+        if node not in nodes:
+            continue
+        if reply.has_error():
+            failed[node] = parse_reason(reply.error.reason)
+            continue
+        if CLIENT not in reply.content.config_records:
             continue
         census[node] = dict(reply.content.config_records[CLIENT])
+        if SITE_CHECK in reply.content.config_records:
+            census[node]["site-check"] = dict(reply.content.config_records[SITE_CHECK])
     log(INFO, "nodes before round 1: %d connected, %d answered the identity query", len(nodes), len(census))
-    return census
+    return census, failed
+
+
+def admit_sites(
+    cfg: RunConfig,
+    grid: Grid,
+    run_dir: Path,
+    verdicts: dict[int, SiteVerdict],
+    multilabel: bool,
+    clients: dict[str, Any],
+) -> None:
+    """Log one line per site (its data, or why it is refused), then start without the refused ones, or stop.
+
+    Refused sites go into ``clients`` (``clients.json``) with their reasons. When too few
+    nodes remain for ``min-train-nodes`` the run stops before round 1: summary.md and
+    clients.json say which sites were refused and why.
+
+    Raises:
+        RunFailed: too few nodes can train.
+    """
+    for verdict in sorted(verdicts.values(), key=lambda v: v.client):
+        if verdict.is_site:
+            log(WARNING if verdict.refused else INFO, "%s", verdict.describe())
+            for line in verdict.check.get("warnings", []) or []:
+                log(WARNING, "client %s | %s", verdict.client, line)
+        if verdict.refused:
+            clients[verdict.client] = {**clients.get(verdict.client, {}), **verdict.record()}
+        elif verdict.is_site and verdict.client not in clients:
+            clients[verdict.client] = verdict.record()  # checked; training will replace it
+    centralized = method_spec(cfg.method).centralized
+    min_train, min_available = (1, 1) if centralized else (cfg.min_train_nodes, cfg.min_available_nodes)
+    stop, warning = refusal_stops_run(verdicts, grid.get_node_ids(), min_train, min_available)
+    if warning:
+        log(WARNING, "%s", warning)
+    if stop:
+        write_json(run_dir / "clients.json", clients)
+        write_run_outputs(
+            run_dir, [], multilabel, f"{cfg.method} on {cfg.dataset}", status="failed", reason=stop, clients=clients
+        )
+        log(ERROR, "FedPrime cannot start: %s", stop)
+        raise RunFailed(stop)
 
 
 def partition_count(census: dict[int, dict[str, Any]]) -> int | None:

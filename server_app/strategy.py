@@ -54,6 +54,7 @@ from fedprime_protocol.messages import (
     CONFIG,
     METRICS,
     NUM_EXAMPLES,
+    SITE_CHECK,
     identity_query,
     instruction_content,
     parse_identity_reply,
@@ -62,6 +63,7 @@ from fedprime_protocol.messages import (
 )
 
 from .nodes import NotEnoughNodesError, wait_for_nodes
+from .sites import SiteVerdict, setting_label, site_verdicts
 
 #: ``evaluate_held_out(round, state) -> {"val": {...}, "same-as-train": {...}, ...}`` (see ``start_or_resume``)
 ServerEvaluate = Callable[[int, dict[str, np.ndarray]], dict[str, dict[str, float]]]
@@ -213,6 +215,10 @@ class FedPrimeStrategy(FedAvg):
         self.sweeps = cfg.align_sweeps or method_default_sweeps(cfg.method)
         #: node id -> client id, learned by identity queries (never checkpointed: node ids change).
         self.node_clients: dict[int, str] = {}
+        #: node id -> why the site is left out of this run (its data check failed: :mod:`server_app.sites`).
+        self.refused: dict[int, str] = {}
+        #: Whether every node seen so far is a site with its own data (the title says "site data").
+        self.sites_only: bool | None = None
         self.stop_check = stop_check
         #: What the last configure hooks sent and what the last aggregate_train made of it; each
         #: hook replaces its record whole (Flower's hooks pass nothing else from one to the next).
@@ -221,6 +227,8 @@ class FedPrimeStrategy(FedAvg):
         self._trained: TrainRecord | None = None
         #: Nodes whose message of the last exchange could not be pushed (:meth:`_exchange`).
         self._unsent: tuple[int, ...] = ()
+        #: client id -> its metrics of the last client-side evaluation (:meth:`aggregate_evaluate`).
+        self._client_scores: dict[str, dict[str, float]] = {}
 
     def summary(self) -> None:
         """Log FedPrime's settings, then FedAvg's sampling summary (as Flower's FedProx adds its own)."""
@@ -244,7 +252,10 @@ class FedPrimeStrategy(FedAvg):
             known=self.node_clients,
             what=f"round {server_round}" + (" (client evaluation)" if purpose == 2 else ""),
         )
+        nodes = [n for n in nodes if n not in self.refused]  # refused sites are never asked again
         rng = random.Random(self.cfg.seed * 100_003 + server_round * 7 + purpose)
+        if not nodes:
+            return []
         if self.spec.centralized:
             return [nodes[0]]
         size = min(len(nodes), max(int(len(nodes) * fraction), minimum))
@@ -350,10 +361,10 @@ class FedPrimeStrategy(FedAvg):
 
         A node that does not answer is recorded as timed out; one that answers with an
         error or without an id, or claims the id of another node sampled in the same
-        round, as rejected. Either way it is left out of the round.
+        round, as rejected. Either way it is left out of the round. A site that joins after
+        round 1 has its data checked like the others were before it
+        (:func:`server_app.sites.site_verdicts`): refused, it is rejected now and never sampled again.
         """
-        if not self.model.personal:
-            return node_ids
         unknown = [nid for nid in node_ids if nid not in self.node_clients]
         if unknown:
             queries = [
@@ -374,6 +385,10 @@ class FedPrimeStrategy(FedAvg):
                 client, reason = parse_identity_reply(reply)
                 if client is None:
                     outcomes.append(ClientOutcome(node, None, "rejected", f"no identity: {one_line(reason)}"))
+                    continue
+                verdict = self._check_site(node, client, reply)
+                if verdict is not None and verdict.refused:
+                    outcomes.append(ClientOutcome(node, client, "rejected", f"refused: {verdict.reason}", "data"))
                     continue
                 self.node_clients[node] = client
             for node in unknown:
@@ -401,6 +416,30 @@ class FedPrimeStrategy(FedAvg):
                 ", ".join(f"node {n} -> {self.node_clients[n]}" for n in unknown if n in self.node_clients) or "none",
             )
         return usable
+
+    def take_verdicts(self, verdicts: Iterable[SiteVerdict]) -> None:
+        """Keep the decisions made about the nodes before round 1 (refused sites are never sampled)."""
+        for verdict in verdicts:
+            if verdict.refused:
+                self.refused[verdict.node] = verdict.reason
+            self.sites_only = (self.sites_only is not False) and verdict.is_site
+
+    def _check_site(self, node: int, client: str, reply: Message) -> SiteVerdict | None:
+        """The verdict on a node met after round 1, from its identity reply (logged, kept, and in clients.json)."""
+        record = reply.content.config_records.get(SITE_CHECK)
+        if record is None:
+            return None
+        census = {node: {"client-id": client, "site-check": dict(record)}}
+        verdict = site_verdicts(
+            census, labels_fingerprint=self.reference_labels, backbone_fingerprint=self.reference_fingerprint
+        )[node]
+        log(WARNING if verdict.refused else INFO, "%s", verdict.describe())
+        self.take_verdicts([verdict])
+        if verdict.refused:
+            self.clients[client] = {**self.clients.get(client, {}), **verdict.record()}
+        elif client not in self.clients:
+            self.clients[client] = verdict.record()
+        return verdict
 
     def _silent_reason(self, node: int, what: str) -> tuple[str, str]:
         """``(status, reason)`` of a node that gave no reply to ``what``."""
@@ -501,10 +540,16 @@ class FedPrimeStrategy(FedAvg):
                 continue
             updates.append(update)
             outcomes.append(ClientOutcome(node, update.client_id, "accepted"))
-            self.clients[update.client_id] = {**info, "node-id": node, "last-round": server_round}
+            self.clients[update.client_id] = {
+                **info,
+                "node-id": node,
+                "last-round": server_round,
+                "state": "training",
+            }
         for node, client in sent_to.items():
             if node not in answered:
                 outcomes.append(ClientOutcome(node, client, *self._silent_reason(node, "the train message")))
+        self._note_lost(server_round, outcomes)
         # Recorded and averaged in client order, not in the order replies arrived.
         outcomes.sort(key=lambda o: (client_order(o.client or ""), o.node))
         updates.sort(key=lambda u: client_order(u.client_id))
@@ -541,6 +586,16 @@ class FedPrimeStrategy(FedAvg):
             train_examples=int(weights.sum()),
             **counted,
         )
+
+    def _note_lost(self, server_round: int, outcomes: Iterable[ClientOutcome]) -> None:
+        """A client that trained before and failed or went silent this round: ``lost`` at this round (clients.json)."""
+        for item in outcomes:
+            entry = self.clients.get(item.client or "")
+            if item.status == "accepted" or entry is None or entry.get("state") not in ("training", "lost"):
+                continue
+            if entry.get("state") != "lost":
+                entry.update({"state": "lost", "lost-round": server_round})
+            entry["reason"] = item.reason
 
     @staticmethod
     def _log_outcomes(server_round: int, outcomes: list[ClientOutcome]) -> None:
@@ -596,7 +651,9 @@ class FedPrimeStrategy(FedAvg):
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         """Sample-weighted mean of the clients' local validation metrics (bad replies logged and ignored)."""
         rows = []
-        destinations = (self._evaluate_sent or Dispatch()).destinations()
+        sent = self._evaluate_sent or Dispatch()
+        destinations = sent.destinations()
+        self._client_scores = {}
         for message in replies:
             if message.has_error():
                 node = self._node_of(message, destinations)
@@ -615,6 +672,9 @@ class FedPrimeStrategy(FedAvg):
             values = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and k != NUM_EXAMPLES}
             if isinstance(n, (int, float)) and n > 0 and all(np.isfinite(list(values.values()))):
                 rows.append((float(n), values))
+                client = sent.clients.get(self._node_of(message, destinations))
+                if client is not None:
+                    self._client_scores[client] = {**values, NUM_EXAMPLES: int(n)}
         if not rows:
             return None
         # Sum in an order fixed by the replies' content, not by when they arrived (nor by node
@@ -667,7 +727,7 @@ class FedPrimeStrategy(FedAvg):
         """
         result = Result(arrays=initial_arrays)
         done = max((r["round"] for r in self.history), default=-1)
-        title = f"{self.cfg.method} on {self.cfg.dataset} ({self.cfg.missing_setting}, eta={self.cfg.eta})"
+        title = f"{self.cfg.method} on {self.cfg.dataset} ({setting_label(self.cfg, bool(self.sites_only))})"
         self.summary()
         skipped_in_a_row = 0
         for record in reversed(self.history):
@@ -738,6 +798,7 @@ class FedPrimeStrategy(FedAvg):
                     status="failed",
                     reason=str(exc),
                     wire=describe_communication(self.cfg),
+                    clients=self.clients,
                 )
             raise
         result.arrays = state_to_record(self.model.arrays)
@@ -758,6 +819,16 @@ class FedPrimeStrategy(FedAvg):
             if client_eval is not None:
                 result.evaluate_metrics_clientapp[server_round] = client_eval
                 fields["client-eval"] = dict(client_eval)
+            if self._client_scores:
+                # Each site's own validation score: in the round line, metrics.json and the summary's client table.
+                metric = metric_name(self.multilabel)
+                fields["client-eval-by-client"] = {
+                    client: {k: v for k, v in scores.items() if k in (metric, "loss", NUM_EXAMPLES)}
+                    for client, scores in sorted(self._client_scores.items(), key=lambda item: client_order(item[0]))
+                }
+                for client, scores in self._client_scores.items():
+                    if client in self.clients:
+                        self.clients[client]["client-val"] = {**scores, "round": server_round}
         return fields
 
     def _server_evaluation(
@@ -792,6 +863,7 @@ class FedPrimeStrategy(FedAvg):
             status=status,
             reason=reason,
             wire=describe_communication(self.cfg),
+            clients=self.clients,
         )
         write_json(self.run_dir / "clients.json", self.clients)
         save_checkpoint(
@@ -808,17 +880,32 @@ class FedPrimeStrategy(FedAvg):
             },
         )
 
+    def _scores_line(self, by_client: Mapping[str, Mapping[str, float]], shown: int = 8) -> str:
+        """``site-a 45.0, site-b 50.0 (accuracy %)``; for more than ``shown`` clients their min, median and max."""
+        metric = metric_name(self.multilabel)
+        scores = {c: 100 * float(m[metric]) for c, m in by_client.items() if metric in m}
+        if len(scores) <= shown:
+            return ", ".join(f"{c} {v:.1f}" for c, v in scores.items()) + f" ({metric} %)"
+        values = sorted(scores.values())
+        return (
+            f"{len(values)} clients, {metric} % min {values[0]:.1f} / median {float(np.median(values)):.1f} / "
+            f"max {values[-1]:.1f} (each client in metrics.json)"
+        )
+
     def _log_eval(self, server_round: int, evaluation: dict[str, dict[str, float]]) -> None:
         metric = metric_name(self.multilabel)
         parts = ", ".join(f"{name} {100 * m.get(metric, float('nan')):.1f}" for name, m in evaluation.items())
         log(INFO, "round %d server-side %s (%%): %s", server_round, metric, parts)
 
     def _log_round(self, record: dict[str, Any], num_rounds: int) -> None:
+        """The round's one line (with each client's own validation score when clients evaluated), then the server's."""
         r = record
         pools = ", ".join(f"{p} pool {r[f'{p}-pool-size']}" for p in self.spec.pools if f"{p}-pool-size" in r)
+        by_client = r.get("client-eval-by-client")
         log(
             INFO,
-            "[round %d/%d] %s train-loss %s | clients %s sampled: %s accepted, %s rejected, %s timed out | %s | %.1fs",
+            "[round %d/%d] %s train-loss %s | clients %s sampled: %s accepted, %s rejected, %s timed out | %s "
+            "| %.1fs%s",
             r["round"],
             num_rounds,
             "SKIPPED" if r.get("skipped") else "",
@@ -829,6 +916,7 @@ class FedPrimeStrategy(FedAvg):
             r.get("timed-out", 0),
             pools or "no retrieval pools",
             r["round-seconds"],
+            f" | client val {self._scores_line(by_client)}" if by_client else "",
         )
         if "eval" in r:
             self._log_eval(r["round"], r["eval"])

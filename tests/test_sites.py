@@ -180,15 +180,21 @@ def test_a_federation_of_sites_reports_each_site_and_refuses_another_class_list(
     with caplog.at_level(logging.WARNING, logger="flwr"):
         run_dir = run(cfg, nodes)
     clients = json.loads((run_dir / "clients.json").read_text())
-    assert sorted(clients) == ["site-a", "site-b", "site-c"]
+    assert sorted(clients) == ["site-a", "site-b", "site-c", "site-other"]
     for name, planted in plan["sites"].items():
+        assert clients[name]["state"] == "training" and clients[name]["last-round"] == 1
         assert clients[name]["num-train"] == planted["rows"]
         assert clients[name]["real-image-missing"] == planted["image-missing"]
         assert clients[name]["real-text-missing"] == planted["text-missing"]
+        assert clients[name]["client-val"]["round"] == 1 and clients[name]["client-val"]["num-examples"] == 8
+    # The site with another class list is refused before round 1, and never asked to train.
+    assert clients["site-other"]["state"] == "refused" and "class list" in clients["site-other"]["reason"]
     rounds = json.loads((run_dir / "metrics.json").read_text())
-    assert rounds[1]["accepted"] == 3 and rounds[1]["rejected"] == 1
-    assert "class list fingerprint" in rounds[1]["rejected-reasons"][0]
+    assert rounds[1]["sampled"] == 3 and rounds[1]["accepted"] == 3 and rounds[1]["rejected"] == 0
     assert set(rounds[1]["eval"]) >= {"val", "full-modal"} and rounds[1]["client-eval"]["num-examples"] > 0
+    assert sorted(rounds[1]["client-eval-by-client"]) == ["site-a", "site-b", "site-c"]
+    summary = (run_dir / "summary.md").read_text()
+    assert "| site-other | refused: its class list" in summary and "| site-a | training (last round 1) |" in summary
 
 
 def test_a_server_without_data_leaves_evaluation_to_the_clients(plan, tmp_path, tiny_vilt):
