@@ -111,7 +111,8 @@ def test_the_site_check_counts_what_training_will_see(plan, tmp_path, tiny_vilt)
         assert check["mixture"] == [round(n / rows, 4) for n in counted]  # the summary's mixture: the counted rows
         assert [check["complete"], check["text-missing"], check["image-missing"]] == counted
         assert check["num-classes-present"] == len(planted["classes"]) and check["num-classes"] == 8
-        assert f"text-missing {planted['text-missing']} ({100 * planted['text-missing'] / rows:.0f}%)" in check["summary"]
+        share = 100 * planted["text-missing"] / rows
+        assert f"text-missing {planted['text-missing']} ({share:.0f}%)" in check["summary"]
     assert runtime.site_check(cfg, runtime.node_client({"partition-id": 0, "num-partitions": 2}, 1)) is None
 
 
