@@ -82,11 +82,11 @@ def send_frame(stream: BinaryIO, header: Mapping[str, Any], arrays: Mapping[str,
     """Write one frame: ``header`` (JSON) and ``arrays`` (name, dtype and shape in the header, bytes after it)."""
     specs, buffers = [], []
     for name, value in (arrays or {}).items():
-        array = np.ascontiguousarray(value)
+        array = np.asarray(value)
         if array.dtype.hasobject:
             raise TypeError(f"array {name!r} has dtype {array.dtype}; only plain numeric arrays cross the channel")
         specs.append({"name": str(name), "dtype": array.dtype.str, "shape": list(array.shape)})
-        buffers.append(array.reshape(-1).view(np.uint8))
+        buffers.append(np.ascontiguousarray(array).reshape(-1).view(np.uint8))  # (a 0-d array keeps its shape)
     head = json.dumps({**header, "arrays": specs}, separators=(",", ":"), default=_plain).encode()
     if len(head) > MAX_HEADER_BYTES:
         raise ValueError(f"frame header of {len(head)} bytes exceeds {MAX_HEADER_BYTES}")
@@ -217,7 +217,9 @@ class LocalSite:
 
         _limit_threads()
         node = runtime.node_client(node_config, node_id)
-        return dict(runtime.client_evaluate(parse_run_config(run_config), state, node))
+        started = time.perf_counter()
+        metrics = dict(runtime.client_evaluate(parse_run_config(run_config), state, node))
+        return {**metrics, "eval-seconds": time.perf_counter() - started}
 
 
 def _limit_threads() -> None:
@@ -553,6 +555,13 @@ def _warm_imports() -> None:
     from . import runtime  # noqa: F401  (torch, the method, the data pipeline)
     from .backbones import vilt  # noqa: F401  (transformers)
 
+    try:  # weight-loading progress bars are unreadable in a log
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    except ImportError:
+        pass
+
     LOGGER.info("site worker: torch and transformers imported in %.1fs", time.monotonic() - started)
 
 
@@ -570,6 +579,7 @@ def main(argv: list[str] | None = None) -> int:
         help="level of the lines returned with each reply and printed here (default: FLWR_LOG_LEVEL or INFO)",
     )
     args = parser.parse_args(argv)
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     level = logging.getLevelName(str(args.log_level).upper())
     level = level if isinstance(level, int) else logging.INFO
     handler = logging.StreamHandler(sys.stderr)

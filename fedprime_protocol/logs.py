@@ -83,6 +83,26 @@ class _ToFlower(logging.Handler):
 _BRIDGE = _ToFlower()
 
 
+class _ReportedErrors(logging.Filter):
+    """Drops Flower's "ServerApp raised an exception" record (with its traceback) for an error the
+    ServerApp has already logged in one line (:func:`mark_reported`): a config error, a site refused,
+    a failed run. The user's last line is then what to fix; Flower's exit code follows it."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        return not getattr(exc, _REPORTED, False)
+
+
+_REPORTED = "_fedprime_reported"
+_QUIET = _ReportedErrors()
+
+
+def mark_reported(exc: BaseException) -> BaseException:
+    """Note that ``exc``'s message has been logged in one line: Flower logs no traceback for it (returns ``exc``)."""
+    setattr(exc, _REPORTED, True)
+    return exc
+
+
 def connect(client: bool = False) -> None:
     """Route the FedPrime loggers to Flower's handlers, at Flower's level (idempotent).
 
@@ -91,6 +111,8 @@ def connect(client: bool = False) -> None:
     """
     level = flower_level()
     _BRIDGE.setLevel(max(level, WARNING) if client and _in_ray_worker() else level)
+    if not client and _QUIET not in FLOWER_LOGGER.filters:
+        FLOWER_LOGGER.addFilter(_QUIET)
     for name in LOGGERS:
         logger = logging.getLogger(name)
         logger.setLevel(level)

@@ -34,7 +34,10 @@ Client -> server (train reply):
                   and the ``labels-fingerprint`` (of its class list).
 
 Client -> server (evaluate reply): ``"metrics"`` with ``num-examples``, ``loss``,
-``accuracy``, ``macro_f1``, ``micro_f1``.
+``accuracy``, ``macro_f1``, ``micro_f1`` and ``eval-seconds`` (the local evaluation's time).
+
+Server -> client (query): also answered by a site with its data check, the ``"site-check"``
+ConfigRecord (:func:`identity_reply_content`; the server decides in ``server_app/sites.py``).
 
 No message ever carries a data sample or a backbone tensor.
 

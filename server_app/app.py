@@ -36,7 +36,7 @@ from fedprime_core.failures import RunFailed, parse_reason
 from fedprime_core.method.methods import method_spec
 from fedprime_core.results import CHECKPOINT_META, find_checkpoint, load_checkpoint, write_json, write_run_outputs
 from fedprime_core.runlock import RunFolderBusy, RunLock
-from fedprime_protocol.logs import ClientLogGrid, connect
+from fedprime_protocol.logs import ClientLogGrid, connect, mark_reported
 from fedprime_protocol.messages import CLIENT, SITE_CHECK, identity_query, record_to_state, state_to_record
 
 from .nodes import wait_for_nodes
@@ -47,6 +47,12 @@ from .watchdog import SuperLinkWatchdog, superlink_address
 connect()  # fedprime_core's lines (loading, progress) reach flwr run --stream and flwr log
 
 app = ServerApp()
+
+
+def cannot_start(exc: BaseException) -> None:
+    """Log why the run cannot start as the ServerApp's last line (Flower then adds no traceback for it)."""
+    log(ERROR, "FedPrime cannot start: %s", exc)
+    mark_reported(exc)
 
 
 def default_run_name(cfg: RunConfig) -> str:
@@ -125,14 +131,14 @@ def main(grid: Grid, context: Context) -> None:
         cfg = parse_run_config(context.run_config)
         lock = RunLock(run_folder(cfg), purpose=f"ServerApp of run {context.run_id}").acquire()
     except (ConfigError, FileNotFoundError, RunFolderBusy) as exc:
-        log(ERROR, "FedPrime cannot start: %s", exc)
+        cannot_start(exc)
         raise
     watchdog = None
     try:
         try:
             run_dir, state, history, clients, inter_record = prepare_run(cfg, lock.path.parent)
         except (ConfigError, FileNotFoundError, ValueError) as exc:
-            log(ERROR, "FedPrime cannot start: %s", exc)
+            cannot_start(exc)
             raise
         address = superlink_address(grid)
         if cfg.superlink_timeout > 0 and address:
@@ -160,7 +166,7 @@ def _run(
         census, failed = node_census(grid, cfg, watchdog)
         labels = runtime.check_server_inputs(cfg, partition_count(census))
     except (ConfigError, DataError, FileNotFoundError, ValueError, RunFailed) as exc:
-        log(ERROR, "FedPrime cannot start: %s", exc)
+        cannot_start(exc)
         raise
     write_json(run_dir / "config.json", config_to_dict(cfg))
     log(INFO, "FedPrime run: method=%s dataset=%s model=%s; results in %s", cfg.method, cfg.dataset, cfg.model, run_dir)
@@ -203,8 +209,9 @@ def _run(
             timeout=cfg.round_timeout,
             evaluate_held_out=evaluate if server_eval else None,
         )
-    except RunFailed:
+    except RunFailed as exc:
         log(ERROR, "FedPrime stopped. Results so far: %s (summary.md says why)", run_dir)
+        mark_reported(exc)
         raise
     save_result(run_dir, result)
     if not any(c.get("state") in ("training", "lost") for c in strategy.clients.values()):
@@ -298,8 +305,9 @@ def admit_sites(
         write_run_outputs(
             run_dir, [], multilabel, f"{cfg.method} on {cfg.dataset}", status="failed", reason=stop, clients=clients
         )
-        log(ERROR, "FedPrime cannot start: %s", stop)
-        raise RunFailed(stop)
+        failure = RunFailed(stop)
+        cannot_start(failure)
+        raise failure
 
 
 def partition_count(census: dict[int, dict[str, Any]]) -> int | None:

@@ -823,7 +823,7 @@ class FedPrimeStrategy(FedAvg):
                 # Each site's own validation score: in the round line, metrics.json and the summary's client table.
                 metric = metric_name(self.multilabel)
                 fields["client-eval-by-client"] = {
-                    client: {k: v for k, v in scores.items() if k in (metric, "loss", NUM_EXAMPLES)}
+                    client: {k: v for k, v in scores.items() if k in (metric, "loss", "eval-seconds", NUM_EXAMPLES)}
                     for client, scores in sorted(self._client_scores.items(), key=lambda item: client_order(item[0]))
                 }
                 for client, scores in self._client_scores.items():

@@ -24,6 +24,7 @@ CASES = {
     "throughput": [],
     "framework_overhead": ["--skip-flower", "--skip-sequential"],
     "first_run": [],  # --quick: clone and read the README's command, install nothing
+    "deployment_rounds": ["--modes", "resident"],  # --quick: tiny-vilt, 2 sites, 2 rounds, a real deployment
 }
 
 
