@@ -649,7 +649,11 @@ class FedPrimeStrategy(FedAvg):
         return list(self._evaluate_sent.messages)
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        """Sample-weighted mean of the clients' local validation metrics (bad replies logged and ignored)."""
+        """Sample-weighted mean of the clients' local validation metrics (bad replies logged and ignored).
+
+        Each client's own metrics (with its ``eval-seconds``, which are not averaged) are kept for
+        the round record's ``client-eval-by-client``, clients.json and the round line.
+        """
         rows = []
         sent = self._evaluate_sent or Dispatch()
         destinations = sent.destinations()
@@ -670,11 +674,12 @@ class FedPrimeStrategy(FedAvg):
             metrics = message.content.metric_records[METRICS]
             n = metrics.get(NUM_EXAMPLES, 0)
             values = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and k != NUM_EXAMPLES}
+            seconds = {k: values.pop(k) for k in [k for k in values if k.endswith("-seconds")]}  # per client only
             if isinstance(n, (int, float)) and n > 0 and all(np.isfinite(list(values.values()))):
                 rows.append((float(n), values))
                 client = sent.clients.get(self._node_of(message, destinations))
                 if client is not None:
-                    self._client_scores[client] = {**values, NUM_EXAMPLES: int(n)}
+                    self._client_scores[client] = {**values, **seconds, NUM_EXAMPLES: int(n)}
         if not rows:
             return None
         # Sum in an order fixed by the replies' content, not by when they arrived (nor by node
