@@ -398,6 +398,9 @@ def _other_bad_rows(cfg: RunConfig, first: str) -> list[str]:
         return []
     from .data.loaders import load_dataset
 
+    quiet = logging.getLogger("fedprime_core.data.loaders")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)  # this pass only collects reasons; its "skipped N rows" would mislead
     try:
         splits = load_dataset(
             cfg.dataset,
@@ -412,6 +415,8 @@ def _other_bad_rows(cfg: RunConfig, first: str) -> list[str]:
         )
     except (DataError, OSError, ValueError):
         return []  # not a row's fault (the folder, the class list): the first problem says it all
+    finally:
+        quiet.setLevel(level)
     reasons = [reason for rows in splits.bad_rows.values() for reason in rows if reason != first]
     return _capped(reasons, MAX_PROBLEMS - 1)
 
