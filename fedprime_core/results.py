@@ -257,6 +257,11 @@ def summary_markdown(summary: Mapping[str, Any], title: str) -> str:
         header,
         rule,
     ]
+    if summary.get("final") is None and summary.get("best") is None:
+        lines[2:] = [
+            "No server-side evaluation so far (server-eval=false, or the server holds no data-dir); clients' own "
+            "validation scores: `client-eval` and `client-eval-by-client` in metrics.json."
+        ]
     for label in ("final", "best"):
         row = summary.get(label)
         if row is None:

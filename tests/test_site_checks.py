@@ -137,10 +137,14 @@ def test_verdicts_refuse_permanent_failures_and_other_class_lists_and_decide_whe
     assert refusal_stops_run({1: SiteVerdict(1, "a")}, [1], 1, 1) == (None, None)
 
 
-def test_the_title_names_the_setting_that_applies():
-    sites = parse_run_config({"dataset": "food101", "classes": "a,b", "missing-setting": "none"})
+def test_the_title_and_run_name_name_the_setting_that_applies():
+    from server_app.app import default_run_name
+
+    sites = parse_run_config({"dataset": "food101", "classes": "a,b", "missing-setting": "none", "seed": 3})
     assert setting_label(sites, sites=True) == "site data"
     assert setting_label(sites) == "none"  # no unused eta
+    assert default_run_name(sites).startswith("fedprime-food101-none-s3-")
     drawn = parse_run_config({"missing-setting": "miss-text", "eta": 0.5})
     assert setting_label(drawn) == "miss-text, eta=0.5"
     assert setting_label(drawn, sites=True) == "site data + simulated miss-text, eta=0.5"
+    assert default_run_name(drawn).startswith("fedprime-embedded-miss-text-eta0.5-s42-")
