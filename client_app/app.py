@@ -30,7 +30,7 @@ from fedprime_core.config import parse_run_config
 from fedprime_core.failures import exception_reason
 from fedprime_core.site_worker import WorkerFailure, site_for
 from fedprime_core.tools.faults import inject_fault
-from fedprime_protocol.logs import connect, forward_logs
+from fedprime_protocol.logs import connect, forward_logs, forwarding_allowed
 from fedprime_protocol.messages import (
     evaluate_reply_content,
     identity_reply_content,
@@ -90,7 +90,10 @@ def query(msg: Message, context: Context) -> Message:
     """
     site = site_for(context.node_config, context.run_id)
     answer = site.check(dict(context.run_config), dict(context.node_config), context.node_id)
-    return Message(content=identity_reply_content(answer["client"], answer["site-check"]), reply_to=msg)
+    check = answer["site-check"]
+    if check is not None and not forwarding_allowed(dict(context.node_config)):
+        check = {**check, "warnings": []}  # log lines stay home (forward-logs=false); problems still travel
+    return Message(content=identity_reply_content(answer["client"], check), reply_to=msg)
 
 
 @app.train()

@@ -61,6 +61,8 @@ _PREFIX = struct.Struct(">4sII")  # magic, version, header length
 MAX_HEADER_BYTES = 16 * 2**20
 #: Seconds a ClientApp waits to be connected to the worker (the work itself may take hours).
 CONNECT_TIMEOUT = 10.0
+#: Seconds the worker allows for reading one request or sending one reply.
+IO_TIMEOUT = 120.0
 
 
 class SiteWorkerError(RuntimeError):
@@ -433,7 +435,13 @@ class SiteWorker:
             pass
 
     def serve_one(self, connection: socket.socket) -> None:
-        """Read one request, run it, send the reply (a ClientApp that left is not an error)."""
+        """Read one request, run it, send the reply (a ClientApp that left is not an error).
+
+        Reading the request and sending the reply may take at most :data:`IO_TIMEOUT` seconds
+        each (a peer that connects and says nothing cannot hold the site up); the work between
+        them takes as long as it takes.
+        """
+        connection.settimeout(IO_TIMEOUT)
         with connection.makefile("rwb") as stream:
             try:
                 header, arrays = recv_frame(stream)
