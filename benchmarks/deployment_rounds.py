@@ -163,6 +163,7 @@ def main() -> None:
     p.add_argument("--image-size", type=int, default=0, help="0: each model's own (ViLT-B/32: 384 px)")
     p.add_argument("--timeout", type=float, default=3600.0, help="seconds allowed for one flwr run")
     p.add_argument("--keep", action="store_true", help="keep the work folder (logs, results)")
+    p.add_argument("--b32-folder", type=Path, default=None, help="where to make (or find) the random ViLT-B/32")
     args = p.parse_args()
     if args.quick:
         args.models, args.rounds, args.sites = ["tiny-vilt"], 2, 2
@@ -183,7 +184,7 @@ def main() -> None:
         for model in args.models:
             name = model
             if model == "vilt-b32":
-                name = str(vilt_b32_random(work / "vilt-b32-random"))
+                name = str(vilt_b32_random(args.b32_folder or work / "vilt-b32-random"))
             run_args = argparse.Namespace(**vars(args))
             run_args.train_rows = args.b32_train_rows if model == "vilt-b32" else args.train_rows
             for mode in args.modes:
