@@ -5,7 +5,11 @@ site's own folder (``data-dir``, set by ``flower-supernode --node-config``), or 
 (``partition-id`` / ``num-partitions``, set by the simulation engine) of the run's
 data-dir. Only the trainable parts travel back, with the sample count, the prompt usage
 counts, the client's identity and its realised missing-pattern counts; never the
-backbone, never data. The backbone and the data are loaded once per process and cached.
+backbone, never data. The work itself is done by :mod:`fedprime_core.site_worker`: in this
+process (the backbone and the data cached per process: a simulation actor keeps them), or,
+when the node config names ``site-worker``, by the site's resident worker, which keeps them
+for the whole run while every message gets a fresh ClientApp process (deployment); this
+module then imports no torch.
 
 Arrays arrive in the server's wire encoding and are decoded to float32; the reply is
 encoded in this run's ``wire-dtype``, as the change to what arrived when ``upload-delta``
@@ -18,16 +22,15 @@ import functools
 import logging
 from collections.abc import Callable
 
-import torch
 from flwr.app import Context, Error, Message
 from flwr.clientapp import ClientApp
 from flwr.common.constant import ErrorCode
 
-from fedprime_core import runtime
 from fedprime_core.config import parse_run_config
 from fedprime_core.failures import exception_reason
+from fedprime_core.site_worker import WorkerFailure, site_for
 from fedprime_core.tools.faults import inject_fault
-from fedprime_protocol.logs import connect, forward_logs
+from fedprime_protocol.logs import connect, forward_logs, forwarding_allowed
 from fedprime_protocol.messages import (
     evaluate_reply_content,
     identity_reply_content,
@@ -49,34 +52,48 @@ def reports_errors(handler: Handler) -> Handler:
 
     The reason is ``"[config] ConfigError: ..."`` / ``"[data] DataError: ..."`` for errors
     that recur until someone fixes a setting or a file (the server stops a run in which
-    every client fails that way), else ``"Type: message"``. The full traceback goes to
-    this node's log, not over the network.
+    every client fails that way), else ``"Type: message"``; a site worker's failure
+    arrives with its reason already in that form. The full traceback goes to this node's
+    log (the worker's own log for work it did), not over the network.
     """
 
     @functools.wraps(handler)
     def wrapped(msg: Message, context: Context) -> Message:
         try:
             return handler(msg, context)
+        except WorkerFailure as exc:
+            LOGGER.error("%s failed on node %s (in the site worker): %s", handler.__name__, context.node_id, exc.reason)
+            reason = exc.reason
         except Exception as exc:  # noqa: BLE001 - every failure becomes a reply the server can account for
             LOGGER.exception("%s failed on node %s", handler.__name__, context.node_id)
             reason = exception_reason(exc)
-            return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason), reply_to=msg)
+        return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason), reply_to=msg)
 
     return wrapped
 
 
-def _threads() -> None:
-    # Simulation packs several clients on few cores; never oversubscribe them.
-    if not torch.cuda.is_available():
-        torch.set_num_threads(max(1, min(torch.get_num_threads(), 4)))
+def _partition(context: Context) -> int:
+    """This node's partition id, -1 for a site (fault plans name partitions)."""
+    try:
+        return int(context.node_config.get("partition-id", -1))
+    except (TypeError, ValueError):
+        return -1
 
 
 @app.query()
 @reports_errors
 def query(msg: Message, context: Context) -> Message:
-    """Tell the server which client this node is (asked before round 1, and before its first personal pool)."""
-    node = runtime.node_client(context.node_config, context.node_id)
-    return Message(content=identity_reply_content(node.describe()), reply_to=msg)
+    """Tell the server which client this node is and, for a site, whether its data can be trained on.
+
+    Asked before round 1 (and before a node's first round when it joins later). A site
+    loads what training needs here, once: its resident worker keeps it for the run.
+    """
+    site = site_for(context.node_config, context.run_id)
+    answer = site.check(dict(context.run_config), dict(context.node_config), context.node_id)
+    check = answer["site-check"]
+    if check is not None and not forwarding_allowed(dict(context.node_config)):
+        check = {**check, "warnings": []}  # log lines stay home (forward-logs=false); problems still travel
+    return Message(content=identity_reply_content(answer["client"], check), reply_to=msg)
 
 
 @app.train()
@@ -84,35 +101,27 @@ def query(msg: Message, context: Context) -> Message:
 @forward_logs
 def train(msg: Message, context: Context) -> Message:
     """Train the received global state for ``local-epochs`` on the local shard."""
-    _threads()
     cfg = parse_run_config(context.run_config)
-    node = runtime.node_client(context.node_config, context.node_id)
+    site = site_for(context.node_config, context.run_id)
     server_round = read_server_round(msg.content)
     state = read_arrays(msg.content)
-    new_state, result, shard = runtime.client_train(cfg, state, node, server_round=server_round)
-    metrics = {
-        "num-examples": result.num_examples,
-        "train-loss": result.loss,
-        "train-regulariser": result.regulariser,
-        "train-seconds": result.seconds,
-        "steps": result.steps,
-    }
-    client = runtime.client_info(cfg, node, shard)
-    partition = -1 if node.partition_id is None else node.partition_id  # fault plans name partitions
-    new_state, metrics, usage = inject_fault(cfg.fault_plan, partition, server_round, new_state, metrics, result.usage)
+    outcome = site.train(dict(context.run_config), dict(context.node_config), context.node_id, state, server_round)
+    new_state, metrics, usage = inject_fault(
+        cfg.fault_plan, _partition(context), server_round, outcome.state, dict(outcome.metrics), outcome.usage
+    )
     LOGGER.info(
         "round %d: loss %.4f on %d samples in %.1fs",
         server_round,
-        result.loss,
-        result.num_examples,
-        result.seconds,
+        outcome.metrics["train-loss"],
+        outcome.metrics["num-examples"],
+        outcome.metrics["train-seconds"],
     )
     content = train_reply_content(
         new_state,
         metrics,
         usage,
-        client,
-        result.pattern_usage,
+        outcome.client,
+        outcome.pattern_usage,
         wire_dtype=cfg.wire_dtype,
         reference=state if cfg.upload_delta else None,
     )
@@ -125,8 +134,8 @@ def train(msg: Message, context: Context) -> Message:
 def evaluate(msg: Message, context: Context) -> Message:
     """Evaluate the received state (this client's own inter pool where the method keeps one) on the local
     validation split and the client's own test set."""
-    _threads()
-    cfg = parse_run_config(context.run_config)
-    node = runtime.node_client(context.node_config, context.node_id)
-    metrics = runtime.client_evaluate(cfg, read_arrays(msg.content), node)
-    return Message(content=evaluate_reply_content(metrics, node.describe()), reply_to=msg)
+    site = site_for(context.node_config, context.run_id)
+    metrics, client = site.evaluate(
+        dict(context.run_config), dict(context.node_config), context.node_id, read_arrays(msg.content)
+    )
+    return Message(content=evaluate_reply_content(metrics, client), reply_to=msg)

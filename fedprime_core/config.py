@@ -888,7 +888,7 @@ def parse_run_config(values: Mapping[str, Any] | None = None, *, strict: bool = 
     unknown = sorted(k for k in values if k not in OPTIONS_BY_KEY)
     if unknown and strict:
         raise ConfigError(
-            f"unknown run config key(s): {', '.join(unknown)}; known keys are listed in "
+            f"unknown run config key(s): {', '.join(_with_guess(k) for k in unknown)}; known keys are listed in "
             "pyproject.toml [tool.flwr.app.config] and README 'Configuration'"
         )
     kwargs = {}
@@ -904,6 +904,14 @@ def parse_run_config(values: Mapping[str, Any] | None = None, *, strict: bool = 
     _check_consistency(cfg)
     _check_fault_plan(cfg.fault_plan)
     return cfg
+
+
+def _with_guess(key: str) -> str:
+    """``'nmu-rounds' (did you mean 'num-server-rounds'?)``, or the quoted key when nothing is close."""
+    import difflib
+
+    close = difflib.get_close_matches(key, list(OPTIONS_BY_KEY), n=1, cutoff=0.6)
+    return f"{key!r}" + (f" (did you mean {close[0]!r}?)" if close else "")
 
 
 def config_to_dict(cfg: RunConfig) -> dict[str, Any]:

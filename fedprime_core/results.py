@@ -339,6 +339,11 @@ def summary_markdown(summary: Mapping[str, Any], title: str) -> str:
         header,
         rule,
     ]
+    if not rows:
+        lines[2:] = [
+            "No server-side evaluation so far (server-eval=false, or the server holds no data-dir); clients' own "
+            "scores: `client-eval` and `client-eval-per-client` in metrics.json."
+        ]
     for label, row in rows:
         name = "final" if label == "final" else "best val"
         cells = " | ".join(_fmt(row.get(s)) for s in TEST_SETTINGS)
@@ -399,6 +404,57 @@ def summary_markdown(summary: Mapping[str, Any], title: str) -> str:
             f"{alignment['rematched']} used prompt(s) re-matched to another cluster in all.",
         ]
     return "\n".join(lines) + "\n"
+
+
+#: What a client's ``state`` in clients.json means, for the summary's table.
+CLIENT_STATES = {
+    "training": "training",
+    "checked": "checked, not trained yet",
+    "refused": "refused",
+    "lost": "lost",
+}
+
+
+def clients_markdown(clients: Mapping[str, Mapping[str, Any]], metric: str) -> str:
+    """The summary's table of every client: its state, data, counted missing rows and its own validation score.
+
+    ``state`` is ``training`` (its last update was accepted), ``refused`` (its data check failed
+    before it was first sampled: the reason), ``lost`` (it trained, then failed or went silent:
+    the round and the reason) or ``checked`` (its data was checked; it has not trained yet).
+    """
+    if not clients:
+        return ""
+    lines = [
+        "## Clients",
+        "",
+        f"| client | state | data | train / val rows | complete / text-missing / image-missing | client val {metric} |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name in sorted(clients, key=_client_key):
+        info = clients[name]
+        state = str(info.get("state", "training"))
+        shown = CLIENT_STATES.get(state, state)
+        if state == "refused":
+            shown += f": {info.get('reason', '')}"
+        elif state == "lost":
+            shown += f" at round {info.get('lost-round', '?')}: {info.get('reason', '')}"
+        elif "last-round" in info:
+            shown += f" (last round {info['last-round']})"
+        rows = f"{info['num-train']} / {info['num-val']}" if "num-train" in info and "num-val" in info else "-"
+        counts = (
+            " / ".join(str(info[k]) for k in ("complete", "text-missing", "image-missing"))
+            if all(k in info for k in ("complete", "text-missing", "image-missing"))
+            else "-"
+        )
+        val = info.get("client-val") or {}
+        score = f"{_fmt(val.get(metric))} (round {val['round']})" if metric in val and "round" in val else "-"
+        cells = [str(name), shown.replace("|", "/"), str(info.get("data", "-")), rows, counts, score]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _client_key(name: str) -> tuple[int, int | str]:
+    return (0, int(name)) if name.isdigit() else (1, name)
 
 
 def plot_curves(run_dir: Path, history: Sequence[Mapping[str, Any]], metric: str, title: str) -> Path | None:
@@ -470,6 +526,7 @@ def write_run_outputs(
     status: str = "running",
     reason: str = "",
     wire: str = "",
+    clients: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """Write metrics.json/csv, summary.md/json and curves.png for the rounds so far.
 
@@ -478,6 +535,8 @@ def write_run_outputs(
             run's summary says so, after which round, and ``reason``.
         wire: a line describing what travels (``comm-profile`` and its keys), shown with
             the communication figures.
+        clients: the clients.json records; summary.md lists every client with its state
+            (:func:`clients_markdown`).
     """
     run_dir = Path(run_dir)
     write_metrics(run_dir, history)
@@ -487,10 +546,13 @@ def write_run_outputs(
         summary["wire"] = wire
     write_json(run_dir / "summary.json", summary)
     text = summary_markdown(summary, title)
+    if clients:
+        text += "\n" + clients_markdown(clients, metric_name(multilabel))
     if status == "failed":
-        last = max((r["round"] for r in history), default=0)
+        last = max((r["round"] for r in history), default=None)
+        when = "before round 1" if last is None else f"after round {last}"
         header, _, rest = text.partition("\n\n")
-        text = f"{header}\n\n**Run failed after round {last}:** {reason}\n\n{rest}"
+        text = f"{header}\n\n**Run failed {when}:** {reason}\n\n{rest}"
     atomic_write_bytes(run_dir / "summary.md", text.encode())
     plot_curves(run_dir, history, metric_name(multilabel), title)
     return summary

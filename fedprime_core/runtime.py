@@ -32,7 +32,7 @@ from .config import DATA_LAYOUTS, DEVICES, ConfigError, RunConfig, cache_key, cl
 from .data import shards
 from .data.missing import check_missing_table, load_missing_table
 from .data.processing import MultimodalDataset, make_loader
-from .data.records import DatasetSplits
+from .data.records import DataError, DatasetSplits
 from .data.shards import ClientNode, ClientShard, Draw, LabelSpace, draw_seed
 from .devices import resolve_device
 from .method.federated import client_id_problem, client_identity
@@ -47,6 +47,8 @@ LOGGER = logging.getLogger(__name__)
 _LOCK = threading.RLock()
 _CACHE: dict[tuple, Any] = {}
 _T = TypeVar("_T")
+#: Backbones this process has loaded (a site's resident worker reports it: one per run, not per message).
+_LOADS = {"backbone": 0}
 
 
 def _cached(key: tuple, build: Callable[[], _T]) -> _T:
@@ -55,6 +57,26 @@ def _cached(key: tuple, build: Callable[[], _T]) -> _T:
         if key not in _CACHE:
             _CACHE[key] = build()
         return _CACHE[key]
+
+
+def backbone_loads() -> int:
+    """How many times this process has loaded a backbone (cache misses of :func:`process_backbone`)."""
+    return _LOADS["backbone"]
+
+
+def forget_cached(keep: Iterable[str] = ("backbone",)) -> int:
+    """Drop every cached object except those of the kinds in ``keep`` (:data:`~fedprime_core.config.CACHED_OBJECTS`).
+
+    A long-lived process that serves run after run (a site's resident worker) calls it when a
+    new run starts: a site's files may have been fixed since the last run and must be read
+    again, while the frozen backbone stays loaded. Returns how many objects were dropped.
+    """
+    kinds = set(keep)
+    with _LOCK:
+        dropped = [key for key in _CACHE if key[0] not in kinds]
+        for key in dropped:
+            del _CACHE[key]
+        return len(dropped)
 
 
 # ---------------------------------------------------------------------------------------
@@ -71,6 +93,7 @@ def process_backbone(cfg: RunConfig) -> LoadedBackbone:
     key = cache_key(cfg, "backbone") + (cache_key(cfg, "splits") if features else ())
 
     def build() -> LoadedBackbone:
+        _LOADS["backbone"] += 1
         if not features:
             return backbones.load_backbone(
                 cfg.backbone, cfg.model, text_max_length=text_length(cfg), image_size=cfg.image_size
@@ -279,7 +302,7 @@ def client_shard(cfg: RunConfig, client: ClientNode | int, num_partitions: int |
 
         def build_site() -> ClientShard:
             shard = shards.site_shard(cfg, load_splits(cfg), process_backbone(cfg).processor, node)
-            LOGGER.info("site data: %s", shard.summary())
+            LOGGER.debug("site data: %s", shard.summary())  # the server logs it once per site (site_check)
             return shard
 
         return _cached(key, build_site)
@@ -319,6 +342,93 @@ def client_info(cfg: RunConfig, client: ClientNode, shard: ClientShard) -> dict[
         "backbone-fingerprint": process_backbone(node_cfg).fingerprint,
         "labels-fingerprint": label_space(node_cfg).fingerprint,
     }
+
+
+#: Most bad-row reasons a site check reports (the count says how many more there are).
+MAX_PROBLEMS = 10
+
+
+def site_check(cfg: RunConfig, client: ClientNode) -> dict[str, Any] | None:
+    """Whether a site's data can be trained on, checked as training would read it (before round 1).
+
+    Loads what training loads (the site's folder, its layout, class list, labels and every
+    image; the backbone and its processor) through the process caches, so a process that
+    serves the site's later messages (a resident worker, a simulation actor) has it ready.
+    A partitioned node has nothing of its own to check (the server checks the run's data-dir):
+    ``None``.
+
+    Returns:
+        ``ok``; ``problems``, one line each (a folder that does not exist, an unknown layout,
+        a class outside the class list: every bad row when the first one stopped the load,
+        up to :data:`MAX_PROBLEMS`); ``warnings`` (rows skipped with ``skip-bad-rows``); and
+        for a usable site its client-info record (:func:`client_info`: counts, the counted
+        ``mixture``, fingerprints), ``num-classes-present`` and a ``summary`` line.
+    """
+    if not client.site_local:
+        return None
+    try:
+        shard = client_shard(cfg, client)
+        info = client_info(cfg, client, shard)
+    except (ConfigError, DataError, OSError, ValueError) as exc:
+        problems = [_problem(exc)]
+        if isinstance(exc, DataError) and not cfg.skip_bad_rows:
+            problems += _other_bad_rows(client.config(cfg), problems[0])
+        return {"ok": False, "problems": problems, "warnings": []}
+    node_cfg = client.config(cfg)
+    splits = load_splits(node_cfg)
+    warnings = [f"{split}: {reason}" for split, reasons in splits.bad_rows.items() for reason in reasons]
+    present = {label for s in shard.train.samples for label in np.atleast_1d(s.label).tolist()}
+    out = {k: v for k, v in info.items() if k != "client-id"}
+    return {
+        "ok": True,
+        "problems": [],
+        "warnings": _capped(warnings),
+        **out,
+        "num-classes": splits.num_classes,
+        "num-classes-present": len(present),
+        "summary": shard.summary(),
+    }
+
+
+def _problem(exc: BaseException) -> str:
+    from .failures import one_line
+
+    return one_line(str(exc)) if isinstance(exc, (ConfigError, DataError)) else one_line(f"{type(exc).__name__}: {exc}")
+
+
+def _other_bad_rows(cfg: RunConfig, first: str) -> list[str]:
+    """The bad rows after the one that stopped a strict load: the folder read again, skipping bad rows."""
+    if cfg.dataset == "embedded":
+        return []
+    from .data.loaders import load_dataset
+
+    quiet = logging.getLogger("fedprime_core.data.loaders")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)  # this pass only collects reasons; its "skipped N rows" would mislead
+    try:
+        splits = load_dataset(
+            cfg.dataset,
+            cfg.data_dir,
+            layout=cfg.data_layout,
+            num_classes=cfg.num_classes,
+            skip_bad_rows=True,
+            verify_images=True,
+            classes=class_list(cfg) or None,
+            mmimdb_protocol=cfg.mmimdb_protocol,
+            required=(),
+        )
+    except (DataError, OSError, ValueError):
+        return []  # not a row's fault (the folder, the class list): the first problem says it all
+    finally:
+        quiet.setLevel(level)
+    reasons = [reason for rows in splits.bad_rows.values() for reason in rows if reason != first]
+    return _capped(reasons, MAX_PROBLEMS - 1)
+
+
+def _capped(lines: list[str], limit: int = MAX_PROBLEMS) -> list[str]:
+    if len(lines) <= limit:
+        return lines
+    return [*lines[:limit], f"... and {len(lines) - limit} more"]
 
 
 # ---------------------------------------------------------------------------------------

@@ -48,7 +48,7 @@ from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.common.logger import FLOWER_LOGGER, console_handler, log
 from flwr.serverapp import Grid
 
-from fedprime_core.method.federated import client_id_problem
+from fedprime_core.identity import client_id_problem
 from fedprime_core.progress import format_duration
 
 from .replies import MAX_LOG_CHARS, MAX_LOG_LINES, parse_client_log
@@ -86,6 +86,26 @@ class _ToFlower(logging.Handler):
 _BRIDGE = _ToFlower()
 
 
+class _ReportedErrors(logging.Filter):
+    """Drops Flower's "ServerApp raised an exception" record (with its traceback) for an error the
+    ServerApp has already logged in one line (:func:`mark_reported`): a config error, a site refused,
+    a failed run. The user's last line is then what to fix; Flower's exit code follows it."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        return not getattr(exc, _REPORTED, False)
+
+
+_REPORTED = "_fedprime_reported"
+_QUIET = _ReportedErrors()
+
+
+def mark_reported(exc: BaseException) -> BaseException:
+    """Note that ``exc``'s message has been logged in one line: Flower logs no traceback for it (returns ``exc``)."""
+    setattr(exc, _REPORTED, True)
+    return exc
+
+
 def connect(client: bool = False) -> None:
     """Route the FedPrime loggers to Flower's handlers, at Flower's level (idempotent).
 
@@ -94,6 +114,8 @@ def connect(client: bool = False) -> None:
     """
     level = flower_level()
     _BRIDGE.setLevel(max(level, WARNING) if client and _in_ray_worker() else level)
+    if not client and _QUIET not in FLOWER_LOGGER.filters:
+        FLOWER_LOGGER.addFilter(_QUIET)
     for name in LOGGERS:
         logger = logging.getLogger(name)
         logger.setLevel(level)
@@ -161,7 +183,7 @@ def forward_logs(handler: Callable[[Message, object], Message]) -> Callable[[Mes
         connect(client=True)
         if not forwarding_allowed(dict(context.node_config)):
             return handler(msg, context)
-        from fedprime_core.method.federated import client_identity  # the server's name for this client
+        from fedprime_core.identity import client_identity  # the server's name for this client
 
         label = client_identity(dict(context.node_config), context.node_id)
         collector = _Collector(flower_level())

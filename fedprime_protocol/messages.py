@@ -36,7 +36,11 @@ Client -> server (train reply):
 Client -> server (evaluate reply): ``"metrics"`` with ``num-examples``, ``loss``,
 ``accuracy``, ``macro_f1``, ``micro_f1`` of the client's validation split and the same,
 prefixed ``test-``, of its own test set (``fedprime_core.runtime.client_evaluate``; absent
-when it has none); ``"client"`` ConfigRecord with the identity fields (``client-id``, ...).
+when it has none), and ``eval-seconds`` (the local evaluation's time); ``"client"``
+ConfigRecord with the identity fields (``client-id``, ...).
+
+Server -> client (query): also answered by a site with its data check, the ``"site-check"``
+ConfigRecord (:func:`identity_reply_content`; the server decides in ``server_app/sites.py``).
 
 No message ever carries a data sample or a backbone tensor.
 
@@ -53,12 +57,11 @@ and :func:`parse_evaluate_reply`; what does not fit its schema is a rejection wi
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
-from fedprime_core.method.federated import ClientUpdate
 from fedprime_core.wire import WIRE_DTYPES, apply_delta, decode_state, encode_state, state_delta
 
 from .replies import (
@@ -68,11 +71,17 @@ from .replies import (
     parse_client_record,
     parse_counts,
     parse_evaluate_metrics,
+    parse_site_check_record,
     parse_train_metrics,
     show,
 )
 
+if TYPE_CHECKING:  # the method's modules import torch; a ClientApp served by a site worker never needs them
+    from fedprime_core.method.federated import ClientUpdate
+
 ARRAYS, CONFIG, METRICS, USAGE, CLIENT, WIRE = "arrays", "config", "metrics", "usage", "client", "wire"
+#: The ConfigRecord of an identity reply that says whether a site's data can be trained on.
+SITE_CHECK = "site-check"
 PATTERN_USAGE = "pattern-usage"
 #: The metric that weighs a reply (FedAvg's ``weighted_by_key``).
 NUM_EXAMPLES = "num-examples"
@@ -205,9 +214,18 @@ def identity_query() -> RecordDict:
     return RecordDict({CONFIG: ConfigRecord({"query": IDENTITY_QUERY})})
 
 
-def identity_reply_content(client: Mapping[str, Any]) -> RecordDict:
-    """A client's answer to :func:`identity_query`: its client-info record."""
-    return RecordDict({CLIENT: ConfigRecord(dict(client))})
+def identity_reply_content(client: Mapping[str, Any], site_check: Mapping[str, Any] | None = None) -> RecordDict:
+    """A client's answer to :func:`identity_query`: its client-info record, and a site's data check.
+
+    ``site_check`` (a site-local node only: :func:`fedprime_core.runtime.site_check`) becomes the
+    ``"site-check"`` ConfigRecord: ``ok``, ``problems`` (one line each), ``warnings``, and for a
+    usable site its counts (``num-train``, ``num-val``, pattern counts, ``mixture``,
+    ``num-classes-present``), its ``summary`` line and fingerprints.
+    """
+    content: dict[str, ConfigRecord] = {CLIENT: ConfigRecord(dict(client))}
+    if site_check is not None:
+        content[SITE_CHECK] = ConfigRecord(dict(site_check))
+    return RecordDict(content)
 
 
 def parse_identity_record(message: Message) -> tuple[dict[str, Any] | None, str]:
@@ -225,6 +243,16 @@ def parse_identity_record(message: Message) -> tuple[dict[str, Any] | None, str]
     if reasons:
         return None, "; ".join(reasons)
     return client, ""
+
+
+def parse_site_check(message: Message) -> tuple[dict[str, Any] | None, str]:
+    """``(typed data check, "")`` of a site's identity reply, ``(None, "")`` when it carries none
+    (a partitioned node), or ``(None, reason)`` when the record does not fit
+    :data:`fedprime_protocol.replies.SITE_CHECK_FIELDS`."""
+    if message.has_error() or SITE_CHECK not in message.content.config_records:
+        return None, ""
+    check, reasons = parse_site_check_record(dict(message.content.config_records[SITE_CHECK]))
+    return (None, "; ".join(reasons)) if reasons else (check, "")
 
 
 def parse_identity_reply(message: Message) -> tuple[str | None, str]:
@@ -256,6 +284,8 @@ def parse_train_reply(
         Content checks of the arrays and of the counts against the pools (shapes, NaN,
         norms, usage sizes) are left to :func:`fedprime_core.method.federated.validate_update`.
     """
+    from fedprime_core.method.federated import ClientUpdate
+
     content = message.content
     reasons: list[str] = []
     if ARRAYS not in content.array_records:

@@ -31,7 +31,11 @@ from typing import Any
 
 import numpy as np
 
-from fedprime_core.method.federated import NUM_PATTERNS, client_id_problem
+from fedprime_core.data.records import PATTERN_NAMES
+from fedprime_core.identity import client_id_problem
+
+#: Rows of a pattern-usage table: one per missing pattern.
+NUM_PATTERNS = len(PATTERN_NAMES)
 
 #: A parser: the typed value, or raises :class:`Rejected`.
 Parser = Callable[[Any], Any]
@@ -166,6 +170,7 @@ CLIENT_FIELDS: dict[str, Parser] = {
     "num-val": COUNT,
     "num-test": COUNT,
     "mixture": fractions(NUM_PATTERNS),
+    "simulated-mixture": fractions(NUM_PATTERNS),
     "complete": COUNT,
     "text-missing": COUNT,
     "image-missing": COUNT,
@@ -177,6 +182,56 @@ CLIENT_FIELDS: dict[str, Parser] = {
     "backbone-fingerprint": token(),
     "labels-fingerprint": token(),
 }
+#: Lines of a site's data check (problems, warnings) the server keeps.
+MAX_CHECK_LINES = 100
+
+
+def boolean(value: Any) -> bool:
+    """A boolean (``True``/``False``; no number or string stands for one)."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise Rejected(f"must be true or false, got {show(value)}")
+    return bool(value)
+
+
+def text_lines(max_lines: int = MAX_CHECK_LINES, max_chars: int = MAX_LOG_CHARS) -> Parser:
+    """A list of at most ``max_lines`` strings, each cut to ``max_chars`` printable characters."""
+
+    def parse(value: Any) -> list[str]:
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, (list, tuple)) or len(value) > max_lines:
+            raise Rejected(f"must be a list of at most {max_lines} strings, got {show(value)}")
+        if not all(isinstance(v, str) for v in value):
+            raise Rejected(f"must be a list of strings, got {show(value)}")
+        return [clean_line(v, max_chars) for v in value]
+
+    return parse
+
+
+def text_line(max_chars: int = MAX_LOG_CHARS) -> Parser:
+    """One string, cut to ``max_chars`` printable characters."""
+
+    def parse(value: Any) -> str:
+        if not isinstance(value, str):
+            raise Rejected(f"must be a string, got {show(value)}")
+        return clean_line(value, max_chars)
+
+    return parse
+
+
+#: A site's data check (``fedprime_core.runtime.site_check``), part of its identity reply: the
+#: verdict, its reasons, and for a usable site its client-info fields, class counts and summary.
+SITE_CHECK_FIELDS: dict[str, Parser] = {
+    **{k: v for k, v in CLIENT_FIELDS.items() if k != "client-id"},
+    "ok": boolean,
+    "problems": text_lines(),
+    "warnings": text_lines(),
+    "num-classes": COUNT,
+    "num-classes-present": COUNT,
+    "summary": text_line(),
+}
+
+
 #: Fields an identity reply must carry; a train reply's record may leave out any but these.
 IDENTITY_REQUIRED = ("client-id",)
 
@@ -201,6 +256,7 @@ _EVALUATE_VALUES: dict[str, Parser] = {
 EVALUATE_METRICS: dict[str, Parser] = {
     **_EVALUATE_VALUES,
     **{f"test-{name}": parser for name, parser in _EVALUATE_VALUES.items()},
+    "eval-seconds": number(0.0, MAX_SECONDS),  # the local evaluation's time (not averaged)
 }
 
 
@@ -254,6 +310,11 @@ def parse_client_record(
 ) -> tuple[dict[str, Any], list[str]]:
     """The client-info record, typed (:data:`CLIENT_FIELDS`), and the reasons to refuse it."""
     return parse_record(values, CLIENT_FIELDS, "client record", required)
+
+
+def parse_site_check_record(values: Mapping[str, Any] | None) -> tuple[dict[str, Any], list[str]]:
+    """A site's data check, typed (:data:`SITE_CHECK_FIELDS`; ``ok`` required), and the reasons to refuse it."""
+    return parse_record(values, SITE_CHECK_FIELDS, "site check", required=("ok",))
 
 
 def parse_train_metrics(

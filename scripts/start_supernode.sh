@@ -19,9 +19,20 @@
 #   --key FILE         private key of this SuperNode for SuperNode authentication
 #                      (register FILE.pub first: flwr supernode register FILE.pub <connection>)
 #   --node-config S    extra node-config entries, appended as they are
+#   --worker-socket P  where the site's resident worker listens (a Unix socket, mode 0600);
+#                      default ${TMPDIR:-/tmp}/fedprime-<uid>/site-<port>.sock. The worker runs on
+#                      the Python of flower-supernode (FEDPRIME_PYTHON="/path/python" overrides it)
+#   --no-worker        no resident worker: every message's ClientApp process loads torch, the
+#                      backbone and the data itself (slow: for debugging)
 #   -- ARGS...         passed on to flower-supernode as they are (e.g. -- --max-retries 10)
+#
+# Flower runs each message (query, train, evaluate) in a fresh ClientApp process. Beside the
+# SuperNode this script starts the site's resident worker (python -m fedprime_core.site_worker),
+# which loads the backbone and the site's data once per run and does the ClientApp's work; the
+# node config names its socket (site-worker=...). Both stop together.
 set -euo pipefail
 superlink="" pid="" n="" gpu="" port=9094 ca="" key="" extra="" data_dir="" client_id="" device=""
+worker=1 socket=""
 passthrough=()
 while [[ $# -gt 0 ]]; do
   case "$1" in
@@ -36,8 +47,10 @@ while [[ $# -gt 0 ]]; do
     --ca) ca=$2; shift 2 ;;
     --key) key=$2; shift 2 ;;
     --node-config) extra=$2; shift 2 ;;
+    --worker-socket) socket=$2; shift 2 ;;
+    --no-worker) worker=0; shift ;;
     --) shift; passthrough=("$@"); break ;;
-    -h|--help) sed -n '2,24p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,35p' "$0"; exit 0 ;;
     *) echo "unknown option $1 (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -59,9 +72,42 @@ config=()
 [[ -n "$pid" ]] && config+=("partition-id=$pid" "num-partitions=$n")
 [[ -n "$device" ]] && config+=("device=\"$device\"")
 [[ -n "$extra" ]] && config+=("$extra")
+[[ -n "$gpu" ]] && export CUDA_VISIBLE_DEVICES=$gpu
+export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1
+if (( worker )); then
+  [[ -n "$socket" ]] || socket="${TMPDIR:-/tmp}/fedprime-$(id -u)/site-$port.sock"
+  case "$socket" in /*) ;; *) socket="$PWD/$socket" ;; esac
+  case "$socket" in *'"'*|*\\*|*' '*) echo "--worker-socket cannot contain quotes, backslashes or spaces" >&2; exit 2 ;; esac
+  mkdir -p "$(dirname "$socket")" && chmod 700 "$(dirname "$socket")"
+  # The worker runs on the Python that runs flower-supernode (FEDPRIME_PYTHON overrides it).
+  read -r -a python <<< "${FEDPRIME_PYTHON:-}"
+  if (( ${#python[@]} == 0 )); then
+    shebang=$(head -n 1 "$(command -v flower-supernode)" 2>/dev/null || true)
+    case "$shebang" in '#!'*python*) read -r -a python <<< "${shebang#\#!}" ;; *) python=(python3) ;; esac
+  fi
+  "${python[@]}" -m fedprime_core.site_worker --socket "$socket" --parent-pid $$ &
+  worker_pid=$!
+  trap 'kill "$worker_pid" 2>/dev/null || true' EXIT
+  for _ in $(seq 300); do  # it binds its socket before importing torch: a second or two
+    [[ -S "$socket" ]] && break
+    kill -0 "$worker_pid" 2>/dev/null || { echo "the site worker did not start (see above)" >&2; exit 1; }
+    sleep 0.2
+  done
+  [[ -S "$socket" ]] || { echo "the site worker did not create $socket within 60 s" >&2; exit 1; }
+  config+=("site-worker=\"$socket\"")
+fi
 args=(--superlink "$superlink" --port "$port" --node-config "${config[*]}")
 if [[ -n "$ca" ]]; then args+=(--root-certificates "$ca"); else args+=(--insecure); fi
 [[ -n "$key" ]] && args+=(--auth-supernode-private-key "$key")
-[[ -n "$gpu" ]] && export CUDA_VISIBLE_DEVICES=$gpu
-export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1
-exec flower-supernode "${args[@]}" "${passthrough[@]}"
+if (( ! worker )); then
+  exec flower-supernode "${args[@]}" "${passthrough[@]}"
+fi
+# The SuperNode runs as a child so that the worker can be stopped with it; a signal to this
+# script reaches the SuperNode, which then exits, and the EXIT trap stops the worker.
+flower-supernode "${args[@]}" "${passthrough[@]}" &
+node_pid=$!
+trap 'kill -TERM "$node_pid" 2>/dev/null || true' TERM INT HUP
+status=0
+wait "$node_pid" || status=$?
+while kill -0 "$node_pid" 2>/dev/null; do wait "$node_pid" || status=$?; done
+exit "$status"

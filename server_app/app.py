@@ -34,15 +34,30 @@ from fedprime_core.config import (
     parse_run_config,
 )
 from fedprime_core.data.records import DataError
-from fedprime_core.failures import RunFailed, one_line
+from fedprime_core.failures import RunFailed, one_line, parse_reason
 from fedprime_core.method.methods import method_spec
-from fedprime_core.results import CHECKPOINT_META, find_checkpoint, load_checkpoint, mark_failed, write_json
+from fedprime_core.results import (
+    CHECKPOINT_META,
+    find_checkpoint,
+    load_checkpoint,
+    mark_failed,
+    write_json,
+    write_run_outputs,
+)
 from fedprime_core.runguard import RunGuard
 from fedprime_core.runlock import RunFolderBusy, RunLock
-from fedprime_protocol.logs import ClientLogGrid, connect
-from fedprime_protocol.messages import identity_query, parse_identity_record, record_to_state, state_to_record
+from fedprime_protocol.logs import ClientLogGrid, connect, mark_reported
+from fedprime_protocol.messages import (
+    SITE_CHECK,
+    identity_query,
+    parse_identity_record,
+    parse_site_check,
+    record_to_state,
+    state_to_record,
+)
 
 from .nodes import wait_for_nodes
+from .sites import SiteVerdict, refusal_stops_run, site_verdicts
 from .strategy import FedPrimeStrategy
 from .watchdog import SuperLinkWatchdog, superlink_address
 
@@ -51,9 +66,22 @@ connect()  # fedprime_core's lines (loading, progress) reach flwr run --stream a
 app = ServerApp()
 
 
+def cannot_start(exc: BaseException) -> None:
+    """Log why the run cannot start as the ServerApp's last line (Flower then adds no traceback for it)."""
+    log(ERROR, "FedPrime cannot start: %s", exc)
+    mark_reported(exc)
+
+
 def default_run_name(cfg: RunConfig) -> str:
+    """``method-dataset-setting-sSEED-stamp``; the setting names eta only where it applies."""
     stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-    return f"{cfg.method}-{cfg.dataset}-{cfg.missing_setting}-eta{cfg.eta:g}-s{cfg.seed}-{stamp}"
+    if cfg.missing_table:
+        setting = "table"
+    elif cfg.missing_setting == "none":
+        setting = "none"
+    else:
+        setting = f"{cfg.missing_setting}-eta{cfg.eta:g}"
+    return f"{cfg.method}-{cfg.dataset}-{setting}-s{cfg.seed}-{stamp}"
 
 
 def run_folder(cfg: RunConfig) -> Path:
@@ -135,7 +163,7 @@ def main(grid: Grid, context: Context) -> None:
         folder = run_folder(cfg)
         lock = RunLock(folder, purpose=f"ServerApp of run {context.run_id}").acquire()
     except (ConfigError, FileNotFoundError, RunFolderBusy) as exc:
-        log(ERROR, "FedPrime cannot start: %s", exc)
+        cannot_start(exc)
         raise
     except OSError as exc:  # results-dir under a regular file, read-only, full
         log(ERROR, "FedPrime cannot start: %s", folder_problem(folder, exc))
@@ -145,7 +173,7 @@ def main(grid: Grid, context: Context) -> None:
         try:
             run_dir, state, history, clients, inter_record = prepare_run(cfg, lock.path.parent)
         except (ConfigError, FileNotFoundError, ValueError) as exc:
-            log(ERROR, "FedPrime cannot start: %s", exc)
+            cannot_start(exc)
             raise
         except OSError as exc:
             log(ERROR, "FedPrime cannot start: %s", folder_problem(lock.path.parent, exc))
@@ -176,10 +204,10 @@ def _run(
     watchdog: SuperLinkWatchdog | None,
 ) -> None:
     try:
-        census = node_census(grid, cfg, watchdog)
+        census, failed = node_census(grid, cfg, watchdog)
         labels = runtime.check_server_inputs(cfg, partition_count(census))
     except (ConfigError, DataError, FileNotFoundError, ValueError, RunFailed) as exc:
-        log(ERROR, "FedPrime cannot start: %s", exc)
+        cannot_start(exc)
         raise
     exposed = ray_address()
     if exposed:
@@ -204,6 +232,8 @@ def _run(
     fingerprint = None
     if server_eval or state is None:
         fingerprint = runtime.process_backbone(cfg).fingerprint
+    verdicts = site_verdicts(census, failed, labels_fingerprint=labels.fingerprint, backbone_fingerprint=fingerprint)
+    admit_sites(cfg, grid, run_dir, verdicts, labels.metric == "macro_f1", clients)
     if state is None:
         state = runtime.initial_state(cfg)
 
@@ -222,8 +252,11 @@ def _run(
         inter_record=inter_record,
         stop_check=watchdog.stop_reason if watchdog else None,
     )
-    strategy.node_clients.update({node: info["client-id"] for node, info in census.items()})
-    strategy.node_records.update(census)
+    strategy.node_clients.update({node: str(info["client-id"]) for node, info in census.items() if "client-id" in info})
+    strategy.node_records.update(
+        {node: {k: v for k, v in info.items() if k != SITE_CHECK} for node, info in census.items()}
+    )
+    strategy.take_verdicts(verdicts.values())
     try:
         result = strategy.start_or_resume(
             grid=ClientLogGrid(grid),  # logs the lines each client returns with its reply
@@ -232,8 +265,9 @@ def _run(
             timeout=cfg.round_timeout,
             evaluate_held_out=evaluate if server_eval else None,
         )
-    except RunFailed:
+    except RunFailed as exc:
         log(ERROR, "FedPrime stopped. Results so far: %s (summary.md says why)", run_dir)
+        mark_reported(exc)
         raise
     try:
         save_result(run_dir, result)
@@ -246,7 +280,7 @@ def _run(
         with contextlib.suppress(OSError, ValueError):
             mark_failed(run_dir, reason)
         raise RunFailed(reason) from exc
-    if not strategy.clients:
+    if not any(c.get("state") in ("training", "lost") for c in strategy.clients.values()):
         log(WARNING, "no client update was accepted in this run")
     log(INFO, "FedPrime finished. Results: %s (summary.md, metrics.csv, curves.png, final.npz)", run_dir)
     summary = run_dir / "summary.md"
@@ -271,13 +305,22 @@ def ray_address() -> str | None:
     return None if address in ("127.0.0.1", "localhost", "::1") else str(address)
 
 
-def node_census(grid: Grid, cfg: RunConfig, watchdog: SuperLinkWatchdog | None = None) -> dict[int, dict[str, Any]]:
-    """Ask every connected node who it is (client id, and partition and partition count when it has them).
+def node_census(
+    grid: Grid, cfg: RunConfig, watchdog: SuperLinkWatchdog | None = None
+) -> tuple[dict[int, dict[str, Any]], dict[int, tuple[str | None, str]]]:
+    """Ask every connected node who it is, and every site whether its data can be trained on.
 
     Waits up to ``node-wait`` for ``min-available-nodes`` nodes (as round 1 would),
     then sends one identity query to each and keeps the answers that arrive within
-    ``round-timeout``. Nodes that fail or do not answer are left out here: the rounds
-    account for them.
+    ``round-timeout``: the client id (and partition and partition count when it has them)
+    and, from a site, its data check under ``"site-check"`` (a site loads what training
+    needs to answer it: :func:`fedprime_core.runtime.site_check`).
+
+    Returns:
+        ``(census, failed)``: node id -> its identity record; node id -> ``(kind, reason)``
+        of the nodes that answered with an error (:func:`server_app.sites.site_verdicts`
+        refuses those with a config or data error). Nodes that do not answer are left out:
+        the rounds account for them.
 
     Raises:
         NotEnoughNodesError: fewer than ``min-train-nodes`` nodes when ``node-wait`` ended.
@@ -288,20 +331,71 @@ def node_census(grid: Grid, cfg: RunConfig, watchdog: SuperLinkWatchdog | None =
     check = watchdog.check if watchdog is not None else None
     nodes = wait_for_nodes(grid, needed, enough, cfg.node_wait, check, what="round 1")
     if not nodes:
-        return {}
+        return {}, {}
     queries = [Message(content=identity_query(), message_type=MessageType.QUERY, dst_node_id=n) for n in nodes]
     census: dict[int, dict[str, Any]] = {}
+    failed: dict[int, tuple[str | None, str]] = {}
     for reply in grid.send_and_receive(queries, timeout=cfg.round_timeout):
         node = reply.metadata.src_node_id
-        if reply.has_error() or node not in nodes or node in census:
+        if node not in nodes or node in census:
+            continue
+        if reply.has_error():
+            failed[node] = parse_reason(reply.error.reason)
             continue
         record, reason = parse_identity_record(reply)
         if record is None:  # the rounds account for it; one bad node must not stop the run here
             log(WARNING, "node %s gave no usable identity: %s", node, one_line(reason))
             continue
         census[node] = record
+        check, problem = parse_site_check(reply)
+        if problem:  # a site whose check cannot be read is refused with the reason, like a failed check
+            log(WARNING, "node %s sent a data check the server cannot read: %s", node, one_line(problem))
+            check = {"ok": False, "problems": [f"its data check reply is malformed: {one_line(problem)}"]}
+        if check is not None:
+            census[node][SITE_CHECK] = check
     log(INFO, "nodes before round 1: %d connected, %d answered the identity query", len(nodes), len(census))
-    return census
+    return census, failed
+
+
+def admit_sites(
+    cfg: RunConfig,
+    grid: Grid,
+    run_dir: Path,
+    verdicts: dict[int, SiteVerdict],
+    multilabel: bool,
+    clients: dict[str, Any],
+) -> None:
+    """Log one line per site (its data, or why it is refused), then start without the refused ones, or stop.
+
+    Refused sites go into ``clients`` (``clients.json``) with their reasons. When too few
+    nodes remain for ``min-train-nodes`` the run stops before round 1: summary.md and
+    clients.json say which sites were refused and why.
+
+    Raises:
+        RunFailed: too few nodes can train.
+    """
+    for verdict in sorted(verdicts.values(), key=lambda v: v.client):
+        if verdict.is_site:
+            log(WARNING if verdict.refused else INFO, "%s", verdict.describe())
+            for line in verdict.check.get("warnings", []) or []:
+                log(WARNING, "client %s | %s", verdict.client, line)
+        if verdict.refused:
+            clients[verdict.client] = {**clients.get(verdict.client, {}), **verdict.record()}
+        elif verdict.is_site and verdict.client not in clients:
+            clients[verdict.client] = verdict.record()  # checked; training will replace it
+    centralized = method_spec(cfg.method).centralized
+    min_train, min_available = (1, 1) if centralized else (cfg.min_train_nodes, cfg.min_available_nodes)
+    stop, warning = refusal_stops_run(verdicts, grid.get_node_ids(), min_train, min_available)
+    if warning:
+        log(WARNING, "%s", warning)
+    if stop:
+        write_json(run_dir / "clients.json", clients)
+        write_run_outputs(
+            run_dir, [], multilabel, f"{cfg.method} on {cfg.dataset}", status="failed", reason=stop, clients=clients
+        )
+        failure = RunFailed(stop)
+        cannot_start(failure)
+        raise failure
 
 
 def partition_count(census: dict[int, dict[str, Any]]) -> int | None:

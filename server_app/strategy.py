@@ -62,16 +62,19 @@ from fedprime_protocol.messages import (
     CLIENT,
     CONFIG,
     NUM_EXAMPLES,
+    SITE_CHECK,
     identity_query,
     instruction_content,
     parse_evaluate_reply,
     parse_identity_record,
+    parse_site_check,
     parse_train_reply,
     state_to_record,
 )
 from fedprime_protocol.replies import ReplyLimits
 
 from .nodes import NotEnoughNodesError, wait_for_nodes
+from .sites import SiteVerdict, setting_label, site_verdicts
 
 #: ``evaluate_held_out(round, state) -> {"val": {...}, "same-as-train": {...}, ...}`` (see ``start_or_resume``)
 ServerEvaluate = Callable[[int, dict[str, np.ndarray]], dict[str, dict[str, float]]]
@@ -231,6 +234,10 @@ class FedPrimeStrategy(FedAvg):
         self.node_clients: dict[int, str] = {}
         #: node id -> its typed identity record (:func:`~fedprime_protocol.messages.parse_identity_record`).
         self.node_records: dict[int, dict[str, Any]] = {}
+        #: node id -> why the site is left out of this run (its data check failed: :mod:`server_app.sites`).
+        self.refused: dict[int, str] = {}
+        #: Whether every node seen so far is a site with its own data (the title says "site data").
+        self.sites_only: bool | None = None
         self.stop_check = stop_check
         #: What the last configure hooks sent and what the last aggregate_train made of it; each
         #: hook replaces its record whole (Flower's hooks pass nothing else from one to the next).
@@ -267,7 +274,10 @@ class FedPrimeStrategy(FedAvg):
             known=self.node_clients,
             what=f"round {server_round}" + (" (client evaluation)" if purpose == 2 else ""),
         )
+        nodes = [n for n in nodes if n not in self.refused]  # refused sites are never asked again
         rng = random.Random(self.cfg.seed * 100_003 + server_round * 7 + purpose)
+        if not nodes:
+            return []
         if self.spec.centralized:
             return [nodes[0]]
         size = min(len(nodes), max(int(len(nodes) * fraction), minimum))
@@ -373,10 +383,10 @@ class FedPrimeStrategy(FedAvg):
 
         A node that does not answer is recorded as timed out; one that answers with an
         error or without an id, or claims the id of another node sampled in the same
-        round, as rejected. Either way it is left out of the round.
+        round, as rejected. Either way it is left out of the round. A site that joins after
+        round 1 has its data checked like the others were before it
+        (:func:`server_app.sites.site_verdicts`): refused, it is rejected now and never sampled again.
         """
-        if not self.model.personal:
-            return node_ids
         unknown = [nid for nid in node_ids if nid not in self.node_clients]
         if unknown:
             queries = [
@@ -398,7 +408,12 @@ class FedPrimeStrategy(FedAvg):
                 if record is None:
                     outcomes.append(ClientOutcome(node, None, "rejected", f"no identity: {one_line(reason)}"))
                     continue
-                self.node_clients[node] = record["client-id"]
+                client = record["client-id"]
+                verdict = self._check_site(node, client, reply)
+                if verdict is not None and verdict.refused:
+                    outcomes.append(ClientOutcome(node, client, "rejected", f"refused: {verdict.reason}", "data"))
+                    continue
+                self.node_clients[node] = client
                 self.node_records[node] = record
             for node in unknown:
                 if node not in answered:
@@ -425,6 +440,32 @@ class FedPrimeStrategy(FedAvg):
                 ", ".join(f"node {n} -> {self.node_clients[n]}" for n in unknown if n in self.node_clients) or "none",
             )
         return usable
+
+    def take_verdicts(self, verdicts: Iterable[SiteVerdict]) -> None:
+        """Keep the decisions made about the nodes before round 1 (refused sites are never sampled)."""
+        for verdict in verdicts:
+            if verdict.refused:
+                self.refused[verdict.node] = verdict.reason
+            self.sites_only = (self.sites_only is not False) and verdict.is_site
+
+    def _check_site(self, node: int, client: str, reply: Message) -> SiteVerdict | None:
+        """The verdict on a node met after round 1, from its identity reply (logged, kept, and in clients.json)."""
+        record, problem = parse_site_check(reply)
+        if problem:  # a check the server cannot read refuses the site, with the reason
+            record = {"ok": False, "problems": [f"its data check reply is malformed: {one_line(problem)}"]}
+        if record is None:
+            return None
+        census = {node: {"client-id": client, SITE_CHECK: record}}
+        verdict = site_verdicts(
+            census, labels_fingerprint=self.reference_labels, backbone_fingerprint=self.reference_fingerprint
+        )[node]
+        log(WARNING if verdict.refused else INFO, "%s", verdict.describe())
+        self.take_verdicts([verdict])
+        if verdict.refused:
+            self.clients[client] = {**self.clients.get(client, {}), **verdict.record()}
+        elif client not in self.clients:
+            self.clients[client] = verdict.record()
+        return verdict
 
     def _silent_reason(self, node: int, what: str) -> tuple[str, str]:
         """``(status, reason)`` of a node that gave no reply to ``what``."""
@@ -527,10 +568,16 @@ class FedPrimeStrategy(FedAvg):
             claimed[update.client_id] = node
             updates.append(update)
             outcomes.append(ClientOutcome(node, update.client_id, "accepted"))
-            accepted_info[update.client_id] = {**info, "node-id": node, "last-round": server_round}
+            accepted_info[update.client_id] = {
+                **info,
+                "node-id": node,
+                "last-round": server_round,
+                "state": "training",
+            }
         for node, client in sent_to.items():
             if node not in answered:
                 outcomes.append(ClientOutcome(node, client, *self._silent_reason(node, "the train message")))
+        self._note_lost(server_round, outcomes)
         # Recorded and averaged in client order, not in the order replies arrived.
         outcomes.sort(key=lambda o: (client_order(o.client or ""), o.node))
         updates.sort(key=lambda u: client_order(u.client_id))
@@ -594,6 +641,16 @@ class FedPrimeStrategy(FedAvg):
             update, expected, self.spec.pools, self.cfg.max_update_norm, self.pattern_usage_required
         )
         return update, info, reasons
+
+    def _note_lost(self, server_round: int, outcomes: Iterable[ClientOutcome]) -> None:
+        """A client that trained before and failed or went silent this round: ``lost`` at this round (clients.json)."""
+        for item in outcomes:
+            entry = self.clients.get(item.client or "")
+            if item.status == "accepted" or entry is None or entry.get("state") not in ("training", "lost"):
+                continue
+            if entry.get("state") != "lost":
+                entry.update({"state": "lost", "lost-round": server_round})
+            entry["reason"] = item.reason
 
     @staticmethod
     def _log_outcomes(server_round: int, outcomes: list[ClientOutcome]) -> None:
@@ -691,7 +748,9 @@ class FedPrimeStrategy(FedAvg):
         # Sum in client order, not in the order the replies arrived (nor by node ids, which
         # differ between runs): the same run gives the same means, to the bit.
         self._evaluated = {c: per_client[c] for c in sorted(per_client, key=client_order)}
-        out = weighted_means(list(self._evaluated.values()), groups=("", CLIENT_TEST_PREFIX))
+        # Timings (eval-seconds) stay per client; the means are of the metrics.
+        rows = [{k: v for k, v in m.items() if not k.endswith("-seconds")} for m in self._evaluated.values()]
+        out = weighted_means(rows, groups=("", CLIENT_TEST_PREFIX))
         if not out:
             return None
         out.setdefault(NUM_EXAMPLES, 0)
@@ -738,7 +797,7 @@ class FedPrimeStrategy(FedAvg):
         """
         result = Result(arrays=initial_arrays)
         done = max((r["round"] for r in self.history), default=-1)
-        title = f"{self.cfg.method} on {self.cfg.dataset} ({self.cfg.missing_setting}, eta={self.cfg.eta})"
+        title = f"{self.cfg.method} on {self.cfg.dataset} ({setting_label(self.cfg, bool(self.sites_only))})"
         self.summary()
         skipped_in_a_row = 0
         for record in reversed(self.history):
@@ -832,6 +891,9 @@ class FedPrimeStrategy(FedAvg):
                 result.evaluate_metrics_clientapp[server_round] = client_eval
                 fields["client-eval"] = dict(client_eval)
                 fields["client-eval-per-client"] = dict(self._evaluated)
+                for client, scores in self._evaluated.items():
+                    if client in self.clients:  # each site's last own scores, in clients.json
+                        self.clients[client]["client-val"] = {**scores, "round": server_round}
         return fields
 
     def _held_out(self, server_round: int, evaluate_held_out: ServerEvaluate) -> dict[str, Any]:
@@ -894,6 +956,7 @@ class FedPrimeStrategy(FedAvg):
                 status=status,
                 reason=reason,
                 wire=describe_communication(self.cfg),
+                clients=self.clients,
             )
             write_json(self.run_dir / "clients.json", self.clients)
             save_checkpoint(
@@ -929,6 +992,7 @@ class FedPrimeStrategy(FedAvg):
                 status="failed",
                 reason=reason,
                 wire=describe_communication(self.cfg),
+                clients=self.clients,
             )
         except OSError as exc:
             log(ERROR, "cannot write the failed status to %s either: %s", self.run_dir, exc.strerror or exc)
@@ -944,17 +1008,32 @@ class FedPrimeStrategy(FedAvg):
             f"the ServerApp failed: {one_line(f'{type(exc).__name__}: {exc}')} (a bug: please report it with the log)"
         )
 
+    def _scores_line(self, by_client: Mapping[str, Mapping[str, float]], shown: int = 8) -> str:
+        """``site-a 45.0, site-b 50.0 (accuracy %)``; for more than ``shown`` clients their min, median and max."""
+        metric = metric_name(self.multilabel)
+        scores = {c: 100 * float(m[metric]) for c, m in by_client.items() if metric in m}
+        if len(scores) <= shown:
+            return ", ".join(f"{c} {v:.1f}" for c, v in scores.items()) + f" ({metric} %)"
+        values = sorted(scores.values())
+        return (
+            f"{len(values)} clients, {metric} % min {values[0]:.1f} / median {float(np.median(values)):.1f} / "
+            f"max {values[-1]:.1f} (each client in metrics.json)"
+        )
+
     def _log_eval(self, server_round: int, evaluation: dict[str, dict[str, float]], pool: str = "") -> None:
         metric = metric_name(self.multilabel)
         parts = ", ".join(f"{name} {100 * m.get(metric, float('nan')):.1f}" for name, m in evaluation.items())
         log(INFO, "round %d server-side %s (%%)%s: %s", server_round, metric, f", {pool}" if pool else "", parts)
 
     def _log_round(self, record: dict[str, Any], num_rounds: int) -> None:
+        """The round's one line (with each client's own validation score when clients evaluated), then the server's."""
         r = record
         pools = ", ".join(f"{p} pool {r[f'{p}-pool-size']}" for p in self.spec.pools if f"{p}-pool-size" in r)
+        by_client = r.get("client-eval-per-client")
         log(
             INFO,
-            "[round %d/%d] %s train-loss %s | clients %s sampled: %s accepted, %s rejected, %s timed out | %s | %.1fs",
+            "[round %d/%d] %s train-loss %s | clients %s sampled: %s accepted, %s rejected, %s timed out | %s "
+            "| %.1fs%s",
             r["round"],
             num_rounds,
             "SKIPPED" if r.get("skipped") else "",
@@ -965,6 +1044,7 @@ class FedPrimeStrategy(FedAvg):
             r.get("timed-out", 0),
             pools or "no retrieval pools",
             r["round-seconds"],
+            f" | client val {self._scores_line(by_client)}" if by_client else "",
         )
         if "eval" in r:
             self._log_eval(r["round"], r["eval"])

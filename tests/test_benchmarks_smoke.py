@@ -25,6 +25,7 @@ CASES = {
     "framework_overhead": ["--skip-flower", "--skip-sequential"],
     "first_run": [],  # --quick: clone and read the README's command, install nothing
     "reply_fuzz": [],  # --quick: three hostile replies to fed-intra
+    "deployment_rounds": ["--modes", "resident"],  # --quick: tiny-vilt, 2 sites, 2 rounds, a real deployment
 }
 
 

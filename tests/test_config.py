@@ -91,7 +91,7 @@ def test_pyproject_app_config_matches_the_schema():
         ({"dataset": "food101", "classes": "a,b", "num-classes": 3}, "'num-classes' = 3 disagrees"),
         ({"classes": "a,b"}, "the embedded dataset has its own classes"),
         ({"dataset": "mmimdb", "data-dir": "/d", "mmimdb-protocol": "top8"}, "'mmimdb-protocol' = 'top8'"),
-        ({"taus": 3}, "unknown run config key(s): taus"),
+        ({"taus": 3}, "unknown run config key(s): 'taus' (did you mean 'tau'?)"),
         ({"fault-plan": "x:nan"}, "'fault-plan'"),
         ({"lr": float("nan")}, "finite"),
         ({"align-on": "keys"}, "'align-on' = 'keys' is not allowed; use one of: prompt, delta, usage"),

@@ -72,10 +72,18 @@ def node_config(command: list[str]) -> dict[str, object]:
     return {key: tomllib.loads(f"v = {value}")["v"] for key, value in (item.split("=", 1) for item in text.split())}
 
 
+def compose_text(text: str) -> str:
+    """A string as Compose hands it on: ``$$`` is its escape for ``$``."""
+    return text.replace("$$", "$")
+
+
 def role(spec: dict) -> str:
-    """Which Flower binary a service runs (explicit entrypoint, else the app image's)."""
+    """Which Flower binary a service runs (explicit entrypoint, else the app image's; the one a
+    ``sh -c '... & exec BINARY "$@"'`` entrypoint execs, after starting something beside it)."""
     entry = spec.get("entrypoint")
     if isinstance(entry, list):
+        if entry[:2] == ["sh", "-c"]:
+            return re.search(r"exec (\S+) \"\$@\"", compose_text(entry[2])).group(1)
         return entry[0]
     return entry or "flower-superexec"
 
@@ -141,6 +149,19 @@ def test_supernodes_are_sites_with_their_own_data_and_executors():
     executors = {name: spec for name, spec in svc.items() if name.startswith("superexec-clientapp-")}
     targets = sorted(flag_value(spec["command"], "--runtime-api-address") for spec in executors.values())
     assert targets == sorted(f"{name}:{port}" for name, port in ports.items())
+
+
+def test_every_site_executor_runs_the_site_worker_its_supernode_names():
+    svc = services()
+    for name, spec in svc.items():
+        if not name.startswith("superexec-clientapp-"):
+            continue
+        node = node_config(svc[name.replace("superexec-clientapp-", "supernode-")]["command"])
+        assert role(spec) == "flower-superexec", name
+        script = compose_text(spec["entrypoint"][2])
+        # The worker watches the shell ($$) that becomes flower-superexec.
+        assert f"python -m fedprime_core.site_worker --socket {node['site-worker']} --parent-pid $$ &" in script
+        assert script.endswith('exec flower-superexec "$@"'), name
 
 
 def test_superlink_and_serverapp_executor():

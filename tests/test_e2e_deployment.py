@@ -316,18 +316,31 @@ def test_a_supernode_that_never_starts_holds_the_run_up_only_for_node_wait(tmp_p
 
 def test_three_sites_each_with_its_own_folder_missing_modalities_and_labels(tmp_path, tiny_vilt):
     """Each SuperNode points at its own small site folder (different real missing mixture and
-    label subset); the server holds only its held-out folder. clients.json shows each site's counts."""
+    label subset); the server holds only its held-out folder. clients.json shows each site's counts.
+
+    Each site runs its resident worker (scripts/start_supernode.sh starts it): every site loads
+    its backbone once in the run, although Flower starts a ClientApp process for each of its 5
+    messages (identity query, 2 x train, 2 x evaluate). A fourth site whose rows name a class
+    outside classes.txt is refused before round 1 and never asked to train.
+    """
+    import shutil
+
     from tests.sites import make_sites
 
     plan = make_sites(tmp_path / "data")
+    bad = tmp_path / "data" / "site-bad"
+    shutil.copytree(plan["sites"]["site-a"]["dir"], bad)
+    with (bad / "train.jsonl").open("a") as handle:
+        handle.write(json.dumps({"text": "pizza margherita", "label": "pizza"}) + "\n")
     results = tmp_path / "results"
     fed = Federation(tmp_path)
     try:
         for name, site in plan["sites"].items():
             fed.add_site(name, site["dir"])
+        fed.add_site("site-bad", bad)
         overrides = (
             f'num-server-rounds=2 results-dir="{results}" run-name="sites" dataset="food101" '
-            f'data-dir="{plan["server"]}" missing-setting="none" text-max-length=24 min-available-nodes=3 '
+            f'data-dir="{plan["server"]}" missing-setting="none" text-max-length=24 min-available-nodes=4 '
             "tau=8 kappa=2 batch-size=16 fraction-evaluate=1.0"
         )
         log = fed.run(overrides)
@@ -337,13 +350,22 @@ def test_three_sites_each_with_its_own_folder_missing_modalities_and_labels(tmp_
     assert not marked_pids(f"FLWR_HOME={fed.home}")
     rounds, clients = records(results, "sites")
     assert [r["round"] for r in rounds] == [0, 1, 2]
-    assert all(r["accepted"] == 3 and r["rejected"] == 0 for r in rounds[1:])
+    assert all(r["sampled"] == 3 and r["accepted"] == 3 and r["rejected"] == 0 for r in rounds[1:])
     assert all(r["client-eval"]["num-examples"] == 3 * 8 for r in rounds[1:])  # each site's own dev split
-    assert sorted(clients) == sorted(plan["sites"])
+    assert sorted(clients) == sorted([*plan["sites"], "site-bad"])
+    assert clients["site-bad"]["state"] == "refused" and "class 'pizza' is not in" in clients["site-bad"]["reason"]
+    assert re.search(r"site site-bad \(node \d+\): REFUSED, not sampled in this run: .*class 'pizza'", log)
     for name, planted in plan["sites"].items():
         client = clients[name]
-        assert client["data"] == "site" and client["num-train"] == planted["rows"]
+        assert client["data"] == "site" and client["num-train"] == planted["rows"] and client["state"] == "training"
         assert client["real-text-missing"] == client["text-missing"] == planted["text-missing"]
         assert client["real-image-missing"] == client["image-missing"] == planted["image-missing"]
         assert client["skipped-no-modality"] == planted["skipped"]
-    assert len({c["labels-fingerprint"] for c in clients.values()}) == 1
+        assert re.search(rf"site {name} \(node \d+\): ready: {planted['rows']} train / 8 validation rows", log)
+        # One backbone load per site in the run (its worker's), one line per site per round in the stream.
+        site_log = (fed.logs / f"supernode-{name}.log").read_text()
+        assert site_log.count("loaded backbone tiny-vilt") == 1, site_log[-3000:]
+        assert "site worker: serving" in site_log and site_log.count("site worker: train served") == 2
+        assert len(re.findall(rf"client {name} \| ", log)) == 2, log
+    assert len({c["labels-fingerprint"] for c in clients.values() if "labels-fingerprint" in c}) == 1
+    assert "(site data)" in (results / "sites" / "summary.md").read_text()

@@ -121,14 +121,28 @@ def test_item2_consecutive_skipped_rounds_stop_the_run_as_failed(quick_config, l
 
 
 def test_item2_a_run_whose_clients_all_fail_with_a_config_error_ends_failed(quick_config, logs):
-    # Every site names a relative data-dir: a node-config error only the clients can see.
+    # Partitioned nodes of a run whose config names no data-dir to carve shards from: an error
+    # only training shows (the identity query of a partitioned node reads no data).
+    cfg = quick_config(
+        run_name="all-config", num_server_rounds=5, fraction_evaluate=0.0, dataset="food101", classes="a,b"
+    )
+    with pytest.raises(RunFailed, match="every sampled client \\(3\\) failed with a config or data error"):
+        run(cfg, num_nodes=3)
+    records = history(cfg)
+    assert [r["round"] for r in records] == [1]  # stopped after the round that showed it
+    assert records[0]["rejected"] == 3 and records[0]["accepted"] == 0
+    summary = json.loads((run_dir_of(cfg) / "summary.json").read_text())
+    assert summary["status"] == "failed" and "carves its shard out of the run config's data-dir" in summary["reason"]
+    assert "FedPrime finished" not in logs.text
+
+
+def test_item2_sites_whose_node_config_is_wrong_are_refused_before_round_1(quick_config, logs):
+    # Every site names a relative data-dir: a node-config error only the clients can see, found
+    # by the identity query before round 1 (tests/test_site_checks.py: sites with bad data).
     configs = [{"data-dir": "site"} for _ in range(3)]
     cfg = quick_config(run_name="all-config", num_server_rounds=5, fraction_evaluate=0.0)
-    with pytest.raises(RunFailed, match="every sampled client \\(3\\) failed with the same config error"):
+    with pytest.raises(RunFailed, match=r"3 site\(s\) refused before round 1 \(node-1: config error: .*absolute path"):
         run(cfg, num_nodes=3, node_configs=configs)
-    records = history(cfg)
-    assert [r["round"] for r in records] == [0, 1]  # stopped after the round that showed it
-    assert records[1]["rejected"] == 3 and records[1]["accepted"] == 0
     summary = json.loads((run_dir_of(cfg) / "summary.json").read_text())
     assert summary["status"] == "failed" and "must be an absolute path" in summary["reason"]
     assert "FedPrime finished" not in logs.text

@@ -87,7 +87,11 @@ def test_a_site_trains_on_all_of_its_data_with_its_real_missing_modalities(plan,
         assert info["real-image-missing"] == info["image-missing"] == planted["image-missing"]
         assert info["simulated-text-missing"] == info["simulated-image-missing"] == 0  # missing-setting none
         assert info["skipped-no-modality"] == planted["skipped"]
-        assert info["mixture"] == [1.0, 0.0, 0.0]
+        # The mixture is the one the rows have, counted (the issue: [1, 0, 0] for a site with 20% text-missing).
+        counted = [planted["rows"] - planted["text-missing"] - planted["image-missing"]]
+        counted += [planted["text-missing"], planted["image-missing"]]
+        assert info["mixture"] == [round(n / planted["rows"], 4) for n in counted]
+        assert info["simulated-mixture"] == [1.0, 0.0, 0.0]  # nothing simulated on top (missing-setting none)
         # One label mapping for everyone, whatever classes the site holds.
         assert info["labels-fingerprint"] == runtime.label_space(cfg).fingerprint
         labels = {plan["classes"][s.label] for s in shard.train.samples}
@@ -102,7 +106,7 @@ def test_simulated_missingness_applies_on_top_only_where_asked(plan, tmp_path, t
     assert info["real-text-missing"] == 8 and info["simulated-text-missing"] == 0
     assert info["simulated-image-missing"] == 16 and info["complete"] == 16  # half of the 32 complete rows
     other = runtime.client_info(cfg, node(plan, "site-b"), runtime.client_shard(cfg, node(plan, "site-b")))
-    assert other["simulated-image-missing"] == 0 and other["mixture"] == [1.0, 0.0, 0.0]  # the default entry
+    assert other["simulated-image-missing"] == 0 and other["simulated-mixture"] == [1.0, 0.0, 0.0]  # the default entry
     drawn = site_config(plan, tmp_path, missing_setting="miss-text", eta=0.5, missing_alpha=0.0)
     info = runtime.client_info(drawn, node(plan, "site-b"), runtime.client_shard(drawn, node(plan, "site-b")))
     assert info["real-image-missing"] == 10 and info["simulated-text-missing"] == 15  # eta 0.5 of the 30 complete
@@ -176,15 +180,21 @@ def test_a_federation_of_sites_reports_each_site_and_refuses_another_class_list(
     with caplog.at_level(logging.WARNING, logger="flwr"):
         run_dir = run(cfg, nodes)
     clients = json.loads((run_dir / "clients.json").read_text())
-    assert sorted(clients) == ["site-a", "site-b", "site-c"]
+    assert sorted(clients) == ["site-a", "site-b", "site-c", "site-other"]
     for name, planted in plan["sites"].items():
+        assert clients[name]["state"] == "training" and clients[name]["last-round"] == 1
         assert clients[name]["num-train"] == planted["rows"]
         assert clients[name]["real-image-missing"] == planted["image-missing"]
         assert clients[name]["real-text-missing"] == planted["text-missing"]
+        assert clients[name]["client-val"]["round"] == 1 and clients[name]["client-val"]["num-examples"] == 8
+    # The site with another class list is refused before round 1, and never asked to train.
+    assert clients["site-other"]["state"] == "refused" and "class list" in clients["site-other"]["reason"]
     rounds = json.loads((run_dir / "metrics.json").read_text())
-    assert rounds[1]["accepted"] == 3 and rounds[1]["rejected"] == 1
-    assert "class list fingerprint" in rounds[1]["rejected-reasons"][0]
+    assert rounds[1]["sampled"] == 3 and rounds[1]["accepted"] == 3 and rounds[1]["rejected"] == 0
     assert set(rounds[1]["eval"]) >= {"val", "full-modal"} and rounds[1]["client-eval"]["num-examples"] > 0
+    assert sorted(rounds[1]["client-eval-per-client"]) == ["site-a", "site-b", "site-c"]
+    summary = (run_dir / "summary.md").read_text()
+    assert "| site-other | refused: its class list" in summary and "| site-a | training (last round 1) |" in summary
 
 
 def test_a_server_without_data_leaves_evaluation_to_the_clients(plan, tmp_path, tiny_vilt):
@@ -198,3 +208,25 @@ def test_a_server_without_data_leaves_evaluation_to_the_clients(plan, tmp_path, 
     assert [r["round"] for r in rounds] == [1] and "eval" not in rounds[0]  # no server-side evaluation at all
     assert rounds[0]["accepted"] == 3 and rounds[0]["client-eval"]["num-examples"] == 3 * DEV_PER_SITE
     assert np.isfinite(rounds[0]["client-eval"]["accuracy"])
+
+
+def test_a_data_check_the_server_cannot_read_refuses_the_site_and_never_reaches_json():
+    """A site's check is typed at the boundary like every other field a client sends: bytes, an
+    unknown field or a non-boolean verdict is a reason, and the record that passes holds only plain values."""
+    import json
+
+    from fedprime_protocol.replies import parse_site_check_record
+
+    good = {"ok": True, "problems": [], "warnings": ["train: row 3 skipped"], "num-train": 40, "summary": "ok\x1b[31m"}
+    record, reasons = parse_site_check_record(good)
+    assert reasons == [] and record["summary"] == "ok?[31m"  # control characters never reach a log line
+    json.dumps(record)
+    for bad, why in (
+        ({**good, "note": b"\x00\x01"}, "unknown field 'note'"),
+        ({**good, "ok": 1}, "'ok' must be true or false"),
+        ({**good, "warnings": [b"x"]}, "'warnings' must be a list of strings"),
+        ({**good, "num-train": 2**80}, "'num-train' must lie in"),
+        ({k: v for k, v in good.items() if k != "ok"}, "'ok'"),
+    ):
+        record, reasons = parse_site_check_record(bad)
+        assert reasons and why in "; ".join(reasons), (bad, reasons)

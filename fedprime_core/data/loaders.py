@@ -314,16 +314,18 @@ def load_dataset(
 
     raws: dict[str, list[_Raw]] = {}
     skipped_empty: dict[str, int] = {}
+    bad_rows: dict[str, list[str]] = {split: [] for split in _SPLITS}
     for split, path in zip(_SPLITS, paths, strict=True):
         if not path.is_file():
             if split in required:
                 raise DataError(
                     f"{spec.name}: {split} split file {str(path)!r} does not exist; expected {_expected(spec, layout)}"
                 )
-            logger.info("%s: no %s split file %s; the %s split is empty", spec.name, split, path, split)
+            logger.debug("%s: no %s split file %s; the %s split is empty", spec.name, split, path, split)
             raws[split] = []
             continue
         got = read(path)
+        bad_rows[split].extend(got.bad)
         if got.bad:
             shown = " | ".join(got.bad[:_REASONS_SHOWN])
             logger.warning(
@@ -368,6 +370,7 @@ def load_dataset(
         samples[split], bad = _apply_labels(
             raws[split], index, seen_in_train, spec, split, multilabel, strict, source, skip_bad_rows
         )
+        bad_rows[split].extend(bad)
         if bad:
             logger.warning(
                 "%s %s: skipped %d row(s) whose class is not in %s; first: %s",
@@ -388,6 +391,7 @@ def load_dataset(
         text_max_length=spec.text_max_length,
         name=spec.name,
         skipped_empty=skipped_empty,
+        bad_rows={split: tuple(reasons) for split, reasons in bad_rows.items() if reasons},
     )
 
 
@@ -450,7 +454,7 @@ def _detect_layout(spec: _Spec, root: Path) -> str:
             f"(jsonl layout, or dev.jsonl / test.jsonl) and {str(arrow)!r} (arrow layout, or its dev / test "
             "files), found neither"
         )
-    logger.info("%s: detected the %s layout in %s", spec.name, found, root)
+    logger.debug("%s: detected the %s layout in %s", spec.name, found, root)
     return found
 
 
@@ -813,7 +817,9 @@ def _apply_labels(
             label = kept[0]
         samples.append(Sample(text=r.text, image=r.image, label=label, uid=r.uid, image_features=r.image_features))
     extra = f"; labels restricted to the kept classes on {restricted}" if multilabel else ""
-    logger.info(
+    # Details for a DEBUG log; a filter that dropped rows is news.
+    logger.log(
+        logging.INFO if dropped else logging.DEBUG,
         "%s %s: kept %d sample(s), dropped %d by the class filter (%d with a class absent from train)%s",
         *(spec.name, split, len(samples), dropped, unseen, extra),
     )

@@ -82,6 +82,8 @@ class DatasetSplits:
         text_max_length: default tokens per text for this dataset.
         name: dataset name, for reports.
         skipped_empty: per split, rows skipped because they had neither text nor image.
+        bad_rows: per split, the reasons of the rows skipped as bad (``skip_bad_rows``): one
+            line each, naming the file, the row and the field.
     """
 
     train: Sequence[Sample]
@@ -92,6 +94,7 @@ class DatasetSplits:
     text_max_length: int
     name: str
     skipped_empty: Mapping[str, int] = dataclasses.field(default_factory=dict)
+    bad_rows: Mapping[str, tuple[str, ...]] = dataclasses.field(default_factory=dict)
 
     @property
     def num_classes(self) -> int:

@@ -54,7 +54,7 @@ from .missing import (
 )
 from .partition import partition
 from .processing import MultimodalDataset, MultimodalProcessor
-from .records import DataError, DatasetSplits, Sample, primary_labels
+from .records import PATTERN_NAMES, DataError, DatasetSplits, Sample, primary_labels
 
 LOGGER = logging.getLogger(__name__)
 
@@ -208,7 +208,8 @@ class ClientShard:
         test: the client's own test set (module docstring), ``None`` when it has none
             (``client-test-samples = 0``, or a site without a test split).
         mixture: ``(3,)`` the simulated pattern mixture (complete, text-missing,
-            image-missing) applied to the complete rows.
+            image-missing) applied to the complete rows (a site's counted mixture:
+            :attr:`realised_mixture`).
         counts: realised pattern counts of the training set, with their real and simulated
             parts (:func:`~fedprime_core.data.missing.missing_counts`).
         client_id: the client's identity.
@@ -230,8 +231,31 @@ class ClientShard:
     def num_test(self) -> int:
         return 0 if self.test is None else len(self.test)
 
+    @property
+    def realised_mixture(self) -> np.ndarray:
+        """``(3,)`` shares of complete, text-missing and image-missing training rows, counted (real and simulated)."""
+        counts = np.array([self.counts.get(name, 0) for name in PATTERN_NAMES], dtype=np.float64)
+        total = counts.sum()
+        return counts / total if total else counts
+
     def summary(self) -> str:
-        """One readable line: sizes, the missing mixture and the realised pattern counts (real and simulated)."""
+        """One readable line: sizes, the missing mixture and the realised pattern counts (real and simulated).
+
+        A site's line gives the mixture its rows really have (counted, as training sees them);
+        a partition's the simulated mixture it was drawn with.
+        """
+        if self.site_local:
+            shares = self.realised_mixture
+            counts = ", ".join(
+                f"{name} {self.counts.get(name, 0)} ({100 * share:.0f}%)" for name, share in zip(PATTERN_NAMES, shares)
+            )
+            simulated = sum(self.counts.get(f"simulated-{name}", 0) for name in PATTERN_NAMES[1:])
+            line = f"{len(self.train)} train / {len(self.val)} validation rows; training rows {counts}"
+            if simulated:
+                line += f" ({simulated} of the missing ones simulated)"
+            if self.skipped_empty:
+                line += f"; {self.skipped_empty} rows with neither text nor image skipped"
+            return line
         mixture = " / ".join(f"{name} {share:.2f}" for name, share in zip(self.counts, self.mixture))
         counts = ", ".join(f"{name} {count}" for name, count in self.counts.items())
         sizes = f"{len(self.train)} train / {len(self.val)} validation / {self.num_test} test samples"
@@ -255,6 +279,9 @@ class ClientShard:
             }
         )
         if self.site_local:
+            # A site's rows miss what they miss: its mixture is what was counted, the simulated one apart.
+            out["mixture"] = [round(float(x), 4) for x in self.realised_mixture]
+            out["simulated-mixture"] = [round(float(x), 4) for x in self.mixture]
             out["skipped-no-modality"] = self.skipped_empty
         return out
 
