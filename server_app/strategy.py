@@ -55,7 +55,7 @@ from fedprime_protocol.messages import (
     METRICS,
     NUM_EXAMPLES,
     identity_query,
-    instruction_content,
+    instruction_contents,
     parse_identity_reply,
     parse_train_reply,
     state_to_record,
@@ -267,15 +267,16 @@ class FedPrimeStrategy(FedAvg):
         left_out: list[ClientOutcome] = []
         usable = self._identify(grid, node_ids, server_round, left_out)
         config["server-round"] = server_round
-        messages, sent_arrays, nbytes = [], {}, 0
-        shared = None if self.model.personal else self.model.arrays
-        content = None if shared is None else instruction_content(shared, config, self.cfg.wire_dtype)
+        messages, nbytes = [], 0
+        personal = self.model.personal
+        sent_arrays = {
+            nid: self.model.client_arrays(self.node_clients[nid]) if personal else self.model.arrays for nid in usable
+        }
+        # The global arrays are encoded once and shared by every node's record (instruction_contents).
+        contents = instruction_contents(sent_arrays, config, self.cfg.wire_dtype)
         for nid in usable:
-            arrays = shared if shared is not None else self.model.client_arrays(self.node_clients[nid])
-            own = content if content is not None else instruction_content(arrays, config, self.cfg.wire_dtype)
-            nbytes += int(own.array_records[ARRAYS].count_bytes())
-            sent_arrays[nid] = arrays
-            messages.append(Message(content=own, message_type=kind, dst_node_id=nid))
+            nbytes += int(contents[nid].array_records[ARRAYS].count_bytes())
+            messages.append(Message(content=contents[nid], message_type=kind, dst_node_id=nid))
         return Dispatch(
             messages=tuple(messages),
             clients={nid: self.node_clients.get(nid) for nid in usable},
