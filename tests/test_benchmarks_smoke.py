@@ -24,6 +24,7 @@ CASES = {
     "throughput": [],
     "framework_overhead": ["--skip-flower", "--skip-sequential"],
     "first_run": [],  # --quick: clone and read the README's command, install nothing
+    "server_memory": [],  # --quick: 4 and 20 synthetic clients, minimal profile
 }
 
 
