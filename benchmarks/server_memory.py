@@ -22,7 +22,9 @@ fedprime under ``comm-profile`` paper and minimal. Each (n, profile) runs in a f
 process; RSS is read from ``/proc/self/status``: ``VmRSS`` after set-up (imports, matplotlib
 for the results' plots, backbone, initial state, strategy) is the baseline, and the peak of
 each round is ``VmHWM`` with the high-water mark reset (``/proc/self/clear_refs``) at the
-start of the round. The change
+start of the round; "held after the round" is ``VmRSS`` at the end of the round after a
+garbage collection and ``malloc_trim`` (what is still referenced, not free memory the C
+allocator keeps for reuse). The change
 the grid adds is 1e-3 per entry, so the warm-started alignment keeps every prompt in its
 cluster (the regime of ``benchmarks/aggregation.py``'s *warm* rows).
 
@@ -67,6 +69,16 @@ def reset_peak() -> bool:
         return True
     except OSError:
         return False
+
+
+def trim_heap() -> None:
+    """Give the C heap's free memory back to the OS (glibc ``malloc_trim``; nothing elsewhere)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 class SyntheticGrid:
@@ -159,8 +171,47 @@ class SyntheticGrid:
         return Message(content, reply_to=message)
 
 
-def child(n: int, profile: str, method: str) -> dict[str, Any]:
-    """One measurement in this (fresh) process; returns its figures."""
+def vilt_b32_state(cfg, path: Path) -> None:
+    """Write the initial trainable state of ``cfg``'s model on ViLT-B/32 (``ViltConfig()``, random
+    weights: shapes only, nothing is downloaded) to ``path`` (run in its own process, so the 446 MB
+    backbone never counts in a measurement)."""
+    from transformers import ViltConfig, ViltModel
+
+    from fedprime_core.backbones.vilt import ViltBackbone
+    from fedprime_core.method.model import PromptedModel, trainable_state
+
+    model = PromptedModel.from_config(ViltBackbone(ViltModel(ViltConfig())), cfg, NUM_CLASSES, seed=0)
+    np.savez(path, **trainable_state(model))
+
+
+def run_config(n: int, profile: str, method: str, results_dir: str):
+    from fedprime_core.config import parse_run_config
+
+    return parse_run_config(
+        {
+            "method": method,
+            "comm-profile": profile,
+            "tau": TAU,
+            "kappa": KAPPA,
+            "num-server-rounds": ROUNDS,
+            "min-available-nodes": n,
+            "min-train-nodes": n,
+            "fraction-train": 1.0,
+            "fraction-evaluate": 0.0,
+            "server-eval": False,
+            "results-dir": results_dir,
+            "run-name": "memory",
+            "node-wait": 5.0,
+        }
+    )
+
+
+def child(n: int, profile: str, method: str, shape: str = "tiny-vilt") -> dict[str, Any]:
+    """One measurement in this (fresh) process; returns its figures.
+
+    ``shape``: ``tiny-vilt`` (the model a test run trains) or ``vilt-b32`` (the state of the
+    same model on ViLT-B/32, built in another process).
+    """
     import gc
 
     import matplotlib
@@ -169,7 +220,6 @@ def child(n: int, profile: str, method: str) -> dict[str, Any]:
     import matplotlib.pyplot  # noqa: F401  (the results' plots: loaded before the baseline, not per client)
 
     from fedprime_core import runtime
-    from fedprime_core.config import parse_run_config
     from fedprime_core.method.model import state_nbytes
     from fedprime_protocol.messages import state_to_record
     from server_app.strategy import FedPrimeStrategy
@@ -181,42 +231,34 @@ def child(n: int, profile: str, method: str) -> dict[str, Any]:
 
         def _persist(self, server_round: int, title: str, status: str = "running", reason: str = "") -> None:
             super()._persist(server_round, title, status, reason)
-            rounds.append(
-                {
-                    "round": server_round,
-                    "peak-rss": proc_status("VmHWM"),
-                    "rss-after": proc_status("VmRSS"),
-                    "seconds": time.perf_counter() - self.round_started,
-                }
-            )
+            peak, seconds = proc_status("VmHWM"), time.perf_counter() - self.round_started
             gc.collect()
+            trim_heap()  # what is still referenced, not what the allocator keeps for reuse
+            rounds.append(
+                {"round": server_round, "peak-rss": peak, "rss-after": proc_status("VmRSS"), "seconds": seconds}
+            )
             reset_peak()
             self.round_started = time.perf_counter()
 
     with tempfile.TemporaryDirectory() as tmp:
-        cfg = parse_run_config(
-            {
-                "method": method,
-                "comm-profile": profile,
-                "tau": TAU,
-                "kappa": KAPPA,
-                "num-server-rounds": ROUNDS,
-                "min-available-nodes": n,
-                "min-train-nodes": n,
-                "fraction-train": 1.0,
-                "fraction-evaluate": 0.0,
-                "server-eval": False,
-                "results-dir": tmp,
-                "run-name": "memory",
-                "node-wait": 5.0,
-            }
-        )
-        state = runtime.initial_state(cfg)
+        cfg = run_config(n, profile, method, tmp)
+        if shape == "vilt-b32":
+            path = Path(tmp) / "state.npz"
+            script = (
+                "import sys; sys.path.insert(0, sys.argv[1]); import server_memory as m; "
+                "m.vilt_b32_state(m.run_config(1, sys.argv[2], sys.argv[3], '.'), m.Path(sys.argv[4]))"
+            )
+            subprocess.run([sys.executable, "-c", script, str(HERE), profile, method, str(path)], check=True)
+            with np.load(path) as stored:
+                state = {name: stored[name] for name in stored.files}
+        else:
+            state = runtime.initial_state(cfg)
         run_dir = Path(tmp) / "memory"
         run_dir.mkdir()
         strategy = MeasuredStrategy(cfg, run_dir, state)
         grid = SyntheticGrid(n, cfg)
         gc.collect()
+        trim_heap()
         baseline = proc_status("VmRSS")
         can_reset = reset_peak()
         strategy.round_started = time.perf_counter()
@@ -226,6 +268,7 @@ def child(n: int, profile: str, method: str) -> dict[str, Any]:
         checkpoint = sum(p.stat().st_size for p in run_dir.iterdir() if p.is_file())
         return {
             "clients": n,
+            "model-shape": shape,
             "comm-profile": profile,
             "method": method,
             "baseline-rss": baseline,
@@ -239,9 +282,9 @@ def child(n: int, profile: str, method: str) -> dict[str, Any]:
         }
 
 
-def measure(n: int, profile: str, method: str) -> dict[str, Any]:
+def measure(n: int, profile: str, method: str, shape: str = "tiny-vilt") -> dict[str, Any]:
     """:func:`child` in a fresh Python process (so one measurement's peak cannot leak into the next)."""
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", str(n), profile, method]
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", str(n), profile, method, shape]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=HERE.parent)
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
@@ -251,88 +294,103 @@ def measure(n: int, profile: str, method: str) -> dict[str, Any]:
 def main() -> None:
     p = parser("server_memory", __doc__.splitlines()[0])
     p.add_argument("--clients", type=int, nargs="+", default=None, help="numbers of clients (default 10 100 1000)")
-    p.add_argument("--child", nargs=3, metavar=("N", "PROFILE", "METHOD"), help=argparse_suppress())
+    p.add_argument(
+        "--vilt-b32",
+        type=str,
+        nargs="*",
+        default=None,
+        metavar="PROFILE:N",
+        help="also measure the ViLT-B/32-sized state, e.g. paper:100 minimal:100 minimal:1000",
+    )
+    p.add_argument("--child", nargs=4, metavar=("N", "PROFILE", "METHOD", "SHAPE"), help=argparse_suppress())
     args = p.parse_args()
     if args.child:
-        n, profile, method = args.child
-        print(json.dumps(child(int(n), profile, method)))
+        n, profile, method, shape = args.child
+        print(json.dumps(child(int(n), profile, method, shape)))
         return
     info = machine()
     sizes = args.clients or ([4, 20] if args.quick else [10, 100, 1000])
     profiles = ("minimal",) if args.quick else PROFILES
+    plan = [(profile, n, "tiny-vilt") for profile in profiles for n in sizes]
+    for item in args.vilt_b32 or []:
+        profile, n = item.split(":")
+        plan.append((profile, int(n), "vilt-b32"))
     rows = []
+    for profile, n, shape in plan:
+        row = measure(n, profile, "fedprime", shape)
+        first, steady = row["rounds"][0], row["rounds"][STEADY_ROUND - 1]
+        row["round-peak-over-baseline"] = max(first["peak-rss"], steady["peak-rss"]) - row["baseline-rss"]
+        row["retained-after-round"] = steady["rss-after"] - row["baseline-rss"]
+        row["bytes-per-client"] = row["round-peak-over-baseline"] / n
+        rows.append(row)
+        print(
+            f"{shape} {profile:8s} n={n:5d}: peak {row['round-peak-over-baseline'] / 1e6:8.1f} MB over a baseline "
+            f"of {row['baseline-rss'] / 1e6:.0f} MB (round 1 {first['seconds']:.1f} s, "
+            f"round 2 {steady['seconds']:.1f} s)",
+            flush=True,
+        )
+    # Linear in n: the growth per added client between consecutive sizes (equal slopes: linear).
+    growth: dict[str, list[dict[str, float]]] = {}
     for profile in profiles:
-        for n in sizes:
-            row = measure(n, profile, "fedprime")
-            steady = next(r for r in row["rounds"] if r["round"] == STEADY_ROUND)
-            first = next(r for r in row["rounds"] if r["round"] == 1)
-            row["round-peak-over-baseline"] = max(steady["peak-rss"], first["peak-rss"]) - row["baseline-rss"]
-            row["steady-peak-over-baseline"] = steady["peak-rss"] - row["baseline-rss"]
-            row["retained-after-round"] = steady["rss-after"] - row["baseline-rss"]
-            rows.append(row)
-            print(
-                f"{profile:8s} n={n:5d}: peak {row['round-peak-over-baseline'] / 1e6:8.1f} MB over a baseline of "
-                f"{row['baseline-rss'] / 1e6:.0f} MB (round 1 {first['seconds']:.1f} s, "
-                f"round 2 {steady['seconds']:.1f} s)",
-                flush=True,
-            )
-    # Linear in n: the growth per client between consecutive sizes, and a least-squares slope.
-    fits = {}
-    for profile in profiles:
-        mine = [r for r in rows if r["comm-profile"] == profile]
-        x = np.array([r["clients"] for r in mine], dtype=float)
-        y = np.array([r["round-peak-over-baseline"] for r in mine], dtype=float)
-        slope, intercept = np.polyfit(x, y, 1) if len(x) > 1 else (float("nan"), float("nan"))
-        logs = np.polyfit(np.log(x), np.log(np.maximum(y, 1.0)), 1)[0] if len(x) > 1 else float("nan")
-        fits[profile] = {"bytes-per-client": float(slope), "intercept-bytes": float(intercept), "exponent": float(logs)}
-        for r in mine:
-            r["bytes-per-client"] = r["round-peak-over-baseline"] / r["clients"]
+        mine = sorted(
+            (r for r in rows if r["comm-profile"] == profile and r["model-shape"] == "tiny-vilt"),
+            key=lambda r: r["clients"],
+        )
+        growth[profile] = [
+            {
+                "from": a["clients"],
+                "to": b["clients"],
+                "bytes-per-added-client": (b["round-peak-over-baseline"] - a["round-peak-over-baseline"])
+                / (b["clients"] - a["clients"]),
+            }
+            for a, b in zip(mine, mine[1:])
+        ]
 
     def mb(x: float) -> str:
         return f"{x / 1e6:.1f}"
 
-    print("\npeak RSS of a round over the process's RSS after set-up (MB = 10^6 bytes); fedprime, tiny-vilt, tau 20:")
+    headers = [
+        "model",
+        "profile",
+        "clients",
+        "kB per message (down / up)",
+        "round 1 peak MB",
+        "round 2 peak MB",
+        "held after round 2 MB",
+        "kB per client (peak / n)",
+        "round 1 / round 2 s",
+    ]
+    print("\npeak RSS of a round over the process's RSS after set-up (MB = 10^6 bytes); fedprime, tau 20:")
     print(
         table(
-            [
-                "profile",
-                "clients",
-                "kB per message (down / up)",
-                "round 1 peak MB",
-                "round 2 peak MB",
-                "held after round 2 MB",
-                "kB per client (peak / n)",
-                "round 1 / round 2 s",
-            ],
+            headers,
             [
                 [
+                    r["model-shape"],
                     r["comm-profile"],
                     f"{r['clients']:,}",
                     f"{r['bytes-sent-per-client'] / 1e3:.1f} / {r['bytes-received-per-client'] / 1e3:.1f}",
                     mb(r["rounds"][0]["peak-rss"] - r["baseline-rss"]),
-                    mb(r["steady-peak-over-baseline"]),
+                    mb(r["rounds"][STEADY_ROUND - 1]["peak-rss"] - r["baseline-rss"]),
                     mb(r["retained-after-round"]),
                     f"{r['bytes-per-client'] / 1e3:.0f}",
-                    f"{r['rounds'][0]['seconds']:.1f} / {r['rounds'][1]['seconds']:.1f}",
+                    f"{r['rounds'][0]['seconds']:.1f} / {r['rounds'][STEADY_ROUND - 1]['seconds']:.1f}",
                 ]
                 for r in rows
             ],
         )
     )
-    for profile, fit in fits.items():
-        print(
-            f"{profile}: least-squares growth {fit['bytes-per-client'] / 1e3:.0f} kB per client "
-            f"(log-log exponent {fit['exponent']:.2f}); baseline after set-up "
-            f"{next(r['baseline-rss'] for r in rows if r['comm-profile'] == profile) / 1e6:.0f} MB"
-        )
+    for profile, steps in growth.items():
+        parts = ", ".join(f"{g['from']} -> {g['to']}: {g['bytes-per-added-client'] / 1e3:.0f} kB" for g in steps)
+        print(f"tiny-vilt, {profile}: peak growth per added client {parts}")
     write_json(
         args.out,
         {
             "benchmark": "server_memory",
             "machine": info,
-            "settings": {"backbone": "tiny-vilt", "tau": TAU, "kappa": KAPPA, "rounds": ROUNDS, "method": "fedprime"},
+            "settings": {"tau": TAU, "kappa": KAPPA, "rounds": ROUNDS, "method": "fedprime", "drift": 1e-3},
             "rows": rows,
-            "fits": fits,
+            "growth": growth,
         },
     )
 

@@ -24,6 +24,9 @@ Arrays travel in the run's ``wire-dtype``; the strategy keeps, per node, the flo
 arrays it sent, so a client's delta (``upload-delta``) is added to them, and records the
 bytes it actually sent and received every round (``bytes-sent``, ``bytes-received`` and
 their per-client figures in metrics.json and the summary).
+A round's messages share one encoding of the global arrays (only each client's own inter
+pool is encoded per client), so what the server holds while it waits for replies grows by
+a client's own pool per client, not by the whole state (benchmarks/server_memory.py).
 """
 
 from __future__ import annotations
@@ -696,6 +699,8 @@ class FedPrimeStrategy(FedAvg):
                 sent = self._train_sent
                 replies = self._exchange(grid, list(messages), timeout)
                 new_arrays, train_metrics = self.aggregate_train(server_round, replies)
+                # The replies hold every client's arrays: not kept through evaluation and into the next round.
+                del messages, replies
                 trained = self._trained
                 assert trained is not None  # set by aggregate_train
                 if new_arrays is not None:

@@ -65,3 +65,37 @@ def test_a_global_state_sent_to_every_node_is_encoded_once():
     contents = instruction_contents(dict.fromkeys(range(50), state), ConfigRecord(), "float16")
     buffers = {id(a.data) for c in contents.values() for a in c[ARRAYS].values()}
     assert len(buffers) == len(state)
+
+
+def test_a_rounds_replies_are_not_held_past_its_aggregation(quick_config):
+    """Every reply holds a client's whole state: none may survive into evaluation, the checkpoint or the next round."""
+    import gc
+    import weakref
+
+    from fedprime_core import runtime
+    from fedprime_core.config import config_to_dict
+    from fedprime_protocol.messages import state_to_record
+    from server_app.strategy import FedPrimeStrategy
+    from tests.loopback import LoopbackGrid, run_dir_of
+
+    class RecordingGrid(LoopbackGrid):
+        def pull_messages(self, message_ids):
+            replies = list(super().pull_messages(message_ids))
+            self.pulled.extend(weakref.ref(m) for m in replies)
+            return replies
+
+    class CheckingStrategy(FedPrimeStrategy):
+        def _persist(self, server_round, title, status="running", reason=""):
+            gc.collect()
+            alive[server_round] = sum(ref() is not None for ref in grid.pulled)
+            super()._persist(server_round, title, status, reason)
+
+    cfg = quick_config(run_name="replies", comm_profile="minimal", fraction_evaluate=0.0, server_eval=False)
+    run_dir_of(cfg).mkdir(parents=True)
+    state = runtime.initial_state(cfg)
+    grid = RecordingGrid(config_to_dict(cfg), 3)
+    grid.pulled = []
+    alive: dict[int, int] = {}
+    CheckingStrategy(cfg, run_dir_of(cfg), state).start_or_resume(grid, state_to_record(state), num_rounds=2)
+    assert len(grid.pulled) == 3 + 2 * 3  # identity replies, then two rounds of train replies
+    assert alive == {1: 0, 2: 0}
