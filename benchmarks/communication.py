@@ -1,11 +1,13 @@
-"""Bytes per client per round of every method and both comm profiles, for ViLT-B/32, against the full model.
+"""Bytes per client per round of every method and every comm profile, for ViLT-B/32, against the full model.
 
 The model is ``PromptedModel(ViltBackbone(ViltModel(ViltConfig())))``: random weights with
 exactly the architecture of ``dandelin/vilt-b32-mlm`` (hidden 768, 12 blocks, 384-px
 images, 32-px patches, 40 text positions), paper settings (tau 20, kappa 5, 1 token per
 prompt, 8 classes; fedavg-p: 16 tokens at blocks 0-5), built for each ``comm-profile``
-(``paper``: float32, dense query maps; ``lean``: float16 with delta uploads, rank-8 query
-maps; both exchange the pooler; see ``fedprime_core.config``).
+as a run builds it (``PromptedModel.from_config``): ``paper`` (float32, dense query maps,
+pooler and head), ``lean`` (float16 with delta uploads, rank-8 query maps), ``minimal``
+(lean plus a rank-16 head and a rank-8 update of the frozen pretrained pooler); see
+``fedprime_core.config``.
 
 * **download**: what ``FedPrimeStrategy.configure_train`` sends each sampled client: the
   ``"arrays"`` ArrayRecord of the state in the profile's ``wire-dtype``
@@ -13,7 +15,9 @@ maps; both exchange the pooler; see ``fedprime_core.config``).
 * **upload**: the client's reply (``fedprime_protocol.messages.train_reply_content``): the trained
   state (or, with ``upload-delta``, its change; same names, shapes and bytes) in the wire
   dtype, plus the wire tag, the metrics, the prompt usage counts and the client-info
-  records (every record of the reply).
+  records (every record of the reply). ``upload-array-bytes`` is its ``"arrays"`` record
+  alone, what the run's ``bytes-received`` metric counts (tests/test_minimal.py checks that
+  a run's metrics.json holds exactly :func:`profile_bytes`'s figures).
 
 Aligned inter pools change size between rounds (the number of clusters, at most
 ``inter-pool-max`` = 100): both the round-1 size (tau = 20) and the largest size are
@@ -31,13 +35,21 @@ import _common  # noqa: F401  (puts the repository root on sys.path)
 import numpy as np
 from _common import machine, parser, table, write_json
 
-from fedprime_core.config import COMM_PROFILES, METHODS, parse_run_config
+from fedprime_core.config import COMM_PROFILES, METHODS, RunConfig, parse_run_config
 from fedprime_core.method.methods import method_spec
-from fedprime_core.method.model import PromptedModel, PromptSettings, state_nbytes, trainable_state
+from fedprime_core.method.model import PromptedModel, state_nbytes, trainable_state
 
 NUM_CLASSES, TAU, KAPPA, INTER_POOL_MAX = 8, 20, 5, 100
-#: What lean must reach for fedprime: each direction at most this share of the full model.
-TARGET_SHARE = 0.01
+#: What each profile must reach for fedprime: each direction at most this share of the full model.
+TARGET_SHARES = {"lean": 0.01, "minimal": 0.0025}
+#: Other ways to cut bytes, weighed for ``minimal`` (fedprime rows; run-config keys over a profile).
+OPTIONS_WEIGHED: tuple[tuple[str, dict[str, Any]], ...] = (
+    ("lean", {"head-rank": 16}),
+    ("lean", {"pooler-rank": 8}),
+    ("lean", {"head-rank": 16, "exchange-pooler": False}),
+    ("minimal", {"head-rank": 8}),
+    ("minimal", {"wire-dtype": "float32", "upload-delta": False}),
+)
 
 GROUPS = (
     ("pools.intra.prompts", "intra prompts"),
@@ -74,11 +86,11 @@ def resized(state: dict[str, np.ndarray], pools: tuple[str, ...], size: int) -> 
     return out
 
 
-def wire_bytes(state: dict[str, np.ndarray], spec, cfg) -> tuple[int, int]:
-    """(download, upload) bytes as the strategy and the ClientApp build them under ``cfg``'s wire settings."""
-    from fedprime_protocol.messages import encode_arrays, train_reply_content
+def wire_bytes(state: dict[str, np.ndarray], spec, cfg) -> tuple[int, int, int]:
+    """(download, upload arrays, whole upload) bytes as the strategy and the ClientApp build them under ``cfg``."""
+    from fedprime_protocol.messages import ARRAYS, encode_arrays, train_reply_content
 
-    download = encode_arrays(state, cfg.wire_dtype)["arrays"].count_bytes()
+    download = encode_arrays(state, cfg.wire_dtype)[ARRAYS].count_bytes()
     usage = {pool: np.ones(state[f"pools.{pool}.prompts"].shape[0], dtype=np.int64) for pool in spec.pools}
     metrics = {"num-examples": 1000, "train-loss": 1.0, "train-regulariser": 0.1, "train-seconds": 10.0, "steps": 32}
     client = {
@@ -93,7 +105,20 @@ def wire_bytes(state: dict[str, np.ndarray], spec, cfg) -> tuple[int, int]:
     reference = state if cfg.upload_delta else None
     content = train_reply_content(state, metrics, usage, client, wire_dtype=cfg.wire_dtype, reference=reference)
     upload = sum(record.count_bytes() for record in content.values())
-    return int(download), int(upload)
+    return int(download), int(content.array_records[ARRAYS].count_bytes()), int(upload)
+
+
+def profile_bytes(backbone, cfg: RunConfig, num_classes: int) -> dict[str, Any]:
+    """What a client of a ``cfg`` run on ``backbone`` receives and sends in round 1, in bytes.
+
+    Returns ``{"state", "download-bytes", "upload-array-bytes", "upload-bytes"}``: the
+    trainable state of the model the run builds, the download (its ``bytes-sent`` per
+    client), the reply's arrays (its ``bytes-received`` per client) and the whole reply.
+    """
+    model = PromptedModel.from_config(backbone, cfg, num_classes, seed=0)
+    state = trainable_state(model)
+    down, up_arrays, up = wire_bytes(state, method_spec(cfg.method), cfg)
+    return {"state": state, "download-bytes": down, "upload-array-bytes": up_arrays, "upload-bytes": up}
 
 
 def breakdown(state: dict[str, np.ndarray], bytes_per_value: int) -> dict[str, int]:
@@ -109,10 +134,8 @@ def measure(backbone, method: str, profile: str, full_bytes: int, **keys: Any) -
     """One row: parameters and bytes of ``method`` under ``profile`` (``keys``: run-config keys set over it)."""
     cfg = parse_run_config({"method": method, "comm-profile": profile, "tau": TAU, "kappa": KAPPA, **keys})
     spec = method_spec(method)
-    settings = PromptSettings(tau=TAU, kappa=KAPPA, query_rank=cfg.query_rank)
-    model = PromptedModel(backbone, spec, NUM_CLASSES, settings, seed=0, train_pooler=cfg.exchange_pooler)
-    state = trainable_state(model)
-    down, up = wire_bytes(state, spec, cfg)
+    sent = profile_bytes(backbone, cfg, NUM_CLASSES)
+    state, down, up = sent["state"], sent["download-bytes"], sent["upload-bytes"]
     value_bytes = 2 if cfg.wire_dtype in ("float16", "bfloat16") else 4
     row: dict[str, Any] = {
         "method": method,
@@ -122,9 +145,12 @@ def measure(backbone, method: str, profile: str, full_bytes: int, **keys: Any) -
         "upload-delta": cfg.upload_delta,
         "query-rank": cfg.query_rank,
         "exchange-pooler": cfg.exchange_pooler,
+        "head-rank": cfg.head_rank,
+        "pooler-rank": cfg.pooler_rank,
         "trainable-parameters": int(sum(v.size for v in state.values())),
         "state-bytes": state_nbytes(state),
         "download-bytes": down,
+        "upload-array-bytes": sent["upload-array-bytes"],
         "upload-bytes": up,
         "breakdown-bytes": breakdown(state, value_bytes),
         "aligned-pools": list(spec.aligned_pools),
@@ -132,7 +158,7 @@ def measure(backbone, method: str, profile: str, full_bytes: int, **keys: Any) -
     growing = [p for p in spec.aligned_pools if p not in spec.personalised_pools]
     if growing:
         big = resized(state, tuple(growing), INTER_POOL_MAX)
-        row["download-bytes-max"], row["upload-bytes-max"] = wire_bytes(big, spec, cfg)
+        row["download-bytes-max"], _, row["upload-bytes-max"] = wire_bytes(big, spec, cfg)
     else:
         row["download-bytes-max"], row["upload-bytes-max"] = down, up
     row["download-share-of-full-model"] = down / full_bytes
@@ -158,6 +184,7 @@ def main() -> None:
     # What lean would send with the pretrained pooler frozen at home (lean's definition until the
     # experiments showed its accuracy cost: experiments/README.md, 'Communication profiles').
     rows += [measure(backbone, m, "lean", full_bytes, **{"exchange-pooler": False}) for m in ("fedprime", "fedavg-p")]
+    weighed = [measure(backbone, "fedprime", profile, full_bytes, **keys) for profile, keys in OPTIONS_WEIGHED]
 
     def mb(x: int) -> str:
         return f"{x / 1e6:.2f}"
@@ -208,16 +235,33 @@ def main() -> None:
             ],
         )
     )
-    lean = next(r for r in rows if r["method"] == "fedprime" and r["label"] == "lean")
-    paper = next(r for r in rows if r["method"] == "fedprime" and r["label"] == "paper")
-    worst = max(lean["download-share-of-full-model"], lean["upload-share-of-full-model"])
+    print("\nother ways to cut fedprime's bytes, weighed for minimal (run-config keys over a profile):")
     print(
-        f"\nfedprime, lean: {mb(lean['download-bytes'])} MB down and {mb(lean['upload-bytes'])} MB up per client "
-        f"per round = {pct(lean['download-share-of-full-model'])}% / {pct(lean['upload-share-of-full-model'])}% "
-        f"of the full model (target: at most {100 * TARGET_SHARE:.0f}% each way: "
-        f"{'met' if worst <= TARGET_SHARE else 'NOT met'}); paper: {mb(paper['download-bytes'])} / "
-        f"{mb(paper['upload-bytes'])} MB ({paper['upload-bytes'] / lean['upload-bytes']:.1f}x more)."
+        table(
+            ["profile and keys", "trainable params", "download MB", "upload MB", "% of full model (down / up)"],
+            [
+                [
+                    r["label"],
+                    f"{r['trainable-parameters']:,}",
+                    mb(r["download-bytes"]),
+                    mb(r["upload-bytes"]),
+                    f"{pct(r['download-share-of-full-model'])} / {pct(r['upload-share-of-full-model'])}",
+                ]
+                for r in weighed
+            ],
+        )
     )
+    paper = next(r for r in rows if r["method"] == "fedprime" and r["label"] == "paper")
+    for profile, target in TARGET_SHARES.items():
+        row = next(r for r in rows if r["method"] == "fedprime" and r["label"] == profile)
+        worst = max(row["download-share-of-full-model"], row["upload-share-of-full-model"])
+        print(
+            f"\nfedprime, {profile}: {mb(row['download-bytes'])} MB down and {mb(row['upload-bytes'])} MB up per "
+            f"client per round = {pct(row['download-share-of-full-model'])}% / "
+            f"{pct(row['upload-share-of-full-model'])}% of the full model (target: at most {100 * target:g}% each "
+            f"way: {'met' if worst <= target else 'NOT met'}); paper sends "
+            f"{paper['upload-bytes'] / row['upload-bytes']:.1f}x more."
+        )
     print(
         "upload = the arrays plus the reply's wire tag, metrics, usage counts and client info (a few hundred "
         "bytes). centralized-p has one data owner: its 'round' is the owner's training, nothing crosses a "
@@ -234,11 +278,12 @@ def main() -> None:
                 "tau": TAU,
                 "kappa": KAPPA,
                 "inter-pool-max": INTER_POOL_MAX,
-                "target-share": TARGET_SHARE,
+                "target-shares": TARGET_SHARES,
             },
             "full-model-parameters": int(full_params),
             "full-model-bytes": int(full_bytes),
             "rows": rows,
+            "options-weighed": weighed,
         },
     )
 

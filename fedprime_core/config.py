@@ -46,15 +46,38 @@ ALIGN_STARTS = ("warm", "cold")
 ALIGN_ON = ("prompt", "delta", "usage")
 DEVICES = ("auto", "cpu", "cuda")
 WIRE_DTYPES = ("float32", "float16", "bfloat16")
-COMM_PROFILES = ("paper", "lean")
+COMM_PROFILES = ("paper", "lean", "minimal")
 #: The value of a communication key that means "take it from ``comm-profile``".
 FROM_PROFILE = "profile"
 #: What each ``comm-profile`` sets the communication keys to (a key set to anything but
 #: ``"profile"`` keeps its own value). ``paper`` is the paper's model and exchange; ``lean``
-#: cuts what travels to under 1% of ViLT-B/32 per client per round (benchmarks/communication.py).
+#: cuts what travels to under 1% of ViLT-B/32 per client per round, ``minimal`` to under
+#: 0.25% (benchmarks/communication.py).
 PROFILE_VALUES: dict[str, dict[str, Any]] = {
-    "paper": {"wire-dtype": "float32", "upload-delta": False, "query-rank": 0, "exchange-pooler": True},
-    "lean": {"wire-dtype": "float16", "upload-delta": True, "query-rank": 8, "exchange-pooler": True},
+    "paper": {
+        "wire-dtype": "float32",
+        "upload-delta": False,
+        "query-rank": 0,
+        "exchange-pooler": True,
+        "head-rank": 0,
+        "pooler-rank": 0,
+    },
+    "lean": {
+        "wire-dtype": "float16",
+        "upload-delta": True,
+        "query-rank": 8,
+        "exchange-pooler": True,
+        "head-rank": 0,
+        "pooler-rank": 0,
+    },
+    "minimal": {
+        "wire-dtype": "float16",
+        "upload-delta": True,
+        "query-rank": 8,
+        "exchange-pooler": True,
+        "head-rank": 16,
+        "pooler-rank": 8,
+    },
 }
 
 
@@ -534,17 +557,18 @@ OPTIONS: tuple[Option, ...] = (
         "comm-profile",
         str,
         "paper",
-        "What travels each round: 'paper' (float32, dense query maps: the paper's model) or 'lean' "
-        "(float16 with delta uploads, rank-8 query maps: under 1% of ViLT-B/32 per client per round); "
-        "both exchange the pooler. Sets each key below that is left at 'profile'; a key given a value "
-        "keeps it.",
+        "What travels each round: 'paper' (float32, dense query maps, pooler and head: the paper's "
+        "model), 'lean' (float16 with delta uploads, rank-8 query maps: under 1% of ViLT-B/32 per client "
+        "per round) or 'minimal' (lean plus a rank-16 head and a rank-8 update of the pretrained pooler: "
+        "under 0.25%). Sets each key below that is left at 'profile'; a key given a value keeps it.",
         COMM_PROFILES,
     ),
     Option(
         "wire-dtype",
         str,
         FROM_PROFILE,
-        "Precision of the arrays in every message, both directions (paper: float32, lean: float16); "
+        "Precision of the arrays in every message, both directions (paper: float32, lean and minimal: "
+        "float16); "
         "received arrays are cast back to float32 and validated after the cast. float16 refuses to "
         "send finite values beyond +-65504 (they would arrive as inf), bfloat16 keeps float32's "
         "range with 8 significant bits.",
@@ -557,7 +581,7 @@ OPTIONS: tuple[Option, ...] = (
         FROM_PROFILE,
         "Clients upload the change to what they received instead of the trained arrays, and the "
         "server adds it to its own float32 copy, so a 16-bit wire-dtype rounds the update, not the "
-        "weights (paper: false, lean: true). true, false or 'profile'.",
+        "weights (paper: false, lean and minimal: true). true, false or 'profile'.",
         profile=True,
     ),
     Option(
@@ -566,7 +590,7 @@ OPTIONS: tuple[Option, ...] = (
         FROM_PROFILE,
         "Query map of each retrieval pool: 0 a dense d x d linear map (the paper); r > 0 the identity "
         "plus a trained rank-r update (two r x d factors and a bias: 2rd + d parameters instead of "
-        "d^2 + d), averaged factor by factor (paper: 0, lean: 8). An integer or 'profile'; no effect "
+        "d^2 + d), averaged factor by factor (paper: 0, lean and minimal: 8). An integer or 'profile'; no effect "
         "on fedavg-p (no retrieval pools) nor on pfpt (PFPT's dense, bias-free query projection is its model).",
         min=0,
         profile=True,
@@ -579,7 +603,31 @@ OPTIONS: tuple[Option, ...] = (
         "true: the pooler (d x d, started from the backbone's pretrained pooler) is trained and "
         "averaged like the head; false: the pretrained pooler stays frozen and never travels (needs a "
         "backbone with a pretrained pooler; saves d x d + d numbers each way, but cost fedprime 5-7 "
-        "points in experiments/README.md) (paper: true, lean: true). true, false or 'profile'.",
+        "points in experiments/README.md) (every profile: true). true, false or 'profile'.",
+        profile=True,
+        affects=("model",),
+    ),
+    Option(
+        "head-rank",
+        int,
+        FROM_PROFILE,
+        "Classification head d -> 2d -> LayerNorm -> GELU -> C: 0 its first layer dense (the paper, "
+        "2d^2 + 2d parameters); r > 0 that layer as two trained factors, 2d x r and r x d, and a bias "
+        "(3rd + 2d parameters), averaged factor by factor. Keep r at least the number of classes (a "
+        "linear classifier has rank up to C) (paper, lean: 0; minimal: 16). An integer or 'profile'.",
+        min=0,
+        profile=True,
+        affects=("model",),
+    ),
+    Option(
+        "pooler-rank",
+        int,
+        FROM_PROFILE,
+        "Pooler d -> d (tanh): 0 trained whole (the paper); r > 0 the backbone's pretrained pooler "
+        "frozen at home plus a trained rank-r update (two r x d factors) and bias: 2rd + d parameters "
+        "travel instead of d^2 + d (a backbone without a pretrained pooler freezes its seeded random "
+        "start). Needs exchange-pooler=true (paper, lean: 0; minimal: 8). An integer or 'profile'.",
+        min=0,
         profile=True,
         affects=("model",),
     ),
@@ -696,6 +744,8 @@ class RunConfig:
     upload_delta: bool = False
     query_rank: int = 0
     exchange_pooler: bool = True
+    head_rank: int = 0
+    pooler_rank: int = 0
     max_update_norm: float = 10000.0
     max_client_examples: int = 1000000
     num_workers: int = 0
@@ -834,6 +884,12 @@ def _check_consistency(cfg: RunConfig) -> None:
                 f"with personal inter pools ({', '.join(PERSONALISED_METHODS)}) and inter-merge='align' (got "
                 f"method={cfg.method!r}, inter-merge={cfg.inter_merge!r}); leave it at {default!r}"
             )
+    if cfg.pooler_rank and not cfg.exchange_pooler:
+        raise ConfigError(
+            f"run config key 'pooler-rank' = {cfg.pooler_rank} trains a low-rank update of the pooler, but "
+            "'exchange-pooler' = false keeps the pooler frozen and at home: set pooler-rank=0 to freeze it, "
+            "or exchange-pooler=true to train the update"
+        )
     if cfg.min_train_nodes > cfg.min_available_nodes:
         raise ConfigError(
             f"run config key 'min-train-nodes' = {cfg.min_train_nodes} must not exceed "

@@ -37,7 +37,7 @@ from .data.shards import ClientNode, ClientShard, Draw, LabelSpace, draw_seed
 from .devices import resolve_device
 from .method.federated import client_id_problem, client_identity
 from .method.methods import method_spec
-from .method.model import PromptedModel, PromptSettings, load_trainable_state, trainable_state
+from .method.model import PromptedModel, load_trainable_state, trainable_state
 from .method.training import TrainResult, TrainSettings, evaluate, train_local
 from .metrics import CLIENT_TEST_PREFIX
 from .progress import Progress, format_duration
@@ -436,13 +436,8 @@ def _capped(lines: list[str], limit: int = MAX_PROBLEMS) -> list[str]:
 # ---------------------------------------------------------------------------------------
 def build_model(cfg: RunConfig) -> PromptedModel:
     """A fresh prompted model for the run (the initial global trainable state comes from it)."""
-    model = PromptedModel(
-        process_backbone(cfg).backbone,
-        method_spec(cfg.method),
-        label_space(cfg).num_classes,
-        PromptSettings.from_config(cfg),
-        seed=draw_seed(cfg.seed, Draw.MODEL),
-        train_pooler=cfg.exchange_pooler,
+    model = PromptedModel.from_config(
+        process_backbone(cfg).backbone, cfg, label_space(cfg).num_classes, seed=draw_seed(cfg.seed, Draw.MODEL)
     )
     return model.to(resolve_device(cfg.device))
 

@@ -62,7 +62,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
-from fedprime_core.wire import WIRE_DTYPES, apply_delta, decode_state, encode_state, state_delta
+from fedprime_core.wire import WIRE_DTYPES, apply_delta, decode_state, encode_array, encode_state, state_delta
 
 from .replies import (
     IDENTITY_REQUIRED,
@@ -142,6 +142,36 @@ def instruction_content(
         fedprime_core.wire.WireRangeError: a finite value does not fit ``wire_dtype``.
     """
     return RecordDict({**encode_arrays(state, wire_dtype), CONFIG: config})
+
+
+def instruction_contents(
+    states: Mapping[Any, Mapping[str, np.ndarray]], config: ConfigRecord, wire_dtype: str = "float32"
+) -> dict[Any, RecordDict]:
+    """:func:`instruction_content` for many nodes at once: node -> what it is sent.
+
+    An array object that several states share (the global arrays beside each client's own
+    inter pool) is encoded once and its encoded bytes are shared by every record that holds
+    it, so a round's messages hold the global state once plus each client's own arrays,
+    instead of the whole state once per client (what the server keeps until the round's
+    replies are in: at 1,000 clients, 1,000 copies of the global state otherwise;
+    benchmarks/server_memory.py). What each node receives is unchanged.
+
+    Raises:
+        fedprime_core.wire.WireRangeError: a finite value does not fit ``wire_dtype``.
+    """
+    encoded: dict[int, tuple[np.ndarray, Array]] = {}  # id -> (the array, kept alive so ids stay unique; its encoding)
+
+    def record(state: Mapping[str, np.ndarray]) -> ArrayRecord:
+        arrays = {}
+        for name, value in state.items():
+            seen = encoded.get(id(value))
+            if seen is None:
+                seen = encoded[id(value)] = (value, Array(np.ascontiguousarray(encode_array(name, value, wire_dtype))))
+            arrays[name] = seen[1]
+        return ArrayRecord(arrays)
+
+    wire = wire_record(wire_dtype)
+    return {node: RecordDict({ARRAYS: record(state), WIRE: wire, CONFIG: config}) for node, state in states.items()}
 
 
 def read_server_round(content: RecordDict) -> int:

@@ -24,6 +24,9 @@ Arrays travel in the run's ``wire-dtype``; the strategy keeps, per node, the flo
 arrays it sent, so a client's delta (``upload-delta``) is added to them, and records the
 bytes it actually sent and received every round (``bytes-sent``, ``bytes-received`` and
 their per-client figures in metrics.json and the summary).
+A round's messages share one encoding of the global arrays (only each client's own inter
+pool is encoded per client), so what the server holds while it waits for replies grows by
+a client's own pool per client, not by the whole state (benchmarks/server_memory.py).
 """
 
 from __future__ import annotations
@@ -64,7 +67,7 @@ from fedprime_protocol.messages import (
     NUM_EXAMPLES,
     SITE_CHECK,
     identity_query,
-    instruction_content,
+    instruction_contents,
     parse_evaluate_reply,
     parse_identity_record,
     parse_site_check,
@@ -300,15 +303,16 @@ class FedPrimeStrategy(FedAvg):
         left_out: list[ClientOutcome] = []
         usable = self._identify(grid, node_ids, server_round, left_out)
         config["server-round"] = server_round
-        messages, sent_arrays, nbytes = [], {}, 0
-        shared = None if self.model.personal else self.model.arrays
-        content = None if shared is None else instruction_content(shared, config, self.cfg.wire_dtype)
+        messages, nbytes = [], 0
+        personal = self.model.personal
+        sent_arrays = {
+            nid: self.model.client_arrays(self.node_clients[nid]) if personal else self.model.arrays for nid in usable
+        }
+        # The global arrays are encoded once and shared by every node's record (instruction_contents).
+        contents = instruction_contents(sent_arrays, config, self.cfg.wire_dtype)
         for nid in usable:
-            arrays = shared if shared is not None else self.model.client_arrays(self.node_clients[nid])
-            own = content if content is not None else instruction_content(arrays, config, self.cfg.wire_dtype)
-            nbytes += int(own.array_records[ARRAYS].count_bytes())
-            sent_arrays[nid] = arrays
-            messages.append(Message(content=own, message_type=kind, dst_node_id=nid))
+            nbytes += int(contents[nid].array_records[ARRAYS].count_bytes())
+            messages.append(Message(content=contents[nid], message_type=kind, dst_node_id=nid))
         return Dispatch(
             messages=tuple(messages),
             clients={nid: self.node_clients.get(nid) for nid in usable},
@@ -827,6 +831,8 @@ class FedPrimeStrategy(FedAvg):
                 sent = self._train_sent
                 replies = self._exchange(grid, list(messages), timeout)
                 new_arrays, train_metrics = self.aggregate_train(server_round, replies)
+                # The replies hold every client's arrays: not kept through evaluation and into the next round.
+                del messages, replies
                 trained = self._trained
                 assert trained is not None  # set by aggregate_train
                 if new_arrays is not None:

@@ -26,6 +26,7 @@ CASES = {
     "first_run": [],  # --quick: clone and read the README's command, install nothing
     "reply_fuzz": [],  # --quick: three hostile replies to fed-intra
     "deployment_rounds": ["--modes", "resident"],  # --quick: tiny-vilt, 2 sites, 2 rounds, a real deployment
+    "server_memory": [],  # --quick: 4 and 20 synthetic clients, minimal profile
 }
 
 

@@ -156,7 +156,7 @@ def test_both_configuration_tables_are_exactly_the_generated_ones():
 def test_comm_profile_sets_the_communication_keys_left_at_profile():
     from fedprime_core.config import PROFILE_VALUES, describe_communication, profile_keys
 
-    assert profile_keys() == ("wire-dtype", "upload-delta", "query-rank", "exchange-pooler")
+    assert profile_keys() == ("wire-dtype", "upload-delta", "query-rank", "exchange-pooler", "head-rank", "pooler-rank")
     paper, lean = parse_run_config({}), parse_run_config({"comm-profile": "lean"})
     for cfg, profile in ((paper, "paper"), (lean, "lean")):
         assert config_to_dict(cfg) | PROFILE_VALUES[profile] == config_to_dict(cfg)  # the effective values
@@ -169,7 +169,8 @@ def test_comm_profile_sets_the_communication_keys_left_at_profile():
     mixed = parse_run_config({**table, "comm-profile": "lean", "wire-dtype": "float32", "exchange-pooler": "false"})
     assert (mixed.wire_dtype, mixed.exchange_pooler, mixed.query_rank) == ("float32", False, 8)
     assert describe_communication(mixed) == (
-        "comm-profile=lean: wire-dtype=float32*, upload-delta=true, query-rank=8, exchange-pooler=false*"
+        "comm-profile=lean: wire-dtype=float32*, upload-delta=true, query-rank=8, exchange-pooler=false*, "
+        "head-rank=0, pooler-rank=0"
     )
     assert parse_run_config({"query-rank": "4"}).query_rank == 4
     # Changing the profile of a config resets the keys it sets, unless they are changed too.
@@ -180,7 +181,9 @@ def test_comm_profile_sets_the_communication_keys_left_at_profile():
 @pytest.mark.parametrize(
     "values, fragment",
     [
-        ({"comm-profile": "tiny"}, "'comm-profile' = 'tiny' is not allowed; use one of: paper, lean"),
+        ({"comm-profile": "tiny"}, "'comm-profile' = 'tiny' is not allowed; use one of: paper, lean, minimal"),
+        ({"head-rank": -1}, "'head-rank' = -1 must be at least 0"),
+        ({"pooler-rank": "some"}, "'pooler-rank' = 'some' must be an integer"),
         ({"wire-dtype": "int8"}, "'wire-dtype' = 'int8' is not allowed; use one of: profile, float32, float16"),
         ({"query-rank": -1}, "'query-rank' = -1 must be at least 0"),
         ({"query-rank": "low"}, "'query-rank' = 'low' must be an integer"),
@@ -192,3 +195,21 @@ def test_bad_communication_values_name_the_key(values, fragment):
     with pytest.raises(ConfigError) as info:
         parse_run_config(values)
     assert fragment in str(info.value)
+
+
+def test_the_minimal_profile_sets_low_rank_head_and_pooler_on_top_of_lean():
+    from fedprime_core.config import PROFILE_VALUES, describe_communication
+
+    minimal, lean = parse_run_config({"comm-profile": "minimal"}), parse_run_config({"comm-profile": "lean"})
+    assert (minimal.head_rank, minimal.pooler_rank) == (16, 8) and (lean.head_rank, lean.pooler_rank) == (0, 0)
+    assert PROFILE_VALUES["minimal"] == {**PROFILE_VALUES["lean"], "head-rank": 16, "pooler-rank": 8}
+    assert replace(minimal, comm_profile="lean") == lean
+    assert parse_run_config(config_to_dict(minimal)) == minimal  # config.json round-trips to the same run
+    assert describe_communication(parse_run_config({"comm-profile": "minimal", "head-rank": 32})).endswith(
+        "head-rank=32*, pooler-rank=8"
+    )
+    # The pooler's update needs a trained pooler: a frozen one (exchange-pooler=false) must drop it.
+    with pytest.raises(ConfigError, match="'pooler-rank' = 8 .*set pooler-rank=0 to freeze it"):
+        parse_run_config({"comm-profile": "minimal", "exchange-pooler": "false"})
+    frozen = parse_run_config({"comm-profile": "minimal", "exchange-pooler": "false", "pooler-rank": 0})
+    assert (frozen.exchange_pooler, frozen.pooler_rank, frozen.head_rank) == (False, 0, 16)

@@ -11,8 +11,10 @@ Trainable parts, by method (see :mod:`fedprime_core.method.methods`):
   keys, and a query map ``d -> d`` of the frozen [CLS] feature);
 * ``map_prompts``: :class:`MissingAwarePrompts` for ``fedavg-p``;
 * ``pooler`` (``d -> d``, tanh; started from the backbone's pretrained pooler; trained and
-  exchanged unless ``train_pooler=False`` keeps it frozen) and
-  ``head`` (``d -> 2d -> LayerNorm -> GELU -> C``, as in the reference);
+  exchanged unless ``train_pooler=False`` keeps it frozen; with ``pooler_rank = r > 0`` a
+  :class:`LowRankPooler`: the pretrained map frozen plus a trained rank-``r`` update and bias) and
+  ``head`` (``d -> 2d -> LayerNorm -> GELU -> C``, as in the reference; with ``head_rank = r > 0``
+  its first layer is a :class:`LowRankLinear`, ``2d x r`` and ``r x d`` factors and a bias);
 * whatever the backbone names in ``trainable_modules()`` (e.g. an image-feature projection).
 
 Retrieval prompts are input tokens prepended once before block 0, in pool order
@@ -32,7 +34,7 @@ from torch import nn
 
 from ..backbones.base import Backbone, Batch
 from ..config import RunConfig
-from .methods import MethodSpec
+from .methods import MethodSpec, method_spec
 from .retrieval import cosine_relevance, retrieval_regulariser, select_prompts
 
 #: Missing-modality patterns, in the order of missing-aware prompt sets.
@@ -125,6 +127,74 @@ def query_map(dim: int, rank: int, generator: torch.Generator | None = None) -> 
 def query_parameter_count(dim: int, rank: int) -> int:
     """Parameters of one query map: ``d^2 + d`` dense, ``2 r d + d`` at rank ``r``."""
     return dim * dim + dim if rank == 0 else 2 * rank * dim + dim
+
+
+class LowRankLinear(nn.Module):
+    """A linear map of rank ``r``: ``x -> (x @ down.T) @ up.T + bias`` (``d_in -> d_out``).
+
+    Takes the place of the head's ``d -> 2d`` layer where communication matters:
+    ``r (d_in + d_out) + d_out`` parameters instead of ``d_in d_out + d_out`` (at ``d = 768``,
+    ``r = 16``: 38,400 instead of 1,181,184). The classifier after it reads ``C`` classes, and a
+    linear classifier has rank at most ``C``, so ``r >= C`` keeps every linear readout of the
+    pooled feature representable. Both factors are trained and averaged separately (FedAvg of
+    factors, as for :class:`LowRankQuery`). Initialised so that the entries of ``up @ down``
+    have the dense layer's standard deviation ``std`` (each factor ``sqrt(std / sqrt(r))``).
+
+    Attributes:
+        down: ``(r, d_in)``.
+        up: ``(d_out, r)``.
+        bias: ``(d_out,)``, zero at the start.
+    """
+
+    def __init__(
+        self, in_features: int, out_features: int, rank: int, generator: torch.Generator, std: float = 0.02
+    ) -> None:
+        super().__init__()
+        if not 0 < rank < min(in_features, out_features):
+            raise ValueError(
+                f"head rank {rank} must lie in 1..{min(in_features, out_features) - 1} "
+                f"(the layer is {in_features} -> {out_features}); 0 means dense"
+            )
+        scale = math.sqrt(std / math.sqrt(rank))
+        self.down = nn.Parameter(torch.randn(rank, in_features, generator=generator) * scale)
+        self.up = nn.Parameter(torch.randn(out_features, rank, generator=generator) * scale)
+        self.bias = nn.Parameter(torch.zeros(out_features))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, d_in) -> (B, d_out)``."""
+        return (x @ self.down.t()) @ self.up.t() + self.bias
+
+
+class LowRankPooler(nn.Module):
+    """A frozen pooler plus a trained rank-``r`` update: ``x -> x @ (weight + up @ down).T + bias``.
+
+    ``weight`` ``(d, d)`` is the backbone's pretrained pooler (a buffer: never trained, never
+    exchanged; every process builds the same one); the update starts at zero (``up = 0``,
+    ``down`` random with unit-variance rows over ``d``, as LoRA) and the bias at the pretrained
+    bias. ``2 r d + d`` parameters travel instead of ``d^2 + d``. A frozen pooler alone cost
+    fedprime 5-7 points on the alignment grid (experiments/README.md); the update lets the
+    pooled feature follow the prompts at a small share of the bytes.
+
+    Attributes:
+        weight: ``(d, d)`` buffer.
+        down: ``(r, d)``.
+        up: ``(d, r)``, zero at the start.
+        bias: ``(d,)``.
+    """
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor, rank: int, generator: torch.Generator) -> None:
+        super().__init__()
+        dim = weight.shape[1]
+        if not 0 < rank < dim:
+            raise ValueError(f"pooler rank {rank} must lie in 1..{dim - 1} (the width is {dim}); 0 means dense")
+        self.register_buffer("weight", weight.detach().clone())
+        self.down = nn.Parameter(torch.randn(rank, dim, generator=generator) / math.sqrt(dim))
+        self.up = nn.Parameter(torch.zeros(weight.shape[0], rank))
+        self.bias = nn.Parameter(bias.detach().clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, d) -> (B, d)`` (before the tanh)."""
+        return x @ self.weight.t() + (x @ self.down.t()) @ self.up.t() + self.bias
 
 
 class PromptPool(nn.Module):
@@ -278,6 +348,14 @@ class PromptedModel(nn.Module):
         train_pooler: ``False`` keeps the backbone's pretrained pooler frozen, so it is
             neither trained nor exchanged (``exchange-pooler=false``); needs a backbone
             with a pretrained pooler.
+        head_rank: 0 a dense head (the reference); ``r > 0`` its first layer a
+            :class:`LowRankLinear` (``head-rank``).
+        pooler_rank: 0 the pooler trained whole (or frozen, ``train_pooler=False``); ``r > 0``
+            a :class:`LowRankPooler` over the pretrained pooler (``pooler-rank``; needs
+            ``train_pooler``).
+
+    The low-rank factors of the head and pooler are drawn from their own generator, so every
+    other part starts as in the dense model of the same seed.
     """
 
     def __init__(
@@ -288,8 +366,21 @@ class PromptedModel(nn.Module):
         prompts: PromptSettings = PromptSettings(),
         seed: int = 0,
         train_pooler: bool = True,
+        head_rank: int = 0,
+        pooler_rank: int = 0,
     ) -> None:
         super().__init__()
+        if pooler_rank and not train_pooler:
+            raise ValueError(
+                f"pooler rank {pooler_rank} trains an update of the pooler, which train_pooler=False keeps frozen "
+                "(exchange-pooler=false); set pooler-rank=0 or exchange-pooler=true"
+            )
+        if not train_pooler and backbone.pooler_init() is None:
+            raise ValueError(
+                f"exchange-pooler=false keeps the backbone's pretrained pooler frozen, but "
+                f"{type(backbone).__name__} has no pretrained pooler (it would be a frozen random map); "
+                "set exchange-pooler=true"
+            )
         if prompts.kappa > prompts.tau:
             raise ValueError(f"kappa ({prompts.kappa}) must not exceed tau ({prompts.tau})")
         generator = torch.Generator().manual_seed(seed)
@@ -317,28 +408,66 @@ class PromptedModel(nn.Module):
             if spec.missing_aware
             else None
         )
-        self.pooler = nn.Linear(dim, dim)
-        self.head = nn.Sequential(
-            nn.Linear(dim, 2 * dim), nn.LayerNorm(2 * dim), nn.GELU(), nn.Linear(2 * dim, num_classes)
+        factor_generator = torch.Generator().manual_seed(seed + 2)
+        # Modules are created, and registered, in the reference's order (pooler, head).
+        dense_pooler = None if pooler_rank else nn.Linear(dim, dim)
+        first: nn.Module = (
+            LowRankLinear(dim, 2 * dim, head_rank, factor_generator) if head_rank else nn.Linear(dim, 2 * dim)
         )
-        self._init_trainable(generator, train_pooler)
-
-    def _init_trainable(self, generator: torch.Generator, train_pooler: bool) -> None:
-        pretrained = self.backbone.pooler_init()
-        if pretrained is None and not train_pooler:
-            raise ValueError(
-                f"exchange-pooler=false keeps the backbone's pretrained pooler frozen, but "
-                f"{type(self.backbone).__name__} has no pretrained pooler (it would be a frozen random map); "
-                "set exchange-pooler=true"
-            )
-        with torch.no_grad():
-            for module in (self.pooler, self.head[0], self.head[3]):
-                module.weight.normal_(0.0, 0.02, generator=generator)
-                module.bias.zero_()
-            if pretrained is not None:
-                self.pooler.weight.copy_(pretrained["weight"])
-                self.pooler.bias.copy_(pretrained["bias"])
+        head = nn.Sequential(first, nn.LayerNorm(2 * dim), nn.GELU(), nn.Linear(2 * dim, num_classes))
+        self.pooler = self._init_pooler_and_head(dim, dense_pooler, head, generator, factor_generator, pooler_rank)
         self.pooler.requires_grad_(train_pooler)
+        self.head = head
+
+    @classmethod
+    def from_config(cls, backbone: Backbone, cfg: RunConfig, num_classes: int, seed: int) -> PromptedModel:
+        """The model a run of ``cfg`` trains: its method, prompt sizes and communication keys
+        (``query-rank``, ``exchange-pooler``, ``head-rank``, ``pooler-rank``)."""
+        return cls(
+            backbone,
+            method_spec(cfg.method),
+            num_classes,
+            PromptSettings.from_config(cfg),
+            seed=seed,
+            train_pooler=cfg.exchange_pooler,
+            head_rank=cfg.head_rank,
+            pooler_rank=cfg.pooler_rank,
+        )
+
+    def _init_pooler_and_head(
+        self,
+        dim: int,
+        dense_pooler: nn.Linear | None,
+        head: nn.Sequential,
+        generator: torch.Generator,
+        factor_generator: torch.Generator,
+        pooler_rank: int,
+    ) -> nn.Module:
+        """Initialise the head's dense layers and return the pooler (dense, or :class:`LowRankPooler`).
+
+        The pooler starts from the backbone's pretrained pooler where it has one. The dense
+        layers' weights are drawn from ``generator`` in the reference's order (pooler, head
+        ``d -> 2d``, head ``2d -> C``) whether or not a layer is low-rank, so the parts that
+        a dense and a low-rank model share start identical for one seed (the paired
+        comparisons of the profiles rely on it).
+        """
+        pretrained = self.backbone.pooler_init()
+        with torch.no_grad():
+            pooler_weight = torch.empty(dim, dim).normal_(0.0, 0.02, generator=generator)
+            pooler_bias = torch.zeros(dim)
+            for module in (head[0], head[3]):
+                shape = (2 * dim, dim) if module is head[0] else tuple(module.weight.shape)
+                weight = torch.empty(shape).normal_(0.0, 0.02, generator=generator)
+                if isinstance(module, nn.Linear):
+                    module.weight.copy_(weight)
+                    module.bias.zero_()
+            if pretrained is not None:
+                pooler_weight, pooler_bias = pretrained["weight"], pretrained["bias"]
+            if dense_pooler is None:
+                return LowRankPooler(pooler_weight, pooler_bias, pooler_rank, factor_generator)
+            dense_pooler.weight.copy_(pooler_weight)
+            dense_pooler.bias.copy_(pooler_bias)
+        return dense_pooler
 
     # -- forward ---------------------------------------------------------------------
     def forward(self, batch: Batch) -> PromptedOutput:
