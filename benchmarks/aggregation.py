@@ -447,6 +447,290 @@ def server_round(glob: GlobalState, updates: list[ClientUpdate]) -> dict[str, An
 
 
 # ---------------------------------------------------------------------------------------
+# Alignment at scale, every regime (--regimes)
+# ---------------------------------------------------------------------------------------
+#: The regimes of ``aggregate_inter_pool``'s alignment: where it starts and what it compares.
+REGIMES: dict[str, dict[str, str]] = {
+    "warm": {"start": "warm", "on": "prompt"},  # inter-init=shared, align-start=warm (the default)
+    "cold": {"start": "cold", "on": "prompt"},  # align-start=cold: from scratch every round
+    "independent": {"start": "independent", "on": "prompt"},  # inter-init=independent: half never merged
+    "delta": {"start": "warm", "on": "delta"},  # align-on=delta
+    "usage": {"start": "warm", "on": "usage"},  # align-on=usage: 3-dim retrieval profiles
+    "usage-cold": {"start": "cold", "on": "usage"},
+}
+#: The goal of issue 29 on the 2-core machine: seconds for 1,000 and for 10,000 clients, and the least ARI.
+GOAL_SECONDS, GOAL_MIN_ARI = {1000: 1.0, 10000: 15.0}, 0.95
+
+
+def simplex_grid(count: int, side: int = 8) -> np.ndarray:
+    """``count`` points of a triangular grid on the 2-simplex (usage profiles over 3 missing patterns)."""
+    points = [(i, j, side - 1 - i - j) for i in range(side) for j in range(side - i)]
+    if count > len(points):
+        raise ValueError(f"the grid holds {len(points)} profiles, fewer than {count}")
+    return np.asarray(points[:count], dtype=np.float64) / (side - 1)
+
+
+def make_scale_round(
+    n: int,
+    centres: int = 32,
+    tau: int = TAU,
+    dim: int = DIM,
+    noise: float = 0.1,
+    moved: float = 0.05,
+    fresh: float = 0.5,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """A round as ``aggregate_inter_pool`` hands it to ``align_prompts``, with the planted truth.
+
+    Every client holds ``tau`` slots (distinct pool positions) and used a ragged subset of
+    them (``m_t`` uniform in ``tau/2 .. tau``), with usage counts as prompt weights. A used
+    prompt is its true centre plus Gaussian noise (``noise`` per coordinate, centres uniform
+    in ``[-1, 1]``); with probability ``moved`` its true centre is one the client does not
+    hold (the warm start is wrong for it). The same truth drives the features: ``delta``
+    (each centre's change this round plus noise) and ``usage`` (each centre's retrieval
+    profile, a point of a grid on the simplex, plus noise of 0.01). ``fresh``: the share of
+    clients whose prompts have no warm start in the ``independent`` regime. Arrays are
+    float32 (as prompts arrive on the wire).
+    """
+    rng = np.random.default_rng(seed)
+    pool = rng.uniform(-1.0, 1.0, (centres, dim)).astype(np.float32)
+    pool_keys = rng.uniform(-1.0, 1.0, (centres, dim)).astype(np.float32)
+    pool_delta = (0.01 * rng.uniform(-1.0, 1.0, (centres, dim))).astype(np.float32)
+    profiles = simplex_grid(centres)
+    held, truth = [], []
+    for _ in range(n):
+        slots = rng.choice(centres, tau, replace=False)
+        used = rng.choice(tau, int(rng.integers(tau // 2, tau + 1)), replace=False)
+        labels = slots[used]
+        true = labels.copy()
+        shift = rng.random(used.size) < moved
+        if shift.any():
+            spare = np.setdiff1d(np.arange(centres), slots)
+            true[shift] = rng.choice(spare, int(min(shift.sum(), spare.size)), replace=False)[: int(shift.sum())]
+        held.append(labels)
+        truth.append(true)
+    sizes = np.array([t.size for t in truth])
+    flat = np.concatenate(truth)
+    total = int(sizes.sum())
+
+    def noisy(base: np.ndarray, scale: float) -> np.ndarray:
+        out = base[flat]
+        for start in range(0, total, 8192):
+            block = out[start : start + 8192]
+            block += scale * rng.standard_normal(block.shape, dtype=np.float32)
+        return out
+
+    bounds = np.concatenate([[0], np.cumsum(sizes)])
+
+    def split(stacked: np.ndarray) -> list[np.ndarray]:
+        return [stacked[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
+
+    usage = profiles[flat] + 0.01 * rng.standard_normal((total, 3))
+    fresh_clients = rng.random(n) < fresh
+    return {
+        "prompts": split(noisy(pool, noise)),
+        "keys": split(noisy(pool_keys, noise)),
+        "delta": split(noisy(pool_delta, 0.01 * noise)),
+        "usage": split(usage),
+        "weights": split(rng.integers(1, 50, total).astype(np.float64)),
+        "warm": held,
+        "independent": [np.full(h.size, -1) if f else h for h, f in zip(held, fresh_clients)],
+        "truth": truth,
+        "rows": total,
+    }
+
+
+def align_regime(data: dict[str, Any], regime: str, solver: str = "fast") -> AlignmentResult:
+    """``align_prompts`` as ``aggregate_inter_pool`` calls it, in ``regime`` (module ``REGIMES``)."""
+    spec = REGIMES[regime]
+    init = None if spec["start"] == "cold" else data[spec["start"]]
+    features = None if spec["on"] == "prompt" else data[spec["on"]]
+    return align_prompts(
+        data["prompts"],
+        client_keys=data["keys"],
+        init_assignments=init,
+        prompt_weights=data["weights"],
+        client_features=features,
+        n_sweeps=SWEEPS,
+        seed=1,
+        solver=solver,
+    )
+
+
+def regime_child(config: dict[str, Any]) -> dict[str, Any]:
+    """Runs in a child process (its own threads and peak memory): every regime at one ``n``."""
+    import resource
+    import tracemalloc
+
+    n, reps = config["n"], config["reps"]
+    if config["threads"] == 1:
+        torch.set_num_threads(1)
+    warm = make_scale_round(12, seed=99)
+    for regime in config["regimes"]:
+        align_regime(warm, regime)  # first use of torch / BLAS kernels: not timed
+    data = make_scale_round(n, centres=config["centres"], noise=config["noise"], moved=config["moved"], seed=n)
+    truth = np.concatenate(data["truth"])
+    out: dict[str, Any] = {"n": n, "threads": config["threads"], "prompts": data["rows"], "regimes": {}}
+    for regime in config["regimes"]:
+        load = load_average()
+        seconds, times, cpu, result = median_wall_cpu(functools.partial(align_regime, data, regime), reps)
+        row = {
+            "seconds": seconds,
+            "cpu-seconds": cpu,
+            "times": [round(t, 4) for t in times],
+            "load-average": load,
+            "ari": round(adjusted_rand_index(np.concatenate(result.assignments), truth), 4),
+            "clusters": int(result.centres.shape[0]),
+            "sweeps": len(result.objective_trace) - 1,
+            "hungarian-calls": result.hungarian_calls,
+            "client-steps": result.client_steps,
+        }
+        if config["memory"]:
+            tracemalloc.start()
+            align_regime(data, regime)
+            row["peak-traced-mb"] = round(tracemalloc.get_traced_memory()[1] / 2**20, 1)
+            tracemalloc.stop()
+        if n <= config["dense-max-n"]:
+            tick = time.perf_counter()
+            dense = align_regime(data, regime, solver="dense")
+            row["dense-seconds"] = time.perf_counter() - tick
+            row["dense-equal"] = all(
+                np.array_equal(a, b) for a, b in zip(dense.assignments, result.assignments)
+            ) and np.array_equal(dense.centres, result.centres)
+        out["regimes"][regime] = row
+    out["peak-rss-mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+    return out
+
+
+def run_regimes(args: Any) -> None:
+    """Every regime at every ``n``, default threads and one thread, each in a child process."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    ns = [10, 30] if args.quick else [int(x) for x in args.clients.split(",")]
+    info = machine()
+    print(f"machine: {info['cpu']}, {info['cores']} cores, torch {info['torch']}; load {info['load-average-at-start']}")
+    print(
+        f"input: n clients x tau={TAU} slots, ragged use (tau/2..tau prompts), d={DIM}, {args.centres} planted "
+        f"centres, noise {args.noise}, {args.moved:.0%} of the prompts moved off their warm start\n"
+    )
+    results: list[dict[str, Any]] = []
+    for n in ns:
+        for threads in ("default", 1):
+            config = {
+                "n": n,
+                "threads": threads,
+                "reps": 1 if args.quick or n >= 10000 else args.reps,
+                "regimes": list(REGIMES),
+                "centres": args.centres,
+                "noise": args.noise,
+                "moved": args.moved,
+                "memory": threads == "default",
+                "dense-max-n": 30 if args.quick else args.dense_max_n,
+            }
+            env = dict(os.environ)
+            if threads == 1:
+                env.update({k: "1" for k in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")})
+            proc = subprocess.run(
+                [sys.executable, __file__, "--regime-child", json.dumps(config)],
+                env=env,
+                capture_output=True,
+                text=True,
+                check=False,
+            )
+            lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+            if proc.returncode != 0 or not lines:
+                raise RuntimeError(f"regime child n={n} threads={threads} failed:\n{proc.stderr[-3000:]}")
+            child = json.loads(lines[-1][len("RESULT ") :])
+            results.append(child)
+            for regime, r in child["regimes"].items():
+                dense = (
+                    f"  dense {r['dense-seconds']:.3f} s ({'same' if r['dense-equal'] else 'DIFFERENT'})"
+                    if "dense-seconds" in r
+                    else ""
+                )
+                peak = f"  peak {r['peak-traced-mb']} MB" if "peak-traced-mb" in r else ""
+                print(
+                    f"n={n:6d} {str(threads):7s} {regime:11s} {r['seconds']:8.3f} s (CPU {r['cpu-seconds']:.3f})  "
+                    f"ARI {r['ari']:.4f}  clusters {r['clusters']}  sweeps {r['sweeps']}  "
+                    f"hungarian {r['hungarian-calls']}/{r['client-steps']}{peak}{dense}  load {r['load-average']}",
+                    flush=True,
+                )
+    growth: dict[str, dict[str, float | None]] = {}
+    body = []
+    for regime in REGIMES:
+        for threads in ("default", 1):
+            rows = [(c["n"], c["regimes"][regime]) for c in results if c["threads"] == threads]
+            xs, ys = [x for x, _ in rows], [r["seconds"] for _, r in rows]
+            big = [(x, y) for x, y in zip(xs, ys) if x >= 1000]
+            growth[f"{regime}/{threads}"] = {
+                "all-n": loglog_slope(xs, ys),
+                "n>=1000": loglog_slope([x for x, _ in big], [y for _, y in big]),
+            }
+        for n in ns:
+            d = next(c for c in results if c["n"] == n and c["threads"] == "default")["regimes"][regime]
+            o = next(c for c in results if c["n"] == n and c["threads"] == 1)["regimes"][regime]
+            speed = f"{d['dense-seconds'] / d['seconds']:.1f}x" if "dense-seconds" in d else "-"
+            body.append(
+                [
+                    regime,
+                    n,
+                    d["seconds"],
+                    o["seconds"],
+                    d["cpu-seconds"],
+                    d["ari"],
+                    d.get("peak-traced-mb", "-"),
+                    f"{d['hungarian-calls']}/{d['client-steps']}",
+                    speed,
+                    " ".join(str(x) for x in (d["load-average"] or [])[:1]),
+                ]
+            )
+    headers = ["regime", "n", "s", "s, 1 thread", "CPU s", "ARI", "peak MB", "Hungarian solves", "vs dense"]
+    print("\nalign_prompts at scale (fast solver; median wall seconds):")
+    print(table([*headers, "load"], body))
+    print(
+        "\ngrowth exponents (slope of log time vs log n; all n / n >= 1000): "
+        + ", ".join(
+            f"{k} {v['all-n']:.2f}/{v['n>=1000']:.2f}" if v["n>=1000"] is not None else f"{k} {v['all-n']:.2f}"
+            for k, v in growth.items()
+            if v["all-n"] is not None
+        )
+    )
+    for n, limit in GOAL_SECONDS.items():
+        found = [c for c in results if c["n"] == n]
+        if not found:
+            continue
+        worst = max((c["regimes"][r]["seconds"], r, c["threads"]) for c in found for r in REGIMES)
+        ari = min(c["regimes"][r]["ari"] for c in found for r in REGIMES)
+        met = worst[0] <= limit and ari >= GOAL_MIN_ARI
+        print(
+            f"goal: {n:,} clients in <= {limit:g} s in every regime at ARI >= {GOAL_MIN_ARI}: slowest {worst[0]:.2f} s "
+            f"({worst[1]}, {worst[2]} threads), lowest ARI {ari:.4f} -> {'met' if met else 'MISSED'}"
+        )
+    write_json(
+        args.out,
+        {
+            "benchmark": "aggregation",
+            "mode": "regimes",
+            "machine": info,
+            "settings": {
+                "tau": TAU,
+                "dim": DIM,
+                "centres": args.centres,
+                "noise": args.noise,
+                "moved": args.moved,
+                "sweeps": SWEEPS,
+                "reps": args.reps,
+            },
+            "results": results,
+            "growth-exponent": growth,
+        },
+    )
+
+
+# ---------------------------------------------------------------------------------------
 # Main
 # ---------------------------------------------------------------------------------------
 def bench_engine(data: dict[str, Any], kind: str, reps: int) -> dict[str, Any]:
@@ -513,8 +797,21 @@ def pfpt_only(args: Any) -> None:
 
 
 def main() -> None:
+    import json
+    import sys
+
+    if len(sys.argv) == 3 and sys.argv[1] == "--regime-child":
+        print("RESULT " + json.dumps(regime_child(json.loads(sys.argv[2]))), flush=True)
+        return
     p = parser("aggregation", __doc__.splitlines()[0])
-    p.add_argument("--clients", default="10,50,100,500", help="comma-separated client counts n")
+    p.add_argument(
+        "--clients",
+        default=None,
+        help="comma-separated client counts n (default 10,50,100,500; with --regimes 10,100,1000,10000)",
+    )
+    p.add_argument("--regimes", action="store_true", help="only the alignment at scale in every regime")
+    p.add_argument("--moved", type=float, default=0.05, help="--regimes: share of prompts off their warm start")
+    p.add_argument("--dense-max-n", type=int, default=1000, help="--regimes: largest n also run by the dense solver")
     p.add_argument("--reps", type=int, default=3, help="timed repetitions per case (median reported)")
     p.add_argument("--centres", type=int, default=32, help="shared centres the prompts lie around")
     p.add_argument("--noise", type=float, default=0.1, help="per-coordinate std of each client's drift")
@@ -532,6 +829,11 @@ def main() -> None:
     )
     p.add_argument("--pfpt-only", action="store_true", help="time PFPT's aggregation only (up to --pfpt-max-n)")
     args = p.parse_args()
+    if args.regimes:
+        args.clients = args.clients or "10,100,1000,10000"
+        run_regimes(args)
+        return
+    args.clients = args.clients or "10,50,100,500"
     if args.pfpt_only:
         pfpt_only(args)
         return

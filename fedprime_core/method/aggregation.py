@@ -70,6 +70,13 @@ from torch import nn
 
 _LOG_2PI = float(np.log(2.0 * np.pi))
 _INFEASIBLE = -1.0e30
+#: Rows per block when a pass over all prompts is chunked (bounds the temporaries to ~25 MB at D = 768).
+_BLOCK_ROWS = 4096
+#: The alignment's assignment solvers (see :func:`align_prompts`).
+SOLVERS = ("fast", "dense")
+_UNIT_ROUNDOFF = float(np.finfo(np.float64).eps) / 2.0
+#: Below this many compared entries per prompt the fast solver computes every step's gains exactly.
+_CACHE_MIN_DIM = 32
 
 
 # ---------------------------------------------------------------------------------------
@@ -143,6 +150,11 @@ class AlignmentResult:
         num_dropped: clusters removed to respect ``max_prompts``.
         hungarian_seconds: wall time spent in ``linear_sum_assignment``.
         total_seconds: wall time of the whole call.
+        hungarian_calls: client steps that solved a Hungarian problem (the others had
+            distinct, strict row maxima: see :func:`_certified_choice`).
+        client_steps: client steps (alpha-step re-assignments of one client) run.
+        bounded_steps: client steps the fast solver settled from bounds, without computing
+            the client's gains (:class:`ClusterAlignment`).
     """
 
     centres: np.ndarray
@@ -157,6 +169,9 @@ class AlignmentResult:
     num_dropped: int
     hungarian_seconds: float
     total_seconds: float
+    hungarian_calls: int = 0
+    client_steps: int = 0
+    bounded_steps: int = 0
 
 
 class _ScaleNet(nn.Module):
@@ -187,26 +202,85 @@ class _PopularityNet(nn.Module):
 
 @dataclasses.dataclass(frozen=True)
 class _Inputs:
-    """Validated inputs of one alignment, in float64.
+    """Validated inputs of one alignment, stacked over clients (client ``t`` holds rows ``bounds[t]:bounds[t+1]``).
+
+    What the clustering compares (:attr:`matched_all`) is float64; prompts that are only
+    merged at the end (when features are compared) and keys keep a float32 dtype if they
+    came as float32 (widening is exact, so the merged means are the same as from float64).
 
     Attributes:
-        prompts: per client ``(m_t, D)``.
-        weights: per client ``(m_t,)`` positive weight of each prompt.
-        keys: per client ``(m_t, Dk)`` or ``None``.
-        init: per client ``(m_t,)`` distinct warm-start labels, or ``None``.
-        features: per client ``(m_t, F)`` what the clustering compares, or ``None`` (the prompts).
+        bounds: ``(n + 1,)`` row offsets of the clients.
+        prompts_all: ``(N, D)`` prompts of all clients.
+        weights_all: ``(N,)`` positive weight of each prompt.
+        keys_all: ``(N, Dk)`` keys, or ``None``.
+        init_all: ``(N,)`` warm-start labels (distinct within a client, ``-1``: none), or ``None``.
+        features_all: ``(N, F)`` float64 what the clustering compares, or ``None`` (the prompts).
     """
 
-    prompts: list[np.ndarray]
-    weights: list[np.ndarray]
-    keys: list[np.ndarray] | None
-    init: list[np.ndarray] | None
-    features: list[np.ndarray] | None = None
+    bounds: np.ndarray
+    prompts_all: np.ndarray
+    weights_all: np.ndarray
+    keys_all: np.ndarray | None = None
+    init_all: np.ndarray | None = None
+    features_all: np.ndarray | None = None
 
     @property
-    def matched(self) -> list[np.ndarray]:
+    def n(self) -> int:
+        return int(self.bounds.size - 1)
+
+    def split(self, stacked: np.ndarray) -> list[np.ndarray]:
+        """Per-client views of a stacked array."""
+        return [stacked[a:b] for a, b in zip(self.bounds[:-1].tolist(), self.bounds[1:].tolist())]
+
+    @property
+    def prompts(self) -> list[np.ndarray]:
+        return self.split(self.prompts_all)
+
+    @property
+    def weights(self) -> list[np.ndarray]:
+        return self.split(self.weights_all)
+
+    @property
+    def keys(self) -> list[np.ndarray] | None:
+        return None if self.keys_all is None else self.split(self.keys_all)
+
+    @property
+    def init(self) -> list[np.ndarray] | None:
+        return None if self.init_all is None else self.split(self.init_all)
+
+    @property
+    def features(self) -> list[np.ndarray] | None:
+        return None if self.features_all is None else self.split(self.features_all)
+
+    @property
+    def matched_all(self) -> np.ndarray:
         """What the clustering compares: the features when given, else the prompts."""
-        return self.features if self.features is not None else self.prompts
+        return self.features_all if self.features_all is not None else self.prompts_all
+
+
+def _stack(arrays: Sequence[np.ndarray], dtype: type | None) -> np.ndarray:
+    """One new array of the per-client arrays, converted as ``np.asarray(a, dtype)`` would.
+
+    ``dtype=None``: float64, or float32 when every array is float32 (kept: widening later is exact).
+    """
+    if dtype is None:
+        dtype = np.float32 if all(a.dtype == np.float32 for a in arrays) else np.float64
+    return np.concatenate(arrays, axis=0, dtype=dtype, casting="unsafe")
+
+
+def _first_bad_client(bad_rows: np.ndarray, bounds: np.ndarray) -> int | None:
+    """The first client owning a row flagged in ``bad_rows`` ``(N,)``, or ``None``."""
+    rows = np.flatnonzero(bad_rows)
+    return None if rows.size == 0 else int(np.searchsorted(bounds, rows[0], side="right")) - 1
+
+
+def _nonfinite_rows(values: np.ndarray) -> np.ndarray:
+    """``(N,)`` whether each row holds a NaN or Inf (checked in blocks, no full-size temporary)."""
+    bad = np.zeros(values.shape[0], dtype=bool)
+    for start in range(0, values.shape[0], _BLOCK_ROWS):
+        block = values[start : start + _BLOCK_ROWS]
+        bad[start : start + _BLOCK_ROWS] = ~np.isfinite(block).all(axis=1)
+    return bad
 
 
 def _check_inputs(
@@ -219,57 +293,88 @@ def _check_inputs(
 ) -> _Inputs:
     if len(client_prompts) == 0:
         raise ValueError("align_prompts needs at least one client")
-    prompts = [np.asarray(p, dtype=np.float64) for p in client_prompts]
-    dims = {p.shape[1] if p.ndim == 2 else None for p in prompts}
+    raw = [np.asarray(p) for p in client_prompts]
+    dims = {p.shape[1] if p.ndim == 2 else None for p in raw}
     if None in dims or len(dims) != 1:
         raise ValueError(
-            f"every client's prompts must be a (m_t, D) array with one D; got shapes {[p.shape for p in prompts]}"
+            f"every client's prompts must be a (m_t, D) array with one D; got shapes {[p.shape for p in raw]}"
         )
-    if sum(p.shape[0] for p in prompts) == 0:
+    sizes = np.array([p.shape[0] for p in raw], dtype=np.int64)
+    if sizes.sum() == 0:
         raise ValueError("align_prompts got no prompts at all")
-    for i, p in enumerate(prompts):
-        if not np.isfinite(p).all():
-            raise ValueError(f"client {i}'s prompts contain NaN or Inf")
-    n = len(prompts)
+    bounds = np.concatenate([[0], np.cumsum(sizes)])
+    prompts = _stack(raw, np.float64 if client_features is None else None)
+    bad = _first_bad_client(_nonfinite_rows(prompts), bounds)
+    if bad is not None:
+        raise ValueError(f"client {bad}'s prompts contain NaN or Inf")
+    n = len(raw)
     weights = np.ones(n) if client_weights is None else np.asarray(client_weights, dtype=np.float64)
     if weights.shape != (n,) or not np.isfinite(weights).all() or np.any(weights <= 0):
         raise ValueError(f"client_weights must be {n} positive numbers, got {client_weights!r}")
     if prompt_weights is None:
-        row_weights = [np.full(p.shape[0], w) for p, w in zip(prompts, weights)]
+        row_weights = np.repeat(weights, sizes)
     else:
-        row_weights = [np.asarray(w, dtype=np.float64) for w in prompt_weights]
-        if len(row_weights) != n or any(w.shape != (p.shape[0],) for w, p in zip(row_weights, prompts)):
+        given = [np.asarray(w) for w in prompt_weights]
+        if len(given) != n or any(w.shape != (m,) for w, m in zip(given, sizes.tolist())):
             raise ValueError("prompt_weights must hold one (m_t,) array per client, row-aligned with its prompts")
-        if any(not np.isfinite(w).all() or np.any(w <= 0) for w in row_weights):
+        row_weights = _stack(given, np.float64) if given else np.zeros(0)
+        if not np.isfinite(row_weights).all() or np.any(row_weights <= 0):
             raise ValueError("prompt_weights must be positive, finite numbers")
     keys = None
     if client_keys is not None:
-        keys = [np.asarray(k, dtype=np.float64) for k in client_keys]
-        if len(keys) != n or any(k.ndim != 2 or k.shape[0] != p.shape[0] for k, p in zip(keys, prompts)):
+        raw_keys = [np.asarray(k) for k in client_keys]
+        if len(raw_keys) != n or any(k.ndim != 2 or k.shape[0] != m for k, m in zip(raw_keys, sizes.tolist())):
             raise ValueError("client_keys must hold one (m_t, Dk) array per client, row-aligned with its prompts")
-        if len({k.shape[1] for k in keys}) != 1:
+        if len({k.shape[1] for k in raw_keys}) != 1:
             raise ValueError("every client's keys must have the same width")
+        keys = _stack(raw_keys, None)
     init = None
     if init_assignments is not None:
-        init = [np.asarray(a, dtype=np.int64) for a in init_assignments]
-        if len(init) != n or any(a.shape != (p.shape[0],) for a, p in zip(init, prompts)):
+        raw_init = [np.asarray(a) for a in init_assignments]
+        if len(raw_init) != n or any(a.shape != (m,) for a, m in zip(raw_init, sizes.tolist())):
             raise ValueError("init_assignments must hold one (m_t,) index array per client")
-        for i, a in enumerate(init):
-            placed = a[a >= 0]
-            if np.any(a < -1) or len(np.unique(placed)) != len(placed):
-                raise ValueError(
-                    f"init_assignments of client {i} must be distinct non-negative indices (-1: no warm start)"
-                )
+        init = _stack(raw_init, np.int64)
+        client = np.repeat(np.arange(n), sizes)
+        placed = np.flatnonzero(init >= 0)
+        order = placed[np.lexsort((init[placed], client[placed]))]
+        repeated = np.zeros(init.size, dtype=bool)
+        repeated[order[1:][(client[order[1:]] == client[order[:-1]]) & (init[order[1:]] == init[order[:-1]])]] = True
+        bad = _first_bad_client((init < -1) | repeated, bounds)
+        if bad is not None:
+            raise ValueError(
+                f"init_assignments of client {bad} must be distinct non-negative indices (-1: no warm start)"
+            )
     features = None
     if client_features is not None:
-        features = [np.asarray(f, dtype=np.float64) for f in client_features]
-        if len(features) != n or any(f.ndim != 2 or f.shape[0] != p.shape[0] for f, p in zip(features, prompts)):
+        raw_features = [np.asarray(f) for f in client_features]
+        if len(raw_features) != n or any(f.ndim != 2 or f.shape[0] != m for f, m in zip(raw_features, sizes.tolist())):
             raise ValueError("client_features must hold one (m_t, F) array per client, row-aligned with its prompts")
-        if len({f.shape[1] for f in features}) != 1:
+        if len({f.shape[1] for f in raw_features}) != 1:
             raise ValueError("every client's features must have the same width")
-        if any(not np.isfinite(f).all() for f in features):
+        features = _stack(raw_features, np.float64)
+        if _nonfinite_rows(features).any():
             raise ValueError("client_features contain NaN or Inf")
-    return _Inputs(prompts, row_weights, keys, init, features)
+    return _Inputs(bounds, prompts, row_weights, keys, init, features)
+
+
+def _ordered_rounds(index: np.ndarray) -> list[np.ndarray]:
+    """Positions ``0..N-1`` of ``index`` ``(N,)`` in rounds that update every target at most once.
+
+    Round ``r`` holds, for every target, its ``r``-th position (in increasing order), so
+    ``for r in rounds: target[index[r]] += values[r]`` adds to every target the same terms in
+    the same order as a loop over positions (bit-for-bit its sums), with one vectorised
+    update per round: as many rounds as the largest target's count, not one per position
+    (``np.add.at`` does the same in order, but one row at a time and much slower on rows).
+    """
+    if index.size == 0:
+        return []
+    order = np.argsort(index, kind="stable")
+    sorted_index = index[order]
+    starts = np.flatnonzero(np.concatenate([[True], sorted_index[1:] != sorted_index[:-1]]))
+    rank = np.arange(index.size) - np.repeat(starts, np.diff(np.concatenate([starts, [index.size]])))
+    by_rank = np.argsort(rank, kind="stable")
+    cuts = np.flatnonzero(np.diff(rank[by_rank])) + 1
+    return np.split(order[by_rank], cuts)
 
 
 class _ClusterState:
@@ -277,25 +382,82 @@ class _ClusterState:
 
     Slots ``0 .. reserved-1`` hold the warm-start clusters (slot = label); clusters opened
     during the alignment only take slots from ``reserved`` on, so a warm-start label is
-    never reused for a different cluster.
+    never reused for a different cluster. The arrays grow on demand (a new cluster takes the
+    lowest free slot), so memory follows the number of clusters, not of prompts.
+
+    Per slot it also keeps what the likelihood of a prompt under the cluster needs
+    (``1 / scale^2``, ``centre / scale^2``, ``sum centre^2 / scale^2``, ``sum log scale``),
+    recomputed only for slots whose members or scale changed (``valid``), with exactly the
+    arithmetic of :func:`_gaussian_loglik`, so that a likelihood built from them is
+    bit-for-bit the one :func:`_gaussian_loglik` returns. ``version`` changes whenever the
+    set of active slots or a scale changes (what the mean scale of the new-cluster prior
+    depends on).
     """
 
-    def __init__(self, capacity: int, dim: int, reserved: int = 0) -> None:
+    def __init__(self, dim: int, reserved: int = 0, capacity: int = 0) -> None:
         self.reserved = reserved
+        self.dim = dim
+        capacity = max(capacity, reserved + 16)
         self.sums = np.zeros((capacity, dim))
         self.weight = np.zeros(capacity)
         self.members = np.zeros(capacity, dtype=np.int64)
         self.scale = np.ones((capacity, dim))
         self.logit_pop = np.zeros(capacity)
+        self.inv_var = np.zeros((capacity, dim))
+        self.scaled_centre = np.zeros((capacity, dim))
+        self.centre_norm = np.zeros(capacity)
+        self.log_det = np.zeros(capacity)
+        self.valid = np.zeros(capacity, dtype=bool)
+        self.scale_valid = np.zeros(capacity, dtype=bool)
+        self.version = 0
+
+    @property
+    def capacity(self) -> int:
+        return self.members.size
+
+    def grow(self, capacity: int) -> None:
+        """Room for at least ``capacity`` slots (new slots empty, scale 1)."""
+        if capacity <= self.capacity:
+            return
+        capacity = max(capacity, 2 * self.capacity)
+        extra = capacity - self.capacity
+        self.sums = np.concatenate([self.sums, np.zeros((extra, self.dim))])
+        self.weight = np.concatenate([self.weight, np.zeros(extra)])
+        self.members = np.concatenate([self.members, np.zeros(extra, dtype=np.int64)])
+        self.scale = np.concatenate([self.scale, np.ones((extra, self.dim))])
+        self.logit_pop = np.concatenate([self.logit_pop, np.zeros(extra)])
+        self.inv_var = np.concatenate([self.inv_var, np.zeros((extra, self.dim))])
+        self.scaled_centre = np.concatenate([self.scaled_centre, np.zeros((extra, self.dim))])
+        self.centre_norm = np.concatenate([self.centre_norm, np.zeros(extra)])
+        self.log_det = np.concatenate([self.log_det, np.zeros(extra)])
+        self.valid = np.concatenate([self.valid, np.zeros(extra, dtype=bool)])
+        self.scale_valid = np.concatenate([self.scale_valid, np.zeros(extra, dtype=bool)])
 
     def add(self, slots: np.ndarray, z: np.ndarray, w: np.ndarray, sign: float = 1.0) -> None:
         """Add (``sign=1``) or remove (``sign=-1``) one client's prompts ``z`` ``(m, D)`` of weights ``w`` ``(m,)``."""
         self.sums[slots] += sign * w[:, None] * z
         self.weight[slots] += sign * w
         self.members[slots] += int(sign)
+        self.valid[slots] = False
         emptied = slots[self.members[slots] == 0]
         self.sums[emptied] = 0.0  # no floating-point residue in a reusable slot
         self.weight[emptied] = 0.0
+        if emptied.size or (sign > 0 and np.any(self.members[slots] == 1)):
+            self.version += 1  # the set of active slots changed
+
+    def add_many(self, slots: np.ndarray, z: np.ndarray, w: np.ndarray) -> None:
+        """Add the prompts of many clients at once, ``(N,)`` slots in client order.
+
+        Every slot receives the same additions in the same order as one :meth:`add` per
+        client would give it (:func:`_ordered_rounds`; ``np.add.at`` for the 1-D weights), so
+        the sums are bit-for-bit those of the client-by-client loop.
+        """
+        for rows in _ordered_rounds(slots):
+            self.sums[slots[rows]] += w[rows, None] * z[rows]
+        np.add.at(self.weight, slots, w)
+        np.add.at(self.members, slots, 1)
+        self.valid[slots] = False
+        self.version += 1
 
     def active(self) -> np.ndarray:
         return np.flatnonzero(self.members > 0)
@@ -304,7 +466,44 @@ class _ClusterState:
         return self.sums[slots] / self.weight[slots, None]
 
     def free_slots(self, count: int) -> np.ndarray:
-        return np.flatnonzero(self.members[self.reserved :] == 0)[:count] + self.reserved
+        free = np.flatnonzero(self.members[self.reserved :] == 0)[:count] + self.reserved
+        if free.size < count:
+            start = self.capacity
+            self.grow(start + count - free.size)
+            free = np.concatenate([free, np.arange(start, start + count - free.size)])
+        return free
+
+    def set_scale(self, slots: np.ndarray, scale: np.ndarray, logit_pop: np.ndarray | None) -> None:
+        self.scale[slots] = scale
+        if logit_pop is not None:
+            self.logit_pop[slots] = logit_pop
+        self.valid[slots] = False
+        self.scale_valid[slots] = False
+        self.version += 1
+
+    def likelihood_parts(self, slots: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """``1/s^2`` ``(K, D)``, ``c/s^2`` ``(K, D)``, ``sum c^2/s^2`` ``(K,)``, ``sum log s`` ``(K,)`` of ``slots``."""
+        rescaled = slots[~self.scale_valid[slots]]
+        if rescaled.size:  # what depends on the scale only (members moving leave it as it is)
+            scale = self.scale[rescaled]
+            self.inv_var[rescaled] = 1.0 / scale**2
+            self.log_det[rescaled] = np.sum(np.log(scale), axis=1)
+            self.scale_valid[rescaled] = True
+        stale = slots[~self.valid[slots]]
+        if stale.size:
+            centres, inv_var = self.centres(stale), self.inv_var[stale]
+            self.scaled_centre[stale] = centres * inv_var
+            self.centre_norm[stale] = np.sum(centres**2 * inv_var, axis=1)
+            self.valid[stale] = True
+        return self.inv_var[slots], self.scaled_centre[slots], self.centre_norm[slots], self.log_det[slots]
+
+
+def _loglik_from_parts(
+    z: np.ndarray, inv_var: np.ndarray, scaled_centre: np.ndarray, centre_norm: np.ndarray, log_det: np.ndarray
+) -> np.ndarray:
+    """``log N(z_i | centre_q, diag scale_q^2)`` ``(m, K)`` from the per-cluster parts of :func:`_gaussian_loglik`."""
+    quad = (z**2) @ inv_var.T - 2.0 * z @ scaled_centre.T + centre_norm
+    return -0.5 * np.maximum(quad, 0.0) - log_det - 0.5 * z.shape[1] * _LOG_2PI
 
 
 def _gaussian_loglik(z: np.ndarray, centres: np.ndarray, scale: np.ndarray) -> np.ndarray:
@@ -314,9 +513,8 @@ def _gaussian_loglik(z: np.ndarray, centres: np.ndarray, scale: np.ndarray) -> n
     ``O(m K D)`` BLAS work with no loop over centres.
     """
     inv_var = 1.0 / scale**2  # (K, D)
-    quad = (z**2) @ inv_var.T - 2.0 * z @ (centres * inv_var).T + np.sum(centres**2 * inv_var, axis=1)
-    log_det = np.sum(np.log(scale), axis=1)  # (K,)
-    return -0.5 * np.maximum(quad, 0.0) - log_det - 0.5 * z.shape[1] * _LOG_2PI
+    parts = (inv_var, centres * inv_var, np.sum(centres**2 * inv_var, axis=1), np.sum(np.log(scale), axis=1))
+    return _loglik_from_parts(z, *parts)
 
 
 def _prior_loglik(z: np.ndarray, mean_var: np.ndarray) -> np.ndarray:
@@ -330,6 +528,89 @@ def _logit(p: np.ndarray | float) -> np.ndarray:
     return np.log(p) - np.log1p(-p)
 
 
+def _certified_choice(lo: np.ndarray, hi: np.ndarray, new_gain: np.ndarray) -> np.ndarray | None:
+    """The Hungarian step's answer when every row's best column beats all its others, else ``None``.
+
+    ``lo <= gain <= hi`` ``(m, K)`` bound each row's gain for the existing clusters (``lo is
+    hi``: the gains themselves); ``new_gain`` ``(m,)`` is each row's own new-cluster column
+    (column ``K + p`` of the full problem; the other rows' new columns are infeasible). If
+    for every row one column's lower bound exceeds the upper bounds of all its other
+    columns (strictly), and no two rows pick the same existing cluster, then whatever the
+    gains within the bounds, giving every row that column is the unique optimal assignment
+    (any other one moves some row to a strictly smaller entry and no row can gain), and
+    ``linear_sum_assignment`` returns exactly it: it augments row by row, and each row's
+    cheapest column is still free, so its augmenting path is that single edge.
+
+    Returns:
+        ``(m,)`` column of each row in the full ``(m, K + m)`` problem, or ``None``.
+    """
+    m, k = lo.shape
+    rows = np.arange(m)
+    if k == 0:
+        return k + rows  # only the new-cluster columns: the diagonal
+    best = np.argmax(lo, axis=1)
+    best_lo = lo[rows, best]
+    others = hi.copy()
+    others[rows, best] = -np.inf
+    highest_other = others.max(axis=1)
+    existing = (best_lo > highest_other) & (best_lo > new_gain)
+    fresh = new_gain > np.maximum(highest_other, hi[rows, best])
+    if not np.all(existing | fresh):
+        return None
+    picked = best[existing]
+    if np.unique(picked).size != picked.size:
+        return None
+    return np.where(existing, best, k + rows)
+
+
+@dataclasses.dataclass
+class _PassCache:
+    """What the fast solver knows during one pass of client steps (a sweep, or the initial placement).
+
+    Every *column* is a cluster as it was when the column was built: the residual
+    ``quad[r, j] = sum_d (z_r - c_j)^2 / s_j^2`` of every prompt row against its centre
+    ``centre[j]`` (in one blocked matrix product), its ``1 / s^2`` and constant. When the
+    cluster's members change, ``shift[j]`` records how far (in the ``1 / s^2``-weighted
+    norm) its centre has moved since; when it is emptied or its scale re-evaluated, the
+    column dies (a cluster in that slot later gets a new column).
+
+    Attributes:
+        quad: ``(N, C)`` residuals at build (columns grow on demand).
+        slot: ``(C,)`` the cluster slot of each column, ``-1`` once dead.
+        column: ``(capacity,)`` the live column of each slot, or ``-1``.
+        centre, inv_var: ``(C, D)`` the column's centre and ``1 / s^2`` when built.
+        const: ``(C,)`` ``sum log s + D/2 log 2 pi`` (the gain is ``-quad/2 - const + logit U``).
+        shift: ``(C,)`` distance of the current centre from ``centre`` (0 while unchanged).
+        prior: ``(N,)`` the new-cluster gain of every row, computed at state version ``version[row]``
+            (the prior depends on the active clusters' scales only; recomputed when stale).
+        touches: client steps since the pass began (their removal and re-addition of prompts
+            moves centres by rounding; see ``ClusterAlignment._rounding_bound``).
+        queue: clients whose step changed nothing, in order; their removal and re-addition
+            is applied (:meth:`ClusterAlignment.flush`) before the state is next needed.
+        fallback: work of the exact steps since the last rebuild (rows x columns).
+        epoch: changes whenever a column is built, moved or dies (bounds computed before are stale).
+    """
+
+    quad: np.ndarray
+    slot: np.ndarray
+    column: np.ndarray
+    centre: np.ndarray
+    inv_var: np.ndarray
+    const: np.ndarray
+    shift: np.ndarray
+    prior: np.ndarray | None = None
+    version: np.ndarray | None = None
+    count: int = 0
+    touches: int = 0
+    queue: list[int] = dataclasses.field(default_factory=list)
+    fallback: int = 0
+    epoch: int = 0
+
+    def live(self) -> np.ndarray:
+        """Ids of the live columns, ascending."""
+        return np.flatnonzero(self.slot[: self.count] >= 0)
+
+
 class ClusterAlignment:
     """The alternating optimisation of the module docstring, one step per method.
 
@@ -339,6 +620,33 @@ class ClusterAlignment:
     order, then :meth:`theta_step`) until a sweep changes nothing or ``n_sweeps`` are done,
     then :meth:`result`. :func:`align_prompts` does exactly that.
 
+    Two solvers give the same assignments (``solver``):
+
+    * ``"dense"``: every client step computes the gain of each of its prompts against every
+      cluster and solves the Hungarian problem over all of them (the reference).
+    * ``"fast"``: at the start of a pass the residuals of all prompts against all clusters
+      are one blocked matrix product (:class:`_PassCache`). A client step then bounds each
+      gain from them without touching the prompts' ``D`` entries: a cluster whose centre has
+      moved by ``delta`` since (members joined or left) has residual within
+      ``(sqrt(quad) -+ delta)^2`` (triangle inequality); the client's own clusters, from
+      which its prompts are removed first, have the closed form ``c' = c + a (c - z)``,
+      ``a = w / (W - w)``, so the prompt's own residual is ``(1 + a)^2`` times its residual
+      to ``c``. If these bounds, widened by the rounding bound ``E``
+      (:meth:`_rounding_bound`), give every prompt a column that beats all its others and
+      no two prompts the same cluster, that is the dense solver's answer
+      (:func:`_certified_choice`). A step whose answer leaves the client where it was only
+      queues its removal and re-addition (applied in order, in vectorised rounds, before the
+      state is next needed); one that moves prompts applies the move. Otherwise (a near
+      tie, two prompts wanting one cluster, bounds too wide) the step computes the gains
+      exactly as the dense solver does and solves the same Hungarian problem. The cluster
+      state sees the same operations in the same order in both solvers, so every later
+      step, the theta-steps and the result are bit-for-bit the dense solver's. Columns
+      whose centres moved far are rebuilt once the exact steps they caused cost as much
+      as rebuilding them.
+
+    The fast solver's exact steps also skip ``linear_sum_assignment`` when the gains have
+    one strict, distinct maximum per prompt (its answer is then that maximum, as above).
+
     Args:
         inputs: validated prompts, per-prompt weights, keys and warm-start labels.
         popularity: ``"learned"`` (the popularity net ``U(theta; zeta)``) or
@@ -346,6 +654,10 @@ class ClusterAlignment:
         hidden, lr, grad_steps, min_scale: the nets' width, Adam step, steps per
             theta-step and the scale's lower bound (standardised units).
         seed: client order and net initialisation.
+        solver: ``"fast"`` or ``"dense"`` (above).
+        in_place: standardise ``inputs.matched_all`` in place instead of a copy (saves one
+            ``(N, D)`` array; :func:`align_prompts` owns the inputs it validated). The
+            prompts are not needed afterwards unless features were compared.
     """
 
     def __init__(
@@ -358,31 +670,53 @@ class ClusterAlignment:
         grad_steps: int,
         min_scale: float,
         seed: int,
+        solver: str = "fast",
+        in_place: bool = False,
     ) -> None:
         self.inputs = inputs
-        self.n = len(inputs.prompts)
+        self.n = inputs.n
         self.grad_steps = grad_steps
         if popularity not in ("learned", "empirical"):
             raise ValueError(f"popularity must be 'learned' or 'empirical', got {popularity!r}")
+        if solver not in SOLVERS:
+            raise ValueError(f"solver must be one of {SOLVERS}, got {solver!r}")
+        self.solver = solver
         self.rng = np.random.default_rng(seed)
-        stacked = np.concatenate(inputs.matched, axis=0)
+        # Standardise the stacked rows (the same arithmetic as client by client).
+        stacked = inputs.matched_all if in_place else inputs.matched_all.copy()
         self.offset = stacked.mean(axis=0)
-        self.spread = float(np.sqrt(np.mean((stacked - self.offset) ** 2))) or 1.0
-        self.z = [(p - self.offset) / self.spread for p in inputs.matched]
-        self.mean_weight = float(np.concatenate(inputs.weights).mean())
-        self.w = [w / self.mean_weight for w in inputs.weights]
+        stacked -= self.offset
+        self.spread = float(np.sqrt(np.mean(stacked**2))) or 1.0
+        stacked /= self.spread
+        self.z_all = stacked
+        self.bounds = inputs.bounds
+        self.z = inputs.split(stacked)
+        self.mean_weight = float(inputs.weights_all.mean())
+        self.w_all = inputs.weights_all / self.mean_weight
+        self.w = inputs.split(self.w_all)
         self.dim = stacked.shape[1]
-        self.reserved = max((int(a.max()) + 1 for a in inputs.init if a.size), default=0) if inputs.init else 0
-        self.capacity = stacked.shape[0] + self.reserved
+        init = inputs.init_all
+        self.reserved = int(init.max()) + 1 if init is not None and init.size and init.max() >= 0 else 0
+        sizes = np.diff(self.bounds)
         with torch.random.fork_rng(devices=[]):  # seeded net init without touching global RNG state
             torch.manual_seed(seed)
             self.scale_net = _ScaleNet(self.dim, hidden, min_scale)
             self.pop_net = _PopularityNet(self.dim, hidden) if popularity == "learned" else None
         params = list(self.scale_net.parameters()) + (list(self.pop_net.parameters()) if self.pop_net else [])
         self.optimiser = torch.optim.Adam(params, lr=lr)
-        self.state = _ClusterState(self.capacity, self.dim, self.reserved)
-        self.assign = [np.full(p.shape[0], -1, dtype=np.int64) for p in inputs.prompts]
+        self.state = _ClusterState(self.dim, self.reserved, capacity=self.reserved + 2 * int(sizes.max()))
+        self.labels = np.full(stacked.shape[0], -1, dtype=np.int64)  # every prompt's cluster slot
+        self.assign = inputs.split(self.labels)  # per-client views of it
+        self.new_logit = float(_logit(1.0 / max(self.n, 2)))
         self.hungarian_seconds = 0.0
+        self.hungarian_calls = 0
+        self.client_steps = 0
+        self.bounded_steps = 0
+        self.changed = False
+        self.cache: _PassCache | None = None
+        self._mean_var: tuple[int, np.ndarray] | None = None
+        self.max_abs_z = float(max(stacked.max(), -stacked.min()))
+        self.scale_floor = 1.0  # smallest scale entry ever set (bounds 1 / s^2 in the rounding bound)
 
     # -- the nets at the current centres ------------------------------------------------
     def refresh_nets(self, slots: np.ndarray) -> None:
@@ -391,16 +725,31 @@ class ClusterAlignment:
             return
         with torch.no_grad():
             centres = torch.from_numpy(self.state.centres(slots).astype(np.float32))
-            self.state.scale[slots] = self.scale_net(centres).numpy()
-            if self.pop_net is not None:
-                self.state.logit_pop[slots] = _logit(self.pop_net(centres).numpy())
+            scale = self.scale_net(centres).numpy()
+            logit_pop = _logit(self.pop_net(centres).numpy()) if self.pop_net is not None else None
+        self.state.set_scale(slots, scale, logit_pop)
+        self.scale_floor = min(self.scale_floor, float(self.state.scale[slots].min()))
 
-    def popularity_logit(self, slots: np.ndarray) -> np.ndarray:
-        """``logit U`` of the clusters in ``slots`` as seen by the client being assigned."""
+    def popularity_logit(self, slots: np.ndarray, own: np.ndarray | None = None) -> np.ndarray:
+        """``logit U`` of the clusters in ``slots`` as seen by the client being assigned.
+
+        ``own``: ``(len(slots),)`` whether the client's prompts (not yet removed) are in the
+        cluster; the empirical rate counts the other clients only.
+        """
         if self.pop_net is not None:
             return self.state.logit_pop[slots]
         others = self.state.members[slots]  # clients other than the one being assigned
+        if own is not None:
+            others = others - own
         return np.log(others) - np.log(np.maximum(self.n - others, 1))
+
+    def mean_var(self, slots: np.ndarray) -> np.ndarray:
+        """Mean ``scale^2`` of the active clusters ``slots`` (the new-cluster prior's spread), cached per version."""
+        if self._mean_var is not None and self._mean_var[0] == self.state.version:
+            return self._mean_var[1]
+        value = np.mean(self.state.scale[slots] ** 2, axis=0) if slots.size else np.ones(self.dim)
+        self._mean_var = (self.state.version, value)
+        return value
 
     # -- alpha-step ---------------------------------------------------------------------
     def initial_assignment(self) -> None:
@@ -409,49 +758,408 @@ class ClusterAlignment:
         Prompts labelled ``-1`` have no warm start: once the labelled ones are placed, each
         client holding such a prompt is assigned by the Hungarian step (seeded order).
         """
-        if self.inputs.init is not None:
-            for t, labels in enumerate(self.inputs.init):
-                placed = labels >= 0
-                self.assign[t] = labels.copy()
-                self.state.add(labels[placed], self.z[t][placed], self.w[t][placed])
+        labels = self.inputs.init_all
+        if labels is not None:
+            placed = labels >= 0
+            self.labels[:] = labels
+            self.state.grow(self.reserved + 1)
+            self.state.add_many(labels[placed], self.z_all[placed], self.w_all[placed])
             self.refresh_nets(self.state.active())
-            unplaced = {t for t, labels in enumerate(self.inputs.init) if np.any(labels < 0)}
-            if unplaced:
-                for t in self.rng.permutation(self.n):
-                    if int(t) in unplaced:
-                        self.assign_client(int(t))
+            client = np.repeat(np.arange(self.n), np.diff(self.bounds))
+            unplaced = set(np.unique(client[~placed]).tolist())
+            order = [int(t) for t in self.rng.permutation(self.n) if int(t) in unplaced] if unplaced else []
         else:
-            for t in self.rng.permutation(self.n):
-                self.assign_client(int(t))
+            order = [int(t) for t in self.rng.permutation(self.n)]
+        self.run_pass(order)
 
-    def assign_client(self, t: int) -> None:
+    def run_pass(self, order: Sequence[int]) -> None:
+        """One alpha-step for each client of ``order``, in that order.
+
+        The fast solver bounds the steps of a batch of upcoming clients at once; the
+        bounds stay valid while no step changes a cluster's members or scale (a step that
+        changes nothing only queues its rounding), so the batch is used up to the first
+        step that does, and the next batch starts after it (batches double while they are
+        used up, and shrink to twice what was used when they are not).
+        """
+        if not order:
+            return
+        self.open_pass()
+        cache = self.cache
+        order = np.asarray(order, dtype=np.int64)
+        done, size = 0, 64
+        while done < order.size:
+            if cache is None:
+                self.assign_client(int(order[done]))
+                done += 1
+                continue
+            batch = order[done : done + size]
+            epoch, version = cache.epoch, self.state.version
+            settled, target = self._bounded_choices(batch)
+            first = np.concatenate([[0], np.cumsum(self.bounds[batch + 1] - self.bounds[batch])])
+            used = 0
+            for k, t in enumerate(batch.tolist()):
+                if cache.epoch != epoch or self.state.version != version:
+                    break  # a step changed the clusters: bound the rest again
+                self.assign_client(t, (bool(settled[k]), target[first[k] : first[k + 1]]))
+                used += 1
+            done += used
+            size = min(2 * size, 2048) if used == batch.size else used
+        self.close_pass()
+
+    def open_pass(self) -> None:
+        """Residuals of every prompt against every active cluster, in row blocks (fast solver)."""
+        self.cache = None
+        if self.solver != "fast" or self.dim < _CACHE_MIN_DIM:
+            return  # (few features: a step's exact gains cost no more than its bounds)
+        slots = self.state.active()
+        capacity = slots.size + 32
+        rows = self.z_all.shape[0]
+        self.cache = _PassCache(
+            quad=np.zeros((rows, capacity)),
+            slot=np.full(capacity, -1, dtype=np.int64),
+            column=np.full(self.state.capacity, -1, dtype=np.int64),
+            centre=np.zeros((capacity, self.dim)),
+            inv_var=np.zeros((capacity, self.dim)),
+            const=np.zeros(capacity),
+            shift=np.zeros(capacity),
+        )
+        self.cache.prior = np.empty(rows)
+        self.cache.version = np.full(rows, self.state.version, dtype=np.int64)
+        self.add_columns(slots, with_prior=True)
+
+    def close_pass(self) -> None:
+        if self.cache is not None:
+            self.flush()
+        self.cache = None
+
+    def add_columns(self, slots: np.ndarray, with_prior: bool = False) -> None:
+        """(Re)build the columns of ``slots`` from the current state; ``with_prior``: every row's prior too."""
+        cache = self.cache
+        if cache is None or (slots.size == 0 and not with_prior):
+            return
+        self.flush()
+        old = cache.column[slots[slots < cache.column.size]]
+        cache.slot[old[old >= 0]] = -1
+        needed = cache.count + slots.size
+        if needed > cache.slot.size:
+            grow = max(needed, 2 * cache.slot.size) - cache.slot.size
+            cache.quad = np.concatenate([cache.quad, np.zeros((cache.quad.shape[0], grow))], axis=1)
+            cache.slot = np.concatenate([cache.slot, np.full(grow, -1, dtype=np.int64)])
+            cache.centre = np.concatenate([cache.centre, np.zeros((grow, self.dim))])
+            cache.inv_var = np.concatenate([cache.inv_var, np.zeros((grow, self.dim))])
+            cache.const = np.concatenate([cache.const, np.zeros(grow)])
+            cache.shift = np.concatenate([cache.shift, np.zeros(grow)])
+        if cache.column.size < self.state.capacity:
+            extra = self.state.capacity - cache.column.size
+            cache.column = np.concatenate([cache.column, np.full(extra, -1, dtype=np.int64)])
+        new = np.arange(cache.count, needed)
+        inv_var, scaled_centre, centre_norm, log_det = self.state.likelihood_parts(slots)
+        if with_prior:
+            inverse, log_sum = self._prior_parts()
+            inv_var = np.concatenate([inv_var, inverse[None]])  # the prior's sum rides along as one more column
+        for start in range(0, cache.quad.shape[0], _BLOCK_ROWS):
+            block = slice(start, start + _BLOCK_ROWS)
+            z = self.z_all[block]
+            squares = (z**2) @ inv_var.T
+            if with_prior:
+                cache.prior[block] = self._prior_from(squares[:, -1], log_sum)
+                squares = squares[:, :-1]
+            cache.quad[block, new] = squares - 2.0 * z @ scaled_centre.T + centre_norm
+        if with_prior:
+            inv_var = inv_var[:-1]
+        cache.slot[new] = slots
+        cache.column[slots] = new
+        cache.centre[new] = self.state.centres(slots)
+        cache.inv_var[new] = inv_var
+        cache.const[new] = log_det + 0.5 * self.dim * _LOG_2PI
+        cache.shift[new] = 0.0
+        cache.count = needed
+        cache.epoch += 1
+
+    def flush(self) -> None:
+        """Apply the queued clients' removal and re-addition of their prompts, in order (fast solver).
+
+        Bit-for-bit what one :meth:`_ClusterState.add` with ``sign=-1`` and one with
+        ``sign=1`` per client would do: for every cluster, ``(sum - w z) + w z`` in client
+        order (:func:`_ordered_rounds`), and likewise for the weights.
+        """
+        cache = self.cache
+        if cache is None or not cache.queue:
+            return
+        rows = np.concatenate([np.arange(self.bounds[t], self.bounds[t + 1]) for t in cache.queue])
+        slots = self.labels[rows]
+        cache.queue = []
+        state = self.state
+        for members in _ordered_rounds(slots):
+            at, row = slots[members], rows[members]
+            term = self.w_all[row, None] * self.z_all[row]
+            state.sums[at] = (state.sums[at] + -term) + term
+        signed = np.empty(2 * rows.size)
+        signed[0::2], signed[1::2] = -self.w_all[rows], self.w_all[rows]
+        np.add.at(state.weight, np.repeat(slots, 2), signed)
+        state.valid[slots] = False
+
+    def _rounding_bound(self, touches: int) -> float:
+        """Bound ``E`` on how far a gain the fast solver derives can be from the dense solver's.
+
+        With ``u`` the unit roundoff, ``M`` the largest standardised entry (every centre is a
+        weighted mean of rows, so ``|c_d| <= M``), ``s_min`` the smallest scale ever set and
+        ``R`` client steps in the pass so far:
+
+        * removing and re-adding a member moves a sum by at most ``6 u W M`` and a weight by
+          ``6 u W``, so after ``R`` steps a centre entry has moved by at most
+          ``delta = (12 R + 1) u M`` from the state the bounds were computed on;
+          ``0.5 sum_d (z-c)^2 / s^2`` moves by at most ``2 D M delta / s_min^2``;
+        * each of the three length-``D`` products of ``quad`` is computed by BLAS (blocked
+          differently in the two solvers) with an error below ``1.01 D u sum |terms|``, and
+          ``sum |terms| <= 4 D M^2 / s_min^2`` for both, so they differ by at most
+          ``8.1 D^2 M^2 u / s_min^2`` (before the factor ``1/2``);
+        * adding ``log det``, the constant and the popularity, and evaluating the bounds
+          themselves, costs a few ``u`` of their size.
+
+        The bound takes generous constants over these terms (own-cluster entries, scaled
+        by ``(1 + a)^2``, multiply it by that factor).
+        """
+        u, d, big = _UNIT_ROUNDOFF, self.dim, self.max_abs_z**2
+        inv_var = 1.0 / self.scale_floor**2
+        quad_terms = inv_var * d * big * (16.0 * (d + 4) + 64.0 * (touches + 1))
+        others = 16.0 * (d * (2.0 + abs(np.log(self.scale_floor))) + 20.0 + np.log(self.n + 1.0))
+        return u * (quad_terms + others)
+
+    def _exact_gain(self, z: np.ndarray, slots: np.ndarray) -> np.ndarray:
+        """The existing-cluster gains ``(m, K)`` exactly as the dense solver computes them."""
+        if self.solver == "dense":
+            gauss = _gaussian_loglik(z, self.state.centres(slots), self.state.scale[slots])
+            return gauss + self.popularity_logit(slots)
+        return _loglik_from_parts(z, *self.state.likelihood_parts(slots)) + self.popularity_logit(slots)
+
+    def gain_bounds(self, clients: np.ndarray) -> dict[str, np.ndarray]:
+        """Bounds on the gains the dense solver would compute for each of ``clients`` if it were next.
+
+        All clients' rows are bounded at once, from the pass cache (class docstring),
+        without touching their ``D`` entries.
+
+        Returns:
+            ``rows`` ``(R,)`` the clients' prompt rows, ``owner`` ``(R,)`` each row's client
+            (index into ``clients``), ``slots`` ``(C,)`` the live clusters, ``lo``, ``hi``
+            ``(R, C)`` bounds on each row's gain for each of them, ``new_lo``, ``new_hi``
+            ``(R,)`` on its new-cluster gain, and ``described`` ``(k,)``: whether the client's
+            step is one the cache describes (``False``: one of its clusters is new or was
+            re-scaled this pass, or would be emptied by removing its prompts; its bounds
+            are then meaningless).
+        """
+        cache, state = self.cache, self.state
+        sizes = self.bounds[clients + 1] - self.bounds[clients]
+        first = np.concatenate([[0], np.cumsum(sizes)])  # each client's first row in the batch
+        owner = np.repeat(np.arange(clients.size), sizes)
+        rows = self.bounds[clients][owner] + np.arange(first[-1]) - first[owner]
+        own = self.labels[rows]
+        live = cache.live()
+        slots = cache.slot[live]
+        own_col = np.full(rows.size, -1, dtype=np.int64)
+        placed = np.flatnonzero(own >= 0)
+        known = placed[own[placed] < cache.column.size]
+        own_col[known] = cache.column[own[known]]
+        bad = (own >= 0) & ((own_col < 0) | (state.members[np.maximum(own, 0)] < 2))
+        settled = np.bincount(owner[bad], minlength=clients.size) == 0
+        mine = np.flatnonzero((own_col >= 0) & settled[owner])  # rows whose own cluster is bounded
+        at = np.searchsorted(live, own_col[mine])  # its position among the live columns
+        root = np.sqrt(np.maximum(cache.quad[np.ix_(rows, live)], 0.0))  # (R, C)
+        shift = cache.shift[live]
+        reach = np.broadcast_to(shift, root.shape).copy()
+        w = self.w_all[rows[mine]]
+        a = w / (state.weight[own[mine]] - w)  # the own centre moves by a (c - z) when the prompt leaves
+        # every row of the client sees that own centre moved by a |c - z| more (pairs are distinct)
+        per = sizes[owner[mine]]
+        pair_row = np.repeat(first[owner[mine]], per) + np.arange(per.sum()) - np.repeat(np.cumsum(per) - per, per)
+        pair_col = np.repeat(at, per)
+        reach[pair_row, pair_col] += np.repeat(a * (root[mine, at] + shift[at]), per)
+        low, high = np.maximum(root - reach, 0.0) ** 2, (root + reach) ** 2
+        scale = 1.0 + a
+        low[mine, at] = (scale * np.maximum(root[mine, at] - shift[at], 0.0)) ** 2
+        high[mine, at] = (scale * (root[mine, at] + shift[at])) ** 2
+        base = np.broadcast_to(self.popularity_logit(slots) - cache.const[live], root.shape)
+        if self.pop_net is None:  # the empirical rate counts the other clients only
+            base = base.copy()
+            counts = state.members[slots[pair_col]] - 1
+            base[pair_row, pair_col] = (
+                np.log(counts) - np.log(np.maximum(self.n - counts, 1)) - cache.const[live][pair_col]
+            )
+        # the batch's clients are bounded now, stepped later: allow for the steps between
+        margin = np.full(root.shape, self._rounding_bound(cache.touches + clients.size))
+        margin[mine, at] *= scale**2
+        lo, hi = base - 0.5 * high - margin, base - 0.5 * low + margin
+        new_gain = self.prior_of(rows)
+        return {
+            "rows": rows,
+            "owner": owner,
+            "slots": slots,
+            "lo": lo,
+            "hi": hi,
+            "new_lo": new_gain - self._prior_bound(),
+            "new_hi": new_gain + self._prior_bound(),
+            "described": settled,
+        }
+
+    def _bounded_choices(self, clients: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The steps of ``clients`` as the pass cache settles them, each as if it were next.
+
+        For each client: whether the bounds (:meth:`gain_bounds`) settle its step (as
+        :func:`_certified_choice` does for one client), and for its prompts the cluster
+        slot each goes to (``-1``: a new cluster).
+
+        Returns:
+            ``(settled (k,), target (rows of the clients, concatenated))``.
+        """
+        bounds = self.gain_bounds(clients)
+        rows, owner, slots, lo, hi = bounds["rows"], bounds["owner"], bounds["slots"], bounds["lo"], bounds["hi"]
+        new_lo, new_hi, settled = bounds["new_lo"], bounds["new_hi"], bounds["described"].copy()
+        target = np.full(rows.size, -1, dtype=np.int64)
+        if slots.size == 0:
+            return settled, target  # only new clusters: every prompt opens one
+        line = np.arange(rows.size)
+        best = np.argmax(lo, axis=1)
+        best_lo = lo[line, best]
+        others = hi.copy()
+        others[line, best] = -np.inf
+        highest_other = others.max(axis=1)
+        existing = (best_lo > highest_other) & (best_lo > new_hi)
+        fresh = new_lo > np.maximum(highest_other, hi[line, best])
+        settled &= np.bincount(owner[~(existing | fresh)], minlength=clients.size) == 0
+        picked = np.flatnonzero(existing)
+        key = np.sort(owner[picked] * slots.size + best[picked])
+        twice = key[1:][key[1:] == key[:-1]] // slots.size  # two prompts of one client want one cluster
+        settled[twice] = False
+        target[existing] = slots[best[existing]]
+        return settled, target
+
+    def prior_of(self, rows: np.ndarray) -> np.ndarray:
+        """The new-cluster gain of ``rows`` at the current state, within :meth:`_prior_bound` of the dense solver's.
+
+        ``-0.5 (z^2 . 1/var + sum log var) - D/2 log 2 pi + logit(1/n)`` as one matrix-vector
+        product per block (the dense solver sums ``z^2 / var + log var`` row by row).
+        """
+        cache, version = self.cache, self.state.version
+        stale = rows[cache.version[rows] != version]
+        if stale.size:
+            inverse, log_sum = self._prior_parts()
+            for start in range(0, stale.size, _BLOCK_ROWS):
+                block = stale[start : start + _BLOCK_ROWS]
+                cache.prior[block] = self._prior_from((self.z_all[block] ** 2) @ inverse, log_sum)
+            cache.version[stale] = version
+        return cache.prior[rows]
+
+    def _prior_parts(self) -> tuple[np.ndarray, float]:
+        """``1 / var`` ``(D,)`` and ``sum log var`` of the new-cluster prior at the current state."""
+        var = 1.0 + self.mean_var(self.state.active())
+        return 1.0 / var, float(np.sum(np.log(var)))
+
+    def _prior_from(self, scaled_squares: np.ndarray, log_sum: float) -> np.ndarray:
+        """The prior's gain from ``sum_d z_d^2 / var_d`` of each row."""
+        return -0.5 * (scaled_squares + log_sum) - 0.5 * self.dim * _LOG_2PI + self.new_logit
+
+    def _prior_bound(self) -> float:
+        """How far :meth:`prior_of` can be from the dense solver's: two length-``D`` sums of terms below ``M^2 + 1``."""
+        d = self.dim
+        return _UNIT_ROUNDOFF * 8.0 * d * (d + 4) * (self.max_abs_z**2 + 2.0 + np.log(2.0))
+
+    def _after_change(self, lost: np.ndarray, gained: np.ndarray, rescaled: np.ndarray) -> None:
+        """Tell the pass cache which clusters lost or gained members, and which were re-scaled (state up to date)."""
+        cache, state = self.cache, self.state
+        cache.epoch += 1
+        if cache.column.size < state.capacity:
+            extra = state.capacity - cache.column.size
+            cache.column = np.concatenate([cache.column, np.full(extra, -1, dtype=np.int64)])
+        touched = np.unique(np.concatenate([lost, gained]))
+        emptied = touched[state.members[touched] == 0]
+        dead = cache.column[emptied]
+        cache.slot[dead[dead >= 0]] = -1
+        cache.column[emptied] = -1
+        fresh = np.unique(np.concatenate([rescaled, gained[cache.column[gained] < 0]]))
+        moved = np.setdiff1d(touched, np.concatenate([emptied, fresh]))
+        cols = cache.column[moved]
+        cols = cols[cols >= 0]
+        moved = cache.slot[cols]
+        if cols.size:
+            offset = state.centres(moved) - cache.centre[cols]
+            # the distance, rounded up: its own rounding is far below the bound E
+            cache.shift[cols] = np.sqrt(np.sum(offset**2 * cache.inv_var[cols], axis=1)) * (1.0 + 1e-12) + 1e-300
+        self.add_columns(fresh)
+
+    def _move(self, t: int, target: np.ndarray) -> np.ndarray:
+        """Apply client ``t``'s certified step: prompt ``p`` to cluster slot ``target[p]`` (``-1``: a new cluster).
+
+        The same state operations, in the same order, as :meth:`assign_client`'s exact step
+        with that answer (the client's clusters keep other members, so none is kept alone).
+        """
+        z, w, own = self.z[t], self.w[t], self.assign[t]
+        placed = own >= 0
+        state = self.state
+        if placed.any():
+            state.add(own[placed], z[placed], w[placed], sign=-1.0)
+        chosen = target.copy()
+        fresh_rows = np.flatnonzero(target < 0)
+        if fresh_rows.size:
+            chosen[fresh_rows] = state.free_slots(fresh_rows.size)[: fresh_rows.size]
+        state.add(chosen, z, w)
+        if fresh_rows.size:
+            self.refresh_nets(chosen[fresh_rows])
+        self.assign[t][:] = chosen
+        return chosen[fresh_rows]
+
+    def assign_client(self, t: int, bounded: tuple[bool, np.ndarray] | None = None) -> None:
         """Re-assign client ``t``'s prompts by the Hungarian algorithm (maximising the gain).
 
         Columns: every existing cluster (Gaussian log-likelihood under its centre and scale
         plus its popularity logit) and one "new cluster" column per prompt (prior-predictive
-        likelihood plus the popularity of a one-client cluster).
+        likelihood plus the popularity of a one-client cluster). The fast solver settles
+        most steps from its pass cache (:meth:`_bounded_choices`; ``bounded``: its answer
+        for this client, computed with the cache as it is now).
         """
         z, w = self.z[t], self.w[t]
         m = z.shape[0]
         if m == 0:
             return
+        self.client_steps += 1
         state, own = self.state, self.assign[t]
+        cache = self.cache
+        if cache is not None:
+            if bounded is None:
+                settled, target = self._bounded_choices(np.array([t]))
+                bounded = (bool(settled[0]), target)
+            target = bounded[1] if bounded[0] else None
+            cache.touches += 1
+            if target is not None:
+                self.bounded_steps += 1
+                if np.all(own >= 0) and np.array_equal(target, own):
+                    cache.queue.append(t)  # nothing changes but rounding: applied in order later
+                    return
+                self.flush()
+                before = own.copy()
+                opened = self._move(t, target)
+                self.changed = True
+                moved = target != before
+                self._after_change(before[moved & (before >= 0)], self.assign[t][moved], opened)
+                return
+            self.flush()
+            cache.fallback += m * int(cache.live().size)
         placed = own >= 0
         if placed.any():
             state.add(own[placed], z[placed], w[placed], sign=-1.0)
         slots = state.active()
-        mean_var = np.mean(state.scale[slots] ** 2, axis=0) if slots.size else np.ones(self.dim)
-        new_gain = _prior_loglik(z, mean_var) + float(_logit(1.0 / max(self.n, 2)))
-        new_block = np.full((m, m), _INFEASIBLE)
-        np.fill_diagonal(new_block, new_gain)
-        if slots.size:
-            gain = _gaussian_loglik(z, state.centres(slots), state.scale[slots]) + self.popularity_logit(slots)
-            gain = np.concatenate([gain, new_block], axis=1)
+        new_gain = _prior_loglik(z, self.mean_var(slots)) + self.new_logit
+        gain = self._exact_gain(z, slots)
+        cols = _certified_choice(gain, gain, new_gain) if self.solver == "fast" else None
+        if cols is not None:
+            rows = np.arange(m)
         else:
-            gain = new_block
-        tick = time.perf_counter()
-        rows, cols = linear_sum_assignment(gain, maximize=True)
-        self.hungarian_seconds += time.perf_counter() - tick
+            new_block = np.full((m, m), _INFEASIBLE)
+            np.fill_diagonal(new_block, new_gain)
+            gain = np.concatenate([gain, new_block], axis=1) if slots.size else new_block
+            tick = time.perf_counter()
+            rows, cols = linear_sum_assignment(gain, maximize=True)
+            self.hungarian_seconds += time.perf_counter() - tick
+            self.hungarian_calls += 1
         chosen = np.empty(m, dtype=np.int64)
         existing = cols < slots.size
         chosen[rows[existing]] = slots[cols[existing]]
@@ -469,7 +1177,24 @@ class ClusterAlignment:
         state.add(chosen, z, w)
         if fresh_rows.size:
             self.refresh_nets(chosen[fresh_rows])
-        self.assign[t] = chosen
+        moved = chosen != own
+        own = own.copy()
+        self.assign[t][:] = chosen
+        if moved.any():
+            self.changed = True
+        if cache is not None:
+            if moved.any() or fresh_rows.size:
+                self._after_change(own[moved & placed], chosen[moved], chosen[fresh_rows])
+            self._maybe_rebuild()
+
+    def _maybe_rebuild(self) -> None:
+        """Rebuild the moved columns once the exact steps since the last rebuild cost as much (ski rental)."""
+        cache = self.cache
+        live = cache.live()
+        drifted = live[cache.shift[live] > 0]
+        if drifted.size and cache.fallback >= self.z_all.shape[0] * drifted.size:
+            self.add_columns(cache.slot[drifted])
+            cache.fallback = 0
 
     # -- theta-step ---------------------------------------------------------------------
     def theta_step(self) -> float:
@@ -477,17 +1202,18 @@ class ClusterAlignment:
 
         Centres are the weighted member means (the exact maximiser of the likelihood term).
         The likelihood is evaluated from per-cluster sufficient statistics (residual sum of
-        squares per dimension), so a step costs ``O(K D)``, not ``O(N D)``.
+        squares per dimension), so a step costs ``O(K D)``, not ``O(N D)``. The residuals
+        are accumulated in client order, the order of a loop over clients (:func:`_ordered_rounds`).
         """
         state, n, dim = self.state, self.n, self.dim
         slots = state.active()
         centres_np = state.centres(slots)
-        position = np.full(self.capacity, -1, dtype=np.int64)
+        position = np.full(state.capacity, -1, dtype=np.int64)
         position[slots] = np.arange(slots.size)
         rss = np.zeros_like(centres_np)
-        for t, labels in enumerate(self.assign):
-            rows = position[labels]  # distinct within a client, so plain fancy-index accumulation is exact
-            rss[rows] += (self.z[t] - centres_np[rows]) ** 2
+        rows = position[np.concatenate(self.assign)]
+        for members in _ordered_rounds(rows):
+            rss[rows[members]] += (self.z_all[members] - centres_np[rows[members]]) ** 2
         centres = torch.from_numpy(centres_np.astype(np.float32))
         rss_t = torch.from_numpy(rss.astype(np.float32))
         counts = torch.from_numpy(state.members[slots].astype(np.float32))
@@ -515,11 +1241,10 @@ class ClusterAlignment:
         return float(value)
 
     def sweep(self) -> bool:
-        """One alpha-step per client (seeded order) and a theta-step; True if any assignment changed."""
-        before = [a.copy() for a in self.assign]
-        for t in self.rng.permutation(self.n):
-            self.assign_client(int(t))
-        return not all(np.array_equal(a, b) for a, b in zip(self.assign, before))
+        """One alpha-step per client (seeded order); True if any assignment changed."""
+        self.changed = False
+        self.run_pass([int(t) for t in self.rng.permutation(self.n)])
+        return self.changed
 
     # -- output -------------------------------------------------------------------------
     def result(self, max_prompts: int | None, trace: Sequence[float], started: float) -> AlignmentResult:
@@ -531,23 +1256,29 @@ class ClusterAlignment:
         if max_prompts is not None and slots.size > max_prompts:
             num_dropped = int(slots.size - max_prompts)
             slots = slots[:max_prompts]
-        new_index = np.full(self.capacity, -1, dtype=np.int64)
+        new_index = np.full(state.capacity, -1, dtype=np.int64)
         new_index[slots] = np.arange(slots.size)
         assignments = [new_index[a] for a in self.assign]
+        labels = new_index[np.concatenate(self.assign)]
+        kept = np.flatnonzero(labels >= 0)
+        rounds = _ordered_rounds(labels[kept])
 
-        def merged(values: list[np.ndarray]) -> np.ndarray:
-            """Weighted member means of ``values`` (per client ``(m_t, X)``) under the final assignment."""
-            sums = np.zeros((slots.size, values[0].shape[1]))
-            for t, labels in enumerate(assignments):
-                kept = labels >= 0
-                np.add.at(sums, labels[kept], self.w[t][kept, None] * values[t][kept])
+        def merged(values: np.ndarray) -> np.ndarray:
+            """Weighted member means of the stacked ``values`` ``(N, X)`` under the final assignment.
+
+            Accumulated in client order, the order of a loop over clients (:func:`_ordered_rounds`).
+            """
+            sums = np.zeros((slots.size, values.shape[1]))
+            for members in rounds:
+                rows = kept[members]
+                sums[labels[rows]] += self.w_all[rows, None] * values[rows]
             return sums / state.weight[slots, None]
 
-        merged_keys = None if self.inputs.keys is None else merged(self.inputs.keys)
-        if self.inputs.features is None:
+        merged_keys = None if self.inputs.keys_all is None else merged(self.inputs.keys_all)
+        if self.inputs.features_all is None:
             centres = state.centres(slots) * self.spread + self.offset
         else:  # clustered on features: the centres are the members' prompts, merged alike
-            centres = merged(self.inputs.prompts)
+            centres = merged(self.inputs.prompts_all)
         if self.pop_net is not None:
             with torch.no_grad():
                 pop = self.pop_net(torch.from_numpy(state.centres(slots).astype(np.float32))).numpy()
@@ -566,6 +1297,9 @@ class ClusterAlignment:
             num_dropped=num_dropped,
             hungarian_seconds=self.hungarian_seconds,
             total_seconds=time.perf_counter() - started,
+            hungarian_calls=self.hungarian_calls,
+            client_steps=self.client_steps,
+            bounded_steps=self.bounded_steps,
         )
 
     def run(self, n_sweeps: int, max_prompts: int | None, started: float) -> AlignmentResult:
@@ -596,6 +1330,7 @@ def align_prompts(
     grad_steps: int = 10,
     min_scale: float = 0.02,
     seed: int = 0,
+    solver: str = "fast",
 ) -> AlignmentResult:
     """FedPrime's clustering-alignment of inter-client prompts (see module docstring).
 
@@ -627,6 +1362,10 @@ def align_prompts(
         grad_steps: Adam steps per theta-step.
         min_scale: lower bound of the learned scale, in standardised units.
         seed: makes client order and net initialisation deterministic.
+        solver: ``"fast"`` (gains of a sweep in one blocked product, the Hungarian solve
+            skipped where every prompt's best cluster is its own by a proven margin) or
+            ``"dense"`` (every client step against every cluster, the reference); both give
+            the same assignments and, from them, the same centres (:class:`ClusterAlignment`).
 
     Returns:
         :class:`AlignmentResult`.
@@ -636,6 +1375,14 @@ def align_prompts(
         client_prompts, client_weights, client_keys, init_assignments, prompt_weights, client_features
     )
     engine = ClusterAlignment(
-        inputs, popularity=popularity, hidden=hidden, lr=lr, grad_steps=grad_steps, min_scale=min_scale, seed=seed
+        inputs,
+        popularity=popularity,
+        hidden=hidden,
+        lr=lr,
+        grad_steps=grad_steps,
+        min_scale=min_scale,
+        seed=seed,
+        solver=solver,
+        in_place=True,
     )
     return engine.run(n_sweeps, max_prompts, started)
