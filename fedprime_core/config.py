@@ -30,9 +30,9 @@ from .yamlio import read_yaml_mapping
 METHODS = tuple(METHOD_SPECS)
 #: Methods whose clients keep personal inter pools merged by FedPrime's protocol (fedprime_core.method.interpool).
 PERSONALISED_METHODS = tuple(name for name, spec in METHOD_SPECS.items() if spec.personalised_pools)
-DATASETS = ("embedded", "food101", "mmimdb")
+DATASETS = ("embedded", "food101", "mmimdb", "fashion")
 #: Tokens per text when ``text-max-length`` is 0, by dataset.
-DEFAULT_TEXT_LENGTHS: dict[str, int] = {"embedded": 24, "food101": 40, "mmimdb": 128}
+DEFAULT_TEXT_LENGTHS: dict[str, int] = {"embedded": 24, "food101": 40, "mmimdb": 128, "fashion": 32}
 DATA_LAYOUTS = ("auto", "jsonl", "arrow")
 BACKBONES = ("vilt", "text-encoder")
 IMAGE_PROJECTIONS = ("trainable", "frozen")

@@ -533,7 +533,7 @@ def test_nonexistent_root(tmp_path: Path) -> None:
 
 
 def test_unknown_dataset_and_layout(tmp_path: Path) -> None:
-    with pytest.raises(DataError, match="unknown dataset 'cifar10'; expected one of food101, mmimdb"):
+    with pytest.raises(DataError, match="unknown dataset 'cifar10'; expected one of fashion, food101, mmimdb"):
         load_dataset("cifar10", tmp_path)
     with pytest.raises(DataError, match="unknown layout 'csv'"):
         load_dataset("food101", tmp_path, layout="csv")

@@ -97,6 +97,16 @@ _SPECS: dict[str, _Spec] = {
         arrow_files=("mmimdb_train.arrow", "mmimdb_dev.arrow", "mmimdb_test.arrow"),
         arrow_text_column="plots",
     ),
+    # The project's own benchmark (docs/datasets/fashion.md): product name + photograph ->
+    # article type, built by fedprime_core.tools.build_fashion in the jsonl layout.
+    "fashion": _Spec(
+        name="fashion",
+        multilabel=False,
+        text_max_length=DEFAULT_TEXT_LENGTHS["fashion"],
+        jsonl_label_fields=("label",),
+        arrow_files=("fashion_train.arrow", "fashion_dev.arrow", "fashion_test.arrow"),
+        arrow_text_column="text",
+    ),
 }
 
 _JSONL_FILES = ("train.jsonl", "dev.jsonl", "test.jsonl")
@@ -179,7 +189,10 @@ def load_dataset(
     mmimdb_protocol: str = "paper",
     required: Sequence[str] = ("train", "test"),
 ) -> DatasetSplits:
-    """Load UPMC Food-101 or MM-IMDB from ``root`` with one label space for all splits.
+    """Load UPMC Food-101, MM-IMDB or the fashion benchmark from ``root`` with one label space for all splits.
+
+    The fashion benchmark (``docs/datasets/fashion.md``) is single-label and read as Food-101
+    is: its ``label`` is the article type, its ``text`` the product name.
 
     Layouts (``root`` is the folder holding the files):
 
@@ -253,7 +266,7 @@ def load_dataset(
     the 0-based row index for arrow. Samples keep the order of their file.
 
     Args:
-        name: ``"food101"`` or ``"mmimdb"`` (case, ``-`` and ``_`` ignored).
+        name: ``"food101"``, ``"mmimdb"`` or ``"fashion"`` (case, ``-`` and ``_`` ignored).
         root: folder holding the dataset files.
         layout: ``"auto"``, ``"jsonl"`` or ``"arrow"``.
         num_classes: keep only the K most frequent train classes; ``0`` keeps all.
@@ -364,7 +377,7 @@ def load_dataset(
         label_space = _label_space(raws["train"], num_classes, spec.name)
     index = {c: i for i, c in enumerate(label_space)}
     seen_in_train = {n for r in raws["train"] for n in r.names} if listed is None else set(label_space)
-    strict = listed is not None and spec.name == "food101"
+    strict = listed is not None and not spec.multilabel
     samples: dict[str, list[Sample]] = {}
     for split in _SPLITS:
         samples[split], bad = _apply_labels(

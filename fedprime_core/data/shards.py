@@ -163,7 +163,7 @@ class ClientNode:
             if cfg.dataset == "embedded":
                 raise ConfigError(
                     f"node config data-dir={self.data_dir!r} needs a dataset read from disk, but the run config "
-                    'has dataset="embedded"; run with dataset="food101" or "mmimdb"'
+                    'has dataset="embedded"; run with dataset="food101", "mmimdb" or "fashion"'
                 )
             changes["data-dir"] = self.data_dir
         if self.data_layout:

