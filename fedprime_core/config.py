@@ -24,6 +24,8 @@ from pathlib import Path
 from typing import Any
 
 from .method.methods import METHOD_SPECS, PFPT_STEPS
+from .method.regimes import ALIGN_ON, ALIGN_STARTS, INIT_MODES, MERGE_MODES
+from .wire import WIRE_DTYPES
 from .yamlio import read_yaml_mapping
 
 #: The methods, in the order of the method table (fedprime_core.method.methods).
@@ -40,12 +42,9 @@ MISSING_SETTINGS = ("miss-text", "miss-image", "miss-both", "none")
 MMIMDB_PROTOCOLS = ("paper", "multilabel")
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SELECTIONS = ("sample", "batch")
-INTER_MERGES = ("align", "position")
-INTER_INITS = ("shared", "independent")
-ALIGN_STARTS = ("warm", "cold")
-ALIGN_ON = ("prompt", "delta", "usage")
+# The method's and the wire's own vocabularies, assembled into the schema here.
+INTER_MERGES, INTER_INITS = MERGE_MODES, INIT_MODES
 DEVICES = ("auto", "cpu", "cuda")
-WIRE_DTYPES = ("float32", "float16", "bfloat16")
 COMM_PROFILES = ("paper", "lean", "minimal")
 #: The value of a communication key that means "take it from ``comm-profile``".
 FROM_PROFILE = "profile"
@@ -856,7 +855,7 @@ def _check_consistency(cfg: RunConfig) -> None:
     if cfg.dataset != "embedded" and not cfg.data_dir and not class_list(cfg):
         raise ConfigError(
             f"run config key 'data-dir' is empty but dataset={cfg.dataset!r} needs data: set data-dir to the "
-            "dataset root (see README, 'Datasets'), or, when every SuperNode names its own data-dir and the "
+            "dataset root (see docs/datasets.md), or, when every SuperNode names its own data-dir and the "
             "server holds no data, give the class list in 'classes'"
         )
     _check_backbone_model(cfg.backbone, cfg.model)
@@ -945,7 +944,7 @@ def parse_run_config(values: Mapping[str, Any] | None = None, *, strict: bool = 
     if unknown and strict:
         raise ConfigError(
             f"unknown run config key(s): {', '.join(_with_guess(k) for k in unknown)}; known keys are listed in "
-            "pyproject.toml [tool.flwr.app.config] and README 'Configuration'"
+            "pyproject.toml [tool.flwr.app.config] and docs/configuration.md"
         )
     kwargs = {}
     for opt in OPTIONS:  # comm-profile comes before the keys it sets

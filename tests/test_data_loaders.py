@@ -606,7 +606,7 @@ def truncated_jpeg() -> bytes:
     return data[: len(data) * 2 // 3]
 
 
-def test_issue18_item6_a_truncated_jpeg_is_caught_at_load(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+def test_a_truncated_jpeg_is_caught_at_load(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     root = make_food_jsonl(tmp_path, train=[FOOD_TRAIN[0], food_row("cut", "pizza", "img/cut.jpg"), FOOD_TRAIN[1]])
     (root / "img" / "cut.jpg").write_bytes(truncated_jpeg())
     with Image.open(root / "img" / "cut.jpg") as image:
@@ -619,7 +619,7 @@ def test_issue18_item6_a_truncated_jpeg_is_caught_at_load(tmp_path: Path, caplog
     assert "cut.jpg" in caplog.text
 
 
-def test_issue18_item6_a_truncated_jpeg_in_arrow_is_caught_at_load(tmp_path: Path) -> None:
+def test_a_truncated_jpeg_in_arrow_is_caught_at_load(tmp_path: Path) -> None:
     root = make_food_arrow(tmp_path)
     rows = [food_arrow_row("t0", 5), food_arrow_row("cut", 3, image=truncated_jpeg())]
     write_arrow(root / "food101_train.arrow", rows, FOOD_SCHEMA)

@@ -46,7 +46,7 @@ def trained(grid: LoopbackGrid) -> list:
     return [m for m in grid.sent if m.metadata.message_type != "query"]
 
 
-def test_item1_a_malformed_missing_table_stops_the_run_before_round_1(quick_config, tmp_path, logs):
+def test_a_malformed_missing_table_stops_the_run_before_round_1(quick_config, tmp_path, logs):
     table = tmp_path / "table.yaml"
     table.write_text(
         "# per-client mixtures\n0: {complete: 0.5, text-missing: abc, image-missing: 0.5}\ndefault: [1, 0, 0]\n"
@@ -64,7 +64,7 @@ def test_item1_a_malformed_missing_table_stops_the_run_before_round_1(quick_conf
         run(cfg)
 
 
-def test_item1_data_too_small_for_every_partitions_minimum_stops_the_run_before_round_1(quick_config, logs):
+def test_data_too_small_for_every_partitions_minimum_stops_the_run_before_round_1(quick_config, logs):
     cfg = quick_config(run_name="too-small", max_train_samples=26, min_partition_size=10)
     grid = LoopbackGrid(config_to_dict(cfg), 3)
     context = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=config_to_dict(cfg))
@@ -75,20 +75,20 @@ def test_item1_data_too_small_for_every_partitions_minimum_stops_the_run_before_
     run(quick_config(run_name="fits", max_train_samples=26, min_partition_size=8, num_server_rounds=1))
 
 
-def test_item1_a_missing_dataset_root_stops_the_run_before_round_1(quick_config, tmp_path, logs):
+def test_a_missing_dataset_root_stops_the_run_before_round_1(quick_config, tmp_path, logs):
     cfg = quick_config(run_name="no-root", dataset="food101", data_dir=str(tmp_path / "nowhere"))
     with pytest.raises(DataError, match="dataset root .*nowhere' does not exist"):
         run(cfg)
     assert "FedPrime cannot start" in logs.text
 
 
-def test_item1_partitioned_nodes_that_disagree_on_their_count_are_refused(quick_config):
+def test_partitioned_nodes_that_disagree_on_their_count_are_refused(quick_config):
     configs = [{"partition-id": 0, "num-partitions": 3}, {"partition-id": 1, "num-partitions": 2}]
     with pytest.raises(ConfigError, match="disagree on num-partitions: 2 \\(nodes 2\\); 3 \\(nodes 1\\)"):
         run(quick_config(run_name="disagree"), num_nodes=2, node_configs=configs)
 
 
-def test_item1_too_few_nodes_stop_the_run_before_round_1_after_one_node_wait(quick_config, logs):
+def test_too_few_nodes_stop_the_run_before_round_1_after_one_node_wait(quick_config, logs):
     cfg = quick_config(run_name="lonely", min_available_nodes=2, min_train_nodes=2, node_wait=1.0)
     started = time.monotonic()
     with pytest.raises(
@@ -102,7 +102,7 @@ def test_item1_too_few_nodes_stop_the_run_before_round_1_after_one_node_wait(qui
 
 
 # --- 2. fail fast -----------------------------------------------------------------------
-def test_item2_consecutive_skipped_rounds_stop_the_run_as_failed(quick_config, logs):
+def test_consecutive_skipped_rounds_stop_the_run_as_failed(quick_config, logs):
     cfg = quick_config(
         run_name="skips", fault_plan="0:crash,1:crash", num_server_rounds=6, max_skipped_rounds=2, fraction_evaluate=0.0
     )
@@ -120,7 +120,7 @@ def test_item2_consecutive_skipped_rounds_stop_the_run_as_failed(quick_config, l
     assert not (run_dir_of(cfg) / "run.lock").exists()
 
 
-def test_item2_a_run_whose_clients_all_fail_with_a_config_error_ends_failed(quick_config, logs):
+def test_a_run_whose_clients_all_fail_with_a_config_error_ends_failed(quick_config, logs):
     # Partitioned nodes of a run whose config names no data-dir to carve shards from: an error
     # only training shows (the identity query of a partitioned node reads no data).
     cfg = quick_config(
@@ -136,7 +136,7 @@ def test_item2_a_run_whose_clients_all_fail_with_a_config_error_ends_failed(quic
     assert "FedPrime finished" not in logs.text
 
 
-def test_item2_sites_whose_node_config_is_wrong_are_refused_before_round_1(quick_config, logs):
+def test_sites_whose_node_config_is_wrong_are_refused_before_round_1(quick_config, logs):
     # Every site names a relative data-dir: a node-config error only the clients can see, found
     # by the identity query before round 1 (tests/test_site_checks.py: sites with bad data).
     configs = [{"data-dir": "site"} for _ in range(3)]
@@ -148,7 +148,7 @@ def test_item2_sites_whose_node_config_is_wrong_are_refused_before_round_1(quick
     assert "FedPrime finished" not in logs.text
 
 
-def test_item2_the_skip_count_survives_a_resume_and_resets_after_a_good_round(quick_config):
+def test_the_skip_count_survives_a_resume_and_resets_after_a_good_round(quick_config):
     outcome = [ClientOutcome(1, "0", "rejected", "client error: InjectedFault: x")]
     assert stop_reason(outcome, skipped_in_a_row=1, max_skipped=2) is None
     assert "2 consecutive" in stop_reason(outcome, skipped_in_a_row=2, max_skipped=2)
@@ -163,7 +163,7 @@ def test_item2_the_skip_count_survives_a_resume_and_resets_after_a_good_round(qu
 
 
 # --- 3. every sampled client accounted for ------------------------------------------------
-def test_item3_timed_out_dead_and_crashed_clients_are_each_accounted_for(quick_config, logs):
+def test_timed_out_dead_and_crashed_clients_are_each_accounted_for(quick_config, logs):
     # Node 2 (client 1) never answers; node 3 (client 2) died: the SuperLink answers for it,
     # with its own node id (1) as the source; node 4 (client 3) crashes in round 2.
     cfg = quick_config(
@@ -198,7 +198,7 @@ def test_item3_timed_out_dead_and_crashed_clients_are_each_accounted_for(quick_c
     assert "Traceback (most recent call last)" in logs.text  # the full traceback stays in the log
 
 
-def test_item3_reasons_from_flower_and_ray_become_one_line():
+def test_reasons_from_flower_and_ray_become_one_line():
     ray = (
         "<class 'ray.exceptions.RayTaskError(ClientAppException)'>:<'\x1b[36mray::ClientAppActor.run()\x1b[39m "
         '(pid=26188, ip=192.0.2.2)\n  File "/app/client_app/app.py", line 96, in train\n'
@@ -253,7 +253,7 @@ def save_round(run_dir: Path, server_round: int) -> None:
     save_checkpoint(run_dir, state, meta)
 
 
-def test_item4_a_checkpoint_write_killed_at_any_step_resumes_from_one_whole_round(tmp_path):
+def test_a_checkpoint_write_killed_at_any_step_resumes_from_one_whole_round(tmp_path):
     def kill_at(step: int, run_dir: Path) -> subprocess.CompletedProcess:
         return subprocess.run(
             [sys.executable, "-c", KILL_AT_STEP, str(run_dir), str(step)],
@@ -288,7 +288,7 @@ def test_item4_a_checkpoint_write_killed_at_any_step_resumes_from_one_whole_roun
     assert seen == {1, 2}
 
 
-def test_item4_a_changed_array_file_is_refused(tmp_path):
+def test_a_changed_array_file_is_refused(tmp_path):
     save_round(tmp_path, 3)
     save_round(tmp_path / "other", 4)
     (tmp_path / "checkpoint-000003.npz").write_bytes((tmp_path / "other" / "checkpoint-000004.npz").read_bytes())
@@ -314,7 +314,7 @@ def hold_lock(folder: Path) -> subprocess.Popen:
     return holder
 
 
-def test_item5_a_second_serverapp_on_a_locked_folder_is_refused_and_a_dead_owner_is_taken_over(quick_config, logs):
+def test_a_second_serverapp_on_a_locked_folder_is_refused_and_a_dead_owner_is_taken_over(quick_config, logs):
     cfg = quick_config(run_name="locked", num_server_rounds=1, fraction_evaluate=0.0, server_eval=False)
     folder = run_dir_of(cfg)
     holder = hold_lock(folder)
@@ -334,7 +334,7 @@ def test_item5_a_second_serverapp_on_a_locked_folder_is_refused_and_a_dead_owner
     assert not (folder / "run.lock").exists()
 
 
-def test_item5_the_lock_refuses_a_second_holder_in_the_same_process(tmp_path):
+def test_the_lock_refuses_a_second_holder_in_the_same_process(tmp_path):
     with RunLock(tmp_path, "first"):
         with pytest.raises(RunFolderBusy, match="first"):
             RunLock(tmp_path, "second").acquire()
@@ -342,7 +342,7 @@ def test_item5_the_lock_refuses_a_second_holder_in_the_same_process(tmp_path):
         assert lock.taken_over is None and json.loads(lock.path.read_text())["pid"] == os.getpid()
 
 
-def test_item5_the_watchdog_notices_a_superlink_that_went_away():
+def test_the_watchdog_notices_a_superlink_that_went_away():
     server = socket.socket()
     server.bind(("127.0.0.1", 0))
     server.listen()
@@ -359,7 +359,7 @@ def test_item5_the_watchdog_notices_a_superlink_that_went_away():
         server.close()
 
 
-def test_item5_the_superlink_address_comes_from_the_grid_or_the_flower_process():
+def test_the_superlink_address_comes_from_the_grid_or_the_flower_process():
     class HttpLike:
         _addr = "10.0.0.5:8000"
 
@@ -370,7 +370,7 @@ def test_item5_the_superlink_address_comes_from_the_grid_or_the_flower_process()
 
 
 # --- 7. the small fixes -----------------------------------------------------------------------
-def test_item7_results_files_follow_the_umask(quick_config):
+def test_results_files_follow_the_umask(quick_config):
     cfg = quick_config(run_name="modes", num_server_rounds=1, fraction_evaluate=0.0)
     previous = os.umask(0o022)
     try:
@@ -382,7 +382,7 @@ def test_item7_results_files_follow_the_umask(quick_config):
     assert modes == dict.fromkeys(modes, 0o644), modes
 
 
-def test_item7_a_refused_resume_shows_the_real_old_and_new_values(quick_config):
+def test_a_refused_resume_shows_the_real_old_and_new_values(quick_config):
     cfg = quick_config(run_name="once", num_server_rounds=1, fraction_evaluate=0.0, server_eval=False)
     run(cfg, num_nodes=2)
     changed = quick_config(run_name="x", resume=str(run_dir_of(cfg)), **{"lambda": 0.02})

@@ -67,6 +67,7 @@ from scipy.optimize import linear_sum_assignment
 
 from ..metrics import entropy_bits, mutual_information_bits, specialised_share
 from .aggregation import align_prompts
+from .regimes import ALIGN_ON, ALIGN_STARTS, INIT_MODES, MERGE_MODES
 
 #: Factor applied each round to the popularity of a cluster that no participating client used.
 UNUSED_DECAY = 0.5
@@ -74,13 +75,6 @@ UNUSED_DECAY = 0.5
 INITIAL_POPULARITY = 0.5
 #: A cluster counts as specialised when one missing pattern accounts for more than this share of its uses.
 SPECIALISED_THRESHOLD = 0.8
-MERGE_MODES = ("align", "position")
-#: How a client's inter pool starts: the most popular centres, or prompts of its own.
-INIT_MODES = ("shared", "independent")
-#: Where each round's alignment starts: the slots' clusters, or from scratch.
-ALIGN_STARTS = ("warm", "cold")
-#: What the alignment compares: the prompts, their change this round, or their retrieval profile.
-ALIGN_ON = ("prompt", "delta", "usage")
 
 
 @dataclasses.dataclass(frozen=True)
