@@ -77,9 +77,11 @@ class Deployment:
         self.logs = work / "logs"
         self.logs.mkdir()
         self.env = flower_env(self.home, FEDPRIME_CACHE=str(work.parent / "model-cache"))
-        port = free_port()
-        self._spawn("superlink", [str(ROOT / "scripts/start_superlink.sh"), "--port", str(port), "--host", "127.0.0.1"])
-        add = [str(ROOT / "scripts/add_connection.sh"), "bench", f"127.0.0.1:{port}"]
+        # The sites' address (the Fleet gate) and the operator's (the Control API on loopback), as documented.
+        port, control = free_port(), free_port()
+        superlink = ["--port", str(port), "--host", "127.0.0.1", "--control-port", str(control)]
+        self._spawn("superlink", [str(ROOT / "scripts/start_superlink.sh"), *superlink])
+        add = [str(ROOT / "scripts/add_connection.sh"), "bench", f"127.0.0.1:{control}"]
         run_checked(add, self.env, timeout=60)
         deadline = time.monotonic() + 120
         while subprocess.run(["flwr", "ls", "bench"], cwd=ROOT, env=self.env, capture_output=True).returncode:
