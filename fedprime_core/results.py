@@ -471,30 +471,42 @@ def plot_curves(run_dir: Path, history: Sequence[Mapping[str, Any]], metric: str
         import matplotlib.pyplot as plt
     except ImportError:  # plotting is optional; the JSON/CSV hold every number
         return None
+    from matplotlib.ticker import MaxNLocator
+
     rounds = [r["round"] for r in history if r["round"] > 0]
-    fig, axes = plt.subplots(1, 4, figsize=(20, 4))
+    fig, grid = plt.subplots(2, 2, figsize=(12, 8))
+    axes = grid.ravel()
+
+    def percent(value: Any) -> float | None:
+        return None if value is None else 100.0 * float(value)
+
     axes[0].plot(rounds, [r.get("train-loss") for r in history if r["round"] > 0], marker="o")
     axes[0].set(title="train loss", xlabel="round")
     evaluated = [r for r in history if r.get("eval")]
     for setting in ("val", *TEST_SETTINGS):
         xs = [r["round"] for r in evaluated if setting in r["eval"]]
-        ys = [r["eval"][setting].get(metric) for r in evaluated if setting in r["eval"]]
+        ys = [percent(r["eval"][setting].get(metric)) for r in evaluated if setting in r["eval"]]
         if xs:
-            axes[1].plot(xs, ys, marker=".", label=setting)
+            axes[1].plot(xs, ys, marker="o", ms=4, label=setting)
     separate = [r for r in evaluated if r.get("eval-top-tau-same") is False]
     if separate:
-        ys = [r["eval-top-tau"].get("val", {}).get(metric) for r in separate]
+        ys = [percent(r["eval-top-tau"].get("val", {}).get(metric)) for r in separate]
         axes[1].plot([r["round"] for r in separate], ys, ls="--", marker=".", label="val, top-tau centres")
     clients = [r for r in history if r.get("client-eval", {}).get(CLIENT_TEST_PREFIX + metric) is not None]
     if clients:
-        ys = [r["client-eval"][CLIENT_TEST_PREFIX + metric] for r in clients]
-        axes[1].plot([r["round"] for r in clients], ys, ls=":", marker="x", label="clients' own test (mean)")
-    axes[1].set(title=f"{metric} (server-side; clients' own test sets)", xlabel="round")
+        ys = [percent(r["client-eval"][CLIENT_TEST_PREFIX + metric]) for r in clients]
+        axes[1].plot([r["round"] for r in clients], ys, ls=":", lw=2, marker="x", label="clients' own test (mean)")
+    axes[1].set(title=f"{metric} (%): server-side, and the clients' own test sets", xlabel="round", ylabel="%")
+    styles = {"intra": dict(marker="o", ls="-"), "inter": dict(marker="s", ls="--")}  # both visible when equal
+    largest = 0
     for pool in ("intra", "inter"):
         ys = [r.get(f"{pool}-pool-size") for r in history if r["round"] > 0]
         if any(y is not None for y in ys):
-            axes[2].plot(rounds, ys, marker="o", label=pool)
-    axes[2].set(title="prompt pool size", xlabel="round")
+            axes[2].plot(rounds, ys, label=pool, **styles[pool])
+            largest = max([largest, *(y for y in ys if y is not None)])
+    axes[2].set_ylim(0, largest * 1.15 + 1)  # from zero: a constant pool is a flat line, not a zoomed wobble
+    axes[2].set(title="prompt pool size (global)", xlabel="round", ylabel="prompts")
+    axes[2].yaxis.set_major_locator(MaxNLocator(integer=True))
     trained = [r for r in history if r["round"] > 0 and "inter-specialisation-bits" in r]
     if trained:
         xs = [r["round"] for r in trained]
@@ -505,6 +517,9 @@ def plot_curves(run_dir: Path, history: Sequence[Mapping[str, Any]], metric: str
         share.set_ylabel("share of clusters >80% one pattern", color="tab:green")
         share.set_ylim(0, 1)
     axes[3].set(title="inter prompts: specialisation on missing patterns", xlabel="round", ylabel="bits")
+    for axis in axes:
+        axis.xaxis.set_major_locator(MaxNLocator(integer=True))  # rounds are whole numbers
+        axis.grid(alpha=0.3)
     for axis in axes[1:]:
         if axis.get_legend_handles_labels()[0]:
             axis.legend(fontsize=8)
