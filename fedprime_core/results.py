@@ -367,12 +367,16 @@ def summary_markdown(summary: Mapping[str, Any], title: str) -> str:
     if clients:
         metric = summary["metric"]
         means = clients["means"]
+        tested = int(means.get(CLIENT_TEST_PREFIX + "num-examples", 0))
+        own_test = (
+            f"{_fmt(means.get(CLIENT_TEST_PREFIX + metric))} on the clients' own test sets ({tested} samples), "
+            if tested
+            else "(no client has a test set of its own), "
+        )
         lines += [
             "",
             f"Client-side evaluation, round {clients['round']}: each client scores the state it uses (its own inter "
-            f"pool where the method keeps one). Sample-weighted mean {metric}: "
-            f"{_fmt(means.get(CLIENT_TEST_PREFIX + metric))} on the clients' own test sets "
-            f"({int(means.get(CLIENT_TEST_PREFIX + 'num-examples', 0))} samples), "
+            f"pool where the method keeps one). Sample-weighted mean {metric}: {own_test}"
             f"{_fmt(means.get(metric))} on their validation splits ({int(means.get('num-examples', 0))} samples).",
             "",
             "| client | own test samples | own test | validation samples | validation |",
