@@ -207,7 +207,10 @@ def train_reply_content(
 
     Args:
         state: the trained arrays (float32).
-        metrics, usage, client, pattern_usage: see the module docstring.
+        metrics: the train metrics (see the module docstring).
+        usage: pool name -> prompt selection counts.
+        client: the client-info record.
+        pattern_usage: pool name -> the counts split by missing pattern.
         wire_dtype: encoding of the arrays.
         reference: the arrays the client received; given, the reply carries
             ``state - reference`` (``upload-delta``).

@@ -5,7 +5,7 @@
 #       [--gpu K] [--device cpu|cuda|auto] [--port 9094] [--ca DIR/ca.crt] [--key KEYFILE]
 #   scripts/start_supernode.sh --superlink HOST:PORT --partition-id PID --num-partitions N [...]
 #
-#   --data-dir DIR     this site's own data folder (jsonl or arrow layout, see README "Sites");
+#   --data-dir DIR     this site's own data folder (jsonl or arrow layout, see docs/datasets.md, "Sites");
 #                      the client trains and validates on all of it, nothing is partitioned
 #   --client-id NAME   this client's name in the results (clients.json); default: the
 #                      partition id, else node-<node id>

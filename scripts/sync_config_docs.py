@@ -3,7 +3,7 @@
     python scripts/sync_config_docs.py
 
 Rewrites the ``[tool.flwr.app.config]`` table of pyproject.toml (defaults with a comment
-per key) and the configuration table of README.md. tests/test_config.py fails when they
+per key) and the configuration table of docs/configuration.md. tests/test_config.py fails when they
 drift from the schema, and names this script.
 """
 
@@ -43,6 +43,10 @@ def pyproject_table() -> list[str]:
     return lines
 
 
+#: The documentation page that holds the options table.
+DOCS_TABLE = "docs/configuration.md"
+
+
 def readme_table() -> list[str]:
     rows = ["| key | default | meaning |", "|---|---|---|"]
     for option in OPTIONS:
@@ -58,14 +62,14 @@ def main() -> None:
     end = next(i for i in range(start, len(pyproject)) if pyproject[i].startswith("[") and i > start)
     pyproject[start:end] = [*pyproject_table(), ""]
     (ROOT / "pyproject.toml").write_text("\n".join(pyproject))
-    readme = (ROOT / "README.md").read_text().split("\n")
+    readme = (ROOT / DOCS_TABLE).read_text().split("\n")
     start = readme.index("| key | default | meaning |")
     end = start
     while end < len(readme) and readme[end].startswith("|"):
         end += 1
     readme[start:end] = readme_table()
-    (ROOT / "README.md").write_text("\n".join(readme))
-    print("pyproject.toml and README.md configuration tables regenerated")
+    (ROOT / DOCS_TABLE).write_text("\n".join(readme))
+    print(f"pyproject.toml and {DOCS_TABLE} configuration tables regenerated")
 
 
 if __name__ == "__main__":

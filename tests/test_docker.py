@@ -30,8 +30,8 @@ NUM_CLIENTS = 3
 
 
 def readme_services() -> list[str]:
-    """Service names in the first column of the README's Docker service table."""
-    text = (ROOT / "README.md").read_text()
+    """Service names in the first column of the Docker service table (docs/deployment.md)."""
+    text = (ROOT / "docs" / "deployment.md").read_text()
     section = text.split("\n## Docker demo\n", 1)[1].split("\n## ", 1)[0]
     names: list[str] = []
     for line in section.splitlines():
@@ -113,8 +113,8 @@ def assert_flags_known(spec: dict, service: str) -> None:
 def test_compose_has_every_service_the_readme_names():
     svc = services()
     named = readme_services()
-    assert len(named) >= 3 + 2 * NUM_CLIENTS, f"README's Docker section names too few services: {named}"
-    assert set(named) == set(svc), "README's service table and docker/compose.yml disagree"
+    assert len(named) >= 3 + 2 * NUM_CLIENTS, f"docs/deployment.md's Docker section names too few services: {named}"
+    assert set(named) == set(svc), "docs/deployment.md's service table and docker/compose.yml disagree"
     for name in named:
         assert name in svc, f"docker/compose.yml lacks service {name!r}"
     assert len([s for s in svc if s.startswith("supernode-")]) >= 3

@@ -651,8 +651,10 @@ class ClusterAlignment:
         inputs: validated prompts, per-prompt weights, keys and warm-start labels.
         popularity: ``"learned"`` (the popularity net ``U(theta; zeta)``) or
             ``"empirical"`` (the PFNM-style rate of the other clients using a cluster).
-        hidden, lr, grad_steps, min_scale: the nets' width, Adam step, steps per
-            theta-step and the scale's lower bound (standardised units).
+        hidden: the nets' width.
+        lr: the Adam step.
+        grad_steps: Adam steps per theta-step.
+        min_scale: the scale's lower bound (standardised units).
         seed: client order and net initialisation.
         solver: ``"fast"`` or ``"dense"`` (above).
         in_place: standardise ``inputs.matched_all`` in place instead of a copy (saves one

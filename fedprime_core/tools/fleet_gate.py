@@ -25,7 +25,7 @@ this gate on the address the sites reach. The gate:
   SuperLink, verified with the same CA.
 
 The operator reaches the Control API on the SuperLink's machine, or from a workstation
-through an SSH tunnel to its loopback port (README, "TLS and SuperNode authentication").
+through an SSH tunnel to its loopback port (docs/deployment.md, "TLS and SuperNode authentication").
 
     python -m fedprime_core.tools.fleet_gate --listen 0.0.0.0:9092 --upstream 127.0.0.1:9093 \\
         [--certs DIR] [--watch-pid PID]
