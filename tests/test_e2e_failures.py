@@ -23,7 +23,10 @@ from tests.test_e2e_deployment import QUICK, Federation, wait_for_round
 
 pytestmark = pytest.mark.slow
 
-SMALL = f"num-server-rounds=4 {QUICK} server-eval=false superlink-timeout=5.0"
+# Enough rounds that the run cannot finish before a kill takes effect (a round of this size takes
+# 1-2 s; with 4 rounds a run could end while the watchdog's superlink-timeout was still counting,
+# and its summary then rightly said "finished"). A kill ends the run long before round 40.
+SMALL = f"num-server-rounds=40 {QUICK} server-eval=false superlink-timeout=5.0"
 
 
 def command(pid: int) -> str:

@@ -51,7 +51,7 @@ def test_flwr_run_simulation_end_to_end(tmp_path, tiny_vilt):
             line = re.compile(rf"client {client} \| round {server_round}: loss \d+\.\d+ on \d+ samples")
             assert line.search(log), log[-3000:]
             assert line.search(stored.stdout), stored.stdout[-3000:]
-    assert re.search(r"client \d \| shard: \d+ train / \d+ validation samples", log)
+    assert re.search(r"client \d \| shard: \d+ train / \d+ validation / \d+ test samples", log)
     assert "tiny-vilt: unpacking the shipped weights" in log
     assert "generating tiny-vilt" not in log
     assert (results / "e2e" / "final.npz").is_file() and (results / "e2e" / "result.json").is_file()
