@@ -179,10 +179,17 @@ def test_deployment_superlink_killed(tmp_path, tiny_vilt):
     try:
         kill(f"FLWR_HOME={fed.home}", "flower-superlink")
         run.wait(timeout=300)  # flwr run --stream returns
-        left = left_over(f"FLWR_HOME={fed.home}", keep=("supernode", "superexec", "flwr-clientapp"), timeout=180)
+        # The sites stay up and wait for their SuperLink to come back: each SuperNode, its
+        # executor and its resident site worker (which lives as long as its SuperNode).
+        site = ("supernode", "superexec", "flwr-clientapp", "fedprime_core.site_worker")
+        left = left_over(f"FLWR_HOME={fed.home}", keep=site, timeout=180)
+        workers = [p for p in marked_pids(f"FLWR_HOME={fed.home}") if "site_worker" in command(p)]
     finally:
         fed.stop()
     assert left == [], left  # the ServerApp, its guard, the gate and the start script are gone
+    assert workers, "each site's resident worker outlives its SuperLink, as its SuperNode does"
+    # ... and goes with its SuperNode: nothing of the federation is left once the sites stop.
+    assert left_over(f"FLWR_HOME={fed.home}", keep=(), timeout=60) == []
     reason = finished_failed(run_dir)["reason"]
     assert "ended without finishing after round" in reason or "unreachable" in reason, reason
 
