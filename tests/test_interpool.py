@@ -26,13 +26,20 @@ def planted_pool(seed: int = 0) -> tuple[InterPool, np.ndarray, np.ndarray]:
     return InterPool.initial(centres, keys), centres, keys
 
 
-def permuted_round(pool, centres, keys, num_clients: int, seed: int = 1, noise: float = 0.05):
-    """Every client was given the pool in slot order 0..tau-1, but its slot p now holds planted content perm[p]."""
+def permuted_round(
+    pool, centres, keys, num_clients: int, seed: int = 1, noise: float = 0.05, own: bool = False, mode: str = "align"
+):
+    """Each client's slot p now holds planted content perm[p]: clients given the pool in slot order
+    0..tau-1, or (``own``) clients that started from pools of their own (``inter-init=independent``)."""
     rng = np.random.default_rng(seed)
     updates, perms = [], []
     for client in range(num_clients):
-        pool, slots = assign_slots(pool, str(client))
-        assert slots.tolist() == list(range(TAU))
+        if own:
+            pool, slots = assign_slots(pool, str(client), mode=mode, init="independent", seed=7)
+            assert np.all(slots >= TAU)  # clusters of its own, not the shared ones
+        else:
+            pool, slots = assign_slots(pool, str(client))
+            assert slots.tolist() == list(range(TAU))
         perm = rng.permutation(TAU)
         perms.append(perm)
         updates.append(
@@ -194,22 +201,7 @@ def test_information_measures():
 # --- the regimes in which content alignment has work to do (issue 26) --------------------------
 def own_pools_round(pool, centres, keys, num_clients: int, seed: int = 1, noise: float = 0.05, mode: str = "align"):
     """Clients that started from pools of their own now hold planted content perm[p] at slot p."""
-    rng = np.random.default_rng(seed)
-    updates, perms = [], []
-    for client in range(num_clients):
-        pool, slots = assign_slots(pool, str(client), mode=mode, init="independent", seed=7)
-        assert np.all(slots >= TAU)  # clusters of its own, not the shared ones
-        perm = rng.permutation(TAU)
-        perms.append(perm)
-        updates.append(
-            InterUpdate(
-                client=str(client),
-                prompts=centres[perm] + noise * rng.normal(size=(TAU, LENGTH, DIM)),
-                keys=keys[perm] + noise * rng.normal(size=(TAU, DIM)),
-                usage=rng.integers(1, 50, size=TAU),
-            )
-        )
-    return pool, updates, perms
+    return permuted_round(pool, centres, keys, num_clients, seed, noise, own=True, mode=mode)
 
 
 def nearest_centre_distance(prompts: np.ndarray, centres: np.ndarray) -> np.ndarray:
