@@ -51,13 +51,12 @@ from fedprime_protocol.messages import (
     SITE_CHECK,
     identity_query,
     parse_identity_record,
-    parse_site_check,
     record_to_state,
     state_to_record,
 )
 
 from .nodes import wait_for_nodes
-from .sites import SiteVerdict, refusal_stops_run, site_verdicts
+from .sites import SiteVerdict, refusal_stops_run, reply_site_check, site_verdicts
 from .strategy import FedPrimeStrategy
 from .watchdog import SuperLinkWatchdog, superlink_address
 
@@ -347,10 +346,7 @@ def node_census(
             log(WARNING, "node %s gave no usable identity: %s", node, one_line(reason))
             continue
         census[node] = record
-        check, problem = parse_site_check(reply)
-        if problem:  # a site whose check cannot be read is refused with the reason, like a failed check
-            log(WARNING, "node %s sent a data check the server cannot read: %s", node, one_line(problem))
-            check = {"ok": False, "problems": [f"its data check reply is malformed: {one_line(problem)}"]}
+        check = reply_site_check(reply)  # one that cannot be read refuses the site, with the reason
         if check is not None:
             census[node][SITE_CHECK] = check
     log(INFO, "nodes before round 1: %d connected, %d answered the identity query", len(nodes), len(census))

@@ -18,8 +18,11 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+from flwr.app import Message
+
 from fedprime_core.config import RunConfig
 from fedprime_core.failures import PERMANENT_KINDS, one_line
+from fedprime_protocol.messages import parse_site_check
 
 #: How many of a site's problems the one-line reason names (the others are counted).
 SHOWN_PROBLEMS = 3
@@ -76,6 +79,18 @@ class SiteVerdict:
         else:
             out["state"] = "checked"
         return out
+
+
+def reply_site_check(reply: Message) -> dict[str, Any] | None:
+    """The data check a site sent with its identity reply, typed (``None``: the node is no site).
+
+    A check that does not fit the schema (:func:`fedprime_protocol.messages.parse_site_check`)
+    becomes a failed check with the reason, so :func:`site_verdicts` refuses that site.
+    """
+    check, problem = parse_site_check(reply)
+    if problem:
+        return {"ok": False, "problems": [f"its data check reply is malformed: {one_line(problem)}"]}
+    return check
 
 
 def site_verdicts(

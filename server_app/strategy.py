@@ -70,14 +70,13 @@ from fedprime_protocol.messages import (
     instruction_contents,
     parse_evaluate_reply,
     parse_identity_record,
-    parse_site_check,
     parse_train_reply,
     state_to_record,
 )
 from fedprime_protocol.replies import ReplyLimits
 
 from .nodes import NotEnoughNodesError, wait_for_nodes
-from .sites import SiteVerdict, setting_label, site_verdicts
+from .sites import SiteVerdict, reply_site_check, setting_label, site_verdicts
 
 #: ``evaluate_held_out(round, state) -> {"val": {...}, "same-as-train": {...}, ...}`` (see ``start_or_resume``)
 ServerEvaluate = Callable[[int, dict[str, np.ndarray]], dict[str, dict[str, float]]]
@@ -454,9 +453,7 @@ class FedPrimeStrategy(FedAvg):
 
     def _check_site(self, node: int, client: str, reply: Message) -> SiteVerdict | None:
         """The verdict on a node met after round 1, from its identity reply (logged, kept, and in clients.json)."""
-        record, problem = parse_site_check(reply)
-        if problem:  # a check the server cannot read refuses the site, with the reason
-            record = {"ok": False, "problems": [f"its data check reply is malformed: {one_line(problem)}"]}
+        record = reply_site_check(reply)  # one that cannot be read refuses the site, with the reason
         if record is None:
             return None
         census = {node: {"client-id": client, SITE_CHECK: record}}
