@@ -18,6 +18,8 @@ from typing import Any
 
 from scipy import stats
 
+from fedprime_core.tools.experiments.report import _stats, no_op_pair
+
 COLUMNS = {"client": "clients' own test", "sat": "server same-as-train", "full": "server full-modal"}
 
 
@@ -36,7 +38,6 @@ def read_runs(output: Path) -> list[dict[str, Any]]:
         last = trained[-1]
         evaluation = last.get("eval") or {}
         top = last.get("eval-top-tau") if last.get("eval-top-tau-same") is False else evaluation
-        flags = [r["inter-align-noop"] for r in trained if "inter-align-noop" in r]
         rows.append(
             {
                 "arm": (
@@ -52,21 +53,20 @@ def read_runs(output: Path) -> list[dict[str, Any]]:
                 "top": 100 * top["same-as-train"]["accuracy"],
                 "rematched": sum(r.get("inter-rematched", 0) for r in trained) / len(trained),
                 "pool": last.get("inter-pool-size"),
-                "noop": bool(flags) and all(int(f) == 1 for f in flags),
+                "config": cfg,
+                "history": history,
             }
         )
     return rows
 
 
 def describe(values: list[float]) -> tuple[int, float, float, float, float]:
-    """``(n, mean, sd, 95% half-width, two-sided p of mean = 0)``."""
-    n = len(values)
-    mean = sum(values) / n
-    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else float("nan")
+    """``(n, mean, sd, 95% half-width, two-sided p of mean = 0)``; the interval as the runner's tables give it."""
+    st = _stats(values, interval=True)
+    n, mean, sd = int(st["n"]), st["mean"], st["std"]
     if n < 2 or sd == 0:
         return n, mean, sd, float("nan"), 1.0 if mean == 0 else 0.0
-    half = stats.t.ppf(0.975, n - 1) * sd / math.sqrt(n)
-    return n, mean, sd, half, float(2 * stats.t.sf(abs(mean) / (sd / math.sqrt(n)), n - 1))
+    return n, mean, sd, st["hi"] - mean, float(2 * stats.t.sf(abs(mean) / (sd / math.sqrt(n)), n - 1))
 
 
 def holm(pvalues: list[float]) -> list[float]:
@@ -105,7 +105,7 @@ def main(output: Path) -> None:
         for key in COLUMNS:
             _, mean, sd, half, _ = describe([a[key] - b[key] for a, b in pairs])
             cells.append(f"{mean:+.2f} ± {sd:.2f} [{mean - half:+.2f}, {mean + half:+.2f}]")
-        noops = sum(a["noop"] for a, _ in pairs)
+        noops = sum(no_op_pair(a["config"], a["history"], b["config"], b["history"]) is not None for a, b in pairs)
         print(
             f"| {', '.join(arm[1:])} | {len(pairs)} | {noops} | " + " | ".join(cells) + f" | {p:.3f} | {adjusted:.3f} |"
         )
