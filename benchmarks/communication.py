@@ -4,7 +4,7 @@ The model is ``PromptedModel(ViltBackbone(ViltModel(ViltConfig())))``: random we
 exactly the architecture of ``dandelin/vilt-b32-mlm`` (hidden 768, 12 blocks, 384-px
 images, 32-px patches, 40 text positions), paper settings (tau 20, kappa 5, 1 token per
 prompt, 8 classes; fedavg-p: 16 tokens at blocks 0-5), built for each ``comm-profile``
-as a run builds it (``PromptedModel.from_config``): ``paper`` (float32, dense query maps,
+as a run builds it (``fedprime_core.run_settings.prompted_model``): ``paper`` (float32, dense query maps,
 pooler and head), ``lean`` (float16 with delta uploads, rank-8 query maps), ``minimal``
 (lean plus a rank-16 head and a rank-8 update of the frozen pretrained pooler); see
 ``fedprime_core.config``.
@@ -37,7 +37,8 @@ from _common import machine, parser, table, write_json
 
 from fedprime_core.config import COMM_PROFILES, METHODS, RunConfig, parse_run_config
 from fedprime_core.method.methods import method_spec
-from fedprime_core.method.model import PromptedModel, state_nbytes, trainable_state
+from fedprime_core.method.model import state_nbytes, trainable_state
+from fedprime_core.run_settings import prompted_model
 
 NUM_CLASSES, TAU, KAPPA, INTER_POOL_MAX = 8, 20, 5, 100
 #: What each profile must reach for fedprime: each direction at most this share of the full model.
@@ -115,7 +116,7 @@ def profile_bytes(backbone, cfg: RunConfig, num_classes: int) -> dict[str, Any]:
     trainable state of the model the run builds, the download (its ``bytes-sent`` per
     client), the reply's arrays (its ``bytes-received`` per client) and the whole reply.
     """
-    model = PromptedModel.from_config(backbone, cfg, num_classes, seed=0)
+    model = prompted_model(backbone, cfg, num_classes, seed=0)
     state = trainable_state(model)
     down, up_arrays, up = wire_bytes(state, method_spec(cfg.method), cfg)
     return {"state": state, "download-bytes": down, "upload-array-bytes": up_arrays, "upload-bytes": up}

@@ -178,9 +178,10 @@ def vilt_b32_state(cfg, path: Path) -> None:
     from transformers import ViltConfig, ViltModel
 
     from fedprime_core.backbones.vilt import ViltBackbone
-    from fedprime_core.method.model import PromptedModel, trainable_state
+    from fedprime_core.method.model import trainable_state
+    from fedprime_core.run_settings import prompted_model
 
-    model = PromptedModel.from_config(ViltBackbone(ViltModel(ViltConfig())), cfg, NUM_CLASSES, seed=0)
+    model = prompted_model(ViltBackbone(ViltModel(ViltConfig())), cfg, NUM_CLASSES, seed=0)
     np.savez(path, **trainable_state(model))
 
 

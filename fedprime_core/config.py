@@ -23,7 +23,14 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from .method.methods import METHOD_SPECS, PFPT_STEPS
+from .backbones.kinds import IMAGE_PROJECTIONS, model_family
+from .backbones.kinds import KINDS as BACKBONE_KINDS
+from .data.datasets import DATA_LAYOUTS, text_lengths
+from .data.datasets import DATASETS as DATASET_SPECS
+from .data.datasets import dataset as dataset_spec
+from .data.datasets.mmimdb import PROTOCOLS as MMIMDB_PROTOCOLS
+from .faultplan import parse_fault_plan
+from .method.methods import METHOD_SPECS, OPTIMIZERS, PFPT_STEPS, SELECTIONS, default_sweeps
 from .method.regimes import ALIGN_ON, ALIGN_STARTS, INIT_MODES, MERGE_MODES
 from .wire import WIRE_DTYPES
 from .yamlio import read_yaml_mapping
@@ -32,17 +39,14 @@ from .yamlio import read_yaml_mapping
 METHODS = tuple(METHOD_SPECS)
 #: Methods whose clients keep personal inter pools merged by FedPrime's protocol (fedprime_core.method.interpool).
 PERSONALISED_METHODS = tuple(name for name, spec in METHOD_SPECS.items() if spec.personalised_pools)
-DATASETS = ("embedded", "food101", "mmimdb", "fashion")
+# Each part's own vocabulary, assembled into the schema here: the datasets and their layouts
+# (fedprime_core.data.datasets), the backbones (fedprime_core.backbones.kinds), the method's
+# selections, optimizers and inter-pool regimes (fedprime_core.method), the wire's dtypes.
+DATASETS = tuple(DATASET_SPECS)
+BACKBONES = tuple(BACKBONE_KINDS)
 #: Tokens per text when ``text-max-length`` is 0, by dataset.
-DEFAULT_TEXT_LENGTHS: dict[str, int] = {"embedded": 24, "food101": 40, "mmimdb": 128, "fashion": 32}
-DATA_LAYOUTS = ("auto", "jsonl", "arrow")
-BACKBONES = ("vilt", "text-encoder")
-IMAGE_PROJECTIONS = ("trainable", "frozen")
+DEFAULT_TEXT_LENGTHS: dict[str, int] = text_lengths()
 MISSING_SETTINGS = ("miss-text", "miss-image", "miss-both", "none")
-MMIMDB_PROTOCOLS = ("paper", "multilabel")
-OPTIMIZERS = ("sgd", "adam", "adamw")
-SELECTIONS = ("sample", "batch")
-# The method's and the wire's own vocabularies, assembled into the schema here.
 INTER_MERGES, INTER_INITS = MERGE_MODES, INIT_MODES
 DEVICES = ("auto", "cpu", "cuda")
 COMM_PROFILES = ("paper", "lean", "minimal")
@@ -835,8 +839,8 @@ def _check_classes(cfg: RunConfig) -> None:
     if not names:
         return
     where = f"run config key 'classes' = {cfg.classes!r}"
-    if cfg.dataset == "embedded":
-        raise ConfigError(f"{where} applies to datasets read from disk; the embedded dataset has its own classes")
+    if dataset_spec(cfg.dataset).generated:
+        raise ConfigError(f"{where} applies to datasets read from disk; the {cfg.dataset} dataset has its own classes")
     if any(not name for name in names):
         raise ConfigError(f"{where} has an empty class name; give comma-separated names such as 'pizza,sushi'")
     twice = sorted({name for name in names if names.count(name) > 1})
@@ -852,7 +856,7 @@ def _check_classes(cfg: RunConfig) -> None:
 def _check_consistency(cfg: RunConfig) -> None:
     """Rules that involve more than one key."""
     _check_classes(cfg)
-    if cfg.dataset != "embedded" and not cfg.data_dir and not class_list(cfg):
+    if not dataset_spec(cfg.dataset).generated and not cfg.data_dir and not class_list(cfg):
         raise ConfigError(
             f"run config key 'data-dir' is empty but dataset={cfg.dataset!r} needs data: set data-dir to the "
             "dataset root (see docs/datasets.md), or, when every SuperNode names its own data-dir and the "
@@ -898,8 +902,6 @@ def _check_consistency(cfg: RunConfig) -> None:
 
 def _check_backbone_model(backbone: str, model: str) -> None:
     """``model`` must be weights of the ``backbone`` family (when that can be told without loading)."""
-    from .backbones import model_family  # light: no torch import
-
     family = model_family(model)
     if family is None or family == backbone:
         return
@@ -916,8 +918,6 @@ def _check_backbone_model(backbone: str, model: str) -> None:
 
 
 def _check_fault_plan(plan: str) -> None:
-    from .tools.faults import parse_fault_plan  # local import keeps the schema module light
-
     try:
         parse_fault_plan(plan)
     except ValueError as exc:
@@ -1048,5 +1048,5 @@ def text_length(cfg: RunConfig) -> int:
 
 
 def method_default_sweeps(method: str) -> int:
-    """Alignment sweeps used when ``align-sweeps`` is 0 (reference: FedPrime 5, PFPT 50)."""
-    return 50 if method == "pfpt" else 5
+    """Alignment sweeps used when ``align-sweeps`` is 0 (:func:`fedprime_core.method.methods.default_sweeps`)."""
+    return default_sweeps(method)

@@ -8,12 +8,6 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 
-def headline_metric(dataset: str) -> str:
-    """What results report first for ``dataset``: macro-F1 for MM-IMDB (in both protocols, as the
-    paper does), accuracy for the others."""
-    return "macro_f1" if dataset == "mmimdb" else "accuracy"
-
-
 def f1_scores(true_hot: np.ndarray, pred_hot: np.ndarray) -> tuple[float, float]:
     """Macro- and micro-F1 from multi-hot truth and predictions ``(N, C)``.
 

@@ -196,7 +196,7 @@ class _TextWriter:
 
 
 def metric_name(macro_f1: bool) -> str:
-    """The name of the headline metric from whether it is macro-F1 (:func:`~fedprime_core.metrics.headline_metric`)."""
+    """The headline metric's name from whether it is macro-F1 (:func:`fedprime_core.data.datasets.headline_metric`)."""
     return "macro_f1" if macro_f1 else "accuracy"
 
 

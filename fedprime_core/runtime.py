@@ -30,6 +30,7 @@ from . import backbones
 from .backbones import LoadedBackbone, needs_image_features
 from .config import DATA_LAYOUTS, DEVICES, ConfigError, RunConfig, cache_key, class_list, text_length
 from .data import shards
+from .data.datasets import dataset as dataset_spec
 from .data.missing import check_missing_table, load_missing_table
 from .data.processing import MultimodalDataset, make_loader
 from .data.records import DataError, DatasetSplits
@@ -38,9 +39,10 @@ from .devices import resolve_device
 from .method.federated import client_id_problem, client_identity
 from .method.methods import method_spec
 from .method.model import PromptedModel, load_trainable_state, trainable_state
-from .method.training import TrainResult, TrainSettings, evaluate, train_local
+from .method.training import TrainResult, evaluate, train_local
 from .metrics import CLIENT_TEST_PREFIX
 from .progress import Progress, format_duration
+from .run_settings import node_config, prompted_model, shard_settings, train_settings
 
 LOGGER = logging.getLogger(__name__)
 
@@ -98,7 +100,7 @@ def process_backbone(cfg: RunConfig) -> LoadedBackbone:
             return backbones.load_backbone(
                 cfg.backbone, cfg.model, text_max_length=text_length(cfg), image_size=cfg.image_size
             )
-        from .tools.features import feature_shape
+        from .data.processing import feature_shape
 
         if not has_data(cfg):
             raise ConfigError(
@@ -124,11 +126,11 @@ def load_splits(cfg: RunConfig) -> DatasetSplits:
     dev and test); whoever needs a split says so with a clear error.
     """
     # The embedded set computes its generated image features only for a feature backbone.
-    features = cfg.dataset == "embedded" and needs_image_features(cfg.backbone)
+    features = dataset_spec(cfg.dataset).generated and needs_image_features(cfg.backbone)
 
     def build() -> DatasetSplits:
         started = time.perf_counter()
-        if cfg.dataset == "embedded":
+        if dataset_spec(cfg.dataset).generated:
             from .data.embedded import make_embedded_dataset
 
             splits = make_embedded_dataset(cfg.seed, image_features=features)
@@ -165,7 +167,7 @@ def load_splits(cfg: RunConfig) -> DatasetSplits:
 
 def has_data(cfg: RunConfig) -> bool:
     """Whether this process's configuration names data (the server: its held-out sets)."""
-    return cfg.dataset == "embedded" or bool(cfg.data_dir)
+    return dataset_spec(cfg.dataset).generated or bool(cfg.data_dir)
 
 
 def label_space(cfg: RunConfig) -> LabelSpace:
@@ -277,8 +279,8 @@ def check_server_inputs(cfg: RunConfig, num_partitions: int | None = None) -> La
             load_missing_table(cfg.missing_table, num_partitions)
     labels = label_space(cfg)
     if num_partitions and has_data(cfg) and not method_spec(cfg.method).centralized:
-        train, _ = shards.train_and_server_val(cfg, load_splits(cfg))
-        shards.partition_train(cfg, train, num_partitions)
+        train, _ = shards.train_and_server_val(shard_settings(cfg), load_splits(cfg))
+        shards.partition_train(shard_settings(cfg), train, num_partitions)
     return labels
 
 
@@ -296,12 +298,12 @@ def client_shard(cfg: RunConfig, client: ClientNode | int, num_partitions: int |
     partition: its single owner holds all training data with the global missing mixture.
     """
     node = _as_node(client, num_partitions)
-    cfg = node.config(cfg)
+    cfg = node_config(node, cfg)
     key = (*cache_key(cfg, "shard"), node.client_id, node.partition_id, node.num_partitions, node.site_local)
     if node.site_local:
 
         def build_site() -> ClientShard:
-            shard = shards.site_shard(cfg, load_splits(cfg), process_backbone(cfg).processor, node)
+            shard = shards.site_shard(shard_settings(cfg), load_splits(cfg), process_backbone(cfg).processor, node)
             LOGGER.debug("site data: %s", shard.summary())  # the server logs it once per site (site_check)
             return shard
 
@@ -321,7 +323,13 @@ def client_shard(cfg: RunConfig, client: ClientNode | int, num_partitions: int |
         splits = load_splits(cfg)
         processor = process_backbone(cfg).processor
         shard = shards.partition_shard(
-            cfg, splits, processor, partition_id, num_partitions, node.client_id, centralized=centralized
+            shard_settings(cfg),
+            splits,
+            processor,
+            partition_id,
+            num_partitions,
+            node.client_id,
+            centralized=centralized,
         )
         LOGGER.info("shard: %s", shard.summary())
         return shard
@@ -336,7 +344,7 @@ def client_info(cfg: RunConfig, client: ClientNode, shard: ClientShard) -> dict[
     simulated) and the fingerprints of its frozen backbone and of its class list. Never a
     path or a sample.
     """
-    node_cfg = client.config(cfg)
+    node_cfg = node_config(client, cfg)
     return {
         **shard.describe(),
         "backbone-fingerprint": process_backbone(node_cfg).fingerprint,
@@ -372,9 +380,9 @@ def site_check(cfg: RunConfig, client: ClientNode) -> dict[str, Any] | None:
     except (ConfigError, DataError, OSError, ValueError) as exc:
         problems = [_problem(exc)]
         if isinstance(exc, DataError) and not cfg.skip_bad_rows:
-            problems += _other_bad_rows(client.config(cfg), problems[0])
+            problems += _other_bad_rows(node_config(client, cfg), problems[0])
         return {"ok": False, "problems": problems, "warnings": []}
-    node_cfg = client.config(cfg)
+    node_cfg = node_config(client, cfg)
     splits = load_splits(node_cfg)
     warnings = [f"{split}: {reason}" for split, reasons in splits.bad_rows.items() for reason in reasons]
     present = {label for s in shard.train.samples for label in np.atleast_1d(s.label).tolist()}
@@ -398,7 +406,7 @@ def _problem(exc: BaseException) -> str:
 
 def _other_bad_rows(cfg: RunConfig, first: str) -> list[str]:
     """The bad rows after the one that stopped a strict load: the folder read again, skipping bad rows."""
-    if cfg.dataset == "embedded":
+    if dataset_spec(cfg.dataset).generated:
         return []
     from .data.loaders import load_dataset
 
@@ -436,7 +444,7 @@ def _capped(lines: list[str], limit: int = MAX_PROBLEMS) -> list[str]:
 # ---------------------------------------------------------------------------------------
 def build_model(cfg: RunConfig) -> PromptedModel:
     """A fresh prompted model for the run (the initial global trainable state comes from it)."""
-    model = PromptedModel.from_config(
+    model = prompted_model(
         process_backbone(cfg).backbone, cfg, label_space(cfg).num_classes, seed=draw_seed(cfg.seed, Draw.MODEL)
     )
     return model.to(resolve_device(cfg.device))
@@ -464,7 +472,7 @@ def client_train(
     ``client`` is a :class:`ClientNode` or a partition id (with ``num_partitions``).
     """
     node = _as_node(client, num_partitions)
-    cfg = node.config(cfg)
+    cfg = node_config(node, cfg)
     shard = client_shard(cfg, node)
     model = process_model(cfg)
     load_trainable_state(model, state)
@@ -476,7 +484,7 @@ def client_train(
         num_workers=cfg.num_workers,
         seed=draw_seed(cfg.seed, Draw.SHUFFLE, node.seed_key, server_round),
     )
-    settings = TrainSettings.from_config(cfg)
+    settings = train_settings(cfg)
     result = train_local(model, loader, settings, multilabel=shard.train.multilabel, device=device)
     return trainable_state(model), result, shard
 
@@ -493,7 +501,7 @@ def client_evaluate(
         absent when it has none: :attr:`~fedprime_core.data.shards.ClientShard.test`).
     """
     node = _as_node(client, num_partitions)
-    cfg = node.config(cfg)
+    cfg = node_config(node, cfg)
     shard = client_shard(cfg, node)
     model = process_model(cfg)
     load_trainable_state(model, state)
@@ -511,7 +519,7 @@ def server_eval_sets(cfg: RunConfig) -> dict[str, MultimodalDataset]:
     """The server's held-out sets (:func:`fedprime_core.data.shards.server_eval_sets`), cached per process."""
     return _cached(
         cache_key(cfg, "server-eval"),
-        lambda: shards.server_eval_sets(cfg, load_splits(cfg), process_backbone(cfg).processor),
+        lambda: shards.server_eval_sets(shard_settings(cfg), load_splits(cfg), process_backbone(cfg).processor),
     )
 
 

@@ -19,10 +19,11 @@ import pytest
 from PIL import Image, ImageDraw
 
 from fedprime_core.data.loaders import load_dataset
+from fedprime_core.data.processing import feature_shape
 from fedprime_core.data.records import DataError
 from fedprime_core.tools import build_fashion
 from fedprime_core.tools.build_fashion import build, main, split_of, verify
-from fedprime_core.tools.features import ImageEncoder, feature_shape, pad_to_square
+from fedprime_core.tools.features import ImageEncoder, pad_to_square
 
 # (article type, sub category, master category, what the name calls it, shape drawn)
 KINDS = [

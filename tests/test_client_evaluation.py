@@ -16,6 +16,7 @@ from fedprime_core.method.federated import GlobalState
 from fedprime_core.method.interpool import InterPool
 from fedprime_core.method.methods import method_spec
 from fedprime_core.metrics import weighted_means
+from fedprime_core.run_settings import node_config, shard_settings
 from fedprime_protocol.messages import evaluate_reply_content
 from tests.loopback import LoopbackGrid, history, run_dir_of
 
@@ -49,7 +50,7 @@ def test_label_matched_rows_follow_the_proportions_and_shrink_to_keep_them():
 
 def test_a_clients_test_set_has_its_label_proportions_and_missing_mixture_and_is_its_own(quick_config):
     """Skewed label partitions (Dirichlet alpha 0.05: a few classes each, unevenly) and per-client mixtures."""
-    cfg = quick_config(label_alpha=0.05, client_test_samples=120, min_partition_size=20, seed=3)
+    cfg = shard_settings(quick_config(label_alpha=0.05, client_test_samples=120, min_partition_size=20, seed=3))
     splits = planted_splits(per_class_test=200)  # enough rows of every class for any client's 120
     train, _ = shards.train_and_server_val(cfg, splits)
     partitions = shards.partition_train(cfg, train, 3)
@@ -68,7 +69,7 @@ def test_a_clients_test_set_has_its_label_proportions_and_missing_mixture_and_is
         assert {s.uid.split(":")[0] for s in shard.test.samples} == {"test"}
     assert len({tuple(np.bincount(primary_labels(s.test.samples), minlength=4)) for s in built}) == 3
     # Clients with the same label proportions (IID labels) still draw their own rows.
-    iid = quick_config(client_test_samples=120, seed=3, max_train_samples=0)  # 40 training rows per class each
+    iid = shard_settings(quick_config(client_test_samples=120, seed=3, max_train_samples=0))  # 40 rows per class each
     drawn = [shards.partition_shard(iid, splits, None, pid, 3, str(pid)).test.samples for pid in range(3)]
     assert len({tuple(np.bincount(primary_labels(rows), minlength=4)) for rows in drawn}) == 1
     assert len({frozenset(s.uid for s in rows) for rows in drawn}) == 3
@@ -77,23 +78,26 @@ def test_a_clients_test_set_has_its_label_proportions_and_missing_mixture_and_is
     assert [s.uid for s in again.test.samples] == [s.uid for s in built[1].test.samples]
     np.testing.assert_array_equal(again.test.patterns, built[1].test.patterns)
     other = shards.partition_shard(
-        quick_config(label_alpha=0.05, client_test_samples=120, seed=4), splits, None, 1, 3, "1"
+        shard_settings(quick_config(label_alpha=0.05, client_test_samples=120, seed=4)), splits, None, 1, 3, "1"
     )
     assert [s.uid for s in other.test.samples] != [s.uid for s in built[1].test.samples]
     # client-test-samples = 0: no test set.
-    assert shards.partition_shard(quick_config(client_test_samples=0), splits, None, 0, 3, "0").test is None
+    assert (
+        shards.partition_shard(shard_settings(quick_config(client_test_samples=0)), splits, None, 0, 3, "0").test
+        is None
+    )
 
 
 def test_a_sites_test_set_is_its_own_test_split_with_its_mixture(quick_config, tmp_path):
     cfg = quick_config(dataset="food101", data_dir=str(tmp_path), client_test_samples=50, missing_alpha=0.0)
     splits = planted_splits(per_class_test=20)
     node = shards.ClientNode(client_id="hospital-a", data_dir=str(tmp_path))
-    shard = shards.site_shard(node.config(cfg), splits, None, node)
+    shard = shards.site_shard(shard_settings(node_config(node, cfg)), splits, None, node)
     assert len(shard.test) == 50 and {s.uid for s in shard.test.samples} <= {s.uid for s in splits.test}
     np.testing.assert_allclose(np.bincount(shard.test.patterns, minlength=3) / 50, shard.mixture, atol=0.02)
     assert shard.describe()["num-test"] == 50
     without = DatasetSplits(splits.train, [], [], CLASSES, False, 8, "food101")
-    assert shards.site_shard(node.config(cfg), without, None, node).test is None
+    assert shards.site_shard(shard_settings(node_config(node, cfg)), without, None, node).test is None
 
 
 def test_weighted_means_weigh_validation_and_test_by_their_own_counts():

@@ -28,6 +28,7 @@ from fedprime_core.method.model import (
     trainable_state,
 )
 from fedprime_core.method.training import TrainSettings, evaluate, train_local
+from fedprime_core.run_settings import prompted_model
 from fedprime_core.wire import UNIT_ROUNDOFF
 from fedprime_protocol.messages import instruction_content, parse_train_reply, read_arrays, train_reply_content
 from tests.loopback import history
@@ -45,13 +46,13 @@ def minimal_config(**keys):
 
 
 def build(backbone, method="fedprime", seed=0, **keys) -> PromptedModel:
-    return PromptedModel.from_config(backbone, minimal_config(method=method, **keys), CLASSES, seed=seed)
+    return prompted_model(backbone, minimal_config(method=method, **keys), CLASSES, seed=seed)
 
 
 @pytest.mark.parametrize("method", ["fedprime", "fedavg-p", "pfpt"])
 def test_minimal_exchanges_low_rank_factors_and_starts_like_the_dense_model(tiny_vilt, method):
     backbone, _ = tiny_vilt
-    lean = PromptedModel.from_config(
+    lean = prompted_model(
         backbone, parse_run_config({"comm-profile": "lean", "method": method, "tau": 6, "kappa": 2}), CLASSES, seed=0
     )
     model = build(backbone, method)
@@ -160,7 +161,7 @@ def test_the_minimal_state_round_trips_on_the_wire(tiny_vilt, a_flower_task):
     backbone, _ = tiny_vilt
     cfg = minimal_config()
     spec = method_spec(cfg.method)
-    model = PromptedModel.from_config(backbone, cfg, CLASSES, seed=0)
+    model = prompted_model(backbone, cfg, CLASSES, seed=0)
     sent = trainable_state(model)
     down = through_flower(instruction_content(sent, ConfigRecord({"server-round": 1}), cfg.wire_dtype))
     assert all(a.dtype == "float16" for a in down["arrays"].values())
@@ -183,7 +184,7 @@ def test_the_minimal_state_round_trips_on_the_wire(tiny_vilt, a_flower_task):
         change, rebuilt = trained[name] - received[name], update.state[name] - sent[name]
         assert np.all(np.abs(rebuilt - change) <= UNIT_ROUNDOFF["float16"] * np.abs(change) + 1e-7), name
     # A client of another profile (dense head and pooler) is told what does not fit, never aggregated.
-    dense = trainable_state(PromptedModel.from_config(backbone, replace_profile(cfg, "lean"), CLASSES, seed=0))
+    dense = trainable_state(prompted_model(backbone, replace_profile(cfg, "lean"), CLASSES, seed=0))
     stranger = ClientUpdate(dense, 50, usage, "1")
     reasons = validate_update(stranger, GlobalState(spec, sent).expected_shapes(), spec.pools, 1e4)
     assert any("head.0.weight" in r for r in reasons) and any("head.0.down" in r for r in reasons)

@@ -9,10 +9,10 @@ import zipfile
 import pytest
 import torch
 
-from fedprime_core.backbones import shipped
 from fedprime_core.backbones.shipped import ShippedWeightsError, read_shipped, shipped_path, tensor_digest
 from fedprime_core.backbones.tiny import TINY_VILT, TINY_VILT_VERSION, ensure_tiny_vilt
 from fedprime_core.backbones.tiny_bert import TINY_BERT, TINY_BERT_VERSION, ensure_tiny_bert
+from fedprime_core.tools import shipped_weights
 from fedprime_core.tools.launch import APP_DIR, stage_app
 
 MODELS = [(TINY_VILT, TINY_VILT_VERSION), (TINY_BERT, TINY_BERT_VERSION)]
@@ -58,7 +58,7 @@ def test_a_damaged_file_is_refused_with_the_way_out(tmp_path):
     damaged = tmp_path / "tiny-bert-v1.json"
     damaged.write_text(json.dumps(record))
     with pytest.raises(
-        ShippedWeightsError, match="fails its checksum.*python -m fedprime_core.backbones.shipped write"
+        ShippedWeightsError, match="fails its checksum.*python -m fedprime_core.tools.shipped_weights write"
     ):
         read_shipped(damaged)
     damaged.write_text("{}")
@@ -90,10 +90,10 @@ def test_the_app_bundle_carries_the_apps_and_the_weights_and_nothing_else(tmp_pa
 @pytest.mark.parametrize(("name", "version"), MODELS)
 def test_regenerating_gives_the_shipped_weights(name, version):
     """The generator is the source of truth: run it (about a minute) and compare with the shipped file."""
-    generate = shipped.tiny_models()[name][1]
+    generate = shipped_weights.tiny_models()[name][1]
     generated, made_with = generate()
     stored, header = read_shipped(shipped_path(name, version))
-    result = shipped.compare(stored, generated)
+    result = shipped_weights.compare(stored, generated)
     assert result["same-names"]
     if made_with["torch"] == header["made-with"]["torch"] and made_with["machine"] == header["made-with"]["machine"]:
         # The same torch build and CPU architecture (this project's machines): bit for bit.

@@ -18,6 +18,7 @@ from flwr.app import Context, RecordDict
 from fedprime_core import runtime
 from fedprime_core.config import ConfigError, config_to_dict, parse_run_config
 from fedprime_core.data.records import DataError
+from fedprime_core.run_settings import node_config
 from server_app.app import main as server_main
 from tests.loopback import LoopbackGrid
 from tests.sites import DEV_PER_SITE, make_sites
@@ -66,7 +67,7 @@ def test_node_config_names_a_site_or_a_partition():
             runtime.node_client(config, 1)
     cfg = parse_run_config({"device": "auto"})
     with pytest.raises(ConfigError, match='dataset="embedded"'):
-        site.config(cfg)
+        node_config(site, cfg)
     no_data = parse_run_config({"dataset": "food101", "classes": "a,b"})
     with pytest.raises(ConfigError, match="client 2: a node with partition-id carves its shard .* which is empty"):
         runtime.client_shard(no_data, shard)

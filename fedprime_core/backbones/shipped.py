@@ -9,7 +9,7 @@ text files, and in simulation and deployment the apps import this package from t
 bundle. The first use of a tiny backbone unpacks its file into the cache
 (``$FEDPRIME_CACHE``) in about a second; the generator is only run when the file is absent.
 
-Nothing is a black box: ``python -m fedprime_core.backbones.shipped check`` regenerates
+Nothing is a black box: ``python -m fedprime_core.tools.shipped_weights check`` regenerates
 both models and compares them with the shipped files (``tests/test_shipped_weights.py``
 does the same), ``write`` regenerates and rewrites them. Each file records the SHA-256 of
 its tensors (:func:`tensor_digest`), verified on every read, and how it was made (seed,
@@ -28,13 +28,11 @@ File format (``"format": "fedprime-tensors/1"``)::
 
 from __future__ import annotations
 
-import argparse
 import base64
 import hashlib
 import json
 import logging
-import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -120,7 +118,7 @@ def read_shipped(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         raise ShippedWeightsError(
             f"shipped weight file {path} fails its checksum (sha256 {digest[:12]}..., recorded "
             f"{str(record.get('sha256'))[:12]}...); restore it from the repository "
-            "or regenerate it with: python -m fedprime_core.backbones.shipped write"
+            "or regenerate it with: python -m fedprime_core.tools.shipped_weights write"
         )
     return state, {k: v for k, v in record.items() if k != "tensors"}
 
@@ -133,63 +131,3 @@ def _read(path: Path) -> dict[str, Any]:
     if not isinstance(record, dict) or record.get("format") != FORMAT or not isinstance(record.get("tensors"), dict):
         raise ShippedWeightsError(f"{path} is not a shipped weight file of format {FORMAT!r}")
     return record
-
-
-# ---------------------------------------------------------------------------------------
-# The two tiny models: regenerate, compare, write
-# ---------------------------------------------------------------------------------------
-def tiny_models() -> dict[str, tuple[int, Any]]:
-    """``name -> (version, generate)`` where ``generate()`` returns ``(model, made_with)``."""
-    from . import tiny, tiny_bert
-
-    return {
-        tiny.TINY_VILT: (tiny.TINY_VILT_VERSION, tiny.generate_tiny_vilt_weights),
-        tiny_bert.TINY_BERT: (tiny_bert.TINY_BERT_VERSION, tiny_bert.generate_tiny_bert_weights),
-    }
-
-
-def compare(shipped: Mapping[str, torch.Tensor], generated: Mapping[str, torch.Tensor]) -> dict[str, Any]:
-    """How a regenerated state differs from the shipped one: same names, digest, largest difference."""
-    same_names = sorted(shipped) == sorted(generated)
-    diff = max(float((shipped[k].float() - generated[k].float()).abs().max()) for k in shipped) if same_names else None
-    return {
-        "same-names": same_names,
-        "identical": same_names and tensor_digest(shipped) == tensor_digest(generated),
-        "max-abs-diff": diff,
-    }
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m fedprime_core.backbones.shipped",
-        description="Regenerate the tiny backbones and compare them with (check) or rewrite (write) the shipped files.",
-    )
-    parser.add_argument("command", choices=("check", "write"))
-    parser.add_argument("models", nargs="*", help="tiny-vilt and/or tiny-bert (default: both)")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    models = tiny_models()
-    unknown = set(args.models) - set(models)
-    if unknown:
-        parser.error(f"unknown model(s) {sorted(unknown)}; choose from {sorted(models)}")
-    status = 0
-    for name in args.models or sorted(models):
-        version, generate = models[name]
-        path = shipped_path(name, version)
-        state, made_with = generate()
-        if args.command == "write":
-            sha = write_shipped(path, name, version, state, made_with)
-            print(f"{name}: wrote {path} (sha256 {sha})")
-            continue
-        shipped, header = read_shipped(path)
-        result = compare(shipped, state)
-        print(
-            f"{name}: {'identical to' if result['identical'] else 'DIFFERENT from'} {path.name} "
-            f"(largest difference {result['max-abs-diff']}; shipped made with {header.get('made-with')})"
-        )
-        status |= 0 if result["identical"] else 1
-    return status
-
-
-if __name__ == "__main__":
-    sys.exit(main())

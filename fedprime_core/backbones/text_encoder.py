@@ -57,8 +57,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ..config import IMAGE_PROJECTIONS
 from .base import Backbone, Batch, resolve_pretrained_source
+from .kinds import IMAGE_PROJECTIONS
 
 LOGGER = logging.getLogger(__name__)
 
@@ -318,3 +318,30 @@ def load_text_encoder(
     has_pooler = not any(key.startswith("pooler.") for key in missing)
     backbone = TextEncoderBackbone(encoder, feature_dim, image_projection, has_pooler_weights=has_pooler)
     return backbone, tokenizer
+
+
+def resolve_source(model: str) -> str:
+    """:func:`resolve_text_encoder_source` (the backbone registry's name for it)."""
+    return resolve_text_encoder_source(model)
+
+
+def load(
+    source: str,
+    *,
+    text_max_length: int,
+    image_size: int = 0,
+    feature_shape: tuple[int, int] | None = None,
+    image_projection: str = "trainable",
+) -> tuple[TextEncoderBackbone, object]:
+    """The text-encoder backbone of ``source`` and its processor (tokens and precomputed image features)."""
+    from ..data.processing import MultimodalProcessor
+
+    if feature_shape is None:
+        raise ValueError("the text-encoder backbone needs feature_shape (the shape of the precomputed features)")
+    backbone, tokenizer = load_text_encoder(
+        source, feature_dim=feature_shape[1], image_projection=image_projection, text_max_length=text_max_length
+    )
+    processor = MultimodalProcessor(
+        tokenizer, None, text_max_length=text_max_length, image_mode="features", feature_shape=feature_shape
+    )
+    return backbone, processor

@@ -34,8 +34,8 @@ import torch
 from torch import nn
 from transformers import ViltConfig, ViltModel
 
-from . import TINY_VILT
 from .generated import ensure_tiny, made_with, masked_tokens, pretrain, single_thread
+from .kinds import TINY_VILT
 from .vilt import make_image_processor
 
 LOGGER = logging.getLogger(__name__)

@@ -17,8 +17,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from . import TINY_BERT
 from .generated import ensure_tiny, made_with, masked_tokens, pretrain, single_thread
+from .kinds import TINY_BERT
 
 LOGGER = logging.getLogger(__name__)
 

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from transformers import AutoTokenizer, ViltModel
 
-from .base import Backbone, Batch
+from .base import Backbone, Batch, resolve_pretrained_source
 
 LOGGER = logging.getLogger(__name__)
 
@@ -130,3 +130,23 @@ def load_vilt(source: str, text_max_length: int = 0, dtype: torch.dtype = torch.
     if text_max_length:
         interpolate_text_positions(vilt, text_max_length)
     return ViltBackbone(vilt), tokenizer
+
+
+def resolve_source(model: str) -> str:
+    """A local directory or a hub id (:func:`~fedprime_core.backbones.base.resolve_pretrained_source`)."""
+    return resolve_pretrained_source(model)
+
+
+def load(
+    source: str,
+    *,
+    text_max_length: int,
+    image_size: int = 0,
+    feature_shape: tuple[int, int] | None = None,
+    image_projection: str = "trainable",
+) -> tuple[ViltBackbone, object]:
+    """The ViLT backbone of ``source`` and its processor (tokens and pixels; features are not used)."""
+    from ..data.processing import MultimodalProcessor
+
+    backbone, tokenizer = load_vilt(source, text_max_length=text_max_length)
+    return backbone, MultimodalProcessor(tokenizer, load_image_processor(source, image_size), text_max_length)

@@ -31,7 +31,7 @@ import dataclasses
 
 import numpy as np
 
-from ..config import DEFAULT_TEXT_LENGTHS
+from .datasets.embedded import SPEC
 from .records import DatasetSplits, Sample
 
 CLASSES = ("apple-pie", "bibimbap", "caesar-salad", "donuts", "edamame", "falafel", "gyoza", "hummus")
@@ -93,7 +93,7 @@ FILLER_WORDS = (
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 
 IMAGE_SIZE = 64
-TEXT_MAX_LENGTH = DEFAULT_TEXT_LENGTHS["embedded"]
+TEXT_MAX_LENGTH = SPEC.text_length
 _GRID = 4
 _PALETTE = 3
 #: The synthetic "world" (class prototypes) is fixed; the sample seed only draws samples,
@@ -239,5 +239,5 @@ def make_embedded_dataset(
         classes=CLASSES,
         multilabel=False,
         text_max_length=TEXT_MAX_LENGTH,
-        name="embedded",
+        name=SPEC.name,
     )

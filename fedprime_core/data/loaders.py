@@ -40,76 +40,21 @@ from typing import Any
 import pyarrow as pa
 from PIL import Image
 
-from ..config import DATA_LAYOUTS, DEFAULT_TEXT_LENGTHS, MMIMDB_PROTOCOLS
-from ..metrics import headline_metric
 from ..progress import Progress
+from .datasets import DATA_LAYOUTS, DATASETS, JSONL_FILES, SPLITS, DatasetSpec, dataset
+from .datasets.mmimdb import GENRES as MMIMDB_GENRES
 from .records import DataError, DatasetSplits, Sample
 
 logger = logging.getLogger(__name__)
 
-#: The 23 MM-IMDB genres in the order of the multi-hot ``label`` column written by
-#: ``vilt/utils/write_mmimdb.py`` (``GENRE_CLASS`` there).
-MMIMDB_GENRES: tuple[str, ...] = (
-    "Drama", "Comedy", "Romance", "Thriller", "Crime", "Action", "Adventure", "Horror",
-    "Documentary", "Mystery", "Sci-Fi", "Fantasy", "Family", "Biography", "War", "History", "Music",
-    "Animation", "Musical", "Western", "Sport", "Short", "Film-Noir",
-)  # fmt: skip
-
-#: Genres the paper protocol keeps when ``num_classes`` is 0.
-PAPER_NUM_CLASSES = 8
-
 #: The shared class list a data folder may hold: one class name per line.
 CLASSES_FILE = "classes.txt"
-
-#: Splits a dataset folder may hold.
-SPLITS: tuple[str, ...] = ("train", "dev", "test")
 
 #: How many bad-row reasons a ``skip_bad_rows`` warning quotes.
 _REASONS_SHOWN = 5
 
 
-@dataclasses.dataclass(frozen=True)
-class _Spec:
-    """What differs between the two datasets."""
-
-    name: str
-    multilabel: bool
-    text_max_length: int
-    jsonl_label_fields: tuple[str, ...]
-    arrow_files: tuple[str, str, str]  # train, dev, test file names
-    arrow_text_column: str
-
-
-_SPECS: dict[str, _Spec] = {
-    "food101": _Spec(
-        name="food101",
-        multilabel=False,
-        text_max_length=DEFAULT_TEXT_LENGTHS["food101"],
-        jsonl_label_fields=("label",),
-        arrow_files=("food101_train.arrow", "food101_val.arrow", "food101_test.arrow"),
-        arrow_text_column="text",
-    ),
-    "mmimdb": _Spec(
-        name="mmimdb",
-        multilabel=True,
-        text_max_length=DEFAULT_TEXT_LENGTHS["mmimdb"],
-        jsonl_label_fields=("label", "labels", "genres"),
-        arrow_files=("mmimdb_train.arrow", "mmimdb_dev.arrow", "mmimdb_test.arrow"),
-        arrow_text_column="plots",
-    ),
-    # The project's own benchmark (docs/datasets/fashion.md): product name + photograph ->
-    # article type, built by fedprime_core.tools.build_fashion in the jsonl layout.
-    "fashion": _Spec(
-        name="fashion",
-        multilabel=False,
-        text_max_length=DEFAULT_TEXT_LENGTHS["fashion"],
-        jsonl_label_fields=("label",),
-        arrow_files=("fashion_train.arrow", "fashion_dev.arrow", "fashion_test.arrow"),
-        arrow_text_column="text",
-    ),
-}
-
-_JSONL_FILES = ("train.jsonl", "dev.jsonl", "test.jsonl")
+_JSONL_FILES = JSONL_FILES
 _SPLITS = SPLITS
 
 
@@ -136,17 +81,14 @@ class _SplitRows:
 
 def split_files(name: str, layout: str) -> dict[str, str]:
     """File name of each split of dataset ``name`` in ``layout`` (``"jsonl"`` or ``"arrow"``)."""
-    spec = _spec(name)
-    files = _JSONL_FILES if layout == "jsonl" else spec.arrow_files
-    return dict(zip(_SPLITS, files, strict=True))
+    return _spec(name).split_files(layout)
 
 
 def dataset_traits(name: str, mmimdb_protocol: str = "paper") -> tuple[bool, str, int]:
     """``(multilabel, headline metric, default text length)`` of a dataset under a protocol."""
     spec = _spec(name)
-    _check_protocol(mmimdb_protocol)
-    multilabel = spec.multilabel and mmimdb_protocol == "multilabel"
-    return multilabel, headline_metric(spec.name), spec.text_max_length
+    _check_protocol(spec, mmimdb_protocol)
+    return spec.is_multilabel(mmimdb_protocol), spec.metric, spec.text_length
 
 
 def read_class_list(path: str | Path) -> tuple[str, ...]:
@@ -296,7 +238,7 @@ def load_dataset(
         ValueError: ``num_classes`` is negative, or disagrees with the class list.
     """
     spec = _spec(name)
-    _check_protocol(mmimdb_protocol)
+    _check_protocol(spec, mmimdb_protocol)
     if num_classes < 0:
         raise ValueError(f"num_classes must be >= 0 (0 keeps every class), got {num_classes}")
     unknown_splits = sorted(set(required) - set(_SPLITS))
@@ -312,8 +254,8 @@ def load_dataset(
         )
     if layout == "auto":
         layout = _detect_layout(spec, root)
-    paper = spec.name == "mmimdb" and mmimdb_protocol == "paper"
-    multilabel, _, _ = dataset_traits(spec.name, mmimdb_protocol)
+    single_label = spec.single_label.get(mmimdb_protocol)
+    multilabel = spec.is_multilabel(mmimdb_protocol)
 
     read: Callable[[Path], _SplitRows]
     if layout == "jsonl":
@@ -349,13 +291,13 @@ def load_dataset(
                 "%s %s: skipped %d row(s) of %s that have neither text nor image", spec.name, split, got.empty, path
             )
         skipped_empty[split] = got.empty
-        raws[split] = _single_genre(got.rows, split) if paper else got.rows
+        raws[split] = _single_label(got.rows, split, spec, mmimdb_protocol) if single_label else got.rows
     if not any(path.is_file() for path in paths):
         raise DataError(f"{spec.name}: {str(root)!r} holds no split file; expected {_expected(spec, layout)}")
 
     listed, source = _class_list(root, classes)
-    if paper and not listed and not num_classes:
-        num_classes = PAPER_NUM_CLASSES
+    if single_label and not listed and not num_classes:
+        num_classes = spec.single_label_classes
     if listed is not None:
         if num_classes and num_classes != len(listed):
             raise ValueError(
@@ -393,7 +335,7 @@ def load_dataset(
         raise DataError(
             f"{spec.name}: the train split of {str(paths[0])!r} is empty after filtering "
             f"({len(raws['train'])} readable rows, num_classes={num_classes}"
-            f"{', mmimdb protocol ' + mmimdb_protocol if spec.name == 'mmimdb' else ''})"
+            f"{f', {spec.name} protocol {mmimdb_protocol}' if spec.protocols else ''})"
         )
     return DatasetSplits(
         train=samples["train"],
@@ -401,7 +343,7 @@ def load_dataset(
         test=samples["test"],
         classes=label_space,
         multilabel=multilabel,
-        text_max_length=spec.text_max_length,
+        text_max_length=spec.text_length,
         name=spec.name,
         skipped_empty=skipped_empty,
         bad_rows={split: tuple(reasons) for split, reasons in bad_rows.items() if reasons},
@@ -411,16 +353,18 @@ def load_dataset(
 # ---------------------------------------------------------------------------- set-up
 
 
-def _spec(name: str) -> _Spec:
-    key = str(name).lower().replace("-", "").replace("_", "")
-    if key not in _SPECS:
-        raise DataError(f"unknown dataset {name!r}; expected one of {', '.join(sorted(_SPECS))}")
-    return _SPECS[key]
+def _spec(name: str) -> DatasetSpec:
+    """The spec of a dataset read from disk (the generated one has no folder)."""
+    on_disk = {key: spec for key, spec in DATASETS.items() if not spec.generated}
+    try:
+        return dataset(name, on_disk)
+    except KeyError:
+        raise DataError(f"unknown dataset {name!r}; expected one of {', '.join(sorted(on_disk))}") from None
 
 
-def _check_protocol(protocol: str) -> None:
-    if protocol not in MMIMDB_PROTOCOLS:
-        raise DataError(f"unknown MM-IMDB protocol {protocol!r}; expected one of {', '.join(MMIMDB_PROTOCOLS)}")
+def _check_protocol(spec: DatasetSpec, protocol: str) -> None:
+    if spec.protocols and protocol not in spec.protocols:
+        raise DataError(f"unknown {spec.name} protocol {protocol!r}; expected one of {', '.join(spec.protocols)}")
 
 
 def _class_list(root: Path, given: Sequence[str] | None) -> tuple[tuple[str, ...] | None, str]:
@@ -447,7 +391,7 @@ def _short(names: Sequence[str], shown: int = 6) -> str:
     return f"{len(names)} classes: {text}{', ...' if len(names) > shown else ''}"
 
 
-def _expected(spec: _Spec, layout: str) -> str:
+def _expected(spec: DatasetSpec, layout: str) -> str:
     """Human-readable description of the files a layout needs."""
     jsonl = "train.jsonl, dev.jsonl (optional) and test.jsonl (jsonl layout)"
     train, dev, test = spec.arrow_files
@@ -455,7 +399,7 @@ def _expected(spec: _Spec, layout: str) -> str:
     return {"jsonl": jsonl, "arrow": arrow}.get(layout, f"either {jsonl} or {arrow}")
 
 
-def _detect_layout(spec: _Spec, root: Path) -> str:
+def _detect_layout(spec: DatasetSpec, root: Path) -> str:
     jsonl, arrow = root / _JSONL_FILES[0], root / spec.arrow_files[0]
     if any((root / f).is_file() for f in _JSONL_FILES):
         found = "jsonl"
@@ -493,7 +437,7 @@ def _class_index_names(root: Path) -> dict[int, str] | None:
 # ---------------------------------------------------------------------------- jsonl
 
 
-def _read_jsonl(path: Path, root: Path, spec: _Spec, verify: bool, skip: bool) -> _SplitRows:
+def _read_jsonl(path: Path, root: Path, spec: DatasetSpec, verify: bool, skip: bool) -> _SplitRows:
     """Rows of one jsonl split, the reasons of the rows skipped, and the rows with no modality."""
     out = _SplitRows([], [])
     try:
@@ -524,7 +468,7 @@ def _read_jsonl(path: Path, root: Path, spec: _Spec, verify: bool, skip: bool) -
 
 
 def _jsonl_row(
-    raw_line: bytes, lineno: int, uid: str, where: str, root: Path, spec: _Spec, verify: bool
+    raw_line: bytes, lineno: int, uid: str, where: str, root: Path, spec: DatasetSpec, verify: bool
 ) -> _Raw | None:
     """One parsed row; ``None`` for a row with neither text nor image (skipped, counted)."""
     try:
@@ -567,9 +511,10 @@ def _jsonl_row(
             )
         names = tuple(dict.fromkeys(value))
     else:
-        value = _field(record, "label", str, where)
+        label_field = spec.jsonl_label_fields[0]
+        value = _field(record, label_field, str, where)
         if not value:
-            raise DataError(f"{where}: field 'label' is an empty class name")
+            raise DataError(f"{where}: field {label_field!r} is an empty class name")
         names = (value,)
     return _Raw(text=text, image=image, names=names, uid=uid, image_features=features, where=where)
 
@@ -636,7 +581,9 @@ def _open_arrow(path: Path) -> pa.Table:
         raise DataError(f"cannot read arrow file {str(path)!r} (expected the pyarrow IPC file format): {exc}") from None
 
 
-def _read_arrow(path: Path, spec: _Spec, class_names: dict[int, str] | None, verify: bool, skip: bool) -> _SplitRows:
+def _read_arrow(
+    path: Path, spec: DatasetSpec, class_names: dict[int, str] | None, verify: bool, skip: bool
+) -> _SplitRows:
     """Rows of one arrow split, the reasons of the rows skipped, and the rows with no modality."""
     table = _open_arrow(path)
     text_column = spec.arrow_text_column
@@ -769,22 +716,15 @@ def _label_space(train: Sequence[_Raw], num_classes: int, dataset: str) -> tuple
     return tuple(order)
 
 
-def _single_genre(raws: Sequence[_Raw], split: str) -> list[_Raw]:
-    """MM-IMDB paper protocol: the movies with exactly one genre, labelled by it.
-
-    Genres are counted among the 23 MM-IMDB genres (names outside them, such as 'News',
-    are ignored, as the reference's multi-hot label ignores them); a row that names none of
-    the 23 (labelled by a class index without genre names) must hold exactly one label.
-    """
+def _single_label(raws: Sequence[_Raw], split: str, spec: DatasetSpec, protocol: str) -> list[_Raw]:
+    """The rows a single-label protocol keeps (MM-IMDB paper: the single-genre movies), labelled by their one class."""
+    label_of = spec.single_label[protocol]
     kept: list[_Raw] = []
     for r in raws:
-        genres = [n for n in r.names if n in MMIMDB_GENRES] or list(r.names)
-        if len(genres) == 1:
-            kept.append(dataclasses.replace(r, names=(genres[0],)))
-    logger.info(
-        "mmimdb %s: paper protocol kept %d single-genre movie(s), dropped %d with several (or no) genres",
-        *(split, len(kept), len(raws) - len(kept)),
-    )
+        label = label_of(r.names)
+        if label is not None:
+            kept.append(dataclasses.replace(r, names=(label,)))
+    logger.info(f"%s %s: {spec.single_label_log}", spec.name, split, protocol, len(kept), len(raws) - len(kept))
     return kept
 
 
@@ -792,7 +732,7 @@ def _apply_labels(
     raws: Sequence[_Raw],
     index: dict[str, int],
     seen_in_train: set[str],
-    spec: _Spec,
+    spec: DatasetSpec,
     split: str,
     multilabel: bool,
     strict: bool,

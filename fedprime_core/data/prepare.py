@@ -48,6 +48,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from .datasets import dataset
 from .loaders import CLASSES_FILE, load_dataset, write_class_list
 from .missing import PATTERN_NAMES, Pattern, apply_missing, client_mixtures, load_missing_table, missing_counts
 from .partition import partition
@@ -249,7 +250,7 @@ def split_dataset(
     except ValueError as exc:
         raise DataError(f"cannot split {len(train)} train rows into {settings.num_sites} sites: {exc}") from None
     mixtures = site_mixtures(settings)
-    list_labels = splits.name == "mmimdb"
+    list_labels = dataset(splits.name).multilabel
     _prepare_out(out, force)
     write_class_list(out / CLASSES_FILE, splits.classes)
 

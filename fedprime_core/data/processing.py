@@ -71,6 +71,28 @@ def load_features(source: str | np.ndarray | None, uid: str) -> np.ndarray:
     return array
 
 
+def feature_shape(samples: Sequence[Sample]) -> tuple[int, int]:
+    """``(F, d_img)`` of the precomputed image features of the first sample that has them.
+
+    Samples without an image (image-missing in the data) are passed over.
+
+    Raises:
+        DataError: no samples, or no sample has (readable) features; the message names the
+            first sample and how to compute features.
+    """
+    if not samples:
+        raise DataError("the training split is empty: cannot read the shape of its image features")
+    first = next((s for s in samples if s.image_features is not None), None)
+    if first is None:
+        first = samples[0]
+        raise DataError(
+            f"{first.uid}: sample has no precomputed image features, which backbone='text-encoder' needs; "
+            "compute them with: python -m fedprime_core.tools.features --dataset-dir <data-dir> --encoder <model>"
+        )
+    array = load_features(first.image_features, first.uid)
+    return int(array.shape[0]), int(array.shape[1])
+
+
 class MultimodalProcessor:
     """Turns one record into tensors with ``transformers``' tokenizer and image processor.
 

@@ -8,7 +8,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from ..metrics import headline_metric
+from .datasets import headline_metric
 
 #: An image: a file path, encoded bytes (arrow layout), a ``(H, W, 3)`` uint8 array
 #: (generated data), or ``None`` when the dataset has no image for the sample.
@@ -102,7 +102,7 @@ class DatasetSplits:
 
     @property
     def headline_metric(self) -> str:
-        """What results report first: :func:`~fedprime_core.metrics.headline_metric` of the dataset."""
+        """What results report first: :func:`~fedprime_core.data.datasets.headline_metric` of the dataset."""
         return headline_metric(self.name)
 
 

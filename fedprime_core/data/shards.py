@@ -41,7 +41,7 @@ from typing import Any
 
 import numpy as np
 
-from ..config import ConfigError, RunConfig, replace
+from .datasets import dataset
 from .missing import (
     TEST_SETTINGS,
     apply_missing,
@@ -156,21 +156,26 @@ class ClientNode:
             out.update({"partition-id": self.partition_id, "num-partitions": self.num_partitions})
         return out
 
-    def config(self, cfg: RunConfig) -> RunConfig:
-        """The run config as this node sees it: its own data-dir, layout and device."""
-        changes = {}
-        if self.site_local:
-            if cfg.dataset == "embedded":
-                raise ConfigError(
-                    f"node config data-dir={self.data_dir!r} needs a dataset read from disk, but the run config "
-                    'has dataset="embedded"; run with dataset="food101", "mmimdb" or "fashion"'
-                )
-            changes["data-dir"] = self.data_dir
-        if self.data_layout:
-            changes["data-layout"] = self.data_layout
-        if self.device:
-            changes["device"] = self.device
-        return replace(cfg, **changes) if changes else cfg
+
+@dataclasses.dataclass(frozen=True)
+class ShardSettings:
+    """What decides the clients' shards and the server's held-out sets: the run config keys of the same
+    names (the run layer reads them, :func:`fedprime_core.run_settings.shard_settings`)."""
+
+    dataset: str
+    data_dir: str
+    seed: int
+    val_fraction: float
+    max_train_samples: int
+    label_alpha: float
+    min_partition_size: int
+    client_size_sigma: float
+    missing_setting: str
+    eta: float
+    missing_alpha: float
+    missing_table: str
+    client_test_samples: int
+    max_test_samples: int
 
 
 @dataclasses.dataclass(frozen=True)
@@ -286,7 +291,7 @@ class ClientShard:
         return out
 
 
-def train_and_server_val(cfg: RunConfig, splits: DatasetSplits) -> tuple[list[Sample], list[Sample]]:
+def train_and_server_val(cfg: ShardSettings, splits: DatasetSplits) -> tuple[list[Sample], list[Sample]]:
     """Training pool (capped by max-train-samples) and the server's validation split.
 
     The dataset's dev split is the server's validation split; without one, a stratified
@@ -320,7 +325,7 @@ def _split_validation(
     return [samples[i] for i in np.sort(order[:n_val])], [samples[i] for i in np.sort(order[n_val:])]
 
 
-def partition_train(cfg: RunConfig, train: Sequence[Sample], num_partitions: int) -> list[np.ndarray]:
+def partition_train(cfg: ShardSettings, train: Sequence[Sample], num_partitions: int) -> list[np.ndarray]:
     """Indices of every partition's share of the training pool (``num_partitions`` arrays).
 
     Raises:
@@ -344,14 +349,14 @@ def partition_train(cfg: RunConfig, train: Sequence[Sample], num_partitions: int
         ) from None
 
 
-def client_mixture_table(cfg: RunConfig, num_partitions: int) -> np.ndarray:
+def client_mixture_table(cfg: ShardSettings, num_partitions: int) -> np.ndarray:
     """Every client's missing-pattern mixture, ``(num_partitions, 3)``."""
     if cfg.missing_table:
         return load_missing_table(cfg.missing_table, num_partitions)
     return client_mixtures(num_partitions, cfg.missing_setting, cfg.eta, cfg.missing_alpha, rng(cfg.seed, Draw.MIXTURE))
 
 
-def site_mixture(cfg: RunConfig, client: ClientNode) -> np.ndarray:
+def site_mixture(cfg: ShardSettings, client: ClientNode) -> np.ndarray:
     """The simulated mixture of a site-local client, ``(3,)``.
 
     ``missing-table`` (keyed by ``client-id``, or ``partition-id`` when the node has one,
@@ -369,7 +374,7 @@ def site_mixture(cfg: RunConfig, client: ClientNode) -> np.ndarray:
 
 
 def _client_sets(
-    cfg: RunConfig,
+    cfg: ShardSettings,
     train: list[Sample],
     val: list[Sample],
     mixture: np.ndarray,
@@ -435,7 +440,7 @@ def label_matched_rows(
 
 
 def _test_set(
-    cfg: RunConfig,
+    cfg: ShardSettings,
     samples: list[Sample],
     mixture: np.ndarray,
     key: int,
@@ -450,7 +455,7 @@ def _test_set(
 
 
 def client_test_rows(
-    cfg: RunConfig, splits: DatasetSplits, partition_labels: np.ndarray, key: int, who: str = ""
+    cfg: ShardSettings, splits: DatasetSplits, partition_labels: np.ndarray, key: int, who: str = ""
 ) -> list[Sample]:
     """A partitioned client's own test rows: ``client-test-samples`` rows of the test split at most, with the
     label proportions of the client's training partition (``partition_labels``), drawn under client ``key``
@@ -477,7 +482,7 @@ def client_test_rows(
 
 
 def partition_shard(
-    cfg: RunConfig,
+    cfg: ShardSettings,
     splits: DatasetSplits,
     processor: MultimodalProcessor,
     partition_id: int,
@@ -516,7 +521,7 @@ def partition_shard(
 
 
 def site_shard(
-    cfg: RunConfig, splits: DatasetSplits, processor: MultimodalProcessor, client: ClientNode
+    cfg: ShardSettings, splits: DatasetSplits, processor: MultimodalProcessor, client: ClientNode
 ) -> ClientShard:
     """A site's own data (``cfg.data_dir``, the node's folder), nothing partitioned.
 
@@ -562,7 +567,7 @@ def site_shard(
     )
 
 
-def _server_heldout(cfg: RunConfig, splits: DatasetSplits) -> tuple[list[Sample], list[Sample]]:
+def _server_heldout(cfg: ShardSettings, splits: DatasetSplits) -> tuple[list[Sample], list[Sample]]:
     """The server's validation and test samples (uncapped).
 
     Validation: the dev split; without one, the held-out part of train
@@ -586,7 +591,7 @@ def _server_heldout(cfg: RunConfig, splits: DatasetSplits) -> tuple[list[Sample]
 
 
 def server_eval_sets(
-    cfg: RunConfig, splits: DatasetSplits, processor: MultimodalProcessor
+    cfg: ShardSettings, splits: DatasetSplits, processor: MultimodalProcessor
 ) -> dict[str, MultimodalDataset]:
     """The server's held-out sets: ``val`` (same-as-train mixture) and the five test settings.
 
@@ -607,9 +612,13 @@ def server_eval_sets(
 
 
 def _dataset(
-    cfg: RunConfig, samples: list[Sample], patterns: np.ndarray, processor: MultimodalProcessor, splits: DatasetSplits
+    cfg: ShardSettings,
+    samples: list[Sample],
+    patterns: np.ndarray,
+    processor: MultimodalProcessor,
+    splits: DatasetSplits,
 ) -> MultimodalDataset:
-    in_memory = cfg.dataset == "embedded"
+    in_memory = dataset(cfg.dataset).generated
     return MultimodalDataset(
         samples, patterns, processor, splits.num_classes, splits.multilabel, cache_images=in_memory
     )

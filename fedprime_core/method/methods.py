@@ -7,6 +7,11 @@ import dataclasses
 #: How ``pfpt``'s aggregation schedules its Adam steps (:mod:`fedprime_core.method.pfpt`): one per
 #: client per sweep (PFPT's code, the default), or one per sweep over every client's terms.
 PFPT_STEPS = ("per-client", "per-sweep")
+#: How a sample picks its prompts (:func:`fedprime_core.method.retrieval.select_prompts`): its own
+#: top-kappa, or the reference's batch-majority rule (comparison only).
+SELECTIONS = ("sample", "batch")
+#: The local optimizers (:func:`fedprime_core.method.training.make_optimizer`).
+OPTIMIZERS = ("sgd", "adam", "adamw")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,3 +107,8 @@ def method_spec(name: str) -> MethodSpec:
         return METHOD_SPECS[name]
     except KeyError:
         raise ValueError(f"unknown method {name!r}; use one of: {', '.join(METHOD_SPECS)}") from None
+
+
+def default_sweeps(method: str) -> int:
+    """Alignment sweeps used when ``align-sweeps`` is 0 (reference: FedPrime 5, PFPT 50)."""
+    return 50 if method_spec(method).aligner == "pfpt" else 5

@@ -33,8 +33,7 @@ import torch
 from torch import nn
 
 from ..backbones.base import Backbone, Batch
-from ..config import RunConfig
-from .methods import MethodSpec, method_spec
+from .methods import MethodSpec
 from .retrieval import cosine_relevance, retrieval_regulariser, select_prompts
 
 #: Missing-modality patterns, in the order of missing-aware prompt sets.
@@ -54,19 +53,6 @@ class PromptSettings:
     query_rank: int = 0
     """0: dense query maps; r > 0: identity plus a rank-r update (:class:`LowRankQuery`). Keyed pools
     only: :class:`PFPTPromptPool` keeps PFPT's dense projection."""
-
-    @classmethod
-    def from_config(cls, cfg: RunConfig) -> PromptSettings:
-        """The prompt sizes of a run."""
-        return cls(
-            tau=cfg.tau,
-            kappa=cfg.kappa,
-            length=cfg.prompt_length,
-            selection=cfg.selection,
-            map_length=cfg.map_prompt_length,
-            map_depth=cfg.map_prompt_depth,
-            query_rank=cfg.query_rank,
-        )
 
 
 @dataclasses.dataclass
@@ -418,21 +404,6 @@ class PromptedModel(nn.Module):
         self.pooler = self._init_pooler_and_head(dim, dense_pooler, head, generator, factor_generator, pooler_rank)
         self.pooler.requires_grad_(train_pooler)
         self.head = head
-
-    @classmethod
-    def from_config(cls, backbone: Backbone, cfg: RunConfig, num_classes: int, seed: int) -> PromptedModel:
-        """The model a run of ``cfg`` trains: its method, prompt sizes and communication keys
-        (``query-rank``, ``exchange-pooler``, ``head-rank``, ``pooler-rank``)."""
-        return cls(
-            backbone,
-            method_spec(cfg.method),
-            num_classes,
-            PromptSettings.from_config(cfg),
-            seed=seed,
-            train_pooler=cfg.exchange_pooler,
-            head_rank=cfg.head_rank,
-            pooler_rank=cfg.pooler_rank,
-        )
 
     def _init_pooler_and_head(
         self,

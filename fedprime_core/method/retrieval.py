@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch.nn import functional as F
 
-from ..config import SELECTIONS
+from .methods import SELECTIONS
 
 
 def cosine_relevance(queries: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:

@@ -11,9 +11,7 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from ..config import RunConfig
 from ..metrics import classification_metrics
-from .methods import method_spec
 from .model import PromptedModel
 from .retrieval import pattern_usage_counts, usage_counts
 
@@ -33,20 +31,6 @@ class TrainSettings:
     proximal_mu: float = 0.0
     max_grad_norm: float = 1.0
     """Bound on the gradient norm of each parameter group (:meth:`PromptedModel.parameter_groups`); 0 disables."""
-
-    @classmethod
-    def from_config(cls, cfg: RunConfig) -> TrainSettings:
-        """The settings of a run (the proximal term only for a method that has one)."""
-        return cls(
-            epochs=cfg.local_epochs,
-            optimizer=cfg.optimizer,
-            lr=cfg.lr,
-            momentum=cfg.momentum,
-            weight_decay=cfg.weight_decay,
-            lambda_reg=cfg.lambda_reg,
-            proximal_mu=cfg.mu if method_spec(cfg.method).proximal else 0.0,
-            max_grad_norm=cfg.max_grad_norm,
-        )
 
 
 @dataclasses.dataclass

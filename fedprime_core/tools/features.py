@@ -61,7 +61,7 @@ from typing import Any
 import numpy as np
 
 from ..atomic import atomic_write, atomic_write_bytes
-from ..data.records import DataError, Sample
+from ..data.records import DataError
 from ..progress import Progress
 
 LOGGER = logging.getLogger(__name__)
@@ -84,30 +84,6 @@ PACKAGED_ENCODERS: dict[str, tuple[str, str, str]] = {
 # ---------------------------------------------------------------------------------------
 # Feature shape of a run
 # ---------------------------------------------------------------------------------------
-def feature_shape(samples: Sequence[Sample]) -> tuple[int, int]:
-    """``(F, d_img)`` of the precomputed image features of the first sample that has them.
-
-    Samples without an image (image-missing in the data) are passed over.
-
-    Raises:
-        DataError: no samples, or no sample has (readable) features; the message names the
-            first sample and how to compute features.
-    """
-    from ..data.processing import load_features
-
-    if not samples:
-        raise DataError("the training split is empty: cannot read the shape of its image features")
-    first = next((s for s in samples if s.image_features is not None), None)
-    if first is None:
-        first = samples[0]
-        raise DataError(
-            f"{first.uid}: sample has no precomputed image features, which backbone='text-encoder' needs; "
-            "compute them with: python -m fedprime_core.tools.features --dataset-dir <data-dir> --encoder <model>"
-        )
-    array = load_features(first.image_features, first.uid)
-    return int(array.shape[0]), int(array.shape[1])
-
-
 # ---------------------------------------------------------------------------------------
 # Image encoders
 # ---------------------------------------------------------------------------------------

@@ -20,7 +20,7 @@ from ...config import (
     parse_run_config,
     stored_value,
 )
-from ...metrics import headline_metric
+from ...data.datasets import headline_metric
 from ...yamlio import read_yaml_mapping
 from ..launch import APP_DIR
 
