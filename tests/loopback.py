@@ -17,6 +17,8 @@ from typing import Any
 from uuid import uuid4
 
 from flwr.app import Context, Error, Message, RecordDict
+from flwr.common import serde
+from flwr.proto.recorddict_pb2 import RecordDict as ProtoRecordDict
 from flwr.server.superlink.linkstate.utils import create_message_error_unavailable_res_message
 from flwr.serverapp import Grid
 from flwr.supercore.task_identity import TaskIdentity
@@ -136,3 +138,10 @@ def run_dir_of(cfg: Any) -> Path:
 def history(cfg: Any) -> list[dict]:
     """The per-round records of ``cfg``'s run (its metrics.json)."""
     return json.loads((run_dir_of(cfg) / "metrics.json").read_text())
+
+
+def through_flower(content: RecordDict) -> RecordDict:
+    """``content`` after Flower's protobuf serialisation and back (what crosses the network)."""
+    proto = ProtoRecordDict()
+    proto.ParseFromString(serde.recorddict_to_proto(content).SerializeToString())
+    return serde.recorddict_from_proto(proto)
