@@ -72,3 +72,17 @@ def image_only_data(tiny_vilt):
         )
 
     return dataset(384, 0), dataset(160, 1)
+
+
+@pytest.fixture()
+def federation():
+    """A whole federation in this process: the real ServerApp and ClientApps on the loopback grid.
+
+    ``federation(cfg, num_nodes=None, node_configs=..., offline=..., ...)`` runs ``cfg``
+    to its end and returns the grid (every message sent and every reply);
+    ``federation.run_dir(cfg)`` and ``federation.history(cfg)`` read what the run wrote
+    (tests/loopback.py).
+    """
+    from tests.loopback import Federation
+
+    return Federation()
