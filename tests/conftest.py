@@ -16,7 +16,9 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-torch.set_num_threads(2)
+# Two torch threads on the 2-core machines the project is tested on; one per process when
+# pytest-xdist runs the fast tier in two worker processes (pytest -n 2), so they do not contend.
+torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else 2)
 
 
 @pytest.fixture(scope="session")
@@ -49,3 +51,38 @@ def quick_config(tmp_path):
         return parse_run_config(values)
 
     return make
+
+
+@pytest.fixture(scope="session")
+def image_only_data(tiny_vilt):
+    """Image-only generated train (384) and test (160) sets for tiny-vilt (the lean and minimal tests)."""
+    import numpy as np
+
+    from fedprime_core.backbones import resolve_source
+    from fedprime_core.backbones.vilt import load_image_processor
+    from fedprime_core.data.processing import MultimodalDataset, MultimodalProcessor
+    from tests.generated_data import CLASSES, one_modality_samples
+
+    _, tokenizer = tiny_vilt
+    processor = MultimodalProcessor(tokenizer, load_image_processor(resolve_source("vilt", "tiny-vilt")), 24)
+
+    def dataset(count: int, seed: int) -> MultimodalDataset:
+        return MultimodalDataset(
+            one_modality_samples("image", count, seed), np.zeros(count, int), processor, CLASSES, cache_images=True
+        )
+
+    return dataset(384, 0), dataset(160, 1)
+
+
+@pytest.fixture()
+def federation():
+    """A whole federation in this process: the real ServerApp and ClientApps on the loopback grid.
+
+    ``federation(cfg, num_nodes=None, node_configs=..., offline=..., ...)`` runs ``cfg``
+    to its end and returns the grid (every message sent and every reply);
+    ``federation.run_dir(cfg)`` and ``federation.history(cfg)`` read what the run wrote
+    (tests/loopback.py).
+    """
+    from tests.loopback import Federation
+
+    return Federation()

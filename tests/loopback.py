@@ -17,6 +17,8 @@ from typing import Any
 from uuid import uuid4
 
 from flwr.app import Context, Error, Message, RecordDict
+from flwr.common import serde
+from flwr.proto.recorddict_pb2 import RecordDict as ProtoRecordDict
 from flwr.server.superlink.linkstate.utils import create_message_error_unavailable_res_message
 from flwr.serverapp import Grid
 from flwr.supercore.task_identity import TaskIdentity
@@ -117,11 +119,17 @@ class LoopbackGrid(Grid):
         return list(self.pull_messages(ids))
 
 
-def run_server(cfg: Any, num_nodes: int = 3, **grid_options: Any) -> LoopbackGrid:
-    """Run the real ServerApp main against the real ClientApp on ``num_nodes`` loopback nodes."""
+def run_server(cfg: Any, num_nodes: int | None = None, **grid_options: Any) -> LoopbackGrid:
+    """Run the real ServerApp main against the real ClientApp on loopback nodes; the grid it used.
+
+    ``num_nodes`` defaults to one node per entry of ``node_configs`` when that option is
+    given, else 3.
+    """
     from fedprime_core.config import config_to_dict
     from server_app.app import main as server_main
 
+    if num_nodes is None:
+        num_nodes = len(grid_options["node_configs"]) if grid_options.get("node_configs") else 3
     run_config = config_to_dict(cfg)
     grid = LoopbackGrid(run_config, num_nodes, **grid_options)
     server_main(grid, Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=run_config))
@@ -136,3 +144,22 @@ def run_dir_of(cfg: Any) -> Path:
 def history(cfg: Any) -> list[dict]:
     """The per-round records of ``cfg``'s run (its metrics.json)."""
     return json.loads((run_dir_of(cfg) / "metrics.json").read_text())
+
+
+def through_flower(content: RecordDict) -> RecordDict:
+    """``content`` after Flower's protobuf serialisation and back (what crosses the network)."""
+    proto = ProtoRecordDict()
+    proto.ParseFromString(serde.recorddict_to_proto(content).SerializeToString())
+    return serde.recorddict_from_proto(proto)
+
+
+class Federation:
+    """The ``federation`` fixture (tests/conftest.py): in-process runs and what they wrote.
+
+    ``federation(cfg, num_nodes=None, **grid_options)`` is :func:`run_server`;
+    ``federation.run_dir(cfg)`` and ``federation.history(cfg)`` read the run's folder.
+    """
+
+    __call__ = staticmethod(run_server)
+    run_dir = staticmethod(run_dir_of)
+    history = staticmethod(history)

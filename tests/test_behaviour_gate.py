@@ -30,8 +30,16 @@ def write_run(root: Path, metrics: list, clients: list, state: dict[str, np.ndar
 
 
 def base_run():
-    metrics = [{"round": 1, "train-loss": 1.25, "accepted": 4, "bytes-sent": 1000, "round-seconds": 3.0,
-                "eval": {"val": {"accuracy": 0.5, "loss": 0.9}}}]
+    metrics = [
+        {
+            "round": 1,
+            "train-loss": 1.25,
+            "accepted": 4,
+            "bytes-sent": 1000,
+            "round-seconds": 3.0,
+            "eval": {"val": {"accuracy": 0.5, "loss": 0.9}},
+        }
+    ]
     clients = [{"client": "0", "node-id": 17, "num-train": 60}]
     state = {"head": np.arange(6, dtype=np.float32).reshape(2, 3)}
     return metrics, clients, state

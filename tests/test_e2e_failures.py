@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.deployment import QUICK, Federation, wait_for_round
 from tests.processes import ROOT, flower_env, marked_pids, stop_marked
-from tests.test_e2e_deployment import QUICK, Federation, wait_for_round
 
 pytestmark = pytest.mark.slow
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from fedprime_core.data.processing import MultimodalDataset, MultimodalProcessor, make_loader
+from fedprime_core.data.processing import make_loader
 from fedprime_core.method.federated import AggregationSettings, ClientUpdate, GlobalState
 from fedprime_core.method.methods import method_spec
 from fedprime_core.method.model import (
@@ -18,7 +18,7 @@ from fedprime_core.method.model import (
     trainable_state,
 )
 from fedprime_core.method.training import TrainSettings, evaluate, train_local
-from tests.test_training import CLASSES, one_modality_samples
+from tests.generated_data import CLASSES
 
 DIM = 64  # tiny-vilt's width
 
@@ -77,22 +77,6 @@ def test_keeping_the_pooler_frozen_needs_a_pretrained_pooler():
     with pytest.raises(ValueError, match="has no pretrained pooler.*set exchange-pooler=true"):
         build(backbone, train_pooler=False)
     assert "pooler.weight" in trainable_state(build(backbone, train_pooler=True))
-
-
-@pytest.fixture(scope="module")
-def image_only_data(tiny_vilt):
-    from fedprime_core.backbones import resolve_source
-    from fedprime_core.backbones.vilt import load_image_processor
-
-    _, tokenizer = tiny_vilt
-    processor = MultimodalProcessor(tokenizer, load_image_processor(resolve_source("vilt", "tiny-vilt")), 24)
-
-    def dataset(count: int, seed: int) -> MultimodalDataset:
-        return MultimodalDataset(
-            one_modality_samples("image", count, seed), np.zeros(count, int), processor, CLASSES, cache_images=True
-        )
-
-    return dataset(384, 0), dataset(160, 1)
 
 
 def test_the_lean_model_trains_its_low_rank_queries_and_leaves_the_pooler_pretrained(tiny_vilt, image_only_data):

@@ -12,10 +12,8 @@ import pytest
 from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.common.logger import FLOWER_LOGGER, console_handler
 
-from fedprime_core.config import config_to_dict
 from fedprime_core.results import load_checkpoint
 from fedprime_protocol.logs import CLIENT_LOG, MAX_LINES, ClientLogGrid, connect, forward_logs, log_client_lines
-from server_app.app import main as server_main
 from tests.loopback import LoopbackGrid
 
 
@@ -162,11 +160,11 @@ def test_the_strategys_own_wait_reports_waiting_too(flower_output):
     assert waiting and all(m.startswith("waiting for 1 train repl(y/ies), ") for m in waiting) and len(waiting) <= 6
 
 
-def test_a_run_logs_every_clients_round_and_keeps_the_strategys_result(quick_config, tiny_vilt, flower_output):
+def test_a_run_logs_every_clients_round_and_keeps_the_strategys_result(
+    quick_config, tiny_vilt, flower_output, federation
+):
     cfg = quick_config(run_name="logs", fraction_evaluate=1.0)
-    run_config = config_to_dict(cfg)
-    grid = LoopbackGrid(run_config, 3)  # the ServerApp wraps it in a ClientLogGrid itself
-    server_main(grid, Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=run_config))
+    federation(cfg)  # the ServerApp wraps the loopback grid in a ClientLogGrid itself
     messages = flower_output.messages
     for client in (0, 1, 2):
         for server_round in (1, 2):

@@ -31,11 +31,9 @@ from fedprime_core.method.training import TrainSettings, evaluate, train_local
 from fedprime_core.run_settings import prompted_model
 from fedprime_core.wire import UNIT_ROUNDOFF
 from fedprime_protocol.messages import instruction_content, parse_train_reply, read_arrays, train_reply_content
-from tests.loopback import history
+from tests.generated_data import CLASSES
+from tests.loopback import history, through_flower
 from tests.loopback import run_server as run
-from tests.test_lean import image_only_data  # noqa: F401  (a fixture)
-from tests.test_training import CLASSES
-from tests.test_wire import through_flower
 
 ROOT = Path(__file__).resolve().parents[1]
 DIM = 64  # tiny-vilt's width

@@ -3,6 +3,7 @@ client pool."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -262,25 +263,15 @@ def test_pfpt_pool_uses_the_prompt_as_key_and_the_frozen_cls_query(tiny_vilt):
 # ---------------------------------------------------------------------------------------
 # Through the real ServerApp and ClientApp
 # ---------------------------------------------------------------------------------------
-def test_pfpt_runs_through_the_apps_with_a_variable_broadcast_pool(quick_config):
-    import json
-    from pathlib import Path
-
-    from flwr.app import Context, RecordDict
-
-    from fedprime_core.config import config_to_dict
+def test_pfpt_runs_through_the_apps_with_a_variable_broadcast_pool(quick_config, federation):
     from fedprime_core.results import load_checkpoint
-    from server_app.app import main as server_main
-    from tests.loopback import LoopbackGrid
 
     cfg = quick_config(
         run_name="pfpt", method="pfpt", missing_setting="none", label_alpha=0.5, client_size_sigma=1.0, align_sweeps=10
     )
-    run_config = config_to_dict(cfg)
-    grid = LoopbackGrid(run_config, 3)
-    server_main(grid, Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=run_config))
-    folder = Path(cfg.results_dir) / cfg.run_name
-    records = json.loads((folder / "metrics.json").read_text())[1:]
+    federation(cfg)
+    folder = federation.run_dir(cfg)
+    records = federation.history(cfg)[1:]
     state, _ = load_checkpoint(folder)
     assert "pools.inter.keys" not in state and "pools.inter.query.weight" in state  # the prompt is its own key
     for record in records:

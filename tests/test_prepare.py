@@ -13,7 +13,7 @@ import pytest
 from fedprime_core.data.loaders import load_dataset, read_class_list
 from fedprime_core.data.prepare import SplitSettings, export_embedded, main, split_dataset
 from fedprime_core.data.records import DataError, Pattern
-from tests.test_data_loaders import write_arrow
+from tests.layouts import write_arrow
 
 TABLE = {0: [0.2, 0.8, 0.0], 1: [0.3, 0.1, 0.6], 2: [0.5, 0.25, 0.25]}
 
@@ -126,7 +126,7 @@ def test_label_skew_gives_sites_different_label_subsets(foodtoy, tmp_path):
 
 
 def test_arrow_input_with_hardlinks_refused_output_and_too_many_sites(tmp_path):
-    from tests.test_data_loaders import FOOD_SCHEMA, food_arrow_row
+    from tests.layouts import FOOD_SCHEMA, food_arrow_row
 
     rows = [food_arrow_row(f"t{i}", i % 2, ("red", "green")[i % 2]) for i in range(12)]
     rows[3] = {**rows[3], "image": None}
@@ -156,7 +156,7 @@ def test_hardlinked_images_share_the_input_file(foodtoy, tmp_path):
 
 
 def test_mmimdb_sites_keep_the_protocol(tmp_path):
-    from tests.test_data_loaders import IMDB_SCHEMA, imdb_arrow_row
+    from tests.layouts import IMDB_SCHEMA, imdb_arrow_row
 
     genres = [["Drama"], ["Comedy"], ["Drama", "Comedy"], ["Horror"], ["Drama"], ["Comedy"]] * 4
     rows = [imdb_arrow_row([f"p{i}"], g) for i, g in enumerate(genres)]

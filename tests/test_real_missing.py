@@ -17,7 +17,7 @@ import pytest
 from fedprime_core.data.loaders import load_dataset, read_class_list
 from fedprime_core.data.missing import apply_missing, missing_counts
 from fedprime_core.data.records import DataError, Pattern, Sample
-from tests.test_data_loaders import (
+from tests.layouts import (
     FOOD_SCHEMA,
     IMDB_SCHEMA,
     food_arrow_row,

@@ -12,12 +12,11 @@ import shutil
 from pathlib import Path
 
 import pytest
-from flwr.app import Context, MessageType, RecordDict
+from flwr.app import MessageType
 
 from fedprime_core import runtime
-from fedprime_core.config import config_to_dict, parse_run_config
+from fedprime_core.config import parse_run_config
 from fedprime_core.failures import RunFailed
-from server_app.app import main as server_main
 from server_app.sites import SiteVerdict, refusal_stops_run, setting_label, site_verdicts
 from tests.loopback import LoopbackGrid
 from tests.sites import make_sites
@@ -46,27 +45,22 @@ def config(plan, tmp_path, **values):
     return parse_run_config(base)
 
 
-def federation(plan, with_good: tuple[str, ...]) -> list[dict]:
+def site_nodes(plan, with_good: tuple[str, ...]) -> list[dict]:
     nodes = [{"data-dir": str(plan["sites"][name]["dir"]), "client-id": name} for name in with_good]
     nodes.append({"data-dir": str(plan["bad-class"]), "client-id": "site-bad-class"})
     nodes.append({"data-dir": str(plan["missing"]), "client-id": "site-missing"})
     return nodes
 
 
-def run(cfg, nodes: list[dict]) -> LoopbackGrid:
-    run_config = config_to_dict(cfg)
-    grid = LoopbackGrid(run_config, len(nodes), node_configs=nodes)
-    server_main(grid, Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=run_config))
-    return grid
-
-
 def kinds_sent(grid: LoopbackGrid, node: int) -> list[str]:
     return [m.metadata.message_type for m in grid.sent if m.metadata.dst_node_id == node]
 
 
-def test_a_site_with_a_bad_class_and_one_without_its_folder_are_refused_before_round_1(plan, tmp_path, tiny_vilt):
+def test_a_site_with_a_bad_class_and_one_without_its_folder_are_refused_before_round_1(
+    plan, tmp_path, tiny_vilt, federation
+):
     cfg = config(plan, tmp_path, run_name="refused", num_server_rounds=2, min_available_nodes=5, fraction_evaluate=1.0)
-    grid = run(cfg, federation(plan, ("site-a", "site-b", "site-c")))
+    grid = federation(cfg, node_configs=site_nodes(plan, ("site-a", "site-b", "site-c")))
     folder = Path(cfg.results_dir) / "refused"
     clients = json.loads((folder / "clients.json").read_text())
     bad, missing = clients["site-bad-class"], clients["site-missing"]
@@ -86,10 +80,10 @@ def test_a_site_with_a_bad_class_and_one_without_its_folder_are_refused_before_r
     assert kinds_sent(grid, 1).count(MessageType.TRAIN) == 2
 
 
-def test_a_run_left_with_too_few_sites_does_not_start_and_says_why(plan, tmp_path, tiny_vilt):
+def test_a_run_left_with_too_few_sites_does_not_start_and_says_why(plan, tmp_path, tiny_vilt, federation):
     cfg = config(plan, tmp_path, run_name="too-few", min_train_nodes=2, min_available_nodes=3)
     with pytest.raises(RunFailed, match=r"2 site\(s\) refused before round 1 .*1 node\(s\) can train"):
-        run(cfg, federation(plan, ("site-a",)))
+        federation(cfg, node_configs=site_nodes(plan, ("site-a",)))
     folder = Path(cfg.results_dir) / "too-few"
     summary = (folder / "summary.md").read_text()
     assert "**Run failed before round 1:**" in summary and "min-train-nodes is 2" in summary

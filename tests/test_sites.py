@@ -13,14 +13,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from flwr.app import Context, RecordDict
 
 from fedprime_core import runtime
 from fedprime_core.config import ConfigError, config_to_dict, parse_run_config
 from fedprime_core.data.records import DataError
 from fedprime_core.run_settings import node_config
-from server_app.app import main as server_main
-from tests.loopback import LoopbackGrid
 from tests.sites import DEV_PER_SITE, make_sites
 
 QUICK = {"tau": 6, "kappa": 2, "batch-size": 16, "text-max-length": 24, "min-available-nodes": 2}
@@ -164,14 +161,9 @@ def test_server_label_space_without_data_and_held_out_folder_without_dev(plan, t
 # ----------------------------------------------------------------------------- in-process federation
 
 
-def run(cfg, node_configs: list[dict]) -> Path:
-    run_config = config_to_dict(cfg)
-    grid = LoopbackGrid(run_config, len(node_configs), node_configs=node_configs)
-    server_main(grid, Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=run_config))
-    return Path(cfg.results_dir) / cfg.run_name
-
-
-def test_a_federation_of_sites_reports_each_site_and_refuses_another_class_list(plan, tmp_path, tiny_vilt, caplog):
+def test_a_federation_of_sites_reports_each_site_and_refuses_another_class_list(
+    plan, tmp_path, tiny_vilt, caplog, federation
+):
     other = tmp_path / "site-other-labels"
     shutil.copytree(plan["sites"]["site-b"]["dir"], other)
     (other / "classes.txt").write_text("\n".join(reversed(plan["classes"])) + "\n")
@@ -179,7 +171,8 @@ def test_a_federation_of_sites_reports_each_site_and_refuses_another_class_list(
     nodes.append({"data-dir": str(other), "client-id": "site-other"})
     cfg = site_config(plan, tmp_path, run_name="sites", num_server_rounds=1, fraction_evaluate=1.0)
     with caplog.at_level(logging.WARNING, logger="flwr"):
-        run_dir = run(cfg, nodes)
+        federation(cfg, node_configs=nodes)
+        run_dir = federation.run_dir(cfg)
     clients = json.loads((run_dir / "clients.json").read_text())
     assert sorted(clients) == ["site-a", "site-b", "site-c", "site-other"]
     for name, planted in plan["sites"].items():
@@ -198,13 +191,14 @@ def test_a_federation_of_sites_reports_each_site_and_refuses_another_class_list(
     assert "| site-other | refused: its class list" in summary and "| site-a | training (last round 1) |" in summary
 
 
-def test_a_server_without_data_leaves_evaluation_to_the_clients(plan, tmp_path, tiny_vilt):
+def test_a_server_without_data_leaves_evaluation_to_the_clients(plan, tmp_path, tiny_vilt, federation):
     nodes = [{"data-dir": str(site["dir"]), "client-id": name} for name, site in plan["sites"].items()]
     cfg = site_config(
         plan, tmp_path, data_dir="", classes=",".join(plan["classes"]), run_name="no-server-data", fraction_evaluate=1.0
     )
     cfg = parse_run_config({**config_to_dict(cfg), "num-server-rounds": 1})
-    run_dir = run(cfg, nodes)
+    federation(cfg, node_configs=nodes)
+    run_dir = federation.run_dir(cfg)
     rounds = json.loads((run_dir / "metrics.json").read_text())
     assert [r["round"] for r in rounds] == [1] and "eval" not in rounds[0]  # no server-side evaluation at all
     assert rounds[0]["accepted"] == 3 and rounds[0]["client-eval"]["num-examples"] == 3 * DEV_PER_SITE

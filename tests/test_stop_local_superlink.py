@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import time
+from pathlib import Path
 
 from tests.processes import ROOT
 
@@ -16,6 +17,19 @@ def _fake_superlink(home) -> subprocess.Popen:
         f"--log-file {home}/local-superlink/superlink.log --log-rotation-interval-hours 24"
     )
     return subprocess.Popen(["bash", "-c", f'exec -a "{argv0}" sleep 300'])
+
+
+def _disguised(proc: subprocess.Popen, timeout: float = 30) -> None:
+    """Wait until ``exec -a`` has given ``proc`` the SuperLink's command line (slow on a loaded machine)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if b"flower-superlink" in Path(f"/proc/{proc.pid}/cmdline").read_bytes():
+                return
+        except OSError:
+            pass
+        time.sleep(0.05)
+    raise AssertionError(f"process {proc.pid} never took the SuperLink's command line")
 
 
 def _running(proc: subprocess.Popen, timeout: float = 10) -> bool:
@@ -33,7 +47,8 @@ def test_only_the_superlink_of_this_flwr_home_is_stopped(tmp_path):
     theirs.mkdir()
     procs = [_fake_superlink(mine), _fake_superlink(theirs)]
     try:
-        time.sleep(0.5)  # let exec -a take effect
+        for proc in procs:
+            _disguised(proc)
         env = {**os.environ, "FLWR_HOME": str(mine)}
         out = subprocess.run(
             ["bash", str(ROOT / "scripts/stop_local_superlink.sh")], env=env, capture_output=True, text=True

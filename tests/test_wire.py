@@ -6,8 +6,6 @@ import numpy as np
 import pytest
 import torch
 from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
-from flwr.common import serde
-from flwr.proto.recorddict_pb2 import RecordDict as ProtoRecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
 from fedprime_core.method.federated import ClientUpdate, validate_update
@@ -31,19 +29,13 @@ from fedprime_protocol.messages import (
     state_to_record,
     train_reply_content,
 )
+from tests.loopback import through_flower
 
 
 @pytest.fixture(autouse=True)
 def a_flower_task():
     """Flower's Message needs the identity of the task that creates it (a SuperLink sets it)."""
     TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 0
-
-
-def through_flower(content: RecordDict) -> RecordDict:
-    """``content`` after Flower's protobuf serialisation and back (what crosses the network)."""
-    proto = ProtoRecordDict()
-    proto.ParseFromString(serde.recorddict_to_proto(content).SerializeToString())
-    return serde.recorddict_from_proto(proto)
 
 
 def a_state(seed: int = 0) -> dict[str, np.ndarray]:
