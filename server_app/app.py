@@ -251,11 +251,8 @@ def _run(
         inter_record=inter_record,
         stop_check=watchdog.stop_reason if watchdog else None,
     )
-    strategy.node_clients.update({node: str(info["client-id"]) for node, info in census.items() if "client-id" in info})
-    strategy.node_records.update(
-        {node: {k: v for k, v in info.items() if k != SITE_CHECK} for node, info in census.items()}
-    )
-    strategy.take_verdicts(verdicts.values())
+    strategy.identities.learn_census(census)
+    strategy.identities.take_verdicts(verdicts.values())
     try:
         result = strategy.start_or_resume(
             grid=ClientLogGrid(grid),  # logs the lines each client returns with its reply

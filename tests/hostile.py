@@ -3,7 +3,7 @@
 A :class:`ReplyRound` is the server's side of one round for a method, without Flower's network:
 honest replies of three nodes, plus whatever a fourth node sends, go through what a real round
 does with them (the client's log lines, ``parse_train_reply``, ``validate_update``, the
-aggregation, the round record and ``_persist``: metrics, summary, clients.json, checkpoint).
+aggregation, the round record and ``RunOutputs.persist``: metrics, summary, clients.json, checkpoint).
 :func:`mutations` draws what a hostile or broken fourth client may send: any value Flower can
 carry (integers of any size, NaN, bytes, strings with control characters, lists) under known
 or unknown keys of every record, arrays of any dtype and shape, records left out.
@@ -97,7 +97,8 @@ class ReplyRound:
     """Round 1 of ``method`` on a fresh strategy whose run folder is ``run_dir``."""
 
     def __init__(self, method: str, run_dir: Path) -> None:
-        from server_app.strategy import Dispatch, FedPrimeStrategy
+        from server_app.strategy import FedPrimeStrategy
+        from server_app.transport import Dispatch
 
         TaskIdentity.task_id = TaskIdentity.run_id = 1
         TaskIdentity.node_id = 0
@@ -115,7 +116,7 @@ class ReplyRound:
         for node in nodes:
             client = str(node - 1)
             if self.strategy.model.personal:
-                self.strategy.node_clients[node] = client
+                self.strategy.identities.node_clients[node] = client
             self.arrays[node] = self.strategy.model.client_arrays(client)
             message = Message(
                 content=instruction_content(self.arrays[node], ConfigRecord({"server-round": 1})),
@@ -125,9 +126,9 @@ class ReplyRound:
             message.metadata.__dict__["_message_id"] = f"train-{node}"
             messages.append(message)
         self.sent = messages
-        self.strategy._train_sent = Dispatch(
+        self.strategy.train_sent = Dispatch(
             messages=tuple(messages),
-            clients={n: (self.strategy.node_clients.get(n)) for n in nodes},
+            clients={n: (self.strategy.identities.node_clients.get(n)) for n in nodes},
             arrays=self.arrays,
             sampled=len(nodes),
         )
@@ -183,10 +184,10 @@ class ReplyRound:
             log_client_lines(reply)
         strategy = self.strategy
         strategy.aggregate_train(1, replies)
-        trained = strategy._trained
+        trained = strategy.trained
         record = {"round": 1, "sampled": 4, **trained.row(), "round-seconds": 0.0}
         strategy.history.append(record)
-        strategy._persist(1, "fuzz", "running")
+        strategy.outputs.persist(1, "fuzz", "running")
         return {
             "arrays": {k: v.copy() for k, v in strategy.model.arrays.items()},
             "inter-pool": json.dumps(strategy.model.record(), sort_keys=True, default=str),

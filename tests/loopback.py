@@ -136,3 +136,17 @@ def run_dir_of(cfg: Any) -> Path:
 def history(cfg: Any) -> list[dict]:
     """The per-round records of ``cfg``'s run (its metrics.json)."""
     return json.loads((run_dir_of(cfg) / "metrics.json").read_text())
+
+
+def loopback_strategy(cfg: Any, num_nodes: int = 3) -> tuple[Any, LoopbackGrid, dict]:
+    """A FedPrimeStrategy over ``num_nodes`` loopback nodes, started from the run's initial state (no ServerApp).
+
+    Returns ``(strategy, grid, initial state)``.
+    """
+    from fedprime_core import runtime
+    from fedprime_core.config import config_to_dict
+    from server_app.strategy import FedPrimeStrategy
+
+    run_dir_of(cfg).mkdir(parents=True)
+    state = runtime.initial_state(cfg)
+    return FedPrimeStrategy(cfg, run_dir_of(cfg), state), LoopbackGrid(config_to_dict(cfg), num_nodes), state
