@@ -178,3 +178,18 @@ def test_the_round_line_names_each_client_or_sums_them_up(quick_config, caplog):
     record = {"round": 2, "skipped": True, "sampled": 3, "accepted": 0, "rejected": 3, "round-seconds": 1.25}
     loop._log_round(record, 5)
     assert "[round 2/5] SKIPPED train-loss - | clients 3 sampled: 0 accepted, 3 rejected, 0 timed out" in caplog.text
+
+
+def test_resume_conflicts_read_an_older_checkpoint_as_the_run_it_was():
+    from fedprime_core.config import PROFILE_VALUES, config_to_dict, parse_run_config
+    from fedprime_core.results import resume_conflicts
+
+    current = config_to_dict(parse_run_config({"num-server-rounds": 5}))
+    stored = {k: v for k, v in current.items() if k not in PROFILE_VALUES["paper"] and k != "comm-profile"}
+    assert resume_conflicts({**stored, "num-server-rounds": 2}, current) == []  # 'paper' before the keys existed
+    assert resume_conflicts({**stored, "tau": current["tau"] + 1}, current) == [
+        f"'tau' ({current['tau'] + 1} -> {current['tau']})"
+    ]
+    lean = config_to_dict(parse_run_config({"comm-profile": "lean"}))
+    changed = [c.split(" ")[0] for c in resume_conflicts(stored, lean)]
+    assert changed == ["'comm-profile'", "'query-rank'", "'upload-delta'", "'wire-dtype'"]
