@@ -5,7 +5,7 @@
 For every method, ``--records`` replies drawn by ``tests/hostile.py`` (any value Flower can
 carry under known or unknown keys of every record, arrays of any dtype and shape, records
 left out) go, one per round, through the server's reply path beside three honest replies:
-the client's log lines, parse, validate, aggregate, the round record, ``_persist``
+the client's log lines, parse, validate, aggregate, the round record, ``RunOutputs.persist``
 (metrics, summary, clients.json, checkpoint). Counted per method:
 
 * **accepted** / **rejected**: the fourth node's outcome;

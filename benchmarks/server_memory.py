@@ -226,20 +226,23 @@ def child(n: int, profile: str, method: str, shape: str = "tiny-vilt") -> dict[s
     from server_app.strategy import FedPrimeStrategy
 
     rounds: list[dict[str, Any]] = []
+    round_started = [0.0]
 
-    class MeasuredStrategy(FedPrimeStrategy):
-        """The ServerApp's strategy, reading the RSS peak when each round's results are written."""
+    def measured(persist: Any) -> Any:
+        """The run's ``persist``, then a reading of the RSS peak (each round's results are written once)."""
 
-        def _persist(self, server_round: int, title: str, status: str = "running", reason: str = "") -> None:
-            super()._persist(server_round, title, status, reason)
-            peak, seconds = proc_status("VmHWM"), time.perf_counter() - self.round_started
+        def persist_and_measure(server_round: int, *args: Any, **kwargs: Any) -> None:
+            persist(server_round, *args, **kwargs)
+            peak, seconds = proc_status("VmHWM"), time.perf_counter() - round_started[0]
             gc.collect()
             trim_heap()  # what is still referenced, not what the allocator keeps for reuse
             rounds.append(
                 {"round": server_round, "peak-rss": peak, "rss-after": proc_status("VmRSS"), "seconds": seconds}
             )
             reset_peak()
-            self.round_started = time.perf_counter()
+            round_started[0] = time.perf_counter()
+
+        return persist_and_measure
 
     with tempfile.TemporaryDirectory() as tmp:
         cfg = run_config(n, profile, method, tmp)
@@ -256,13 +259,14 @@ def child(n: int, profile: str, method: str, shape: str = "tiny-vilt") -> dict[s
             state = runtime.initial_state(cfg)
         run_dir = Path(tmp) / "memory"
         run_dir.mkdir()
-        strategy = MeasuredStrategy(cfg, run_dir, state)
+        strategy = FedPrimeStrategy(cfg, run_dir, state)
+        strategy.outputs.persist = measured(strategy.outputs.persist)  # the ServerApp's strategy, measured
         grid = SyntheticGrid(n, cfg)
         gc.collect()
         trim_heap()
         baseline = proc_status("VmRSS")
         can_reset = reset_peak()
-        strategy.round_started = time.perf_counter()
+        round_started[0] = time.perf_counter()
         strategy.start_or_resume(grid, state_to_record(state), num_rounds=ROUNDS, timeout=3600)
         history = json.loads((run_dir / "metrics.json").read_text())
         assert all(r["accepted"] == n for r in history if r["round"] > 0), "every synthetic reply must be accepted"

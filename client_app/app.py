@@ -1,15 +1,16 @@
 """The FedPrime ClientApp: train and evaluate the global prompts on this node's local data.
 
-The node config says where the data is (:func:`fedprime_core.runtime.node_client`): a
+The node config says where the data is (:func:`fedprime_core.node.node_client`): a
 site's own folder (``data-dir``, set by ``flower-supernode --node-config``), or a shard
 (``partition-id`` / ``num-partitions``, set by the simulation engine) of the run's
-data-dir. Only the trainable parts travel back, with the sample count, the prompt usage
-counts, the client's identity and its realised missing-pattern counts; never the
-backbone, never data. The work itself is done by :mod:`fedprime_core.site_worker`: in this
-process (the backbone and the data cached per process: a simulation actor keeps them), or,
-when the node config names ``site-worker``, by the site's resident worker, which keeps them
-for the whole run while every message gets a fresh ClientApp process (deployment); this
-module then imports no torch.
+data-dir. Every handler turns the run config and the node config into the node's effective
+config once (:func:`fedprime_core.node.node_setup`) and passes it down. Only the trainable
+parts travel back, with the sample count, the prompt usage counts, the client's identity and
+its realised missing-pattern counts; never the backbone, never data. The work itself is
+done by :mod:`fedprime_core.site_worker`: in this process (the backbone and the data cached
+per process: a simulation actor keeps them), or, when the node config names
+``site-worker``, by the site's resident worker, which keeps them for the whole run while
+every message gets a fresh ClientApp process (deployment); this module then imports no torch.
 
 Arrays arrive in the server's wire encoding and are decoded to float32; the reply is
 encoded in this run's ``wire-dtype``, as the change to what arrived when ``upload-delta``
@@ -26,8 +27,8 @@ from flwr.app import Context, Error, Message
 from flwr.clientapp import ClientApp
 from flwr.common.constant import ErrorCode
 
-from fedprime_core.config import parse_run_config
 from fedprime_core.failures import exception_reason
+from fedprime_core.node import NodeSetup, node_setup
 from fedprime_core.site_worker import WorkerFailure, site_for
 from fedprime_core.tools.faults import inject_fault
 from fedprime_protocol.logs import connect, forward_logs, forwarding_allowed
@@ -72,6 +73,11 @@ def reports_errors(handler: Handler) -> Handler:
     return wrapped
 
 
+def _setup(context: Context) -> NodeSetup:
+    """This message's node and effective config (:func:`fedprime_core.node.node_setup`)."""
+    return node_setup(context.run_config, context.node_config, context.node_id)
+
+
 def _partition(context: Context) -> int:
     """This node's partition id, -1 for a site (fault plans name partitions)."""
     try:
@@ -88,8 +94,9 @@ def query(msg: Message, context: Context) -> Message:
     Asked before round 1 (and before a node's first round when it joins later). A site
     loads what training needs here, once: its resident worker keeps it for the run.
     """
+    setup = _setup(context)
     site = site_for(context.node_config, context.run_id)
-    answer = site.check(dict(context.run_config), dict(context.node_config), context.node_id)
+    answer = site.check(setup)
     check = answer["site-check"]
     if check is not None and not forwarding_allowed(dict(context.node_config)):
         check = {**check, "warnings": []}  # log lines stay home (forward-logs=false); problems still travel
@@ -101,11 +108,12 @@ def query(msg: Message, context: Context) -> Message:
 @forward_logs
 def train(msg: Message, context: Context) -> Message:
     """Train the received global state for ``local-epochs`` on the local shard."""
-    cfg = parse_run_config(context.run_config)
+    setup = _setup(context)
+    cfg = setup.run_cfg  # the run's own settings; the site works with the node's view (setup.cfg)
     site = site_for(context.node_config, context.run_id)
     server_round = read_server_round(msg.content)
     state = read_arrays(msg.content)
-    outcome = site.train(dict(context.run_config), dict(context.node_config), context.node_id, state, server_round)
+    outcome = site.train(setup, state, server_round)
     new_state, metrics, usage = inject_fault(
         cfg.fault_plan, _partition(context), server_round, outcome.state, dict(outcome.metrics), outcome.usage
     )
@@ -134,8 +142,7 @@ def train(msg: Message, context: Context) -> Message:
 def evaluate(msg: Message, context: Context) -> Message:
     """Evaluate the received state (this client's own inter pool where the method keeps one) on the local
     validation split and the client's own test set."""
+    setup = _setup(context)
     site = site_for(context.node_config, context.run_id)
-    metrics, client = site.evaluate(
-        dict(context.run_config), dict(context.node_config), context.node_id, read_arrays(msg.content)
-    )
+    metrics, client = site.evaluate(setup, read_arrays(msg.content))
     return Message(content=evaluate_reply_content(metrics, client), reply_to=msg)

@@ -44,6 +44,7 @@ from typing import Any
 import numpy as np
 
 from .atomic import atomic_write, atomic_write_bytes
+from .config import OPTIONS, PROFILE_VALUES, RESUMABLE_KEYS
 from .data.missing import TEST_SETTINGS
 from .metrics import CLIENT_TEST_PREFIX
 
@@ -152,6 +153,24 @@ def load_checkpoint(path: str | Path) -> tuple[dict[str, np.ndarray], dict[str, 
             f"checkpoint in {run_dir} is inconsistent: arrays {sorted(state)} vs metadata {meta['state-keys']}"
         )
     return state, meta
+
+
+def resume_conflicts(stored: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
+    """The settings that may not change on resume and do: ``["'tau' (6 -> 7)", ...]``, sorted by key.
+
+    Args:
+        stored: the checkpoint's run config (``checkpoint.json``'s ``config``).
+        current: the resumed run's (:func:`~fedprime_core.config.config_to_dict`).
+
+    A checkpoint from before the communication keys existed exchanged what ``comm-profile``
+    ``paper`` does; one from before another key computed what that key says runs before it
+    did (:attr:`~fedprime_core.config.Option.earlier`); any other key it lacks is not compared.
+    Keys that may change on resume (:data:`~fedprime_core.config.RESUMABLE_KEYS`) never conflict.
+    """
+    previous = {"comm-profile": "paper", **PROFILE_VALUES["paper"], **stored}
+    previous.update({opt.key: opt.earlier(stored) for opt in OPTIONS if opt.earlier and opt.key not in stored})
+    changed = sorted(k for k, v in current.items() if k not in RESUMABLE_KEYS and k in previous and previous[k] != v)
+    return [f"'{k}' ({previous[k]!r} -> {current[k]!r})" for k in changed]
 
 
 def flatten_round(record: Mapping[str, Any]) -> dict[str, Any]:

@@ -13,9 +13,8 @@ from __future__ import annotations
 import dataclasses
 
 from .backbones.base import Backbone
-from .config import ConfigError, RunConfig, replace
-from .data.datasets import DATASETS, dataset
-from .data.shards import ClientNode, ShardSettings
+from .config import RunConfig
+from .data.shards import ShardSettings
 from .method.methods import method_spec
 from .method.model import PromptedModel, PromptSettings
 from .method.training import TrainSettings
@@ -66,21 +65,3 @@ def prompted_model(backbone: Backbone, cfg: RunConfig, num_classes: int, seed: i
         head_rank=cfg.head_rank,
         pooler_rank=cfg.pooler_rank,
     )
-
-
-def node_config(node: ClientNode, cfg: RunConfig) -> RunConfig:
-    """The run config as ``node`` sees it: its own data-dir, layout and device."""
-    changes = {}
-    if node.site_local:
-        if dataset(cfg.dataset).generated:
-            on_disk = [f'"{name}"' for name, spec in DATASETS.items() if not spec.generated]
-            raise ConfigError(
-                f"node config data-dir={node.data_dir!r} needs a dataset read from disk, but the run config "
-                f'has dataset="{cfg.dataset}"; run with dataset={", ".join(on_disk[:-1])} or {on_disk[-1]}'
-            )
-        changes["data-dir"] = node.data_dir
-    if node.data_layout:
-        changes["data-layout"] = node.data_layout
-    if node.device:
-        changes["device"] = node.device
-    return replace(cfg, **changes) if changes else cfg

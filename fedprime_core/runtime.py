@@ -1,9 +1,10 @@
 """Everything a client or server process needs for a run, loaded once per process.
 
-The Flower apps are thin adapters over this module: a ClientApp turns its node config
-into a :class:`~fedprime_core.data.shards.ClientNode` (:func:`node_client`), asks for its
+The Flower apps are thin adapters over this module: a ClientApp turns its run and node
+configs into its node and effective config once per message
+(:func:`fedprime_core.node.node_setup`), asks for its
 :class:`~fedprime_core.data.shards.ClientShard` (:func:`client_shard`) and calls
-:func:`client_train` / :func:`client_evaluate`; the ServerApp checks its inputs
+:func:`client_train` / :func:`client_evaluate` with them; the ServerApp checks its inputs
 (:func:`check_server_inputs`), builds the initial state and evaluates the global model with
 :func:`server_evaluate`.
 
@@ -17,7 +18,6 @@ loading a backbone is :func:`fedprime_core.backbones.load_backbone`.
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -28,21 +28,21 @@ import torch
 
 from . import backbones
 from .backbones import LoadedBackbone, needs_image_features
-from .config import DATA_LAYOUTS, DEVICES, ConfigError, RunConfig, cache_key, class_list, text_length
+from .config import ConfigError, RunConfig, cache_key, class_list, text_length
 from .data import shards
 from .data.datasets import dataset as dataset_spec
 from .data.missing import check_missing_table, load_missing_table
 from .data.processing import MultimodalDataset, make_loader
 from .data.records import DataError, DatasetSplits
-from .data.shards import ClientNode, ClientShard, Draw, LabelSpace, draw_seed
+from .data.shards import ClientShard, Draw, LabelSpace, draw_seed
 from .devices import resolve_device
-from .method.federated import client_id_problem, client_identity
 from .method.methods import method_spec
 from .method.model import PromptedModel, load_trainable_state, trainable_state
 from .method.training import TrainResult, evaluate, train_local
 from .metrics import CLIENT_TEST_PREFIX
+from .node import ClientNode, node_config
 from .progress import Progress, format_duration
-from .run_settings import node_config, prompted_model, shard_settings, train_settings
+from .run_settings import prompted_model, shard_settings, train_settings
 
 LOGGER = logging.getLogger(__name__)
 
@@ -184,65 +184,6 @@ def label_space(cfg: RunConfig) -> LabelSpace:
 # ---------------------------------------------------------------------------------------
 # Client data
 # ---------------------------------------------------------------------------------------
-def node_client(node_config: Mapping[str, Any], node_id: int = 0) -> ClientNode:
-    """The :class:`ClientNode` of a SuperNode's node config.
-
-    A node config names either ``data-dir`` (site-local: the site's own data) or
-    ``partition-id`` and ``num-partitions`` (a shard of the run's data-dir), and
-    optionally ``client-id``, ``data-layout`` and ``device``.
-
-    Raises:
-        ConfigError: neither data nor partition given, or a value of the wrong type or range.
-    """
-
-    def text(key: str, choices: tuple[str, ...] | None = None) -> str:
-        value = node_config.get(key, "")
-        if not isinstance(value, str):
-            raise ConfigError(f"node config key {key!r} = {value!r} must be a string (--node-config '{key}=\"...\"')")
-        if value and choices is not None and value not in choices:
-            raise ConfigError(f"node config key {key!r} = {value!r} is not allowed; use one of: {', '.join(choices)}")
-        return value
-
-    data_dir = os.path.expanduser(text("data-dir"))
-    if data_dir and not os.path.isabs(data_dir):
-        raise ConfigError(
-            f"node config key 'data-dir' = {data_dir!r} must be an absolute path: the ClientApp process that "
-            "reads it may run in another folder than the SuperNode"
-        )
-    partition_id = num_partitions = None
-    if "partition-id" in node_config or "num-partitions" in node_config:
-        try:
-            partition_id, num_partitions = int(node_config["partition-id"]), int(node_config["num-partitions"])
-        except KeyError as exc:
-            raise ConfigError(f"node config lacks {exc.args[0]!r}; give both partition-id and num-partitions") from None
-        except (TypeError, ValueError):
-            raise ConfigError(
-                f"node config partition-id={node_config['partition-id']!r} and "
-                f"num-partitions={node_config['num-partitions']!r} must be integers"
-            ) from None
-        if not 0 <= partition_id < num_partitions:
-            raise ConfigError(
-                f"node config partition-id={partition_id} must lie in 0..num-partitions-1 ({num_partitions - 1})"
-            )
-    if not data_dir and partition_id is None:
-        raise ConfigError(
-            "node config names no data: start the SuperNode with --node-config 'data-dir=\"/path/to/site\"' "
-            "(this site's own data) or 'partition-id=<i> num-partitions=<n>' (a shard of the run's data-dir)"
-        )
-    explicit_id = text("client-id")
-    problem = client_id_problem(explicit_id) if explicit_id else None
-    if problem:  # the server would refuse every reply of this node: say so where it can be fixed
-        raise ConfigError(f"node config key 'client-id': {problem}")
-    return ClientNode(
-        client_id=client_identity(node_config, node_id),
-        partition_id=partition_id,
-        num_partitions=num_partitions,
-        data_dir=data_dir,
-        data_layout=text("data-layout", DATA_LAYOUTS),
-        device=text("device", DEVICES),
-    )
-
-
 def _as_node(client: ClientNode | int, num_partitions: int | None) -> ClientNode:
     if isinstance(client, ClientNode):
         return client

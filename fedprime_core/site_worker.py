@@ -50,6 +50,8 @@ from typing import Any, BinaryIO
 
 import numpy as np
 
+from .node import NodeSetup, node_setup
+
 LOGGER = logging.getLogger(__name__)
 
 #: The node config key naming the socket of the site's resident worker.
@@ -166,32 +168,23 @@ class TrainOutcome:
 class LocalSite:
     """A site's work done in this process, through :mod:`fedprime_core.runtime` and its caches.
 
-    What the ClientApp does without a worker, and what the worker does for it.
+    What the ClientApp does without a worker, and what the worker does for it. Every call gets
+    the message's :class:`~fedprime_core.node.NodeSetup`: the node and its effective config.
     """
 
-    def check(self, run_config: Mapping[str, Any], node_config: Mapping[str, Any], node_id: int) -> dict[str, Any]:
+    def check(self, setup: NodeSetup) -> dict[str, Any]:
         """``{"client": identity fields, "site-check": ...}`` (``site-check`` ``None`` for a partition)."""
         from . import runtime
-        from .config import parse_run_config
 
-        node = runtime.node_client(node_config, node_id)
-        check = runtime.site_check(parse_run_config(run_config), node) if node.site_local else None
+        node = setup.node  # the check applies the node's view itself: a site whose data cannot go with the run is told
+        check = runtime.site_check(setup.run_cfg, node) if node.site_local else None
         return {"client": node.describe(), "site-check": check}
 
-    def train(
-        self,
-        run_config: Mapping[str, Any],
-        node_config: Mapping[str, Any],
-        node_id: int,
-        state: Mapping[str, np.ndarray],
-        server_round: int,
-    ) -> TrainOutcome:
+    def train(self, setup: NodeSetup, state: Mapping[str, np.ndarray], server_round: int) -> TrainOutcome:
         from . import runtime
-        from .config import parse_run_config
 
         _limit_threads()
-        cfg = parse_run_config(run_config)
-        node = runtime.node_client(node_config, node_id)
+        cfg, node = setup.cfg, setup.node
         new_state, result, shard = runtime.client_train(cfg, state, node, server_round=server_round)
         return TrainOutcome(
             state=dict(new_state),
@@ -207,21 +200,13 @@ class LocalSite:
             client=runtime.client_info(cfg, node, shard),
         )
 
-    def evaluate(
-        self,
-        run_config: Mapping[str, Any],
-        node_config: Mapping[str, Any],
-        node_id: int,
-        state: Mapping[str, np.ndarray],
-    ) -> tuple[dict[str, float], dict[str, Any]]:
+    def evaluate(self, setup: NodeSetup, state: Mapping[str, np.ndarray]) -> tuple[dict[str, float], dict[str, Any]]:
         from . import runtime
-        from .config import parse_run_config
 
         _limit_threads()
-        node = runtime.node_client(node_config, node_id)
         started = time.perf_counter()
-        metrics = dict(runtime.client_evaluate(parse_run_config(run_config), state, node))
-        return {**metrics, "eval-seconds": time.perf_counter() - started}, node.describe()
+        metrics = dict(runtime.client_evaluate(setup.cfg, state, setup.node))
+        return {**metrics, "eval-seconds": time.perf_counter() - started}, setup.node.describe()
 
 
 def _limit_threads() -> None:
@@ -235,6 +220,9 @@ def _limit_threads() -> None:
 class WorkerSite:
     """A site's work done by its resident worker at ``socket_path`` (the same calls as :class:`LocalSite`).
 
+    The worker is sent the setup's run config, node config and node id, and makes its own
+    :class:`~fedprime_core.node.NodeSetup` from them (:meth:`SiteWorker.handle`).
+
     Raises (every method):
         SiteWorkerError: no worker listens at the path, or it went away mid-request.
         WorkerFailure: the worker ran the request and it failed (its one-line reason).
@@ -244,21 +232,12 @@ class WorkerSite:
         self.socket_path = socket_path
         self.run_id = run_id
 
-    def check(self, run_config: Mapping[str, Any], node_config: Mapping[str, Any], node_id: int) -> dict[str, Any]:
-        header, _ = self._call("check", run_config, node_config, node_id)
+    def check(self, setup: NodeSetup) -> dict[str, Any]:
+        header, _ = self._call("check", setup)
         return {"client": header["client"], "site-check": header.get("site-check")}
 
-    def train(
-        self,
-        run_config: Mapping[str, Any],
-        node_config: Mapping[str, Any],
-        node_id: int,
-        state: Mapping[str, np.ndarray],
-        server_round: int,
-    ) -> TrainOutcome:
-        header, arrays = self._call(
-            "train", run_config, node_config, node_id, {"server-round": server_round}, _prefixed("state/", state)
-        )
+    def train(self, setup: NodeSetup, state: Mapping[str, np.ndarray], server_round: int) -> TrainOutcome:
+        header, arrays = self._call("train", setup, {"server-round": server_round}, _prefixed("state/", state))
         return TrainOutcome(
             state=_unprefixed("state/", arrays),
             metrics=header["metrics"],
@@ -267,35 +246,27 @@ class WorkerSite:
             client=header["client"],
         )
 
-    def evaluate(
-        self,
-        run_config: Mapping[str, Any],
-        node_config: Mapping[str, Any],
-        node_id: int,
-        state: Mapping[str, np.ndarray],
-    ) -> tuple[dict[str, float], dict[str, Any]]:
-        header, _ = self._call("evaluate", run_config, node_config, node_id, arrays=_prefixed("state/", state))
+    def evaluate(self, setup: NodeSetup, state: Mapping[str, np.ndarray]) -> tuple[dict[str, float], dict[str, Any]]:
+        header, _ = self._call("evaluate", setup, arrays=_prefixed("state/", state))
         return header["metrics"], header.get("client", {})
 
     def status(self) -> dict[str, Any]:
         """The worker's pid, uptime, requests served and backbone loads."""
-        return self._call("status", {}, {}, 0)[0]
+        return self._call("status", None)[0]
 
     def _call(
         self,
         op: str,
-        run_config: Mapping[str, Any],
-        node_config: Mapping[str, Any],
-        node_id: int,
+        setup: NodeSetup | None,
         fields: Mapping[str, Any] | None = None,
         arrays: Mapping[str, np.ndarray] | None = None,
     ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
         header = {
             "op": op,
             "run-id": int(self.run_id),
-            "run-config": dict(run_config),
-            "node-config": dict(node_config),
-            "node-id": int(node_id),
+            "run-config": dict(setup.run_config) if setup else {},
+            "node-config": dict(setup.node_config) if setup else {},
+            "node-id": setup.node_id if setup else 0,
             **(fields or {}),
         }
         started = time.monotonic()
@@ -509,23 +480,23 @@ class SiteWorker:
     def _run(
         self, op: str, header: Mapping[str, Any], arrays: Mapping[str, np.ndarray]
     ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-        run_config, node_config = header["run-config"], header["node-config"]
-        node_id = int(header.get("node-id", 0))
+        if op not in ("check", "train", "evaluate"):
+            raise ValueError(f"unknown site worker operation {op!r}")
+        # The node and its effective config, once per request (the ClientApp sent what it read them from).
+        setup = node_setup(header["run-config"], header["node-config"], int(header.get("node-id", 0)))
         if op == "check":
-            return self.site.check(run_config, node_config, node_id), {}
+            return self.site.check(setup), {}
         state = _unprefixed("state/", arrays)
         if op == "train":
-            outcome = self.site.train(run_config, node_config, node_id, state, int(header.get("server-round", 0)))
+            outcome = self.site.train(setup, state, int(header.get("server-round", 0)))
             out = {
                 **_prefixed("state/", outcome.state),
                 **_prefixed("usage/", outcome.usage),
                 **_prefixed("pattern-usage/", outcome.pattern_usage),
             }
             return {"metrics": outcome.metrics, "client": outcome.client}, out
-        if op == "evaluate":
-            metrics, client = self.site.evaluate(run_config, node_config, node_id, state)
-            return {"metrics": metrics, "client": client}, {}
-        raise ValueError(f"unknown site worker operation {op!r}")
+        metrics, client = self.site.evaluate(setup, state)
+        return {"metrics": metrics, "client": client}, {}
 
 
 def _same_user(connection: socket.socket) -> bool:

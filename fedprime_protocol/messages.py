@@ -3,7 +3,7 @@
 Server -> client (query): ``"config"`` ConfigRecord ``{"query": "identity"}``; the
 client answers with the identity fields of its client-info record, a ``"client"``
 ConfigRecord (``client-id``; ``partition-id`` and ``num-partitions`` when it has them:
-``fedprime_core.runtime.ClientNode.describe``). The server asks every node before round
+``fedprime_core.identity.ClientNode.describe``). The server asks every node before round
 1, and a node it has not met before it first sends it a personal pool.
 
 Server -> client (train and evaluate): ``RecordDict``

@@ -122,7 +122,8 @@ def compare(before: Path, after: Path) -> int:
             worst = max(worst, gap)
             if gap > STATE_ATOL:
                 found.append(f"final.npz/{key}: max |difference| {gap:.3g}")
-        print(f"final.npz: {identical} of {len(keys_a & keys_b)} arrays bit-identical, largest other difference {worst:.3g}")
+        shared = len(keys_a & keys_b)
+        print(f"final.npz: {identical} of {shared} arrays bit-identical, largest other difference {worst:.3g}")
     for line in found:
         print(line)
     print("gate: same behaviour" if not found else f"gate: {len(found)} difference(s)")

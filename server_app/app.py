@@ -24,9 +24,6 @@ from flwr.serverapp.strategy.result import Result
 from fedprime_core import runtime
 from fedprime_core.atomic import atomic_write
 from fedprime_core.config import (
-    OPTIONS,
-    PROFILE_VALUES,
-    RESUMABLE_KEYS,
     ConfigError,
     RunConfig,
     config_to_dict,
@@ -41,6 +38,7 @@ from fedprime_core.results import (
     find_checkpoint,
     load_checkpoint,
     mark_failed,
+    resume_conflicts,
     write_json,
     write_run_outputs,
 )
@@ -110,22 +108,9 @@ def prepare_run(
     run_dir = run_dir or run_folder(cfg)
     if cfg.resume:
         state, meta = load_checkpoint(run_dir)
-        # A checkpoint from before the communication keys existed exchanged what 'paper' does;
-        # one from before another key computed what that key says runs before it did.
-        stored = meta.get("config", {})
-        previous = {"comm-profile": "paper", **PROFILE_VALUES["paper"], **stored}
-        previous.update({opt.key: opt.earlier(stored) for opt in OPTIONS if opt.earlier and opt.key not in stored})
-        current = config_to_dict(cfg)
-        changed = sorted(
-            k for k, v in current.items() if k not in RESUMABLE_KEYS and k in previous and previous[k] != v
-        )
+        changed = resume_conflicts(meta.get("config", {}), config_to_dict(cfg))
         if changed:
-            raise ConfigError(
-                "cannot resume "
-                + str(run_dir)
-                + " with different settings for: "
-                + ", ".join(f"'{k}' ({previous[k]!r} -> {current[k]!r})" for k in changed)
-            )
+            raise ConfigError(f"cannot resume {run_dir} with different settings for: {', '.join(changed)}")
         log(INFO, "resuming %s after round %d", run_dir, meta.get("round", 0))
         return (
             run_dir,
@@ -251,11 +236,8 @@ def _run(
         inter_record=inter_record,
         stop_check=watchdog.stop_reason if watchdog else None,
     )
-    strategy.node_clients.update({node: str(info["client-id"]) for node, info in census.items() if "client-id" in info})
-    strategy.node_records.update(
-        {node: {k: v for k, v in info.items() if k != SITE_CHECK} for node, info in census.items()}
-    )
-    strategy.take_verdicts(verdicts.values())
+    strategy.identities.learn_census(census)
+    strategy.identities.take_verdicts(verdicts.values())
     try:
         result = strategy.start_or_resume(
             grid=ClientLogGrid(grid),  # logs the lines each client returns with its reply

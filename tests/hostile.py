@@ -3,7 +3,7 @@
 A :class:`ReplyRound` is the server's side of one round for a method, without Flower's network:
 honest replies of three nodes, plus whatever a fourth node sends, go through what a real round
 does with them (the client's log lines, ``parse_train_reply``, ``validate_update``, the
-aggregation, the round record and ``_persist``: metrics, summary, clients.json, checkpoint).
+aggregation, the round record and ``RunOutputs.persist``: metrics, summary, clients.json, checkpoint).
 :func:`mutations` draws what a hostile or broken fourth client may send: any value Flower can
 carry (integers of any size, NaN, bytes, strings with control characters, lists) under known
 or unknown keys of every record, arrays of any dtype and shape, records left out.
@@ -97,7 +97,12 @@ class ReplyRound:
     """Round 1 of ``method`` on a fresh strategy whose run folder is ``run_dir``."""
 
     def __init__(self, method: str, run_dir: Path) -> None:
-        from server_app.strategy import Dispatch, FedPrimeStrategy
+        from server_app.strategy import FedPrimeStrategy
+
+        try:
+            from server_app.transport import Dispatch
+        except ImportError:  # a commit before the strategy was split by concern (benchmarks/reply_fuzz.py)
+            from server_app.strategy import Dispatch
 
         TaskIdentity.task_id = TaskIdentity.run_id = 1
         TaskIdentity.node_id = 0
@@ -111,11 +116,12 @@ class ReplyRound:
             labels_fingerprint=LABELS,
         )
         nodes = (*HONEST, HOSTILE)
+        identities = getattr(self.strategy, "identities", self.strategy)  # older commits: on the strategy
         self.arrays, messages = {}, []
         for node in nodes:
             client = str(node - 1)
             if self.strategy.model.personal:
-                self.strategy.node_clients[node] = client
+                identities.node_clients[node] = client
             self.arrays[node] = self.strategy.model.client_arrays(client)
             message = Message(
                 content=instruction_content(self.arrays[node], ConfigRecord({"server-round": 1})),
@@ -125,12 +131,13 @@ class ReplyRound:
             message.metadata.__dict__["_message_id"] = f"train-{node}"
             messages.append(message)
         self.sent = messages
-        self.strategy._train_sent = Dispatch(
+        sent = Dispatch(
             messages=tuple(messages),
-            clients={n: (self.strategy.node_clients.get(n)) for n in nodes},
+            clients={n: (identities.node_clients.get(n)) for n in nodes},
             arrays=self.arrays,
             sampled=len(nodes),
         )
+        setattr(self.strategy, "train_sent" if hasattr(self.strategy, "train_sent") else "_train_sent", sent)
 
     def reply_parts(self, node: int) -> dict[str, Any]:
         """What an honest client ``node`` sends, as plain values (records by name)."""
@@ -183,10 +190,11 @@ class ReplyRound:
             log_client_lines(reply)
         strategy = self.strategy
         strategy.aggregate_train(1, replies)
-        trained = strategy._trained
+        trained = strategy.trained if hasattr(strategy, "trained") else strategy._trained
         record = {"round": 1, "sampled": 4, **trained.row(), "round-seconds": 0.0}
         strategy.history.append(record)
-        strategy._persist(1, "fuzz", "running")
+        persist = strategy.outputs.persist if hasattr(strategy, "outputs") else strategy._persist
+        persist(1, "fuzz", "running")
         return {
             "arrays": {k: v.copy() for k, v in strategy.model.arrays.items()},
             "inter-pool": json.dumps(strategy.model.record(), sort_keys=True, default=str),

@@ -146,6 +146,20 @@ def history(cfg: Any) -> list[dict]:
     return json.loads((run_dir_of(cfg) / "metrics.json").read_text())
 
 
+def loopback_strategy(cfg: Any, num_nodes: int = 3) -> tuple[Any, LoopbackGrid, dict]:
+    """A FedPrimeStrategy over ``num_nodes`` loopback nodes, started from the run's initial state (no ServerApp).
+
+    Returns ``(strategy, grid, initial state)``.
+    """
+    from fedprime_core import runtime
+    from fedprime_core.config import config_to_dict
+    from server_app.strategy import FedPrimeStrategy
+
+    run_dir_of(cfg).mkdir(parents=True)
+    state = runtime.initial_state(cfg)
+    return FedPrimeStrategy(cfg, run_dir_of(cfg), state), LoopbackGrid(config_to_dict(cfg), num_nodes), state
+
+
 def through_flower(content: RecordDict) -> RecordDict:
     """``content`` after Flower's protobuf serialisation and back (what crosses the network)."""
     proto = ProtoRecordDict()

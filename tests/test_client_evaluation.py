@@ -16,7 +16,8 @@ from fedprime_core.method.federated import GlobalState
 from fedprime_core.method.interpool import InterPool
 from fedprime_core.method.methods import method_spec
 from fedprime_core.metrics import weighted_means
-from fedprime_core.run_settings import node_config, shard_settings
+from fedprime_core.node import ClientNode, node_config
+from fedprime_core.run_settings import shard_settings
 from fedprime_protocol.messages import evaluate_reply_content
 from tests.loopback import LoopbackGrid, history, run_dir_of
 
@@ -91,7 +92,7 @@ def test_a_clients_test_set_has_its_label_proportions_and_missing_mixture_and_is
 def test_a_sites_test_set_is_its_own_test_split_with_its_mixture(quick_config, tmp_path):
     cfg = quick_config(dataset="food101", data_dir=str(tmp_path), client_test_samples=50, missing_alpha=0.0)
     splits = planted_splits(per_class_test=20)
-    node = shards.ClientNode(client_id="hospital-a", data_dir=str(tmp_path))
+    node = ClientNode(client_id="hospital-a", data_dir=str(tmp_path))
     shard = shards.site_shard(shard_settings(node_config(node, cfg)), splits, None, node)
     assert len(shard.test) == 50 and {s.uid for s in shard.test.samples} <= {s.uid for s in splits.test}
     np.testing.assert_allclose(np.bincount(shard.test.patterns, minlength=3) / 50, shard.mixture, atol=0.02)

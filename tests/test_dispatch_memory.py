@@ -84,18 +84,21 @@ def test_a_rounds_replies_are_not_held_past_its_aggregation(quick_config):
             self.pulled.extend(weakref.ref(m) for m in replies)
             return replies
 
-    class CheckingStrategy(FedPrimeStrategy):
-        def _persist(self, server_round, title, status="running", reason=""):
-            gc.collect()
-            alive[server_round] = sum(ref() is not None for ref in grid.pulled)
-            super()._persist(server_round, title, status, reason)
-
     cfg = quick_config(run_name="replies", comm_profile="minimal", fraction_evaluate=0.0, server_eval=False)
     run_dir_of(cfg).mkdir(parents=True)
     state = runtime.initial_state(cfg)
     grid = RecordingGrid(config_to_dict(cfg), 3)
     grid.pulled = []
     alive: dict[int, int] = {}
-    CheckingStrategy(cfg, run_dir_of(cfg), state).start_or_resume(grid, state_to_record(state), num_rounds=2)
+    strategy = FedPrimeStrategy(cfg, run_dir_of(cfg), state)
+    persist = strategy.outputs.persist
+
+    def counting_live_replies(server_round, *args, **kwargs):
+        gc.collect()
+        alive[server_round] = sum(ref() is not None for ref in grid.pulled)
+        persist(server_round, *args, **kwargs)
+
+    strategy.outputs.persist = counting_live_replies  # when each round's results are written
+    strategy.start_or_resume(grid, state_to_record(state), num_rounds=2)
     assert len(grid.pulled) == 3 + 2 * 3  # identity replies, then two rounds of train replies
     assert alive == {1: 0, 2: 0}

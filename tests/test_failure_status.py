@@ -111,7 +111,7 @@ def test_a_bug_in_the_loop_is_a_failed_run_not_a_running_one(quick_config, monke
     def broken(self, *args, **kwargs):
         raise ZeroDivisionError("planted")
 
-    monkeypatch.setattr("server_app.strategy.FedPrimeStrategy._log_round", broken)
+    monkeypatch.setattr("server_app.round_loop.RoundLoop._log_round", broken)
     with pytest.raises(ZeroDivisionError):
         run(cfg, num_nodes=2)
     status = summary(cfg)

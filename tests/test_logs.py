@@ -148,13 +148,13 @@ def test_waiting_for_replies_is_reported_while_it_lasts(flower_output):
 def test_the_strategys_own_wait_reports_waiting_too(flower_output):
     # The strategy polls the grid itself (so that it can stop when the SuperLink is gone)
     # rather than calling send_and_receive: it reports at the ClientLogGrid's pace.
-    from server_app.strategy import FedPrimeStrategy
+    from fedprime_core.config import parse_run_config
+    from server_app.transport import Transport
 
-    strategy = FedPrimeStrategy.__new__(FedPrimeStrategy)
-    strategy.stop_check = None
+    transport = Transport(parse_run_config({}))
     grid = ClientLogGrid(LoopbackGrid({}, 2, offline=[2]), every=0.2)
     started = time.monotonic()
-    replies = strategy._exchange(grid, [_message(2)], timeout=1.0)
+    replies = transport.exchange(grid, [_message(2)], timeout=1.0)
     assert replies == [] and 0.9 <= time.monotonic() - started < 3.0
     waiting = [m for m in flower_output.messages if m.startswith("waiting for")]
     assert waiting and all(m.startswith("waiting for 1 train repl(y/ies), ") for m in waiting) and len(waiting) <= 6

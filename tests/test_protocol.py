@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from fedprime_core import runtime
+from fedprime_core.node import node_client
 from fedprime_protocol.messages import CLIENT, identity_reply_content
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -51,13 +52,13 @@ def test_the_scan_sees_a_forbidden_import(tmp_path):
 
 def test_the_identity_reply_is_the_identity_part_of_the_client_info_record(quick_config, tiny_vilt):
     cfg = quick_config()
-    node = runtime.node_client({"partition-id": 1, "num-partitions": 3}, 12)
+    node = node_client({"partition-id": 1, "num-partitions": 3}, 12)
     identity = node.describe()
     assert identity == {"client-id": "1", "partition-id": 1, "num-partitions": 3}
     assert dict(identity_reply_content(identity).config_records[CLIENT]) == identity
     info = runtime.client_info(cfg, node, runtime.client_shard(cfg, node))
     assert {k: info[k] for k in ("client-id", "partition-id")} == {"client-id": "1", "partition-id": 1}
     assert info["num-train"] > 0 and "backbone-fingerprint" in info
-    named = runtime.node_client({"partition-id": 0, "num-partitions": 2, "client-id": "clinic-a"}, 3)
+    named = node_client({"partition-id": 0, "num-partitions": 2, "client-id": "clinic-a"}, 3)
     assert named.describe() == {"client-id": "clinic-a", "partition-id": 0, "num-partitions": 2}
-    assert runtime.node_client({"data-dir": "/site", "client-id": "site-b"}, 4).describe() == {"client-id": "site-b"}
+    assert node_client({"data-dir": "/site", "client-id": "site-b"}, 4).describe() == {"client-id": "site-b"}

@@ -195,7 +195,7 @@ def test_evaluate_replies_are_parsed_too():
 
 def test_a_site_with_a_client_id_the_server_would_refuse_is_told_at_home():
     from fedprime_core.config import ConfigError
-    from fedprime_core.runtime import node_client
+    from fedprime_core.node import node_client
 
     with pytest.raises(ConfigError, match=r"node config key 'client-id': client id 'hôpital a' must be 1-64 ASCII"):
         node_client({"client-id": "hôpital a", "partition-id": 0, "num-partitions": 2})

@@ -17,6 +17,7 @@ from flwr.app import MessageType
 from fedprime_core import runtime
 from fedprime_core.config import parse_run_config
 from fedprime_core.failures import RunFailed
+from fedprime_core.node import node_client
 from server_app.sites import SiteVerdict, refusal_stops_run, setting_label, site_verdicts
 from tests.loopback import LoopbackGrid
 from tests.sites import make_sites
@@ -96,7 +97,7 @@ def test_a_run_left_with_too_few_sites_does_not_start_and_says_why(plan, tmp_pat
 def test_the_site_check_counts_what_training_will_see(plan, tmp_path, tiny_vilt):
     cfg = config(plan, tmp_path)
     for name, planted in plan["sites"].items():
-        node = runtime.node_client({"data-dir": str(planted["dir"]), "client-id": name}, 1)
+        node = node_client({"data-dir": str(planted["dir"]), "client-id": name}, 1)
         check = runtime.site_check(cfg, node)
         assert check["ok"] and check["problems"] == []
         rows = planted["rows"]
@@ -107,7 +108,7 @@ def test_the_site_check_counts_what_training_will_see(plan, tmp_path, tiny_vilt)
         assert check["num-classes-present"] == len(planted["classes"]) and check["num-classes"] == 8
         share = 100 * planted["text-missing"] / rows
         assert f"text-missing {planted['text-missing']} ({share:.0f}%)" in check["summary"]
-    assert runtime.site_check(cfg, runtime.node_client({"partition-id": 0, "num-partitions": 2}, 1)) is None
+    assert runtime.site_check(cfg, node_client({"partition-id": 0, "num-partitions": 2}, 1)) is None
 
 
 def test_verdicts_refuse_permanent_failures_and_other_class_lists_and_decide_whether_to_start():

@@ -22,6 +22,7 @@ import pytest
 
 from fedprime_core import runtime
 from fedprime_core.config import config_to_dict, parse_run_config
+from fedprime_core.node import node_setup
 from fedprime_core.site_worker import (
     LocalSite,
     SiteWorkerError,
@@ -80,16 +81,18 @@ def test_a_worker_loads_the_backbone_once_and_trains_like_the_clientapp_would(pl
     run_config = config_to_dict(cfg)
     remote = site_for(node_config, run_id=7)
     assert isinstance(remote, WorkerSite)
-    check = remote.check(run_config, node_config, 3)
+    setup = node_setup(run_config, node_config, 3)
+    check = remote.check(setup)
     assert check["client"] == {"client-id": "site-a"} and check["site-check"]["ok"]
     assert check["site-check"]["num-train"] == site["rows"]
     state = runtime.initial_state(cfg)
-    outcome = remote.train(run_config, node_config, 3, state, server_round=1)
-    metrics, client = remote.evaluate(run_config, node_config, 3, outcome.state)
+    outcome = remote.train(setup, state, server_round=1)
+    metrics, client = remote.evaluate(setup, outcome.state)
     status = remote.status()
     assert status["pid"] == process.pid and status["backbone-loads"] == 1 and status["served"] == 3
     # The same work as in this process (same seeds, same data): the same arrays and numbers.
-    local = LocalSite().train(run_config, {k: v for k, v in node_config.items() if k != "site-worker"}, 3, state, 1)
+    in_process = node_setup(run_config, {k: v for k, v in node_config.items() if k != "site-worker"}, 3)
+    local = LocalSite().train(in_process, state, 1)
     assert sorted(outcome.state) == sorted(local.state)
     for name in local.state:
         np.testing.assert_allclose(outcome.state[name], local.state[name], rtol=1e-5, atol=1e-6)
@@ -101,19 +104,19 @@ def test_a_worker_loads_the_backbone_once_and_trains_like_the_clientapp_would(pl
     assert client["client-id"] == outcome.client["client-id"]  # the evaluate reply names its client too
     # A new run reads the site's data again (it may have been fixed) but keeps the backbone.
     again = WorkerSite(path, run_id=8)
-    again.check(run_config, node_config, 3)
+    again.check(setup)
     assert again.status()["backbone-loads"] == 1
     # A failure in the work comes back as the one-line reason the ClientApp would have sent itself.
-    broken = {**node_config, "data-dir": str(tmp_path / "gone")}
-    assert again.check(run_config, broken, 3)["site-check"]["ok"] is False
+    broken = node_setup(run_config, {**node_config, "data-dir": str(tmp_path / "gone")}, 3)
+    assert again.check(broken)["site-check"]["ok"] is False
     with pytest.raises(WorkerFailure, match=r"^\[data\] DataError: dataset root .*gone' does not exist"):
-        again.train(run_config, broken, 3, state, 2)
+        again.train(broken, state, 2)
     # A worker that is gone is an immediate, clear error: never a hang.
     process.send_signal(signal.SIGKILL)
     process.wait(timeout=30)
     started = time.monotonic()
     with pytest.raises(SiteWorkerError, match="no site worker answers at .*scripts/start_supernode.sh"):
-        again.train(run_config, node_config, 3, state, 2)
+        again.train(setup, state, 2)
     assert time.monotonic() - started < 5
 
 
@@ -133,7 +136,8 @@ def test_a_worker_that_dies_mid_request_is_reported_at_once(tmp_path):
     thread.start()
     try:
         with pytest.raises(SiteWorkerError, match="went away before it answered the evaluate request"):
-            WorkerSite(path).evaluate({}, {}, 1, {"w": np.ones(3, np.float32)})
+            setup = node_setup({}, {"partition-id": 0, "num-partitions": 1}, 1)
+            WorkerSite(path).evaluate(setup, {"w": np.ones(3, np.float32)})
     finally:
         thread.join(timeout=10)
         server.close()

@@ -17,7 +17,7 @@ import pytest
 from fedprime_core import runtime
 from fedprime_core.config import ConfigError, config_to_dict, parse_run_config
 from fedprime_core.data.records import DataError
-from fedprime_core.run_settings import node_config
+from fedprime_core.node import ClientNode, node_client, node_config
 from tests.sites import DEV_PER_SITE, make_sites
 
 QUICK = {"tau": 6, "kappa": 2, "batch-size": 16, "text-max-length": 24, "min-available-nodes": 2}
@@ -36,22 +36,22 @@ def site_config(plan, tmp_path, **values):
 
 
 def node(plan, name: str, **extra):
-    return runtime.node_client({"data-dir": str(plan["sites"][name]["dir"]), "client-id": name, **extra}, 5)
+    return node_client({"data-dir": str(plan["sites"][name]["dir"]), "client-id": name, **extra}, 5)
 
 
 # ----------------------------------------------------------------------------- node config
 
 
 def test_node_config_names_a_site_or_a_partition():
-    site = runtime.node_client({"data-dir": "/site", "client-id": "hospital-3", "device": "cpu"}, 11)
+    site = node_client({"data-dir": "/site", "client-id": "hospital-3", "device": "cpu"}, 11)
     assert site.site_local and site.client_id == "hospital-3" and site.device == "cpu" and site.partition_id is None
-    assert runtime.node_client({"data-dir": "/site"}, 11).client_id == "node-11"
-    assert runtime.node_client({"data-dir": "~/site"}).data_dir == str(Path.home() / "site")
-    shard = runtime.node_client({"partition-id": 2, "num-partitions": 4}, 11)
+    assert node_client({"data-dir": "/site"}, 11).client_id == "node-11"
+    assert node_client({"data-dir": "~/site"}).data_dir == str(Path.home() / "site")
+    shard = node_client({"partition-id": 2, "num-partitions": 4}, 11)
     assert not shard.site_local and shard.client_id == "2" and shard.seed_key == 3
-    both = runtime.node_client({"data-dir": "/site", "partition-id": 0, "num-partitions": 2}, 11)
+    both = node_client({"data-dir": "/site", "partition-id": 0, "num-partitions": 2}, 11)
     assert both.site_local and both.client_id == "0"  # a partition id still names it
-    assert runtime.node_client({"data-dir": "/s", "client-id": "x"}).seed_key == runtime.ClientNode("x").seed_key
+    assert node_client({"data-dir": "/s", "client-id": "x"}).seed_key == ClientNode("x").seed_key
     for config, message in [
         ({}, "node config names no data"),
         ({"partition-id": 1}, "lacks 'num-partitions'"),
@@ -61,7 +61,7 @@ def test_node_config_names_a_site_or_a_partition():
         ({"data-dir": "/s", "device": "tpu"}, "'device' = 'tpu' is not allowed"),
     ]:
         with pytest.raises(ConfigError, match=message):
-            runtime.node_client(config, 1)
+            node_client(config, 1)
     cfg = parse_run_config({"device": "auto"})
     with pytest.raises(ConfigError, match='dataset="embedded"'):
         node_config(site, cfg)
@@ -115,7 +115,7 @@ def test_a_site_without_dev_holds_out_part_of_its_train_for_validation(plan, tmp
     shutil.copytree(plan["sites"]["site-c"]["dir"], folder)
     (folder / "dev.jsonl").unlink()
     cfg = site_config(plan, tmp_path, val_fraction=0.25)
-    client = runtime.node_client({"data-dir": str(folder), "client-id": "site-d"})
+    client = node_client({"data-dir": str(folder), "client-id": "site-d"})
     shard = runtime.client_shard(cfg, client)
     assert len(shard.val) == 10 and len(shard.train) == 28  # 38 usable rows
     again = runtime.client_shard(site_config(plan, tmp_path, val_fraction=0.25, seed=42), client)
@@ -130,13 +130,13 @@ def test_site_errors_name_what_to_fix(plan, tmp_path, tiny_vilt):
     shutil.copyfile(plan["server"] / "classes.txt", empty / "classes.txt")
     cfg = site_config(plan, tmp_path)
     with pytest.raises(DataError, match="site empty: .* holds no training rows"):
-        runtime.client_shard(cfg, runtime.node_client({"data-dir": str(empty), "client-id": "empty"}))
+        runtime.client_shard(cfg, node_client({"data-dir": str(empty), "client-id": "empty"}))
     odd = tmp_path / "odd-site"
     shutil.copytree(plan["sites"]["site-a"]["dir"], odd)
     with (odd / "train.jsonl").open("a") as handle:
         handle.write(json.dumps({"text": "tacos al pastor", "label": "tacos"}) + "\n")
     with pytest.raises(DataError, match=r"odd-site/train\.jsonl:41 \(line 41\): class 'tacos' is not in"):
-        runtime.client_shard(cfg, runtime.node_client({"data-dir": str(odd), "client-id": "odd"}))
+        runtime.client_shard(cfg, node_client({"data-dir": str(odd), "client-id": "odd"}))
 
 
 def test_server_label_space_without_data_and_held_out_folder_without_dev(plan, tmp_path, tiny_vilt):

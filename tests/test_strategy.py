@@ -1,4 +1,6 @@
-"""FedPrimeStrategy through the real ServerApp and ClientApp on an in-process grid."""
+"""FedPrimeStrategy through the real ServerApp and ClientApp on an in-process grid: its hooks, what travels.
+
+The resumable round loop (resume, evaluations, checkpoints) is tested in tests/test_round_loop.py."""
 
 from __future__ import annotations
 
@@ -11,7 +13,7 @@ from flwr.app import Context, MessageType, RecordDict
 
 from fedprime_core.config import ConfigError, config_to_dict
 from fedprime_core.results import load_checkpoint
-from tests.loopback import LoopbackGrid, history, run_dir_of
+from tests.loopback import history, loopback_strategy, run_dir_of
 from tests.loopback import run_server as run
 
 
@@ -138,86 +140,6 @@ def test_partial_participation_and_offline_nodes(quick_config):
         assert record["accepted"] + record["rejected"] + record["timed-out"] == 2
 
 
-def resume_after_a_kill_in_round_two(quick_config, monkeypatch, tag: str) -> None:
-    """Kill a run of independent personal pools in round 2, resume it, and check it ends as an uninterrupted run.
-
-    Under ``inter-init = independent`` every client holds clusters of its own (ids from
-    ``tau`` on), so slots that a resume forgot would not come back as they were: the
-    identity, or a new client's fresh clusters, are never the checkpointed slots.
-    """
-    settings = dict(num_server_rounds=3, fraction_evaluate=0.0, inter_init="independent")
-    cfg = quick_config(run_name=f"resumable-{tag}", **settings)
-    folder = run_dir_of(cfg)
-
-    original = LoopbackGrid.push_messages
-
-    def dies_in_round_two(self, messages):
-        messages = list(messages)
-        if messages and messages[0].content["config"].get("server-round") == 2:
-            raise KeyboardInterrupt("server killed during round 2")
-        return original(self, messages)
-
-    monkeypatch.setattr(LoopbackGrid, "push_messages", dies_in_round_two)
-    with pytest.raises(KeyboardInterrupt):
-        run(cfg)
-    _, meta = load_checkpoint(folder)
-    assert meta["round"] == 1
-    slots = meta["inter-pool"]["slots"]
-    assert len(slots) == 3 and all(s != list(range(cfg.tau)) for s in slots.values()), "personal slots to restore"
-    monkeypatch.setattr(LoopbackGrid, "push_messages", original)
-    resumed = quick_config(run_name="ignored", resume=str(folder), **settings)
-    grid = run(resumed)
-    rounds = [r["round"] for r in history(cfg)]
-    assert rounds == [0, 1, 2, 3]  # nothing lost, nothing repeated
-    trained = {m.content["config"]["server-round"] for m in grid.sent if m.metadata.message_type == MessageType.TRAIN}
-    assert trained == {2, 3}
-    # The resumed run gave every client back exactly its personal inter pool: it ends where an
-    # uninterrupted run of the same settings ends.
-    reference = quick_config(run_name=f"reference-{tag}", **settings)
-    run(reference)
-    state, meta = load_checkpoint(folder)
-    ref_state, ref_meta = load_checkpoint(run_dir_of(reference))
-    pool, ref_pool = dict(meta["inter-pool"]), dict(ref_meta["inter-pool"])
-    popularity, ref_popularity = pool.pop("popularity"), ref_pool.pop("popularity")
-    assert pool == ref_pool, "the resumed run's personal inter pools differ from an uninterrupted run's"
-    assert len(pool["slots"]) == 3
-    # the popularity net's float32 output varies in the last bits from one process to the next
-    np.testing.assert_allclose(popularity, ref_popularity, atol=1e-6)
-    assert set(state) == set(ref_state)
-    for name in state:
-        np.testing.assert_allclose(state[name], ref_state[name], atol=2e-6, err_msg=name)
-
-
-def test_resume_continues_after_the_last_completed_round(quick_config, monkeypatch):
-    resume_after_a_kill_in_round_two(quick_config, monkeypatch, "plain")
-
-
-@pytest.mark.slow  # a check of the check above: three more short runs
-def test_the_resume_check_catches_a_restore_that_forgets_the_personal_slots(quick_config, monkeypatch):
-    from fedprime_core.method.federated import GlobalState
-
-    restore = GlobalState.restore.__func__
-
-    def forgets_slots(cls, spec, state, record, *args, **kwargs):
-        record = None if record is None else {**record, "slots": {}}
-        return restore(cls, spec, state, record, *args, **kwargs)
-
-    monkeypatch.setattr(GlobalState, "restore", classmethod(forgets_slots))
-    with pytest.raises(AssertionError, match="personal inter pools differ"):
-        resume_after_a_kill_in_round_two(quick_config, monkeypatch, "forgetful")
-
-
-def test_resume_refuses_changed_settings_and_fresh_runs_refuse_to_overwrite(quick_config):
-    cfg = quick_config(run_name="once", num_server_rounds=1, fraction_evaluate=0.0, server_eval=False)
-    run(cfg)
-    with pytest.raises(ConfigError, match="already holds a run"):
-        run(cfg)
-    with pytest.raises(ConfigError, match="'tau'"):
-        run(quick_config(run_name="x", tau=7, resume=str(run_dir_of(cfg))))
-    with pytest.raises(FileNotFoundError, match="no checkpoint.json"):
-        run(quick_config(run_name="x", resume=str(run_dir_of(cfg) / "nothing-here")))
-
-
 def test_messages_carry_no_backbone_tensor_and_no_data(quick_config):
     from fedprime_core import runtime
     from fedprime_protocol.logs import CLIENT_LOG
@@ -341,16 +263,6 @@ def test_lean_sends_and_receives_less_than_paper_and_a_frozen_pooler_never_trave
     assert sent["frozen"][0] < lean_down and sent["frozen"][1] < lean_up
 
 
-def _strategy_on_a_loopback_grid(cfg):
-    """A FedPrimeStrategy over 3 loopback nodes, started from the run's initial state (no ServerApp)."""
-    from fedprime_core import runtime
-    from server_app.strategy import FedPrimeStrategy
-
-    run_dir_of(cfg).mkdir(parents=True)
-    state = runtime.initial_state(cfg)
-    return FedPrimeStrategy(cfg, run_dir_of(cfg), state), LoopbackGrid(config_to_dict(cfg), 3), state
-
-
 def test_flowers_own_start_drives_the_hooks(quick_config, flower_logs):
     """The hooks keep Flower's contract: Flower's Strategy.start runs them as it runs FedAvg's."""
     from flwr.app import MetricRecord
@@ -358,7 +270,7 @@ def test_flowers_own_start_drives_the_hooks(quick_config, flower_logs):
     from fedprime_protocol.messages import record_to_state, state_to_record
 
     cfg = quick_config(run_name="flower-start", fraction_evaluate=1.0, server_eval=False)
-    strategy, grid, state = _strategy_on_a_loopback_grid(cfg)
+    strategy, grid, state = loopback_strategy(cfg)
     seen = []
 
     def evaluate_fn(server_round, arrays):
@@ -376,38 +288,3 @@ def test_flowers_own_start_drives_the_hooks(quick_config, flower_logs):
     # summary(): FedPrime's settings, then FedAvg's, which names the protocol's records.
     text = flower_logs.text
     assert text.index("FedPrime settings") < text.index("Sampling:") < text.index("ArrayRecord key: 'arrays'")
-
-
-def test_start_or_resume_keeps_evaluate_fns_meaning_next_to_the_held_out_sets(quick_config):
-    from flwr.app import MetricRecord
-
-    from fedprime_protocol.messages import state_to_record
-
-    cfg = quick_config(run_name="both-evaluations", num_server_rounds=3, eval_every=2, fraction_evaluate=0.0)
-    strategy, grid, state = _strategy_on_a_loopback_grid(cfg)
-    flower, held_out = [], []
-
-    def evaluate_fn(server_round, arrays):
-        flower.append(server_round)
-        return MetricRecord({"flower-metric": float(server_round)})
-
-    def evaluate_held_out(server_round, global_state):
-        held_out.append(server_round)
-        return {"val": {"accuracy": 0.25, "num-examples": 8}}
-
-    result = strategy.start_or_resume(
-        grid, state_to_record(state), num_rounds=3, evaluate_fn=evaluate_fn, evaluate_held_out=evaluate_held_out
-    )
-    assert flower == [0, 1, 2, 3]  # Flower's meaning: before round 1 and after every round
-    assert held_out == [0, 2, 3]  # every eval-every rounds and the last
-    assert {r: dict(m) for r, m in result.evaluate_metrics_serverapp.items()} == {
-        0: {"flower-metric": 0.0},
-        1: {"flower-metric": 1.0},
-        2: {"val/accuracy": 0.25, "val/num-examples": 8.0, "flower-metric": 2.0},
-        3: {"val/accuracy": 0.25, "val/num-examples": 8.0, "flower-metric": 3.0},
-    }
-    records = history(cfg)
-    assert [r["round"] for r in records] == [0, 1, 2, 3]
-    assert [r["round"] for r in records if "eval" in r] == [0, 2, 3]
-    assert records[2]["eval"] == {"val": {"accuracy": 0.25, "num-examples": 8}}
-    assert all("bytes-sent-evaluate" not in r and r.get("accepted", 3) == 3 for r in records)

@@ -41,6 +41,7 @@ from typing import Any
 
 import numpy as np
 
+from ..identity import ClientNode
 from .datasets import dataset
 from .missing import (
     TEST_SETTINGS,
@@ -110,51 +111,6 @@ def rng(seed: int, *purpose: int) -> np.random.Generator:
 def draw_seed(seed: int, *purpose: int) -> int:
     """One 32-bit seed of draw ``purpose`` (for torch generators)."""
     return int(np.random.SeedSequence([seed, *map(int, purpose)]).generate_state(1)[0])
-
-
-@dataclasses.dataclass(frozen=True)
-class ClientNode:
-    """Who a ClientApp is and where its data comes from (read from its SuperNode's node config).
-
-    Attributes:
-        client_id: the client's identity: node config ``client-id``, else ``str(partition-id)``,
-            else ``node-<node id>``; keys its results (``clients.json``) and, for a site,
-            its seeds and missing-table entry.
-        partition_id, num_partitions: the shard of the run's data-dir (partitioned mode).
-        data_dir: the site's own data folder; set, the client is site-local.
-        data_layout, device: this node's overrides of the run config keys ('' keeps them).
-    """
-
-    client_id: str
-    partition_id: int | None = None
-    num_partitions: int | None = None
-    data_dir: str = ""
-    data_layout: str = ""
-    device: str = ""
-
-    @property
-    def site_local(self) -> bool:
-        return bool(self.data_dir)
-
-    @property
-    def seed_key(self) -> int:
-        """This client's part of every seed: partition id + 1, or a stable hash of a site's id."""
-        if not self.site_local and self.partition_id is not None:
-            return self.partition_id + 1
-        return int.from_bytes(hashlib.sha256(self.client_id.encode()).digest()[:4], "big")
-
-    def describe(self) -> dict[str, Any]:
-        """The identity fields of the client-info record, as the node knows them before it loads any data.
-
-        ``client-id``, and ``partition-id`` and ``num-partitions`` for a partitioned node:
-        the server's answer to "who are you" (``fedprime_protocol.messages.identity_query``).
-        The record of a train reply is :meth:`ClientShard.describe` (same identity fields)
-        plus the shard's counts.
-        """
-        out: dict[str, Any] = {"client-id": self.client_id}
-        if self.partition_id is not None and self.num_partitions is not None:
-            out.update({"partition-id": self.partition_id, "num-partitions": self.num_partitions})
-        return out
 
 
 @dataclasses.dataclass(frozen=True)

@@ -10,7 +10,7 @@ leaves                the small modules every part may use (``wire``, ``identity
                       ``metrics``, ``errors``, ``faultplan``, ...)
 parts                 ``method``, ``backbones``, ``data``: each owns its vocabulary
 schema                ``config``: assembles the one schema from the parts' vocabularies
-run layer             ``runtime``, ``site_worker``, ``run_settings``, ``results``, ...:
+run layer             ``runtime``, ``node``, ``site_worker``, ``run_settings``, ``results``, ...:
                       reads ``RunConfig`` and hands each part the plain values it needs
 tools                 ``tools``: everything
 ====================  ==============================================================
@@ -40,6 +40,7 @@ LAYERS: dict[str, int] = {
     "config": 2,
     "runtime": 3,
     "site_worker": 3,
+    "node": 3,
     "run_settings": 3,
     "results": 3,
     "runguard": 3,
