@@ -26,7 +26,7 @@ while read -r pid args; do
       break
     fi
   done
-done < <(ps -eo pid=,args=)
+done < <(ps -ww -eo pid=,args=)  # -ww: whole command lines, whatever COLUMNS says
 if [[ ${#pids[@]} -eq 0 ]]; then
   echo "no local SuperLink of $home is running"
   exit 0

@@ -41,7 +41,10 @@ def _running(proc: subprocess.Popen, timeout: float = 10) -> bool:
     return True
 
 
-def test_only_the_superlink_of_this_flwr_home_is_stopped(tmp_path):
+def test_only_the_superlink_of_this_flwr_home_is_stopped(tmp_path, monkeypatch):
+    # A terminal width in the environment (pytest-xdist's workers have one) once cut ps's
+    # command lines to 80 characters, and the script no longer saw the --log-file it looks for.
+    monkeypatch.setenv("COLUMNS", "80")
     mine, theirs = tmp_path / "mine", tmp_path / "theirs"
     mine.mkdir()
     theirs.mkdir()
