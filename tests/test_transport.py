@@ -126,3 +126,30 @@ def test_a_dispatch_encodes_the_shared_arrays_once_and_counts_the_bytes():
     assert sent.nbytes == sum(r.count_bytes() for r in records) and sent.bytes_per_client == sent.nbytes / 3
     assert sent.sampled == 4 and dict(sent.clients) == {1: "a", 2: "b", 3: "c"}
     assert sent.destinations() == {}  # ids exist once the grid pushed the messages
+
+
+def test_a_real_grid_is_polled_every_quarter_second_not_every_two(monkeypatch):
+    """Flower's grids have no ``pull_interval``: the server polls at PULL_INTERVAL (a reply waits half of it)."""
+    import server_app.transport as transport_module
+
+    class Napped(Exception):
+        pass
+
+    class FlowerLikeGrid(ScriptedGrid):
+        pass
+
+    del ScriptedGrid.pull_interval  # as Flower's own grids: no such attribute
+    try:
+        grid = FlowerLikeGrid(silent=[1])
+        naps: list[float] = []
+
+        def nap(seconds: float) -> None:
+            naps.append(seconds)
+            raise Napped
+
+        monkeypatch.setattr(transport_module.time, "sleep", nap)
+        with pytest.raises(Napped):
+            _transport().exchange(grid, _messages([1]), timeout=60.0)
+    finally:
+        ScriptedGrid.pull_interval = 0.01
+    assert naps == [pytest.approx(transport_module.PULL_INTERVAL)] and transport_module.PULL_INTERVAL <= 0.25
