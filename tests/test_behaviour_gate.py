@@ -34,6 +34,7 @@ def base_run():
         {
             "round": 1,
             "train-loss": 1.25,
+            "inter-align-objective": 5094.90869140625,
             "accepted": 4,
             "bytes-sent": 1000,
             "round-seconds": 3.0,
@@ -50,6 +51,7 @@ def test_same_run_passes_and_ignores_timings_node_ids_and_float_noise(gate, tmp_
     before = write_run(tmp_path / "before", metrics, clients, state)
     metrics[0]["round-seconds"] = 9.0
     metrics[0]["train-loss"] = 1.25 * (1 + 1e-6)
+    metrics[0]["inter-align-objective"] = 5094.908203125
     clients[0]["node-id"] = 99
     state = {"head": state["head"] + np.float32(1e-8)}
     after = write_run(tmp_path / "after", metrics, clients, state)
