@@ -77,6 +77,9 @@ SOLVERS = ("fast", "dense")
 _UNIT_ROUNDOFF = float(np.finfo(np.float64).eps) / 2.0
 #: Below this many compared entries per prompt the fast solver computes every step's gains exactly.
 _CACHE_MIN_DIM = 32
+#: The fast solver's widened bounds (:meth:`ClusterAlignment.run_pass`): how far centres may move
+#: (a share of the rows' typical distance to their nearest centre) and clusters' weights change.
+_SLACK, _WEIGHT_SLACK = 0.1, 0.25
 
 
 # ---------------------------------------------------------------------------------------
@@ -575,7 +578,12 @@ class _PassCache:
     column dies (a cluster in that slot later gets a new column).
 
     Attributes:
-        quad: ``(N, C)`` residuals at build (columns grow on demand).
+        quad: ``(N, C)`` residuals at build (columns grow on demand). The columns of the
+            clusters at the start of the pass are computed for every row at once; a column
+            built during the pass only for the rows about to be bounded (``ready``).
+        scaled_centre, centre_norm: ``(C, D)`` ``c / s^2`` and ``(C,)`` ``sum c^2 / s^2`` of
+            each column when built (what its residuals are computed from).
+        ready: ``(N,)`` each row's residuals hold for the columns below this id.
         slot: ``(C,)`` the cluster slot of each column, ``-1`` once dead.
         column: ``(capacity,)`` the live column of each slot, or ``-1``.
         centre, inv_var: ``(C, D)`` the column's centre and ``1 / s^2`` when built.
@@ -589,6 +597,7 @@ class _PassCache:
             is applied (:meth:`ClusterAlignment.flush`) before the state is next needed.
         fallback: work of the exact steps since the last rebuild (rows x columns).
         epoch: changes whenever a column is built, moved or dies (bounds computed before are stale).
+        structure: changes whenever a column is built or dies (the live columns are others).
     """
 
     quad: np.ndarray
@@ -598,6 +607,9 @@ class _PassCache:
     inv_var: np.ndarray
     const: np.ndarray
     shift: np.ndarray
+    scaled_centre: np.ndarray
+    centre_norm: np.ndarray
+    ready: np.ndarray
     prior: np.ndarray | None = None
     version: np.ndarray | None = None
     count: int = 0
@@ -605,6 +617,7 @@ class _PassCache:
     queue: list[int] = dataclasses.field(default_factory=list)
     fallback: int = 0
     epoch: int = 0
+    structure: int = 0
 
     def live(self) -> np.ndarray:
         """Ids of the live columns, ascending."""
@@ -642,7 +655,11 @@ class ClusterAlignment:
       state sees the same operations in the same order in both solvers, so every later
       step, the theta-steps and the result are bit-for-bit the dense solver's. Columns
       whose centres moved far are rebuilt once the exact steps they caused cost as much
-      as rebuilding them.
+      as rebuilding them. A batch of upcoming clients is bounded at once, and a second
+      time with widened bounds that still hold after later steps have moved the
+      clusters a little, so the steps after a move need no new bounds
+      (:meth:`run_pass`); a column opened during a pass is computed only for the rows
+      about to be bounded.
 
     The fast solver's exact steps also skip ``linear_sum_assignment`` when the gains have
     one strict, distinct maximum per prompt (its answer is then that maximum, as above).
@@ -714,11 +731,25 @@ class ClusterAlignment:
         self.hungarian_calls = 0
         self.client_steps = 0
         self.bounded_steps = 0
+        self.widened_steps = 0  # bounded steps settled by the widened bounds after clusters moved
         self.changed = False
         self.cache: _PassCache | None = None
         self._mean_var: tuple[int, np.ndarray] | None = None
         self.max_abs_z = float(max(stacked.max(), -stacked.min()))
+        self._z2_all: np.ndarray | None = None  # z^2 of every row, made once for the pass cache
         self.scale_floor = 1.0  # smallest scale entry ever set (bounds 1 / s^2 in the rounding bound)
+
+    @property
+    def z2_all(self) -> np.ndarray:
+        """``z^2`` of every standardised row ``(N, D)``, computed once (the pass cache's column builds and priors).
+
+        The same numbers as squaring a block each time (elementwise, exact arithmetic), so a
+        column built from it is the column built before; squaring all ``N x D`` entries again
+        for every new cluster cost more than the product itself.
+        """
+        if self._z2_all is None:
+            self._z2_all = self.z_all**2
+        return self._z2_all
 
     # -- the nets at the current centres ------------------------------------------------
     def refresh_nets(self, slots: np.ndarray) -> None:
@@ -777,16 +808,21 @@ class ClusterAlignment:
     def run_pass(self, order: Sequence[int]) -> None:
         """One alpha-step for each client of ``order``, in that order.
 
-        The fast solver bounds the steps of a batch of upcoming clients at once; the
-        bounds stay valid while no step changes a cluster's members or scale (a step that
-        changes nothing only queues its rounding), so the batch is used up to the first
-        step that does, and the next batch starts after it (batches double while they are
-        used up, and shrink to twice what was used when they are not).
+        The fast solver bounds the steps of a batch of upcoming clients at once. Those
+        bounds hold while no step changes a cluster's members or scale (a step that
+        changes nothing only queues its rounding). With the learned popularity the batch
+        is also bounded a second time, widened (:meth:`gain_bounds`'s ``slack`` and
+        ``rho``): once a step has moved prompts, the rest of the batch is still settled
+        by the widened bounds as long as every centre has moved less than the slack and
+        every cluster's weight stays within the range (:meth:`_within_slack`), since the
+        bounds the cache would give then lie inside the widened ones. The batch is used
+        up to the first step that neither settles, and the next batch starts there
+        (batches double while they are used up, and shrink to what was used when not).
         """
         if not order:
             return
         self.open_pass()
-        cache = self.cache
+        cache, state = self.cache, self.state
         order = np.asarray(order, dtype=np.int64)
         done, size = 0, 64
         while done < order.size:
@@ -795,18 +831,72 @@ class ClusterAlignment:
                 done += 1
                 continue
             batch = order[done : done + size]
-            epoch, version = cache.epoch, self.state.version
-            settled, target = self._bounded_choices(batch)
+            epoch, version, structure = cache.epoch, state.version, cache.structure
+            strict = self.gain_bounds(batch)
+            settled, target = self._choose(strict, batch.size)
+            loose = None
+            if self.pop_net is not None and batch.size > 1 and strict["slots"].size:
+                loose = self._widened(batch, strict)
             first = np.concatenate([[0], np.cumsum(self.bounds[batch + 1] - self.bounds[batch])])
-            used = 0
+            used, checked = 0, epoch
             for k, t in enumerate(batch.tolist()):
-                if cache.epoch != epoch or self.state.version != version:
-                    break  # a step changed the clusters: bound the rest again
-                self.assign_client(t, (bool(settled[k]), target[first[k] : first[k + 1]]))
+                decision = (bool(settled[k]), target[first[k] : first[k + 1]])
+                if cache.epoch != epoch or state.version != version:
+                    # a step changed the clusters: the widened bounds, while they hold
+                    if loose is None or not loose["settled"][k] or state.version != version:
+                        break
+                    if cache.epoch != checked:
+                        if cache.structure != structure or not self._within_slack(loose):
+                            break
+                        checked = cache.epoch
+                    decision = (True, loose["target"][first[k] : first[k + 1]])
+                    self.widened_steps += 1
+                self.assign_client(t, decision)
                 used += 1
             done += used
             size = min(2 * size, 2048) if used == batch.size else used
         self.close_pass()
+
+    def _widened(self, batch: np.ndarray, strict: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """The batch's steps settled by widened bounds, and what :meth:`_within_slack` checks them against.
+
+        The slack is a share (``_SLACK``) of the rows' typical distance to their nearest
+        centre: a client's step moves a cluster of ``W`` members' weight by about that
+        distance over ``W``, so many steps fit in it before a recheck.
+        """
+        cache, state = self.cache, self.state
+        slack = _SLACK * float(np.median(strict["root"].min(axis=1)))
+        settled, target = self._bounded_choices(batch, slack, _WEIGHT_SLACK)
+        own = strict["own"]
+        slots = np.unique(own[own >= 0])
+        slots = slots[state.members[slots] >= 2]  # (the others' clients are not settled)
+        live = cache.live()
+        return {
+            "settled": settled,
+            "target": target,
+            "live": live,
+            "shift-cap": cache.shift[live] + slack,
+            "slots": slots,
+            "weight-lo": (1.0 - _WEIGHT_SLACK) * state.weight[slots],
+            "weight-hi": (1.0 + _WEIGHT_SLACK) * state.weight[slots],
+        }
+
+    def _within_slack(self, loose: dict[str, np.ndarray]) -> bool:
+        """Whether the clusters moved within the widened bounds of :meth:`_widened` (same live columns).
+
+        Every live column's centre lies within its shift plus the slack of the column's
+        centre; every own cluster of the batch's rows still has two members or more and
+        a weight in the range. The popularity and scales are unchanged (same state version).
+        """
+        cache, state = self.cache, self.state
+        slots = loose["slots"]
+        weight = state.weight[slots]
+        return bool(
+            np.all(cache.shift[loose["live"]] <= loose["shift-cap"])
+            and np.all(state.members[slots] >= 2)
+            and np.all(weight >= loose["weight-lo"])
+            and np.all(weight <= loose["weight-hi"])
+        )
 
     def open_pass(self) -> None:
         """Residuals of every prompt against every active cluster, in row blocks (fast solver)."""
@@ -824,6 +914,9 @@ class ClusterAlignment:
             inv_var=np.zeros((capacity, self.dim)),
             const=np.zeros(capacity),
             shift=np.zeros(capacity),
+            scaled_centre=np.zeros((capacity, self.dim)),
+            centre_norm=np.zeros(capacity),
+            ready=np.zeros(rows, dtype=np.int64),
         )
         self.cache.prior = np.empty(rows)
         self.cache.version = np.full(rows, self.state.version, dtype=np.int64)
@@ -851,32 +944,53 @@ class ClusterAlignment:
             cache.inv_var = np.concatenate([cache.inv_var, np.zeros((grow, self.dim))])
             cache.const = np.concatenate([cache.const, np.zeros(grow)])
             cache.shift = np.concatenate([cache.shift, np.zeros(grow)])
+            cache.scaled_centre = np.concatenate([cache.scaled_centre, np.zeros((grow, self.dim))])
+            cache.centre_norm = np.concatenate([cache.centre_norm, np.zeros(grow)])
         if cache.column.size < self.state.capacity:
             extra = self.state.capacity - cache.column.size
             cache.column = np.concatenate([cache.column, np.full(extra, -1, dtype=np.int64)])
         new = np.arange(cache.count, needed)
         inv_var, scaled_centre, centre_norm, log_det = self.state.likelihood_parts(slots)
-        if with_prior:
+        if with_prior:  # the start of a pass: every row against every column, in row blocks
             inverse, log_sum = self._prior_parts()
             inv_var = np.concatenate([inv_var, inverse[None]])  # the prior's sum rides along as one more column
-        for start in range(0, cache.quad.shape[0], _BLOCK_ROWS):
-            block = slice(start, start + _BLOCK_ROWS)
-            z = self.z_all[block]
-            squares = (z**2) @ inv_var.T
-            if with_prior:
+            for start in range(0, cache.quad.shape[0], _BLOCK_ROWS):
+                block = slice(start, start + _BLOCK_ROWS)
+                z = self.z_all[block]
+                squares = self.z2_all[block] @ inv_var.T
                 cache.prior[block] = self._prior_from(squares[:, -1], log_sum)
-                squares = squares[:, :-1]
-            cache.quad[block, new] = squares - 2.0 * z @ scaled_centre.T + centre_norm
-        if with_prior:
+                cache.quad[block, new] = squares[:, :-1] - 2.0 * z @ scaled_centre.T + centre_norm
             inv_var = inv_var[:-1]
+            cache.ready[:] = needed
+        # (during a pass, :meth:`_fill` computes a new column for the rows about to be bounded)
         cache.slot[new] = slots
         cache.column[slots] = new
         cache.centre[new] = self.state.centres(slots)
         cache.inv_var[new] = inv_var
+        cache.scaled_centre[new] = scaled_centre
+        cache.centre_norm[new] = centre_norm
         cache.const[new] = log_det + 0.5 * self.dim * _LOG_2PI
         cache.shift[new] = 0.0
         cache.count = needed
         cache.epoch += 1
+        cache.structure += 1
+
+    def _fill(self, rows: np.ndarray) -> None:
+        """Compute the live columns built during the pass for ``rows`` that lack them (as :meth:`add_columns` would)."""
+        cache = self.cache
+        need = rows[cache.ready[rows] < cache.count]
+        if need.size == 0:
+            return
+        low = int(cache.ready[need].min())
+        cols = low + np.flatnonzero(cache.slot[low : cache.count] >= 0)
+        if cols.size:
+            inv_var, scaled_centre, centre_norm = cache.inv_var[cols], cache.scaled_centre[cols], cache.centre_norm[cols]
+            for start in range(0, need.size, _BLOCK_ROWS):
+                block = need[start : start + _BLOCK_ROWS]
+                z = self.z_all[block]
+                squares = self.z2_all[block] @ inv_var.T
+                cache.quad[np.ix_(block, cols)] = squares - 2.0 * z @ scaled_centre.T + centre_norm
+        cache.ready[need] = cache.count
 
     def flush(self) -> None:
         """Apply the queued clients' removal and re-addition of their prompts, in order (fast solver).
@@ -935,20 +1049,28 @@ class ClusterAlignment:
             return gauss + self.popularity_logit(slots)
         return _loglik_from_parts(z, *self.state.likelihood_parts(slots)) + self.popularity_logit(slots)
 
-    def gain_bounds(self, clients: np.ndarray) -> dict[str, np.ndarray]:
+    def gain_bounds(self, clients: np.ndarray, slack: float = 0.0, rho: float = 0.0) -> dict[str, np.ndarray]:
         """Bounds on the gains the dense solver would compute for each of ``clients`` if it were next.
 
         All clients' rows are bounded at once, from the pass cache (class docstring),
         without touching their ``D`` entries.
 
+        ``slack`` and ``rho`` widen the bounds so that they also hold after later steps
+        have moved clusters a little (:meth:`run_pass`): every live column's centre may
+        have moved ``slack`` further than its ``shift`` says, and the weight ``W`` of each
+        row's own cluster may be anywhere in ``[(1 - rho) W, (1 + rho) W]`` (the own
+        centre's move ``a = w / (W - w)`` is then in ``[a_lo, a_hi]``). The learned
+        popularity only (the empirical one changes with every member); ``0, 0``: the
+        bounds at the cache as it is.
+
         Returns:
             ``rows`` ``(R,)`` the clients' prompt rows, ``owner`` ``(R,)`` each row's client
             (index into ``clients``), ``slots`` ``(C,)`` the live clusters, ``lo``, ``hi``
             ``(R, C)`` bounds on each row's gain for each of them, ``new_lo``, ``new_hi``
-            ``(R,)`` on its new-cluster gain, and ``described`` ``(k,)``: whether the client's
+            ``(R,)`` on its new-cluster gain, ``described`` ``(k,)``: whether the client's
             step is one the cache describes (``False``: one of its clusters is new or was
             re-scaled this pass, or would be emptied by removing its prompts; its bounds
-            are then meaningless).
+            are then meaningless), and ``own`` ``(R,)`` each row's cluster slot (``-1``: none).
         """
         cache, state = self.cache, self.state
         sizes = self.bounds[clients + 1] - self.bounds[clients]
@@ -963,22 +1085,30 @@ class ClusterAlignment:
         known = placed[own[placed] < cache.column.size]
         own_col[known] = cache.column[own[known]]
         bad = (own >= 0) & ((own_col < 0) | (state.members[np.maximum(own, 0)] < 2))
+        if rho > 0.0:  # a weight range reaching down to the prompt's own weight bounds nothing
+            bad[placed] |= (1.0 - rho) * state.weight[own[placed]] - self.w_all[rows[placed]] <= 0.0
         settled = np.bincount(owner[bad], minlength=clients.size) == 0
         mine = np.flatnonzero((own_col >= 0) & settled[owner])  # rows whose own cluster is bounded
         at = np.searchsorted(live, own_col[mine])  # its position among the live columns
+        self._fill(rows)
         root = np.sqrt(np.maximum(cache.quad[np.ix_(rows, live)], 0.0))  # (R, C)
-        shift = cache.shift[live]
+        shift = cache.shift[live] + slack if slack else cache.shift[live]
         reach = np.broadcast_to(shift, root.shape).copy()
         w = self.w_all[rows[mine]]
-        a = w / (state.weight[own[mine]] - w)  # the own centre moves by a (c - z) when the prompt leaves
+        weight = state.weight[own[mine]]
+        # the own centre moves by a (c - z) when the prompt leaves
+        if rho > 0.0:
+            a_lo, a_hi = w / ((1.0 + rho) * weight - w), w / ((1.0 - rho) * weight - w)
+        else:
+            a_lo = a_hi = w / (weight - w)
         # every row of the client sees that own centre moved by a |c - z| more (pairs are distinct)
         per = sizes[owner[mine]]
         pair_row = np.repeat(first[owner[mine]], per) + np.arange(per.sum()) - np.repeat(np.cumsum(per) - per, per)
         pair_col = np.repeat(at, per)
-        reach[pair_row, pair_col] += np.repeat(a * (root[mine, at] + shift[at]), per)
+        reach[pair_row, pair_col] += np.repeat(a_hi * (root[mine, at] + shift[at]), per)
         low, high = np.maximum(root - reach, 0.0) ** 2, (root + reach) ** 2
-        scale = 1.0 + a
-        low[mine, at] = (scale * np.maximum(root[mine, at] - shift[at], 0.0)) ** 2
+        scale = 1.0 + a_hi
+        low[mine, at] = ((1.0 + a_lo) * np.maximum(root[mine, at] - shift[at], 0.0)) ** 2
         high[mine, at] = (scale * (root[mine, at] + shift[at])) ** 2
         base = np.broadcast_to(self.popularity_logit(slots) - cache.const[live], root.shape)
         if self.pop_net is None:  # the empirical rate counts the other clients only
@@ -1001,19 +1131,30 @@ class ClusterAlignment:
             "new_lo": new_gain - self._prior_bound(),
             "new_hi": new_gain + self._prior_bound(),
             "described": settled,
+            "own": own,
+            "root": root,
         }
 
-    def _bounded_choices(self, clients: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def _bounded_choices(
+        self, clients: np.ndarray, slack: float = 0.0, rho: float = 0.0
+    ) -> tuple[np.ndarray, np.ndarray]:
         """The steps of ``clients`` as the pass cache settles them, each as if it were next.
 
         For each client: whether the bounds (:meth:`gain_bounds`) settle its step (as
         :func:`_certified_choice` does for one client), and for its prompts the cluster
         slot each goes to (``-1``: a new cluster).
 
+        ``slack``, ``rho``: as in :meth:`gain_bounds` (a settled step is then the dense
+        solver's answer as long as the clusters have moved within them).
+
         Returns:
             ``(settled (k,), target (rows of the clients, concatenated))``.
         """
-        bounds = self.gain_bounds(clients)
+        return self._choose(self.gain_bounds(clients, slack, rho), clients.size)
+
+    @staticmethod
+    def _choose(bounds: dict[str, np.ndarray], count: int) -> tuple[np.ndarray, np.ndarray]:
+        """:meth:`_bounded_choices` from the bounds of ``count`` clients (:meth:`gain_bounds`)."""
         rows, owner, slots, lo, hi = bounds["rows"], bounds["owner"], bounds["slots"], bounds["lo"], bounds["hi"]
         new_lo, new_hi, settled = bounds["new_lo"], bounds["new_hi"], bounds["described"].copy()
         target = np.full(rows.size, -1, dtype=np.int64)
@@ -1027,7 +1168,7 @@ class ClusterAlignment:
         highest_other = others.max(axis=1)
         existing = (best_lo > highest_other) & (best_lo > new_hi)
         fresh = new_lo > np.maximum(highest_other, hi[line, best])
-        settled &= np.bincount(owner[~(existing | fresh)], minlength=clients.size) == 0
+        settled &= np.bincount(owner[~(existing | fresh)], minlength=count) == 0
         picked = np.flatnonzero(existing)
         key = np.sort(owner[picked] * slots.size + best[picked])
         twice = key[1:][key[1:] == key[:-1]] // slots.size  # two prompts of one client want one cluster
@@ -1047,7 +1188,7 @@ class ClusterAlignment:
             inverse, log_sum = self._prior_parts()
             for start in range(0, stale.size, _BLOCK_ROWS):
                 block = stale[start : start + _BLOCK_ROWS]
-                cache.prior[block] = self._prior_from((self.z_all[block] ** 2) @ inverse, log_sum)
+                cache.prior[block] = self._prior_from(self.z2_all[block] @ inverse, log_sum)
             cache.version[stale] = version
         return cache.prior[rows]
 
@@ -1076,6 +1217,8 @@ class ClusterAlignment:
         emptied = touched[state.members[touched] == 0]
         dead = cache.column[emptied]
         cache.slot[dead[dead >= 0]] = -1
+        if emptied.size:
+            cache.structure += 1
         cache.column[emptied] = -1
         fresh = np.unique(np.concatenate([rescaled, gained[cache.column[gained] < 0]]))
         moved = np.setdiff1d(touched, np.concatenate([emptied, fresh]))
