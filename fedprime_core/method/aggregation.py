@@ -80,6 +80,9 @@ _CACHE_MIN_DIM = 32
 #: The fast solver's widened bounds (:meth:`ClusterAlignment.run_pass`): how far centres may move
 #: (a share of the rows' typical distance to their nearest centre) and clusters' weights change.
 _SLACK, _WEIGHT_SLACK = 0.1, 0.25
+#: Exact steps with at most this many clusters go straight to ``linear_sum_assignment`` (it
+#: costs less than checking for a certified answer, :func:`_certified_choice`, and gives it).
+_DIRECT_COLUMNS = 128
 
 
 # ---------------------------------------------------------------------------------------
@@ -153,8 +156,9 @@ class AlignmentResult:
         num_dropped: clusters removed to respect ``max_prompts``.
         hungarian_seconds: wall time spent in ``linear_sum_assignment``.
         total_seconds: wall time of the whole call.
-        hungarian_calls: client steps that solved a Hungarian problem (the others had
-            distinct, strict row maxima: see :func:`_certified_choice`).
+        hungarian_calls: client steps that solved a Hungarian problem (the others were
+            settled from bounds, or had distinct, strict row maxima among more than
+            ``_DIRECT_COLUMNS`` clusters: see :func:`_certified_choice`).
         client_steps: client steps (alpha-step re-assignments of one client) run.
         bounded_steps: client steps the fast solver settled from bounds, without computing
             the client's gains (:class:`ClusterAlignment`).
@@ -440,13 +444,17 @@ class _ClusterState:
         """Add (``sign=1``) or remove (``sign=-1``) one client's prompts ``z`` ``(m, D)`` of weights ``w`` ``(m,)``."""
         self.sums[slots] += sign * w[:, None] * z
         self.weight[slots] += sign * w
-        self.members[slots] += int(sign)
+        count = self.members[slots] + int(sign)
+        self.members[slots] = count
         self.valid[slots] = False
-        emptied = slots[self.members[slots] == 0]
-        self.sums[emptied] = 0.0  # no floating-point residue in a reusable slot
-        self.weight[emptied] = 0.0
-        if emptied.size or (sign > 0 and np.any(self.members[slots] == 1)):
-            self.version += 1  # the set of active slots changed
+        if sign < 0:
+            emptied = slots[count == 0]
+            if emptied.size:
+                self.sums[emptied] = 0.0  # no floating-point residue in a reusable slot
+                self.weight[emptied] = 0.0
+                self.version += 1  # the set of active slots changed
+        elif np.any(count == 1):
+            self.version += 1
 
     def add_many(self, slots: np.ndarray, z: np.ndarray, w: np.ndarray) -> None:
         """Add the prompts of many clients at once, ``(N,)`` slots in client order.
@@ -551,6 +559,8 @@ def _certified_choice(lo: np.ndarray, hi: np.ndarray, new_gain: np.ndarray) -> n
     rows = np.arange(m)
     if k == 0:
         return k + rows  # only the new-cluster columns: the diagonal
+    if lo is hi:
+        return _certified_exact(lo, new_gain, rows)
     best = np.argmax(lo, axis=1)
     best_lo = lo[rows, best]
     others = hi.copy()
@@ -562,6 +572,25 @@ def _certified_choice(lo: np.ndarray, hi: np.ndarray, new_gain: np.ndarray) -> n
         return None
     picked = best[existing]
     if np.unique(picked).size != picked.size:
+        return None
+    return np.where(existing, best, k + rows)
+
+
+def _certified_exact(gain: np.ndarray, new_gain: np.ndarray, rows: np.ndarray) -> np.ndarray | None:
+    """:func:`_certified_choice` for exact gains (``lo is hi``), in fewer array operations (one per exact step).
+
+    A row's best column beats all its others strictly iff it is the only entry at the row
+    maximum; the new cluster beats them all iff it exceeds that maximum.
+    """
+    k = gain.shape[1]
+    best = np.argmax(gain, axis=1)
+    top = gain[rows, best]
+    existing = ((gain >= top[:, None]).sum(axis=1) == 1) & (top > new_gain)
+    fresh = new_gain > top
+    if not np.all(existing | fresh):
+        return None
+    picked = best[existing].tolist()
+    if len(set(picked)) != len(picked):
         return None
     return np.where(existing, best, k + rows)
 
@@ -735,6 +764,7 @@ class ClusterAlignment:
         self.changed = False
         self.cache: _PassCache | None = None
         self._mean_var: tuple[int, np.ndarray] | None = None
+        self._prior_terms: tuple[int, np.ndarray, np.ndarray] | None = None
         self.max_abs_z = float(max(stacked.max(), -stacked.min()))
         self._z2_all: np.ndarray | None = None  # z^2 of every row, made once for the pass cache
         self.scale_floor = 1.0  # smallest scale entry ever set (bounds 1 / s^2 in the rounding bound)
@@ -775,6 +805,15 @@ class ClusterAlignment:
         if own is not None:
             others = others - own
         return np.log(others) - np.log(np.maximum(self.n - others, 1))
+
+    def _new_gain(self, z: np.ndarray, slots: np.ndarray) -> np.ndarray:
+        """The new-cluster column ``(m,)``: ``_prior_loglik(z, mean_var) + logit(1/n)``, its ``var`` terms cached per version."""
+        version = self.state.version
+        if self._prior_terms is None or self._prior_terms[0] != version:
+            var = 1.0 + self.mean_var(slots)
+            self._prior_terms = (version, var, np.log(var))
+        _, var, log_var = self._prior_terms
+        return (-0.5 * np.sum(z**2 / var + log_var, axis=1) - 0.5 * z.shape[1] * _LOG_2PI) + self.new_logit
 
     def mean_var(self, slots: np.ndarray) -> np.ndarray:
         """Mean ``scale^2`` of the active clusters ``slots`` (the new-cluster prior's spread), cached per version."""
@@ -1289,22 +1328,41 @@ class ClusterAlignment:
             self.flush()
             cache.fallback += m * int(cache.live().size)
         placed = own >= 0
-        if placed.any():
+        all_placed = bool(placed.all())
+        if all_placed:
+            state.add(own, z, w, sign=-1.0)
+        elif placed.any():
             state.add(own[placed], z[placed], w[placed], sign=-1.0)
         slots = state.active()
-        new_gain = _prior_loglik(z, self.mean_var(slots)) + self.new_logit
+        new_gain = self._new_gain(z, slots)
         gain = self._exact_gain(z, slots)
-        cols = _certified_choice(gain, gain, new_gain) if self.solver == "fast" else None
-        if cols is not None:
-            rows = np.arange(m)
-        else:
-            new_block = np.full((m, m), _INFEASIBLE)
-            np.fill_diagonal(new_block, new_gain)
-            gain = np.concatenate([gain, new_block], axis=1) if slots.size else new_block
+        k = slots.size
+        # (a small problem is solved sooner than certified: the same answer, see _certified_choice)
+        cols = _certified_choice(gain, gain, new_gain) if self.solver == "fast" and k > _DIRECT_COLUMNS else None
+        if cols is None:
+            full = np.full((m, k + m), _INFEASIBLE)  # every cluster, then one new-cluster column per prompt
+            full[:, :k] = gain
+            line = np.arange(m)
+            full[line, k + line] = new_gain
             tick = time.perf_counter()
-            rows, cols = linear_sum_assignment(gain, maximize=True)
+            rows, cols = linear_sum_assignment(full, maximize=True)
             self.hungarian_seconds += time.perf_counter() - tick
             self.hungarian_calls += 1
+        else:
+            rows = np.arange(m)
+        if cols.max() < k:  # (the common case: every prompt to an existing cluster)
+            chosen = slots[cols]
+            state.add(chosen, z, w)
+            moved = chosen != own
+            if not all_placed or moved.any():
+                before = own.copy()
+                own[:] = chosen
+                self.changed = True
+                if cache is not None:
+                    self._after_change(before[moved & placed], chosen[moved], chosen[:0])
+            if cache is not None:
+                self._maybe_rebuild()
+            return
         chosen = np.empty(m, dtype=np.int64)
         existing = cols < slots.size
         chosen[rows[existing]] = slots[cols[existing]]
