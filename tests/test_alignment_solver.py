@@ -25,6 +25,7 @@ from fedprime_core.method.aggregation import (
     _check_inputs,
     _gaussian_loglik,
     _ordered_rounds,
+    _ordered_sums,
     _prior_loglik,
     align_prompts,
 )
@@ -330,3 +331,23 @@ def test_ordered_rounds_add_like_a_loop_over_positions():
 def test_unknown_solver_is_refused():
     with pytest.raises(ValueError, match="solver"):
         align_prompts([np.ones((2, 4))], solver="greedy")
+
+
+@pytest.mark.parametrize("width", [2, 3, 40, 768])
+@pytest.mark.parametrize("targets", [1, 7, 300])
+def test_ordered_sums_add_like_a_loop_over_positions(width, targets):
+    """Target by target (np.add.reduce over rows) or in rounds: bit-for-bit the loop's sums."""
+    rng = np.random.default_rng(width + targets)
+    size = 3000
+    index = rng.integers(0, targets, size)
+    values = rng.normal(size=(size, width)) * np.exp(3 * rng.normal(size=(size, 1)))  # rounding depends on order
+    loop = np.zeros((targets, width))
+    for i, v in zip(index, values):
+        loop[i] += v
+    np.testing.assert_array_equal(_ordered_sums(index, targets, width, lambda at, _: values[at]), loop)
+    shift = rng.normal(size=(targets, width))
+    loop = np.zeros((targets, width))
+    for i, v in zip(index, values):
+        loop[i] += (v - shift[i]) ** 2
+    summed = _ordered_sums(index, targets, width, lambda at, to: (values[at] - shift[to]) ** 2)
+    np.testing.assert_array_equal(summed, loop)

@@ -61,7 +61,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -80,6 +80,8 @@ _CACHE_MIN_DIM = 32
 #: The fast solver's widened bounds (:meth:`ClusterAlignment.run_pass`): how far centres may move
 #: (a share of the rows' typical distance to their nearest centre) and clusters' weights change.
 _SLACK, _WEIGHT_SLACK = 0.1, 0.25
+#: Above this many targets :func:`_ordered_sums` adds in rounds instead of target by target.
+_SEGMENT_LOOP_MAX = 256
 #: Exact steps with at most this many clusters go straight to ``linear_sum_assignment`` (it
 #: costs less than checking for a certified answer, :func:`_certified_choice`, and gives it).
 _DIRECT_COLUMNS = 128
@@ -382,6 +384,35 @@ def _ordered_rounds(index: np.ndarray) -> list[np.ndarray]:
     by_rank = np.argsort(rank, kind="stable")
     cuts = np.flatnonzero(np.diff(rank[by_rank])) + 1
     return np.split(order[by_rank], cuts)
+
+
+def _ordered_sums(
+    index: np.ndarray, targets: int, width: int, term: Callable[[np.ndarray, np.ndarray | int], np.ndarray]
+) -> np.ndarray:
+    """``(targets, width)``: for every target, the sum of ``term`` over the positions ``index`` sends to it.
+
+    Bit-for-bit the loop ``out = 0; for i: out[index[i]] += term([i])`` (each target's terms
+    added one by one in position order). ``term(positions, target)`` gives the rows
+    ``(len(positions), width)`` of those positions, ``target`` their common target (an int),
+    or their targets (an array, one per position). With few targets each target's terms
+    are summed at once (``np.add.reduce`` along the rows of a C-ordered block adds them one
+    row after the other; :func:`tests.test_alignment_solver` checks it against the loop),
+    otherwise in :func:`_ordered_rounds`.
+    """
+    out = np.zeros((targets, width))
+    if index.size == 0:
+        return out
+    order = np.argsort(index, kind="stable")
+    sorted_index = index[order]
+    cuts = np.flatnonzero(sorted_index[1:] != sorted_index[:-1]) + 1
+    if cuts.size + 1 > _SEGMENT_LOOP_MAX or width < 2:
+        for members in _ordered_rounds(index):
+            out[index[members]] += term(members, index[members])
+        return out
+    for segment in np.split(order, cuts):
+        target = int(index[segment[0]])
+        out[target] = np.add.reduce(np.ascontiguousarray(term(segment, target)), axis=0)
+    return out
 
 
 class _ClusterState:
@@ -1413,10 +1444,9 @@ class ClusterAlignment:
         centres_np = state.centres(slots)
         position = np.full(state.capacity, -1, dtype=np.int64)
         position[slots] = np.arange(slots.size)
-        rss = np.zeros_like(centres_np)
-        rows = position[np.concatenate(self.assign)]
-        for members in _ordered_rounds(rows):
-            rss[rows[members]] += (self.z_all[members] - centres_np[rows[members]]) ** 2
+        rows = position[self.labels]
+        z_all = self.z_all
+        rss = _ordered_sums(rows, slots.size, dim, lambda at, to: (z_all[at] - centres_np[to]) ** 2)
         centres = torch.from_numpy(centres_np.astype(np.float32))
         rss_t = torch.from_numpy(rss.astype(np.float32))
         counts = torch.from_numpy(state.members[slots].astype(np.float32))
@@ -1464,17 +1494,16 @@ class ClusterAlignment:
         assignments = [new_index[a] for a in self.assign]
         labels = new_index[np.concatenate(self.assign)]
         kept = np.flatnonzero(labels >= 0)
-        rounds = _ordered_rounds(labels[kept])
 
         def merged(values: np.ndarray) -> np.ndarray:
             """Weighted member means of the stacked ``values`` ``(N, X)`` under the final assignment.
 
             Accumulated in client order, the order of a loop over clients (:func:`_ordered_rounds`).
             """
-            sums = np.zeros((slots.size, values.shape[1]))
-            for members in rounds:
-                rows = kept[members]
-                sums[labels[rows]] += self.w_all[rows, None] * values[rows]
+            w_all = self.w_all
+            sums = _ordered_sums(
+                labels[kept], slots.size, values.shape[1], lambda at, _: w_all[kept[at], None] * values[kept[at]]
+            )
             return sums / state.weight[slots, None]
 
         merged_keys = None if self.inputs.keys_all is None else merged(self.inputs.keys_all)
