@@ -80,6 +80,8 @@ _CACHE_MIN_DIM = 32
 #: The fast solver's widened bounds (:meth:`ClusterAlignment.run_pass`): how far centres may move
 #: (a share of the rows' typical distance to their nearest centre) and clusters' weights change.
 _SLACK, _WEIGHT_SLACK = 0.1, 0.25
+#: Queues of at most this many no-op steps are applied client by client (:meth:`ClusterAlignment.flush`).
+_FLUSH_ONE_BY_ONE = 16
 #: Above this many targets :func:`_ordered_sums` adds in rounds instead of target by target.
 _SEGMENT_LOOP_MAX = 256
 #: Exact steps with at most this many clusters go straight to ``linear_sum_assignment`` (it
@@ -494,8 +496,12 @@ class _ClusterState:
         client would give it (:func:`_ordered_rounds`; ``np.add.at`` for the 1-D weights), so
         the sums are bit-for-bit those of the client-by-client loop.
         """
-        for rows in _ordered_rounds(slots):
-            self.sums[slots[rows]] += w[rows, None] * z[rows]
+        targets = np.unique(slots)
+        if not self.sums[targets].any():  # (empty clusters: 0 + the ordered sum is that sum)
+            self.sums[targets] = _ordered_sums(slots, self.capacity, self.dim, lambda at, _: w[at, None] * z[at])[targets]
+        else:
+            for rows in _ordered_rounds(slots):
+                self.sums[slots[rows]] += w[rows, None] * z[rows]
         np.add.at(self.weight, slots, w)
         np.add.at(self.members, slots, 1)
         self.valid[slots] = False
@@ -1072,10 +1078,19 @@ class ClusterAlignment:
         cache = self.cache
         if cache is None or not cache.queue:
             return
+        state = self.state
+        if len(cache.queue) <= _FLUSH_ONE_BY_ONE:  # a few clients: one by one costs fewer array operations
+            for t in cache.queue:
+                slots, z, w = self.assign[t], self.z[t], self.w[t]
+                term = w[:, None] * z
+                state.sums[slots] = (state.sums[slots] + -term) + term
+                state.weight[slots] = (state.weight[slots] + -w) + w
+                state.valid[slots] = False
+            cache.queue = []
+            return
         rows = np.concatenate([np.arange(self.bounds[t], self.bounds[t + 1]) for t in cache.queue])
         slots = self.labels[rows]
         cache.queue = []
-        state = self.state
         for members in _ordered_rounds(slots):
             at, row = slots[members], rows[members]
             term = self.w_all[row, None] * self.z_all[row]
