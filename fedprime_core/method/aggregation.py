@@ -449,6 +449,7 @@ class _ClusterState:
         self.log_det = np.zeros(capacity)
         self.valid = np.zeros(capacity, dtype=bool)
         self.scale_valid = np.zeros(capacity, dtype=bool)
+        self.rescaled = True  # some slot's scale changed since its parts were computed
         self.version = 0
 
     @property
@@ -472,6 +473,7 @@ class _ClusterState:
         self.log_det = np.concatenate([self.log_det, np.zeros(extra)])
         self.valid = np.concatenate([self.valid, np.zeros(extra, dtype=bool)])
         self.scale_valid = np.concatenate([self.scale_valid, np.zeros(extra, dtype=bool)])
+        self.rescaled = True
 
     def add(self, slots: np.ndarray, z: np.ndarray, w: np.ndarray, sign: float = 1.0) -> None:
         """Add (``sign=1``) or remove (``sign=-1``) one client's prompts ``z`` ``(m, D)`` of weights ``w`` ``(m,)``."""
@@ -486,7 +488,7 @@ class _ClusterState:
                 self.sums[emptied] = 0.0  # no floating-point residue in a reusable slot
                 self.weight[emptied] = 0.0
                 self.version += 1  # the set of active slots changed
-        elif np.any(count == 1):
+        elif (count == 1).any():
             self.version += 1
 
     def add_many(self, slots: np.ndarray, z: np.ndarray, w: np.ndarray) -> None:
@@ -527,21 +529,23 @@ class _ClusterState:
             self.logit_pop[slots] = logit_pop
         self.valid[slots] = False
         self.scale_valid[slots] = False
+        self.rescaled = True
         self.version += 1
 
     def likelihood_parts(self, slots: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """``1/s^2`` ``(K, D)``, ``c/s^2`` ``(K, D)``, ``sum c^2/s^2`` ``(K,)``, ``sum log s`` ``(K,)`` of ``slots``."""
-        rescaled = slots[~self.scale_valid[slots]]
-        if rescaled.size:  # what depends on the scale only (members moving leave it as it is)
+        if self.rescaled:  # what depends on the scale only (members moving leave it as it is), every slot
+            rescaled = np.flatnonzero(~self.scale_valid)
             scale = self.scale[rescaled]
             self.inv_var[rescaled] = 1.0 / scale**2
-            self.log_det[rescaled] = np.sum(np.log(scale), axis=1)
+            self.log_det[rescaled] = np.log(scale).sum(axis=1)
             self.scale_valid[rescaled] = True
+            self.rescaled = False
         stale = slots[~self.valid[slots]]
         if stale.size:
             centres, inv_var = self.centres(stale), self.inv_var[stale]
             self.scaled_centre[stale] = centres * inv_var
-            self.centre_norm[stale] = np.sum(centres**2 * inv_var, axis=1)
+            self.centre_norm[stale] = (centres**2 * inv_var).sum(axis=1)
             self.valid[stale] = True
         return self.inv_var[slots], self.scaled_centre[slots], self.centre_norm[slots], self.log_det[slots]
 
@@ -624,7 +628,7 @@ def _certified_exact(gain: np.ndarray, new_gain: np.ndarray, rows: np.ndarray) -
     top = gain[rows, best]
     existing = ((gain >= top[:, None]).sum(axis=1) == 1) & (top > new_gain)
     fresh = new_gain > top
-    if not np.all(existing | fresh):
+    if not (existing | fresh).all():
         return None
     picked = best[existing].tolist()
     if len(set(picked)) != len(picked):
@@ -850,7 +854,7 @@ class ClusterAlignment:
             var = 1.0 + self.mean_var(slots)
             self._prior_terms = (version, var, np.log(var))
         _, var, log_var = self._prior_terms
-        return (-0.5 * np.sum(z**2 / var + log_var, axis=1) - 0.5 * z.shape[1] * _LOG_2PI) + self.new_logit
+        return (-0.5 * (z**2 / var + log_var).sum(axis=1) - 0.5 * z.shape[1] * _LOG_2PI) + self.new_logit
 
     def mean_var(self, slots: np.ndarray) -> np.ndarray:
         """Mean ``scale^2`` of the active clusters ``slots`` (the new-cluster prior's spread), cached per version."""
