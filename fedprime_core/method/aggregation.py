@@ -80,6 +80,8 @@ _CACHE_MIN_DIM = 32
 #: The fast solver's widened bounds (:meth:`ClusterAlignment.run_pass`): how far centres may move
 #: (a share of the rows' typical distance to their nearest centre) and clusters' weights change.
 _SLACK, _WEIGHT_SLACK = 0.1, 0.25
+#: Passes over fewer clients are not bounded a second time (re-bounding after a move costs little).
+_WIDEN_MIN_CLIENTS = 16
 #: Queues of at most this many no-op steps are applied client by client (:meth:`ClusterAlignment.flush`).
 _FLUSH_ONE_BY_ONE = 16
 #: Above this many targets :func:`_ordered_sums` adds in rounds instead of target by target.
@@ -904,6 +906,7 @@ class ClusterAlignment:
         self.open_pass()
         cache, state = self.cache, self.state
         order = np.asarray(order, dtype=np.int64)
+        widen = self.pop_net is not None and order.size >= _WIDEN_MIN_CLIENTS
         done, size = 0, 64
         while done < order.size:
             if cache is None:
@@ -915,7 +918,7 @@ class ClusterAlignment:
             strict = self.gain_bounds(batch)
             settled, target = self._choose(strict, batch.size)
             loose = None
-            if self.pop_net is not None and batch.size > 1 and strict["slots"].size:
+            if widen and batch.size > 1 and strict["slots"].size:
                 loose = self._widened(batch, strict)
             first = np.concatenate([[0], np.cumsum(self.bounds[batch + 1] - self.bounds[batch])])
             used, checked = 0, epoch
