@@ -702,7 +702,9 @@ def run_regimes(args: Any) -> None:
             d = found.get("default", found.get(1))
             o = found.get(1)
             speed = f"{d['dense-seconds'] / d['seconds']:.1f}x" if "dense-seconds" in d else "-"
-            base = next((b["regimes"][regime] for b in baselines if b["n"] == n and b["threads"] == d_threads(found)), None)
+            base = next(
+                (b["regimes"][regime] for b in baselines if b["n"] == n and b["threads"] == d_threads(found)), None
+            )
             body.append(
                 [
                     regime,

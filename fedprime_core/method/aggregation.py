@@ -502,7 +502,8 @@ class _ClusterState:
         """
         targets = np.unique(slots)
         if not self.sums[targets].any():  # (empty clusters: 0 + the ordered sum is that sum)
-            self.sums[targets] = _ordered_sums(slots, self.capacity, self.dim, lambda at, _: w[at, None] * z[at])[targets]
+            summed = _ordered_sums(slots, self.capacity, self.dim, lambda at, _: w[at, None] * z[at])
+            self.sums[targets] = summed[targets]
         else:
             for rows in _ordered_rounds(slots):
                 self.sums[slots[rows]] += w[rows, None] * z[rows]
@@ -850,7 +851,10 @@ class ClusterAlignment:
         return np.log(others) - np.log(np.maximum(self.n - others, 1))
 
     def _new_gain(self, z: np.ndarray, slots: np.ndarray) -> np.ndarray:
-        """The new-cluster column ``(m,)``: ``_prior_loglik(z, mean_var) + logit(1/n)``, its ``var`` terms cached per version."""
+        """The new-cluster column ``(m,)``: ``_prior_loglik(z, mean_var) + logit(1/n)``.
+
+        Its ``var`` terms are cached per state version (the same arithmetic as :func:`_prior_loglik`).
+        """
         version = self.state.version
         if self._prior_terms is None or self._prior_terms[0] != version:
             var = 1.0 + self.mean_var(slots)
@@ -1067,7 +1071,11 @@ class ClusterAlignment:
         low = int(cache.ready[need].min())
         cols = low + np.flatnonzero(cache.slot[low : cache.count] >= 0)
         if cols.size:
-            inv_var, scaled_centre, centre_norm = cache.inv_var[cols], cache.scaled_centre[cols], cache.centre_norm[cols]
+            inv_var, scaled_centre, centre_norm = (
+                cache.inv_var[cols],
+                cache.scaled_centre[cols],
+                cache.centre_norm[cols],
+            )
             for start in range(0, need.size, _BLOCK_ROWS):
                 block = need[start : start + _BLOCK_ROWS]
                 z = self.z_all[block]
