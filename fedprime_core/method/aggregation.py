@@ -653,7 +653,8 @@ class _PassCache:
     Attributes:
         quad: ``(N, C)`` residuals at build (columns grow on demand). The columns of the
             clusters at the start of the pass are computed for every row at once; a column
-            built during the pass only for the rows about to be bounded (``ready``).
+            built during the pass only for the rows about to be bounded (``ready``), since
+            building it for all ``N`` rows streams all ``N x D`` entries again.
         scaled_centre, centre_norm: ``(C, D)`` ``c / s^2`` and ``(C,)`` ``sum c^2 / s^2`` of
             each column when built (what its residuals are computed from).
         ready: ``(N,)`` each row's residuals hold for the columns below this id.
@@ -810,20 +811,7 @@ class ClusterAlignment:
         self._mean_var: tuple[int, np.ndarray] | None = None
         self._prior_terms: tuple[int, np.ndarray, np.ndarray] | None = None
         self.max_abs_z = float(max(stacked.max(), -stacked.min()))
-        self._z2_all: np.ndarray | None = None  # z^2 of every row, made once for the pass cache
         self.scale_floor = 1.0  # smallest scale entry ever set (bounds 1 / s^2 in the rounding bound)
-
-    @property
-    def z2_all(self) -> np.ndarray:
-        """``z^2`` of every standardised row ``(N, D)``, computed once (the pass cache's column builds and priors).
-
-        The same numbers as squaring a block each time (elementwise, exact arithmetic), so a
-        column built from it is the column built before; squaring all ``N x D`` entries again
-        for every new cluster cost more than the product itself.
-        """
-        if self._z2_all is None:
-            self._z2_all = self.z_all**2
-        return self._z2_all
 
     # -- the nets at the current centres ------------------------------------------------
     def refresh_nets(self, slots: np.ndarray) -> None:
@@ -1044,12 +1032,13 @@ class ClusterAlignment:
             for start in range(0, cache.quad.shape[0], _BLOCK_ROWS):
                 block = slice(start, start + _BLOCK_ROWS)
                 z = self.z_all[block]
-                squares = self.z2_all[block] @ inv_var.T
+                squares = (z**2) @ inv_var.T
                 cache.prior[block] = self._prior_from(squares[:, -1], log_sum)
                 cache.quad[block, new] = squares[:, :-1] - 2.0 * z @ scaled_centre.T + centre_norm
             inv_var = inv_var[:-1]
             cache.ready[:] = needed
-        # (during a pass, :meth:`_fill` computes a new column for the rows about to be bounded)
+        # (during a pass, :meth:`_fill` computes a new column for the rows about to be bounded, so
+        # a cluster opened mid-pass no longer squares all N x D entries again)
         cache.slot[new] = slots
         cache.column[slots] = new
         cache.centre[new] = self.state.centres(slots)
@@ -1079,7 +1068,7 @@ class ClusterAlignment:
             for start in range(0, need.size, _BLOCK_ROWS):
                 block = need[start : start + _BLOCK_ROWS]
                 z = self.z_all[block]
-                squares = self.z2_all[block] @ inv_var.T
+                squares = (z**2) @ inv_var.T
                 cache.quad[np.ix_(block, cols)] = squares - 2.0 * z @ scaled_centre.T + centre_norm
         cache.ready[need] = cache.count
 
@@ -1288,7 +1277,7 @@ class ClusterAlignment:
             inverse, log_sum = self._prior_parts()
             for start in range(0, stale.size, _BLOCK_ROWS):
                 block = stale[start : start + _BLOCK_ROWS]
-                cache.prior[block] = self._prior_from(self.z2_all[block] @ inverse, log_sum)
+                cache.prior[block] = self._prior_from((self.z_all[block] ** 2) @ inverse, log_sum)
             cache.version[stale] = version
         return cache.prior[rows]
 
