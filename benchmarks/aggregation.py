@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import functools
 import time
+from pathlib import Path
 from typing import Any
 
 import _common  # noqa: F401  (puts the repository root on sys.path)
@@ -602,6 +603,11 @@ def regime_child(config: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def d_threads(found: dict[Any, Any]) -> Any:
+    """The thread setting a summary row of :func:`run_regimes` reports first (default threads when run)."""
+    return "default" if "default" in found else 1
+
+
 def run_regimes(args: Any) -> None:
     """Every regime at every ``n``, default threads and one thread, each in a child process."""
     import json
@@ -616,9 +622,35 @@ def run_regimes(args: Any) -> None:
         f"input: n clients x tau={TAU} slots, ragged use (tau/2..tau prompts), d={DIM}, {args.centres} planted "
         f"centres, noise {args.noise}, {args.moved:.0%} of the prompts moved off their warm start\n"
     )
+    thread_settings: tuple[str | int, ...] = {"both": ("default", 1), "one": (1,), "default": ("default",)}[
+        args.threads
+    ]
+    baseline_script = None
+    if args.baseline_tree:  # the same child in another checkout (the code before a change), run alternately
+        baseline_script = os.path.join(os.path.abspath(args.baseline_tree), "benchmarks", "aggregation.py")
+        print(f"baseline: {baseline_script} (run before each child of this checkout, same settings)\n")
+
+    def run_child(config: dict[str, Any], script: str) -> dict[str, Any]:
+        env = dict(os.environ)
+        if config["threads"] == 1:
+            env.update({k: "1" for k in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")})
+        proc = subprocess.run(
+            [sys.executable, script, "--regime-child", json.dumps(config)],
+            env=env,
+            cwd=os.path.dirname(os.path.dirname(script)),
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+        if proc.returncode != 0 or not lines:
+            raise RuntimeError(f"regime child {script} {config} failed:\n{proc.stderr[-3000:]}")
+        return json.loads(lines[-1][len("RESULT ") :])
+
     results: list[dict[str, Any]] = []
+    baselines: list[dict[str, Any]] = []
     for n in ns:
-        for threads in ("default", 1):
+        for threads in thread_settings:
             config = {
                 "n": n,
                 "threads": threads,
@@ -630,20 +662,16 @@ def run_regimes(args: Any) -> None:
                 "memory": threads == "default",
                 "dense-max-n": 30 if args.quick else args.dense_max_n,
             }
-            env = dict(os.environ)
-            if threads == 1:
-                env.update({k: "1" for k in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")})
-            proc = subprocess.run(
-                [sys.executable, __file__, "--regime-child", json.dumps(config)],
-                env=env,
-                capture_output=True,
-                text=True,
-                check=False,
-            )
-            lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-            if proc.returncode != 0 or not lines:
-                raise RuntimeError(f"regime child n={n} threads={threads} failed:\n{proc.stderr[-3000:]}")
-            child = json.loads(lines[-1][len("RESULT ") :])
+            if baseline_script is not None:
+                base = run_child({**config, "memory": False, "dense-max-n": 0}, baseline_script)
+                baselines.append(base)
+                for regime, r in base["regimes"].items():
+                    print(
+                        f"n={n:6d} {str(threads):7s} {regime:11s} {r['seconds']:8.3f} s (CPU {r['cpu-seconds']:.3f})  "
+                        f"ARI {r['ari']:.4f}  baseline  load {r['load-average']}",
+                        flush=True,
+                    )
+            child = run_child(config, os.path.abspath(__file__))
             results.append(child)
             for regime, r in child["regimes"].items():
                 dense = (
@@ -661,7 +689,7 @@ def run_regimes(args: Any) -> None:
     growth: dict[str, dict[str, float | None]] = {}
     body = []
     for regime in REGIMES:
-        for threads in ("default", 1):
+        for threads in thread_settings:
             rows = [(c["n"], c["regimes"][regime]) for c in results if c["threads"] == threads]
             xs, ys = [x for x, _ in rows], [r["seconds"] for _, r in rows]
             big = [(x, y) for x, y in zip(xs, ys) if x >= 1000]
@@ -670,16 +698,22 @@ def run_regimes(args: Any) -> None:
                 "n>=1000": loglog_slope([x for x, _ in big], [y for _, y in big]),
             }
         for n in ns:
-            d = next(c for c in results if c["n"] == n and c["threads"] == "default")["regimes"][regime]
-            o = next(c for c in results if c["n"] == n and c["threads"] == 1)["regimes"][regime]
+            found = {c["threads"]: c["regimes"][regime] for c in results if c["n"] == n}
+            d = found.get("default", found.get(1))
+            o = found.get(1)
             speed = f"{d['dense-seconds'] / d['seconds']:.1f}x" if "dense-seconds" in d else "-"
+            base = next(
+                (b["regimes"][regime] for b in baselines if b["n"] == n and b["threads"] == d_threads(found)), None
+            )
             body.append(
                 [
                     regime,
                     n,
-                    d["seconds"],
-                    o["seconds"],
+                    d["seconds"] if "default" in found else "-",
+                    o["seconds"] if o is not None else "-",
                     d["cpu-seconds"],
+                    base["cpu-seconds"] if base else "-",
+                    f"{base['cpu-seconds'] / d['cpu-seconds']:.2f}x" if base else "-",
                     d["ari"],
                     d.get("peak-traced-mb", "-"),
                     f"{d['hungarian-calls']}/{d['client-steps']}",
@@ -687,9 +721,9 @@ def run_regimes(args: Any) -> None:
                     " ".join(str(x) for x in (d["load-average"] or [])[:1]),
                 ]
             )
-    headers = ["regime", "n", "s", "s, 1 thread", "CPU s", "ARI", "peak MB", "Hungarian solves", "vs dense"]
+    headers = ["regime", "n", "s", "s, 1 thread", "CPU s", "baseline CPU s", "speed-up (CPU)", "ARI", "peak MB"]
     print("\nalign_prompts at scale (fast solver; median wall seconds):")
-    print(table([*headers, "load"], body))
+    print(table([*headers, "Hungarian solves", "vs dense", "load"], body))
     print(
         "\ngrowth exponents (slope of log time vs log n; all n / n >= 1000): "
         + ", ".join(
@@ -725,6 +759,8 @@ def run_regimes(args: Any) -> None:
                 "reps": args.reps,
             },
             "results": results,
+            "baseline-tree": args.baseline_tree,
+            "baseline-results": baselines,
             "growth-exponent": growth,
         },
     )
@@ -812,6 +848,15 @@ def main() -> None:
     p.add_argument("--regimes", action="store_true", help="only the alignment at scale in every regime")
     p.add_argument("--moved", type=float, default=0.05, help="--regimes: share of prompts off their warm start")
     p.add_argument("--dense-max-n", type=int, default=1000, help="--regimes: largest n also run by the dense solver")
+    p.add_argument(
+        "--threads", choices=("both", "one", "default"), default="both", help="--regimes: thread settings to run"
+    )
+    p.add_argument(
+        "--baseline-tree",
+        default=None,
+        help="--regimes: a checkout of other code (e.g. `git worktree add /tmp/base main`) whose same child runs "
+        "before each of this one's, for a speed-up measured under the same load",
+    )
     p.add_argument("--reps", type=int, default=3, help="timed repetitions per case (median reported)")
     p.add_argument("--centres", type=int, default=32, help="shared centres the prompts lie around")
     p.add_argument("--noise", type=float, default=0.1, help="per-coordinate std of each client's drift")
@@ -831,6 +876,8 @@ def main() -> None:
     args = p.parse_args()
     if args.regimes:
         args.clients = args.clients or "10,100,1000,10000"
+        if args.out and Path(args.out).name == "aggregation.json":  # its own file, not over the main run's figures
+            args.out = str(Path(args.out).with_name("aggregation-regimes.json"))
         run_regimes(args)
         return
     args.clients = args.clients or "10,50,100,500"

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from scipy.optimize import linear_sum_assignment
 
 from fedprime_core.method.aggregation import (
     ClusterAlignment,
@@ -24,6 +25,7 @@ from fedprime_core.method.aggregation import (
     _check_inputs,
     _gaussian_loglik,
     _ordered_rounds,
+    _ordered_sums,
     _prior_loglik,
     align_prompts,
 )
@@ -150,6 +152,71 @@ def test_bounds_hold_the_gains_the_dense_solver_computes(name):
     assert engine.audited >= engine.client_steps // 2
 
 
+class DecisionAudit(ClusterAlignment):
+    """The fast solver, checking every step it settles from bounds against the dense step's own answer.
+
+    The dense step: remove the client's prompts, price every active cluster and a new one,
+    solve the Hungarian problem; its answer must be the settled one (``-1``: a new cluster),
+    whether the bounds were those of the cache as it was or the widened ones of a batch
+    whose clusters have moved since (``widened_steps``).
+    """
+
+    audited = 0
+
+    def assign_client(self, t, bounded=None):
+        z = self.z[t]
+        if bounded is not None and bounded[0] and z.shape[0]:
+            self.flush()
+            state = copy.deepcopy(self.state)
+            own = self.assign[t]
+            placed = own >= 0
+            state.add(own[placed], z[placed], self.w[t][placed], sign=-1.0)
+            slots = state.active()
+            if self.pop_net is not None:
+                pop = state.logit_pop[slots]
+            else:
+                pop = np.log(state.members[slots]) - np.log(np.maximum(self.n - state.members[slots], 1))
+            gain = _gaussian_loglik(z, state.centres(slots), state.scale[slots]) + pop
+            spread = np.mean(state.scale[slots] ** 2, axis=0) if slots.size else np.ones(self.dim)
+            prior = _prior_loglik(z, spread) + self.new_logit
+            m = z.shape[0]
+            new_block = np.full((m, m), -1.0e30)
+            np.fill_diagonal(new_block, prior)
+            rows, cols = linear_sum_assignment(np.concatenate([gain, new_block], axis=1), maximize=True)
+            dense = np.full(m, -1, dtype=np.int64)
+            existing = cols < slots.size
+            dense[rows[existing]] = slots[cols[existing]]
+            np.testing.assert_array_equal(bounded[1], dense)
+            self.audited += 1
+        super().assign_client(t, bounded)
+
+
+@pytest.mark.parametrize("name", sorted(EXACTNESS))
+def test_every_settled_step_is_the_dense_steps_answer(name):
+    args, regime = EXACTNESS[name]
+    engine, _ = run_engine(planted_round(**args), regime, engine=DecisionAudit)
+    assert engine.audited == engine.bounded_steps > 0
+
+
+#: Rounds big enough that batches go on past steps that moved prompts (the widened bounds).
+WIDENED = {
+    "warm": ({"n": 120, "tau": 12, "centres": 20, "dim": 40, "moved": 0.1, "seed": 41}, {"start": "warm"}),
+    "cold": ({"n": 120, "tau": 12, "centres": 20, "dim": 40, "seed": 42}, {"start": "cold"}),
+    "independent": ({"n": 120, "tau": 12, "centres": 20, "dim": 40, "fresh": 0.5, "seed": 43}, {"start": "warm"}),
+}
+
+
+@pytest.mark.parametrize("name", sorted(WIDENED))
+def test_widened_bounds_settle_steps_after_moves_with_the_dense_answer(name):
+    args, regime = WIDENED[name]
+    round_ = planted_round(**args)
+    engine, fast = run_engine(round_, regime, engine=DecisionAudit)
+    assert engine.widened_steps > 0 and engine.audited == engine.bounded_steps
+    dense_engine, dense = run_engine(round_, regime, solver="dense")
+    assert_same_alignment(fast, dense)
+    np.testing.assert_array_equal(engine.state.sums, dense_engine.state.sums)
+
+
 def test_exact_ties_are_broken_as_the_dense_solver_breaks_them():
     """Identical clusters and a client holding one prompt twice: the Hungarian step's own tie-break decides."""
     rng = np.random.default_rng(3)
@@ -264,3 +331,23 @@ def test_ordered_rounds_add_like_a_loop_over_positions():
 def test_unknown_solver_is_refused():
     with pytest.raises(ValueError, match="solver"):
         align_prompts([np.ones((2, 4))], solver="greedy")
+
+
+@pytest.mark.parametrize("width", [2, 3, 40, 768])
+@pytest.mark.parametrize("targets", [1, 7, 300])
+def test_ordered_sums_add_like_a_loop_over_positions(width, targets):
+    """Target by target (np.add.reduce over rows) or in rounds: bit-for-bit the loop's sums."""
+    rng = np.random.default_rng(width + targets)
+    size = 3000
+    index = rng.integers(0, targets, size)
+    values = rng.normal(size=(size, width)) * np.exp(3 * rng.normal(size=(size, 1)))  # rounding depends on order
+    loop = np.zeros((targets, width))
+    for i, v in zip(index, values):
+        loop[i] += v
+    np.testing.assert_array_equal(_ordered_sums(index, targets, width, lambda at, _: values[at]), loop)
+    shift = rng.normal(size=(targets, width))
+    loop = np.zeros((targets, width))
+    for i, v in zip(index, values):
+        loop[i] += (v - shift[i]) ** 2
+    summed = _ordered_sums(index, targets, width, lambda at, to: (values[at] - shift[to]) ** 2)
+    np.testing.assert_array_equal(summed, loop)

@@ -55,3 +55,17 @@ def test_pfpt_schedules_benchmark_runs_quick(tmp_path):
     assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     (row,) = json.loads(out.read_text())["pfpt-rows"]
     assert row["per-client"]["adam-steps"] == 5 * row["per-sweep"]["adam-steps"]  # 5 clients
+
+
+def test_alignment_regimes_benchmark_runs_quick(tmp_path):
+    """--regimes writes its own file beside the path given (not over the main run's aggregation.json)."""
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "aggregation.py"), "--quick", "--regimes", "--threads", "one"]
+    proc = subprocess.run(
+        [*cmd, "--out", str(tmp_path / "aggregation.json")], cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    assert not (tmp_path / "aggregation.json").exists()
+    payload = json.loads((tmp_path / "aggregation-regimes.json").read_text())
+    assert payload["mode"] == "regimes" and {c["n"] for c in payload["results"]} == {10, 30}
+    for child in payload["results"]:
+        assert all(r.get("dense-equal", True) for r in child["regimes"].values())

@@ -61,7 +61,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -77,6 +77,18 @@ SOLVERS = ("fast", "dense")
 _UNIT_ROUNDOFF = float(np.finfo(np.float64).eps) / 2.0
 #: Below this many compared entries per prompt the fast solver computes every step's gains exactly.
 _CACHE_MIN_DIM = 32
+#: The fast solver's widened bounds (:meth:`ClusterAlignment.run_pass`): how far centres may move
+#: (a share of the rows' typical distance to their nearest centre) and clusters' weights change.
+_SLACK, _WEIGHT_SLACK = 0.1, 0.25
+#: Passes over fewer clients are not bounded a second time (re-bounding after a move costs little).
+_WIDEN_MIN_CLIENTS = 16
+#: Queues of at most this many no-op steps are applied client by client (:meth:`ClusterAlignment.flush`).
+_FLUSH_ONE_BY_ONE = 16
+#: Above this many targets :func:`_ordered_sums` adds in rounds instead of target by target.
+_SEGMENT_LOOP_MAX = 256
+#: Exact steps with at most this many clusters go straight to ``linear_sum_assignment`` (it
+#: costs less than checking for a certified answer, :func:`_certified_choice`, and gives it).
+_DIRECT_COLUMNS = 128
 
 
 # ---------------------------------------------------------------------------------------
@@ -150,8 +162,9 @@ class AlignmentResult:
         num_dropped: clusters removed to respect ``max_prompts``.
         hungarian_seconds: wall time spent in ``linear_sum_assignment``.
         total_seconds: wall time of the whole call.
-        hungarian_calls: client steps that solved a Hungarian problem (the others had
-            distinct, strict row maxima: see :func:`_certified_choice`).
+        hungarian_calls: client steps that solved a Hungarian problem (the others were
+            settled from bounds, or had distinct, strict row maxima among more than
+            ``_DIRECT_COLUMNS`` clusters: see :func:`_certified_choice`).
         client_steps: client steps (alpha-step re-assignments of one client) run.
         bounded_steps: client steps the fast solver settled from bounds, without computing
             the client's gains (:class:`ClusterAlignment`).
@@ -377,6 +390,35 @@ def _ordered_rounds(index: np.ndarray) -> list[np.ndarray]:
     return np.split(order[by_rank], cuts)
 
 
+def _ordered_sums(
+    index: np.ndarray, targets: int, width: int, term: Callable[[np.ndarray, np.ndarray | int], np.ndarray]
+) -> np.ndarray:
+    """``(targets, width)``: for every target, the sum of ``term`` over the positions ``index`` sends to it.
+
+    Bit-for-bit the loop ``out = 0; for i: out[index[i]] += term([i])`` (each target's terms
+    added one by one in position order). ``term(positions, target)`` gives the rows
+    ``(len(positions), width)`` of those positions, ``target`` their common target (an int),
+    or their targets (an array, one per position). With few targets each target's terms
+    are summed at once (``np.add.reduce`` along the rows of a C-ordered block adds them one
+    row after the other; :func:`tests.test_alignment_solver` checks it against the loop),
+    otherwise in :func:`_ordered_rounds`.
+    """
+    out = np.zeros((targets, width))
+    if index.size == 0:
+        return out
+    order = np.argsort(index, kind="stable")
+    sorted_index = index[order]
+    cuts = np.flatnonzero(sorted_index[1:] != sorted_index[:-1]) + 1
+    if cuts.size + 1 > _SEGMENT_LOOP_MAX or width < 2:
+        for members in _ordered_rounds(index):
+            out[index[members]] += term(members, index[members])
+        return out
+    for segment in np.split(order, cuts):
+        target = int(index[segment[0]])
+        out[target] = np.add.reduce(np.ascontiguousarray(term(segment, target)), axis=0)
+    return out
+
+
 class _ClusterState:
     """Cluster slots with running weighted sums, for O(1) add/remove of members.
 
@@ -409,6 +451,7 @@ class _ClusterState:
         self.log_det = np.zeros(capacity)
         self.valid = np.zeros(capacity, dtype=bool)
         self.scale_valid = np.zeros(capacity, dtype=bool)
+        self.rescaled = True  # some slot's scale changed since its parts were computed
         self.version = 0
 
     @property
@@ -432,18 +475,23 @@ class _ClusterState:
         self.log_det = np.concatenate([self.log_det, np.zeros(extra)])
         self.valid = np.concatenate([self.valid, np.zeros(extra, dtype=bool)])
         self.scale_valid = np.concatenate([self.scale_valid, np.zeros(extra, dtype=bool)])
+        self.rescaled = True
 
     def add(self, slots: np.ndarray, z: np.ndarray, w: np.ndarray, sign: float = 1.0) -> None:
         """Add (``sign=1``) or remove (``sign=-1``) one client's prompts ``z`` ``(m, D)`` of weights ``w`` ``(m,)``."""
         self.sums[slots] += sign * w[:, None] * z
         self.weight[slots] += sign * w
-        self.members[slots] += int(sign)
+        count = self.members[slots] + int(sign)
+        self.members[slots] = count
         self.valid[slots] = False
-        emptied = slots[self.members[slots] == 0]
-        self.sums[emptied] = 0.0  # no floating-point residue in a reusable slot
-        self.weight[emptied] = 0.0
-        if emptied.size or (sign > 0 and np.any(self.members[slots] == 1)):
-            self.version += 1  # the set of active slots changed
+        if sign < 0:
+            emptied = slots[count == 0]
+            if emptied.size:
+                self.sums[emptied] = 0.0  # no floating-point residue in a reusable slot
+                self.weight[emptied] = 0.0
+                self.version += 1  # the set of active slots changed
+        elif (count == 1).any():
+            self.version += 1
 
     def add_many(self, slots: np.ndarray, z: np.ndarray, w: np.ndarray) -> None:
         """Add the prompts of many clients at once, ``(N,)`` slots in client order.
@@ -452,8 +500,13 @@ class _ClusterState:
         client would give it (:func:`_ordered_rounds`; ``np.add.at`` for the 1-D weights), so
         the sums are bit-for-bit those of the client-by-client loop.
         """
-        for rows in _ordered_rounds(slots):
-            self.sums[slots[rows]] += w[rows, None] * z[rows]
+        targets = np.unique(slots)
+        if not self.sums[targets].any():  # (empty clusters: 0 + the ordered sum is that sum)
+            summed = _ordered_sums(slots, self.capacity, self.dim, lambda at, _: w[at, None] * z[at])
+            self.sums[targets] = summed[targets]
+        else:
+            for rows in _ordered_rounds(slots):
+                self.sums[slots[rows]] += w[rows, None] * z[rows]
         np.add.at(self.weight, slots, w)
         np.add.at(self.members, slots, 1)
         self.valid[slots] = False
@@ -479,21 +532,23 @@ class _ClusterState:
             self.logit_pop[slots] = logit_pop
         self.valid[slots] = False
         self.scale_valid[slots] = False
+        self.rescaled = True
         self.version += 1
 
     def likelihood_parts(self, slots: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """``1/s^2`` ``(K, D)``, ``c/s^2`` ``(K, D)``, ``sum c^2/s^2`` ``(K,)``, ``sum log s`` ``(K,)`` of ``slots``."""
-        rescaled = slots[~self.scale_valid[slots]]
-        if rescaled.size:  # what depends on the scale only (members moving leave it as it is)
+        if self.rescaled:  # what depends on the scale only (members moving leave it as it is), every slot
+            rescaled = np.flatnonzero(~self.scale_valid)
             scale = self.scale[rescaled]
             self.inv_var[rescaled] = 1.0 / scale**2
-            self.log_det[rescaled] = np.sum(np.log(scale), axis=1)
+            self.log_det[rescaled] = np.log(scale).sum(axis=1)
             self.scale_valid[rescaled] = True
+            self.rescaled = False
         stale = slots[~self.valid[slots]]
         if stale.size:
             centres, inv_var = self.centres(stale), self.inv_var[stale]
             self.scaled_centre[stale] = centres * inv_var
-            self.centre_norm[stale] = np.sum(centres**2 * inv_var, axis=1)
+            self.centre_norm[stale] = (centres**2 * inv_var).sum(axis=1)
             self.valid[stale] = True
         return self.inv_var[slots], self.scaled_centre[slots], self.centre_norm[slots], self.log_det[slots]
 
@@ -548,6 +603,8 @@ def _certified_choice(lo: np.ndarray, hi: np.ndarray, new_gain: np.ndarray) -> n
     rows = np.arange(m)
     if k == 0:
         return k + rows  # only the new-cluster columns: the diagonal
+    if lo is hi:
+        return _certified_exact(lo, new_gain, rows)
     best = np.argmax(lo, axis=1)
     best_lo = lo[rows, best]
     others = hi.copy()
@@ -559,6 +616,25 @@ def _certified_choice(lo: np.ndarray, hi: np.ndarray, new_gain: np.ndarray) -> n
         return None
     picked = best[existing]
     if np.unique(picked).size != picked.size:
+        return None
+    return np.where(existing, best, k + rows)
+
+
+def _certified_exact(gain: np.ndarray, new_gain: np.ndarray, rows: np.ndarray) -> np.ndarray | None:
+    """:func:`_certified_choice` for exact gains (``lo is hi``), in fewer array operations (one per exact step).
+
+    A row's best column beats all its others strictly iff it is the only entry at the row
+    maximum; the new cluster beats them all iff it exceeds that maximum.
+    """
+    k = gain.shape[1]
+    best = np.argmax(gain, axis=1)
+    top = gain[rows, best]
+    existing = ((gain >= top[:, None]).sum(axis=1) == 1) & (top > new_gain)
+    fresh = new_gain > top
+    if not (existing | fresh).all():
+        return None
+    picked = best[existing].tolist()
+    if len(set(picked)) != len(picked):
         return None
     return np.where(existing, best, k + rows)
 
@@ -575,7 +651,13 @@ class _PassCache:
     column dies (a cluster in that slot later gets a new column).
 
     Attributes:
-        quad: ``(N, C)`` residuals at build (columns grow on demand).
+        quad: ``(N, C)`` residuals at build (columns grow on demand). The columns of the
+            clusters at the start of the pass are computed for every row at once; a column
+            built during the pass only for the rows about to be bounded (``ready``), since
+            building it for all ``N`` rows streams all ``N x D`` entries again.
+        scaled_centre, centre_norm: ``(C, D)`` ``c / s^2`` and ``(C,)`` ``sum c^2 / s^2`` of
+            each column when built (what its residuals are computed from).
+        ready: ``(N,)`` each row's residuals hold for the columns below this id.
         slot: ``(C,)`` the cluster slot of each column, ``-1`` once dead.
         column: ``(capacity,)`` the live column of each slot, or ``-1``.
         centre, inv_var: ``(C, D)`` the column's centre and ``1 / s^2`` when built.
@@ -589,6 +671,7 @@ class _PassCache:
             is applied (:meth:`ClusterAlignment.flush`) before the state is next needed.
         fallback: work of the exact steps since the last rebuild (rows x columns).
         epoch: changes whenever a column is built, moved or dies (bounds computed before are stale).
+        structure: changes whenever a column is built or dies (the live columns are others).
     """
 
     quad: np.ndarray
@@ -598,6 +681,9 @@ class _PassCache:
     inv_var: np.ndarray
     const: np.ndarray
     shift: np.ndarray
+    scaled_centre: np.ndarray
+    centre_norm: np.ndarray
+    ready: np.ndarray
     prior: np.ndarray | None = None
     version: np.ndarray | None = None
     count: int = 0
@@ -605,6 +691,7 @@ class _PassCache:
     queue: list[int] = dataclasses.field(default_factory=list)
     fallback: int = 0
     epoch: int = 0
+    structure: int = 0
 
     def live(self) -> np.ndarray:
         """Ids of the live columns, ascending."""
@@ -642,7 +729,11 @@ class ClusterAlignment:
       state sees the same operations in the same order in both solvers, so every later
       step, the theta-steps and the result are bit-for-bit the dense solver's. Columns
       whose centres moved far are rebuilt once the exact steps they caused cost as much
-      as rebuilding them.
+      as rebuilding them. A batch of upcoming clients is bounded at once, and a second
+      time with widened bounds that still hold after later steps have moved the
+      clusters a little, so the steps after a move need no new bounds
+      (:meth:`run_pass`); a column opened during a pass is computed only for the rows
+      about to be bounded.
 
     The fast solver's exact steps also skip ``linear_sum_assignment`` when the gains have
     one strict, distinct maximum per prompt (its answer is then that maximum, as above).
@@ -714,9 +805,11 @@ class ClusterAlignment:
         self.hungarian_calls = 0
         self.client_steps = 0
         self.bounded_steps = 0
+        self.widened_steps = 0  # bounded steps settled by the widened bounds after clusters moved
         self.changed = False
         self.cache: _PassCache | None = None
         self._mean_var: tuple[int, np.ndarray] | None = None
+        self._prior_terms: tuple[int, np.ndarray, np.ndarray] | None = None
         self.max_abs_z = float(max(stacked.max(), -stacked.min()))
         self.scale_floor = 1.0  # smallest scale entry ever set (bounds 1 / s^2 in the rounding bound)
 
@@ -744,6 +837,18 @@ class ClusterAlignment:
         if own is not None:
             others = others - own
         return np.log(others) - np.log(np.maximum(self.n - others, 1))
+
+    def _new_gain(self, z: np.ndarray, slots: np.ndarray) -> np.ndarray:
+        """The new-cluster column ``(m,)``: ``_prior_loglik(z, mean_var) + logit(1/n)``.
+
+        Its ``var`` terms are cached per state version (the same arithmetic as :func:`_prior_loglik`).
+        """
+        version = self.state.version
+        if self._prior_terms is None or self._prior_terms[0] != version:
+            var = 1.0 + self.mean_var(slots)
+            self._prior_terms = (version, var, np.log(var))
+        _, var, log_var = self._prior_terms
+        return (-0.5 * (z**2 / var + log_var).sum(axis=1) - 0.5 * z.shape[1] * _LOG_2PI) + self.new_logit
 
     def mean_var(self, slots: np.ndarray) -> np.ndarray:
         """Mean ``scale^2`` of the active clusters ``slots`` (the new-cluster prior's spread), cached per version."""
@@ -777,17 +882,23 @@ class ClusterAlignment:
     def run_pass(self, order: Sequence[int]) -> None:
         """One alpha-step for each client of ``order``, in that order.
 
-        The fast solver bounds the steps of a batch of upcoming clients at once; the
-        bounds stay valid while no step changes a cluster's members or scale (a step that
-        changes nothing only queues its rounding), so the batch is used up to the first
-        step that does, and the next batch starts after it (batches double while they are
-        used up, and shrink to twice what was used when they are not).
+        The fast solver bounds the steps of a batch of upcoming clients at once. Those
+        bounds hold while no step changes a cluster's members or scale (a step that
+        changes nothing only queues its rounding). With the learned popularity the batch
+        is also bounded a second time, widened (:meth:`gain_bounds`'s ``slack`` and
+        ``rho``): once a step has moved prompts, the rest of the batch is still settled
+        by the widened bounds as long as every centre has moved less than the slack and
+        every cluster's weight stays within the range (:meth:`_within_slack`), since the
+        bounds the cache would give then lie inside the widened ones. The batch is used
+        up to the first step that neither settles, and the next batch starts there
+        (batches double while they are used up, and shrink to what was used when not).
         """
         if not order:
             return
         self.open_pass()
-        cache = self.cache
+        cache, state = self.cache, self.state
         order = np.asarray(order, dtype=np.int64)
+        widen = self.pop_net is not None and order.size >= _WIDEN_MIN_CLIENTS
         done, size = 0, 64
         while done < order.size:
             if cache is None:
@@ -795,18 +906,72 @@ class ClusterAlignment:
                 done += 1
                 continue
             batch = order[done : done + size]
-            epoch, version = cache.epoch, self.state.version
-            settled, target = self._bounded_choices(batch)
+            epoch, version, structure = cache.epoch, state.version, cache.structure
+            strict = self.gain_bounds(batch)
+            settled, target = self._choose(strict, batch.size)
+            loose = None
+            if widen and batch.size > 1 and strict["slots"].size:
+                loose = self._widened(batch, strict)
             first = np.concatenate([[0], np.cumsum(self.bounds[batch + 1] - self.bounds[batch])])
-            used = 0
+            used, checked = 0, epoch
             for k, t in enumerate(batch.tolist()):
-                if cache.epoch != epoch or self.state.version != version:
-                    break  # a step changed the clusters: bound the rest again
-                self.assign_client(t, (bool(settled[k]), target[first[k] : first[k + 1]]))
+                decision = (bool(settled[k]), target[first[k] : first[k + 1]])
+                if cache.epoch != epoch or state.version != version:
+                    # a step changed the clusters: the widened bounds, while they hold
+                    if loose is None or not loose["settled"][k] or state.version != version:
+                        break
+                    if cache.epoch != checked:
+                        if cache.structure != structure or not self._within_slack(loose):
+                            break
+                        checked = cache.epoch
+                    decision = (True, loose["target"][first[k] : first[k + 1]])
+                    self.widened_steps += 1
+                self.assign_client(t, decision)
                 used += 1
             done += used
             size = min(2 * size, 2048) if used == batch.size else used
         self.close_pass()
+
+    def _widened(self, batch: np.ndarray, strict: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """The batch's steps settled by widened bounds, and what :meth:`_within_slack` checks them against.
+
+        The slack is a share (``_SLACK``) of the rows' typical distance to their nearest
+        centre: a client's step moves a cluster of ``W`` members' weight by about that
+        distance over ``W``, so many steps fit in it before a recheck.
+        """
+        cache, state = self.cache, self.state
+        slack = _SLACK * float(np.median(strict["root"].min(axis=1)))
+        settled, target = self._bounded_choices(batch, slack, _WEIGHT_SLACK)
+        own = strict["own"]
+        slots = np.unique(own[own >= 0])
+        slots = slots[state.members[slots] >= 2]  # (the others' clients are not settled)
+        live = cache.live()
+        return {
+            "settled": settled,
+            "target": target,
+            "live": live,
+            "shift-cap": cache.shift[live] + slack,
+            "slots": slots,
+            "weight-lo": (1.0 - _WEIGHT_SLACK) * state.weight[slots],
+            "weight-hi": (1.0 + _WEIGHT_SLACK) * state.weight[slots],
+        }
+
+    def _within_slack(self, loose: dict[str, np.ndarray]) -> bool:
+        """Whether the clusters moved within the widened bounds of :meth:`_widened` (same live columns).
+
+        Every live column's centre lies within its shift plus the slack of the column's
+        centre; every own cluster of the batch's rows still has two members or more and
+        a weight in the range. The popularity and scales are unchanged (same state version).
+        """
+        cache, state = self.cache, self.state
+        slots = loose["slots"]
+        weight = state.weight[slots]
+        return bool(
+            np.all(cache.shift[loose["live"]] <= loose["shift-cap"])
+            and np.all(state.members[slots] >= 2)
+            and np.all(weight >= loose["weight-lo"])
+            and np.all(weight <= loose["weight-hi"])
+        )
 
     def open_pass(self) -> None:
         """Residuals of every prompt against every active cluster, in row blocks (fast solver)."""
@@ -824,6 +989,9 @@ class ClusterAlignment:
             inv_var=np.zeros((capacity, self.dim)),
             const=np.zeros(capacity),
             shift=np.zeros(capacity),
+            scaled_centre=np.zeros((capacity, self.dim)),
+            centre_norm=np.zeros(capacity),
+            ready=np.zeros(rows, dtype=np.int64),
         )
         self.cache.prior = np.empty(rows)
         self.cache.version = np.full(rows, self.state.version, dtype=np.int64)
@@ -851,32 +1019,58 @@ class ClusterAlignment:
             cache.inv_var = np.concatenate([cache.inv_var, np.zeros((grow, self.dim))])
             cache.const = np.concatenate([cache.const, np.zeros(grow)])
             cache.shift = np.concatenate([cache.shift, np.zeros(grow)])
+            cache.scaled_centre = np.concatenate([cache.scaled_centre, np.zeros((grow, self.dim))])
+            cache.centre_norm = np.concatenate([cache.centre_norm, np.zeros(grow)])
         if cache.column.size < self.state.capacity:
             extra = self.state.capacity - cache.column.size
             cache.column = np.concatenate([cache.column, np.full(extra, -1, dtype=np.int64)])
         new = np.arange(cache.count, needed)
         inv_var, scaled_centre, centre_norm, log_det = self.state.likelihood_parts(slots)
-        if with_prior:
+        if with_prior:  # the start of a pass: every row against every column, in row blocks
             inverse, log_sum = self._prior_parts()
             inv_var = np.concatenate([inv_var, inverse[None]])  # the prior's sum rides along as one more column
-        for start in range(0, cache.quad.shape[0], _BLOCK_ROWS):
-            block = slice(start, start + _BLOCK_ROWS)
-            z = self.z_all[block]
-            squares = (z**2) @ inv_var.T
-            if with_prior:
+            for start in range(0, cache.quad.shape[0], _BLOCK_ROWS):
+                block = slice(start, start + _BLOCK_ROWS)
+                z = self.z_all[block]
+                squares = (z**2) @ inv_var.T
                 cache.prior[block] = self._prior_from(squares[:, -1], log_sum)
-                squares = squares[:, :-1]
-            cache.quad[block, new] = squares - 2.0 * z @ scaled_centre.T + centre_norm
-        if with_prior:
+                cache.quad[block, new] = squares[:, :-1] - 2.0 * z @ scaled_centre.T + centre_norm
             inv_var = inv_var[:-1]
+            cache.ready[:] = needed
+        # (during a pass, :meth:`_fill` computes a new column for the rows about to be bounded, so
+        # a cluster opened mid-pass no longer squares all N x D entries again)
         cache.slot[new] = slots
         cache.column[slots] = new
         cache.centre[new] = self.state.centres(slots)
         cache.inv_var[new] = inv_var
+        cache.scaled_centre[new] = scaled_centre
+        cache.centre_norm[new] = centre_norm
         cache.const[new] = log_det + 0.5 * self.dim * _LOG_2PI
         cache.shift[new] = 0.0
         cache.count = needed
         cache.epoch += 1
+        cache.structure += 1
+
+    def _fill(self, rows: np.ndarray) -> None:
+        """Compute the live columns built during the pass for ``rows`` that lack them (as :meth:`add_columns` would)."""
+        cache = self.cache
+        need = rows[cache.ready[rows] < cache.count]
+        if need.size == 0:
+            return
+        low = int(cache.ready[need].min())
+        cols = low + np.flatnonzero(cache.slot[low : cache.count] >= 0)
+        if cols.size:
+            inv_var, scaled_centre, centre_norm = (
+                cache.inv_var[cols],
+                cache.scaled_centre[cols],
+                cache.centre_norm[cols],
+            )
+            for start in range(0, need.size, _BLOCK_ROWS):
+                block = need[start : start + _BLOCK_ROWS]
+                z = self.z_all[block]
+                squares = (z**2) @ inv_var.T
+                cache.quad[np.ix_(block, cols)] = squares - 2.0 * z @ scaled_centre.T + centre_norm
+        cache.ready[need] = cache.count
 
     def flush(self) -> None:
         """Apply the queued clients' removal and re-addition of their prompts, in order (fast solver).
@@ -888,10 +1082,19 @@ class ClusterAlignment:
         cache = self.cache
         if cache is None or not cache.queue:
             return
+        state = self.state
+        if len(cache.queue) <= _FLUSH_ONE_BY_ONE:  # a few clients: one by one costs fewer array operations
+            for t in cache.queue:
+                slots, z, w = self.assign[t], self.z[t], self.w[t]
+                term = w[:, None] * z
+                state.sums[slots] = (state.sums[slots] + -term) + term
+                state.weight[slots] = (state.weight[slots] + -w) + w
+                state.valid[slots] = False
+            cache.queue = []
+            return
         rows = np.concatenate([np.arange(self.bounds[t], self.bounds[t + 1]) for t in cache.queue])
         slots = self.labels[rows]
         cache.queue = []
-        state = self.state
         for members in _ordered_rounds(slots):
             at, row = slots[members], rows[members]
             term = self.w_all[row, None] * self.z_all[row]
@@ -935,20 +1138,28 @@ class ClusterAlignment:
             return gauss + self.popularity_logit(slots)
         return _loglik_from_parts(z, *self.state.likelihood_parts(slots)) + self.popularity_logit(slots)
 
-    def gain_bounds(self, clients: np.ndarray) -> dict[str, np.ndarray]:
+    def gain_bounds(self, clients: np.ndarray, slack: float = 0.0, rho: float = 0.0) -> dict[str, np.ndarray]:
         """Bounds on the gains the dense solver would compute for each of ``clients`` if it were next.
 
         All clients' rows are bounded at once, from the pass cache (class docstring),
         without touching their ``D`` entries.
 
+        ``slack`` and ``rho`` widen the bounds so that they also hold after later steps
+        have moved clusters a little (:meth:`run_pass`): every live column's centre may
+        have moved ``slack`` further than its ``shift`` says, and the weight ``W`` of each
+        row's own cluster may be anywhere in ``[(1 - rho) W, (1 + rho) W]`` (the own
+        centre's move ``a = w / (W - w)`` is then in ``[a_lo, a_hi]``). The learned
+        popularity only (the empirical one changes with every member); ``0, 0``: the
+        bounds at the cache as it is.
+
         Returns:
             ``rows`` ``(R,)`` the clients' prompt rows, ``owner`` ``(R,)`` each row's client
             (index into ``clients``), ``slots`` ``(C,)`` the live clusters, ``lo``, ``hi``
             ``(R, C)`` bounds on each row's gain for each of them, ``new_lo``, ``new_hi``
-            ``(R,)`` on its new-cluster gain, and ``described`` ``(k,)``: whether the client's
+            ``(R,)`` on its new-cluster gain, ``described`` ``(k,)``: whether the client's
             step is one the cache describes (``False``: one of its clusters is new or was
             re-scaled this pass, or would be emptied by removing its prompts; its bounds
-            are then meaningless).
+            are then meaningless), and ``own`` ``(R,)`` each row's cluster slot (``-1``: none).
         """
         cache, state = self.cache, self.state
         sizes = self.bounds[clients + 1] - self.bounds[clients]
@@ -963,22 +1174,30 @@ class ClusterAlignment:
         known = placed[own[placed] < cache.column.size]
         own_col[known] = cache.column[own[known]]
         bad = (own >= 0) & ((own_col < 0) | (state.members[np.maximum(own, 0)] < 2))
+        if rho > 0.0:  # a weight range reaching down to the prompt's own weight bounds nothing
+            bad[placed] |= (1.0 - rho) * state.weight[own[placed]] - self.w_all[rows[placed]] <= 0.0
         settled = np.bincount(owner[bad], minlength=clients.size) == 0
         mine = np.flatnonzero((own_col >= 0) & settled[owner])  # rows whose own cluster is bounded
         at = np.searchsorted(live, own_col[mine])  # its position among the live columns
+        self._fill(rows)
         root = np.sqrt(np.maximum(cache.quad[np.ix_(rows, live)], 0.0))  # (R, C)
-        shift = cache.shift[live]
+        shift = cache.shift[live] + slack if slack else cache.shift[live]
         reach = np.broadcast_to(shift, root.shape).copy()
         w = self.w_all[rows[mine]]
-        a = w / (state.weight[own[mine]] - w)  # the own centre moves by a (c - z) when the prompt leaves
+        weight = state.weight[own[mine]]
+        # the own centre moves by a (c - z) when the prompt leaves
+        if rho > 0.0:
+            a_lo, a_hi = w / ((1.0 + rho) * weight - w), w / ((1.0 - rho) * weight - w)
+        else:
+            a_lo = a_hi = w / (weight - w)
         # every row of the client sees that own centre moved by a |c - z| more (pairs are distinct)
         per = sizes[owner[mine]]
         pair_row = np.repeat(first[owner[mine]], per) + np.arange(per.sum()) - np.repeat(np.cumsum(per) - per, per)
         pair_col = np.repeat(at, per)
-        reach[pair_row, pair_col] += np.repeat(a * (root[mine, at] + shift[at]), per)
+        reach[pair_row, pair_col] += np.repeat(a_hi * (root[mine, at] + shift[at]), per)
         low, high = np.maximum(root - reach, 0.0) ** 2, (root + reach) ** 2
-        scale = 1.0 + a
-        low[mine, at] = (scale * np.maximum(root[mine, at] - shift[at], 0.0)) ** 2
+        scale = 1.0 + a_hi
+        low[mine, at] = ((1.0 + a_lo) * np.maximum(root[mine, at] - shift[at], 0.0)) ** 2
         high[mine, at] = (scale * (root[mine, at] + shift[at])) ** 2
         base = np.broadcast_to(self.popularity_logit(slots) - cache.const[live], root.shape)
         if self.pop_net is None:  # the empirical rate counts the other clients only
@@ -1001,19 +1220,30 @@ class ClusterAlignment:
             "new_lo": new_gain - self._prior_bound(),
             "new_hi": new_gain + self._prior_bound(),
             "described": settled,
+            "own": own,
+            "root": root,
         }
 
-    def _bounded_choices(self, clients: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def _bounded_choices(
+        self, clients: np.ndarray, slack: float = 0.0, rho: float = 0.0
+    ) -> tuple[np.ndarray, np.ndarray]:
         """The steps of ``clients`` as the pass cache settles them, each as if it were next.
 
         For each client: whether the bounds (:meth:`gain_bounds`) settle its step (as
         :func:`_certified_choice` does for one client), and for its prompts the cluster
         slot each goes to (``-1``: a new cluster).
 
+        ``slack``, ``rho``: as in :meth:`gain_bounds` (a settled step is then the dense
+        solver's answer as long as the clusters have moved within them).
+
         Returns:
             ``(settled (k,), target (rows of the clients, concatenated))``.
         """
-        bounds = self.gain_bounds(clients)
+        return self._choose(self.gain_bounds(clients, slack, rho), clients.size)
+
+    @staticmethod
+    def _choose(bounds: dict[str, np.ndarray], count: int) -> tuple[np.ndarray, np.ndarray]:
+        """:meth:`_bounded_choices` from the bounds of ``count`` clients (:meth:`gain_bounds`)."""
         rows, owner, slots, lo, hi = bounds["rows"], bounds["owner"], bounds["slots"], bounds["lo"], bounds["hi"]
         new_lo, new_hi, settled = bounds["new_lo"], bounds["new_hi"], bounds["described"].copy()
         target = np.full(rows.size, -1, dtype=np.int64)
@@ -1027,7 +1257,7 @@ class ClusterAlignment:
         highest_other = others.max(axis=1)
         existing = (best_lo > highest_other) & (best_lo > new_hi)
         fresh = new_lo > np.maximum(highest_other, hi[line, best])
-        settled &= np.bincount(owner[~(existing | fresh)], minlength=clients.size) == 0
+        settled &= np.bincount(owner[~(existing | fresh)], minlength=count) == 0
         picked = np.flatnonzero(existing)
         key = np.sort(owner[picked] * slots.size + best[picked])
         twice = key[1:][key[1:] == key[:-1]] // slots.size  # two prompts of one client want one cluster
@@ -1076,6 +1306,8 @@ class ClusterAlignment:
         emptied = touched[state.members[touched] == 0]
         dead = cache.column[emptied]
         cache.slot[dead[dead >= 0]] = -1
+        if emptied.size:
+            cache.structure += 1
         cache.column[emptied] = -1
         fresh = np.unique(np.concatenate([rescaled, gained[cache.column[gained] < 0]]))
         moved = np.setdiff1d(touched, np.concatenate([emptied, fresh]))
@@ -1146,22 +1378,41 @@ class ClusterAlignment:
             self.flush()
             cache.fallback += m * int(cache.live().size)
         placed = own >= 0
-        if placed.any():
+        all_placed = bool(placed.all())
+        if all_placed:
+            state.add(own, z, w, sign=-1.0)
+        elif placed.any():
             state.add(own[placed], z[placed], w[placed], sign=-1.0)
         slots = state.active()
-        new_gain = _prior_loglik(z, self.mean_var(slots)) + self.new_logit
+        new_gain = self._new_gain(z, slots)
         gain = self._exact_gain(z, slots)
-        cols = _certified_choice(gain, gain, new_gain) if self.solver == "fast" else None
-        if cols is not None:
-            rows = np.arange(m)
-        else:
-            new_block = np.full((m, m), _INFEASIBLE)
-            np.fill_diagonal(new_block, new_gain)
-            gain = np.concatenate([gain, new_block], axis=1) if slots.size else new_block
+        k = slots.size
+        # (a small problem is solved sooner than certified: the same answer, see _certified_choice)
+        cols = _certified_choice(gain, gain, new_gain) if self.solver == "fast" and k > _DIRECT_COLUMNS else None
+        if cols is None:
+            full = np.full((m, k + m), _INFEASIBLE)  # every cluster, then one new-cluster column per prompt
+            full[:, :k] = gain
+            line = np.arange(m)
+            full[line, k + line] = new_gain
             tick = time.perf_counter()
-            rows, cols = linear_sum_assignment(gain, maximize=True)
+            rows, cols = linear_sum_assignment(full, maximize=True)
             self.hungarian_seconds += time.perf_counter() - tick
             self.hungarian_calls += 1
+        else:
+            rows = np.arange(m)
+        if cols.max() < k:  # (the common case: every prompt to an existing cluster)
+            chosen = slots[cols]
+            state.add(chosen, z, w)
+            moved = chosen != own
+            if not all_placed or moved.any():
+                before = own.copy()
+                own[:] = chosen
+                self.changed = True
+                if cache is not None:
+                    self._after_change(before[moved & placed], chosen[moved], chosen[:0])
+            if cache is not None:
+                self._maybe_rebuild()
+            return
         chosen = np.empty(m, dtype=np.int64)
         existing = cols < slots.size
         chosen[rows[existing]] = slots[cols[existing]]
@@ -1212,10 +1463,9 @@ class ClusterAlignment:
         centres_np = state.centres(slots)
         position = np.full(state.capacity, -1, dtype=np.int64)
         position[slots] = np.arange(slots.size)
-        rss = np.zeros_like(centres_np)
-        rows = position[np.concatenate(self.assign)]
-        for members in _ordered_rounds(rows):
-            rss[rows[members]] += (self.z_all[members] - centres_np[rows[members]]) ** 2
+        rows = position[self.labels]
+        z_all = self.z_all
+        rss = _ordered_sums(rows, slots.size, dim, lambda at, to: (z_all[at] - centres_np[to]) ** 2)
         centres = torch.from_numpy(centres_np.astype(np.float32))
         rss_t = torch.from_numpy(rss.astype(np.float32))
         counts = torch.from_numpy(state.members[slots].astype(np.float32))
@@ -1263,17 +1513,16 @@ class ClusterAlignment:
         assignments = [new_index[a] for a in self.assign]
         labels = new_index[np.concatenate(self.assign)]
         kept = np.flatnonzero(labels >= 0)
-        rounds = _ordered_rounds(labels[kept])
 
         def merged(values: np.ndarray) -> np.ndarray:
             """Weighted member means of the stacked ``values`` ``(N, X)`` under the final assignment.
 
             Accumulated in client order, the order of a loop over clients (:func:`_ordered_rounds`).
             """
-            sums = np.zeros((slots.size, values.shape[1]))
-            for members in rounds:
-                rows = kept[members]
-                sums[labels[rows]] += self.w_all[rows, None] * values[rows]
+            w_all = self.w_all
+            sums = _ordered_sums(
+                labels[kept], slots.size, values.shape[1], lambda at, _: w_all[kept[at], None] * values[kept[at]]
+            )
             return sums / state.weight[slots, None]
 
         merged_keys = None if self.inputs.keys_all is None else merged(self.inputs.keys_all)
