@@ -15,7 +15,7 @@ from typing import Any
 import pyarrow as pa
 from PIL import Image
 
-from fedprime_core.data.loaders import MMIMDB_GENRES
+from fedprime_core.data.datasets.mmimdb import GENRES as MMIMDB_GENRES
 
 COLOURS = {"red": (255, 0, 0), "green": (0, 255, 0), "blue": (0, 0, 255), "grey": (128, 128, 128)}
 

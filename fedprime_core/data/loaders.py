@@ -1,12 +1,18 @@
 """Loaders for the real benchmarks: UPMC Food-101 and MM-IMDB, from disk, no downloads.
 
-Two on-disk layouts are understood (see :func:`load_dataset` for the exact files and fields):
+Two on-disk layouts are understood (see :func:`load_dataset` for the exact files and fields),
+each read by its own module:
 
 * ``"jsonl"``: the MMBT layout (Kiela et al. 2019), ``train.jsonl`` / ``dev.jsonl`` /
-  ``test.jsonl`` with one JSON object per line and image files next to them;
+  ``test.jsonl`` with one JSON object per line and image files next to them
+  (:mod:`fedprime_core.data.jsonl`);
 * ``"arrow"``: the pyarrow IPC *file* format tables written by ``make_arrow.py`` of the
   missing-aware-prompts code (Lee et al., CVPR 2023; ``vilt/utils/write_food101.py`` and
-  ``vilt/utils/write_mmimdb.py``), images stored as encoded bytes.
+  ``vilt/utils/write_mmimdb.py``), images stored as encoded bytes (:mod:`fedprime_core.data.arrow`).
+
+This module finds the files (layout detection, the class list) and assembles the splits; the
+datasets' facts are :mod:`fedprime_core.data.datasets`, the label-space protocol
+:mod:`fedprime_core.data.labels`.
 
 Whatever the layout, the result is a :class:`~fedprime_core.data.records.DatasetSplits` with
 **one** label space computed from the train split only and reused for dev and test (the
@@ -26,24 +32,19 @@ with ``skip_bad_rows=True``, is skipped and counted in a logged warning.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
-import io
 import json
 import logging
 import os
-from collections import Counter
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
 
-import pyarrow as pa
-from PIL import Image
-
-from ..progress import Progress
+from . import labels
+from .arrow import read_arrow
 from .datasets import DATA_LAYOUTS, DATASETS, JSONL_FILES, SPLITS, DatasetSpec, dataset
-from .datasets.mmimdb import GENRES as MMIMDB_GENRES
+from .jsonl import read_jsonl
 from .records import DataError, DatasetSplits, Sample
+from .rows import RawRow, SplitRows
 
 logger = logging.getLogger(__name__)
 
@@ -56,27 +57,6 @@ _REASONS_SHOWN = 5
 
 _JSONL_FILES = JSONL_FILES
 _SPLITS = SPLITS
-
-
-@dataclasses.dataclass(frozen=True)
-class _Raw:
-    """A parsed row before the label space is known: class *names*, not indices."""
-
-    text: str
-    image: str | bytes | None
-    names: tuple[str, ...]
-    uid: str
-    image_features: str | None
-    where: str = ""
-
-
-@dataclasses.dataclass
-class _SplitRows:
-    """What reading one split file gave: rows, reasons of bad rows, rows with no modality."""
-
-    rows: list[_Raw]
-    bad: list[str]
-    empty: int = 0
 
 
 def split_files(name: str, layout: str) -> dict[str, str]:
@@ -257,17 +237,17 @@ def load_dataset(
     single_label = spec.single_label.get(mmimdb_protocol)
     multilabel = spec.is_multilabel(mmimdb_protocol)
 
-    read: Callable[[Path], _SplitRows]
+    read: Callable[[Path], SplitRows]
     if layout == "jsonl":
         paths = [root / f for f in _JSONL_FILES]
-        read = functools.partial(_read_jsonl, root=root, spec=spec, verify=verify_images, skip=skip_bad_rows)
+        read = functools.partial(read_jsonl, root=root, spec=spec, verify=verify_images, skip=skip_bad_rows)
     else:
         paths = [root / f for f in spec.arrow_files]
         read = functools.partial(
-            _read_arrow, spec=spec, class_names=_class_index_names(root), verify=verify_images, skip=skip_bad_rows
+            read_arrow, spec=spec, class_names=_class_index_names(root), verify=verify_images, skip=skip_bad_rows
         )
 
-    raws: dict[str, list[_Raw]] = {}
+    raws: dict[str, list[RawRow]] = {}
     skipped_empty: dict[str, int] = {}
     bad_rows: dict[str, list[str]] = {split: [] for split in _SPLITS}
     for split, path in zip(_SPLITS, paths, strict=True):
@@ -291,7 +271,7 @@ def load_dataset(
                 "%s %s: skipped %d row(s) of %s that have neither text nor image", spec.name, split, got.empty, path
             )
         skipped_empty[split] = got.empty
-        raws[split] = _single_label(got.rows, split, spec, mmimdb_protocol) if single_label else got.rows
+        raws[split] = labels.single_label(got.rows, split, spec, mmimdb_protocol) if single_label else got.rows
     if not any(path.is_file() for path in paths):
         raise DataError(f"{spec.name}: {str(root)!r} holds no split file; expected {_expected(spec, layout)}")
 
@@ -316,13 +296,13 @@ def load_dataset(
                 f"{spec.name}: {str(root)!r} has no train rows to derive the class list from; give the "
                 f"federation's class list (run config 'classes' or {CLASSES_FILE} in the folder, one class per line)"
             )
-        label_space = _label_space(raws["train"], num_classes, spec.name)
+        label_space = labels.label_space(raws["train"], num_classes, spec.name)
     index = {c: i for i, c in enumerate(label_space)}
     seen_in_train = {n for r in raws["train"] for n in r.names} if listed is None else set(label_space)
     strict = listed is not None and not spec.multilabel
     samples: dict[str, list[Sample]] = {}
     for split in _SPLITS:
-        samples[split], bad = _apply_labels(
+        samples[split], bad = labels.apply_labels(
             raws[split], index, seen_in_train, spec, split, multilabel, strict, source, skip_bad_rows
         )
         bad_rows[split].extend(bad)
@@ -432,348 +412,3 @@ def _class_index_names(root: Path) -> dict[int, str] | None:
     if len(inverse) != len(mapping):
         raise DataError(f"class mapping {str(path)!r} gives the same index to two classes")
     return inverse
-
-
-# ---------------------------------------------------------------------------- jsonl
-
-
-def _read_jsonl(path: Path, root: Path, spec: DatasetSpec, verify: bool, skip: bool) -> _SplitRows:
-    """Rows of one jsonl split, the reasons of the rows skipped, and the rows with no modality."""
-    out = _SplitRows([], [])
-    try:
-        size = path.stat().st_size
-        progress = Progress(f"reading {path.name}", size, unit="MB", scale=1e6, logger=logger)
-        with path.open("rb") as handle:
-            for lineno, raw_line in enumerate(handle, start=1):
-                progress.update(len(raw_line), status=f"{len(out.rows):,} rows")
-                if not raw_line.strip():
-                    continue
-                uid = f"{path}:{lineno}"
-                where = f"{uid} (line {lineno})"
-                try:
-                    row = _jsonl_row(raw_line, lineno, uid, where, root, spec, verify)
-                except DataError as exc:
-                    if not skip:
-                        raise
-                    out.bad.append(str(exc))
-                    continue
-                if row is None:
-                    out.empty += 1
-                else:
-                    out.rows.append(row)
-        progress.close(f"{len(out.rows):,} rows")
-    except OSError as exc:
-        raise DataError(f"cannot read {str(path)!r}: {exc}") from None
-    return out
-
-
-def _jsonl_row(
-    raw_line: bytes, lineno: int, uid: str, where: str, root: Path, spec: DatasetSpec, verify: bool
-) -> _Raw | None:
-    """One parsed row; ``None`` for a row with neither text nor image (skipped, counted)."""
-    try:
-        line = raw_line.decode("utf-8-sig" if lineno == 1 else "utf-8")
-        record = json.loads(line)
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise DataError(f"{where}: not a valid JSON line: {exc}") from None
-    if not isinstance(record, dict):
-        raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
-
-    text = _present_text(_optional(record, "text", str, where) or "")
-    features = None
-    rel = _optional(record, "img_features", str, where)
-    if rel:
-        features = os.path.abspath(root / rel)
-        if not os.path.isfile(features):
-            raise DataError(f"{where}: field 'img_features': feature file {features!r} does not exist")
-
-    # Absent, null or empty 'img': the row has no image (image-missing), unless its features
-    # stand in for it. With precomputed features the image file itself is optional (a feature
-    # backbone never opens it); a pixel backbone that needs it reports the missing file then.
-    image = None
-    img = _optional(record, "img", str, where)
-    if img:
-        image = os.path.abspath(root / img)
-        if features is None:
-            _check_image_file(image, where, "img", verify)
-    if not text and image is None and features is None:
-        return None
-
-    if spec.multilabel:
-        label_field = next((f for f in spec.jsonl_label_fields if f in record), None)
-        if label_field is None:
-            accepted = " / ".join(repr(f) for f in spec.jsonl_label_fields)
-            raise DataError(f"{where}: missing label field (one of {accepted})")
-        value = record[label_field]
-        if not isinstance(value, list) or not all(isinstance(g, str) and g for g in value):
-            raise DataError(
-                f"{where}: field {label_field!r} must be a list of genre names (non-empty strings), got {value!r}"
-            )
-        names = tuple(dict.fromkeys(value))
-    else:
-        label_field = spec.jsonl_label_fields[0]
-        value = _field(record, label_field, str, where)
-        if not value:
-            raise DataError(f"{where}: field {label_field!r} is an empty class name")
-        names = (value,)
-    return _Raw(text=text, image=image, names=names, uid=uid, image_features=features, where=where)
-
-
-def _present_text(text: str) -> str:
-    """The text itself, or ``""`` when it is only whitespace (the row has no text)."""
-    return text if text.strip() else ""
-
-
-def _optional(record: dict[str, Any], key: str, kind: type, where: str) -> Any:
-    """A field that may be absent or ``null`` (``None`` then); present, it must be of ``kind``."""
-    value = record.get(key)
-    if value is not None and not isinstance(value, kind):
-        raise DataError(f"{where}: field {key!r} must be {kind.__name__}, got {type(value).__name__} {value!r:.80}")
-    return value
-
-
-def _field(record: dict[str, Any], key: str, kind: type, where: str) -> Any:
-    if key not in record:
-        raise DataError(f"{where}: missing field {key!r}")
-    value = record[key]
-    if not isinstance(value, kind):
-        raise DataError(f"{where}: field {key!r} must be {kind.__name__}, got {type(value).__name__} {value!r:.80}")
-    return value
-
-
-def _check_image_file(path: str, where: str, field: str, verify: bool) -> None:
-    if not os.path.isfile(path):
-        raise DataError(f"{where}: field {field!r}: image file {path!r} does not exist")
-    if verify:
-        _verify_image(lambda: Image.open(path), f"{where}: field {field!r}: cannot decode image file {path!r}")
-
-
-def _verify_image(opener: Callable[[], Image.Image], message: str) -> None:
-    """Open and decode an image; any failure is a :class:`DataError`.
-
-    PIL's ``verify()`` reads only the headers (a truncated JPEG passes it), so the pixels
-    are decoded: JPEGs in draft mode (DCT scaling to at most 1/8 of the size, every
-    compressed byte still read), which makes the check several times cheaper than a full
-    decode.
-    """
-    try:
-        with opener() as image:
-            if image.format == "JPEG":
-                image.draft(image.mode, (max(1, image.width // 8), max(1, image.height // 8)))
-            image.load()
-    except Exception as exc:  # noqa: BLE001 - PIL raises many types (OSError, SyntaxError, struct.error, ...)
-        raise DataError(f"{message}: {type(exc).__name__}: {exc}") from None
-
-
-# ---------------------------------------------------------------------------- arrow
-
-
-def _open_arrow(path: Path) -> pa.Table:
-    """The whole table of an IPC file (the writers use ``RecordBatchFileWriter``); a stream is accepted too."""
-    try:
-        source = pa.memory_map(str(path), "r")  # buffers of the table keep the mapping alive
-        try:
-            return pa.ipc.open_file(source).read_all()
-        except pa.ArrowInvalid:
-            source.seek(0)
-            return pa.ipc.open_stream(source).read_all()
-    except (OSError, pa.ArrowException) as exc:
-        raise DataError(f"cannot read arrow file {str(path)!r} (expected the pyarrow IPC file format): {exc}") from None
-
-
-def _read_arrow(
-    path: Path, spec: DatasetSpec, class_names: dict[int, str] | None, verify: bool, skip: bool
-) -> _SplitRows:
-    """Rows of one arrow split, the reasons of the rows skipped, and the rows with no modality."""
-    table = _open_arrow(path)
-    text_column = spec.arrow_text_column
-    required = ["image", text_column, "label"]
-    missing = [c for c in required if c not in table.column_names]
-    if missing:
-        raise DataError(
-            f"arrow file {str(path)!r} lacks column(s) {', '.join(map(repr, missing))}; "
-            f"has {', '.join(map(repr, table.column_names))}"
-        )
-    images = table.column("image")
-    texts = table.column(text_column).to_pylist()
-    labels = table.column("label").to_pylist()
-    genres = table.column("genres").to_pylist() if spec.multilabel and "genres" in table.column_names else None
-
-    out = _SplitRows([], [])
-    progress = Progress(f"reading {path.name}", table.num_rows, unit="rows", logger=logger)
-    for i in range(table.num_rows):
-        progress.update()
-        uid = f"{path}:{i}"
-        where = f"{uid} (row {i}, 0-based)"
-        try:
-            image = _arrow_image(images[i].as_py(), where, verify)
-            text = _arrow_text(texts[i], where, text_column)
-            if spec.multilabel:
-                names = _arrow_genres(labels[i], None if genres is None else genres[i], class_names, where)
-            else:
-                names = (_arrow_class(labels[i], class_names, where),)
-        except DataError as exc:
-            if not skip:
-                raise
-            out.bad.append(str(exc))
-            continue
-        if not text and image is None:
-            out.empty += 1
-            continue
-        out.rows.append(_Raw(text=text, image=image, names=names, uid=uid, image_features=None, where=where))
-    progress.close()
-    return out
-
-
-def _arrow_image(value: Any, where: str, verify: bool) -> bytes | None:
-    """Encoded image bytes; ``None`` (the row has no image) for null or empty bytes."""
-    if value is None or (isinstance(value, (bytes, bytearray)) and not value):
-        return None
-    if not isinstance(value, (bytes, bytearray)):
-        raise DataError(f"{where}: column 'image' must hold encoded image bytes, got {type(value).__name__}")
-    data = bytes(value)
-    if verify:
-        _verify_image(lambda: Image.open(io.BytesIO(data)), f"{where}: column 'image': cannot decode image bytes")
-    return data
-
-
-def _arrow_text(value: Any, where: str, column: str) -> str:
-    """The row's text; ``""`` (the row has no text) for null, an empty list or blank strings."""
-    if value is None:
-        return ""
-    if isinstance(value, str):
-        return _present_text(value)
-    if isinstance(value, list) and all(isinstance(t, str) for t in value):
-        return _present_text(" ".join(value))
-    raise DataError(f"{where}: column {column!r} must be a list of strings, got {value!r:.80}")
-
-
-def _arrow_class(value: Any, class_names: dict[int, str] | None, where: str) -> str:
-    if isinstance(value, str) and value:
-        return value
-    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-        raise DataError(f"{where}: column 'label' must be a non-negative int class index, got {value!r:.80}")
-    if class_names is None:
-        return str(value)
-    if value not in class_names:
-        raise DataError(f"{where}: column 'label': class index {value} is not in class_idx.json")
-    return class_names[value]
-
-
-def _arrow_genres(value: Any, genres: Any, class_names: dict[int, str] | None, where: str) -> tuple[str, ...]:
-    if genres is not None and (not isinstance(genres, list) or not all(isinstance(g, str) for g in genres)):
-        raise DataError(f"{where}: column 'genres' must be a list of genre names, got {genres!r:.120}")
-    if isinstance(value, int) and not isinstance(value, bool):
-        # The reference FedPrime writer: single-genre movies, label = the genre's rank among the
-        # split's top 8 (ranked per split), 'genres' kept. The genre's name is the safe key.
-        if value < 0:
-            raise DataError(f"{where}: column 'label' must be a non-negative int class index, got {value}")
-        if genres is not None:
-            known = list(dict.fromkeys(g for g in genres if g in MMIMDB_GENRES))
-            if len(known) != 1:
-                raise DataError(
-                    f"{where}: column 'label' is the class index {value} of a single-genre movie, but column "
-                    f"'genres' names {len(known)} MM-IMDB genres ({known}); cannot tell which genre it is"
-                )
-            return (known[0],)
-        return (_arrow_class(value, class_names, where),)
-    n = len(MMIMDB_GENRES)
-    if (
-        not isinstance(value, list)
-        or len(value) != n
-        or not all(isinstance(v, int) and not isinstance(v, bool) and v in (0, 1) for v in value)
-    ):
-        raise DataError(
-            f"{where}: column 'label' must be a multi-hot list of {n} ints (0/1) or an int class index, "
-            f"got {value!r:.120}"
-        )
-    names = tuple(g for g, hot in zip(MMIMDB_GENRES, value, strict=True) if hot)
-    if genres is not None:
-        known = {g for g in genres if g in MMIMDB_GENRES}
-        if known != set(names):
-            raise DataError(
-                f"{where}: column 'label' (multi-hot: {sorted(names)}) disagrees with column 'genres' ({sorted(known)})"
-            )
-    return names
-
-
-# ---------------------------------------------------------------------------- labels
-
-
-def _label_space(train: Sequence[_Raw], num_classes: int, dataset: str) -> tuple[str, ...]:
-    """Class names by decreasing train frequency (ties by name), the top ``num_classes`` if > 0."""
-    counts = Counter(n for r in train for n in r.names)
-    order = sorted(counts, key=lambda c: (-counts[c], c))
-    if num_classes > 0:
-        if num_classes > len(order):
-            logger.warning(
-                "%s: num_classes=%d but train has only %d classes; keeping all of them",
-                dataset,
-                num_classes,
-                len(order),
-            )
-        order = order[:num_classes]
-    return tuple(order)
-
-
-def _single_label(raws: Sequence[_Raw], split: str, spec: DatasetSpec, protocol: str) -> list[_Raw]:
-    """The rows a single-label protocol keeps (MM-IMDB paper: the single-genre movies), labelled by their one class."""
-    label_of = spec.single_label[protocol]
-    kept: list[_Raw] = []
-    for r in raws:
-        label = label_of(r.names)
-        if label is not None:
-            kept.append(dataclasses.replace(r, names=(label,)))
-    logger.info(f"%s %s: {spec.single_label_log}", spec.name, split, protocol, len(kept), len(raws) - len(kept))
-    return kept
-
-
-def _apply_labels(
-    raws: Sequence[_Raw],
-    index: dict[str, int],
-    seen_in_train: set[str],
-    spec: DatasetSpec,
-    split: str,
-    multilabel: bool,
-    strict: bool,
-    source: str,
-    skip: bool,
-) -> tuple[list[Sample], list[str]]:
-    """Samples with class indices, and the reasons of rows skipped as bad.
-
-    Rows without a kept class are dropped (and counted in a log line); with ``strict`` (a
-    single-label dataset with a given class list) such a row is a bad row instead: an
-    error naming it, or skipped with ``skip``.
-    """
-    samples: list[Sample] = []
-    bad: list[str] = []
-    dropped = unseen = restricted = 0
-    for r in raws:
-        kept = sorted(index[n] for n in r.names if n in index)
-        if not kept:
-            if strict:
-                reason = (
-                    f"{r.where or r.uid}: class {r.names[0]!r} is not in {source}; add it to the class list "
-                    "(the same list at every site and the server) or remove the row"
-                )
-                if not skip:
-                    raise DataError(reason)
-                bad.append(reason)
-                continue
-            dropped += 1
-            unseen += any(n not in seen_in_train for n in r.names)
-            continue
-        if multilabel:
-            restricted += len(kept) < len(r.names)
-            label: int | tuple[int, ...] = tuple(kept)
-        else:
-            label = kept[0]
-        samples.append(Sample(text=r.text, image=r.image, label=label, uid=r.uid, image_features=r.image_features))
-    extra = f"; labels restricted to the kept classes on {restricted}" if multilabel else ""
-    # Details for a DEBUG log; a filter that dropped rows is news.
-    logger.log(
-        logging.INFO if dropped else logging.DEBUG,
-        "%s %s: kept %d sample(s), dropped %d by the class filter (%d with a class absent from train)%s",
-        *(spec.name, split, len(samples), dropped, unseen, extra),
-    )
-    return samples, bad
