@@ -61,7 +61,7 @@ class NodeIdentities:
         self.sites_only: bool | None = None
 
     def learn_census(self, census: Mapping[int, Mapping[str, Any]]) -> None:
-        """Keep what the nodes said before round 1 (:func:`server_app.app.node_census`): clients and records."""
+        """Keep what the nodes said before round 1 (:func:`server_app.census.node_census`): clients and records."""
         self.node_clients.update({node: str(info["client-id"]) for node, info in census.items() if "client-id" in info})
         self.node_records.update(
             {node: {k: v for k, v in info.items() if k != SITE_CHECK} for node, info in census.items()}

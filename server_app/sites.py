@@ -1,6 +1,6 @@
 """Which sites take part: their data checks, read from the identity replies and decided in one place.
 
-Before round 1 the ServerApp asks every connected node who it is (:func:`server_app.app.node_census`);
+Before round 1 the ServerApp asks every connected node who it is (:func:`server_app.census.node_census`);
 a site (a node with its own ``data-dir``) answers with its data check as well (the
 ``"site-check"`` record, :func:`fedprime_core.runtime.site_check`): its folder, layout, class
 list, labels and rows, read as training will read them. :func:`site_verdicts` turns the
