@@ -80,16 +80,7 @@ class RunOutputs:
                 checkpoint was not committed.
         """
         try:
-            write_run_outputs(
-                self.run_dir,
-                self.history,
-                self.multilabel,
-                title,
-                status=status,
-                reason=reason,
-                wire=describe_communication(self.cfg),
-                clients=self.clients,
-            )
+            self._write_outputs(title, status, reason)
             write_json(self.run_dir / "clients.json", self.clients)
             save_checkpoint(
                 self.run_dir,
@@ -113,19 +104,23 @@ class RunOutputs:
                 f"{exc.strerror or exc}{where} [{type(exc).__name__}]; the checkpoint stays at the last round saved"
             ) from exc
 
+    def _write_outputs(self, title: str, status: str, reason: str) -> None:
+        """metrics.json, the summaries and the curves of the history so far (``OSError`` passes through)."""
+        write_run_outputs(
+            self.run_dir,
+            self.history,
+            self.multilabel,
+            title,
+            status=status,
+            reason=reason,
+            wire=describe_communication(self.cfg),
+            clients=self.clients,
+        )
+
     def write_failed(self, title: str, reason: str) -> None:
         """The summary of a failed run, as far as the folder can still be written (else a log line says so)."""
         try:
-            write_run_outputs(
-                self.run_dir,
-                self.history,
-                self.multilabel,
-                title,
-                status="failed",
-                reason=reason,
-                wire=describe_communication(self.cfg),
-                clients=self.clients,
-            )
+            self._write_outputs(title, "failed", reason)
         except OSError as exc:
             log(ERROR, "cannot write the failed status to %s either: %s", self.run_dir, exc.strerror or exc)
 
