@@ -132,6 +132,7 @@ def test_a_bad_carried_evaluation_is_rejected_alone_and_the_training_counts(quic
     assert sorted(records[2]["client-eval-per-client"]) == ["0", "1", "2"]  # the last round's own cycle
 
 
+@pytest.mark.slow  # four short runs
 def test_a_resume_after_a_kill_in_the_carrying_round_still_evaluates_the_round_before(quick_config, monkeypatch):
     settings = dict(num_server_rounds=2, **SETTINGS)
     cfg = quick_config(run_name="killed", **settings)
