@@ -14,8 +14,10 @@ site its own label subset and real missing modalities), then ``flwr run . <conne
   every deployment did before the worker).
 
 Per round: the round's wall time (``round-seconds`` of metrics.json: from sending the train
-messages to the last evaluate reply), the slowest client's own train + evaluation time
-(``train-seconds`` from its forwarded round line, ``eval-seconds`` from its evaluate reply),
+messages to the last reply of the round), the slowest client's own train + evaluation time
+(``train-seconds`` from its forwarded round line, ``eval-seconds`` of the evaluations the
+round carried: the previous round's, which travels with this round's training, and in the
+last round its own),
 their ratio (goal: <= 1.2), and per site the backbone loads in the run (``loaded backbone``
 lines in its SuperNode's log, where its worker's or its ClientApp processes' lines go).
 
@@ -132,13 +134,21 @@ def measure(model: str, mode: str, args, work: Path, plan: dict[str, Any]) -> di
     trained: dict[tuple[int, str], float] = {}
     for client, rnd, seconds in re.findall(r"client (\S+) \| round (\d+): loss \S+ on \d+ samples in ([\d.]+)s", log):
         trained[(int(rnd), client)] = float(seconds)
+    records = json.loads(metrics.read_text())
+    # A round's client-side evaluation travels with the next round's training (client-eval-in-round):
+    # a round's own work is its training plus the evaluations its messages carried.
+    evaluated: dict[int, dict[str, float]] = {}
+    for record in records:
+        where = int(record.get("client-eval-in-round", record["round"]))
+        for c, m in record.get("client-eval-per-client", {}).items():
+            evaluated.setdefault(where, {})[c] = evaluated.get(where, {}).get(c, 0.0) + float(m["eval-seconds"])
     rounds = []
-    for record in json.loads(metrics.read_text()):
-        rnd, by_client = record["round"], record.get("client-eval-per-client", {})
-        own = {
-            c: trained.get((rnd, c), float("nan")) + float(m.get("eval-seconds", float("nan")))
-            for c, m in by_client.items()
-        }
+    for record in records:
+        rnd = record["round"]
+        if rnd < 1:
+            continue
+        clients = {c for (r, c) in trained if r == rnd} | set(evaluated.get(rnd, {}))
+        own = {c: trained.get((rnd, c), float("nan")) + evaluated.get(rnd, {}).get(c, 0.0) for c in sorted(clients)}
         slowest = max(own.values()) if own else float("nan")
         rounds.append(
             {

@@ -36,6 +36,7 @@ from fedprime_protocol.messages import (
     evaluate_reply_content,
     identity_reply_content,
     read_arrays,
+    read_evaluate_first,
     read_server_round,
     train_reply_content,
 )
@@ -107,12 +108,21 @@ def query(msg: Message, context: Context) -> Message:
 @reports_errors
 @forward_logs
 def train(msg: Message, context: Context) -> Message:
-    """Train the received global state for ``local-epochs`` on the local shard."""
+    """Train the received global state for ``local-epochs`` on the local shard.
+
+    When the message says ``evaluate-first`` (the server's client-side evaluation of the last
+    round, sent with this round's training: one message cycle instead of two), the state as
+    received is evaluated first, exactly as :func:`evaluate` would, and the reply carries it.
+    """
     setup = _setup(context)
     cfg = setup.run_cfg  # the run's own settings; the site works with the node's view (setup.cfg)
     site = site_for(context.node_config, context.run_id)
     server_round = read_server_round(msg.content)
     state = read_arrays(msg.content)
+    evaluation = None
+    if (evaluated_round := read_evaluate_first(msg.content)) is not None:
+        evaluation, _ = site.evaluate(setup, state)
+        LOGGER.debug("round %d's state evaluated before training round %d", evaluated_round, server_round)
     outcome = site.train(setup, state, server_round)
     new_state, metrics, usage = inject_fault(
         cfg.fault_plan, _partition(context), server_round, outcome.state, dict(outcome.metrics), outcome.usage
@@ -132,6 +142,7 @@ def train(msg: Message, context: Context) -> Message:
         outcome.pattern_usage,
         wire_dtype=cfg.wire_dtype,
         reference=state if cfg.upload_delta else None,
+        evaluation=evaluation,
     )
     return Message(content=content, reply_to=msg)
 

@@ -13,7 +13,11 @@ Server -> client (train and evaluate): ``RecordDict``
     ``"wire"``    ConfigRecord: ``dtype`` (``float32``, ``float16`` or ``bfloat16``: how the
                   arrays are encoded, :mod:`fedprime_core.wire`) and ``delta`` (always false
                   from the server). A record without it is float32.
-    ``"config"``  ConfigRecord: ``server-round``.
+    ``"config"``  ConfigRecord: ``server-round``; in a train message, ``evaluate-first`` (the
+                  round whose state the arrays are) asks the client to evaluate the arrays as
+                  received, before it trains on them (:func:`read_evaluate_first`): the client-side
+                  evaluation of round ``r`` travels with round ``r+1``'s training, one message
+                  cycle instead of two.
 
 Client -> server (train reply):
     ``"arrays"``  ArrayRecord: the locally trained state, same names and shapes; with
@@ -32,6 +36,8 @@ Client -> server (train reply):
                   ``simulated-*`` parts, a site's ``skipped-no-modality`` rows),
                   ``num-train``, ``num-val``, ``mixture``, the ``backbone-fingerprint``
                   and the ``labels-fingerprint`` (of its class list).
+    ``"evaluation"`` MetricRecord, only when the train message said ``evaluate-first``: what
+                  an evaluate reply's ``"metrics"`` holds, for the arrays as received.
 
 Client -> server (evaluate reply): ``"metrics"`` with ``num-examples``, ``loss``,
 ``accuracy``, ``macro_f1``, ``micro_f1`` of the client's validation split and the same,
@@ -80,6 +86,10 @@ if TYPE_CHECKING:  # the method's modules import torch; a ClientApp served by a 
     from fedprime_core.method.federated import ClientUpdate
 
 ARRAYS, CONFIG, METRICS, USAGE, CLIENT, WIRE = "arrays", "config", "metrics", "usage", "client", "wire"
+#: The MetricRecord of a train reply that carries the client-side evaluation of the arrays as received.
+EVALUATION = "evaluation"
+#: The train message's config key asking for that evaluation; its value is the round whose state was sent.
+EVALUATE_FIRST = "evaluate-first"
 #: The ConfigRecord of an identity reply that says whether a site's data can be trained on.
 SITE_CHECK = "site-check"
 PATTERN_USAGE = "pattern-usage"
@@ -180,6 +190,13 @@ def read_server_round(content: RecordDict) -> int:
     return int(config.get("server-round", 0)) if config is not None else 0
 
 
+def read_evaluate_first(content: RecordDict) -> int | None:
+    """The round whose state a train message carries when it asks to evaluate that state first, else ``None``."""
+    config = content.config_records.get(CONFIG)
+    value = config.get(EVALUATE_FIRST) if config is not None else None
+    return int(value) if isinstance(value, int) and not isinstance(value, bool) else None
+
+
 def read_arrays(content: RecordDict) -> dict[str, np.ndarray]:
     """The float32 arrays of a message from the server (decoded as its ``"wire"`` record says).
 
@@ -202,6 +219,7 @@ def train_reply_content(
     *,
     wire_dtype: str = "float32",
     reference: Mapping[str, np.ndarray] | None = None,
+    evaluation: Mapping[str, float | int] | None = None,
 ) -> RecordDict:
     """The RecordDict a client returns after training.
 
@@ -214,6 +232,8 @@ def train_reply_content(
         wire_dtype: encoding of the arrays.
         reference: the arrays the client received; given, the reply carries
             ``state - reference`` (``upload-delta``).
+        evaluation: the metrics of the arrays as received, when the message said
+            ``evaluate-first`` (the ``"evaluation"`` record, as :func:`evaluate_reply_content` writes it).
 
     Raises:
         fedprime_core.wire.WireRangeError: a finite value does not fit ``wire_dtype``.
@@ -228,15 +248,22 @@ def train_reply_content(
         content[PATTERN_USAGE] = ConfigRecord(
             {pool: [int(c) for c in np.asarray(table).ravel()] for pool, table in pattern_usage.items()}
         )
+    if evaluation is not None:
+        content[EVALUATION] = _metric_record(evaluation)
     return RecordDict(content)
+
+
+def _metric_record(metrics: Mapping[str, float | int]) -> MetricRecord:
+    """Evaluation metrics as they travel: sample counts as integers, the rest as floats."""
+    values: dict[str, float | int] = {k: int(v) if k.endswith(NUM_EXAMPLES) else float(v) for k, v in metrics.items()}
+    values[NUM_EXAMPLES] = int(metrics[NUM_EXAMPLES])
+    return MetricRecord(values)
 
 
 def evaluate_reply_content(metrics: Mapping[str, float | int], client: Mapping[str, Any] | None = None) -> RecordDict:
     """The RecordDict a client returns after evaluating: its metrics (sample counts as integers) and,
     given, its identity fields (``client``)."""
-    values: dict[str, float | int] = {k: int(v) if k.endswith(NUM_EXAMPLES) else float(v) for k, v in metrics.items()}
-    values[NUM_EXAMPLES] = int(metrics[NUM_EXAMPLES])
-    content: dict[str, Any] = {METRICS: MetricRecord(values)}
+    content: dict[str, Any] = {METRICS: _metric_record(metrics)}
     if client:
         content[CLIENT] = ConfigRecord(dict(client))
     return RecordDict(content)
@@ -371,15 +398,21 @@ def parse_train_reply(
     return update, info, []
 
 
-def parse_evaluate_reply(message: Message, limits: ReplyLimits = ReplyLimits()) -> tuple[dict[str, Any] | None, str]:
+def parse_evaluate_reply(
+    message: Message, limits: ReplyLimits = ReplyLimits(), *, record_name: str = METRICS
+) -> tuple[dict[str, Any] | None, str]:
     """``(typed metrics, "")`` of an evaluate reply (:data:`fedprime_protocol.replies.EVALUATE_METRICS`),
     ``(None, "")`` for a client that evaluated no sample (neither validation nor its own test set), or
-    ``(None, reason)`` when it is refused."""
+    ``(None, reason)`` when it is refused.
+
+    ``record_name``: the MetricRecord that holds the evaluation (:data:`EVALUATION` for the
+    evaluation a train reply carries).
+    """
     if message.has_error():
         return None, f"client error: {message.error.reason}"
-    record = message.content.metric_records.get(METRICS)
+    record = message.content.metric_records.get(record_name)
     if record is None:
-        return None, f"reply has no '{METRICS}' MetricRecord"
+        return None, f"reply has no '{record_name}' MetricRecord"
     metrics, reasons = parse_evaluate_metrics(dict(record), limits)
     if reasons:
         return None, "; ".join(reasons)

@@ -50,6 +50,8 @@ fi
 [[ $auth -eq 1 ]] && args+=(--enable-supernode-auth)
 [[ -n "$state" ]] && args+=(--database "$state")
 export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1
+# The ServerApp's SuperExec polls for a run to start once a second by default; every 0.1 s here.
+export FLWR_SUPEREXEC_TASK_POLL_INTERVAL=${FLWR_SUPEREXEC_TASK_POLL_INTERVAL:-0.1}
 if [[ $expose -eq 1 ]]; then
   echo "WARNING: --expose-control-api: whoever reaches $host:$port can register SuperNodes, start and stop runs" >&2
   exec flower-superlink "${args[@]}"

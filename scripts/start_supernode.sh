@@ -74,6 +74,9 @@ config=()
 [[ -n "$extra" ]] && config+=("$extra")
 [[ -n "$gpu" ]] && export CUDA_VISIBLE_DEVICES=$gpu
 export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1
+# Flower's SuperExec asks the SuperNode for a message to run once a second by default; a round
+# waits on that poll, so ask every 0.1 s (a local call; FLWR_SUPEREXEC_TASK_POLL_INTERVAL overrides).
+export FLWR_SUPEREXEC_TASK_POLL_INTERVAL=${FLWR_SUPEREXEC_TASK_POLL_INTERVAL:-0.1}
 if (( worker )); then
   [[ -n "$socket" ]] || socket="${TMPDIR:-/tmp}/fedprime-$(id -u)/site-$port.sock"
   case "$socket" in /*) ;; *) socket="$PWD/$socket" ;; esac

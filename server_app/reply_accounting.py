@@ -24,7 +24,7 @@ from fedprime_core.config import RunConfig
 from fedprime_core.failures import ClientOutcome, one_line, parse_reason
 from fedprime_core.method.federated import ClientUpdate, GlobalState, client_id_problem, client_order, validate_update
 from fedprime_core.method.methods import MethodSpec
-from fedprime_protocol.messages import ARRAYS, CLIENT, parse_evaluate_reply, parse_train_reply
+from fedprime_protocol.messages import ARRAYS, CLIENT, EVALUATION, METRICS, parse_evaluate_reply, parse_train_reply
 from fedprime_protocol.replies import ReplyLimits
 
 from .identities import NodeIdentities
@@ -204,13 +204,22 @@ class ReplyAccounting:
         log_outcomes(server_round, outcomes)
         return TrainTally(tuple(outcomes), tuple(updates), received, carrying)
 
-    def evaluate(self, server_round: int, replies: Iterable[Message], sent: Dispatch) -> dict[str, dict[str, float]]:
+    def evaluate(
+        self,
+        server_round: int,
+        replies: Iterable[Message],
+        sent: Dispatch,
+        carried: frozenset[str] = frozenset(),
+    ) -> dict[str, dict[str, float]]:
         """Client id -> its metrics, in client order, of the evaluate replies to ``sent`` that parse.
 
         Each reply's metrics are parsed at :func:`~fedprime_protocol.messages.parse_evaluate_reply`
         (known names, finite values in range, counts at most ``max-client-examples``); a reply
         that does not fit, or is an error, is logged with its reason and left out. A node the
         server does not know names itself by its claimed client id (if safe) or ``node-<id>``.
+        ``carried``: ids of train messages of ``sent`` that asked to evaluate first; their
+        replies hold the evaluation in the ``"evaluation"`` record (the rest of such a reply
+        is the train reply's business: :meth:`train`).
         """
         per_client: dict[str, dict[str, float]] = {}
         destinations = sent.destinations()
@@ -225,7 +234,8 @@ class ReplyAccounting:
                 reason = parse_reason(message.error.reason)[1]
                 log(WARNING, "round %d: node %s did not evaluate: %s", server_round, node, reason)
                 continue
-            metrics, reason = parse_evaluate_reply(message, limits)
+            inside_train = message.metadata.reply_to_message_id in carried
+            metrics, reason = parse_evaluate_reply(message, limits, record_name=EVALUATION if inside_train else METRICS)
             if metrics is None:
                 if reason:
                     log(

@@ -38,6 +38,7 @@ a client's own pool per client, not by the whole state (benchmarks/server_memory
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import replace
 from logging import INFO, WARNING
 from pathlib import Path
 from typing import Any
@@ -54,7 +55,7 @@ from fedprime_core.failures import ClientOutcome
 from fedprime_core.method.federated import AggregationSettings, GlobalState, mean_train_loss
 from fedprime_core.method.methods import method_spec
 from fedprime_core.metrics import CLIENT_TEST_PREFIX, weighted_means
-from fedprime_protocol.messages import ARRAYS, CONFIG, NUM_EXAMPLES, state_to_record
+from fedprime_protocol.messages import ARRAYS, CONFIG, EVALUATE_FIRST, NUM_EXAMPLES, state_to_record
 
 from . import round_loop
 from .identities import NodeIdentities
@@ -134,6 +135,8 @@ class FedPrimeStrategy(FedAvg):
         self.train_sent = Dispatch()
         self.trained: TrainRecord | None = None
         self.evaluate_sent: Dispatch | None = None
+        #: This round's train messages that also ask to evaluate (:meth:`fold_evaluation`).
+        self._carried: tuple[Message, ...] = ()
         #: Client id -> metrics of the last client-side evaluation (:meth:`aggregate_evaluate`).
         self.evaluated: dict[str, dict[str, float]] = {}
 
@@ -194,6 +197,7 @@ class FedPrimeStrategy(FedAvg):
         class's argument) is not used. What was sent is kept (a :class:`Dispatch`) for
         :meth:`aggregate_train`.
         """
+        self._carried = ()
         sent = self.train_sent = self._dispatch(grid, server_round, config, MessageType.TRAIN, 1)
         log(
             INFO,
@@ -276,15 +280,55 @@ class FedPrimeStrategy(FedAvg):
         self.evaluate_sent = self._dispatch(grid, server_round, config, MessageType.EVALUATE, 2)
         return list(self.evaluate_sent.messages)
 
-    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+    def fold_evaluation(self, evaluated_round: int, config: ConfigRecord, grid: Grid) -> list[Message]:
+        """Evaluate the current state (``evaluated_round``'s) with the training just configured: one cycle.
+
+        Call after :meth:`configure_train` of the next round, before anything changes the
+        global state. The clients are sampled as :meth:`configure_evaluate` samples them for
+        ``evaluated_round``; one that also trains this round gets no message of its own: its
+        train message says ``evaluate-first`` and it evaluates the arrays as received (the
+        same arrays an evaluate message would carry) before training on them. Only the others
+        get an evaluate message, returned here to be sent with the train messages.
+        :attr:`evaluate_sent` then holds both kinds (``nbytes``: the evaluate messages' only),
+        and :meth:`aggregate_evaluate` takes the replies with ``carried`` set to
+        :meth:`carried_evaluations`.
+        """
+        own = list(self.configure_evaluate(evaluated_round, ArrayRecord(), config, grid))
+        ask = self.evaluate_sent
+        self._carried = ()
+        if ask is None or not own:
+            return []
+        training = {m.metadata.dst_node_id: m for m in self.train_sent.messages}
+        carried, separate = [], []
+        for message in own:
+            train_message = training.get(message.metadata.dst_node_id)
+            if train_message is None:
+                separate.append(message)
+                continue
+            content = train_message.content
+            content[CONFIG] = ConfigRecord({**dict(content.config_records[CONFIG]), EVALUATE_FIRST: evaluated_round})
+            carried.append(train_message)
+        self._carried = tuple(carried)
+        nbytes = sum(int(m.content.array_records[ARRAYS].count_bytes()) for m in separate)
+        self.evaluate_sent = replace(ask, messages=tuple(carried + separate), nbytes=nbytes)
+        return separate
+
+    def carried_evaluations(self) -> frozenset[str]:
+        """Ids of this round's train messages that also asked to evaluate (:meth:`fold_evaluation`), once pushed."""
+        return frozenset(m.metadata.message_id for m in self._carried if m.metadata.message_id)
+
+    def aggregate_evaluate(
+        self, server_round: int, replies: Iterable[Message], carried: frozenset[str] = frozenset()
+    ) -> MetricRecord | None:
         """Sample-weighted means of the clients' metrics: each one's validation split, and its own test set
         (``test-*``, weighted by ``test-num-examples``), evaluated with the state it was sent.
 
         The replies that parse (:meth:`ReplyAccounting.evaluate
         <server_app.reply_accounting.ReplyAccounting.evaluate>`) are kept per client (by client
-        id, in client order) for the round's record.
+        id, in client order) for the round's record. ``carried``: the train messages whose
+        replies hold the evaluation (:meth:`fold_evaluation`).
         """
-        self.evaluated = self.replies.evaluate(server_round, replies, self.evaluate_sent or Dispatch())
+        self.evaluated = self.replies.evaluate(server_round, replies, self.evaluate_sent or Dispatch(), carried)
         # Timings (eval-seconds) stay per client; the means are of the metrics.
         rows = [{k: v for k, v in m.items() if not k.endswith("-seconds")} for m in self.evaluated.values()]
         out = weighted_means(rows, groups=("", CLIENT_TEST_PREFIX))

@@ -103,6 +103,24 @@ class Federation:
         self.nodes[len(self.nodes)] = node
         return node
 
+    def wait_for_nodes(self, count: int, timeout: float = 180) -> None:
+        """Until ``count`` SuperNodes are online at the SuperLink (``flwr supernode ls``): a test that means
+        "these nodes are up" must not race their start-up on a loaded machine."""
+        deadline = time.monotonic() + timeout
+        online = 0
+        while time.monotonic() < deadline:
+            cmd = ["flwr", "supernode", "ls", "fed", "--format", "json"]
+            out = subprocess.run(cmd, cwd=ROOT, env=self.env, capture_output=True, text=True)
+            try:
+                nodes = json.loads(out.stdout).get("nodes", [])
+            except (json.JSONDecodeError, AttributeError):
+                nodes = []
+            online = sum(1 for n in nodes if n.get("status") == "online")
+            if online >= count:
+                return
+            time.sleep(1)
+        raise AssertionError(f"{online} of {count} SuperNodes came online within {timeout:g}s")
+
     def flwr(self, *args: str, timeout: float = 900) -> subprocess.CompletedProcess:
         return run_checked(["flwr", *args], self.env, timeout=timeout)
 

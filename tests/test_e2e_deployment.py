@@ -185,6 +185,7 @@ def test_a_supernode_that_never_starts_holds_the_run_up_only_for_node_wait(tmp_p
     try:
         fed.add_node(0, 3)
         fed.add_node(1, 3)
+        fed.wait_for_nodes(2)  # the two are up: only the third is missing when the run starts
         overrides = (
             f'num-server-rounds=2 results-dir="{results}" run-name="two-of-three" {QUICK} server-eval=false '
             "min-available-nodes=3 min-train-nodes=2 node-wait=5.0"
