@@ -72,6 +72,9 @@ _LOG_2PI = float(np.log(2.0 * np.pi))
 _INFEASIBLE = -1.0e30
 #: Rows per block when a pass over all prompts is chunked (bounds the temporaries to ~25 MB at D = 768).
 _BLOCK_ROWS = 4096
+#: Rows per block of the fast solver's residual products (the block's squares, ~6 MB at D = 768, stay in
+#: cache between the two products; the bounds allow for any summation order, :meth:`ClusterAlignment._rounding_bound`).
+_PRODUCT_ROWS = 1024
 #: The alignment's assignment solvers (see :func:`align_prompts`).
 SOLVERS = ("fast", "dense")
 _UNIT_ROUNDOFF = float(np.finfo(np.float64).eps) / 2.0
@@ -391,7 +394,11 @@ def _ordered_rounds(index: np.ndarray) -> list[np.ndarray]:
 
 
 def _ordered_sums(
-    index: np.ndarray, targets: int, width: int, term: Callable[[np.ndarray, np.ndarray | int], np.ndarray]
+    index: np.ndarray,
+    targets: int,
+    width: int,
+    term: Callable[[np.ndarray, np.ndarray | int], np.ndarray],
+    fill: Callable[[np.ndarray, int, np.ndarray], None] | None = None,
 ) -> np.ndarray:
     """``(targets, width)``: for every target, the sum of ``term`` over the positions ``index`` sends to it.
 
@@ -402,6 +409,10 @@ def _ordered_sums(
     are summed at once (``np.add.reduce`` along the rows of a C-ordered block adds them one
     row after the other; :func:`tests.test_alignment_solver` checks it against the loop),
     otherwise in :func:`_ordered_rounds`.
+
+    ``fill(positions, target, out)``, if given, writes what ``term(positions, target)`` would
+    return into ``out`` (a C-ordered float64 block reused from target to target, so the
+    per-target sums allocate no new block: the same values, summed the same way).
     """
     out = np.zeros((targets, width))
     if index.size == 0:
@@ -413,7 +424,16 @@ def _ordered_sums(
         for members in _ordered_rounds(index):
             out[index[members]] += term(members, index[members])
         return out
-    for segment in np.split(order, cuts):
+    segments = np.split(order, cuts)
+    if fill is not None:
+        buffer = np.empty((max(segment.size for segment in segments), width))
+        for segment in segments:
+            target = int(index[segment[0]])
+            rows = buffer[: segment.size]
+            fill(segment, target, rows)
+            out[target] = np.add.reduce(rows, axis=0)
+        return out
+    for segment in segments:
         target = int(index[segment[0]])
         out[target] = np.add.reduce(np.ascontiguousarray(term(segment, target)), axis=0)
     return out
@@ -453,6 +473,7 @@ class _ClusterState:
         self.scale_valid = np.zeros(capacity, dtype=bool)
         self.rescaled = True  # some slot's scale changed since its parts were computed
         self.version = 0
+        self._active: tuple[int, np.ndarray] | None = None
 
     @property
     def capacity(self) -> int:
@@ -477,10 +498,22 @@ class _ClusterState:
         self.scale_valid = np.concatenate([self.scale_valid, np.zeros(extra, dtype=bool)])
         self.rescaled = True
 
-    def add(self, slots: np.ndarray, z: np.ndarray, w: np.ndarray, sign: float = 1.0) -> None:
-        """Add (``sign=1``) or remove (``sign=-1``) one client's prompts ``z`` ``(m, D)`` of weights ``w`` ``(m,)``."""
-        self.sums[slots] += sign * w[:, None] * z
-        self.weight[slots] += sign * w
+    def add(
+        self, slots: np.ndarray, z: np.ndarray, w: np.ndarray, sign: float = 1.0, term: np.ndarray | None = None
+    ) -> None:
+        """Add (``sign=1``) or remove (``sign=-1``) one client's prompts ``z`` ``(m, D)`` of weights ``w`` ``(m,)``.
+
+        ``term``: ``w[:, None] * z`` if already computed. A removal subtracts it: ``s - w z`` is
+        bit-for-bit ``s + (-w) z`` (negation is exact and rounding symmetric).
+        """
+        if term is None:
+            term = w[:, None] * z
+        if sign < 0:
+            self.sums[slots] -= term
+            self.weight[slots] -= w
+        else:
+            self.sums[slots] += term
+            self.weight[slots] += w
         count = self.members[slots] + int(sign)
         self.members[slots] = count
         self.valid[slots] = False
@@ -502,7 +535,10 @@ class _ClusterState:
         """
         targets = np.unique(slots)
         if not self.sums[targets].any():  # (empty clusters: 0 + the ordered sum is that sum)
-            summed = _ordered_sums(slots, self.capacity, self.dim, lambda at, _: w[at, None] * z[at])
+            def weighted(at: np.ndarray, _: int, out: np.ndarray) -> None:
+                np.multiply(w[at, None], z[at], out=out)
+
+            summed = _ordered_sums(slots, self.capacity, self.dim, lambda at, _: w[at, None] * z[at], fill=weighted)
             self.sums[targets] = summed[targets]
         else:
             for rows in _ordered_rounds(slots):
@@ -513,7 +549,10 @@ class _ClusterState:
         self.version += 1
 
     def active(self) -> np.ndarray:
-        return np.flatnonzero(self.members > 0)
+        """The occupied slots, ascending (cached per :attr:`version`, which changes whenever the set does)."""
+        if self._active is None or self._active[0] != self.version:
+            self._active = (self.version, np.flatnonzero(self.members > 0))
+        return self._active[1]
 
     def centres(self, slots: np.ndarray) -> np.ndarray:
         return self.sums[slots] / self.weight[slots, None]
@@ -788,6 +827,8 @@ class ClusterAlignment:
         self.w_all = inputs.weights_all / self.mean_weight
         self.w = inputs.split(self.w_all)
         self.dim = stacked.shape[1]
+        # Few compared entries (every step exact): each client's ``w z`` once, not twice per step.
+        self.wz = inputs.split(self.w_all[:, None] * stacked) if self.dim < _CACHE_MIN_DIM else None
         init = inputs.init_all
         self.reserved = int(init.max()) + 1 if init is not None and init.size and init.max() >= 0 else 0
         sizes = np.diff(self.bounds)
@@ -796,7 +837,8 @@ class ClusterAlignment:
             self.scale_net = _ScaleNet(self.dim, hidden, min_scale)
             self.pop_net = _PopularityNet(self.dim, hidden) if popularity == "learned" else None
         params = list(self.scale_net.parameters()) + (list(self.pop_net.parameters()) if self.pop_net else [])
-        self.optimiser = torch.optim.Adam(params, lr=lr)
+        # (the multi-tensor update: the same arithmetic as the per-tensor loop, in fewer kernel calls)
+        self.optimiser = torch.optim.Adam(params, lr=lr, foreach=True)
         self.state = _ClusterState(self.dim, self.reserved, capacity=self.reserved + 2 * int(sizes.max()))
         self.labels = np.full(stacked.shape[0], -1, dtype=np.int64)  # every prompt's cluster slot
         self.assign = inputs.split(self.labels)  # per-client views of it
@@ -1029,8 +1071,8 @@ class ClusterAlignment:
         if with_prior:  # the start of a pass: every row against every column, in row blocks
             inverse, log_sum = self._prior_parts()
             inv_var = np.concatenate([inv_var, inverse[None]])  # the prior's sum rides along as one more column
-            for start in range(0, cache.quad.shape[0], _BLOCK_ROWS):
-                block = slice(start, start + _BLOCK_ROWS)
+            for start in range(0, cache.quad.shape[0], _PRODUCT_ROWS):
+                block = slice(start, start + _PRODUCT_ROWS)
                 z = self.z_all[block]
                 squares = (z**2) @ inv_var.T
                 cache.prior[block] = self._prior_from(squares[:, -1], log_sum)
@@ -1065,8 +1107,8 @@ class ClusterAlignment:
                 cache.scaled_centre[cols],
                 cache.centre_norm[cols],
             )
-            for start in range(0, need.size, _BLOCK_ROWS):
-                block = need[start : start + _BLOCK_ROWS]
+            for start in range(0, need.size, _PRODUCT_ROWS):
+                block = need[start : start + _PRODUCT_ROWS]
                 z = self.z_all[block]
                 squares = (z**2) @ inv_var.T
                 cache.quad[np.ix_(block, cols)] = squares - 2.0 * z @ scaled_centre.T + centre_norm
@@ -1275,8 +1317,8 @@ class ClusterAlignment:
         stale = rows[cache.version[rows] != version]
         if stale.size:
             inverse, log_sum = self._prior_parts()
-            for start in range(0, stale.size, _BLOCK_ROWS):
-                block = stale[start : start + _BLOCK_ROWS]
+            for start in range(0, stale.size, _PRODUCT_ROWS):
+                block = stale[start : start + _PRODUCT_ROWS]
                 cache.prior[block] = self._prior_from((self.z_all[block] ** 2) @ inverse, log_sum)
             cache.version[stale] = version
         return cache.prior[rows]
@@ -1303,6 +1345,13 @@ class ClusterAlignment:
             extra = state.capacity - cache.column.size
             cache.column = np.concatenate([cache.column, np.full(extra, -1, dtype=np.int64)])
         touched = np.unique(np.concatenate([lost, gained]))
+        if not rescaled.size and state.members[touched].all() and (cache.column[gained] >= 0).all():
+            # (the common case: members moved between clusters that keep their columns)
+            cols = cache.column[touched]
+            cols = cols[cols >= 0]
+            if cols.size:
+                self._record_shift(cols)
+            return
         emptied = touched[state.members[touched] == 0]
         dead = cache.column[emptied]
         cache.slot[dead[dead >= 0]] = -1
@@ -1313,12 +1362,16 @@ class ClusterAlignment:
         moved = np.setdiff1d(touched, np.concatenate([emptied, fresh]))
         cols = cache.column[moved]
         cols = cols[cols >= 0]
-        moved = cache.slot[cols]
         if cols.size:
-            offset = state.centres(moved) - cache.centre[cols]
-            # the distance, rounded up: its own rounding is far below the bound E
-            cache.shift[cols] = np.sqrt(np.sum(offset**2 * cache.inv_var[cols], axis=1)) * (1.0 + 1e-12) + 1e-300
+            self._record_shift(cols)
         self.add_columns(fresh)
+
+    def _record_shift(self, cols: np.ndarray) -> None:
+        """``shift`` of the live columns ``cols``: how far their clusters' centres are from the columns' now."""
+        cache = self.cache
+        offset = self.state.centres(cache.slot[cols]) - cache.centre[cols]
+        # the distance, rounded up: its own rounding is far below the bound E
+        cache.shift[cols] = np.sqrt(np.sum(offset**2 * cache.inv_var[cols], axis=1)) * (1.0 + 1e-12) + 1e-300
 
     def _move(self, t: int, target: np.ndarray) -> np.ndarray:
         """Apply client ``t``'s certified step: prompt ``p`` to cluster slot ``target[p]`` (``-1``: a new cluster).
@@ -1379,10 +1432,11 @@ class ClusterAlignment:
             cache.fallback += m * int(cache.live().size)
         placed = own >= 0
         all_placed = bool(placed.all())
+        term = None if self.wz is None else self.wz[t]
         if all_placed:
-            state.add(own, z, w, sign=-1.0)
+            state.add(own, z, w, sign=-1.0, term=term)
         elif placed.any():
-            state.add(own[placed], z[placed], w[placed], sign=-1.0)
+            state.add(own[placed], z[placed], w[placed], sign=-1.0, term=None if term is None else term[placed])
         slots = state.active()
         new_gain = self._new_gain(z, slots)
         gain = self._exact_gain(z, slots)
@@ -1402,7 +1456,7 @@ class ClusterAlignment:
             rows = np.arange(m)
         if cols.max() < k:  # (the common case: every prompt to an existing cluster)
             chosen = slots[cols]
-            state.add(chosen, z, w)
+            state.add(chosen, z, w, term=term)
             moved = chosen != own
             if not all_placed or moved.any():
                 before = own.copy()
@@ -1427,7 +1481,7 @@ class ClusterAlignment:
             opening = int((~stays).sum())
             free = state.free_slots(opening + int(stays.sum()))
             chosen[fresh_rows[~stays]] = free[~np.isin(free, previous[stays])][:opening]
-        state.add(chosen, z, w)
+        state.add(chosen, z, w, term=term)
         if fresh_rows.size:
             self.refresh_nets(chosen[fresh_rows])
         moved = chosen != own
@@ -1465,7 +1519,14 @@ class ClusterAlignment:
         position[slots] = np.arange(slots.size)
         rows = position[self.labels]
         z_all = self.z_all
-        rss = _ordered_sums(rows, slots.size, dim, lambda at, to: (z_all[at] - centres_np[to]) ** 2)
+        def residuals(at: np.ndarray, to: int, out: np.ndarray) -> None:
+            np.take(z_all, at, axis=0, out=out)
+            np.subtract(out, centres_np[to], out=out)
+            np.square(out, out=out)
+
+        rss = _ordered_sums(
+            rows, slots.size, dim, lambda at, to: (z_all[at] - centres_np[to]) ** 2, fill=residuals
+        )
         centres = torch.from_numpy(centres_np.astype(np.float32))
         rss_t = torch.from_numpy(rss.astype(np.float32))
         counts = torch.from_numpy(state.members[slots].astype(np.float32))
@@ -1520,8 +1581,17 @@ class ClusterAlignment:
             Accumulated in client order, the order of a loop over clients (:func:`_ordered_rounds`).
             """
             w_all = self.w_all
+
+            def weighted(at: np.ndarray, _: int, out: np.ndarray) -> None:
+                rows = kept[at]
+                np.multiply(w_all[rows, None], values[rows], out=out)
+
             sums = _ordered_sums(
-                labels[kept], slots.size, values.shape[1], lambda at, _: w_all[kept[at], None] * values[kept[at]]
+                labels[kept],
+                slots.size,
+                values.shape[1],
+                lambda at, _: w_all[kept[at], None] * values[kept[at]],
+                fill=weighted,
             )
             return sums / state.weight[slots, None]
 
