@@ -574,15 +574,19 @@ class _ClusterState:
         self.rescaled = True
         self.version += 1
 
+    def fresh_parts(self, slots: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """:meth:`likelihood_parts` computed for every slot from its centre now (the same arithmetic, no cache).
+
+        For few compared entries, where a step changes most clusters' centres and the
+        bookkeeping of which parts are stale costs more than computing them all.
+        """
+        self._rescale()
+        centres, inv_var = self.centres(slots), self.inv_var[slots]
+        return inv_var, centres * inv_var, (centres**2 * inv_var).sum(axis=1), self.log_det[slots]
+
     def likelihood_parts(self, slots: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """``1/s^2`` ``(K, D)``, ``c/s^2`` ``(K, D)``, ``sum c^2/s^2`` ``(K,)``, ``sum log s`` ``(K,)`` of ``slots``."""
-        if self.rescaled:  # what depends on the scale only (members moving leave it as it is), every slot
-            rescaled = np.flatnonzero(~self.scale_valid)
-            scale = self.scale[rescaled]
-            self.inv_var[rescaled] = 1.0 / scale**2
-            self.log_det[rescaled] = np.log(scale).sum(axis=1)
-            self.scale_valid[rescaled] = True
-            self.rescaled = False
+        self._rescale()
         stale = slots[~self.valid[slots]]
         if stale.size:
             centres, inv_var = self.centres(stale), self.inv_var[stale]
@@ -590,6 +594,15 @@ class _ClusterState:
             self.centre_norm[stale] = (centres**2 * inv_var).sum(axis=1)
             self.valid[stale] = True
         return self.inv_var[slots], self.scaled_centre[slots], self.centre_norm[slots], self.log_det[slots]
+
+    def _rescale(self) -> None:
+        if self.rescaled:  # what depends on the scale only (members moving leave it as it is), every slot
+            rescaled = np.flatnonzero(~self.scale_valid)
+            scale = self.scale[rescaled]
+            self.inv_var[rescaled] = 1.0 / scale**2
+            self.log_det[rescaled] = np.log(scale).sum(axis=1)
+            self.scale_valid[rescaled] = True
+            self.rescaled = False
 
 
 def _loglik_from_parts(
@@ -1178,6 +1191,8 @@ class ClusterAlignment:
         if self.solver == "dense":
             gauss = _gaussian_loglik(z, self.state.centres(slots), self.state.scale[slots])
             return gauss + self.popularity_logit(slots)
+        if self.wz is not None:  # every step exact: the parts of every slot afresh cost fewer operations
+            return _loglik_from_parts(z, *self.state.fresh_parts(slots)) + self.popularity_logit(slots)
         return _loglik_from_parts(z, *self.state.likelihood_parts(slots)) + self.popularity_logit(slots)
 
     def gain_bounds(self, clients: np.ndarray, slack: float = 0.0, rho: float = 0.0) -> dict[str, np.ndarray]:
