@@ -464,3 +464,18 @@ def test_ordered_sums_into_a_reused_block_add_like_the_loop(targets):
 
     summed = _ordered_sums(index, targets, width, lambda at, to: (values[at] - shift[to]) ** 2, fill=fill)
     np.testing.assert_array_equal(summed, loop)
+
+
+@pytest.mark.parametrize("shape", [(1, 3), (7, 3), (43, 768), (5000, 40), (3001, 777), (700, 768)])
+def test_centred_mean_square_is_numpys_mean_of_the_squares(shape):
+    """The standardisation's spread, summed leaf by leaf along NumPy's pairwise tree: bit-for-bit the two lines."""
+    from fedprime_core.method.aggregation import _centred_mean_square
+
+    rng = np.random.default_rng(shape[0])
+    values = rng.normal(size=shape) * np.exp(3 * rng.normal(size=(shape[0], 1)))
+    offset = values.mean(axis=0)
+    expected = values - offset
+    reference = np.mean(expected**2)
+    got = _centred_mean_square(values, offset)
+    np.testing.assert_array_equal(values, expected)  # centred in place
+    assert got == reference

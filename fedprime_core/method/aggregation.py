@@ -373,6 +373,46 @@ def _check_inputs(
     return _Inputs(bounds, prompts, row_weights, keys, init, features)
 
 
+#: Elements per leaf of :func:`_centred_mean_square` (256 KB: a leaf's squares stay in cache).
+_SQUARE_LEAF = 1 << 15
+
+
+def _centred_mean_square(values: np.ndarray, offset: np.ndarray) -> float:
+    """Subtract ``offset`` ``(D,)`` from the C-ordered ``values`` ``(N, D)`` in place; return ``np.mean(values**2)``.
+
+    Bit-for-bit ``values -= offset; np.mean(values**2)`` without the ``(N, D)`` temporary of
+    squares: NumPy sums a contiguous array pairwise (halves rounded down to a multiple of 8,
+    down to blocks of 128), so the flattened squares are summed here along the same tree,
+    each leaf of at most ``_SQUARE_LEAF`` elements by NumPy itself into one reused buffer,
+    and the rows are centred just before their leaf is squared (while they are in cache).
+    :func:`tests.test_alignment_solver` checks it against the two lines it replaces.
+    """
+    rows, dim = values.shape
+    flat = values.reshape(-1)
+    if flat.size == 0 or dim == 0:
+        values -= offset
+        return float(np.mean(values**2))
+    buffer = np.empty(min(flat.size, _SQUARE_LEAF))
+    centred = 0  # rows centred so far
+
+    def tree(start: int, count: int) -> float:
+        nonlocal centred
+        if count <= _SQUARE_LEAF:
+            end = -(-(start + count) // dim)  # the rows this leaf reaches into
+            if end > centred:
+                values[centred:end] -= offset
+                centred = end
+            leaf = buffer[:count]
+            np.square(flat[start : start + count], out=leaf)
+            return np.add.reduce(leaf)
+        half = count // 2
+        half -= half % 8
+        return tree(start, half) + tree(start + half, count - half)
+
+    total = tree(0, flat.size)
+    return float(total / flat.size)
+
+
 def _ordered_rounds(index: np.ndarray) -> list[np.ndarray]:
     """Positions ``0..N-1`` of ``index`` ``(N,)`` in rounds that update every target at most once.
 
@@ -830,8 +870,7 @@ class ClusterAlignment:
         # Standardise the stacked rows (the same arithmetic as client by client).
         stacked = inputs.matched_all if in_place else inputs.matched_all.copy()
         self.offset = stacked.mean(axis=0)
-        stacked -= self.offset
-        self.spread = float(np.sqrt(np.mean(stacked**2))) or 1.0
+        self.spread = float(np.sqrt(_centred_mean_square(stacked, self.offset))) or 1.0
         stacked /= self.spread
         self.z_all = stacked
         self.bounds = inputs.bounds
@@ -1022,10 +1061,10 @@ class ClusterAlignment:
         slots = loose["slots"]
         weight = state.weight[slots]
         return bool(
-            np.all(cache.shift[loose["live"]] <= loose["shift-cap"])
-            and np.all(state.members[slots] >= 2)
-            and np.all(weight >= loose["weight-lo"])
-            and np.all(weight <= loose["weight-hi"])
+            (cache.shift[loose["live"]] <= loose["shift-cap"]).all()
+            and (state.members[slots] >= 2).all()
+            and (weight >= loose["weight-lo"]).all()
+            and (weight <= loose["weight-hi"]).all()
         )
 
     def open_pass(self) -> None:
@@ -1385,8 +1424,9 @@ class ClusterAlignment:
         """``shift`` of the live columns ``cols``: how far their clusters' centres are from the columns' now."""
         cache = self.cache
         offset = self.state.centres(cache.slot[cols]) - cache.centre[cols]
-        # the distance, rounded up: its own rounding is far below the bound E
-        cache.shift[cols] = np.sqrt(np.sum(offset**2 * cache.inv_var[cols], axis=1)) * (1.0 + 1e-12) + 1e-300
+        # the distance, rounded up: its own rounding (any order of the sum) is far below the bound E
+        squared = np.einsum("kd,kd,kd->k", offset, offset, cache.inv_var[cols])
+        cache.shift[cols] = np.sqrt(squared) * (1.0 + 1e-12) + 1e-300
 
     def _move(self, t: int, target: np.ndarray) -> np.ndarray:
         """Apply client ``t``'s certified step: prompt ``p`` to cluster slot ``target[p]`` (``-1``: a new cluster).
