@@ -881,6 +881,9 @@ class ClusterAlignment:
         self.dim = stacked.shape[1]
         # Few compared entries (every step exact): each client's ``w z`` once, not twice per step.
         self.wz = inputs.split(self.w_all[:, None] * stacked) if self.dim < _CACHE_MIN_DIM else None
+        # ... and its ``z^2`` and ``2 z`` (what every exact step's gains start from, the same values)
+        self.z_squared = inputs.split(stacked**2) if self.wz is not None else None
+        self.z_doubled = inputs.split(2.0 * stacked) if self.wz is not None else None
         init = inputs.init_all
         self.reserved = int(init.max()) + 1 if init is not None and init.size and init.max() >= 0 else 0
         sizes = np.diff(self.bounds)
@@ -932,17 +935,20 @@ class ClusterAlignment:
             others = others - own
         return np.log(others) - np.log(np.maximum(self.n - others, 1))
 
-    def _new_gain(self, z: np.ndarray, slots: np.ndarray) -> np.ndarray:
+    def _new_gain(self, z: np.ndarray, slots: np.ndarray, squared: np.ndarray | None = None) -> np.ndarray:
         """The new-cluster column ``(m,)``: ``_prior_loglik(z, mean_var) + logit(1/n)``.
 
-        Its ``var`` terms are cached per state version (the same arithmetic as :func:`_prior_loglik`).
+        Its ``var`` terms are cached per state version (the same arithmetic as :func:`_prior_loglik`);
+        ``squared``: ``z**2`` if already computed.
         """
         version = self.state.version
         if self._prior_terms is None or self._prior_terms[0] != version:
             var = 1.0 + self.mean_var(slots)
             self._prior_terms = (version, var, np.log(var))
         _, var, log_var = self._prior_terms
-        return (-0.5 * (z**2 / var + log_var).sum(axis=1) - 0.5 * z.shape[1] * _LOG_2PI) + self.new_logit
+        if squared is None:
+            squared = z**2
+        return (-0.5 * (squared / var + log_var).sum(axis=1) - 0.5 * z.shape[1] * _LOG_2PI) + self.new_logit
 
     def mean_var(self, slots: np.ndarray) -> np.ndarray:
         """Mean ``scale^2`` of the active clusters ``slots`` (the new-cluster prior's spread), cached per version."""
@@ -1493,8 +1499,15 @@ class ClusterAlignment:
         elif placed.any():
             state.add(own[placed], z[placed], w[placed], sign=-1.0, term=None if term is None else term[placed])
         slots = state.active()
-        new_gain = self._new_gain(z, slots)
-        gain = self._exact_gain(z, slots)
+        if self.wz is not None:  # (every step exact: the client's z^2 and 2 z computed once)
+            squared = self.z_squared[t]
+            new_gain = self._new_gain(z, slots, squared)
+            inv_var, scaled_centre, centre_norm, log_det = state.fresh_parts(slots)
+            quad = squared @ inv_var.T - self.z_doubled[t] @ scaled_centre.T + centre_norm  # as _loglik_from_parts
+            gain = (-0.5 * np.maximum(quad, 0.0) - log_det - 0.5 * self.dim * _LOG_2PI) + self.popularity_logit(slots)
+        else:
+            new_gain = self._new_gain(z, slots)
+            gain = self._exact_gain(z, slots)
         k = slots.size
         # (a small problem is solved sooner than certified: the same answer, see _certified_choice)
         cols = _certified_choice(gain, gain, new_gain) if self.solver == "fast" and k > _DIRECT_COLUMNS else None
