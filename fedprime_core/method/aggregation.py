@@ -83,6 +83,9 @@ _CACHE_MIN_DIM = 32
 #: The fast solver's widened bounds (:meth:`ClusterAlignment.run_pass`): how far centres may move
 #: (a share of the rows' typical distance to their nearest centre) and clusters' weights change.
 _SLACK, _WEIGHT_SLACK = 0.1, 0.25
+#: Most clients a batch of the fast solver bounds at once (:meth:`ClusterAlignment.run_pass`): its (rows x
+#: clusters) bound arrays stay a few MB (2048 gave no fewer CPU seconds at 1,000 or 10,000 clients, within noise).
+_MAX_BATCH = 512
 #: Passes over fewer clients are not bounded a second time (re-bounding after a move costs little).
 _WIDEN_MIN_CLIENTS = 16
 #: Queues of at most this many no-op steps are applied client by client (:meth:`ClusterAlignment.flush`).
@@ -566,23 +569,34 @@ class _ClusterState:
         elif (count == 1).any():
             self.version += 1
 
-    def add_many(self, slots: np.ndarray, z: np.ndarray, w: np.ndarray) -> None:
+    def add_many(self, slots: np.ndarray, z: np.ndarray, w: np.ndarray, rows: np.ndarray | None = None) -> None:
         """Add the prompts of many clients at once, ``(N,)`` slots in client order.
 
         Every slot receives the same additions in the same order as one :meth:`add` per
         client would give it (:func:`_ordered_rounds`; ``np.add.at`` for the 1-D weights), so
         the sums are bit-for-bit those of the client-by-client loop.
+
+        ``rows``: ``(N,)`` the rows of ``z`` and ``w`` added (default: all of them, in order),
+        so that a subset is added without first copying its rows out of ``z``.
         """
+        if rows is not None:
+            w = w[rows]
+        else:
+            rows = np.arange(slots.size)
         targets = np.unique(slots)
         if not self.sums[targets].any():  # (empty clusters: 0 + the ordered sum is that sum)
-            def weighted(at: np.ndarray, _: int, out: np.ndarray) -> None:
-                np.multiply(w[at, None], z[at], out=out)
 
-            summed = _ordered_sums(slots, self.capacity, self.dim, lambda at, _: w[at, None] * z[at], fill=weighted)
+            def weighted(at: np.ndarray, _: int, out: np.ndarray) -> None:
+                np.take(z, rows[at], axis=0, out=out)
+                np.multiply(w[at, None], out, out=out)
+
+            summed = _ordered_sums(
+                slots, self.capacity, self.dim, lambda at, _: w[at, None] * z[rows[at]], fill=weighted
+            )
             self.sums[targets] = summed[targets]
         else:
-            for rows in _ordered_rounds(slots):
-                self.sums[slots[rows]] += w[rows, None] * z[rows]
+            for members in _ordered_rounds(slots):
+                self.sums[slots[members]] += w[members, None] * z[rows[members]]
         np.add.at(self.weight, slots, w)
         np.add.at(self.members, slots, 1)
         self.valid[slots] = False
@@ -970,7 +984,8 @@ class ClusterAlignment:
             placed = labels >= 0
             self.labels[:] = labels
             self.state.grow(self.reserved + 1)
-            self.state.add_many(labels[placed], self.z_all[placed], self.w_all[placed])
+            # (the placed rows are read where they lie: a copy of them costs an N x D array)
+            self.state.add_many(labels[placed], self.z_all, self.w_all, rows=np.flatnonzero(placed))
             self.refresh_nets(self.state.active())
             client = np.repeat(np.arange(self.n), np.diff(self.bounds))
             unplaced = set(np.unique(client[~placed]).tolist())
@@ -1029,7 +1044,7 @@ class ClusterAlignment:
                 self.assign_client(t, decision)
                 used += 1
             done += used
-            size = min(2 * size, 2048) if used == batch.size else used
+            size = min(2 * size, _MAX_BATCH) if used == batch.size else used
         self.close_pass()
 
     def _widened(self, batch: np.ndarray, strict: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
