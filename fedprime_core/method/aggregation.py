@@ -1602,14 +1602,13 @@ class ClusterAlignment:
         position[slots] = np.arange(slots.size)
         rows = position[self.labels]
         z_all = self.z_all
+
         def residuals(at: np.ndarray, to: int, out: np.ndarray) -> None:
             np.take(z_all, at, axis=0, out=out)
             np.subtract(out, centres_np[to], out=out)
             np.square(out, out=out)
 
-        rss = _ordered_sums(
-            rows, slots.size, dim, lambda at, to: (z_all[at] - centres_np[to]) ** 2, fill=residuals
-        )
+        rss = _ordered_sums(rows, slots.size, dim, lambda at, to: (z_all[at] - centres_np[to]) ** 2, fill=residuals)
         centres = torch.from_numpy(centres_np.astype(np.float32))
         rss_t = torch.from_numpy(rss.astype(np.float32))
         counts = torch.from_numpy(state.members[slots].astype(np.float32))
