@@ -489,7 +489,9 @@ def make_scale_round(
     in ``[-1, 1]``); with probability ``moved`` its true centre is one the client does not
     hold (the warm start is wrong for it). The same truth drives the features: ``delta``
     (each centre's change this round plus noise) and ``usage`` (each centre's retrieval
-    profile, a point of a grid on the simplex, plus noise of 0.01). ``fresh``: the share of
+    profile, a point of a grid on the simplex, plus noise of 0.01: neighbouring profiles lie
+    20 noise standard deviations apart, so they are separable; a real profile's sampling noise
+    at these retrieval counts would be about 9x larger, see ``benchmarks/README.md``). ``fresh``: the share of
     clients whose prompts have no warm start in the ``independent`` regime. Arrays are
     float32 (as prompts arrive on the wire).
     """

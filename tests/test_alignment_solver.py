@@ -351,3 +351,131 @@ def test_ordered_sums_add_like_a_loop_over_positions(width, targets):
         loop[i] += (v - shift[i]) ** 2
     summed = _ordered_sums(index, targets, width, lambda at, to: (values[at] - shift[to]) ** 2)
     np.testing.assert_array_equal(summed, loop)
+
+
+#: Few compared entries (every step exact, ``ClusterAlignment.wz`` and ``fresh_parts``): ragged
+#: clients, fresh clients, exact ties between profiles, both popularities, warm and cold.
+NARROW = {
+    "usage-warm": ({"n": 40, "tau": 10, "centres": 12, "moved": 0.2, "seed": 31}, {"start": "warm"}),
+    "usage-cold": ({"n": 40, "tau": 10, "centres": 12, "seed": 32}, {"start": "cold"}),
+    "usage-fresh": ({"n": 40, "tau": 10, "centres": 12, "fresh": 0.5, "seed": 33}, {"start": "warm"}),
+    "usage-ties": (
+        {"n": 40, "tau": 10, "centres": 12, "duplicate_centres": 3, "moved": 0.2, "seed": 34},
+        {"start": "warm"},
+    ),
+    "usage-empirical": (
+        {"n": 40, "tau": 10, "centres": 12, "seed": 35},
+        {"start": "cold", "popularity": "empirical"},
+    ),
+}
+
+
+@pytest.mark.parametrize("name", sorted(NARROW))
+def test_narrow_features_every_step_exact_matches_the_dense_solver_bit_for_bit(name):
+    args, regime = NARROW[name]
+    round_ = planted_round(**args)
+    runs = {}
+    for solver in ("fast", "dense"):
+        inputs = _check_inputs(
+            round_["prompts"],
+            None,
+            round_["keys"],
+            round_["init"] if regime["start"] == "warm" else None,
+            round_["usage"],
+            round_["features"],
+        )
+        engine = ClusterAlignment(
+            inputs,
+            popularity=regime.get("popularity", "learned"),
+            hidden=128,
+            lr=1e-2,
+            grad_steps=10,
+            min_scale=0.02,
+            seed=11,
+            solver=solver,
+        )
+        runs[solver] = (engine, engine.run(5, None, time.perf_counter()))
+    (fast_engine, fast), (dense_engine, dense) = runs["fast"], runs["dense"]
+    assert fast_engine.wz is not None  # the narrow path (every step exact, fresh parts) was taken
+    assert_same_alignment(fast, dense)
+    np.testing.assert_array_equal(fast_engine.state.sums, dense_engine.state.sums)
+    np.testing.assert_array_equal(fast_engine.state.weight, dense_engine.state.weight)
+    assert fast.hungarian_calls > 0
+
+
+def test_fresh_parts_are_the_cached_likelihood_parts():
+    """``fresh_parts`` (every slot afresh) gives bit-for-bit the parts ``likelihood_parts`` caches."""
+    round_ = planted_round(n=20, tau=8, centres=10, dim=40, seed=36)
+    inputs = _check_inputs(round_["prompts"], None, None, round_["init"], round_["usage"])
+    engine = ClusterAlignment(
+        inputs, popularity="learned", hidden=16, lr=1e-2, grad_steps=2, min_scale=0.02, seed=1, solver="dense"
+    )
+    engine.initial_assignment()
+    engine.theta_step()
+    state, slots = engine.state, engine.state.active()
+    fresh = [part.copy() for part in state.fresh_parts(slots)]
+    z, w = engine.z[3], engine.w[3]
+    state.add(engine.assign[3], z, w, sign=-1.0)  # some parts go stale
+    state.likelihood_parts(slots)
+    state.add(engine.assign[3], z, w)
+    for cached, afresh in zip(state.likelihood_parts(slots), state.fresh_parts(slots)):
+        np.testing.assert_array_equal(cached, afresh)
+    assert any(not np.array_equal(a, b) for a, b in zip(fresh, state.fresh_parts(slots)))  # rounding moved a centre
+
+
+def test_removal_by_subtraction_is_the_signed_addition():
+    """``add(sign=-1)`` subtracts ``w z``: bit-for-bit the old ``s += (-1 * w) z``, with or without ``term``."""
+    from fedprime_core.method.aggregation import _ClusterState
+
+    rng = np.random.default_rng(5)
+    z = rng.normal(size=(6, 9)) * np.exp(4 * rng.normal(size=(6, 1)))
+    w = rng.integers(1, 50, 6).astype(np.float64) / 7.0
+    slots = np.array([0, 2, 3, 5, 7, 8])
+    state = _ClusterState(9, capacity=10)
+    state.sums[:] = rng.normal(size=(state.capacity, 9)) * 1e3
+    state.weight[:] = 1e3
+    state.members[:] = 2
+    expected_sums, expected_weight = state.sums.copy(), state.weight.copy()
+    expected_sums[slots] += -1.0 * w[:, None] * z
+    expected_weight[slots] += -1.0 * w
+    twin = copy.deepcopy(state)
+    state.add(slots, z, w, sign=-1.0)
+    twin.add(slots, z, w, sign=-1.0, term=w[:, None] * z)
+    for s in (state, twin):
+        np.testing.assert_array_equal(s.sums, expected_sums)
+        np.testing.assert_array_equal(s.weight, expected_weight)
+
+
+@pytest.mark.parametrize("targets", [1, 7, 300])
+def test_ordered_sums_into_a_reused_block_add_like_the_loop(targets):
+    rng = np.random.default_rng(targets)
+    size, width = 2000, 33
+    index = rng.integers(0, targets, size)
+    values = rng.normal(size=(size, width)) * np.exp(3 * rng.normal(size=(size, 1)))
+    shift = rng.normal(size=(targets, width))
+    loop = np.zeros((targets, width))
+    for i, v in zip(index, values):
+        loop[i] += (v - shift[i]) ** 2
+
+    def fill(at, to, out):
+        np.take(values, at, axis=0, out=out)
+        np.subtract(out, shift[to], out=out)
+        np.square(out, out=out)
+
+    summed = _ordered_sums(index, targets, width, lambda at, to: (values[at] - shift[to]) ** 2, fill=fill)
+    np.testing.assert_array_equal(summed, loop)
+
+
+@pytest.mark.parametrize("shape", [(1, 3), (7, 3), (43, 768), (5000, 40), (3001, 777), (700, 768)])
+def test_centred_mean_square_is_numpys_mean_of_the_squares(shape):
+    """The standardisation's spread, summed leaf by leaf along NumPy's pairwise tree: bit-for-bit the two lines."""
+    from fedprime_core.method.aggregation import _centred_mean_square
+
+    rng = np.random.default_rng(shape[0])
+    values = rng.normal(size=shape) * np.exp(3 * rng.normal(size=(shape[0], 1)))
+    offset = values.mean(axis=0)
+    expected = values - offset
+    reference = np.mean(expected**2)
+    got = _centred_mean_square(values, offset)
+    np.testing.assert_array_equal(values, expected)  # centred in place
+    assert got == reference

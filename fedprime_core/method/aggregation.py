@@ -72,6 +72,9 @@ _LOG_2PI = float(np.log(2.0 * np.pi))
 _INFEASIBLE = -1.0e30
 #: Rows per block when a pass over all prompts is chunked (bounds the temporaries to ~25 MB at D = 768).
 _BLOCK_ROWS = 4096
+#: Rows per block of the fast solver's residual products (the block's squares, ~6 MB at D = 768, stay in
+#: cache between the two products; the bounds allow for any summation order, :meth:`ClusterAlignment._rounding_bound`).
+_PRODUCT_ROWS = 1024
 #: The alignment's assignment solvers (see :func:`align_prompts`).
 SOLVERS = ("fast", "dense")
 _UNIT_ROUNDOFF = float(np.finfo(np.float64).eps) / 2.0
@@ -80,6 +83,9 @@ _CACHE_MIN_DIM = 32
 #: The fast solver's widened bounds (:meth:`ClusterAlignment.run_pass`): how far centres may move
 #: (a share of the rows' typical distance to their nearest centre) and clusters' weights change.
 _SLACK, _WEIGHT_SLACK = 0.1, 0.25
+#: Most clients a batch of the fast solver bounds at once (:meth:`ClusterAlignment.run_pass`): its (rows x
+#: clusters) bound arrays stay a few MB (2048 gave no fewer CPU seconds at 1,000 or 10,000 clients, within noise).
+_MAX_BATCH = 512
 #: Passes over fewer clients are not bounded a second time (re-bounding after a move costs little).
 _WIDEN_MIN_CLIENTS = 16
 #: Queues of at most this many no-op steps are applied client by client (:meth:`ClusterAlignment.flush`).
@@ -370,6 +376,46 @@ def _check_inputs(
     return _Inputs(bounds, prompts, row_weights, keys, init, features)
 
 
+#: Elements per leaf of :func:`_centred_mean_square` (256 KB: a leaf's squares stay in cache).
+_SQUARE_LEAF = 1 << 15
+
+
+def _centred_mean_square(values: np.ndarray, offset: np.ndarray) -> float:
+    """Subtract ``offset`` ``(D,)`` from the C-ordered ``values`` ``(N, D)`` in place; return ``np.mean(values**2)``.
+
+    Bit-for-bit ``values -= offset; np.mean(values**2)`` without the ``(N, D)`` temporary of
+    squares: NumPy sums a contiguous array pairwise (halves rounded down to a multiple of 8,
+    down to blocks of 128), so the flattened squares are summed here along the same tree,
+    each leaf of at most ``_SQUARE_LEAF`` elements by NumPy itself into one reused buffer,
+    and the rows are centred just before their leaf is squared (while they are in cache).
+    :func:`tests.test_alignment_solver` checks it against the two lines it replaces.
+    """
+    rows, dim = values.shape
+    flat = values.reshape(-1)
+    if flat.size == 0 or dim == 0:
+        values -= offset
+        return float(np.mean(values**2))
+    buffer = np.empty(min(flat.size, _SQUARE_LEAF))
+    centred = 0  # rows centred so far
+
+    def tree(start: int, count: int) -> float:
+        nonlocal centred
+        if count <= _SQUARE_LEAF:
+            end = -(-(start + count) // dim)  # the rows this leaf reaches into
+            if end > centred:
+                values[centred:end] -= offset
+                centred = end
+            leaf = buffer[:count]
+            np.square(flat[start : start + count], out=leaf)
+            return np.add.reduce(leaf)
+        half = count // 2
+        half -= half % 8
+        return tree(start, half) + tree(start + half, count - half)
+
+    total = tree(0, flat.size)
+    return float(total / flat.size)
+
+
 def _ordered_rounds(index: np.ndarray) -> list[np.ndarray]:
     """Positions ``0..N-1`` of ``index`` ``(N,)`` in rounds that update every target at most once.
 
@@ -391,7 +437,11 @@ def _ordered_rounds(index: np.ndarray) -> list[np.ndarray]:
 
 
 def _ordered_sums(
-    index: np.ndarray, targets: int, width: int, term: Callable[[np.ndarray, np.ndarray | int], np.ndarray]
+    index: np.ndarray,
+    targets: int,
+    width: int,
+    term: Callable[[np.ndarray, np.ndarray | int], np.ndarray],
+    fill: Callable[[np.ndarray, int, np.ndarray], None] | None = None,
 ) -> np.ndarray:
     """``(targets, width)``: for every target, the sum of ``term`` over the positions ``index`` sends to it.
 
@@ -402,6 +452,10 @@ def _ordered_sums(
     are summed at once (``np.add.reduce`` along the rows of a C-ordered block adds them one
     row after the other; :func:`tests.test_alignment_solver` checks it against the loop),
     otherwise in :func:`_ordered_rounds`.
+
+    ``fill(positions, target, out)``, if given, writes what ``term(positions, target)`` would
+    return into ``out`` (a C-ordered float64 block reused from target to target, so the
+    per-target sums allocate no new block: the same values, summed the same way).
     """
     out = np.zeros((targets, width))
     if index.size == 0:
@@ -413,7 +467,16 @@ def _ordered_sums(
         for members in _ordered_rounds(index):
             out[index[members]] += term(members, index[members])
         return out
-    for segment in np.split(order, cuts):
+    segments = np.split(order, cuts)
+    if fill is not None:
+        buffer = np.empty((max(segment.size for segment in segments), width))
+        for segment in segments:
+            target = int(index[segment[0]])
+            rows = buffer[: segment.size]
+            fill(segment, target, rows)
+            out[target] = np.add.reduce(rows, axis=0)
+        return out
+    for segment in segments:
         target = int(index[segment[0]])
         out[target] = np.add.reduce(np.ascontiguousarray(term(segment, target)), axis=0)
     return out
@@ -453,6 +516,7 @@ class _ClusterState:
         self.scale_valid = np.zeros(capacity, dtype=bool)
         self.rescaled = True  # some slot's scale changed since its parts were computed
         self.version = 0
+        self._active: tuple[int, np.ndarray] | None = None
 
     @property
     def capacity(self) -> int:
@@ -477,10 +541,22 @@ class _ClusterState:
         self.scale_valid = np.concatenate([self.scale_valid, np.zeros(extra, dtype=bool)])
         self.rescaled = True
 
-    def add(self, slots: np.ndarray, z: np.ndarray, w: np.ndarray, sign: float = 1.0) -> None:
-        """Add (``sign=1``) or remove (``sign=-1``) one client's prompts ``z`` ``(m, D)`` of weights ``w`` ``(m,)``."""
-        self.sums[slots] += sign * w[:, None] * z
-        self.weight[slots] += sign * w
+    def add(
+        self, slots: np.ndarray, z: np.ndarray, w: np.ndarray, sign: float = 1.0, term: np.ndarray | None = None
+    ) -> None:
+        """Add (``sign=1``) or remove (``sign=-1``) one client's prompts ``z`` ``(m, D)`` of weights ``w`` ``(m,)``.
+
+        ``term``: ``w[:, None] * z`` if already computed. A removal subtracts it: ``s - w z`` is
+        bit-for-bit ``s + (-w) z`` (negation is exact and rounding symmetric).
+        """
+        if term is None:
+            term = w[:, None] * z
+        if sign < 0:
+            self.sums[slots] -= term
+            self.weight[slots] -= w
+        else:
+            self.sums[slots] += term
+            self.weight[slots] += w
         count = self.members[slots] + int(sign)
         self.members[slots] = count
         self.valid[slots] = False
@@ -493,27 +569,44 @@ class _ClusterState:
         elif (count == 1).any():
             self.version += 1
 
-    def add_many(self, slots: np.ndarray, z: np.ndarray, w: np.ndarray) -> None:
+    def add_many(self, slots: np.ndarray, z: np.ndarray, w: np.ndarray, rows: np.ndarray | None = None) -> None:
         """Add the prompts of many clients at once, ``(N,)`` slots in client order.
 
         Every slot receives the same additions in the same order as one :meth:`add` per
         client would give it (:func:`_ordered_rounds`; ``np.add.at`` for the 1-D weights), so
         the sums are bit-for-bit those of the client-by-client loop.
+
+        ``rows``: ``(N,)`` the rows of ``z`` and ``w`` added (default: all of them, in order),
+        so that a subset is added without first copying its rows out of ``z``.
         """
+        if rows is not None:
+            w = w[rows]
+        else:
+            rows = np.arange(slots.size)
         targets = np.unique(slots)
         if not self.sums[targets].any():  # (empty clusters: 0 + the ordered sum is that sum)
-            summed = _ordered_sums(slots, self.capacity, self.dim, lambda at, _: w[at, None] * z[at])
+
+            def weighted(at: np.ndarray, _: int, out: np.ndarray) -> None:
+                np.take(z, rows[at], axis=0, out=out)
+                np.multiply(w[at, None], out, out=out)
+
+            summed = _ordered_sums(
+                slots, self.capacity, self.dim, lambda at, _: w[at, None] * z[rows[at]], fill=weighted
+            )
             self.sums[targets] = summed[targets]
         else:
-            for rows in _ordered_rounds(slots):
-                self.sums[slots[rows]] += w[rows, None] * z[rows]
+            for members in _ordered_rounds(slots):
+                self.sums[slots[members]] += w[members, None] * z[rows[members]]
         np.add.at(self.weight, slots, w)
         np.add.at(self.members, slots, 1)
         self.valid[slots] = False
         self.version += 1
 
     def active(self) -> np.ndarray:
-        return np.flatnonzero(self.members > 0)
+        """The occupied slots, ascending (cached per :attr:`version`, which changes whenever the set does)."""
+        if self._active is None or self._active[0] != self.version:
+            self._active = (self.version, np.flatnonzero(self.members > 0))
+        return self._active[1]
 
     def centres(self, slots: np.ndarray) -> np.ndarray:
         return self.sums[slots] / self.weight[slots, None]
@@ -535,15 +628,19 @@ class _ClusterState:
         self.rescaled = True
         self.version += 1
 
+    def fresh_parts(self, slots: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """:meth:`likelihood_parts` computed for every slot from its centre now (the same arithmetic, no cache).
+
+        For few compared entries, where a step changes most clusters' centres and the
+        bookkeeping of which parts are stale costs more than computing them all.
+        """
+        self._rescale()
+        centres, inv_var = self.centres(slots), self.inv_var[slots]
+        return inv_var, centres * inv_var, (centres**2 * inv_var).sum(axis=1), self.log_det[slots]
+
     def likelihood_parts(self, slots: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """``1/s^2`` ``(K, D)``, ``c/s^2`` ``(K, D)``, ``sum c^2/s^2`` ``(K,)``, ``sum log s`` ``(K,)`` of ``slots``."""
-        if self.rescaled:  # what depends on the scale only (members moving leave it as it is), every slot
-            rescaled = np.flatnonzero(~self.scale_valid)
-            scale = self.scale[rescaled]
-            self.inv_var[rescaled] = 1.0 / scale**2
-            self.log_det[rescaled] = np.log(scale).sum(axis=1)
-            self.scale_valid[rescaled] = True
-            self.rescaled = False
+        self._rescale()
         stale = slots[~self.valid[slots]]
         if stale.size:
             centres, inv_var = self.centres(stale), self.inv_var[stale]
@@ -551,6 +648,15 @@ class _ClusterState:
             self.centre_norm[stale] = (centres**2 * inv_var).sum(axis=1)
             self.valid[stale] = True
         return self.inv_var[slots], self.scaled_centre[slots], self.centre_norm[slots], self.log_det[slots]
+
+    def _rescale(self) -> None:
+        if self.rescaled:  # what depends on the scale only (members moving leave it as it is), every slot
+            rescaled = np.flatnonzero(~self.scale_valid)
+            scale = self.scale[rescaled]
+            self.inv_var[rescaled] = 1.0 / scale**2
+            self.log_det[rescaled] = np.log(scale).sum(axis=1)
+            self.scale_valid[rescaled] = True
+            self.rescaled = False
 
 
 def _loglik_from_parts(
@@ -778,8 +884,7 @@ class ClusterAlignment:
         # Standardise the stacked rows (the same arithmetic as client by client).
         stacked = inputs.matched_all if in_place else inputs.matched_all.copy()
         self.offset = stacked.mean(axis=0)
-        stacked -= self.offset
-        self.spread = float(np.sqrt(np.mean(stacked**2))) or 1.0
+        self.spread = float(np.sqrt(_centred_mean_square(stacked, self.offset))) or 1.0
         stacked /= self.spread
         self.z_all = stacked
         self.bounds = inputs.bounds
@@ -788,6 +893,11 @@ class ClusterAlignment:
         self.w_all = inputs.weights_all / self.mean_weight
         self.w = inputs.split(self.w_all)
         self.dim = stacked.shape[1]
+        # Few compared entries (every step exact): each client's ``w z`` once, not twice per step.
+        self.wz = inputs.split(self.w_all[:, None] * stacked) if self.dim < _CACHE_MIN_DIM else None
+        # ... and its ``z^2`` and ``2 z`` (what every exact step's gains start from, the same values)
+        self.z_squared = inputs.split(stacked**2) if self.wz is not None else None
+        self.z_doubled = inputs.split(2.0 * stacked) if self.wz is not None else None
         init = inputs.init_all
         self.reserved = int(init.max()) + 1 if init is not None and init.size and init.max() >= 0 else 0
         sizes = np.diff(self.bounds)
@@ -796,7 +906,8 @@ class ClusterAlignment:
             self.scale_net = _ScaleNet(self.dim, hidden, min_scale)
             self.pop_net = _PopularityNet(self.dim, hidden) if popularity == "learned" else None
         params = list(self.scale_net.parameters()) + (list(self.pop_net.parameters()) if self.pop_net else [])
-        self.optimiser = torch.optim.Adam(params, lr=lr)
+        # (the multi-tensor update: the same arithmetic as the per-tensor loop, in fewer kernel calls)
+        self.optimiser = torch.optim.Adam(params, lr=lr, foreach=True)
         self.state = _ClusterState(self.dim, self.reserved, capacity=self.reserved + 2 * int(sizes.max()))
         self.labels = np.full(stacked.shape[0], -1, dtype=np.int64)  # every prompt's cluster slot
         self.assign = inputs.split(self.labels)  # per-client views of it
@@ -838,17 +949,20 @@ class ClusterAlignment:
             others = others - own
         return np.log(others) - np.log(np.maximum(self.n - others, 1))
 
-    def _new_gain(self, z: np.ndarray, slots: np.ndarray) -> np.ndarray:
+    def _new_gain(self, z: np.ndarray, slots: np.ndarray, squared: np.ndarray | None = None) -> np.ndarray:
         """The new-cluster column ``(m,)``: ``_prior_loglik(z, mean_var) + logit(1/n)``.
 
-        Its ``var`` terms are cached per state version (the same arithmetic as :func:`_prior_loglik`).
+        Its ``var`` terms are cached per state version (the same arithmetic as :func:`_prior_loglik`);
+        ``squared``: ``z**2`` if already computed.
         """
         version = self.state.version
         if self._prior_terms is None or self._prior_terms[0] != version:
             var = 1.0 + self.mean_var(slots)
             self._prior_terms = (version, var, np.log(var))
         _, var, log_var = self._prior_terms
-        return (-0.5 * (z**2 / var + log_var).sum(axis=1) - 0.5 * z.shape[1] * _LOG_2PI) + self.new_logit
+        if squared is None:
+            squared = z**2
+        return (-0.5 * (squared / var + log_var).sum(axis=1) - 0.5 * z.shape[1] * _LOG_2PI) + self.new_logit
 
     def mean_var(self, slots: np.ndarray) -> np.ndarray:
         """Mean ``scale^2`` of the active clusters ``slots`` (the new-cluster prior's spread), cached per version."""
@@ -870,7 +984,8 @@ class ClusterAlignment:
             placed = labels >= 0
             self.labels[:] = labels
             self.state.grow(self.reserved + 1)
-            self.state.add_many(labels[placed], self.z_all[placed], self.w_all[placed])
+            # (the placed rows are read where they lie: a copy of them costs an N x D array)
+            self.state.add_many(labels[placed], self.z_all, self.w_all, rows=np.flatnonzero(placed))
             self.refresh_nets(self.state.active())
             client = np.repeat(np.arange(self.n), np.diff(self.bounds))
             unplaced = set(np.unique(client[~placed]).tolist())
@@ -929,7 +1044,7 @@ class ClusterAlignment:
                 self.assign_client(t, decision)
                 used += 1
             done += used
-            size = min(2 * size, 2048) if used == batch.size else used
+            size = min(2 * size, _MAX_BATCH) if used == batch.size else used
         self.close_pass()
 
     def _widened(self, batch: np.ndarray, strict: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -967,10 +1082,10 @@ class ClusterAlignment:
         slots = loose["slots"]
         weight = state.weight[slots]
         return bool(
-            np.all(cache.shift[loose["live"]] <= loose["shift-cap"])
-            and np.all(state.members[slots] >= 2)
-            and np.all(weight >= loose["weight-lo"])
-            and np.all(weight <= loose["weight-hi"])
+            (cache.shift[loose["live"]] <= loose["shift-cap"]).all()
+            and (state.members[slots] >= 2).all()
+            and (weight >= loose["weight-lo"]).all()
+            and (weight <= loose["weight-hi"]).all()
         )
 
     def open_pass(self) -> None:
@@ -1029,8 +1144,8 @@ class ClusterAlignment:
         if with_prior:  # the start of a pass: every row against every column, in row blocks
             inverse, log_sum = self._prior_parts()
             inv_var = np.concatenate([inv_var, inverse[None]])  # the prior's sum rides along as one more column
-            for start in range(0, cache.quad.shape[0], _BLOCK_ROWS):
-                block = slice(start, start + _BLOCK_ROWS)
+            for start in range(0, cache.quad.shape[0], _PRODUCT_ROWS):
+                block = slice(start, start + _PRODUCT_ROWS)
                 z = self.z_all[block]
                 squares = (z**2) @ inv_var.T
                 cache.prior[block] = self._prior_from(squares[:, -1], log_sum)
@@ -1065,8 +1180,8 @@ class ClusterAlignment:
                 cache.scaled_centre[cols],
                 cache.centre_norm[cols],
             )
-            for start in range(0, need.size, _BLOCK_ROWS):
-                block = need[start : start + _BLOCK_ROWS]
+            for start in range(0, need.size, _PRODUCT_ROWS):
+                block = need[start : start + _PRODUCT_ROWS]
                 z = self.z_all[block]
                 squares = (z**2) @ inv_var.T
                 cache.quad[np.ix_(block, cols)] = squares - 2.0 * z @ scaled_centre.T + centre_norm
@@ -1136,6 +1251,8 @@ class ClusterAlignment:
         if self.solver == "dense":
             gauss = _gaussian_loglik(z, self.state.centres(slots), self.state.scale[slots])
             return gauss + self.popularity_logit(slots)
+        if self.wz is not None:  # every step exact: the parts of every slot afresh cost fewer operations
+            return _loglik_from_parts(z, *self.state.fresh_parts(slots)) + self.popularity_logit(slots)
         return _loglik_from_parts(z, *self.state.likelihood_parts(slots)) + self.popularity_logit(slots)
 
     def gain_bounds(self, clients: np.ndarray, slack: float = 0.0, rho: float = 0.0) -> dict[str, np.ndarray]:
@@ -1275,8 +1392,8 @@ class ClusterAlignment:
         stale = rows[cache.version[rows] != version]
         if stale.size:
             inverse, log_sum = self._prior_parts()
-            for start in range(0, stale.size, _BLOCK_ROWS):
-                block = stale[start : start + _BLOCK_ROWS]
+            for start in range(0, stale.size, _PRODUCT_ROWS):
+                block = stale[start : start + _PRODUCT_ROWS]
                 cache.prior[block] = self._prior_from((self.z_all[block] ** 2) @ inverse, log_sum)
             cache.version[stale] = version
         return cache.prior[rows]
@@ -1303,6 +1420,13 @@ class ClusterAlignment:
             extra = state.capacity - cache.column.size
             cache.column = np.concatenate([cache.column, np.full(extra, -1, dtype=np.int64)])
         touched = np.unique(np.concatenate([lost, gained]))
+        if not rescaled.size and state.members[touched].all() and (cache.column[gained] >= 0).all():
+            # (the common case: members moved between clusters that keep their columns)
+            cols = cache.column[touched]
+            cols = cols[cols >= 0]
+            if cols.size:
+                self._record_shift(cols)
+            return
         emptied = touched[state.members[touched] == 0]
         dead = cache.column[emptied]
         cache.slot[dead[dead >= 0]] = -1
@@ -1313,12 +1437,17 @@ class ClusterAlignment:
         moved = np.setdiff1d(touched, np.concatenate([emptied, fresh]))
         cols = cache.column[moved]
         cols = cols[cols >= 0]
-        moved = cache.slot[cols]
         if cols.size:
-            offset = state.centres(moved) - cache.centre[cols]
-            # the distance, rounded up: its own rounding is far below the bound E
-            cache.shift[cols] = np.sqrt(np.sum(offset**2 * cache.inv_var[cols], axis=1)) * (1.0 + 1e-12) + 1e-300
+            self._record_shift(cols)
         self.add_columns(fresh)
+
+    def _record_shift(self, cols: np.ndarray) -> None:
+        """``shift`` of the live columns ``cols``: how far their clusters' centres are from the columns' now."""
+        cache = self.cache
+        offset = self.state.centres(cache.slot[cols]) - cache.centre[cols]
+        # the distance, rounded up: its own rounding (any order of the sum) is far below the bound E
+        squared = np.einsum("kd,kd,kd->k", offset, offset, cache.inv_var[cols])
+        cache.shift[cols] = np.sqrt(squared) * (1.0 + 1e-12) + 1e-300
 
     def _move(self, t: int, target: np.ndarray) -> np.ndarray:
         """Apply client ``t``'s certified step: prompt ``p`` to cluster slot ``target[p]`` (``-1``: a new cluster).
@@ -1379,13 +1508,21 @@ class ClusterAlignment:
             cache.fallback += m * int(cache.live().size)
         placed = own >= 0
         all_placed = bool(placed.all())
+        term = None if self.wz is None else self.wz[t]
         if all_placed:
-            state.add(own, z, w, sign=-1.0)
+            state.add(own, z, w, sign=-1.0, term=term)
         elif placed.any():
-            state.add(own[placed], z[placed], w[placed], sign=-1.0)
+            state.add(own[placed], z[placed], w[placed], sign=-1.0, term=None if term is None else term[placed])
         slots = state.active()
-        new_gain = self._new_gain(z, slots)
-        gain = self._exact_gain(z, slots)
+        if self.wz is not None:  # (every step exact: the client's z^2 and 2 z computed once)
+            squared = self.z_squared[t]
+            new_gain = self._new_gain(z, slots, squared)
+            inv_var, scaled_centre, centre_norm, log_det = state.fresh_parts(slots)
+            quad = squared @ inv_var.T - self.z_doubled[t] @ scaled_centre.T + centre_norm  # as _loglik_from_parts
+            gain = (-0.5 * np.maximum(quad, 0.0) - log_det - 0.5 * self.dim * _LOG_2PI) + self.popularity_logit(slots)
+        else:
+            new_gain = self._new_gain(z, slots)
+            gain = self._exact_gain(z, slots)
         k = slots.size
         # (a small problem is solved sooner than certified: the same answer, see _certified_choice)
         cols = _certified_choice(gain, gain, new_gain) if self.solver == "fast" and k > _DIRECT_COLUMNS else None
@@ -1402,7 +1539,7 @@ class ClusterAlignment:
             rows = np.arange(m)
         if cols.max() < k:  # (the common case: every prompt to an existing cluster)
             chosen = slots[cols]
-            state.add(chosen, z, w)
+            state.add(chosen, z, w, term=term)
             moved = chosen != own
             if not all_placed or moved.any():
                 before = own.copy()
@@ -1427,7 +1564,7 @@ class ClusterAlignment:
             opening = int((~stays).sum())
             free = state.free_slots(opening + int(stays.sum()))
             chosen[fresh_rows[~stays]] = free[~np.isin(free, previous[stays])][:opening]
-        state.add(chosen, z, w)
+        state.add(chosen, z, w, term=term)
         if fresh_rows.size:
             self.refresh_nets(chosen[fresh_rows])
         moved = chosen != own
@@ -1465,7 +1602,13 @@ class ClusterAlignment:
         position[slots] = np.arange(slots.size)
         rows = position[self.labels]
         z_all = self.z_all
-        rss = _ordered_sums(rows, slots.size, dim, lambda at, to: (z_all[at] - centres_np[to]) ** 2)
+
+        def residuals(at: np.ndarray, to: int, out: np.ndarray) -> None:
+            np.take(z_all, at, axis=0, out=out)
+            np.subtract(out, centres_np[to], out=out)
+            np.square(out, out=out)
+
+        rss = _ordered_sums(rows, slots.size, dim, lambda at, to: (z_all[at] - centres_np[to]) ** 2, fill=residuals)
         centres = torch.from_numpy(centres_np.astype(np.float32))
         rss_t = torch.from_numpy(rss.astype(np.float32))
         counts = torch.from_numpy(state.members[slots].astype(np.float32))
@@ -1520,8 +1663,17 @@ class ClusterAlignment:
             Accumulated in client order, the order of a loop over clients (:func:`_ordered_rounds`).
             """
             w_all = self.w_all
+
+            def weighted(at: np.ndarray, _: int, out: np.ndarray) -> None:
+                rows = kept[at]
+                np.multiply(w_all[rows, None], values[rows], out=out)
+
             sums = _ordered_sums(
-                labels[kept], slots.size, values.shape[1], lambda at, _: w_all[kept[at], None] * values[kept[at]]
+                labels[kept],
+                slots.size,
+                values.shape[1],
+                lambda at, _: w_all[kept[at], None] * values[kept[at]],
+                fill=weighted,
             )
             return sums / state.weight[slots, None]
 
