@@ -13,8 +13,9 @@ from __future__ import annotations
 import logging
 
 import pytest
-from flwr.app import Message, MessageType, MetricRecord
+from flwr.app import Context, Message, MessageType, MetricRecord, RecordDict
 
+from fedprime_core.config import config_to_dict
 from fedprime_protocol.messages import EVALUATE_FIRST, EVALUATION
 from tests.loopback import LoopbackGrid, history, run_dir_of
 from tests.loopback import run_server as run
@@ -114,9 +115,6 @@ class BadCarriedEvaluations(LoopbackGrid):
 
 
 def test_a_bad_carried_evaluation_is_rejected_alone_and_the_training_counts(quick_config, caplog):
-    from fedprime_core.config import config_to_dict
-    from flwr.app import Context, RecordDict
-
     from server_app.app import main as server_main
 
     caplog.set_level(logging.WARNING, logger="flwr")
