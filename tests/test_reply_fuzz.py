@@ -193,6 +193,33 @@ def test_evaluate_replies_are_parsed_too():
     assert np.isfinite(list(out.values())).all()
 
 
+def test_evaluations_carried_in_train_replies_are_parsed_the_same_way():
+    """The client-side evaluation a train reply carries (``evaluate-first``) meets the evaluate reply's parser."""
+    from flwr.app import Message, MetricRecord, RecordDict
+
+    with tempfile.TemporaryDirectory() as tmp:
+        round_ = ReplyRound("fed-intra", Path(tmp) / "fuzz")
+        sent = round_.sent
+
+        def reply(node, metrics):
+            return Message(content=RecordDict({"evaluation": MetricRecord(metrics)}), reply_to=sent[node - 1])
+
+        good = {"num-examples": 10, "loss": 1.0, "accuracy": 0.5, "macro_f1": 0.4, "micro_f1": 0.5}
+        replies = [
+            reply(1, good),
+            reply(2, {**good, "accuracy": 0.7}),
+            reply(3, {**good, "num-examples": 2**62}),  # would take over the mean
+            reply(4, {**good, "accuracy": [0.5, 0.5]}),  # a list where a number belongs
+        ]
+        carried = frozenset(m.metadata.message_id for m in sent)
+        out = round_.strategy.aggregate_evaluate(1, replies, carried)
+        assert sorted(round_.strategy.evaluated) == ["node-1", "node-2"]  # nodes 3 and 4 rejected
+        # Not carried (a plain evaluate reply is read from "metrics"): nothing parses.
+        assert round_.strategy.aggregate_evaluate(1, replies) is None
+    assert out["num-examples"] == 20 and out["accuracy"] == pytest.approx(0.6)
+    assert np.isfinite(list(out.values())).all()
+
+
 def test_a_site_with_a_client_id_the_server_would_refuse_is_told_at_home():
     from fedprime_core.config import ConfigError
     from fedprime_core.node import node_client
