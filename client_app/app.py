@@ -119,10 +119,18 @@ def train(msg: Message, context: Context) -> Message:
     site = site_for(context.node_config, context.run_id)
     server_round = read_server_round(msg.content)
     state = read_arrays(msg.content)
-    evaluation = None
+    evaluation, evaluation_error = None, None
     if (evaluated_round := read_evaluate_first(msg.content)) is not None:
-        evaluation, _ = site.evaluate(setup, state)
-        LOGGER.debug("round %d's state evaluated before training round %d", evaluated_round, server_round)
+        # A failed evaluation costs that evaluation only, as a failed evaluate message would: train anyway.
+        try:
+            evaluation, _ = site.evaluate(setup, state)
+            LOGGER.debug("round %d's state evaluated before training round %d", evaluated_round, server_round)
+        except WorkerFailure as exc:
+            LOGGER.error("evaluating round %d's state failed (in the site worker): %s", evaluated_round, exc.reason)
+            evaluation_error = exc.reason
+        except Exception as exc:  # noqa: BLE001 - reported with the training's reply
+            LOGGER.exception("evaluating round %d's state failed", evaluated_round)
+            evaluation_error = exception_reason(exc)
     outcome = site.train(setup, state, server_round)
     new_state, metrics, usage = inject_fault(
         cfg.fault_plan, _partition(context), server_round, outcome.state, dict(outcome.metrics), outcome.usage
@@ -143,6 +151,7 @@ def train(msg: Message, context: Context) -> Message:
         wire_dtype=cfg.wire_dtype,
         reference=state if cfg.upload_delta else None,
         evaluation=evaluation,
+        evaluation_error=evaluation_error,
     )
     return Message(content=content, reply_to=msg)
 

@@ -37,7 +37,9 @@ Client -> server (train reply):
                   ``num-train``, ``num-val``, ``mixture``, the ``backbone-fingerprint``
                   and the ``labels-fingerprint`` (of its class list).
     ``"evaluation"`` MetricRecord, only when the train message said ``evaluate-first``: what
-                  an evaluate reply's ``"metrics"`` holds, for the arrays as received.
+                  an evaluate reply's ``"metrics"`` holds, for the arrays as received; where
+                  that evaluation failed, ``"evaluation-error"`` ConfigRecord ``{"reason": ...}``
+                  instead (the training is unaffected).
 
 Client -> server (evaluate reply): ``"metrics"`` with ``num-examples``, ``loss``,
 ``accuracy``, ``macro_f1``, ``micro_f1`` of the client's validation split and the same,
@@ -90,6 +92,8 @@ ARRAYS, CONFIG, METRICS, USAGE, CLIENT, WIRE = "arrays", "config", "metrics", "u
 EVALUATION = "evaluation"
 #: The train message's config key asking for that evaluation; its value is the round whose state was sent.
 EVALUATE_FIRST = "evaluate-first"
+#: The ConfigRecord of a train reply whose evaluation failed (``reason``: one line); the training still counts.
+EVALUATION_ERROR = "evaluation-error"
 #: The ConfigRecord of an identity reply that says whether a site's data can be trained on.
 SITE_CHECK = "site-check"
 PATTERN_USAGE = "pattern-usage"
@@ -220,6 +224,7 @@ def train_reply_content(
     wire_dtype: str = "float32",
     reference: Mapping[str, np.ndarray] | None = None,
     evaluation: Mapping[str, float | int] | None = None,
+    evaluation_error: str | None = None,
 ) -> RecordDict:
     """The RecordDict a client returns after training.
 
@@ -234,6 +239,7 @@ def train_reply_content(
             ``state - reference`` (``upload-delta``).
         evaluation: the metrics of the arrays as received, when the message said
             ``evaluate-first`` (the ``"evaluation"`` record, as :func:`evaluate_reply_content` writes it).
+        evaluation_error: why that evaluation failed (the ``"evaluation-error"`` record).
 
     Raises:
         fedprime_core.wire.WireRangeError: a finite value does not fit ``wire_dtype``.
@@ -250,6 +256,8 @@ def train_reply_content(
         )
     if evaluation is not None:
         content[EVALUATION] = _metric_record(evaluation)
+    if evaluation_error is not None:
+        content[EVALUATION_ERROR] = ConfigRecord({"reason": evaluation_error})
     return RecordDict(content)
 
 
@@ -412,6 +420,9 @@ def parse_evaluate_reply(
         return None, f"client error: {message.error.reason}"
     record = message.content.metric_records.get(record_name)
     if record is None:
+        failed = message.content.config_records.get(EVALUATION_ERROR) if record_name == EVALUATION else None
+        if failed is not None:
+            return None, f"the client's evaluation failed: {clean_line(failed.get('reason', ''), 300)}"
         return None, f"reply has no '{record_name}' MetricRecord"
     metrics, reasons = parse_evaluate_metrics(dict(record), limits)
     if reasons:

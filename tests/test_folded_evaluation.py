@@ -157,3 +157,24 @@ def test_a_resume_after_a_kill_in_the_carrying_round_still_evaluates_the_round_b
     run(reference)
     assert same_scores(records[1], rounds(reference)[1])
     assert same_scores(records[2], rounds(reference)[2])
+
+
+def test_a_client_whose_evaluation_fails_still_trains_and_says_why(quick_config, monkeypatch, caplog):
+    from fedprime_core.site_worker import LocalSite
+
+    evaluate = LocalSite.evaluate
+
+    def out_of_memory_on_client_1(self, setup, state):
+        if setup.node.client_id == "1":
+            raise RuntimeError("out of memory")
+        return evaluate(self, setup, state)
+
+    monkeypatch.setattr(LocalSite, "evaluate", out_of_memory_on_client_1)
+    caplog.set_level(logging.WARNING, logger="flwr")
+    cfg = quick_config(run_name="eval-fails", num_server_rounds=2, **SETTINGS)
+    run(cfg)
+    records = rounds(cfg)
+    assert records[2]["accepted"] == 3  # its training counted although the evaluation before it failed
+    assert sorted(records[1]["client-eval-per-client"]) == ["0", "2"]
+    expected = "rejected evaluate reply from node 2: the client's evaluation failed: RuntimeError: out of memory"
+    assert expected in caplog.text
