@@ -140,8 +140,9 @@ def measure(model: str, mode: str, args, work: Path, plan: dict[str, Any]) -> di
     evaluated: dict[int, dict[str, float]] = {}
     for record in records:
         where = int(record.get("client-eval-in-round", record["round"]))
+        carried = evaluated.setdefault(where, {})
         for c, m in record.get("client-eval-per-client", {}).items():
-            evaluated.setdefault(where, {})[c] = evaluated.get(where, {}).get(c, 0.0) + float(m["eval-seconds"])
+            carried[c] = carried.get(c, 0.0) + float(m["eval-seconds"])
     rounds = []
     for record in records:
         rnd = record["round"]

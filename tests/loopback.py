@@ -11,7 +11,7 @@ end-to-end tests (`test_e2e_*.py`) run the same apps under real `flwr run`.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 from uuid import uuid4
@@ -117,6 +117,21 @@ class LoopbackGrid(Grid):
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
         ids = list(self.push_messages(messages))
         return list(self.pull_messages(ids))
+
+
+def kill_the_server_in_round(monkeypatch: Any, server_round: int) -> Callable[[], None]:
+    """Make the ServerApp die (``KeyboardInterrupt``) as it pushes round ``server_round``'s messages; returns
+    what undoes it (then a resume can run the round)."""
+    original = LoopbackGrid.push_messages
+
+    def dies(self: LoopbackGrid, messages: Iterable[Message]) -> Iterable[str]:
+        messages = list(messages)
+        if messages and messages[0].content["config"].get("server-round") == server_round:
+            raise KeyboardInterrupt(f"server killed during round {server_round}")
+        return original(self, messages)
+
+    monkeypatch.setattr(LoopbackGrid, "push_messages", dies)
+    return lambda: monkeypatch.setattr(LoopbackGrid, "push_messages", original)
 
 
 def run_server(cfg: Any, num_nodes: int | None = None, **grid_options: Any) -> LoopbackGrid:

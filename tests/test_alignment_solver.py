@@ -79,14 +79,16 @@ EXACTNESS = {
 }
 
 
-def run_engine(round_, regime, engine=ClusterAlignment, **kwargs):
-    """The engine behind ``align_prompts`` on a planted round (kept, to look at its cluster state)."""
+def run_engine(round_, regime, engine=ClusterAlignment, features=None, **kwargs):
+    """The engine behind ``align_prompts`` on a planted round (kept, to look at its cluster state); ``features``:
+    what the alignment compares instead of the prompts (``align-on``)."""
     inputs = _check_inputs(
         round_["prompts"],
         None,
         round_["keys"],
         round_["init"] if regime["start"] == "warm" else None,
         round_["usage"],
+        features,
     )
     aligner = engine(
         inputs,
@@ -374,28 +376,8 @@ NARROW = {
 def test_narrow_features_every_step_exact_matches_the_dense_solver_bit_for_bit(name):
     args, regime = NARROW[name]
     round_ = planted_round(**args)
-    runs = {}
-    for solver in ("fast", "dense"):
-        inputs = _check_inputs(
-            round_["prompts"],
-            None,
-            round_["keys"],
-            round_["init"] if regime["start"] == "warm" else None,
-            round_["usage"],
-            round_["features"],
-        )
-        engine = ClusterAlignment(
-            inputs,
-            popularity=regime.get("popularity", "learned"),
-            hidden=128,
-            lr=1e-2,
-            grad_steps=10,
-            min_scale=0.02,
-            seed=11,
-            solver=solver,
-        )
-        runs[solver] = (engine, engine.run(5, None, time.perf_counter()))
-    (fast_engine, fast), (dense_engine, dense) = runs["fast"], runs["dense"]
+    fast_engine, fast = run_engine(round_, regime, solver="fast", features=round_["features"])
+    dense_engine, dense = run_engine(round_, regime, solver="dense", features=round_["features"])
     assert fast_engine.wz is not None  # the narrow path (every step exact, fresh parts) was taken
     assert_same_alignment(fast, dense)
     np.testing.assert_array_equal(fast_engine.state.sums, dense_engine.state.sums)

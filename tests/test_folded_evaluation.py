@@ -17,7 +17,7 @@ from flwr.app import Context, Message, MessageType, MetricRecord, RecordDict
 
 from fedprime_core.config import config_to_dict
 from fedprime_protocol.messages import EVALUATE_FIRST, EVALUATION
-from tests.loopback import LoopbackGrid, history, run_dir_of
+from tests.loopback import LoopbackGrid, history, kill_the_server_in_round, run_dir_of
 from tests.loopback import run_server as run
 
 SETTINGS = dict(fraction_evaluate=1.0, server_eval=False, client_test_samples=24, eval_every=1)
@@ -135,20 +135,12 @@ def test_a_resume_after_a_kill_in_the_carrying_round_still_evaluates_the_round_b
     settings = dict(num_server_rounds=2, **SETTINGS)
     cfg = quick_config(run_name="killed", **settings)
     folder = run_dir_of(cfg)
-    original = LoopbackGrid.push_messages
-
-    def dies_in_round_two(self, messages):
-        messages = list(messages)
-        if messages and messages[0].content["config"].get("server-round") == 2:
-            raise KeyboardInterrupt("server killed during round 2")
-        return original(self, messages)
-
-    monkeypatch.setattr(LoopbackGrid, "push_messages", dies_in_round_two)
+    revive = kill_the_server_in_round(monkeypatch, 2)
     with pytest.raises(KeyboardInterrupt):
         run(cfg)
     saved = rounds(cfg)
     assert saved[1]["client-eval-pending"] is True and "client-eval" not in saved[1]
-    monkeypatch.setattr(LoopbackGrid, "push_messages", original)
+    revive()
     grid = run(quick_config(run_name="ignored", resume=str(folder), **settings))
     assert {m.content["config"].get(EVALUATE_FIRST) for m in by_round(grid, MessageType.TRAIN)[2]} == {1}
     records = rounds(cfg)

@@ -171,23 +171,27 @@ def test_two_nodes_claiming_one_client_id_do_not_both_count():
     assert same_outcome(outcome, baseline("fed-intra"))
 
 
-def test_evaluate_replies_are_parsed_too():
+def evaluation_replies(round_: ReplyRound, record: str, fourth: dict[str, Any]) -> list:
+    """Evaluation replies of the four nodes to ``round_``'s messages, in the MetricRecord ``record``: two honest
+    ones (accuracy 0.5 and 0.7, 10 samples each), a count that would take over the mean, and node 4's ``fourth``."""
     from flwr.app import Message, MetricRecord, RecordDict
 
+    def reply(node, metrics):
+        return Message(content=RecordDict({record: MetricRecord(metrics)}), reply_to=round_.sent[node - 1])
+
+    good = {"num-examples": 10, "loss": 1.0, "accuracy": 0.5, "macro_f1": 0.4, "micro_f1": 0.5}
+    return [
+        reply(1, good),
+        reply(2, {**good, "accuracy": 0.7}),
+        reply(3, {**good, "num-examples": 2**62}),  # would take over the mean
+        reply(4, {**good, **fourth}),
+    ]
+
+
+def test_evaluate_replies_are_parsed_too():
     with tempfile.TemporaryDirectory() as tmp:
         round_ = ReplyRound("fed-intra", Path(tmp) / "fuzz")
-        sent = round_.sent
-
-        def reply(node, metrics):
-            return Message(content=RecordDict({"metrics": MetricRecord(metrics)}), reply_to=sent[node - 1])
-
-        good = {"num-examples": 10, "loss": 1.0, "accuracy": 0.5, "macro_f1": 0.4, "micro_f1": 0.5}
-        replies = [
-            reply(1, good),
-            reply(2, {**good, "accuracy": 0.7}),
-            reply(3, {**good, "num-examples": 2**62}),  # would take over the mean
-            reply(4, {**good, "accuracy": float("inf")}),
-        ]
+        replies = evaluation_replies(round_, "metrics", {"accuracy": float("inf")})
         out = round_.strategy.aggregate_evaluate(1, replies)
     assert out["num-examples"] == 20 and out["accuracy"] == pytest.approx(0.6)
     assert np.isfinite(list(out.values())).all()
@@ -195,23 +199,10 @@ def test_evaluate_replies_are_parsed_too():
 
 def test_evaluations_carried_in_train_replies_are_parsed_the_same_way():
     """The client-side evaluation a train reply carries (``evaluate-first``) meets the evaluate reply's parser."""
-    from flwr.app import Message, MetricRecord, RecordDict
-
     with tempfile.TemporaryDirectory() as tmp:
         round_ = ReplyRound("fed-intra", Path(tmp) / "fuzz")
-        sent = round_.sent
-
-        def reply(node, metrics):
-            return Message(content=RecordDict({"evaluation": MetricRecord(metrics)}), reply_to=sent[node - 1])
-
-        good = {"num-examples": 10, "loss": 1.0, "accuracy": 0.5, "macro_f1": 0.4, "micro_f1": 0.5}
-        replies = [
-            reply(1, good),
-            reply(2, {**good, "accuracy": 0.7}),
-            reply(3, {**good, "num-examples": 2**62}),  # would take over the mean
-            reply(4, {**good, "accuracy": [0.5, 0.5]}),  # a list where a number belongs
-        ]
-        carried = frozenset(m.metadata.message_id for m in sent)
+        replies = evaluation_replies(round_, "evaluation", {"accuracy": [0.5, 0.5]})  # a list where a number belongs
+        carried = frozenset(m.metadata.message_id for m in round_.sent)
         out = round_.strategy.aggregate_evaluate(1, replies, carried)
         assert sorted(round_.strategy.evaluated) == ["node-1", "node-2"]  # nodes 3 and 4 rejected
         # Not carried (a plain evaluate reply is read from "metrics"): nothing parses.

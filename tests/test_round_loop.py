@@ -17,7 +17,7 @@ from flwr.app import MessageType
 from fedprime_core.config import ConfigError
 from fedprime_core.failures import RunFailed
 from fedprime_core.results import load_checkpoint
-from tests.loopback import LoopbackGrid, history, loopback_strategy, run_dir_of
+from tests.loopback import history, kill_the_server_in_round, loopback_strategy, run_dir_of
 from tests.loopback import run_server as run
 
 
@@ -32,22 +32,14 @@ def resume_after_a_kill_in_round_two(quick_config, monkeypatch, tag: str) -> Non
     cfg = quick_config(run_name=f"resumable-{tag}", **settings)
     folder = run_dir_of(cfg)
 
-    original = LoopbackGrid.push_messages
-
-    def dies_in_round_two(self, messages):
-        messages = list(messages)
-        if messages and messages[0].content["config"].get("server-round") == 2:
-            raise KeyboardInterrupt("server killed during round 2")
-        return original(self, messages)
-
-    monkeypatch.setattr(LoopbackGrid, "push_messages", dies_in_round_two)
+    revive = kill_the_server_in_round(monkeypatch, 2)
     with pytest.raises(KeyboardInterrupt):
         run(cfg)
     _, meta = load_checkpoint(folder)
     assert meta["round"] == 1
     slots = meta["inter-pool"]["slots"]
     assert len(slots) == 3 and all(s != list(range(cfg.tau)) for s in slots.values()), "personal slots to restore"
-    monkeypatch.setattr(LoopbackGrid, "push_messages", original)
+    revive()
     resumed = quick_config(run_name="ignored", resume=str(folder), **settings)
     grid = run(resumed)
     rounds = [r["round"] for r in history(cfg)]
