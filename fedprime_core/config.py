@@ -387,6 +387,17 @@ OPTIONS: tuple[Option, ...] = (
         min=0,
     ),
     Option(
+        "align-theta-steps",
+        int,
+        50,
+        "inter-merge=align: Adam steps of the alignment's scale and popularity nets per theta-step. "
+        "Fewer leave the learned per-cluster scale far from the spread of the prompts around their centres "
+        "(with 10, scales that overshoot to their floor split clusters: issue 29). Runs made before the key "
+        "existed used 10 (it acts on runs that align: methods with personal inter pools, inter-merge=align).",
+        min=1,
+        earlier=lambda stored: 10 if _aligned(stored) else 50,
+    ),
+    Option(
         "pfpt-steps",
         str,
         "per-client",
@@ -720,6 +731,7 @@ class RunConfig:
     align_on: str = "prompt"
     inter_pool_max: int = 100
     align_sweeps: int = 0
+    align_theta_steps: int = 50
     pfpt_steps: str = "per-client"
     map_prompt_length: int = 16
     map_prompt_depth: int = 6
@@ -753,6 +765,11 @@ class RunConfig:
     max_client_examples: int = 1000000
     num_workers: int = 0
     fault_plan: str = ""
+
+
+def _aligned(stored: Mapping[str, Any]) -> bool:
+    """Whether a run with the stored config aligned its inter prompts (personal inter pools, inter-merge=align)."""
+    return stored.get("method", "fedprime") in PERSONALISED_METHODS and stored.get("inter-merge", "align") == "align"
 
 
 def stored_value(stored: Mapping[str, Any], key: str) -> Any:

@@ -249,6 +249,7 @@ class FedPrimeStrategy(FedAvg):
             inter_merge=self.cfg.inter_merge,
             align_start=self.cfg.align_start,
             align_on=self.cfg.align_on,
+            align_theta_steps=self.cfg.align_theta_steps,
             pfpt_steps=self.cfg.pfpt_steps,
         )
         report = self.model.aggregate(updates, settings)

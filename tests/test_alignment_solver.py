@@ -39,7 +39,9 @@ FROZEN = json.loads((Path(__file__).parent / "data" / "alignment_frozen.json").r
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_assignments_are_those_of_the_engine_before_the_fast_solver(name, solver):
     args, regime = CASES[name]
-    result = align_case(planted_round(**args), regime, solver=solver)
+    # (frozen with the engine's theta-step budget of then, 10 Adam steps: what is held here is
+    # the solver's answer to a fixed problem, not the default budget, which issue 29 raised)
+    result = align_case(planted_round(**args), regime, solver=solver, grad_steps=10)
     frozen = FROZEN[name]
     assert [a.tolist() for a in result.assignments] == frozen["assignments"]
     assert result.source_labels.tolist() == frozen["source-labels"]
@@ -264,11 +266,8 @@ def test_bounds_settle_almost_every_step_of_a_warm_round():
     assert result.hungarian_calls <= 0.05 * result.client_steps
 
 
-#: Least ARI per regime on the planted round below. align-on=usage compares 3 numbers per
-#: prompt: with the scale net starting near one standard deviation and 10 Adam steps per
-#: theta-step, 5 sweeps do not separate every planted profile (0.93 on this round, either
-#: solver; benchmarks/README.md has denser grids); its bound guards against regressions.
-REGIME_ARI = {"warm": 0.95, "cold": 0.95, "independent": 0.95, "delta": 0.95, "usage": 0.9}
+#: Least ARI per regime on the planted round below (align-on=usage compares 3 numbers per prompt).
+REGIME_ARI = {"warm": 0.95, "cold": 0.95, "independent": 0.95, "delta": 0.95, "usage": 0.95}
 
 
 @pytest.mark.parametrize("regime", sorted(REGIME_ARI))
@@ -461,3 +460,47 @@ def test_centred_mean_square_is_numpys_mean_of_the_squares(shape):
     got = _centred_mean_square(values, offset)
     np.testing.assert_array_equal(values, expected)  # centred in place
     assert got == reference
+
+
+@pytest.mark.parametrize("start", ["warm", "cold"])
+def test_usage_profiles_on_a_grid_are_recovered_at_two_hundred_clients(start):
+    """align-on=usage: 32 retrieval profiles on a simplex grid, 20 noise sd apart, 200 clients x 20 slots.
+
+    With 10 Adam steps per theta-step (the budget before issue 29) the learned scales of some
+    clusters overshot to their floor and split them: ARI 0.95-0.97 warm, 0.82-0.89 cold on these
+    rounds. With the default budget the scale reaches the profiles' spread.
+    """
+    side = 8
+    grid = np.array([(i, j, side - 1 - i - j) for i in range(side) for j in range(side - i)], float)[:32] / (side - 1)
+    for seed in (0, 1, 2):
+        round_ = planted_round(n=200, tau=20, centres=32, dim=16, moved=0.05, seed=seed)
+        rng = np.random.default_rng(seed)
+        features = [grid[t] + 0.01 * rng.normal(size=(t.size, 3)) for t in round_["truth"]]
+        result = align_prompts(
+            round_["prompts"],
+            client_keys=round_["keys"],
+            init_assignments=round_["init"] if start == "warm" else None,
+            prompt_weights=round_["usage"],
+            client_features=features,
+            seed=11,
+        )
+        ari = adjusted_rand_index(np.concatenate(result.assignments), np.concatenate(round_["truth"]))
+        assert ari >= 0.95, (seed, ari)
+
+
+def test_the_alignment_runs_on_one_thread_whatever_the_callers_thread_count():
+    """Same answer, bit for bit, from a caller on 1 or 2 threads, and the caller's count is restored."""
+    import torch
+
+    round_ = planted_round(**CASES["warm-20x10-moved"][0])
+    before = torch.get_num_threads()
+    results = []
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            results.append(align_case(round_, {"start": "warm"}))
+            assert torch.get_num_threads() == threads
+    finally:
+        torch.set_num_threads(before)
+    assert_same_alignment(*results)
+    assert results[0].objective_trace == results[1].objective_trace

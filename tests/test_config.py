@@ -213,3 +213,34 @@ def test_the_minimal_profile_sets_low_rank_head_and_pooler_on_top_of_lean():
         parse_run_config({"comm-profile": "minimal", "exchange-pooler": "false"})
     frozen = parse_run_config({"comm-profile": "minimal", "exchange-pooler": "false", "pooler-rank": 0})
     assert (frozen.exchange_pooler, frozen.pooler_rank, frozen.head_rank) == (False, 0, 16)
+
+
+@pytest.mark.parametrize(
+    "overrides, before",
+    [
+        ({}, 10),
+        ({"method": "fed-inter"}, 10),
+        ({"inter-merge": "position"}, 50),
+        ({"method": "pfpt"}, 50),
+        ({"method": "fedavg-p"}, 50),
+    ],
+)
+def test_runs_from_before_align_theta_steps_aligned_with_ten_steps(overrides, before):
+    """A run folder without ``align-theta-steps``: 10 where the run aligned, else the key changed nothing."""
+    from fedprime_core.config import stored_value
+    from fedprime_core.tools.experiments.plan import stale_settings
+
+    now = config_to_dict(parse_run_config(overrides))
+    assert now["align-theta-steps"] == 50
+    older = {k: v for k, v in now.items() if k != "align-theta-steps"}  # a config.json from before
+    assert stored_value(older, "align-theta-steps") == before
+    expected = [] if before == 50 else ["'align-theta-steps' (10 in the run folder, 50 in the grid)"]
+    assert stale_settings(now, older) == expected
+    assert stale_settings({**now, "align-theta-steps": 10}, older) == (
+        [] if before == 10 else ["'align-theta-steps' (50 in the run folder, 10 in the grid)"]
+    )
+
+
+def test_align_theta_steps_must_be_positive():
+    with pytest.raises(ConfigError, match="align-theta-steps"):
+        parse_run_config({"align-theta-steps": 0})

@@ -347,3 +347,26 @@ def test_cold_clusters_keep_the_ids_their_members_held():
     assert names.tolist() == [11, 7, -1, -1]
     names = _name_clusters(assignments, started, weights, num=4, names=np.full(4, -1), candidates={7, 11})
     assert names.tolist() == [-1, 7, 11, -1]
+
+
+def test_the_theta_step_budget_reaches_the_alignment():
+    """``theta_steps`` (``align-theta-steps``) is the aligner's Adam budget: the objective it reaches moves with it."""
+    from fedprime_core.method.aggregation import align_prompts
+
+    pool, centres, keys = planted_pool()
+    pool, updates, _ = permuted_round(pool, centres, keys, num_clients=8)
+    objectives = {}
+    for steps in (1, 50):
+        aligned, report = aggregate_inter_pool(pool, updates, mode="align", max_size=20, seed=0, theta_steps=steps)
+        assert aligned.size == TAU and report["inter-clusters-opened"] == 0  # the planted contents either way
+        objectives[steps] = report["inter-align-objective"]
+    assert objectives[50] > objectives[1]  # more steps climb further up the likelihood
+    direct = align_prompts(
+        [u.prompts.reshape(TAU, -1) for u in updates],
+        client_keys=[u.keys for u in updates],
+        init_assignments=[pool.index_of(pool.slots[u.client]) for u in updates],
+        prompt_weights=[u.usage.astype(float) for u in updates],
+        seed=0,
+        grad_steps=50,
+    )
+    assert objectives[50] == pytest.approx(direct.objective, rel=1e-6)

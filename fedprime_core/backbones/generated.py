@@ -1,7 +1,7 @@
 """What the generated tiny backbones (``tiny-vilt``, :mod:`.tiny`; ``tiny-bert``, :mod:`.tiny_bert`) share.
 
 Both are small ``transformers`` models pretrained offline on a generated, unlabeled caption
-corpus by :func:`pretrain` (seeded, one CPU thread: :func:`single_thread`), recorded with
+corpus by :func:`pretrain` (seeded, one CPU thread: :func:`~fedprime_core.devices.single_thread`), recorded with
 :func:`made_with`, shipped as weights (:mod:`.shipped`) and unpacked once per machine into
 ``$FEDPRIME_CACHE`` by :func:`ensure_tiny` (generated instead when the package has no weights).
 """
@@ -32,23 +32,6 @@ LOGGER = logging.getLogger(__name__)
 def fedprime_cache_dir() -> Path:
     """Where generated models live: ``$FEDPRIME_CACHE`` or ``~/.cache/fedprime``."""
     return Path(os.environ.get("FEDPRIME_CACHE", Path.home() / ".cache" / "fedprime"))
-
-
-@contextlib.contextmanager
-def single_thread() -> Iterator[None]:
-    """Run torch on one CPU thread inside the block.
-
-    The generators run on one thread: a reduction's order, hence the last bits of the
-    result, then does not depend on the machine's core count, and a model this small
-    gains nothing from more threads (oversubscribed threads on a busy machine made
-    generation 10x slower: 572 s instead of 49 s, measured on this project's 2 cores).
-    """
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 def made_with(generator: str, **extra: Any) -> dict[str, Any]:

@@ -34,7 +34,8 @@ import torch
 from torch import nn
 from transformers import ViltConfig, ViltModel
 
-from .generated import ensure_tiny, made_with, masked_tokens, pretrain, single_thread
+from ..devices import single_thread
+from .generated import ensure_tiny, made_with, masked_tokens, pretrain
 from .kinds import TINY_VILT
 from .vilt import make_image_processor
 
@@ -135,7 +136,7 @@ def _tiny_vilt_io() -> tuple[Any, Any]:
 def generate_tiny_vilt(steps: int = PRETRAIN_STEPS) -> tuple[ViltModel, Any, Any, dict[str, Any]]:
     """Build and pretrain ``tiny-vilt`` from scratch: ``(model, tokenizer, image_processor, made_with)``.
 
-    Seeded and run on one CPU thread (:func:`single_thread`): the same torch build and CPU
+    Seeded and run on one CPU thread (:func:`~fedprime_core.devices.single_thread`): the same torch build and CPU
     give the same weights bit for bit.
     """
     tokenizer, image_processor = _tiny_vilt_io()

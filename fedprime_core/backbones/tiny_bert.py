@@ -17,7 +17,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .generated import ensure_tiny, made_with, masked_tokens, pretrain, single_thread
+from ..devices import single_thread
+from .generated import ensure_tiny, made_with, masked_tokens, pretrain
 from .kinds import TINY_BERT
 
 LOGGER = logging.getLogger(__name__)

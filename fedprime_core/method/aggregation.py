@@ -68,6 +68,8 @@ import torch
 from scipy.optimize import linear_sum_assignment
 from torch import nn
 
+from ..devices import single_thread
+
 _LOG_2PI = float(np.log(2.0 * np.pi))
 _INFEASIBLE = -1.0e30
 #: Rows per block when a pass over all prompts is chunked (bounds the temporaries to ~25 MB at D = 768).
@@ -1730,7 +1732,7 @@ def align_prompts(
     popularity: str = "learned",
     hidden: int = 128,
     lr: float = 1e-2,
-    grad_steps: int = 10,
+    grad_steps: int = 50,
     min_scale: float = 0.02,
     seed: int = 0,
     solver: str = "fast",
@@ -1762,9 +1764,15 @@ def align_prompts(
             count-based rule; see the module docstring).
         hidden: width of the scale and popularity nets (reference: 128).
         lr: Adam learning rate of the nets.
-        grad_steps: Adam steps per theta-step.
+        grad_steps: Adam steps per theta-step (run config ``align-theta-steps``). With 10
+            (the budget before issue 29) the learned per-cluster scales were still in
+            transit after a theta-step, some overshooting to ``min_scale``, and clusters
+            whose scale sat at the floor split (planted ``usage`` profiles: ARI 0.78);
+            50 bring them to the members' spread.
         min_scale: lower bound of the learned scale, in standardised units.
-        seed: makes client order and net initialisation deterministic.
+        seed: makes client order and net initialisation deterministic. The alignment
+            runs on one torch thread (:func:`~fedprime_core.devices.single_thread`), so
+            the answer does not depend on the caller's thread count either.
         solver: ``"fast"`` (gains of a sweep in one blocked product, the Hungarian solve
             skipped where every prompt's best cluster is its own by a proven margin) or
             ``"dense"`` (every client step against every cluster, the reference); both give
@@ -1777,15 +1785,16 @@ def align_prompts(
     inputs = _check_inputs(
         client_prompts, client_weights, client_keys, init_assignments, prompt_weights, client_features
     )
-    engine = ClusterAlignment(
-        inputs,
-        popularity=popularity,
-        hidden=hidden,
-        lr=lr,
-        grad_steps=grad_steps,
-        min_scale=min_scale,
-        seed=seed,
-        solver=solver,
-        in_place=True,
-    )
-    return engine.run(n_sweeps, max_prompts, started)
+    with single_thread():  # the nets are small: threads only cost (devices.single_thread)
+        engine = ClusterAlignment(
+            inputs,
+            popularity=popularity,
+            hidden=hidden,
+            lr=lr,
+            grad_steps=grad_steps,
+            min_scale=min_scale,
+            seed=seed,
+            solver=solver,
+            in_place=True,
+        )
+        return engine.run(n_sweeps, max_prompts, started)

@@ -221,6 +221,7 @@ class AggregationSettings:
         inter_merge: ``"align"`` (content) or ``"position"`` for personalised pools.
         align_start: ``"warm"`` (from the slots' clusters) or ``"cold"`` (from scratch).
         align_on: what the alignment compares: ``"prompt"``, ``"delta"`` or ``"usage"``.
+        align_theta_steps: Adam steps per theta-step of the alignment (``align_prompts``'s ``grad_steps``).
         pfpt_steps: ``pfpt``'s Adam schedule, ``"per-client"`` (PFPT's) or ``"per-sweep"``
             (:func:`~fedprime_core.method.pfpt.pfpt_aggregate`).
     """
@@ -231,6 +232,7 @@ class AggregationSettings:
     inter_merge: str = "align"
     align_start: str = "warm"
     align_on: str = "prompt"
+    align_theta_steps: int = 50
     pfpt_steps: str = "per-client"
 
 
@@ -325,6 +327,7 @@ def aggregate_round(
             seed=settings.seed,
             align_start=settings.align_start,
             align_on=settings.align_on,
+            theta_steps=settings.align_theta_steps,
             init=inter_init,
         )
         new_state[f"pools.{pool}.prompts"] = new_pool.prompts.copy()

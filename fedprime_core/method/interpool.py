@@ -355,6 +355,7 @@ def aggregate_inter_pool(
     seed: int = 0,
     align_start: str = "warm",
     align_on: str = "prompt",
+    theta_steps: int = 50,
     init: str = "shared",
 ) -> tuple[InterPool, dict[str, Any]]:
     """Merge the participating clients' inter prompts and give each client its new slots.
@@ -369,6 +370,7 @@ def aggregate_inter_pool(
         align_start: ``"warm"`` (from the slots' clusters) or ``"cold"`` (from scratch).
         align_on: what the alignment compares: ``"prompt"``, ``"delta"`` (change this round)
             or ``"usage"`` (retrieval profile over missing patterns; needs pattern usage).
+        theta_steps: Adam steps per theta-step of the alignment (``align-theta-steps``).
         init: how the clients' pools started (:func:`assign_slots`); with ``"independent"``
             the pool keeps only clusters merged this round or held by some client, and the
             positional merge folds every participant's own slots into the shared clusters
@@ -441,6 +443,7 @@ def aggregate_inter_pool(
             prompt_weights=[np.asarray(updates[i].usage, dtype=np.float64)[used_rows[i]] for i in active],
             client_features=features,
             n_sweeps=sweeps,
+            grad_steps=theta_steps,
             seed=seed,
         )
         naming = (
