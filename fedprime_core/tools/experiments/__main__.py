@@ -1,4 +1,4 @@
-"""``python -m fedprime_core.tools.experiments run|report|plan <grid.yaml>``."""
+"""``python -m fedprime_core.tools.experiments run|report|plan|power <grid.yaml>``."""
 
 from __future__ import annotations
 
@@ -9,9 +9,10 @@ from collections.abc import Sequence
 
 from ...config import ConfigError
 from . import __doc__ as GUIDE
-from .plan import load_plan
+from .plan import folder_settings_changed, load_plan
+from .power import format_power, pilot_power
 from .report import write_report
-from .run import cell_status, folder_settings_changed, run_plan
+from .run import cell_status, run_plan
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -20,9 +21,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         description=GUIDE,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("command", choices=("run", "report", "plan"))
+    parser.add_argument("command", choices=("run", "report", "plan", "power"))
     parser.add_argument("grid", help="a grid YAML file, e.g. experiments/smoke.yaml")
     parser.add_argument("--quiet", action="store_true", help="do not echo each run's log")
+    sizing = parser.add_argument_group("power: the pilot's paired spread and the seeds it needs (no means shown)")
+    sizing.add_argument("--table", help="the comparison table to size (default: every table of the grid)")
+    sizing.add_argument("--column", help="the column to size on (default: the table's first extra column)")
+    sizing.add_argument("--delta", type=float, default=2.0, help="smallest difference worth detecting (default 2)")
+    sizing.add_argument("--power", type=float, default=0.8, help="power of the paired t test (default 0.8)")
+    sizing.add_argument("--alpha", type=float, default=0.05, help="its two-sided level (default 0.05)")
+    sizing.add_argument("--confidence", type=float, default=0.8, help="of the sd's upper bound (default 0.8)")
     args = parser.parse_args(argv)
     try:
         plan = load_plan(args.grid)
@@ -36,6 +44,23 @@ def main(argv: Sequence[str] | None = None) -> int:
                 status = "stale"
             print(f"{status:8s} {completed:4d}  {cell.name}  [{', '.join(cell.grids)}]")
         print(f"{len(plan.cells)} cells; output {plan.output}")
+        return 0
+    if args.command == "power":
+        tables = [t for t in plan.tables if args.table in (None, t.name)]
+        if not tables:
+            names = ", ".join(t.name for t in plan.tables) or "none"
+            print(f"error: grid {args.grid} has no table {args.table!r} (its tables: {names})", file=sys.stderr)
+            return 2
+        for table in tables:
+            try:
+                result = pilot_power(plan, table, args.column, args.delta, args.power, args.alpha, args.confidence)
+            except ValueError as exc:
+                print(f"error: {exc}", file=sys.stderr)
+                return 2
+            print(format_power(result) + "\n")
+            path = plan.output / f"power-{table.name}.json"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(result, indent=2) + "\n")
         return 0
     if args.command == "run":
         records = run_plan(plan, echo=not args.quiet)

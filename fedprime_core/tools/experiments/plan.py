@@ -149,6 +149,15 @@ def stale_settings(config: Mapping[str, Any], stored: Mapping[str, Any]) -> list
     return out
 
 
+def folder_settings_changed(plan: Plan, cell: Cell) -> list[str]:
+    """:func:`stale_settings` of the cell against its run folder's ``config.json`` (none without one)."""
+    try:
+        stored = json.loads((plan.runs_dir / cell.name / "config.json").read_text())
+    except (OSError, ValueError):
+        return []
+    return stale_settings(cell.config, stored)
+
+
 def load_plan(path: str | Path) -> Plan:
     """Parse and validate a grid file; every cell's configuration is checked up front.
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -16,15 +17,32 @@ from ...config import at_profile, profile_keys, with_profile
 from ...data.missing import TEST_SETTINGS
 from ...metrics import CLIENT_TEST_PREFIX
 from ...results import top_tau_evaluation
-from .plan import BOOKKEEPING_KEYS, DEFAULTS, Cell, ExtraColumn, Plan, TableSpec
+from .plan import BOOKKEEPING_KEYS, DEFAULTS, Cell, ExtraColumn, Plan, TableSpec, folder_settings_changed
+
+LOGGER = logging.getLogger(__name__)
+#: Run folders already named as left out (each is named once per process).
+_LEFT_OUT: set[tuple[Path, str]] = set()
 
 #: The methods of the ablation table, in its row order.
 ABLATION_METHODS = ("fedavg-p", "fed-intra", "fed-inter", "fedprime")
 
 
+def _stands_for(plan: Plan, cell: Cell) -> bool:
+    """Whether the cell's run folder may stand for it: not made with other settings (a default changed since).
+
+    A folder that may not is left out of every table and plot, as the runner refuses to reuse it
+    (:func:`~.plan.folder_settings_changed`), and a warning names it.
+    """
+    changed = folder_settings_changed(plan, cell)
+    if changed and (plan.runs_dir, cell.name) not in _LEFT_OUT:
+        _LEFT_OUT.add((plan.runs_dir, cell.name))
+        LOGGER.warning("left out of the report: %s was made with other settings: %s", cell.name, "; ".join(changed))
+    return not changed
+
+
 def _summary(plan: Plan, cell: Cell) -> dict[str, Any] | None:
     path = plan.runs_dir / cell.name / "summary.json"
-    if not path.is_file():
+    if not path.is_file() or not _stands_for(plan, cell):
         return None
     summary = json.loads(path.read_text())
     return summary if summary.get("final") else None
@@ -32,7 +50,7 @@ def _summary(plan: Plan, cell: Cell) -> dict[str, Any] | None:
 
 def _history(plan: Plan, cell: Cell) -> list[dict[str, Any]]:
     path = plan.runs_dir / cell.name / "metrics.json"
-    return json.loads(path.read_text()) if path.is_file() else []
+    return json.loads(path.read_text()) if path.is_file() and _stands_for(plan, cell) else []
 
 
 def _mean_std(values: Sequence[float]) -> tuple[float, float, int]:

@@ -13,7 +13,7 @@ from typing import Any
 from ...progress import format_duration
 from ..cli import to_toml
 from ..launch import flower_env, run_flwr, stage_app, stop_marked
-from .plan import Cell, Plan, federation_args, stale_settings
+from .plan import Cell, Plan, federation_args, folder_settings_changed
 from .report import write_report
 
 
@@ -27,15 +27,6 @@ def cell_status(plan: Plan, cell: Cell) -> tuple[str, int]:
     except (OSError, ValueError):
         return "todo", 0
     return ("done" if completed >= int(cell.config["num-server-rounds"]) else "partial"), completed
-
-
-def folder_settings_changed(plan: Plan, cell: Cell) -> list[str]:
-    """:func:`~.plan.stale_settings` of the cell against its run folder's ``config.json`` (none without one)."""
-    try:
-        stored = json.loads((plan.runs_dir / cell.name / "config.json").read_text())
-    except (OSError, ValueError):
-        return []
-    return stale_settings(cell.config, stored)
 
 
 def run_cell(plan: Plan, cell: Cell, home: Path, echo: bool = True, app_dir: Path | None = None) -> dict[str, Any]:
