@@ -14,6 +14,7 @@ from fedprime_core.tools.experiments.__main__ import main
 from fedprime_core.tools.experiments.plan import cell_name, load_plan, stale_settings
 from fedprime_core.tools.experiments.report import comparison, curve_label, table_rows, varying_keys, write_report
 from fedprime_core.tools.experiments.run import cell_status, run_plan
+from tests.planted_runs import fake_run
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -169,18 +170,6 @@ def test_convergence_curves_keep_profiles_and_backbones_apart():
     assert "fedprime backbone=text-encoder model=tiny-bert inter-merge=position comm-profile=lean" in labels
     assert len(labels) == len(fedprime) // 3  # one curve per arm, the three seeds averaged
     assert all("wire-dtype" not in label for label in labels)  # the profile names its own keys
-
-
-def fake_run(plan, cell, accuracy: float, bytes_sent: float, pool: int) -> None:
-    """A finished run's summary.json and metrics.json, as the ServerApp writes them."""
-    run = plan.runs_dir / cell.name
-    run.mkdir(parents=True)
-    final = {"round": 2, "val": accuracy, **{s: accuracy for s in TEST_SETTINGS}}
-    (run / "summary.json").write_text(json.dumps({"metric": "accuracy", "final": final, "best": final}))
-    rounds = [{"round": 0, "eval": {}}] + [
-        {"round": r, "bytes-sent": bytes_sent * r * 2, "sampled": 2, "inter-pool-size": pool + r} for r in (1, 2)
-    ]
-    (run / "metrics.json").write_text(json.dumps(rounds))
 
 
 def test_comparison_tables_give_means_extras_and_paired_differences(tmp_path):

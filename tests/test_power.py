@@ -11,7 +11,7 @@ from scipy import stats
 from fedprime_core.tools.experiments.__main__ import main
 from fedprime_core.tools.experiments.plan import load_plan
 from fedprime_core.tools.experiments.power import paired_power, pilot_power, sd_upper_bound, seeds_needed
-from tests.test_experiments import fake_run
+from tests.planted_runs import fake_run
 
 
 @pytest.mark.parametrize("n, sd, delta", [(3, 1.0, 2.0), (5, 1.0, 1.0), (8, 2.0, 1.5)])
