@@ -909,8 +909,12 @@ class ClusterAlignment:
             self.pop_net = _PopularityNet(self.dim, hidden) if popularity == "learned" else None
         params = list(self.scale_net.parameters()) + (list(self.pop_net.parameters()) if self.pop_net else [])
         # (the fused update: one kernel per step instead of several passes over every tensor,
-        # 0.3 ms instead of 0.8 ms per step here; Adam's arithmetic, rounded in another order)
-        self.optimiser = torch.optim.Adam(params, lr=lr, fused=True)
+        # 0.3 ms instead of 0.8 ms per step here; Adam's arithmetic, rounded in another order.
+        # torch before 2.4 has no fused CPU Adam and refuses it: the multi-tensor update then.)
+        try:
+            self.optimiser = torch.optim.Adam(params, lr=lr, fused=True)
+        except RuntimeError:
+            self.optimiser = torch.optim.Adam(params, lr=lr, foreach=True)
         self.state = _ClusterState(self.dim, self.reserved, capacity=self.reserved + 2 * int(sizes.max()))
         self.labels = np.full(stacked.shape[0], -1, dtype=np.int64)  # every prompt's cluster slot
         self.assign = inputs.split(self.labels)  # per-client views of it
