@@ -504,3 +504,25 @@ def test_the_alignment_runs_on_one_thread_whatever_the_callers_thread_count():
         torch.set_num_threads(before)
     assert_same_alignment(*results)
     assert results[0].objective_trace == results[1].objective_trace
+
+
+def test_without_a_fused_cpu_adam_the_alignment_takes_the_multi_tensor_steps(monkeypatch):
+    """torch before 2.4 (allowed by the dependency floor) refuses ``fused=True`` on CPU tensors."""
+    import torch
+
+    real_adam = torch.optim.Adam
+    built = []
+
+    def old_torch_adam(params, **kwargs):
+        if kwargs.get("fused"):
+            raise RuntimeError("`fused=True` requires all the params to be floating point Tensors of supported devices")
+        built.append(kwargs)
+        return real_adam(params, **kwargs)
+
+    round_ = planted_round(**CASES["warm-20x10-moved"][0])
+    fused = align_case(round_, {"start": "warm"})
+    monkeypatch.setattr(torch.optim, "Adam", old_torch_adam)
+    fallback = align_case(round_, {"start": "warm"})
+    assert built and built[0].get("foreach") is True
+    for a, b in zip(fused.assignments, fallback.assignments):  # the same clusters; the nets' last bits may differ
+        np.testing.assert_array_equal(a, b)
