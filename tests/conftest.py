@@ -16,6 +16,8 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+from tests.groups import pytest_collection_modifyitems  # noqa: E402, F401 - a hook: pytest finds it here
+
 # Two torch threads on the 2-core machines the project is tested on; one per process when
 # pytest-xdist runs the fast tier in two worker processes (pytest -n 2), so they do not contend.
 torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else 2)

@@ -30,7 +30,13 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("name", sorted(CASES))
+# deployment_rounds starts a real SuperLink and SuperNodes.
+STARTS_FLOWER = {"deployment_rounds"}
+
+
+@pytest.mark.parametrize(
+    "name", [pytest.param(n, marks=pytest.mark.flower) if n in STARTS_FLOWER else n for n in sorted(CASES)]
+)
 def test_benchmark_runs_quick(name, tmp_path):
     out = tmp_path / f"{name}.json"
     cmd = [sys.executable, str(ROOT / "benchmarks" / f"{name}.py"), "--quick", "--out", str(out), *CASES[name]]

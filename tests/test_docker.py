@@ -372,6 +372,7 @@ def run_demo(env: dict[str, str], timeout: float, *flags: str) -> subprocess.Com
 
 
 @pytest.mark.slow
+@pytest.mark.flower
 def test_demo_runs_end_to_end_and_carries_on_when_a_site_is_killed(tmp_path):
     """Round 1 with all three sites; then site 3 is killed and stays down, and rounds 2 and 3
     run on the two others (min-available-nodes=2 < 3 sites: nothing waits for the dead one)."""

@@ -17,7 +17,7 @@ import pytest
 from tests.deployment import QUICK, Federation, records, wait_for_round
 from tests.processes import ROOT, marked_pids, run_checked
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.flower]
 
 
 def test_superlink_and_two_supernodes_with_different_node_configs(tmp_path, tiny_vilt):

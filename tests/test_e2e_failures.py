@@ -21,7 +21,7 @@ import pytest
 from tests.deployment import QUICK, Federation, wait_for_round
 from tests.processes import ROOT, flower_env, marked_pids, stop_marked
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.flower]
 
 # Enough rounds that the run cannot finish before a kill takes effect (a round of this size takes
 # 1-2 s; with 4 rounds a run could end while the watchdog's superlink-timeout was still counting,

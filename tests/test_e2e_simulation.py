@@ -10,7 +10,7 @@ import pytest
 
 from tests.processes import flower_env, run_checked, stop_marked
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.flower]
 
 
 def test_flwr_run_simulation_end_to_end(tmp_path, tiny_vilt):

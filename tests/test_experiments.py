@@ -90,6 +90,7 @@ def test_bad_grid_files_name_the_problem(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.flower
 def test_a_small_grid_runs_with_flwr_and_is_not_recomputed(tmp_path, tiny_vilt, capsys):
     grid = tmp_path / "tiny.yaml"
     grid.write_text(
