@@ -119,10 +119,9 @@ def test_inter_merge_align_and_position_give_different_runs(tmp_path, tiny_vilt)
         tmp_path, "align", f'method="fed-inter" inter-merge="align" align-on="usage" {common}'
     )
     position, position_state = flwr_run(tmp_path, "position", f'method="fed-inter" inter-merge="position" {common}')
-    intra, _ = flwr_run(tmp_path, "intra", f'method="fed-intra" {common}')
     # The position merge keeps tau clusters and every prompt in its slot's; the alignment moved
     # prompts between clusters, so the final global pools differ as sets of prompts, not just in order.
-    align, position, intra = ([r for r in h if r["round"] > 0] for h in (align, position, intra))
+    align, position = ([r for r in h if r["round"] > 0] for h in (align, position))
     assert [r["round"] for r in align] == [1, 2] == [r["round"] for r in position]
     assert all(r["inter-pool-size"] == 8 and r["inter-rematched"] == 0 for r in position)
     assert any(r["inter-rematched"] > 0 or r["inter-clusters-opened"] > 0 for r in align)
@@ -133,5 +132,4 @@ def test_inter_merge_align_and_position_give_different_runs(tmp_path, tiny_vilt)
 
     a, p = as_set(align_state), as_set(position_state)
     assert a.shape != p.shape or not np.allclose(a, p, atol=1e-6)
-    assert [r["train-loss"] for r in align] != [r["train-loss"] for r in intra]
     assert all("inter-specialisation-bits" in r for r in align + position)
