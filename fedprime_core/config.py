@@ -767,9 +767,18 @@ class RunConfig:
     fault_plan: str = ""
 
 
+def aligns(method: str, inter_merge: str) -> bool:
+    """Whether a run of ``method`` with ``inter_merge`` aligns its inter prompts.
+
+    Only methods with personal inter pools (:data:`PERSONALISED_METHODS`) align, and only with
+    ``inter-merge=align``; the alignment's own keys (``align-*``) act on those runs alone.
+    """
+    return method in PERSONALISED_METHODS and inter_merge == "align"
+
+
 def _aligned(stored: Mapping[str, Any]) -> bool:
-    """Whether a run with the stored config aligned its inter prompts (personal inter pools, inter-merge=align)."""
-    return stored.get("method", "fedprime") in PERSONALISED_METHODS and stored.get("inter-merge", "align") == "align"
+    """:func:`aligns` for a stored config (a run folder's config.json, keys at their defaults when absent)."""
+    return aligns(stored.get("method", "fedprime"), stored.get("inter-merge", "align"))
 
 
 def stored_value(stored: Mapping[str, Any], key: str) -> Any:
@@ -898,7 +907,7 @@ def _check_consistency(cfg: RunConfig) -> None:
             f"({', '.join(PERSONALISED_METHODS)}), not to method={cfg.method!r}; leave it at 'shared'"
         )
     for key, value, default in (("align-start", cfg.align_start, "warm"), ("align-on", cfg.align_on, "prompt")):
-        if value != default and (cfg.method not in PERSONALISED_METHODS or cfg.inter_merge != "align"):
+        if value != default and not aligns(cfg.method, cfg.inter_merge):
             raise ConfigError(
                 f"run config key {key!r} = {value!r} sets how the inter prompts are aligned, so it needs a method "
                 f"with personal inter pools ({', '.join(PERSONALISED_METHODS)}) and inter-merge='align' (got "

@@ -110,3 +110,21 @@ def test_a_run_folder_made_with_other_settings_is_left_out_of_the_reading(tmp_pa
     (row,) = result["comparisons"]
     assert row["pairs"] == 2 and row["sd"] == pytest.approx(np.std([5.0, 6.0], ddof=1))
     assert f"left out of the report: {stale.name} was made with other settings: 'lr'" in caplog.text
+
+
+def test_a_report_reads_each_run_folders_settings_once_and_again_when_they_change(tmp_path, monkeypatch):
+    from fedprime_core.tools.experiments import report
+
+    _, plan = planted_pilot(tmp_path)
+    for cell in plan.cells:  # as the runner leaves them: each folder with its settings
+        (plan.runs_dir / cell.name / "config.json").write_text(json.dumps(cell.config))
+    calls = []
+    real = report.folder_settings_changed
+    monkeypatch.setattr(report, "folder_settings_changed", lambda p, c: calls.append(c.name) or real(p, c))
+    pilot_power(plan, plan.tables[0], column="full-modal")
+    pilot_power(plan, plan.tables[0], column="full-modal")
+    assert calls and len(calls) == len(set(calls))  # one reading per folder over both (36 before the cache)
+    stale = next(c for c in plan.cells if c.config["method"] == "pfpt" and c.config["seed"] == 2)
+    (plan.runs_dir / stale.name / "config.json").write_text(json.dumps({**stale.config, "lr": 0.5}))
+    (row,) = pilot_power(plan, plan.tables[0], column="full-modal")["comparisons"]
+    assert row["pairs"] == 2 and calls.count(stale.name) == 2

@@ -22,6 +22,9 @@ from .plan import BOOKKEEPING_KEYS, DEFAULTS, Cell, ExtraColumn, Plan, TableSpec
 LOGGER = logging.getLogger(__name__)
 #: Run folders already named as left out (each is named once per process).
 _LEFT_OUT: set[tuple[Path, str]] = set()
+#: (config.json, its mtime_ns and size) -> :func:`~.plan.folder_settings_changed`: a report reads
+#: each cell's summary and history, and the folder's config.json once for both.
+_CHANGED: dict[tuple[Path, int, int], list[str]] = {}
 
 #: The methods of the ablation table, in its row order.
 ABLATION_METHODS = ("fedavg-p", "fed-intra", "fed-inter", "fedprime")
@@ -33,7 +36,15 @@ def _stands_for(plan: Plan, cell: Cell) -> bool:
     A folder that may not is left out of every table and plot, as the runner refuses to reuse it
     (:func:`~.plan.folder_settings_changed`), and a warning names it.
     """
-    changed = folder_settings_changed(plan, cell)
+    path = plan.runs_dir / cell.name / "config.json"
+    try:
+        stat = path.stat()
+    except OSError:
+        return True  # no config.json: nothing to compare (folder_settings_changed says the same)
+    key = (path, stat.st_mtime_ns, stat.st_size)
+    if key not in _CHANGED:
+        _CHANGED[key] = folder_settings_changed(plan, cell)
+    changed = _CHANGED[key]
     if changed and (plan.runs_dir, cell.name) not in _LEFT_OUT:
         _LEFT_OUT.add((plan.runs_dir, cell.name))
         LOGGER.warning("left out of the report: %s was made with other settings: %s", cell.name, "; ".join(changed))
