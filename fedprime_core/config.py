@@ -30,7 +30,7 @@ from .data.datasets import DATASETS as DATASET_SPECS
 from .data.datasets import dataset as dataset_spec
 from .data.datasets.mmimdb import PROTOCOLS as MMIMDB_PROTOCOLS
 from .faultplan import parse_fault_plan
-from .method.methods import METHOD_SPECS, OPTIMIZERS, PFPT_STEPS, SELECTIONS, default_sweeps
+from .method.methods import MAP_PROMPT_INITS, METHOD_SPECS, OPTIMIZERS, PFPT_STEPS, SELECTIONS, default_sweeps
 from .method.regimes import ALIGN_ON, ALIGN_STARTS, INIT_MODES, MERGE_MODES
 from .wire import WIRE_DTYPES
 from .yamlio import read_yaml_mapping
@@ -424,6 +424,15 @@ OPTIONS: tuple[Option, ...] = (
         min=1,
         affects=("model",),
     ),
+    Option(
+        "map-prompt-init",
+        str,
+        "normal",
+        "fedavg-p: how the missing-aware prompts start: N(0, 0.02), or the reference code's (Lee et al.'s) "
+        "zeros with one all-ones token per pattern, for comparison only (docs/findings/reference-code.md, D4).",
+        MAP_PROMPT_INITS,
+        affects=("model",),
+    ),
     # --- missing modalities and partitions ----------------------------------------
     Option(
         "missing-setting",
@@ -735,6 +744,7 @@ class RunConfig:
     pfpt_steps: str = "per-client"
     map_prompt_length: int = 16
     map_prompt_depth: int = 6
+    map_prompt_init: str = "normal"
     missing_setting: str = "miss-both"
     eta: float = 0.7
     missing_alpha: float = 1.0
@@ -905,6 +915,12 @@ def _check_consistency(cfg: RunConfig) -> None:
         raise ConfigError(
             f"run config key 'inter-init' = {cfg.inter_init!r} applies to methods with personal inter pools "
             f"({', '.join(PERSONALISED_METHODS)}), not to method={cfg.method!r}; leave it at 'shared'"
+        )
+    if cfg.map_prompt_init != "normal" and not METHOD_SPECS[cfg.method].missing_aware:
+        with_map = ", ".join(name for name, spec in METHOD_SPECS.items() if spec.missing_aware)
+        raise ConfigError(
+            f"run config key 'map-prompt-init' = {cfg.map_prompt_init!r} sets how the missing-aware prompts "
+            f"start, which only {with_map} has, not method={cfg.method!r}; leave it at 'normal'"
         )
     for key, value, default in (("align-start", cfg.align_start, "warm"), ("align-on", cfg.align_on, "prompt")):
         if value != default and not aligns(cfg.method, cfg.inter_merge):

@@ -34,6 +34,7 @@ def prompt_settings(cfg: RunConfig) -> PromptSettings:
         selection=cfg.selection,
         map_length=cfg.map_prompt_length,
         map_depth=cfg.map_prompt_depth,
+        map_init=cfg.map_prompt_init,
         query_rank=cfg.query_rank,
     )
 

@@ -99,6 +99,8 @@ def test_pyproject_app_config_matches_the_schema():
         ({"inter-merge": "position", "align-start": "cold"}, "inter-merge='align' (got method='fedprime'"),
         ({"method": "fed-intra", "align-start": "cold"}, "'align-start' = 'cold' sets how the inter prompts"),
         ({"method": "pfpt", "inter-init": "independent"}, "'inter-init' = 'independent' applies to methods"),
+        ({"map-prompt-init": "reference"}, "which only fedavg-p has, not method='fedprime'; leave it at 'normal'"),
+        ({"method": "fedavg-p", "map-prompt-init": "ones"}, "use one of: normal, reference"),
     ],
 )
 def test_bad_values_name_the_key_and_the_fix(values, fragment):
@@ -244,3 +246,10 @@ def test_runs_from_before_align_theta_steps_aligned_with_ten_steps(overrides, be
 def test_align_theta_steps_must_be_positive():
     with pytest.raises(ConfigError, match="align-theta-steps"):
         parse_run_config({"align-theta-steps": 0})
+
+
+def test_the_reference_prompt_init_is_a_fedavg_p_setting_and_old_runs_count_as_normal():
+    from fedprime_core.config import stored_value
+
+    assert parse_run_config({"method": "fedavg-p", "map-prompt-init": "reference"}).map_prompt_init == "reference"
+    assert stored_value({"method": "fedavg-p"}, "map-prompt-init") == "normal"  # runs before the key existed

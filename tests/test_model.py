@@ -152,6 +152,27 @@ def test_missing_aware_prompts_follow_the_sample_pattern(tiny_vilt, batch):
         assert (grads[pattern] > 0) == (pattern in present)
 
 
+def test_reference_missing_aware_init_is_zeros_with_one_token_per_pattern_and_nothing_else_moves(tiny_vilt):
+    """map-prompt-init=reference (comparison only): the reference code's prompts, every other part as with
+    the default init of the same seed, so a paired run differs in the prompts' start alone."""
+    backbone, _ = tiny_vilt
+
+    def make(init: str) -> dict:
+        settings = PromptSettings(map_length=4, map_depth=2, map_init=init)
+        return trainable_state(PromptedModel(backbone, method_spec("fedavg-p"), 8, settings, seed=5))
+
+    normal, reference = make("normal"), make("reference")
+    prompts = reference["map_prompts.prompts"]  # (pattern, block, token, d)
+    expected = np.zeros_like(prompts)
+    expected[0, :, 0] = expected[1, :, 2] = expected[2, :, 1] = 1.0  # complete, text missing, image missing
+    assert np.array_equal(prompts, expected)
+    assert 0.01 < normal["map_prompts.prompts"].std() < 0.03  # N(0, 0.02)
+    assert set(normal) == set(reference)
+    assert all(np.array_equal(normal[k], reference[k]) for k in normal if k != "map_prompts.prompts")
+    with pytest.raises(ValueError, match="'normal' or 'reference'"):
+        make("zeros")
+
+
 def test_pretrained_source_is_a_checked_directory_or_a_hub_id(tmp_path):
     from fedprime_core.backbones import resolve_source
     from fedprime_core.backbones.base import resolve_pretrained_source

@@ -10,6 +10,9 @@ PFPT_STEPS = ("per-client", "per-sweep")
 #: How a sample picks its prompts (:func:`fedprime_core.method.retrieval.select_prompts`): its own
 #: top-kappa, or the reference's batch-majority rule (comparison only).
 SELECTIONS = ("sample", "batch")
+#: How the missing-aware prompts start: N(0, 0.02) (ours), or the reference's (Lee et al.'s) zeros
+#: with one all-ones token per pattern (comparison only: docs/findings/reference-code.md, D4).
+MAP_PROMPT_INITS = ("normal", "reference")
 #: The local optimizers (:func:`fedprime_core.method.training.make_optimizer`).
 OPTIMIZERS = ("sgd", "adam", "adamw")
 

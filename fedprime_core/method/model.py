@@ -50,6 +50,7 @@ class PromptSettings:
     selection: str = "sample"
     map_length: int = 16
     map_depth: int = 6
+    map_init: str = "normal"
     query_rank: int = 0
     """0: dense query maps; r > 0: identity plus a rank-r update (:class:`LowRankQuery`). Keyed pools
     only: :class:`PFPTPromptPool` keeps PFPT's dense projection."""
@@ -305,9 +306,24 @@ class MissingAwarePrompts(nn.Module):
         prompts: ``(3, depth, length, d)``; pattern 0 complete, 1 text missing, 2 image missing.
     """
 
-    def __init__(self, depth: int, length: int, dim: int, generator: torch.Generator) -> None:
+    #: ``init="reference"``: the token set to ones for each pattern (complete, text missing, image
+    #: missing), as in the reference code and Lee et al.'s.
+    REFERENCE_ONES = (0, 2, 1)
+
+    def __init__(self, depth: int, length: int, dim: int, generator: torch.Generator, init: str = "normal") -> None:
+        """``init``: ``"normal"`` N(0, 0.02); ``"reference"`` zeros with token ``REFERENCE_ONES[pattern]``
+        (when ``length`` has it) all ones, for comparison only. The normal draw is taken from
+        ``generator`` either way, so every later part of the model starts the same for one seed."""
         super().__init__()
-        self.prompts = nn.Parameter(torch.randn(NUM_PATTERNS, depth, length, dim, generator=generator) * 0.02)
+        if init not in ("normal", "reference"):
+            raise ValueError(f"missing-aware prompt init must be 'normal' or 'reference', got {init!r}")
+        drawn = torch.randn(NUM_PATTERNS, depth, length, dim, generator=generator) * 0.02
+        if init == "reference":
+            drawn = torch.zeros_like(drawn)
+            for pattern, token in enumerate(self.REFERENCE_ONES):
+                if token < length:
+                    drawn[pattern, :, token] = 1.0
+        self.prompts = nn.Parameter(drawn)
 
     def forward(self, missing_type: torch.Tensor) -> dict[int, torch.Tensor]:
         """Block index -> prompts ``(B, length, d)`` chosen by each sample's known pattern."""
@@ -390,7 +406,9 @@ class PromptedModel(nn.Module):
                 {name: PFPTPromptPool(prompts.tau, prompts.length, dim, generator) for name in spec.pools}
             )
         self.map_prompts = (
-            MissingAwarePrompts(min(prompts.map_depth, backbone.num_layers), prompts.map_length, dim, generator)
+            MissingAwarePrompts(
+                min(prompts.map_depth, backbone.num_layers), prompts.map_length, dim, generator, prompts.map_init
+            )
             if spec.missing_aware
             else None
         )
