@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from ..backbones.base import Backbone, Batch
-from .methods import MethodSpec
+from .methods import MAP_PROMPT_INITS, MethodSpec
 from .retrieval import cosine_relevance, retrieval_regulariser, select_prompts
 
 #: Missing-modality patterns, in the order of missing-aware prompt sets.
@@ -315,8 +315,9 @@ class MissingAwarePrompts(nn.Module):
         (when ``length`` has it) all ones, for comparison only. The normal draw is taken from
         ``generator`` either way, so every later part of the model starts the same for one seed."""
         super().__init__()
-        if init not in ("normal", "reference"):
-            raise ValueError(f"missing-aware prompt init must be 'normal' or 'reference', got {init!r}")
+        if init not in MAP_PROMPT_INITS:
+            choices = " or ".join(repr(choice) for choice in MAP_PROMPT_INITS)
+            raise ValueError(f"missing-aware prompt init must be {choices}, got {init!r}")
         drawn = torch.randn(NUM_PATTERNS, depth, length, dim, generator=generator) * 0.02
         if init == "reference":
             drawn = torch.zeros_like(drawn)
