@@ -241,21 +241,28 @@ def no_op_pair(
     return None
 
 
+def _round_value(record: Mapping[str, Any], column: ExtraColumn, scaled: bool = True) -> float | None:
+    """One round's value of a column (``per`` applied, and ``scale`` if ``scaled``), ``None`` if absent."""
+    value = _lookup(record, column.key)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not np.isfinite(value):
+        return None
+    if column.per is not None:
+        per = _lookup(record, column.per)
+        if isinstance(per, bool) or not isinstance(per, (int, float)) or per == 0:
+            return None
+        value = value / per
+    return float(value) * (column.scale if scaled else 1.0)
+
+
 def extra_value(history: Sequence[Mapping[str, Any]], column: ExtraColumn) -> float | None:
     """One run's value of an extra column, from its round records (``None`` if no round has it)."""
-    values = []
-    for record in history:
-        if record.get("round", 0) <= 0 or record.get("skipped"):
-            continue
-        value = _lookup(record, column.key)
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not np.isfinite(value):
-            continue
-        if column.per is not None:
-            per = _lookup(record, column.per)
-            if isinstance(per, bool) or not isinstance(per, (int, float)) or per == 0:
-                continue
-            value = value / per
-        values.append(float(value))
+    values = [
+        value
+        for record in history
+        if record.get("round", 0) > 0 and not record.get("skipped")
+        for value in (_round_value(record, column, scaled=False),)
+        if value is not None
+    ]
     if not values:
         return None
     reduce = {"mean": np.mean, "final": lambda v: v[-1], "sum": np.sum, "max": np.max, "min": np.min}[column.over]
@@ -396,6 +403,92 @@ def comparison(plan: Plan, table: TableSpec) -> dict[str, Any]:
             row["differing"] = stats([pair for pair in pairs if pair[2] is None])
             differences.append(row)
     return {"keys": keys, "columns": columns, "rows": rows, "differences": differences}
+
+
+#: The curve every table gets: the clients' mean training loss of each round.
+TRAIN_LOSS_CURVE = ExtraColumn(key="train-loss", over="final", label="train loss")
+
+
+def table_curves(plan: Plan, table: TableSpec) -> dict[str, Any]:
+    """Per-round curves of a comparison table's arms: the train loss and every ``over: final`` column.
+
+    An ``over: final`` extra column is a per-round metric read at the last round (an accuracy, a
+    pool size), so its rounds show whether the table's final value had levelled off. Runs group
+    as the table's value rows do (:func:`varying_keys`, seeds pooled). Only finished runs count,
+    as in the table.
+
+    Returns:
+        ``{"keys": [...], "columns": [titles], "curves": [{"key": {...}, "column": title,
+        "rounds": [...], "mean": [...], "std": [...], "n": [...]}, ...]}``; per round, the mean
+        and sample std (0 for one run) over the group's runs that recorded the column in that
+        round, and how many did.
+    """
+    keys = varying_keys(plan, table)
+    columns = [TRAIN_LOSS_CURVE, *(c for c in table.extra if c.over == "final")]
+    groups: dict[tuple, list[Cell]] = {}
+    for cell in _table_cells(plan, table):
+        if _summary(plan, cell) is not None:
+            groups.setdefault(tuple(json.dumps(cell.config[k]) for k in keys), []).append(cell)
+    curves = []
+    for group, members in groups.items():
+        histories = [[r for r in _history(plan, c) if r.get("round", 0) > 0 and not r.get("skipped")] for c in members]
+        for column in columns:
+            by_round: dict[int, list[float]] = defaultdict(list)
+            for history in histories:
+                for record in history:
+                    value = _round_value(record, column)
+                    if value is not None:
+                        by_round[int(record["round"])].append(value)
+            if not by_round:
+                continue
+            rounds = sorted(by_round)
+            stats = [_stats(by_round[r]) for r in rounds]
+            curves.append(
+                {
+                    "key": dict(zip(keys, (json.loads(v) for v in group))),
+                    "column": column.title,
+                    "rounds": rounds,
+                    "mean": [st["mean"] for st in stats],
+                    "std": [st["std"] for st in stats],
+                    "n": [int(st["n"]) for st in stats],
+                }
+            )
+    return {"keys": keys, "columns": [c.title for c in columns], "curves": curves}
+
+
+def write_table_curves(plan: Plan, table: TableSpec) -> list[Path]:
+    """``<output>/<table>_curves.csv`` (long format) and ``.png`` (one panel per column, mean ± std band)."""
+    data = table_curves(plan, table)
+    if not data["curves"]:
+        return []
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = data["keys"]
+    stem = plan.output / f"{table.name}_curves"
+    with open(stem.with_suffix(".csv"), "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow([*keys, "column", "round", "n", "mean", "std"])
+        for curve in data["curves"]:
+            for r, n, mean, std in zip(curve["rounds"], curve["n"], curve["mean"], curve["std"]):
+                writer.writerow([*(curve["key"][k] for k in keys), curve["column"], r, n, f"{mean:.6g}", f"{std:.6g}"])
+    columns = [c for c in data["columns"] if any(cv["column"] == c for cv in data["curves"])]
+    fig, axes = plt.subplots(1, len(columns), figsize=(5.2 * len(columns), 4), squeeze=False)
+    for ax, column in zip(axes[0], columns):
+        for curve in (cv for cv in data["curves"] if cv["column"] == column):
+            label = " ".join(f"{k}={curve['key'][k]}" for k in keys) or "all runs"
+            mean, std = np.array(curve["mean"]), np.array(curve["std"])
+            (line,) = ax.plot(curve["rounds"], mean, marker=".", label=f"{label} (n={max(curve['n'])})")
+            ax.fill_between(curve["rounds"], mean - std, mean + std, color=line.get_color(), alpha=0.15)
+        ax.set(title=column, xlabel="round")
+    axes[0][-1].legend(fontsize=7)
+    fig.suptitle(f"{plan.name}: {table.name}, per round (mean ± std over seeds)")
+    fig.tight_layout()
+    fig.savefig(stem.with_suffix(".png"), dpi=110)
+    plt.close(fig)
+    return [stem.with_suffix(".csv"), stem.with_suffix(".png")]
 
 
 def _num(value: float, scientific: bool) -> str:
@@ -612,4 +705,5 @@ def write_report(plan: Plan) -> dict[str, Any]:
     out["convergence"] = [str(p) for p in _plot_convergence(plan, lambda s: plan.output / f"convergence_{s}.png")]
     for table in plan.tables:
         out[table.name] = len(write_comparison(plan, table)["rows"])
+        out[f"{table.name}_curves"] = [str(p) for p in write_table_curves(plan, table)]
     return out
