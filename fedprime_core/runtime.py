@@ -25,6 +25,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 import torch
+from torch.utils.data import DataLoader, Dataset
 
 from . import backbones
 from .backbones import LoadedBackbone, needs_image_features
@@ -401,6 +402,13 @@ def initial_state(cfg: RunConfig) -> dict[str, np.ndarray]:
     return trainable_state(build_model(cfg))
 
 
+def run_loader(cfg: RunConfig, data: Dataset, batch_size: int, shuffle: bool, seed: int = 0) -> DataLoader:
+    """:func:`~fedprime_core.data.processing.make_loader` with the run's ``num-workers`` and ``text-padding``."""
+    return make_loader(
+        data, batch_size, shuffle=shuffle, seed=seed, num_workers=cfg.num_workers, trim_text=cfg.text_padding == "batch"
+    )
+
+
 def client_train(
     cfg: RunConfig,
     state: Mapping[str, np.ndarray],
@@ -418,11 +426,11 @@ def client_train(
     model = process_model(cfg)
     load_trainable_state(model, state)
     device = resolve_device(cfg.device)
-    loader = make_loader(
+    loader = run_loader(
+        cfg,
         shard.train,
         cfg.batch_size,
         shuffle=True,
-        num_workers=cfg.num_workers,
         seed=draw_seed(cfg.seed, Draw.SHUFFLE, node.seed_key, server_round),
     )
     settings = train_settings(cfg)
@@ -447,10 +455,10 @@ def client_evaluate(
     model = process_model(cfg)
     load_trainable_state(model, state)
     device = resolve_device(cfg.device)
-    loader = make_loader(shard.val, cfg.eval_batch_size, shuffle=False, num_workers=cfg.num_workers)
+    loader = run_loader(cfg, shard.val, cfg.eval_batch_size, shuffle=False)
     out = evaluate(model, loader, shard.val.multilabel, device)
     if shard.test is not None:
-        loader = make_loader(shard.test, cfg.eval_batch_size, shuffle=False, num_workers=cfg.num_workers)
+        loader = run_loader(cfg, shard.test, cfg.eval_batch_size, shuffle=False)
         test = evaluate(model, loader, shard.test.multilabel, device)
         out.update({CLIENT_TEST_PREFIX + key: value for key, value in test.items()})
     return out
@@ -480,7 +488,7 @@ def server_evaluate(
     progress = Progress(f"evaluating {what}", sum(len(d) for d in sets.values()), unit="samples", logger=LOGGER)
     out = {}
     for name, data in sets.items():
-        loader = make_loader(data, cfg.eval_batch_size, shuffle=False, num_workers=cfg.num_workers)
+        loader = run_loader(cfg, data, cfg.eval_batch_size, shuffle=False)
         out[name] = evaluate(model, _counted(loader, progress, name), multilabel, device)
     progress.close()
     return out

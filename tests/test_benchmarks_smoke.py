@@ -27,6 +27,7 @@ CASES = {
     "reply_fuzz": [],  # --quick: three hostile replies to fed-intra
     "deployment_rounds": ["--modes", "resident"],  # --quick: tiny-vilt, 2 sites, 2 rounds, a real deployment
     "server_memory": [],  # --quick: 4 and 20 synthetic clients, minimal profile
+    "text_padding": [],  # --quick: embedded set, tiny-bert, one client's epoch per padding
 }
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 from fedprime_core.data.embedded import CLASSES, make_embedded_dataset
 from fedprime_core.data.missing import (
@@ -194,3 +195,41 @@ def test_embedded_classes_are_recoverable_from_each_modality_and_better_from_bot
     both_acc = probe_accuracy(np.c_[tt, ti], np.c_[st, si])
     assert text_acc > 0.6 and image_acc > 0.35, (text_acc, image_acc)  # chance is 0.125
     assert both_acc > max(text_acc, image_acc) + 0.05, (text_acc, image_acc, both_acc)
+
+
+def _text_item(mask: list[int]) -> dict[str, torch.Tensor]:
+    ids = torch.tensor([100 + i if m else 0 for i, m in enumerate(mask)])
+    return {
+        "input_ids": ids,
+        "attention_mask": torch.tensor(mask),
+        "token_type_ids": torch.zeros(len(mask), dtype=torch.long),
+        "labels": torch.tensor(0),
+        "missing_type": torch.tensor(0),
+        "image": torch.zeros(1, 4),
+    }
+
+
+def test_batch_padding_keeps_every_real_token_and_drops_only_common_padding():
+    from fedprime_core.data.processing import collate
+
+    right = [_text_item([1, 1, 1, 0, 0, 0]), _text_item([1, 1, 0, 0, 0, 0])]
+    full, trimmed = collate(right), collate(right, trim_text=True)
+    assert full["input_ids"].shape == (2, 6) and trimmed["input_ids"].shape == (2, 3)
+    assert torch.equal(trimmed["input_ids"], full["input_ids"][:, :3])
+    assert torch.equal(trimmed["attention_mask"], torch.tensor([[1, 1, 1], [1, 1, 0]]))
+    assert trimmed["token_type_ids"].shape == (2, 3) and trimmed["image_features"].shape == (2, 1, 4)
+    # Left padding (some tokenizers): the kept positions are the tail, real tokens in their order.
+    left = collate([_text_item([0, 0, 0, 1, 1, 1]), _text_item([0, 0, 0, 0, 1, 1])], trim_text=True)
+    assert torch.equal(left["input_ids"], torch.tensor([[103, 104, 105], [0, 104, 105]]))
+    # A batch that fills text-max-length is left as it is.
+    filled = collate([_text_item([1, 1, 1]), _text_item([1, 0, 0])], trim_text=True)
+    assert filled["input_ids"].shape == (2, 3)
+
+
+def test_text_padding_is_validated():
+    from fedprime_core.config import ConfigError, parse_run_config
+
+    assert parse_run_config({"text-padding": "batch"}).text_padding == "batch"
+    assert parse_run_config({}).text_padding == "fixed"
+    with pytest.raises(ConfigError, match="text-padding"):
+        parse_run_config({"text-padding": "longest"})

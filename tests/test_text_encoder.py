@@ -470,3 +470,29 @@ def test_real_minilm_weights_load_offline_and_encode_meaning():
     embedding = torch.nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1), dim=-1)
     similar, unrelated = float(embedding[0] @ embedding[1]), float(embedding[0] @ embedding[2])
     assert similar > 0.5 and similar > unrelated + 0.3, (similar, unrelated)
+
+
+@pytest.mark.parametrize("method", ["fedprime", "fed-inter", "fedavg-p", "pfpt", "fedprox-p"])
+def test_padding_texts_to_the_batch_longest_changes_only_float_rounding(setup, method):
+    """text-padding = batch: the same retrievals, logits and gradients as padding to text-max-length."""
+    from fedprime_core.data.processing import trim_text_padding
+
+    backbone, batch = setup
+    trimmed = trim_text_padding(dict(batch))
+    assert trimmed["input_ids"].shape[1] < batch["input_ids"].shape[1]  # the embedded texts are shorter than 24
+    assert torch.equal(trimmed["attention_mask"].sum(1), batch["attention_mask"].sum(1))
+    model = PromptedModel(backbone, method_spec(method), 8, PromptSettings(tau=10, kappa=3, map_length=4), seed=0)
+    outs, grads = [], []
+    for data in (batch, trimmed):
+        model.zero_grad(set_to_none=True)
+        out = model(data)
+        out.logits.sum().backward()
+        outs.append(out)
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    for pool in model.spec.pools:
+        assert torch.equal(outs[0].selected[pool], outs[1].selected[pool])
+    torch.testing.assert_close(outs[1].logits, outs[0].logits, atol=1e-5, rtol=1e-5)
+    assert grads[0].keys() == grads[1].keys() and grads[0]
+    for name, grad in grads[0].items():
+        torch.testing.assert_close(grads[1][name], grad, atol=1e-5, rtol=1e-4, msg=name)
+    model.zero_grad(set_to_none=True)

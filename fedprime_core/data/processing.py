@@ -17,6 +17,7 @@ its ``missing_type`` is that pattern, whatever pattern it was assigned.
 
 from __future__ import annotations
 
+import functools
 import io
 from collections.abc import Sequence
 from pathlib import Path
@@ -229,12 +230,40 @@ class MultimodalDataset(Dataset):
         return item
 
 
-def collate(items: Sequence[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    """Stack items into a batch; pad images of different sizes and build ``pixel_mask``."""
-    batch = {
-        k: torch.stack([it[k] for it in items])
-        for k in ("input_ids", "attention_mask", "token_type_ids", "labels", "missing_type")
-    }
+#: The per-token text columns of a batch, each ``(B, T)``.
+TEXT_COLUMNS = ("input_ids", "attention_mask", "token_type_ids")
+
+
+def trim_text_padding(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Drop the token positions that are padding in every text of ``batch`` (in place, returned).
+
+    Texts come padded to the processor's ``text_max_length``; a batch of short texts then
+    spends most of its attention and feed-forward work on masked positions. Keeping the
+    positions where any text has a token (``attention_mask.any(0)``) leaves every real token,
+    its position id and its mask as they were, for right or left padding alike, so a model's
+    outputs change only by float rounding.
+
+    Args:
+        batch: with ``input_ids``, ``attention_mask``, ``token_type_ids`` of shape ``(B, T)``.
+
+    Returns:
+        The same mapping with those three of shape ``(B, T')``, ``T' <= T``.
+    """
+    keep = batch["attention_mask"].bool().any(dim=0)
+    if not bool(keep.all()):
+        for key in TEXT_COLUMNS:
+            batch[key] = batch[key][:, keep]
+    return batch
+
+
+def collate(items: Sequence[dict[str, torch.Tensor]], trim_text: bool = False) -> dict[str, torch.Tensor]:
+    """Stack items into a batch; pad images of different sizes and build ``pixel_mask``.
+
+    With ``trim_text``, texts are padded only to the batch's longest (:func:`trim_text_padding`).
+    """
+    batch = {k: torch.stack([it[k] for it in items]) for k in (*TEXT_COLUMNS, "labels", "missing_type")}
+    if trim_text:
+        trim_text_padding(batch)
     images = [it["image"] for it in items]
     if images[0].dim() == 2:  # precomputed features (F, d_img)
         batch["image_features"] = torch.stack(images)
@@ -251,14 +280,19 @@ def collate(items: Sequence[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]
     return batch
 
 
-def make_loader(dataset: Dataset, batch_size: int, shuffle: bool, seed: int = 0, num_workers: int = 0) -> DataLoader:
-    """A DataLoader with :func:`collate` and a seeded shuffle (same order for the same seed)."""
+def make_loader(
+    dataset: Dataset, batch_size: int, shuffle: bool, seed: int = 0, num_workers: int = 0, trim_text: bool = False
+) -> DataLoader:
+    """A DataLoader with :func:`collate` and a seeded shuffle (same order for the same seed).
+
+    ``trim_text`` pads each batch's texts only to its longest (``text-padding = batch``).
+    """
     generator = torch.Generator().manual_seed(seed)
     return DataLoader(
         dataset,
         batch_size=batch_size,
         shuffle=shuffle,
-        collate_fn=collate,
+        collate_fn=functools.partial(collate, trim_text=True) if trim_text else collate,
         generator=generator,
         num_workers=num_workers,
         persistent_workers=False,
