@@ -434,3 +434,91 @@ tables:
     assert lines[0] == "inter-merge,column,round,n,mean,std"
     assert "align,clients' own test,2,3,62,2" in lines
     assert (plan.output / "merge_curves.png").stat().st_size > 0
+
+
+def test_two_factor_differences_and_holm_tests_on_the_primary_column(tmp_path):
+    from scipy import stats
+
+    from fedprime_core.tools.experiments.report import holm, primary_tests
+
+    grid = tmp_path / "factors.yaml"
+    grid.write_text(
+        f"""
+name: factors
+output: {tmp_path / "out"}
+base: {{num-server-rounds: 2, missing-setting: miss-both, method: fedavg-p}}
+grids:
+  d: {{map-prompt-init: [normal, reference], max-grad-norm: [1.0, 0.0], seed: [0, 1, 2, 3]}}
+tables:
+  d:
+    primary: same-as-train
+    differences:
+      - {{key: map-prompt-init, value: reference, minus: normal}}
+      - {{key: [map-prompt-init, max-grad-norm], value: [reference, 0.0], minus: [normal, 1.0]}}
+"""
+    )
+    plan = load_plan(grid)
+    table = plan.tables[0]
+    assert table.primary == "same-as-train" and table.differences[1].keys == ("map-prompt-init", "max-grad-norm")
+    # The reference init costs 10 points with clipping and 30 without; seeds add their own noise.
+    noise = {0: 0.0, 1: 0.01, 2: -0.02, 3: 0.015}
+    for cell in plan.cells:
+        cfg = cell.config
+        cost = 0.0 if cfg["map-prompt-init"] == "normal" else (0.10 if cfg["max-grad-norm"] == 1.0 else 0.30)
+        extra = noise[cfg["seed"]] if cfg["map-prompt-init"] == "reference" else 0.0
+        fake_run(plan, cell, 0.6 - cost + extra, 1000.0, 10)
+    data = comparison(plan, table)
+    both = [r for r in data["differences"] if r["diff"] == table.differences[1]]
+    assert len(both) == 1 and both[0]["key"] == {} and both[0]["runs"] == 4  # nothing left to group by
+    assert both[0]["stats"]["same-as-train"]["mean"] == pytest.approx(-30 + 100 * sum(noise.values()) / 4)
+    tests = primary_tests(data, table)
+    assert len(tests) == 3  # reference - normal at each clipping level, and the two-factor change
+    diffs = [100 * (noise[s] - 0.0) for s in range(4)]
+    expected = stats.ttest_1samp([d - 30 for d in diffs], 0.0).pvalue
+    joint = next(t for t in tests if t["difference"].startswith("map-prompt-init = reference, max-grad-norm = 0.0"))
+    assert joint["p"] == pytest.approx(expected) and joint["n"] == 4
+    assert [t["holm"] for t in tests] == pytest.approx(holm([t["p"] for t in tests]))
+    write_report(plan)
+    text = (plan.output / "d.md").read_text()
+    assert "## Paired differences: map-prompt-init = reference, max-grad-norm = 0.0 minus " in text
+    assert "## Tests on same-as-train: paired t, Holm over the 3 comparisons" in text
+    lines = (plan.output / "d_tests.csv").read_text().splitlines()
+    assert lines[0] == "difference,group,column,n,noop_pairs,mean,ci95_low,ci95_high,t,p,holm_p" and len(lines) == 4
+    assert any(
+        line.startswith("difference,reference - normal,0.0 - 1.0,same-as-train,4,-29.875,")
+        for line in (plan.output / "d.csv").read_text().splitlines()
+    )
+
+
+def test_holm_adjusts_step_down_and_keeps_order():
+    from fedprime_core.tools.experiments.report import holm
+
+    assert holm([0.01, 0.04, 0.03, float("nan")])[:3] == pytest.approx([0.03, 0.06, 0.06])
+    assert holm([0.5, 0.001]) == pytest.approx([0.5, 0.002])
+
+
+@pytest.mark.parametrize(
+    "table, message",
+    [
+        ("{primary: nonsense, differences: [{key: method, value: pfpt, minus: fed-intra}]}", "'primary' must name"),
+        ("{primary: val}", "it declares none"),
+        ("{differences: [{key: [method, seed], value: [pfpt, 0], minus: [fed-intra, 1]}]}", "other than seed"),
+        ("{differences: [{key: [method, lr], value: [pfpt], minus: [fed-intra, 0.1]}]}", "must be a list of 2 values"),
+        ("{differences: [{key: [method, lr], value: [pfpt, 0.3], minus: [fed-intra, 0.1]}]}", "no cell of the table"),
+    ],
+)
+def test_bad_primary_and_two_factor_differences_name_the_problem(tmp_path, table, message):
+    grid = tmp_path / "bad.yaml"
+    grid.write_text(
+        f"""
+name: bad
+output: {tmp_path / "out"}
+base: {{num-server-rounds: 2}}
+grids:
+  t: {{method: [pfpt, fed-intra], lr: [0.05, 0.1], seed: [0]}}
+tables:
+  t: {table}
+"""
+    )
+    with pytest.raises(ConfigError, match=message):
+        load_plan(grid)

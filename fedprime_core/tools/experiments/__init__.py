@@ -60,6 +60,10 @@ pairs and over the pairs whose two runs are not the same algorithm in effect
 (:func:`.report.no_op_pair`), with the number of such no-op pairs. For
 ``key: comm-profile`` the keys the profile sets (wire-dtype, upload-delta, query-rank,
 exchange-pooler) change with it and are no row keys of their own (``experiments/comm-paired.yaml``).
+A difference may change several keys at once (``key``, ``value`` and ``minus`` as lists of equal
+length). A table's ``primary: <column>`` adds each difference row's two-sided paired t test on
+that column and Holm's adjustment over the table's rows (``<table>_tests.csv``;
+:func:`.report.primary_tests`).
 
 Modules: :mod:`.plan` reads a grid file into a :class:`~.plan.Plan` of cells, :mod:`.run`
 runs the cells as real federations, :mod:`.report` writes the tables and plots from their

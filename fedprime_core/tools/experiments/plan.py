@@ -21,6 +21,7 @@ from ...config import (
     stored_value,
 )
 from ...data.datasets import headline_metric
+from ...data.missing import TEST_SETTINGS
 from ...yamlio import read_yaml_mapping
 from ..launch import APP_DIR
 
@@ -96,11 +97,47 @@ class ExtraColumn:
 
 @dataclasses.dataclass(frozen=True)
 class Difference:
-    """Paired difference ``key: value`` minus ``key: minus``, matched on every other key."""
+    """Paired difference ``key: value`` minus ``key: minus``, matched on every other key.
 
-    key: str
+    ``key``, ``value`` and ``minus`` may also be equal-length tuples: the runs having every
+    ``key[i] = value[i]`` minus their twins with every ``key[i] = minus[i]`` (two factors changed
+    at once, e.g. the reference's settings against ours).
+    """
+
+    key: str | tuple[str, ...]
     value: Any
     minus: Any
+
+    @property
+    def keys(self) -> tuple[str, ...]:
+        return self.key if isinstance(self.key, tuple) else (self.key,)
+
+    def _side(self, side: Any) -> dict[str, Any]:
+        return dict(zip(self.keys, side if isinstance(self.key, tuple) else (side,)))
+
+    @property
+    def values(self) -> dict[str, Any]:
+        """``{key: value}`` of the first arm."""
+        return self._side(self.value)
+
+    @property
+    def minuses(self) -> dict[str, Any]:
+        """``{key: value}`` of the arm subtracted."""
+        return self._side(self.minus)
+
+    def arm(self, values: Mapping[str, Any]) -> str:
+        return ", ".join(f"{k} = {v}" for k, v in values.items())
+
+    @property
+    def title(self) -> str:
+        """``key = value minus key = minus`` (every key of a multi-key difference)."""
+        return f"{self.arm(self.values)} minus {self.arm(self.minuses)}"
+
+    @property
+    def short(self) -> str:
+        """``value - minus`` (values joined by ``,`` for several keys)."""
+        join = ",".join
+        return f"{join(str(v) for v in self.values.values())} - {join(str(v) for v in self.minuses.values())}"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -113,6 +150,8 @@ class TableSpec:
     extra: tuple[ExtraColumn, ...] = ()
     differences: tuple[Difference, ...] = ()
     axes: tuple[str, ...] = ()  # the sub-grids' keys, in the order written, to order the row keys
+    primary: str | None = None
+    """The column the differences are tested on (paired t, Holm over the table's difference rows)."""
 
 
 def cell_name(config: Mapping[str, Any]) -> str:
@@ -207,9 +246,11 @@ def load_plan(path: str | Path) -> Plan:
     )
 
 
-_TABLE_KEYS = {"grids", "round", "extra", "differences"}
+_TABLE_KEYS = {"grids", "round", "extra", "differences", "primary"}
 _EXTRA_KEYS = {"key", "per", "over", "scale", "label"}
 _OVER = ("mean", "final", "sum", "max", "min")
+#: A comparison table's columns before its extra ones: the metric on each test setting and val.
+_TEST_COLUMNS = (*TEST_SETTINGS, "val")
 
 
 def _parse_tables(path: Path, raw: Any, grids: Mapping[str, Any], cells: tuple[Cell, ...]) -> tuple[TableSpec, ...]:
@@ -256,29 +297,48 @@ def _parse_tables(path: Path, raw: Any, grids: Mapping[str, Any], cells: tuple[C
         table_cells = [c for c in cells if set(c.grids) & set(names)]
         differences = []
         for item in body.get("differences") or []:
-            if not isinstance(item, dict) or set(item) != {"key", "value", "minus"}:
-                raise ConfigError(f"{where}: every 'differences' entry must be a mapping with key, value and minus")
-            if item["key"] not in option_keys or item["key"] == "seed":
-                raise ConfigError(f"{where}: difference key {item['key']!r} is not a run-config key other than seed")
-            present = {json.dumps(c.config[item["key"]]) for c in table_cells}
-            for side in ("value", "minus"):
-                if json.dumps(_coerce_like(item[side], table_cells, item["key"])) not in present:
-                    raise ConfigError(
-                        f"{where}: no cell of the table has {item['key']} = {item[side]!r} "
-                        f"(values present: {sorted(json.loads(v) for v in present)})"
-                    )
-            differences.append(
-                Difference(
-                    item["key"],
-                    _coerce_like(item["value"], table_cells, item["key"]),
-                    _coerce_like(item["minus"], table_cells, item["key"]),
-                )
-            )
+            differences.append(_parse_difference(where, item, table_cells, option_keys))
         axes: list[str] = []
         for g in names:
             axes.extend(k for k in grids[g] if k not in axes)
-        tables.append(TableSpec(str(name), tuple(names), which, tuple(extras), tuple(differences), tuple(axes)))
+        primary = body.get("primary")
+        if primary is not None:
+            titles = [*_TEST_COLUMNS, *(e.title for e in extras)]
+            if primary not in titles:
+                raise ConfigError(f"{where}: 'primary' must name one of the table's columns {titles}, got {primary!r}")
+            if not differences:
+                raise ConfigError(f"{where}: 'primary' tests the table's differences; it declares none")
+        spec = TableSpec(str(name), tuple(names), which, tuple(extras), tuple(differences), tuple(axes), primary)
+        tables.append(spec)
     return tuple(tables)
+
+
+def _parse_difference(where: str, item: Any, cells: Sequence[Cell], option_keys: set[str]) -> Difference:
+    """One ``differences`` entry: ``key``, ``value``, ``minus``, each a scalar or (several keys) a list."""
+    if not isinstance(item, dict) or set(item) != {"key", "value", "minus"}:
+        raise ConfigError(f"{where}: every 'differences' entry must be a mapping with key, value and minus")
+    several = isinstance(item["key"], list)
+    keys = item["key"] if several else [item["key"]]
+    for key in keys:
+        if not isinstance(key, str) or key not in option_keys or key == "seed":
+            raise ConfigError(f"{where}: difference key {key!r} is not a run-config key other than seed")
+    if not keys or len(set(keys)) != len(keys):
+        raise ConfigError(f"{where}: difference keys {keys} must be distinct and at least one")
+    sides = {}
+    for side in ("value", "minus"):
+        given = item[side] if several else [item[side]]
+        if not isinstance(given, list) or len(given) != len(keys):
+            raise ConfigError(f"{where}: difference over keys {keys}: '{side}' must be a list of {len(keys)} values")
+        sides[side] = [_coerce_like(v, cells, k) for k, v in zip(keys, given)]
+    for values in sides.values():
+        wanted = dict(zip(keys, values))
+        if not any(all(c.config[k] == v for k, v in wanted.items()) for c in cells):
+            present = {k: sorted({json.dumps(c.config[k]) for c in cells}) for k in keys}
+            shown = ", ".join(f"{k} = {v!r}" for k, v in wanted.items())
+            raise ConfigError(f"{where}: no cell of the table has {shown} (values present: {present})")
+    if several:
+        return Difference(tuple(keys), tuple(sides["value"]), tuple(sides["minus"]))
+    return Difference(keys[0], sides["value"][0], sides["minus"][0])
 
 
 def _coerce_like(value: Any, cells: Sequence[Cell], key: str) -> Any:

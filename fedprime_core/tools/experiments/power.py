@@ -106,7 +106,7 @@ def pilot_power(
         stat = row["stats"][column]
         pairs = int(stat["n"])
         entry: dict[str, Any] = {
-            "difference": f"{diff.key}: {diff.value} - {diff.minus}",
+            "difference": f"{', '.join(diff.keys)}: {diff.short}",
             "group": row["key"],
             "pairs": pairs,
             "no-op pairs": int(row["noop"]),

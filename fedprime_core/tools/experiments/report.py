@@ -373,12 +373,15 @@ def comparison(plan: Plan, table: TableSpec) -> dict[str, Any]:
         return histories[cell.name]
 
     for diff in table.differences:
-        other_keys = [k for k in keys if k != diff.key]
+        other_keys = [k for k in keys if k not in diff.keys]
         paired: dict[tuple, list[tuple[dict, dict, str | None]]] = {}
         for cell in cells:
-            if cell.config[diff.key] != diff.value:
+            if any(cell.config[k] != v for k, v in diff.values.items()):
                 continue
-            partner = by_config.get(json.dumps(_twin(cell.config, diff.key, diff.minus), sort_keys=True))
+            twin = dict(cell.config)
+            for key, minus in diff.minuses.items():
+                twin = _twin(twin, key, minus)
+            partner = by_config.get(json.dumps(twin, sort_keys=True))
             if partner is None or values[cell.name] is None or values[partner.name] is None:
                 continue
             group = tuple(json.dumps(cell.config[k]) for k in other_keys)
@@ -510,6 +513,49 @@ def _cell_text(stat: Mapping[str, float], interval: bool = False) -> str:
     return text
 
 
+def holm(p_values: Sequence[float]) -> list[float]:
+    """Holm's step-down adjusted p-values, in the order given (nan stays nan and is not counted)."""
+    finite = sorted((p, i) for i, p in enumerate(p_values) if np.isfinite(p))
+    adjusted = [float("nan")] * len(p_values)
+    running = 0.0
+    for rank, (p, i) in enumerate(finite):
+        running = max(running, min(1.0, (len(finite) - rank) * p))
+        adjusted[i] = running
+    return adjusted
+
+
+def primary_tests(data: Mapping[str, Any], table: TableSpec) -> list[dict[str, Any]]:
+    """Each difference row of :func:`comparison` tested on ``table.primary``: paired t and Holm.
+
+    Returns one dict per difference row: ``difference`` (its title), ``group``, ``n`` pairs,
+    ``noop``, ``mean``, ``lo``/``hi`` (95% t interval), ``t``, two-sided ``p`` and ``holm`` (Holm's
+    adjustment over all the rows). With fewer than 2 pairs, or pairs that do not vary, ``t``
+    and ``p`` are nan (a constant non-zero difference has t = ±inf and p = 0).
+    """
+    from scipy import stats
+
+    tests = []
+    for row in data["differences"]:
+        stat = row["stats"][table.primary]
+        n, mean, sd = int(stat["n"]), stat["mean"], stat["std"]
+        t = p = float("nan")
+        if n >= 2 and np.isfinite(sd):
+            if sd > 0:
+                t = mean / (sd / np.sqrt(n))
+                p = float(2.0 * stats.t.sf(abs(t), n - 1))
+            elif mean != 0:
+                t, p = float(np.sign(mean) * np.inf), 0.0
+        test = {"difference": row["diff"].title, "group": row["key"], "n": n, "noop": int(row["noop"])}
+        tests.append({**test, "mean": mean, "lo": stat["lo"], "hi": stat["hi"], "t": t, "p": p})
+    for test, adjusted in zip(tests, holm([t["p"] for t in tests])):
+        test["holm"] = adjusted
+    return tests
+
+
+def _p_text(value: float, fmt: str = "{:.4f}") -> str:
+    return "-" if not np.isfinite(value) and not np.isinf(value) else fmt.format(value)
+
+
 def write_comparison(plan: Plan, table: TableSpec) -> dict[str, Any]:
     """``<output>/<table>.md`` and ``.csv`` (long format: one line per row and column)."""
     data = comparison(plan, table)
@@ -530,10 +576,10 @@ def write_comparison(plan: Plan, table: TableSpec) -> dict[str, Any]:
         lines.append("| " + " | ".join(cells) + " |")
     for diff in table.differences:
         rows = [r for r in data["differences"] if r["diff"] == diff]
-        other = [k for k in keys if k != diff.key]
+        other = [k for k in keys if k not in diff.keys]
         lines += [
             "",
-            f"## Paired differences: {diff.key} = {diff.value} minus {diff.key} = {diff.minus}",
+            f"## Paired differences: {diff.title}",
             "",
             "Matched on seed and every other key; mean ± std [95% t confidence interval] over the pairs. "
             "No-op pairs: both arms ran the same algorithm in effect (every per-round result identical to the bit, "
@@ -555,6 +601,46 @@ def write_comparison(plan: Plan, table: TableSpec) -> dict[str, Any]:
         if not rows:
             lines.append("| " + " | ".join(["-"] * (len(other) + 3 + len(columns))) + " |")
     stem = plan.output / table.name
+    if table.primary is not None:
+        tests = primary_tests(data, table)
+        lines += [
+            "",
+            f"## Tests on {table.primary}: paired t, Holm over the {len(tests)} comparisons",
+            "",
+            "Two-sided paired t test of each difference row (all its pairs, no-op pairs included: they are "
+            "comparisons of the methods as run) on the table's primary column; Holm's step-down adjustment "
+            "over every row of this section.",
+            "",
+            "| difference | group | pairs | no-op pairs | mean [95% CI] | t | p | Holm p |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for test in tests:
+            group = ", ".join(f"{k}={v}" for k, v in test["group"].items()) or "-"
+            interval = f"{test['mean']:+.2f} [{test['lo']:+.2f}, {test['hi']:+.2f}]"
+            figures = [_p_text(test["t"], "{:+.2f}"), _p_text(test["p"]), _p_text(test["holm"])]
+            cells = [test["difference"], group, str(test["n"]), str(test["noop"]), interval, *figures]
+            lines.append("| " + " | ".join(cells) + " |")
+        with open(plan.output / f"{table.name}_tests.csv", "w", newline="") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(
+                [
+                    "difference",
+                    "group",
+                    "column",
+                    "n",
+                    "noop_pairs",
+                    "mean",
+                    "ci95_low",
+                    "ci95_high",
+                    "t",
+                    "p",
+                    "holm_p",
+                ]
+            )
+            for test in tests:
+                group = ";".join(f"{k}={v}" for k, v in test["group"].items())
+                figures = (f"{test[x]:.6g}" for x in ("mean", "lo", "hi", "t", "p", "holm"))
+                writer.writerow([test["difference"], group, table.primary, test["n"], test["noop"], *figures])
     stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
     with open(stem.with_suffix(".csv"), "w", newline="") as handle:
         writer = csv.writer(handle)
@@ -566,8 +652,8 @@ def write_comparison(plan: Plan, table: TableSpec) -> dict[str, Any]:
         ):
             for row in rows:
                 key_cells = [
-                    f"{row['diff'].value} - {row['diff'].minus}"
-                    if kind != "value" and k == row["diff"].key
+                    f"{row['diff'].values[k]} - {row['diff'].minuses[k]}"
+                    if kind != "value" and k in row["diff"].keys
                     else row["key"].get(k, "")
                     for k in keys
                 ]
