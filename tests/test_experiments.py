@@ -411,6 +411,7 @@ tables:
     extra:
       - {{key: client-eval/test-accuracy, over: final, scale: 100, label: clients' own test}}
       - {{key: inter-pool-size, over: mean}}
+      - {{key: train-loss, over: final, label: final train loss}}
 """
     )
     plan = load_plan(grid)
@@ -421,7 +422,8 @@ tables:
         planted_run(plan, cell, accuracy, 2.0 + cell.config["seed"])
     data = table_curves(plan, plan.tables[0])
     assert data["keys"] == ["inter-merge"]
-    assert data["columns"] == ["train loss", "clients' own test"]  # an 'over: mean' column is no curve
+    # an 'over: mean' column is no curve, and a train-loss column is the first curve already
+    assert data["columns"] == ["train loss", "clients' own test"]
     curves = {(c["key"]["inter-merge"], c["column"]): c for c in data["curves"]}
     align = curves[("align", "clients' own test")]
     assert align["rounds"] == [1, 2] and align["n"] == [3, 3]

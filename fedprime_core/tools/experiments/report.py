@@ -416,7 +416,8 @@ def table_curves(plan: Plan, table: TableSpec) -> dict[str, Any]:
     """Per-round curves of a comparison table's arms: the train loss and every ``over: final`` column.
 
     An ``over: final`` extra column is a per-round metric read at the last round (an accuracy, a
-    pool size), so its rounds show whether the table's final value had levelled off. Runs group
+    pool size), so its rounds show whether the table's final value had levelled off (a train-loss
+    column is the first curve already and is not drawn twice). Runs group
     as the table's value rows do (:func:`varying_keys`, seeds pooled). Only finished runs count,
     as in the table.
 
@@ -427,7 +428,8 @@ def table_curves(plan: Plan, table: TableSpec) -> dict[str, Any]:
         round, and how many did.
     """
     keys = varying_keys(plan, table)
-    columns = [TRAIN_LOSS_CURVE, *(c for c in table.extra if c.over == "final")]
+    same = (TRAIN_LOSS_CURVE.key, TRAIN_LOSS_CURVE.per, TRAIN_LOSS_CURVE.scale)
+    columns = [TRAIN_LOSS_CURVE, *(c for c in table.extra if c.over == "final" and (c.key, c.per, c.scale) != same)]
     groups: dict[tuple, list[Cell]] = {}
     for cell in _table_cells(plan, table):
         if _summary(plan, cell) is not None:
