@@ -62,3 +62,17 @@ def test_the_identity_reply_is_the_identity_part_of_the_client_info_record(quick
     named = node_client({"partition-id": 0, "num-partitions": 2, "client-id": "clinic-a"}, 3)
     assert named.describe() == {"client-id": "clinic-a", "partition-id": 0, "num-partitions": 2}
     assert node_client({"data-dir": "/site", "client-id": "site-b"}, 4).describe() == {"client-id": "site-b"}
+
+
+@pytest.mark.parametrize("method", ["centralized-p", "fedprime"])
+def test_every_methods_client_record_passes_the_servers_parser(quick_config, tiny_vilt, method):
+    """Regression: the centralized owner (no partition: its shard's partition-id is -1) sent
+    'partition-id: -1', which the server's parser rejects, so every centralized-p round was skipped."""
+    from fedprime_protocol.replies import parse_client_record
+
+    cfg = quick_config(method=method)
+    node = node_client({"partition-id": 0, "num-partitions": 1 if method == "centralized-p" else 2}, 7)
+    info = runtime.client_info(cfg, node, runtime.client_shard(cfg, node))
+    parsed, reasons = parse_client_record(info)
+    assert reasons == [] and parsed["num-train"] == info["num-train"] > 0
+    assert ("partition-id" in info) == (method != "centralized-p")

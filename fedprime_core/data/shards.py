@@ -227,7 +227,7 @@ class ClientShard:
 
     def describe(self) -> dict[str, Any]:
         out: dict[str, Any] = {"client-id": self.client_id or str(self.partition_id)}
-        if self.partition_id >= 0 or not self.site_local:
+        if self.partition_id >= 0:  # -1: the centralized owner, or a site without a partition
             out["partition-id"] = self.partition_id
         out.update(
             {
