@@ -484,6 +484,7 @@ tables:
     text = (plan.output / "d.md").read_text()
     assert "## Paired differences: map-prompt-init = reference, max-grad-norm = 0.0 minus " in text
     assert "## Tests on same-as-train: paired t, Holm over the 3 comparisons" in text
+    assert "without finished pairs yet" not in text
     lines = (plan.output / "d_tests.csv").read_text().splitlines()
     assert lines[0] == "difference,group,column,n,noop_pairs,mean,ci95_low,ci95_high,t,p,holm_p" and len(lines) == 4
     assert any(
@@ -524,3 +525,30 @@ tables:
     )
     with pytest.raises(ConfigError, match=message):
         load_plan(grid)
+
+
+def test_a_declared_comparison_without_pairs_yet_is_named_and_left_out_of_holm(tmp_path):
+    grid = tmp_path / "partial.yaml"
+    grid.write_text(
+        f"""
+name: partial
+output: {tmp_path / "out"}
+base: {{num-server-rounds: 2, missing-setting: miss-both}}
+grids:
+  t: {{method: [fedprime, fedavg-p, centralized-p], seed: [0, 1]}}
+tables:
+  t:
+    primary: same-as-train
+    differences:
+      - {{key: method, value: centralized-p, minus: fedprime}}
+      - {{key: method, value: fedprime, minus: fedavg-p}}
+"""
+    )
+    plan = load_plan(grid)
+    for cell in plan.cells:
+        if cell.config["method"] != "centralized-p":  # still running
+            fake_run(plan, cell, 0.5 + 0.1 * (cell.config["method"] == "fedprime") + 0.01 * cell.config["seed"], 1.0, 2)
+    write_report(plan)
+    text = (plan.output / "t.md").read_text()
+    assert "Holm over the 1 comparisons" in text
+    assert "without finished pairs yet (not in the adjustment): method = centralized-p minus method = fedprime." in text

@@ -605,10 +605,16 @@ def write_comparison(plan: Plan, table: TableSpec) -> dict[str, Any]:
     stem = plan.output / table.name
     if table.primary is not None:
         tests = primary_tests(data, table)
+        unpaired = [d.title for d in table.differences if not any(r["diff"] == d for r in data["differences"])]
         lines += [
             "",
             f"## Tests on {table.primary}: paired t, Holm over the {len(tests)} comparisons",
             "",
+            *(
+                [f"Declared but without finished pairs yet (not in the adjustment): {'; '.join(unpaired)}.", ""]
+                if unpaired
+                else []
+            ),
             "Two-sided paired t test of each difference row (all its pairs, no-op pairs included: they are "
             "comparisons of the methods as run) on the table's primary column; Holm's step-down adjustment "
             "over every row of this section.",
