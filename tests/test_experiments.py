@@ -19,6 +19,13 @@ from tests.planted_runs import fake_run
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def write_grid(tmp_path: Path, name: str, body: str) -> Path:
+    """A grid file ``<tmp_path>/<name>.yaml`` named ``name``, writing to ``<tmp_path>/out``, with ``body`` after."""
+    grid = tmp_path / f"{name}.yaml"
+    grid.write_text(f"name: {name}\noutput: {tmp_path / 'out'}\n{body}")
+    return grid
+
+
 @pytest.mark.parametrize("grid", ["smoke", "paper-food101", "paper-mmimdb"])
 def test_shipped_grids_are_valid(grid):
     plan = load_plan(ROOT / "experiments" / f"{grid}.yaml")
@@ -398,21 +405,20 @@ tables:
 def test_table_curves_give_each_arm_per_round_means_over_seeds(tmp_path):
     from fedprime_core.tools.experiments.report import table_curves
 
-    grid = tmp_path / "curves.yaml"
-    grid.write_text(
-        f"""
-name: curves
-output: {tmp_path / "out"}
-base: {{num-server-rounds: 2, missing-setting: miss-both}}
+    grid = write_grid(
+        tmp_path,
+        "curves",
+        """
+base: {num-server-rounds: 2, missing-setting: miss-both}
 grids:
-  merge: {{method: [fedprime], inter-merge: [align, position], seed: [0, 1, 2]}}
+  merge: {method: [fedprime], inter-merge: [align, position], seed: [0, 1, 2]}
 tables:
   merge:
     extra:
-      - {{key: client-eval/test-accuracy, over: final, scale: 100, label: clients' own test}}
-      - {{key: inter-pool-size, over: mean}}
-      - {{key: train-loss, over: final, label: final train loss}}
-"""
+      - {key: client-eval/test-accuracy, over: final, scale: 100, label: clients' own test}
+      - {key: inter-pool-size, over: mean}
+      - {key: train-loss, over: final, label: final train loss}
+""",
     )
     plan = load_plan(grid)
     for cell in plan.cells:
@@ -443,21 +449,20 @@ def test_two_factor_differences_and_holm_tests_on_the_primary_column(tmp_path):
 
     from fedprime_core.tools.experiments.report import holm, primary_tests
 
-    grid = tmp_path / "factors.yaml"
-    grid.write_text(
-        f"""
-name: factors
-output: {tmp_path / "out"}
-base: {{num-server-rounds: 2, missing-setting: miss-both, method: fedavg-p}}
+    grid = write_grid(
+        tmp_path,
+        "factors",
+        """
+base: {num-server-rounds: 2, missing-setting: miss-both, method: fedavg-p}
 grids:
-  d: {{map-prompt-init: [normal, reference], max-grad-norm: [1.0, 0.0], seed: [0, 1, 2, 3]}}
+  d: {map-prompt-init: [normal, reference], max-grad-norm: [1.0, 0.0], seed: [0, 1, 2, 3]}
 tables:
   d:
     primary: same-as-train
     differences:
-      - {{key: map-prompt-init, value: reference, minus: normal}}
-      - {{key: [map-prompt-init, max-grad-norm], value: [reference, 0.0], minus: [normal, 1.0]}}
-"""
+      - {key: map-prompt-init, value: reference, minus: normal}
+      - {key: [map-prompt-init, max-grad-norm], value: [reference, 0.0], minus: [normal, 1.0]}
+""",
     )
     plan = load_plan(grid)
     table = plan.tables[0]
@@ -511,38 +516,36 @@ def test_holm_adjusts_step_down_and_keeps_order():
     ],
 )
 def test_bad_primary_and_two_factor_differences_name_the_problem(tmp_path, table, message):
-    grid = tmp_path / "bad.yaml"
-    grid.write_text(
+    grid = write_grid(
+        tmp_path,
+        "bad",
         f"""
-name: bad
-output: {tmp_path / "out"}
 base: {{num-server-rounds: 2}}
 grids:
   t: {{method: [pfpt, fed-intra], lr: [0.05, 0.1], seed: [0]}}
 tables:
   t: {table}
-"""
+""",
     )
     with pytest.raises(ConfigError, match=message):
         load_plan(grid)
 
 
 def test_a_declared_comparison_without_pairs_yet_is_named_and_left_out_of_holm(tmp_path):
-    grid = tmp_path / "partial.yaml"
-    grid.write_text(
-        f"""
-name: partial
-output: {tmp_path / "out"}
-base: {{num-server-rounds: 2, missing-setting: miss-both}}
+    grid = write_grid(
+        tmp_path,
+        "partial",
+        """
+base: {num-server-rounds: 2, missing-setting: miss-both}
 grids:
-  t: {{method: [fedprime, fedavg-p, centralized-p], seed: [0, 1]}}
+  t: {method: [fedprime, fedavg-p, centralized-p], seed: [0, 1]}
 tables:
   t:
     primary: same-as-train
     differences:
-      - {{key: method, value: centralized-p, minus: fedprime}}
-      - {{key: method, value: fedprime, minus: fedavg-p}}
-"""
+      - {key: method, value: centralized-p, minus: fedprime}
+      - {key: method, value: fedprime, minus: fedavg-p}
+""",
     )
     plan = load_plan(grid)
     for cell in plan.cells:
