@@ -71,11 +71,9 @@ from typing import Any
 import numpy as np
 
 from fedprime_core.config import profile_keys
-from fedprime_core.data.missing import TEST_SETTINGS
-from fedprime_core.tools.experiments.plan import BOOKKEEPING_KEYS
+from fedprime_core.tools.experiments.plan import BOOKKEEPING_KEYS, TEST_COLUMNS
 from fedprime_core.tools.experiments.report import no_op_pair
 
-TEST_COLUMNS = (*TEST_SETTINGS, "val")
 BYTES_COLUMNS = {
     "kB sent per client per round": "bytes-sent-per-client",
     "kB received per client per round": "bytes-received-per-client",

@@ -18,7 +18,7 @@ from typing import Any
 
 from scipy import stats
 
-from fedprime_core.tools.experiments.report import _stats, no_op_pair
+from fedprime_core.tools.experiments.report import _stats, holm, no_op_pair
 
 COLUMNS = {"client": "clients' own test", "sat": "server same-as-train", "full": "server full-modal"}
 
@@ -67,16 +67,6 @@ def describe(values: list[float]) -> tuple[int, float, float, float, float]:
     if n < 2 or sd == 0:
         return n, mean, sd, float("nan"), 1.0 if mean == 0 else 0.0
     return n, mean, sd, st["hi"] - mean, float(2 * stats.t.sf(abs(mean) / (sd / math.sqrt(n)), n - 1))
-
-
-def holm(pvalues: list[float]) -> list[float]:
-    """Holm's step-down adjusted p-values, in the input's order."""
-    order = sorted(range(len(pvalues)), key=lambda i: pvalues[i])
-    adjusted, running = [1.0] * len(pvalues), 0.0
-    for rank, i in enumerate(order):
-        running = max(running, min(1.0, (len(pvalues) - rank) * pvalues[i]))
-        adjusted[i] = running
-    return adjusted
 
 
 def main(output: Path) -> None:

@@ -249,8 +249,9 @@ def load_plan(path: str | Path) -> Plan:
 _TABLE_KEYS = {"grids", "round", "extra", "differences", "primary"}
 _EXTRA_KEYS = {"key", "per", "over", "scale", "label"}
 _OVER = ("mean", "final", "sum", "max", "min")
-#: A comparison table's columns before its extra ones: the metric on each test setting and val.
-_TEST_COLUMNS = (*TEST_SETTINGS, "val")
+#: A table's metric columns (the run's summary): each test setting, then val; a comparison table's extra
+#: columns come after them.
+TEST_COLUMNS = (*TEST_SETTINGS, "val")
 
 
 def _parse_tables(path: Path, raw: Any, grids: Mapping[str, Any], cells: tuple[Cell, ...]) -> tuple[TableSpec, ...]:
@@ -303,7 +304,7 @@ def _parse_tables(path: Path, raw: Any, grids: Mapping[str, Any], cells: tuple[C
             axes.extend(k for k in grids[g] if k not in axes)
         primary = body.get("primary")
         if primary is not None:
-            titles = [*_TEST_COLUMNS, *(e.title for e in extras)]
+            titles = [*TEST_COLUMNS, *(e.title for e in extras)]
             if primary not in titles:
                 raise ConfigError(f"{where}: 'primary' must name one of the table's columns {titles}, got {primary!r}")
             if not differences:

@@ -14,10 +14,18 @@ from typing import Any
 import numpy as np
 
 from ...config import at_profile, profile_keys, with_profile
-from ...data.missing import TEST_SETTINGS
 from ...metrics import CLIENT_TEST_PREFIX
 from ...results import top_tau_evaluation
-from .plan import BOOKKEEPING_KEYS, DEFAULTS, Cell, ExtraColumn, Plan, TableSpec, folder_settings_changed
+from .plan import (
+    BOOKKEEPING_KEYS,
+    DEFAULTS,
+    TEST_COLUMNS,
+    Cell,
+    ExtraColumn,
+    Plan,
+    TableSpec,
+    folder_settings_changed,
+)
 
 LOGGER = logging.getLogger(__name__)
 #: Run folders already named as left out (each is named once per process).
@@ -100,7 +108,7 @@ def table_rows(plan: Plan, kind: str, which: str = "final") -> list[dict[str, An
     rows = []
     for (setting, method, eta), items in groups.items():
         row: dict[str, Any] = {"train": setting, "method": method, "eta": eta, "seeds": len(items)}
-        for test in (*TEST_SETTINGS, "val"):
+        for test in TEST_COLUMNS:
             mean, std, n = _mean_std([item.get(test) for item in items])
             row[test] = (mean, std, n)
         rows.append(row)
@@ -114,7 +122,7 @@ def table_rows(plan: Plan, kind: str, which: str = "final") -> list[dict[str, An
 
 def write_table(rows: list[dict[str, Any]], path_stem: Path, title: str, metric: str) -> None:
     """Markdown and CSV of table rows (percent, mean ± std over seeds)."""
-    columns = [*TEST_SETTINGS, "val"]
+    columns = list(TEST_COLUMNS)
     lines = [
         f"# {title}",
         "",
@@ -298,7 +306,7 @@ def _run_values(plan: Plan, cell: Cell, table: TableSpec) -> dict[str, float | N
         return None
     row = summary[table.round]
     values: dict[str, float | None] = {
-        test: None if row.get(test) is None else 100.0 * float(row[test]) for test in (*TEST_SETTINGS, "val")
+        test: None if row.get(test) is None else 100.0 * float(row[test]) for test in TEST_COLUMNS
     }
     history = _history(plan, cell)
     for column in table.extra:
@@ -351,7 +359,7 @@ def comparison(plan: Plan, table: TableSpec) -> dict[str, Any]:
         other pairs).
     """
     keys = varying_keys(plan, table)
-    columns = [*TEST_SETTINGS, "val", *(c.title for c in table.extra)]
+    columns = [*TEST_COLUMNS, *(c.title for c in table.extra)]
     cells = _table_cells(plan, table)
     values = {c.name: _run_values(plan, c, table) for c in cells}
     groups: dict[tuple, list[Cell]] = {}
@@ -378,7 +386,7 @@ def comparison(plan: Plan, table: TableSpec) -> dict[str, Any]:
         for cell in cells:
             if any(cell.config[k] != v for k, v in diff.values.items()):
                 continue
-            twin = dict(cell.config)
+            twin = cell.config  # _twin returns a new mapping
             for key, minus in diff.minuses.items():
                 twin = _twin(twin, key, minus)
             partner = by_config.get(json.dumps(twin, sort_keys=True))
@@ -555,7 +563,7 @@ def primary_tests(data: Mapping[str, Any], table: TableSpec) -> list[dict[str, A
 
 
 def _p_text(value: float, fmt: str = "{:.4f}") -> str:
-    return "-" if not np.isfinite(value) and not np.isinf(value) else fmt.format(value)
+    return "-" if np.isnan(value) else fmt.format(value)
 
 
 def write_comparison(plan: Plan, table: TableSpec) -> dict[str, Any]:
