@@ -498,6 +498,64 @@ tables:
     )
 
 
+def test_a_pooled_key_joins_rows_but_never_pairs_across_its_values(tmp_path):
+    # Seeds 0-1 ran with fixed text padding, seeds 2-3 with batch padding (a rounding-only change);
+    # the table pools them, and each pair must still hold both arms at the same padding.
+    grid = write_grid(
+        tmp_path,
+        "pooled",
+        """
+base: {num-server-rounds: 2, missing-setting: miss-both}
+grids:
+  pilot: {method: [fedprime, fed-inter], seed: [0, 1]}
+  more: {method: [fedprime, fed-inter], seed: [2, 3], text-padding: batch}
+tables:
+  t:
+    grids: [pilot, more]
+    pool: text-padding
+    primary: same-as-train
+    differences:
+      - {key: method, value: fedprime, minus: fed-inter}
+""",
+    )
+    plan = load_plan(grid)
+    table = plan.tables[0]
+    assert table.pool == ("text-padding",) and varying_keys(plan, table) == ["method"]
+    # fedprime is 5 points better at every seed; batch-padded runs sit 20 points lower in both arms,
+    # so a pair across paddings would show -15 or +25.
+    for cell in plan.cells:
+        base = 0.5 - (0.2 if cell.config["text-padding"] == "batch" else 0.0)
+        fake_run(plan, cell, base + (0.05 if cell.config["method"] == "fedprime" else 0.0), 1000.0, 10)
+    data = comparison(plan, table)
+    assert [r["runs"] for r in data["rows"]] == [4, 4]
+    (diff,) = data["differences"]
+    assert diff["runs"] == 4 and diff["key"] == {}
+    assert diff["stats"]["same-as-train"]["mean"] == pytest.approx(5.0)
+    assert diff["stats"]["same-as-train"]["std"] == pytest.approx(0.0, abs=1e-9)
+    write_report(plan)
+    assert "Pooled over text-padding" in (plan.output / "t.md").read_text()
+
+
+@pytest.mark.parametrize(
+    "pool, message",
+    [("nonsense", "'pool' must list run-config keys"), ("seed", "may not name seed"), ("method", "difference changes")],
+)
+def test_a_bad_pool_names_the_problem(tmp_path, pool, message):
+    grid = write_grid(
+        tmp_path,
+        "badpool",
+        f"""
+base: {{num-server-rounds: 2}}
+grids:
+  t: {{method: [pfpt, fed-intra], seed: [0]}}
+tables:
+  t: {{pool: {pool}, differences: [{{key: method, value: pfpt, minus: fed-intra}}]}}
+""",
+    )
+    with pytest.raises(ConfigError, match=message):
+        load_plan(grid)
+
+
 def test_holm_adjusts_step_down_and_keeps_order():
     from fedprime_core.tools.experiments.report import holm
 

@@ -152,6 +152,10 @@ class TableSpec:
     axes: tuple[str, ...] = ()  # the sub-grids' keys, in the order written, to order the row keys
     primary: str | None = None
     """The column the differences are tested on (paired t, Holm over the table's difference rows)."""
+    pool: tuple[str, ...] = ()
+    """Run-config keys the table does not split rows by: a row (and a difference row) holds runs at
+    every value of them, while each pair still holds both arms at one value (the twin is matched on
+    every key). For settings that change rounding only, e.g. ``text-padding`` across a study's seeds."""
 
 
 def cell_name(config: Mapping[str, Any]) -> str:
@@ -246,7 +250,7 @@ def load_plan(path: str | Path) -> Plan:
     )
 
 
-_TABLE_KEYS = {"grids", "round", "extra", "differences", "primary"}
+_TABLE_KEYS = {"grids", "round", "extra", "differences", "primary", "pool"}
 _EXTRA_KEYS = {"key", "per", "over", "scale", "label"}
 _OVER = ("mean", "final", "sum", "max", "min")
 #: A table's metric columns (the run's summary): each test setting, then val; a comparison table's extra
@@ -309,7 +313,17 @@ def _parse_tables(path: Path, raw: Any, grids: Mapping[str, Any], cells: tuple[C
                 raise ConfigError(f"{where}: 'primary' must name one of the table's columns {titles}, got {primary!r}")
             if not differences:
                 raise ConfigError(f"{where}: 'primary' tests the table's differences; it declares none")
-        spec = TableSpec(str(name), tuple(names), which, tuple(extras), tuple(differences), tuple(axes), primary)
+        pool = body.get("pool") or []
+        pool = [pool] if isinstance(pool, str) else pool
+        if not isinstance(pool, list) or any(k not in option_keys for k in pool):
+            raise ConfigError(f"{where}: 'pool' must list run-config keys, got {body.get('pool')!r}")
+        changed = {"seed", *(k for d in differences for k in d.keys)}
+        if changed & set(pool):
+            clash = sorted(changed & set(pool))
+            raise ConfigError(f"{where}: 'pool' may not name seed or a key a difference changes: {clash}")
+        spec = TableSpec(
+            str(name), tuple(names), which, tuple(extras), tuple(differences), tuple(axes), primary, tuple(pool)
+        )
         tables.append(spec)
     return tuple(tables)
 

@@ -294,8 +294,8 @@ def _differing_keys(cells: Sequence[Cell], skip: Sequence[str] = ("seed",)) -> l
 
 
 def varying_keys(plan: Plan, table: TableSpec) -> list[str]:
-    """Run-config keys (seed excepted) that take more than one value among the table's cells."""
-    varying = _differing_keys(_table_cells(plan, table))
+    """Run-config keys (seed and the table's ``pool`` keys excepted) that take more than one value among its cells."""
+    varying = _differing_keys(_table_cells(plan, table), skip=("seed", *table.pool))
     ordered = [k for k in table.axes if k in varying]
     return ordered + sorted(k for k in varying if k not in ordered)
 
@@ -575,7 +575,12 @@ def write_comparison(plan: Plan, table: TableSpec) -> dict[str, Any]:
         f"# {plan.name}: {table.name}",
         "",
         f"Sub-grid(s) {', '.join(table.grids)}. {plan.metric} (%) at the {which}, mean ± std over seeds "
-        "(runs = finished seeds); extra columns: mean ± std over seeds of each run's value.",
+        "(runs = finished seeds); extra columns: mean ± std over seeds of each run's value."
+        + (
+            f" Pooled over {', '.join(table.pool)}: a row holds runs at every value of it, a pair both arms at one."
+            if table.pool
+            else ""
+        ),
         "",
         "| " + " | ".join([*keys, "runs", *columns]) + " |",
         "|---" * (len(keys) + 1 + len(columns)) + "|",
