@@ -11,14 +11,11 @@ size; no-op pairs (an align run whose alignment changed nothing in any round).
 from __future__ import annotations
 
 import json
-import math
 import sys
 from pathlib import Path
 from typing import Any
 
-from scipy import stats
-
-from fedprime_core.tools.experiments.report import _stats, holm, no_op_pair
+from fedprime_core.tools.experiments.report import _stats, holm, no_op_pair, paired_t
 
 COLUMNS = {"client": "clients' own test", "sat": "server same-as-train", "full": "server full-modal"}
 
@@ -61,12 +58,13 @@ def read_runs(output: Path) -> list[dict[str, Any]]:
 
 
 def describe(values: list[float]) -> tuple[int, float, float, float, float]:
-    """``(n, mean, sd, 95% half-width, two-sided p of mean = 0)``; the interval as the runner's tables give it."""
+    """``(n, mean, sd, 95% half-width, two-sided p of mean = 0)``; the interval and p as the runner's tables give them.
+
+    Fewer than 2 pairs give a nan p; pairs all equal to 0 give p = 1 (:func:`paired_t`, as the report does).
+    """
     st = _stats(values, interval=True)
     n, mean, sd = int(st["n"]), st["mean"], st["std"]
-    if n < 2 or sd == 0:
-        return n, mean, sd, float("nan"), 1.0 if mean == 0 else 0.0
-    return n, mean, sd, st["hi"] - mean, float(2 * stats.t.sf(abs(mean) / (sd / math.sqrt(n)), n - 1))
+    return n, mean, sd, st["hi"] - mean, paired_t(n, mean, sd)[1]
 
 
 def main(output: Path) -> None:

@@ -556,6 +556,19 @@ tables:
         load_plan(grid)
 
 
+def test_paired_t_on_degenerate_pairs():
+    from scipy import stats
+
+    from fedprime_core.tools.experiments.report import paired_t
+
+    assert paired_t(5, 1.0, 2.0) == pytest.approx(tuple(stats.ttest_1samp([1, 3, -1, 3, -1], 0.0)))
+    t, p = paired_t(1, 3.0, 0.0)  # one pair: nothing to test, left out of a Holm family
+    assert np.isnan(t) and np.isnan(p)
+    t, p = paired_t(5, 0.0, 0.0)  # both arms identical in every pair: no evidence, kept in the family
+    assert np.isnan(t) and p == 1.0
+    assert paired_t(4, -2.0, 0.0) == (-np.inf, 0.0)
+
+
 def test_holm_adjusts_step_down_and_keeps_order():
     from fedprime_core.tools.experiments.report import holm
 

@@ -534,27 +534,37 @@ def holm(p_values: Sequence[float]) -> list[float]:
     return adjusted
 
 
+def paired_t(n: int, mean: float, sd: float) -> tuple[float, float]:
+    """Two-sided one-sample t test of ``mean = 0`` from ``n`` paired differences of spread ``sd``: ``(t, p)``.
+
+    Fewer than 2 pairs give nan for both (nothing can be told, and a Holm family leaves the row
+    out). Pairs that are all 0 (e.g. both arms the same algorithm) give t = nan and p = 1: no
+    evidence of a difference, and the row stays in its family. Pairs that do not vary around a
+    non-zero mean give t = ±inf and p = 0.
+    """
+    from scipy import stats
+
+    if n < 2 or not np.isfinite(sd):
+        return float("nan"), float("nan")
+    if sd == 0:
+        return (float(np.sign(mean) * np.inf), 0.0) if mean != 0 else (float("nan"), 1.0)
+    t = mean / (sd / np.sqrt(n))
+    return float(t), float(2.0 * stats.t.sf(abs(t), n - 1))
+
+
 def primary_tests(data: Mapping[str, Any], table: TableSpec) -> list[dict[str, Any]]:
     """Each difference row of :func:`comparison` tested on ``table.primary``: paired t and Holm.
 
     Returns one dict per difference row: ``difference`` (its title), ``group``, ``n`` pairs,
     ``noop``, ``mean``, ``lo``/``hi`` (95% t interval), ``t``, two-sided ``p`` and ``holm`` (Holm's
-    adjustment over all the rows). With fewer than 2 pairs, or pairs that do not vary, ``t``
-    and ``p`` are nan (a constant non-zero difference has t = ±inf and p = 0).
+    adjustment over all the rows), as :func:`paired_t` computes them (nan with fewer than 2 pairs).
     """
-    from scipy import stats
 
     tests = []
     for row in data["differences"]:
         stat = row["stats"][table.primary]
         n, mean, sd = int(stat["n"]), stat["mean"], stat["std"]
-        t = p = float("nan")
-        if n >= 2 and np.isfinite(sd):
-            if sd > 0:
-                t = mean / (sd / np.sqrt(n))
-                p = float(2.0 * stats.t.sf(abs(t), n - 1))
-            elif mean != 0:
-                t, p = float(np.sign(mean) * np.inf), 0.0
+        t, p = paired_t(n, mean, sd)
         test = {"difference": row["diff"].title, "group": row["key"], "n": n, "noop": int(row["noop"])}
         tests.append({**test, "mean": mean, "lo": stat["lo"], "hi": stat["hi"], "t": t, "p": p})
     for test, adjusted in zip(tests, holm([t["p"] for t in tests])):
