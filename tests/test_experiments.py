@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +14,7 @@ from fedprime_core.data.missing import TEST_SETTINGS
 from fedprime_core.tools.experiments.__main__ import main
 from fedprime_core.tools.experiments.plan import cell_name, load_plan, stale_settings
 from fedprime_core.tools.experiments.report import comparison, curve_label, table_rows, varying_keys, write_report
-from fedprime_core.tools.experiments.run import cell_status, run_plan
+from fedprime_core.tools.experiments.run import cell_status, run_cell, run_plan
 from tests.planted_runs import fake_run
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -168,6 +169,55 @@ grids:
     assert [line.split()[0] for line in capsys.readouterr().out.splitlines()[:2]] == ["done", "stale"]
     # Settings that may change on resume, and file paths, are not compared.
     assert stale_settings(first.config, {**first.config, "round-timeout": 5.0, "data-dir": "/elsewhere"}) == []
+
+
+def test_raising_a_grids_rounds_resumes_its_runs_under_their_new_names(tmp_path, capsys):
+    from fedprime_core.tools.experiments.plan import resumable_folder
+
+    def grid(rounds: int, lr: str = "0.1") -> Path:
+        return write_grid(
+            tmp_path,
+            "longer",
+            f"""
+base: {{num-server-rounds: {rounds}, eval-every: {rounds}, lr: {lr}}}
+grids:
+  main: {{method: [fedprime, fed-inter], seed: [0]}}
+""",
+        )
+
+    short = load_plan(grid(2))
+    for cell in short.cells:
+        fake_run(short, cell, accuracy=0.5, bytes_sent=100.0, pool=3)
+        (short.runs_dir / cell.name / "checkpoint.json").write_text(json.dumps({"round": 2}))
+        (short.runs_dir / cell.name / "config.json").write_text(json.dumps(cell.config))
+    long = load_plan(grid(4))  # more rounds, evaluated at the end: every cell has a new name
+    assert not {c.name for c in long.cells} & {c.name for c in short.cells}
+    for old, new in zip(short.cells, long.cells):
+        assert resumable_folder(long, new) == (short.runs_dir / old.name, [short.runs_dir / old.name])
+    capsys.readouterr()
+    assert main(["plan", str(grid(4))]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split()[:2] for line in lines[:2]] == [["resumes", "2"], ["resumes", "2"]]
+    assert f"(resumes {short.cells[0].name})" in lines[0]
+    # Fewer rounds than the folder holds, or a setting that is not resumable: nothing to resume.
+    assert resumable_folder(load_plan(grid(1)), load_plan(grid(1)).cells[0]) == (None, [])
+    assert resumable_folder(load_plan(grid(4, "0.2")), load_plan(grid(4, "0.2")).cells[0]) == (None, [])
+    # Two folders that could both be the run: ambiguous, so neither is taken.
+    twin = short.runs_dir / (short.cells[0].name[:-8] + "0" * 8)
+    shutil.copytree(short.runs_dir / short.cells[0].name, twin)
+    folder, candidates = resumable_folder(long, long.cells[0])
+    assert folder is None and len(candidates) == 2
+    shutil.rmtree(twin)
+    # A folder that was finished under the new rounds already is taken and skipped, not rerun.
+    (short.runs_dir / short.cells[1].name / "checkpoint.json").write_text(json.dumps({"round": 4}))
+    long = load_plan(grid(4))
+    (short.runs_dir / short.cells[0].name).rename(short.runs_dir / "elsewhere")  # only the done cell is run
+    records = [run_cell(long, long.cells[1], tmp_path / "home", echo=False)]
+    assert records == [
+        {"cell": long.cells[1].name, "status": "done", "skipped": True, "adopted-from": short.cells[1].name}
+    ]
+    assert (long.runs_dir / long.cells[1].name / "summary.json").is_file()
+    assert not (short.runs_dir / short.cells[1].name).exists()
 
 
 def test_convergence_curves_keep_profiles_and_backbones_apart():

@@ -82,6 +82,22 @@ def test_the_resume_check_catches_a_restore_that_forgets_the_personal_slots(quic
         resume_after_a_kill_in_round_two(quick_config, monkeypatch, "forgetful")
 
 
+def test_a_finished_run_resumed_with_more_rounds_trains_only_the_new_ones(quick_config):
+    # What an experiment grid does when its num-server-rounds is raised (experiments.plan.resumable_folder).
+    settings = {"fraction_evaluate": 1.0, "client_test_samples": 20, "server_eval": False}
+    cfg = quick_config(run_name="grow", num_server_rounds=1, **settings)
+    run(cfg)
+    folder = run_dir_of(cfg)
+    grid = run(quick_config(run_name="grow", num_server_rounds=2, eval_every=2, resume=str(folder), **settings))
+    rounds = history(cfg)
+    assert [r["round"] for r in rounds] == [1, 2]  # no round 0 without the server's evaluation
+    trained = {m.content["config"]["server-round"] for m in grid.sent if m.metadata.message_type == MessageType.TRAIN}
+    assert trained == {2}
+    assert "client-eval" in rounds[0] and "client-eval" in rounds[1]  # the old last round and the new one
+    assert json.loads((folder / "checkpoint.json").read_text())["round"] == 2
+    assert json.loads((folder / "summary.json").read_text())["status"] == "finished"
+
+
 def test_resume_refuses_changed_settings_and_fresh_runs_refuse_to_overwrite(quick_config):
     cfg = quick_config(run_name="once", num_server_rounds=1, fraction_evaluate=0.0, server_eval=False)
     run(cfg)

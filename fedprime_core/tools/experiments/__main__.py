@@ -9,7 +9,7 @@ from collections.abc import Sequence
 
 from ...config import ConfigError
 from . import __doc__ as GUIDE
-from .plan import folder_settings_changed, load_plan
+from .plan import folder_settings_changed, load_plan, resumable_folder
 from .power import format_power, pilot_power
 from .report import write_report
 from .run import cell_status, run_plan
@@ -42,7 +42,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             status, completed = cell_status(plan, cell)
             if folder_settings_changed(plan, cell):
                 status = "stale"
-            print(f"{status:8s} {completed:4d}  {cell.name}  [{', '.join(cell.grids)}]")
+            adopt, _ = resumable_folder(plan, cell)
+            if adopt is not None:
+                status, completed = "resumes", int(json.loads((adopt / "checkpoint.json").read_text())["round"])
+            resumes = f"  (resumes {adopt.name})" if adopt is not None else ""
+            print(f"{status:8s} {completed:4d}  {cell.name}  [{', '.join(cell.grids)}]{resumes}")
         print(f"{len(plan.cells)} cells; output {plan.output}")
         return 0
     if args.command == "power":

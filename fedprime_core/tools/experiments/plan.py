@@ -201,6 +201,37 @@ def folder_settings_changed(plan: Plan, cell: Cell) -> list[str]:
     return stale_settings(cell.config, stored)
 
 
+def resumable_folder(plan: Plan, cell: Cell) -> tuple[Path | None, list[Path]]:
+    """A run folder of ``plan`` that ``cell`` may resume although its name differs: ``(folder, candidates)``.
+
+    A cell's name hashes every setting that is not a default, so raising ``num-server-rounds``
+    (or another resumable key, such as ``eval-every``) in a grid renames its cells. The runs
+    made under the old value are still the same runs, up to the rounds they finished: a folder
+    qualifies when its name has the cell's readable prefix (method, setting, eta, seed), no cell
+    of the plan is named like it, its ``config.json`` differs from the cell's configuration in
+    resumable keys and file paths only (:func:`stale_settings` is empty) and its checkpoint holds
+    no more rounds than the cell asks for. ``folder`` is the one candidate, or ``None`` when the
+    cell has a folder of its own, when there is none, or when there are several (ambiguous:
+    ``candidates`` names them, and nothing is adopted).
+    """
+    if (plan.runs_dir / cell.name).exists() or not plan.runs_dir.is_dir():
+        return None, []
+    prefix = cell.name.rsplit("-", 1)[0] + "-"
+    named = {c.name for c in plan.cells}
+    candidates = []
+    for folder in sorted(plan.runs_dir.glob(prefix + "*")):
+        if folder.name in named or not folder.is_dir() or folder.name.rsplit("-", 1)[0] + "-" != prefix:
+            continue
+        try:
+            stored = json.loads((folder / "config.json").read_text())
+            done = int(json.loads((folder / "checkpoint.json").read_text()).get("round", 0))
+        except (OSError, ValueError, AttributeError):
+            continue
+        if not stale_settings(cell.config, stored) and done <= int(cell.config["num-server-rounds"]):
+            candidates.append(folder)
+    return (candidates[0] if len(candidates) == 1 else None), candidates
+
+
 def load_plan(path: str | Path) -> Plan:
     """Parse and validate a grid file; every cell's configuration is checked up front.
 

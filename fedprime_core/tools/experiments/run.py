@@ -13,7 +13,7 @@ from typing import Any
 from ...progress import format_duration
 from ..cli import to_toml
 from ..launch import flower_env, run_flwr, stage_app, stop_marked
-from .plan import Cell, Plan, federation_args, folder_settings_changed
+from .plan import Cell, Plan, federation_args, folder_settings_changed, resumable_folder
 from .report import write_report
 
 
@@ -35,6 +35,14 @@ def run_cell(plan: Plan, cell: Cell, home: Path, echo: bool = True, app_dir: Pat
     ``app_dir``: where ``flwr run .`` runs (a :func:`~fedprime_core.tools.launch.stage_app` copy; default: the
     repository).
     """
+    adopted, candidates = resumable_folder(plan, cell)
+    if adopted is not None:
+        adopted.rename(plan.runs_dir / cell.name)  # the same run, under the name its new rounds give it
+        if echo:
+            print(f"== {cell.name}: resumes {adopted.name} (made with other resumable settings)", flush=True)
+    elif len(candidates) > 1 and echo:
+        names = ", ".join(c.name for c in candidates)
+        print(f"== {cell.name}: several run folders could be resumed ({names}); starting afresh", flush=True)
     status, completed = cell_status(plan, cell)
     changed = folder_settings_changed(plan, cell)
     if changed:
@@ -44,7 +52,8 @@ def run_cell(plan: Plan, cell: Cell, home: Path, echo: bool = True, app_dir: Pat
         )
         return {"cell": cell.name, "status": "failed", "exit-code": None, "reason": reason}
     if status == "done":
-        return {"cell": cell.name, "status": "done", "skipped": True}
+        record = {"cell": cell.name, "status": "done", "skipped": True}
+        return record if adopted is None else {**record, "adopted-from": adopted.name}
     run_dir = plan.runs_dir / cell.name
     overrides = {**plan.resolve_paths(cell.config), "results-dir": str(plan.runs_dir), "run-name": cell.name}
     if cell.config["method"] == "centralized-p":
@@ -73,6 +82,7 @@ def run_cell(plan: Plan, cell: Cell, home: Path, echo: bool = True, app_dir: Pat
         "exit-code": code,
         "seconds": seconds,
         "resumed-from": completed if status == "partial" else None,
+        **({} if adopted is None else {"adopted-from": adopted.name}),
     }
 
 
