@@ -578,6 +578,17 @@ OPTIONS: tuple[Option, ...] = (
         resumable=True,
     ),
     Option(
+        "server-eval-every",
+        int,
+        0,
+        "Server-side evaluation of the held-out sets every N rounds (and before round 1 and in the last "
+        "round) instead of every eval-every rounds; 0 follows eval-every. Client-side evaluation keeps "
+        "eval-every: a study whose primary metric is the clients' own test can draw its curves from them "
+        "and pay for the server's five test settings once.",
+        min=0,
+        resumable=True,
+    ),
+    Option(
         "device",
         str,
         "auto",
@@ -775,6 +786,7 @@ class RunConfig:
     server_eval: bool = True
     server_eval_top_tau: bool = True
     eval_every: int = 1
+    server_eval_every: int = 0
     device: str = "auto"
     comm_profile: str = "paper"
     wire_dtype: str = "float32"

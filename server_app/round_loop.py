@@ -4,7 +4,7 @@
 resume (rounds already in the history are neither repeated nor lost), results and a
 checkpoint after every round (:class:`RunOutputs`), stops (the SuperLink is gone, nothing
 can learn) and FedPrime's server-side evaluation of the held-out sets every ``eval-every``
-rounds. It logs one line per round.
+rounds (``server-eval-every`` when set). It logs one line per round.
 
 Client-side evaluation costs no message cycle of its own except in the last round: the state
 a round leaves is what the next round's train messages carry, so the clients sampled to
@@ -256,14 +256,17 @@ class RoundLoop:
                 skipped_in_a_row = skipped_in_a_row + 1 if trained.skipped else 0
                 failure = stop_reason(list(trained.outcomes), skipped_in_a_row, cfg.max_skipped_rounds)
                 if failure is None:
-                    # Both evaluations every eval-every rounds and in the last one.
-                    evaluating = not server_round % cfg.eval_every or server_round == num_rounds
-                    if evaluating and server_round == num_rounds:
+                    # Both evaluations every eval-every rounds (the server's every server-eval-every
+                    # rounds when set) and in the last one.
+                    last = server_round == num_rounds
+                    evaluating = not server_round % cfg.eval_every or last
+                    held_out = not server_round % (cfg.server_eval_every or cfg.eval_every) or last
+                    if evaluating and last:
                         record.update(self._client_evaluation(server_round, grid, result))
                     elif evaluating and strategy.fraction_evaluate > 0:
                         record[PENDING] = True
                         pending = server_round
-                    record.update(self._server_evaluation(server_round, result, held_out=evaluating))
+                    record.update(self._server_evaluation(server_round, result, held_out=held_out))
                 record["round-seconds"] = time.perf_counter() - started
                 self.history.append(record)
                 self._log_round(record, num_rounds)

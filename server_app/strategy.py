@@ -367,8 +367,8 @@ class FedPrimeStrategy(FedAvg):
           run that cannot learn (below);
         * ``evaluate_held_out(round, state) -> {"val": {...}, "same-as-train": {...}, ...}``,
           FedPrime's server-side evaluation on the held-out sets, before round 1 of a fresh
-          run and every ``eval-every`` rounds (and the last); nested into metrics.json, and
-          from round 1 on flattened (``"val/accuracy"``) into
+          run and every ``eval-every`` rounds (``server-eval-every`` when set; and the last); nested
+          into metrics.json, and from round 1 on flattened (``"val/accuracy"``) into
           ``result.evaluate_metrics_serverapp``, next to what ``evaluate_fn`` returns.
 
         Raises:

@@ -144,6 +144,17 @@ def test_start_or_resume_keeps_evaluate_fns_meaning_next_to_the_held_out_sets(qu
     assert all("bytes-sent-evaluate" not in r and r.get("accepted", 3) == 3 for r in records)
 
 
+def test_server_eval_every_spaces_the_held_out_sets_while_clients_evaluate_every_eval_every(quick_config):
+    cfg = quick_config(
+        run_name="sparse-server", num_server_rounds=4, eval_every=1, server_eval_every=3, client_test_samples=20
+    )
+    run(cfg)
+    records = history(cfg)
+    assert [r["round"] for r in records if "eval" in r] == [0, 3, 4]  # before round 1, every 3rd and the last
+    assert [r["round"] for r in records if "client-eval" in r] == [1, 2, 3, 4]
+    assert all("test-accuracy" in r["client-eval"] for r in records if "client-eval" in r)
+
+
 def test_run_outputs_write_results_then_the_checkpoint_and_take_back_a_round_they_could_not_save(
     quick_config, monkeypatch
 ):
