@@ -125,6 +125,24 @@ def test_a_round_with_too_few_valid_replies_is_skipped_and_the_state_kept(quick_
     assert records[2]["eval"]["val"] == pytest.approx(records[2]["eval"]["val"])  # still evaluated
 
 
+def test_centralized_p_trains_its_one_owner_through_the_server_every_round(quick_config):
+    # Regression: the owner's reply carried partition-id -1, which the reply parser rejects, so
+    # every round was skipped and the run failed after max-skipped-rounds (issue 30's D1 runs).
+    cfg = quick_config(
+        run_name="central", method="centralized-p", min_available_nodes=1, min_train_nodes=1, fraction_evaluate=0.0
+    )
+    run(cfg, node_configs=[{"partition-id": 0, "num-partitions": 1}])
+    records = history(cfg)
+    trained = [r for r in records if r["round"] > 0]
+    assert [r["round"] for r in trained] == [1, 2]
+    for record in trained:
+        assert record["accepted"] == 1 and record["rejected"] == 0 and not record["skipped"]
+        assert record["train-examples"] > 200  # the whole training set, not a client's share
+        assert np.isfinite(record["train-loss"])
+    assert trained[1]["train-loss"] < trained[0]["train-loss"]
+    assert json.loads((run_dir_of(cfg) / "summary.json").read_text())["status"] == "finished"
+
+
 def test_partial_participation_and_offline_nodes(quick_config):
     cfg = quick_config(
         run_name="partial",

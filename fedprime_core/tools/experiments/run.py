@@ -38,9 +38,8 @@ def run_cell(plan: Plan, cell: Cell, home: Path, echo: bool = True, app_dir: Pat
     adopted, candidates = resumable_folder(plan, cell)
     if adopted is not None:
         adopted.rename(plan.runs_dir / cell.name)  # the same run, under the name its new rounds give it
-        if echo:
-            print(f"== {cell.name}: resumes {adopted.name} (made with other resumable settings)", flush=True)
-    elif len(candidates) > 1 and echo:
+        print(f"== {cell.name}: resumes {adopted.name} (made with other resumable settings)", flush=True)
+    elif len(candidates) > 1:
         names = ", ".join(c.name for c in candidates)
         print(f"== {cell.name}: several run folders could be resumed ({names}); starting afresh", flush=True)
     status, completed = cell_status(plan, cell)
