@@ -30,7 +30,15 @@ from .data.datasets import DATASETS as DATASET_SPECS
 from .data.datasets import dataset as dataset_spec
 from .data.datasets.mmimdb import PROTOCOLS as MMIMDB_PROTOCOLS
 from .faultplan import parse_fault_plan
-from .method.methods import MAP_PROMPT_INITS, METHOD_SPECS, OPTIMIZERS, PFPT_STEPS, SELECTIONS, default_sweeps
+from .method.methods import (
+    MAP_PROMPT_INITS,
+    METHOD_SPECS,
+    OPTIMIZERS,
+    PFPT_STEPS,
+    READOUTS,
+    SELECTIONS,
+    default_sweeps,
+)
 from .method.regimes import ALIGN_ON, ALIGN_STARTS, INIT_MODES, MERGE_MODES
 from .wire import WIRE_DTYPES
 from .yamlio import read_yaml_mapping
@@ -444,6 +452,17 @@ OPTIONS: tuple[Option, ...] = (
         MAP_PROMPT_INITS,
         affects=("model",),
     ),
+    Option(
+        "readout",
+        str,
+        "cls",
+        "What the pooler and head classify from: the final state of the [CLS] token (every method), or, for "
+        "comparison only, that of the first retrieved prompt (the first of the first pool, most relevant first), "
+        "as the reference code's Fed-Inter and Fed-Prime do (docs/findings/reference-code.md, D5). Needs a "
+        "method with a retrieval pool.",
+        READOUTS,
+        affects=("model",),
+    ),
     # --- missing modalities and partitions ----------------------------------------
     Option(
         "missing-setting",
@@ -768,6 +787,7 @@ class RunConfig:
     map_prompt_length: int = 16
     map_prompt_depth: int = 6
     map_prompt_init: str = "normal"
+    readout: str = "cls"
     missing_setting: str = "miss-both"
     eta: float = 0.7
     missing_alpha: float = 1.0
@@ -945,6 +965,12 @@ def _check_consistency(cfg: RunConfig) -> None:
         raise ConfigError(
             f"run config key 'map-prompt-init' = {cfg.map_prompt_init!r} sets how the missing-aware prompts "
             f"start, which only {with_map} has, not method={cfg.method!r}; leave it at 'normal'"
+        )
+    if cfg.readout != "cls" and not METHOD_SPECS[cfg.method].pools:
+        with_pools = ", ".join(name for name, spec in METHOD_SPECS.items() if spec.pools)
+        raise ConfigError(
+            f"run config key 'readout' = {cfg.readout!r} reads a retrieved prompt, which only methods with a "
+            f"retrieval pool ({with_pools}) have, not method={cfg.method!r}; leave it at 'cls'"
         )
     for key, value, default in (("align-start", cfg.align_start, "warm"), ("align-on", cfg.align_on, "prompt")):
         if value != default and not aligns(cfg.method, cfg.inter_merge):

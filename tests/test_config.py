@@ -101,6 +101,8 @@ def test_pyproject_app_config_matches_the_schema():
         ({"method": "pfpt", "inter-init": "independent"}, "'inter-init' = 'independent' applies to methods"),
         ({"map-prompt-init": "reference"}, "which only fedavg-p has, not method='fedprime'; leave it at 'normal'"),
         ({"method": "fedavg-p", "map-prompt-init": "ones"}, "use one of: normal, reference"),
+        ({"method": "fedavg-p", "readout": "first-prompt"}, "only methods with a retrieval pool"),
+        ({"readout": "pooled"}, "use one of: cls, first-prompt"),
     ],
 )
 def test_bad_values_name_the_key_and_the_fix(values, fragment):
@@ -252,4 +254,5 @@ def test_the_reference_prompt_init_is_a_fedavg_p_setting_and_old_runs_count_as_n
     from fedprime_core.config import stored_value
 
     assert parse_run_config({"method": "fedavg-p", "map-prompt-init": "reference"}).map_prompt_init == "reference"
+    assert parse_run_config({"method": "fed-inter", "readout": "first-prompt"}).readout == "first-prompt"
     assert stored_value({"method": "fedavg-p"}, "map-prompt-init") == "normal"  # runs before the key existed

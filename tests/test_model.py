@@ -173,6 +173,42 @@ def test_reference_missing_aware_init_is_zeros_with_one_token_per_pattern_and_no
         make("zeros")
 
 
+@pytest.mark.parametrize("method, pools", [("fedprime", 2), ("fed-inter", 1)])
+def test_first_prompt_readout_classifies_from_the_first_retrieved_prompt(tiny_vilt, batch, method, pools):
+    """readout=first-prompt (comparison only, D5): the pooler reads the final state of sequence position 0,
+    the first pool's most relevant prompt, instead of [CLS] after the pools' kappa prompts each."""
+    backbone, _ = tiny_vilt
+    settings = PromptSettings(tau=6, kappa=2)
+    seen: dict[str, torch.Tensor] = {}
+    encode = backbone.encode
+
+    def recording(*args, **kwargs):
+        seen["hidden"] = encode(*args, **kwargs)
+        return seen["hidden"]
+
+    def pooler_input(model: PromptedModel) -> tuple[torch.Tensor, torch.Tensor]:
+        handle = model.pooler.register_forward_hook(lambda module, inputs, output: seen.update(read=inputs[0]))
+        backbone.encode = recording
+        try:
+            with torch.no_grad():
+                logits = model(batch).logits
+        finally:
+            backbone.encode = encode
+            handle.remove()
+        return seen["read"], logits
+
+    cls_model = PromptedModel(backbone, method_spec(method), 8, settings, seed=0)
+    first_model = PromptedModel(backbone, method_spec(method), 8, settings, seed=0, readout="first-prompt")
+    read, cls_logits = pooler_input(cls_model)
+    assert torch.equal(read, seen["hidden"][:, pools * settings.kappa])  # [CLS] follows the retrieved prompts
+    read, first_logits = pooler_input(first_model)
+    assert torch.equal(read, seen["hidden"][:, 0])
+    assert not torch.allclose(cls_logits, first_logits)
+    assert set(trainable_state(cls_model)) == set(trainable_state(first_model))  # the same parts travel
+    with pytest.raises(ValueError, match="has no pool"):
+        PromptedModel(backbone, method_spec("fedavg-p"), 8, settings, readout="first-prompt")
+
+
 def test_pretrained_source_is_a_checked_directory_or_a_hub_id(tmp_path):
     from fedprime_core.backbones import resolve_source
     from fedprime_core.backbones.base import resolve_pretrained_source

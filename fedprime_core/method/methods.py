@@ -13,6 +13,9 @@ SELECTIONS = ("sample", "batch")
 #: How the missing-aware prompts start: N(0, 0.02) (ours), or the reference's (Lee et al.'s) zeros
 #: with one all-ones token per pattern (comparison only: docs/findings/reference-code.md, D4).
 MAP_PROMPT_INITS = ("normal", "reference")
+#: What the pooler reads: the final state of the [CLS] token (ours, every method), or of the first
+#: retrieved prompt, as the reference's Fed-Inter and Fed-Prime do (comparison only: D5).
+READOUTS = ("cls", "first-prompt")
 #: The local optimizers (:func:`fedprime_core.method.training.make_optimizer`).
 OPTIMIZERS = ("sgd", "adam", "adamw")
 

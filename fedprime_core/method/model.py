@@ -19,7 +19,9 @@ Trainable parts, by method (see :mod:`fedprime_core.method.methods`):
 
 Retrieval prompts are input tokens prepended once before block 0, in pool order
 (``[intra kappa | inter kappa | text | image]``), without position or type embeddings and
-with attention mask 1. The pooler reads the final state of the sequence's [CLS] token.
+with attention mask 1. The pooler reads the final state of the sequence's [CLS] token (or, with
+``readout="first-prompt"``, for comparison with the reference code only, that of the first
+retrieval prompt).
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ import torch
 from torch import nn
 
 from ..backbones.base import Backbone, Batch
-from .methods import MAP_PROMPT_INITS, MethodSpec
+from .methods import MAP_PROMPT_INITS, READOUTS, MethodSpec
 from .retrieval import cosine_relevance, retrieval_regulariser, select_prompts
 
 #: Missing-modality patterns, in the order of missing-aware prompt sets.
@@ -356,6 +358,9 @@ class PromptedModel(nn.Module):
         pooler_rank: 0 the pooler trained whole (or frozen, ``train_pooler=False``); ``r > 0``
             a :class:`LowRankPooler` over the pretrained pooler (``pooler-rank``; needs
             ``train_pooler``).
+        readout: ``"cls"`` the pooler reads the [CLS] token's final state; ``"first-prompt"``
+            the first retrieval prompt's (the first pool's most relevant prompt; the reference's
+            Fed-Inter and Fed-Prime, comparison only); needs a retrieval pool.
 
     The low-rank factors of the head and pooler are drawn from their own generator, so every
     other part starts as in the dense model of the same seed.
@@ -371,8 +376,14 @@ class PromptedModel(nn.Module):
         train_pooler: bool = True,
         head_rank: int = 0,
         pooler_rank: int = 0,
+        readout: str = "cls",
     ) -> None:
         super().__init__()
+        if readout not in READOUTS:
+            raise ValueError(f"readout {readout!r} is not one of {READOUTS}")
+        if readout == "first-prompt" and not spec.pools:
+            raise ValueError(f"readout 'first-prompt' reads a retrieved prompt; method {spec.name!r} has no pool")
+        self.readout = readout
         if pooler_rank and not train_pooler:
             raise ValueError(
                 f"pooler rank {pooler_rank} trains an update of the pooler, which train_pooler=False keeps frozen "
@@ -482,7 +493,7 @@ class PromptedModel(nn.Module):
             ones = torch.ones(prefix_tokens.shape[:2], dtype=mask.dtype, device=mask.device)
             mask = torch.cat([ones, mask], dim=1)
         # Final layout: [block-k prompts ... block-0 prompts | retrieval prompts | tokens].
-        cls_index = sum(p.shape[1] for p in prefix)
+        cls_index = 0 if self.readout == "first-prompt" else sum(p.shape[1] for p in prefix)
         if layer_prompts:
             cls_index += sum(p.shape[1] for p in layer_prompts.values())
         hidden = self.backbone.encode(tokens, mask, layer_prompts)
