@@ -606,6 +606,21 @@ tables:
         load_plan(grid)
 
 
+def test_a_report_reads_each_runs_history_once_per_version_of_the_file(tmp_path):
+    from fedprime_core.tools.experiments.report import _history
+
+    grid = write_grid(tmp_path, "cache", "base: {num-server-rounds: 2}\ngrids:\n  g: {method: [fedprime], seed: [0]}\n")
+    plan = load_plan(grid)
+    (cell,) = plan.cells
+    assert _history(plan, cell) == []  # no run yet
+    fake_run(plan, cell, accuracy=0.5, bytes_sent=10.0, pool=3)
+    first = _history(plan, cell)
+    assert [r["round"] for r in first] == [0, 1, 2] and _history(plan, cell) is first
+    path = plan.runs_dir / cell.name / "metrics.json"
+    path.write_text(json.dumps([*first, {"round": 3}]))  # the run moved on: read again
+    assert [r["round"] for r in _history(plan, cell)] == [0, 1, 2, 3]
+
+
 def test_paired_t_on_degenerate_pairs():
     from scipy import stats
 

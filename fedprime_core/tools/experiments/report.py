@@ -6,7 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
-from collections import defaultdict
+from collections import OrderedDict, defaultdict
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -33,6 +33,10 @@ _LEFT_OUT: set[tuple[Path, str]] = set()
 #: (config.json, its mtime_ns and size) -> :func:`~.plan.folder_settings_changed`: a report reads
 #: each cell's summary and history, and the folder's config.json once for both.
 _CHANGED: dict[tuple[Path, int, int], list[str]] = {}
+#: (metrics.json, its mtime_ns and size) -> its records, least recently used first (:func:`_history`).
+_HISTORIES: OrderedDict[tuple[Path, int, int], list[dict[str, Any]]] = OrderedDict()
+#: Runs whose history is kept: more than any shipped grid has cells.
+_HISTORY_CACHE_SIZE = 256
 
 #: The methods of the ablation table, in its row order.
 ABLATION_METHODS = ("fedavg-p", "fed-intra", "fed-inter", "fedprime")
@@ -68,8 +72,27 @@ def _summary(plan: Plan, cell: Cell) -> dict[str, Any] | None:
 
 
 def _history(plan: Plan, cell: Cell) -> list[dict[str, Any]]:
+    """The run's per-round records (its metrics.json), read once per version of the file.
+
+    A report reads each run's history for its comparison tables, its curves and its convergence
+    plots; the cache is keyed on the file's path, mtime and size, so a run that moved on is read
+    again. Callers must not change the records.
+    """
     path = plan.runs_dir / cell.name / "metrics.json"
-    return json.loads(path.read_text()) if path.is_file() and _stands_for(plan, cell) else []
+    try:
+        stat = path.stat()
+    except OSError:
+        return []
+    if not _stands_for(plan, cell):
+        return []
+    key = (path, stat.st_mtime_ns, stat.st_size)
+    if key in _HISTORIES:
+        _HISTORIES.move_to_end(key)
+    else:
+        _HISTORIES[key] = json.loads(path.read_text())
+        while len(_HISTORIES) > _HISTORY_CACHE_SIZE:
+            _HISTORIES.popitem(last=False)
+    return _HISTORIES[key]
 
 
 def _mean_std(values: Sequence[float]) -> tuple[float, float, int]:
@@ -373,13 +396,6 @@ def comparison(plan: Plan, table: TableSpec) -> dict[str, Any]:
         rows.append(row)
     differences = []
     by_config = {json.dumps(c.config, sort_keys=True): c for c in cells}
-    histories: dict[str, list[dict[str, Any]]] = {}
-
-    def history(cell: Cell) -> list[dict[str, Any]]:
-        if cell.name not in histories:
-            histories[cell.name] = _history(plan, cell)
-        return histories[cell.name]
-
     for diff in table.differences:
         other_keys = [k for k in keys if k not in diff.keys]
         paired: dict[tuple, list[tuple[dict, dict, str | None]]] = {}
@@ -394,7 +410,11 @@ def comparison(plan: Plan, table: TableSpec) -> dict[str, Any]:
                 continue
             group = tuple(json.dumps(cell.config[k]) for k in other_keys)
             noop = no_op_pair(
-                cell.config, history(cell), partner.config, history(partner), (values[cell.name], values[partner.name])
+                cell.config,
+                _history(plan, cell),
+                partner.config,
+                _history(plan, partner),
+                (values[cell.name], values[partner.name]),
             )
             paired.setdefault(group, []).append((values[cell.name], values[partner.name], noop))
         for group, pairs in paired.items():
