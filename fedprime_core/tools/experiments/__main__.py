@@ -9,7 +9,7 @@ from collections.abc import Sequence
 
 from ...config import ConfigError
 from . import __doc__ as GUIDE
-from .plan import folder_settings_changed, load_plan, resumable_folder
+from .plan import completed_rounds, folder_settings_changed, load_plan, resumable_folder
 from .power import format_power, pilot_power
 from .report import write_report
 from .run import cell_status, run_plan
@@ -44,7 +44,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 status = "stale"
             adopt, _ = resumable_folder(plan, cell)
             if adopt is not None:
-                status, completed = "resumes", int(json.loads((adopt / "checkpoint.json").read_text())["round"])
+                status, completed = "resumes", completed_rounds(adopt)
             resumes = f"  (resumes {adopt.name})" if adopt is not None else ""
             print(f"{status:8s} {completed:4d}  {cell.name}  [{', '.join(cell.grids)}]{resumes}")
         print(f"{len(plan.cells)} cells; output {plan.output}")

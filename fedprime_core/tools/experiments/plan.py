@@ -201,6 +201,14 @@ def folder_settings_changed(plan: Plan, cell: Cell) -> list[str]:
     return stale_settings(cell.config, stored)
 
 
+def completed_rounds(run_dir: Path) -> int | None:
+    """The rounds a run folder's checkpoint holds; ``None`` without a readable ``checkpoint.json``."""
+    try:
+        return int(json.loads((run_dir / "checkpoint.json").read_text()).get("round", 0))
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
 def resumable_folder(plan: Plan, cell: Cell) -> tuple[Path | None, list[Path]]:
     """A run folder of ``plan`` that ``cell`` may resume although its name differs: ``(folder, candidates)``.
 
@@ -222,10 +230,12 @@ def resumable_folder(plan: Plan, cell: Cell) -> tuple[Path | None, list[Path]]:
     for folder in sorted(plan.runs_dir.glob(prefix + "*")):
         if folder.name in named or not folder.is_dir() or folder.name.rsplit("-", 1)[0] + "-" != prefix:
             continue
+        done = completed_rounds(folder)
         try:
             stored = json.loads((folder / "config.json").read_text())
-            done = int(json.loads((folder / "checkpoint.json").read_text()).get("round", 0))
-        except (OSError, ValueError, AttributeError):
+        except (OSError, ValueError):
+            continue
+        if done is None or not isinstance(stored, dict):
             continue
         if not stale_settings(cell.config, stored) and done <= int(cell.config["num-server-rounds"]):
             candidates.append(folder)

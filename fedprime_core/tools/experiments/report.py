@@ -579,7 +579,6 @@ def primary_tests(data: Mapping[str, Any], table: TableSpec) -> list[dict[str, A
     ``noop``, ``mean``, ``lo``/``hi`` (95% t interval), ``t``, two-sided ``p`` and ``holm`` (Holm's
     adjustment over all the rows), as :func:`paired_t` computes them (nan with fewer than 2 pairs).
     """
-
     tests = []
     for row in data["differences"]:
         stat = row["stats"][table.primary]

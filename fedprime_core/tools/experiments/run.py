@@ -13,18 +13,14 @@ from typing import Any
 from ...progress import format_duration
 from ..cli import to_toml
 from ..launch import flower_env, run_flwr, stage_app, stop_marked
-from .plan import Cell, Plan, federation_args, folder_settings_changed, resumable_folder
+from .plan import Cell, Plan, completed_rounds, federation_args, folder_settings_changed, resumable_folder
 from .report import write_report
 
 
 def cell_status(plan: Plan, cell: Cell) -> tuple[str, int]:
     """``("done" | "partial" | "todo", completed rounds)`` from the cell's checkpoint."""
-    meta = plan.runs_dir / cell.name / "checkpoint.json"
-    if not meta.is_file():
-        return "todo", 0
-    try:
-        completed = int(json.loads(meta.read_text()).get("round", 0))
-    except (OSError, ValueError):
+    completed = completed_rounds(plan.runs_dir / cell.name)
+    if completed is None:
         return "todo", 0
     return ("done" if completed >= int(cell.config["num-server-rounds"]) else "partial"), completed
 
