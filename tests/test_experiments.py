@@ -129,6 +129,24 @@ grids:
     assert all(r.get("skipped") for r in again)  # a finished cell is not recomputed
     cells = json.loads((plan.output / "cells.json").read_text())
     assert len(cells) == 2
+    # Run folders kept in git without their checkpoint arrays (experiments/README.md): a finished
+    # one still counts as done; a partial one cannot resume, so it is set aside and run again.
+    done_dir, partial_dir = (plan.runs_dir / c.name for c in plan.cells)
+    for folder in (done_dir, partial_dir):
+        for arrays in folder.glob("checkpoint-*.npz"):
+            arrays.unlink()
+    meta = json.loads((partial_dir / "checkpoint.json").read_text())
+    (partial_dir / "checkpoint.json").write_text(json.dumps({**meta, "round": 0}))
+    capsys.readouterr()
+    assert main(["plan", str(grid)]) == 0
+    assert [line.split()[0] for line in capsys.readouterr().out.splitlines()[:2]] == ["done", "restart"]
+    third = run_plan(plan, echo=False)
+    assert third[0] == {"cell": plan.cells[0].name, "status": "done", "skipped": True}
+    assert third[1]["status"] == "done" and third[1]["resumed-from"] is None
+    aside = Path(third[1]["set-aside"])
+    assert aside.parent == plan.output / "runs-set-aside" and (aside / "metrics.json").is_file()
+    assert cell_status(plan, plan.cells[1]) == ("done", 1) and list(partial_dir.glob("checkpoint-*.npz"))
+    assert "cannot resume; the folder is set aside" in capsys.readouterr().out
 
 
 def test_an_option_added_later_keeps_cell_names_and_a_changed_default_is_refused(tmp_path, capsys):

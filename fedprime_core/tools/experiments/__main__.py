@@ -9,7 +9,7 @@ from collections.abc import Sequence
 
 from ...config import ConfigError
 from . import __doc__ as GUIDE
-from .plan import completed_rounds, folder_settings_changed, load_plan, resumable_folder
+from .plan import completed_rounds, folder_settings_changed, load_plan, missing_checkpoint_arrays, resumable_folder
 from .power import format_power, pilot_power
 from .report import write_report
 from .run import cell_status, run_plan
@@ -42,6 +42,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             status, completed = cell_status(plan, cell)
             if folder_settings_changed(plan, cell):
                 status = "stale"
+            elif status == "partial" and missing_checkpoint_arrays(plan.runs_dir / cell.name):
+                status = "restart"  # its arrays are gone: `run` sets the folder aside and starts over
             adopt, _ = resumable_folder(plan, cell)
             if adopt is not None:
                 status, completed = "resumes", completed_rounds(adopt)

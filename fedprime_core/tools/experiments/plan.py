@@ -22,6 +22,7 @@ from ...config import (
 )
 from ...data.datasets import headline_metric
 from ...data.missing import TEST_SETTINGS
+from ...results import CHECKPOINT_META, LEGACY_CHECKPOINT_ARRAYS
 from ...yamlio import read_yaml_mapping
 from ..launch import APP_DIR
 
@@ -201,12 +202,35 @@ def folder_settings_changed(plan: Plan, cell: Cell) -> list[str]:
     return stale_settings(cell.config, stored)
 
 
+def _checkpoint_meta(run_dir: Path) -> dict[str, Any] | None:
+    try:
+        meta = json.loads((run_dir / CHECKPOINT_META).read_text())
+    except (OSError, ValueError):
+        return None
+    return meta if isinstance(meta, dict) else None
+
+
 def completed_rounds(run_dir: Path) -> int | None:
     """The rounds a run folder's checkpoint holds; ``None`` without a readable ``checkpoint.json``."""
+    meta = _checkpoint_meta(run_dir)
     try:
-        return int(json.loads((run_dir / "checkpoint.json").read_text()).get("round", 0))
-    except (OSError, ValueError, AttributeError):
+        return None if meta is None else int(meta.get("round", 0))
+    except (TypeError, ValueError):
         return None
+
+
+def missing_checkpoint_arrays(run_dir: Path) -> str | None:
+    """The name of the array file a run folder's ``checkpoint.json`` commits, if that file is absent.
+
+    ``None`` when there is no readable checkpoint or its arrays are there. A folder copied or
+    committed without its arrays (they are the large part of a checkpoint) still says how many
+    rounds it finished, which is all a finished cell needs; a partial one cannot resume from it.
+    """
+    meta = _checkpoint_meta(run_dir)
+    if meta is None:
+        return None
+    name = str(meta.get("arrays-file") or LEGACY_CHECKPOINT_ARRAYS)
+    return None if (run_dir / name).is_file() else name
 
 
 def resumable_folder(plan: Plan, cell: Cell) -> tuple[Path | None, list[Path]]:

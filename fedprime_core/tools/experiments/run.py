@@ -13,7 +13,15 @@ from typing import Any
 from ...progress import format_duration
 from ..cli import to_toml
 from ..launch import flower_env, run_flwr, stage_app, stop_marked
-from .plan import Cell, Plan, completed_rounds, federation_args, folder_settings_changed, resumable_folder
+from .plan import (
+    Cell,
+    Plan,
+    completed_rounds,
+    federation_args,
+    folder_settings_changed,
+    missing_checkpoint_arrays,
+    resumable_folder,
+)
 from .report import write_report
 
 
@@ -50,6 +58,18 @@ def run_cell(plan: Plan, cell: Cell, home: Path, echo: bool = True, app_dir: Pat
         record = {"cell": cell.name, "status": "done", "skipped": True}
         return record if adopted is None else {**record, "adopted-from": adopted.name}
     run_dir = plan.runs_dir / cell.name
+    set_aside = None
+    lost = missing_checkpoint_arrays(run_dir) if status == "partial" else None
+    if lost is not None:  # e.g. a partial run folder committed without its arrays: it cannot resume
+        set_aside = plan.output / "runs-set-aside" / f"{cell.name}-{int(time.time())}"
+        set_aside.parent.mkdir(parents=True, exist_ok=True)
+        run_dir.rename(set_aside)
+        print(
+            f"== {cell.name}: its checkpoint (round {completed}) names {lost}, which is missing, so it cannot "
+            f"resume; the folder is set aside in {set_aside} and the cell starts over",
+            flush=True,
+        )
+        status, completed = "todo", 0
     overrides = {**plan.resolve_paths(cell.config), "results-dir": str(plan.runs_dir), "run-name": cell.name}
     if cell.config["method"] == "centralized-p":
         overrides.update({"min-available-nodes": 1, "min-train-nodes": 1})
@@ -78,6 +98,7 @@ def run_cell(plan: Plan, cell: Cell, home: Path, echo: bool = True, app_dir: Pat
         "seconds": seconds,
         "resumed-from": completed if status == "partial" else None,
         **({} if adopted is None else {"adopted-from": adopted.name}),
+        **({} if set_aside is None else {"set-aside": str(set_aside)}),
     }
 
 
