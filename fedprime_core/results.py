@@ -106,7 +106,8 @@ def save_checkpoint(run_dir: Path, state: Mapping[str, np.ndarray], meta: Mappin
         pass
 
 
-def _arrays_path(run_dir: Path, meta: Mapping[str, Any]) -> Path:
+def checkpoint_arrays_path(run_dir: Path, meta: Mapping[str, Any]) -> Path:
+    """The array file a checkpoint's metadata (``checkpoint.json``) commits, present or not."""
     return run_dir / str(meta.get("arrays-file") or LEGACY_CHECKPOINT_ARRAYS)
 
 
@@ -136,7 +137,7 @@ def load_checkpoint(path: str | Path) -> tuple[dict[str, np.ndarray], dict[str, 
         meta = json.loads(meta_path.read_text())
     except ValueError as exc:
         raise ValueError(f"{meta_path} is not valid JSON ({exc}); the checkpoint cannot be read") from None
-    arrays = _arrays_path(run_dir, meta)
+    arrays = checkpoint_arrays_path(run_dir, meta)
     if not arrays.is_file():
         raise FileNotFoundError(f"{meta_path} names the array file {arrays.name}, which is missing from {run_dir}")
     blob = arrays.read_bytes()

@@ -22,7 +22,7 @@ from ...config import (
 )
 from ...data.datasets import headline_metric
 from ...data.missing import TEST_SETTINGS
-from ...results import CHECKPOINT_META, LEGACY_CHECKPOINT_ARRAYS
+from ...results import CHECKPOINT_META, checkpoint_arrays_path
 from ...yamlio import read_yaml_mapping
 from ..launch import APP_DIR
 
@@ -229,8 +229,8 @@ def missing_checkpoint_arrays(run_dir: Path) -> str | None:
     meta = _checkpoint_meta(run_dir)
     if meta is None:
         return None
-    name = str(meta.get("arrays-file") or LEGACY_CHECKPOINT_ARRAYS)
-    return None if (run_dir / name).is_file() else name
+    arrays = checkpoint_arrays_path(run_dir, meta)
+    return None if arrays.is_file() else arrays.name
 
 
 def resumable_folder(plan: Plan, cell: Cell) -> tuple[Path | None, list[Path]]:
