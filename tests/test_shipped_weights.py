@@ -94,9 +94,20 @@ def test_regenerating_gives_the_shipped_weights(name, version):
     generated, made_with = generate()
     stored, header = read_shipped(shipped_path(name, version))
     result = shipped_weights.compare(stored, generated)
-    assert result["same-names"]
-    if made_with["torch"] == header["made-with"]["torch"] and made_with["machine"] == header["made-with"]["machine"]:
-        # The same torch build and CPU architecture (this project's machines): bit for bit.
-        assert result["identical"], result
-    else:  # another torch build may change the last bits of 600 optimizer steps, not the model
-        assert result["max-abs-diff"] < 1e-2, result
+    ok, verdict = shipped_weights.judge(result, made_with, header["made-with"])
+    assert ok, (verdict, result)
+    if not shipped_weights.software_differences(made_with, header["made-with"]):
+        assert result["identical"], result  # the same software and CPU architecture: bit for bit
+
+
+def test_the_verdict_asks_bits_only_of_the_same_software():
+    made = {"torch": "2.13.0+cpu", "transformers": "5.24.0", "numpy": "2.4.6", "machine": "x86_64", "seed": 1}
+    newer = {**made, "transformers": "5.25.0"}
+    near = {"same-names": True, "identical": False, "max-abs-diff": 0.003}
+    far = {"same-names": True, "identical": False, "max-abs-diff": 0.5}
+    assert shipped_weights.judge({**near, "identical": True, "max-abs-diff": 0.0}, made, made)[0]
+    assert not shipped_weights.judge(near, made, made)[0]  # same software: the last bits must agree too
+    ok, verdict = shipped_weights.judge(near, newer, made)
+    assert ok and "transformers 5.24.0 -> 5.25.0" in verdict
+    assert not shipped_weights.judge(far, newer, made)[0]
+    assert not shipped_weights.judge({"same-names": False, "identical": False, "max-abs-diff": None}, made, made)[0]

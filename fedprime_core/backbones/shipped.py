@@ -14,9 +14,9 @@ both models and compares them with the shipped files (``tests/test_shipped_weigh
 does the same), ``write`` regenerates and rewrites them. Each file records the SHA-256 of
 its tensors (:func:`tensor_digest`), verified on every read, and how it was made (seed,
 steps, torch build). Generation runs on one CPU thread, so the result depends neither on
-the machine's core count nor on its load; a different torch build or CPU instruction set
-can change the last bits, which is why the files, not the generator, are what every
-machine uses: every client of a federation then holds bit-identical weights and the same
+the machine's core count nor on its load; another torch, transformers or numpy release or
+CPU instruction set can change the last bits, which is why the files, not the generator,
+are what every machine uses: every client of a federation then holds bit-identical weights and the same
 backbone fingerprint.
 
 File format (``"format": "fedprime-tensors/1"``)::
