@@ -28,6 +28,7 @@ CASES = {
     "deployment_rounds": ["--modes", "resident"],  # --quick: tiny-vilt, 2 sites, 2 rounds, a real deployment
     "server_memory": [],  # --quick: 4 and 20 synthetic clients, minimal profile
     "text_padding": [],  # --quick: embedded set, tiny-bert, one client's epoch per padding
+    "feature_pass": [],  # --quick: 16 generated images through EfficientNet-Lite0, glibc's memory kept or not
 }
 
 

@@ -4,6 +4,9 @@ backbone interface: both implementations through the same prompt, exchange and a
 from __future__ import annotations
 
 import json
+import platform
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -394,6 +397,34 @@ def test_precompute_command_passes_over_rows_without_image(tmp_path, tiny_vit, c
     train = load_dataset("food101", root).train
     assert [s.natural_pattern for s in train[:3]] == [Pattern.COMPLETE, Pattern.IMAGE_MISSING, Pattern.IMAGE_MISSING]
     assert train[1].image_features is None and train[0].image_features is not None
+
+
+_RSS_PROBE = """
+import os, sys
+import numpy as np
+from fedprime_core.tools.features import keep_freed_memory
+kept = keep_freed_memory() if sys.argv[1] == "keep" else None
+page = os.sysconf("SC_PAGE_SIZE")
+def resident(): return int(open("/proc/self/statm").read().split()[1]) * page
+block = np.ones(96 * 2**20 // 8)  # 96 MiB, touched: above glibc's largest dynamic mmap threshold
+held = resident()
+del block
+print(kept, (held - resident()) / 2**20)
+"""
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallopt thresholds are glibc's")
+def test_the_feature_tools_keep_freed_buffers_instead_of_faulting_them_in_again():
+    """By default glibc unmaps a freed 96 MiB buffer (the next batch faults it in again); kept, it stays."""
+
+    def freed_mib(mode: str) -> tuple[str, float]:
+        proc = subprocess.run([sys.executable, "-c", _RSS_PROBE, mode], capture_output=True, text=True, check=True)
+        kept, mib = proc.stdout.split()
+        return kept, float(mib)
+
+    assert freed_mib("default") == ("None", pytest.approx(96, abs=2))
+    kept, mib = freed_mib("keep")
+    assert kept == "True" and mib < 1
 
 
 def test_precompute_command_errors(tmp_path, capsys):

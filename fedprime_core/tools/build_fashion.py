@@ -476,8 +476,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         encoder = None
         if args.features != "none":
-            from .features import load_image_encoder
+            from .features import keep_freed_memory, load_image_encoder
 
+            keep_freed_memory()  # the feature pass page-faults its activations in again otherwise
             encoder = load_image_encoder(args.features, args.pool, args.device)
         manifest = build(
             args.source,

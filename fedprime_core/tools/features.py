@@ -85,6 +85,46 @@ PACKAGED_ENCODERS: dict[str, tuple[str, str, str]] = {
 # Feature shape of a run
 # ---------------------------------------------------------------------------------------
 # ---------------------------------------------------------------------------------------
+# Process memory
+# ---------------------------------------------------------------------------------------
+#: glibc's ``mallopt`` parameters (``malloc.h``) and the value both are raised to.
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+_KEEP_BELOW = 2**31 - 1
+
+
+def keep_freed_memory() -> bool:
+    """Keep freed memory in this process's heap instead of handing it back to the kernel.
+
+    A convolutional encoder's forward pass allocates activation buffers of tens of MB (an
+    EfficientNet-Lite0 batch of 32 at 224 x 224: about 50 MB for its first feature map) and
+    frees them layer by layer. glibc serves every allocation above its mmap threshold (at
+    most 32 MiB with its dynamic rule, 128 KiB at first) with fresh pages and unmaps them on
+    ``free``, so each batch faults all its activations in again, zero-filled by the kernel:
+    the fashion build's feature pass spent 36 min of system time against 21 min of user time
+    (``docs/datasets/fashion.md``, "CPU cost"). Raising glibc's mmap and trim thresholds to
+    2 GiB keeps the buffers in the heap, reused from batch to batch; the process holds its
+    peak batch's memory until it exits. Process-wide, so the command-line tools call it
+    (:func:`main`, ``build_fashion``), not the library functions. Figures:
+    ``benchmarks/feature_pass.py``.
+
+    Returns:
+        whether glibc accepted both settings (``False`` on a C library without ``mallopt``,
+        e.g. musl or macOS, where nothing changes).
+    """
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name)
+        mallopt = libc.mallopt
+    except (OSError, AttributeError, TypeError):
+        return False
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    return bool(mallopt(_M_MMAP_THRESHOLD, _KEEP_BELOW)) and bool(mallopt(_M_TRIM_THRESHOLD, _KEEP_BELOW))
+
+
+# ---------------------------------------------------------------------------------------
 # Image encoders
 # ---------------------------------------------------------------------------------------
 @dataclasses.dataclass
@@ -428,6 +468,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.batch_size < 1:
         parser.error("--batch-size must be at least 1")
     splits = [s.strip() for s in args.split.split(",") if s.strip()]
+    keep_freed_memory()
     try:
         encoder = load_image_encoder(args.encoder, args.pool, args.device)
         summary = precompute_features(
