@@ -46,6 +46,9 @@ def made_with(generator: str, **extra: Any) -> dict[str, Any]:
         "transformers": transformers.__version__,
         "numpy": np.__version__,
         "machine": platform.machine(),
+        # The widest vector instructions torch dispatches to (AVX2, AVX512, ...): the same
+        # seed gives other last bits with another (fedprime_core.tools.shipped_weights).
+        "cpu-capability": torch.backends.cpu.get_cpu_capability(),
     }
 
 

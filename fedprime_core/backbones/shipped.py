@@ -13,16 +13,17 @@ Nothing is a black box: ``python -m fedprime_core.tools.shipped_weights check`` 
 both models and compares them with the shipped files (``tests/test_shipped_weights.py``
 does the same), ``write`` regenerates and rewrites them. Each file records the SHA-256 of
 its tensors (:func:`tensor_digest`), verified on every read, and how it was made (seed,
-steps, torch build). Generation runs on one CPU thread, so the result depends neither on
-the machine's core count nor on its load; another torch, transformers or numpy release or
-CPU instruction set can change the last bits, which is why the files, not the generator,
-are what every machine uses: every client of a federation then holds bit-identical weights and the same
+steps, software, the CPU's instruction set). Generation runs on one CPU thread, so the
+result depends neither on the machine's core count nor on its load; another instruction set
+(AVX-512 against AVX2) or torch build changes the last bits, which is why the files, not the
+generator, are what every machine uses: every client of a federation then holds bit-identical weights and the same
 backbone fingerprint.
 
 File format (``"format": "fedprime-tensors/1"``)::
 
     {"format": ..., "model": "tiny-vilt", "version": 6, "sha256": "<tensor_digest>",
-     "made-with": {"torch": ..., "transformers": ..., "threads": 1, ...},
+     "made-with": {"torch": ..., "transformers": ..., "threads": 1, "cpu-capability": "AVX2", ...,
+                   "reproduced-with": [{"transformers": ..., ...}]},
      "tensors": {"<name>": {"dtype": "float32", "shape": [..], "data": "<base64 little-endian>"}}}
 """
 
