@@ -12,7 +12,7 @@ import pytest
 from fedprime_core.config import ConfigError
 from fedprime_core.data.missing import TEST_SETTINGS
 from fedprime_core.tools.experiments.__main__ import main
-from fedprime_core.tools.experiments.plan import cell_name, load_plan, stale_settings
+from fedprime_core.tools.experiments.plan import by_seed, cell_name, load_plan, stale_settings
 from fedprime_core.tools.experiments.report import comparison, curve_label, table_rows, varying_keys, write_report
 from fedprime_core.tools.experiments.run import cell_status, run_cell, run_plan
 from tests.planted_runs import fake_run
@@ -187,6 +187,35 @@ grids:
     assert [line.split()[0] for line in capsys.readouterr().out.splitlines()[:2]] == ["done", "stale"]
     # Settings that may change on resume, and file paths, are not compared.
     assert stale_settings(first.config, {**first.config, "round-timeout": 5.0, "data-dir": "/elsewhere"}) == []
+
+
+def test_by_seed_runs_every_arm_of_a_seed_before_the_next_seed(tmp_path, capsys):
+    grid = write_grid(
+        tmp_path,
+        "order",
+        "base: {num-server-rounds: 1}\ngrids:\n"
+        "  a: {method: [fedprime], inter-merge: [align, position], seed: [0, 1]}\n"
+        "  b: {method: [fed-inter, pfpt], seed: [0, 1]}\n",
+    )
+    plan = load_plan(grid)
+    arms = lambda cells: [(c.config["seed"], c.config["method"], c.config["inter-merge"]) for c in cells]  # noqa: E731
+    assert [seed for seed, _, _ in arms(plan.cells)] == [0, 1, 0, 1, 0, 1, 0, 1]
+    ordered = by_seed(plan.cells)
+    assert arms(ordered) == [
+        (0, "fedprime", "align"),
+        (0, "fedprime", "position"),
+        (0, "fed-inter", "align"),
+        (0, "pfpt", "align"),
+        (1, "fedprime", "align"),
+        (1, "fedprime", "position"),
+        (1, "fed-inter", "align"),
+        (1, "pfpt", "align"),
+    ]
+    assert {c.name for c in ordered} == {c.name for c in plan.cells}  # the same cells under the same names
+    capsys.readouterr()
+    assert main(["plan", str(grid), "--by-seed"]) == 0
+    listed = [line.split()[2] for line in capsys.readouterr().out.splitlines()[:-1]]
+    assert listed == [c.name for c in ordered]
 
 
 def test_raising_a_grids_rounds_resumes_its_runs_under_their_new_names(tmp_path, capsys):

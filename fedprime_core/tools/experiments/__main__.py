@@ -3,13 +3,21 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from collections.abc import Sequence
 
 from ...config import ConfigError
 from . import __doc__ as GUIDE
-from .plan import completed_rounds, folder_settings_changed, load_plan, missing_checkpoint_arrays, resumable_folder
+from .plan import (
+    by_seed,
+    completed_rounds,
+    folder_settings_changed,
+    load_plan,
+    missing_checkpoint_arrays,
+    resumable_folder,
+)
 from .power import format_power, pilot_power
 from .report import write_report
 from .run import cell_status, run_plan
@@ -24,6 +32,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("command", choices=("run", "report", "plan", "power"))
     parser.add_argument("grid", help="a grid YAML file, e.g. experiments/smoke.yaml")
     parser.add_argument("--quiet", action="store_true", help="do not echo each run's log")
+    parser.add_argument(
+        "--by-seed",
+        action="store_true",
+        help="run (and plan: list) the cells seed by seed, every sub-grid's cells of one seed before the next "
+        "seed's, so that a study stopped midway holds complete seeds; cell names do not change",
+    )
     sizing = parser.add_argument_group("power: the pilot's paired spread and the seeds it needs (no means shown)")
     sizing.add_argument("--table", help="the comparison table to size (default: every table of the grid)")
     sizing.add_argument("--column", help="the column to size on (default: the table's first extra column)")
@@ -37,6 +51,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    if args.by_seed:
+        plan = dataclasses.replace(plan, cells=by_seed(plan.cells))
     if args.command == "plan":
         for cell in plan.cells:
             status, completed = cell_status(plan, cell)

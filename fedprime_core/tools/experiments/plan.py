@@ -48,6 +48,15 @@ class Cell:
         return {k: self.config[k] for k in _CELL_KEYS}
 
 
+def by_seed(cells: Sequence[Cell]) -> tuple[Cell, ...]:
+    """``cells`` ordered by seed, the grid's order kept within a seed.
+
+    A study that runs over several sessions then finishes whole seeds, every arm of seed 3
+    before any of seed 4, so that what an interruption leaves holds complete pairs.
+    """
+    return tuple(sorted(cells, key=lambda cell: cell.config.get("seed", 0)))
+
+
 @dataclasses.dataclass(frozen=True)
 class Plan:
     """A parsed grid file."""
