@@ -16,8 +16,8 @@ its tensors (:func:`tensor_digest`), verified on every read, and how it was made
 steps, software, the CPU's instruction set). Generation runs on one CPU thread, so the
 result depends neither on the machine's core count nor on its load; another instruction set
 (AVX-512 against AVX2) or torch build changes the last bits, which is why the files, not the
-generator, are what every machine uses: every client of a federation then holds bit-identical weights and the same
-backbone fingerprint.
+generator, are what every machine uses: every client of a federation then holds
+bit-identical weights and the same backbone fingerprint.
 
 File format (``"format": "fedprime-tensors/1"``)::
 
