@@ -588,7 +588,15 @@ tables:
     assert "## Tests on same-as-train: paired t, Holm over the 3 comparisons" in text
     assert "without finished pairs yet" not in text
     lines = (plan.output / "d_tests.csv").read_text().splitlines()
-    assert lines[0] == "difference,group,column,n,noop_pairs,mean,ci95_low,ci95_high,t,p,holm_p" and len(lines) == 4
+    header = "difference,group,column,n,noop_pairs,mean,ci95_low,ci95_high,t,p,holm_p,alpha,detectable_80"
+    assert lines[0] == header and len(lines) == 4
+    # each row's detectable difference is at Holm's first step over the 3 rows, at its own pairs' sd
+    from fedprime_core.tools.experiments.significance import detectable_difference
+
+    for test in tests:
+        assert test["alpha"] == pytest.approx(0.05 / 3)
+        assert test["detectable"] == pytest.approx(detectable_difference(test["sd"], 4, 0.8, 0.05 / 3))
+    assert joint["detectable"] > 0 and "| detectable (80%) |" in text
     assert any(
         line.startswith("difference,reference - normal,0.0 - 1.0,same-as-train,4,-29.875,")
         for line in (plan.output / "d.csv").read_text().splitlines()
@@ -738,3 +746,116 @@ tables:
     text = (plan.output / "t.md").read_text()
     assert "Holm over the 1 comparisons" in text
     assert "without finished pairs yet (not in the adjustment): method = centralized-p minus method = fedprime." in text
+
+
+def _evaluated_run(plan, cell, accuracies: dict[int, float]) -> None:
+    """A finished 4-round run whose clients evaluated only in the rounds of ``accuracies`` (round -> accuracy)."""
+    run = plan.runs_dir / cell.name
+    run.mkdir(parents=True)
+    evaluation = {s: {"accuracy": 0.5, "macro_f1": 0.25, "loss": 1.0} for s in ("val", *TEST_SETTINGS)}
+    rounds = [{"round": 0, "eval": evaluation}]
+    for r in (1, 2, 3, 4):
+        record = {"round": r, "train-loss": 1.0 / r, "eval": evaluation, "skipped": False}
+        if r in accuracies:
+            record["client-eval"] = {"test-accuracy": accuracies[r], "test-num-examples": 40, "num-examples": 8}
+        rounds.append(record)
+    (run / "metrics.json").write_text(json.dumps(rounds))
+    final = {"round": 4, **{s: 0.5 for s in ("val", *TEST_SETTINGS)}}
+    (run / "summary.json").write_text(json.dumps({"metric": "accuracy", "final": final, "best": final}))
+
+
+def test_levelling_off_reads_each_runs_gain_between_its_last_two_evaluations(tmp_path):
+    from fedprime_core.tools.experiments.report import levelling
+
+    grid = write_grid(
+        tmp_path,
+        "level",
+        """
+base: {num-server-rounds: 4, missing-setting: miss-both, method: fedprime}
+grids:
+  merge: {inter-merge: [align, position], seed: [0, 1, 2]}
+tables:
+  merge:
+    extra:
+      - {key: client-eval/test-accuracy, over: final, scale: 100, label: clients' own test}
+    primary: clients' own test
+    level-off: 1.0
+    differences:
+      - {key: inter-merge, value: align, minus: position}
+""",
+    )
+    plan = load_plan(grid)
+    table = plan.tables[0]
+    assert table.level_off == 1.0
+    # align gains 0.4, 0.6, 0.5 points from round 2 to 4 (levelled off); position 3, 2, 4 (not).
+    # A gain before round 2 is no part of it.
+    gains = {"align": [0.004, 0.006, 0.005], "position": [0.03, 0.02, 0.04]}
+    for cell in plan.cells:
+        gain = gains[cell.config["inter-merge"]][cell.config["seed"]]
+        _evaluated_run(plan, cell, {1: 0.1, 2: 0.6, 4: 0.6 + gain})
+    rows = {r["key"]["inter-merge"]: r for r in levelling(plan, table)}
+    assert rows["align"]["rounds"] == [(2, 4)] and rows["align"]["runs"] == 3
+    assert rows["align"]["mean"] == pytest.approx(0.5) and rows["align"]["std"] == pytest.approx(0.1)
+    assert rows["align"]["levelled"] and not rows["position"]["levelled"]
+    assert rows["position"]["mean"] == pytest.approx(3.0)
+    write_report(plan)
+    text = (plan.output / "merge.md").read_text()
+    assert "## Levelling off on clients' own test" in text and "Levelled off: a mean gain under 1." in text
+    assert "| align | 3 | 2->4 | 0.50 ± 0.10 | yes |" in text and "| position | 3 | 2->4 | 3.00 ± 1.00 | no |" in text
+    lines = (plan.output / "merge_levelling.csv").read_text().splitlines()
+    assert lines[0] == "inter-merge,runs,rounds,gain_mean,gain_std,threshold,levelled_off"
+    assert "position,3,2->4,3,1,1,no" in lines
+
+
+def test_a_run_with_one_evaluation_or_unfinished_is_no_part_of_the_levelling(tmp_path):
+    from fedprime_core.tools.experiments.report import levelling
+
+    grid = write_grid(
+        tmp_path,
+        "level",
+        """
+base: {num-server-rounds: 4, missing-setting: miss-both, method: fedprime}
+grids:
+  merge: {inter-merge: [align, position], seed: [0, 1]}
+tables:
+  merge:
+    extra:
+      - {key: client-eval/test-accuracy, over: final, scale: 100, label: own}
+    primary: own
+    level-off: 2
+    differences:
+      - {key: inter-merge, value: align, minus: position}
+""",
+    )
+    plan = load_plan(grid)
+    cells = {(c.config["inter-merge"], c.config["seed"]): c for c in plan.cells}
+    _evaluated_run(plan, cells[("align", 0)], {2: 0.5, 3: 0.52})
+    _evaluated_run(plan, cells[("align", 1)], {4: 0.9})  # one evaluation: no gain to read
+    (plan.runs_dir / cells[("position", 0)].name).mkdir(parents=True)  # unfinished
+    rows = levelling(plan, plan.tables[0])
+    assert len(rows) == 1 and rows[0]["runs"] == 1 and rows[0]["rounds"] == [(2, 3)]
+    assert rows[0]["mean"] == pytest.approx(2.0) and not rows[0]["levelled"]  # 2 is not under 2
+
+
+@pytest.mark.parametrize(
+    "table, message",
+    [
+        ("{primary: own, level-off: 0, DIFF}", "'level-off' must be a number > 0"),
+        ("{level-off: 1.0}", "'level-off' reads the primary column"),
+        ("{primary: same-as-train, level-off: 1.0, DIFF}", "must name one of the 'over: final' extra columns"),
+        ("{primary: own, level-off: -1, DIFF}", "'level-off' must be a number > 0"),
+        ("{primary: own, level-off: yes, DIFF}", "'level-off' must be a number > 0"),
+    ],
+)
+def test_a_bad_level_off_is_refused_with_what_to_fix(tmp_path, table, message):
+    diff = "differences: [{key: inter-merge, value: align, minus: position}]"
+    extra = "extra: [{key: client-eval/test-accuracy, over: final, label: own}]"
+    body = table.replace("DIFF", diff).replace("{", "{" + extra + ", ", 1)
+    grid = write_grid(
+        tmp_path,
+        "bad",
+        f"base: {{missing-setting: miss-both, method: fedprime}}\n"
+        f"grids:\n  merge: {{inter-merge: [align, position], seed: [0]}}\ntables:\n  merge: {body}\n",
+    )
+    with pytest.raises(ConfigError, match=message):
+        load_plan(grid)

@@ -35,6 +35,41 @@ def test_seeds_needed_is_the_first_count_that_reaches_the_power():
         seeds_needed(1.0, 0.0)
 
 
+@pytest.mark.parametrize("n, sd, alpha", [(3, 1.0, 0.05), (5, 2.0, 0.01), (10, 2.0, 0.0125), (20, 0.5, 0.05)])
+def test_the_detectable_difference_is_where_the_power_reaches_80_percent(n, sd, alpha):
+    from fedprime_core.tools.experiments.significance import detectable_difference
+
+    delta = detectable_difference(sd, n, 0.8, alpha)
+    assert paired_power(sd, n, delta, alpha) == pytest.approx(0.8, abs=1e-6)
+    # the inverse of the seed count: n pairs suffice for it, n - 1 do not
+    assert seeds_needed(sd, delta * 1.0001, 0.8, alpha) <= n
+    assert n == 2 or seeds_needed(sd, delta * 0.999, 0.8, alpha) > n - 1
+    # it scales with the spread, and more pairs or a looser alpha detect less
+    assert detectable_difference(2 * sd, n, 0.8, alpha) == pytest.approx(2 * delta, rel=1e-6)
+    assert detectable_difference(sd, n + 5, 0.8, alpha) < delta < detectable_difference(sd, n, 0.8, alpha / 2)
+
+
+def test_power_is_finite_where_scipys_noncentral_t_gives_nan():
+    from fedprime_core.tools.experiments.significance import _power_by_integration
+
+    # scipy 1.17's nct.sf returns nan at some points (df 2, shift 6.4 * sqrt 3); the integral stands in
+    assert 0.99 < paired_power(1.0, 3, 6.4) < 1.0
+    for df, shift in ((2, 3.0), (4, 2.5), (9, 2.0), (2, 11.09)):
+        critical = stats.t.ppf(0.975, df)
+        expected = stats.nct.sf(critical, df, shift) + stats.nct.cdf(-critical, df, shift)
+        if np.isfinite(expected):
+            assert _power_by_integration(critical, df, shift) == pytest.approx(expected, abs=1e-7)
+
+
+def test_the_detectable_difference_of_degenerate_pairs():
+    from fedprime_core.tools.experiments.significance import detectable_difference
+
+    assert detectable_difference(0.0, 4) == 0.0  # every pair shows the difference exactly
+    assert np.isnan(detectable_difference(1.0, 1)) and np.isnan(detectable_difference(float("nan"), 5))
+    with pytest.raises(ValueError, match="power and alpha"):
+        detectable_difference(1.0, 5, power=1.0)
+
+
 def test_the_sd_bound_is_the_chi_square_quantile():
     # P(s <= bound) over repeated pilots of 3 values: the bound of s covers sigma 80% of the time
     rng = np.random.default_rng(1)

@@ -63,9 +63,14 @@ exchange-pooler) change with it and are no row keys of their own (``experiments/
 A difference may change several keys at once (``key``, ``value`` and ``minus`` as lists of equal
 length). A table's ``primary: <column>`` adds each difference row's two-sided paired t test on
 that column and Holm's adjustment over the table's rows (``<table>_tests.csv``;
-:func:`.report.primary_tests`).
+:func:`.report.primary_tests`), each row with the smallest difference it could detect with 80%
+power at its pairs' sd and Holm's first alpha (:func:`.significance.detectable_difference`).
+``level-off: <number>`` (with an ``over: final`` primary column) adds whether each arm had
+levelled off: its mean per-run gain between the last two rounds that recorded the column, under
+the number (``<table>_levelling.csv``; :func:`.report.levelling`).
 
 Modules: :mod:`.plan` reads a grid file into a :class:`~.plan.Plan` of cells, :mod:`.run`
 runs the cells as real federations, :mod:`.report` writes the tables and plots from their
-results; ``__main__`` is the command line.
+results, :mod:`.significance` holds the paired tests and their power, :mod:`.power` sizes a
+study from its pilot; ``__main__`` is the command line.
 """

@@ -166,6 +166,10 @@ class TableSpec:
     """Run-config keys the table does not split rows by: a row (and a difference row) holds runs at
     every value of them, while each pair still holds both arms at one value (the twin is matched on
     every key). For settings that change rounding only, e.g. ``text-padding`` across a study's seeds."""
+    level_off: float | None = None
+    """The levelling-off threshold of the primary column, in its units: an arm whose mean per-run gain
+    between the last two rounds that recorded the column is under it has levelled off
+    (:func:`~.report.levelling`). Needs ``primary`` to be an ``over: final`` extra column."""
 
 
 def cell_name(config: Mapping[str, Any]) -> str:
@@ -324,7 +328,7 @@ def load_plan(path: str | Path) -> Plan:
     )
 
 
-_TABLE_KEYS = {"grids", "round", "extra", "differences", "primary", "pool"}
+_TABLE_KEYS = {"grids", "round", "extra", "differences", "primary", "pool", "level-off"}
 _EXTRA_KEYS = {"key", "per", "over", "scale", "label"}
 _OVER = ("mean", "final", "sum", "max", "min")
 #: A table's metric columns (the run's summary): each test setting, then val; a comparison table's extra
@@ -395,8 +399,29 @@ def _parse_tables(path: Path, raw: Any, grids: Mapping[str, Any], cells: tuple[C
         if changed & set(pool):
             clash = sorted(changed & set(pool))
             raise ConfigError(f"{where}: 'pool' may not name seed or a key a difference changes: {clash}")
+        level_off = body.get("level-off")
+        if level_off is not None:
+            final = [e.title for e in extras if e.over == "final"]
+            if isinstance(level_off, bool) or not isinstance(level_off, (int, float)) or not level_off > 0:
+                raise ConfigError(
+                    f"{where}: 'level-off' must be a number > 0 (in the primary column's units), got {level_off!r}"
+                )
+            if primary not in final:
+                raise ConfigError(
+                    f"{where}: 'level-off' reads the primary column per round; 'primary' must name one of the "
+                    f"'over: final' extra columns {final}, got {primary!r}"
+                )
+            level_off = float(level_off)
         spec = TableSpec(
-            str(name), tuple(names), which, tuple(extras), tuple(differences), tuple(axes), primary, tuple(pool)
+            str(name),
+            tuple(names),
+            which,
+            tuple(extras),
+            tuple(differences),
+            tuple(axes),
+            primary,
+            tuple(pool),
+            level_off,
         )
         tables.append(spec)
     return tuple(tables)

@@ -10,61 +10,22 @@ result, so a pilot read with it stays blind::
 
     python -m fedprime_core.tools.experiments power experiments/fashion-study.yaml --delta 2
 
-The seed counts use the noncentral t distribution (exact for normal paired differences), not
+The seed counts (:mod:`.significance`) use the noncentral t distribution (exact for normal paired differences), not
 the normal approximation ``((z_a + z_b) sd / delta)^2``, which undercounts at small n.
 """
 
 from __future__ import annotations
 
 import json
-import math
 from typing import Any
 
 import numpy as np
-from scipy import stats
 
 from .plan import Plan, TableSpec
 from .report import comparison
+from .significance import MAX_SEEDS, paired_power, sd_upper_bound, seeds_needed
 
-#: The largest seed count :func:`seeds_needed` searches; beyond it the answer is ``None``.
-MAX_SEEDS = 1000
-
-
-def paired_power(sd: float, n: int, delta: float, alpha: float = 0.05) -> float:
-    """Power of a two-sided paired t test at level ``alpha`` with ``n`` pairs of spread ``sd`` against a true ``delta``.
-
-    ``sd == 0``: 1.0 when ``delta != 0`` (every pair shows the difference exactly).
-    """
-    if n < 2:
-        raise ValueError(f"a paired t test needs at least 2 pairs, got {n}")
-    if sd < 0 or not math.isfinite(sd):
-        raise ValueError(f"the paired sd must be a finite number >= 0, got {sd}")
-    if sd == 0:
-        return 1.0 if delta != 0 else alpha
-    df = n - 1
-    shift = abs(delta) / (sd / math.sqrt(n))
-    critical = stats.t.ppf(1 - alpha / 2, df)
-    return float(stats.nct.sf(critical, df, shift) + stats.nct.cdf(-critical, df, shift))
-
-
-def seeds_needed(sd: float, delta: float, power: float = 0.8, alpha: float = 0.05) -> int | None:
-    """Fewest pairs (at least 2) at which :func:`paired_power` reaches ``power``; ``None`` beyond :data:`MAX_SEEDS`."""
-    if delta == 0:
-        raise ValueError("delta, the smallest difference worth detecting, must not be 0")
-    if not 0 < power < 1 or not 0 < alpha < 1:
-        raise ValueError(f"power and alpha must lie in (0, 1), got {power} and {alpha}")
-    for n in range(2, MAX_SEEDS + 1):
-        if paired_power(sd, n, delta, alpha) >= power:
-            return n
-    return None
-
-
-def sd_upper_bound(sd: float, n: int, confidence: float = 0.8) -> float:
-    """One-sided ``confidence`` upper bound of a normal sd estimated as ``sd`` from ``n`` values (``n - 1`` df)."""
-    if n < 2:
-        raise ValueError(f"an sd needs at least 2 values, got {n}")
-    df = n - 1
-    return float(sd * math.sqrt(df / stats.chi2.ppf(1 - confidence, df)))
+__all__ = ["MAX_SEEDS", "format_power", "paired_power", "pilot_power", "sd_upper_bound", "seeds_needed"]
 
 
 def pilot_power(

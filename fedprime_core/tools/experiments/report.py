@@ -26,6 +26,7 @@ from .plan import (
     TableSpec,
     folder_settings_changed,
 )
+from .significance import detectable_difference, holm, paired_t
 
 LOGGER = logging.getLogger(__name__)
 #: Run folders already named as left out (each is named once per process).
@@ -543,41 +544,16 @@ def _cell_text(stat: Mapping[str, float], interval: bool = False) -> str:
     return text
 
 
-def holm(p_values: Sequence[float]) -> list[float]:
-    """Holm's step-down adjusted p-values, in the order given (nan stays nan and is not counted)."""
-    finite = sorted((p, i) for i, p in enumerate(p_values) if np.isfinite(p))
-    adjusted = [float("nan")] * len(p_values)
-    running = 0.0
-    for rank, (p, i) in enumerate(finite):
-        running = max(running, min(1.0, (len(finite) - rank) * p))
-        adjusted[i] = running
-    return adjusted
-
-
-def paired_t(n: int, mean: float, sd: float) -> tuple[float, float]:
-    """Two-sided one-sample t test of ``mean = 0`` from ``n`` paired differences of spread ``sd``: ``(t, p)``.
-
-    Fewer than 2 pairs give nan for both (nothing can be told, and a Holm family leaves the row
-    out). Pairs that are all 0 (e.g. both arms the same algorithm) give t = nan and p = 1: no
-    evidence of a difference, and the row stays in its family. Pairs that do not vary around a
-    non-zero mean give t = ±inf and p = 0.
-    """
-    from scipy import stats
-
-    if n < 2 or not np.isfinite(sd):
-        return float("nan"), float("nan")
-    if sd == 0:
-        return (float(np.sign(mean) * np.inf), 0.0) if mean != 0 else (float("nan"), 1.0)
-    t = mean / (sd / np.sqrt(n))
-    return float(t), float(2.0 * stats.t.sf(abs(t), n - 1))
-
-
-def primary_tests(data: Mapping[str, Any], table: TableSpec) -> list[dict[str, Any]]:
+def primary_tests(data: Mapping[str, Any], table: TableSpec, power: float = 0.8) -> list[dict[str, Any]]:
     """Each difference row of :func:`comparison` tested on ``table.primary``: paired t and Holm.
 
     Returns one dict per difference row: ``difference`` (its title), ``group``, ``n`` pairs,
     ``noop``, ``mean``, ``lo``/``hi`` (95% t interval), ``t``, two-sided ``p`` and ``holm`` (Holm's
-    adjustment over all the rows), as :func:`paired_t` computes them (nan with fewer than 2 pairs).
+    adjustment over all the rows), as :func:`paired_t` computes them (nan with fewer than 2 pairs);
+    and ``detectable``: the smallest true difference the row's pairs detect with ``power`` at its sd
+    and at ``alpha`` = 0.05 / (the rows in the Holm family), Holm's first step
+    (:func:`~.significance.detectable_difference`), so a row whose spread came out wide reads as the
+    weaker test it is.
     """
     tests = []
     for row in data["differences"]:
@@ -585,10 +561,104 @@ def primary_tests(data: Mapping[str, Any], table: TableSpec) -> list[dict[str, A
         n, mean, sd = int(stat["n"]), stat["mean"], stat["std"]
         t, p = paired_t(n, mean, sd)
         test = {"difference": row["diff"].title, "group": row["key"], "n": n, "noop": int(row["noop"])}
-        tests.append({**test, "mean": mean, "lo": stat["lo"], "hi": stat["hi"], "t": t, "p": p})
+        tests.append({**test, "mean": mean, "sd": sd, "lo": stat["lo"], "hi": stat["hi"], "t": t, "p": p})
+    family = sum(1 for test in tests if np.isfinite(test["p"])) or 1
     for test, adjusted in zip(tests, holm([t["p"] for t in tests])):
         test["holm"] = adjusted
+        test["alpha"] = 0.05 / family
+        test["detectable"] = detectable_difference(test["sd"], test["n"], power, test["alpha"])
     return tests
+
+
+def levelling(plan: Plan, table: TableSpec) -> list[dict[str, Any]]:
+    """Whether each arm of ``table`` had levelled off on its primary column (``table.level_off``).
+
+    Per finished run, the gain of the primary column (an ``over: final`` extra column, scaled)
+    between the last two rounds that recorded it (e.g. rounds 15 and 20 of a run that evaluates
+    every 5 rounds); per arm (the table's value rows, seeds pooled), the mean and sample sd of
+    those gains. An arm whose mean gain is under ``table.level_off`` has levelled off.
+
+    Returns:
+        one dict per arm, in the table's row order: ``key`` (its varying keys), ``runs`` (finished
+        runs with two such rounds), ``rounds`` (the distinct ``(from, to)`` round pairs, one when
+        every run evaluated alike), ``mean`` and ``std`` of the gain, and ``levelled`` (bool).
+        Empty when the table declares no ``level-off``.
+    """
+    if table.level_off is None or table.primary is None:
+        return []
+    column = next(e for e in table.extra if e.title == table.primary)
+    keys = varying_keys(plan, table)
+    groups: dict[tuple, list[tuple[tuple[int, int], float]]] = {}
+    for cell in _table_cells(plan, table):
+        if _summary(plan, cell) is None:
+            continue
+        values = {
+            int(record["round"]): value
+            for record in _history(plan, cell)
+            if record.get("round", 0) > 0 and not record.get("skipped")
+            for value in (_round_value(record, column),)
+            if value is not None
+        }
+        if len(values) < 2:
+            continue
+        before, last = sorted(values)[-2:]
+        group = tuple(json.dumps(cell.config[k]) for k in keys)
+        groups.setdefault(group, []).append(((before, last), values[last] - values[before]))
+    out = []
+    for group, runs in groups.items():
+        stat = _stats([gain for _, gain in runs])
+        out.append(
+            {
+                "key": dict(zip(keys, (json.loads(v) for v in group))),
+                "runs": len(runs),
+                "rounds": sorted({pair for pair, _ in runs}),
+                "mean": stat["mean"],
+                "std": stat["std"],
+                "levelled": bool(stat["mean"] < table.level_off),
+            }
+        )
+    return out
+
+
+def _levelling_lines(plan: Plan, table: TableSpec) -> list[str]:
+    """The ``Levelling off`` section of ``<table>.md``; writes ``<table>_levelling.csv`` beside it."""
+    rows = levelling(plan, table)
+    if table.level_off is None:
+        return []
+    keys = varying_keys(plan, table)
+    lines = [
+        "",
+        f"## Levelling off on {table.primary}",
+        "",
+        f"Per run, the gain of {table.primary} between the last two rounds that recorded it; per arm, the mean "
+        f"± std over its finished runs. Levelled off: a mean gain under {table.level_off:g}.",
+        "",
+        "| " + " | ".join([*keys, "runs", "rounds", "gain", "levelled off"]) + " |",
+        "|---" * (len(keys) + 4) + "|",
+    ]
+    with open(plan.output / f"{table.name}_levelling.csv", "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow([*keys, "runs", "rounds", "gain_mean", "gain_std", "threshold", "levelled_off"])
+        for row in rows:
+            rounds = "; ".join(f"{a}->{b}" for a, b in row["rounds"])
+            gain = _cell_text({"n": row["runs"], "mean": row["mean"], "std": row["std"]})
+            verdict = "yes" if row["levelled"] else "no"
+            cells = [*(str(row["key"][k]) for k in keys), str(row["runs"]), rounds, gain, verdict]
+            lines.append("| " + " | ".join(cells) + " |")
+            writer.writerow(
+                [
+                    *(row["key"][k] for k in keys),
+                    row["runs"],
+                    rounds,
+                    f"{row['mean']:.6g}",
+                    f"{row['std']:.6g}",
+                    f"{table.level_off:g}",
+                    verdict,
+                ]
+            )
+    if not rows:
+        lines.append("| " + " | ".join(["-"] * (len(keys) + 4)) + " |")
+    return lines
 
 
 def _p_text(value: float, fmt: str = "{:.4f}") -> str:
@@ -661,13 +731,17 @@ def write_comparison(plan: Plan, table: TableSpec) -> dict[str, Any]:
             "comparisons of the methods as run) on the table's primary column; Holm's step-down adjustment "
             "over every row of this section.",
             "",
-            "| difference | group | pairs | no-op pairs | mean [95% CI] | t | p | Holm p |",
-            "|---|---|---|---|---|---|---|---|",
+            "The last column is the smallest true difference each row could detect with 80% power at its "
+            "pairs' sd, at alpha 0.05 / (the rows tested), Holm's first step.",
+            "",
+            "| difference | group | pairs | no-op pairs | mean [95% CI] | t | p | Holm p | detectable (80%) |",
+            "|---|---|---|---|---|---|---|---|---|",
         ]
         for test in tests:
             group = ", ".join(f"{k}={v}" for k, v in test["group"].items()) or "-"
             interval = f"{test['mean']:+.2f} [{test['lo']:+.2f}, {test['hi']:+.2f}]"
             figures = [_p_text(test["t"], "{:+.2f}"), _p_text(test["p"]), _p_text(test["holm"])]
+            figures.append(_p_text(test["detectable"], "{:.2f}"))
             cells = [test["difference"], group, str(test["n"]), str(test["noop"]), interval, *figures]
             lines.append("| " + " | ".join(cells) + " |")
         with open(plan.output / f"{table.name}_tests.csv", "w", newline="") as handle:
@@ -685,12 +759,15 @@ def write_comparison(plan: Plan, table: TableSpec) -> dict[str, Any]:
                     "t",
                     "p",
                     "holm_p",
+                    "alpha",
+                    "detectable_80",
                 ]
             )
             for test in tests:
                 group = ";".join(f"{k}={v}" for k, v in test["group"].items())
-                figures = (f"{test[x]:.6g}" for x in ("mean", "lo", "hi", "t", "p", "holm"))
+                figures = (f"{test[x]:.6g}" for x in ("mean", "lo", "hi", "t", "p", "holm", "alpha", "detectable"))
                 writer.writerow([test["difference"], group, table.primary, test["n"], test["noop"], *figures])
+    lines += _levelling_lines(plan, table)
     stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
     with open(stem.with_suffix(".csv"), "w", newline="") as handle:
         writer = csv.writer(handle)
