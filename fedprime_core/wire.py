@@ -115,12 +115,23 @@ def decode_array(name: str, values: np.ndarray, dtype: str) -> np.ndarray:
 
     Raises:
         ValueError: the array's storage does not match ``dtype`` (e.g. float32 values in a
-            record tagged float16, or anything but uint16 under bfloat16).
+            record tagged float16, or anything but uint16 under bfloat16), or a wider float
+            array under ``float32`` holds finite values beyond float32's range (they would
+            become inf).
     """
     _check_dtype(dtype)
     values = np.asarray(values)
     if dtype == "float32":
-        return values.astype(np.float32) if values.dtype.kind == "f" else values
+        if values.dtype.kind != "f":
+            return values
+        if values.dtype.itemsize > 4:
+            beyond = np.isfinite(values) & (np.abs(values) > LARGEST["float32"])
+            if beyond.any():
+                raise ValueError(
+                    f"array {name!r} ({values.dtype}) holds {int(beyond.sum())} finite value(s) beyond float32's "
+                    f"range (largest |value| {float(np.abs(values[beyond]).max()):.4g} > {LARGEST['float32']:.6g})"
+                )
+        return values.astype(np.float32)
     if values.dtype != STORAGE_DTYPES[dtype]:
         raise ValueError(
             f"array {name!r} arrived as {values.dtype} but the record says {dtype} (stored as {STORAGE_DTYPES[dtype]})"

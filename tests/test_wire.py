@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
 from fedprime_core.method.federated import ClientUpdate, validate_update
@@ -146,6 +146,27 @@ def test_arrays_that_do_not_match_their_wire_tag_are_rejected_as_undecodable():
     content[WIRE] = ConfigRecord({"dtype": "int8", "delta": False})
     _, _, reasons = parse_train_reply(Message(content=content, dst_node_id=0, message_type="train"))
     assert "wire dtype 'int8' is not one of" in reasons[0]
+
+
+def test_a_float64_array_beyond_float32_is_rejected_by_name_not_cast_to_inf():
+    import warnings
+
+    huge = {**a_state(), "head.0.bias": np.full(32, 1e300)}
+    content = RecordDict(
+        {
+            ARRAYS: ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in huge.items()}),
+            WIRE: ConfigRecord({"dtype": "float32", "delta": False}),
+            METRICS: MetricRecord({"num-examples": 10}),
+        }
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no overflow warning from a cast: the value is refused before it
+        update, _, reasons = parse_train_reply(Message(content=content, dst_node_id=0, message_type="train"))
+    assert (
+        update is None and "array 'head.0.bias' (float64) holds 32 finite value(s) beyond float32's range" in reasons[0]
+    )
+    # float64 inside float32's range is cast as before
+    assert decode_array("x", np.array([1.5, -LARGEST["float32"]]), "float32").dtype == np.float32
 
 
 @pytest.mark.parametrize("dtype", WIRE_DTYPES)
