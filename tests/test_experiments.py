@@ -859,3 +859,30 @@ def test_a_bad_level_off_is_refused_with_what_to_fix(tmp_path, table, message):
     )
     with pytest.raises(ConfigError, match=message):
         load_plan(grid)
+
+
+def test_run_with_no_report_leaves_no_tables_for_a_study_read_blind(tmp_path, capsys):
+    from tests.planted_runs import fake_run
+
+    grid = write_grid(
+        tmp_path,
+        "blind",
+        """
+base: {num-server-rounds: 2, missing-setting: miss-both}
+grids:
+  merge: {method: [fedprime], inter-merge: [align, position], seed: [0, 1]}
+tables:
+  merge:
+    differences:
+      - {key: inter-merge, value: align, minus: position}
+""",
+    )
+    plan = load_plan(grid)
+    for cell in plan.cells:  # every cell finished: the runner skips them all and runs no federation
+        fake_run(plan, cell, 0.5, 100.0, 4)
+        (plan.runs_dir / cell.name / "checkpoint.json").write_text(json.dumps({"round": 2}))
+    assert main(["run", str(grid), "--no-report", "--quiet"]) == 0
+    assert "4/4 cells done; no report written (--no-report)" in capsys.readouterr().out
+    assert not list(plan.output.glob("merge*")) and (plan.output / "cells.json").is_file()
+    assert main(["run", str(grid), "--quiet"]) == 0  # the default writes the report
+    assert (plan.output / "merge.md").is_file()

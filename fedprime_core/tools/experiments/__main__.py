@@ -38,6 +38,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="run (and plan: list) the cells seed by seed, every sub-grid's cells of one seed before the next "
         "seed's, so that a study stopped midway holds complete seeds; cell names do not change",
     )
+    parser.add_argument(
+        "--no-report",
+        action="store_true",
+        help="run: do not write the tables and plots at the end (a study read blind until complete; "
+        "write them later with the report command)",
+    )
     sizing = parser.add_argument_group("power: the pilot's paired spread and the seeds it needs (no means shown)")
     sizing.add_argument("--table", help="the comparison table to size (default: every table of the grid)")
     sizing.add_argument("--column", help="the column to size on (default: the table's first extra column)")
@@ -85,9 +91,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             path.write_text(json.dumps(result, indent=2) + "\n")
         return 0
     if args.command == "run":
-        records = run_plan(plan, echo=not args.quiet)
+        records = run_plan(plan, echo=not args.quiet, report=not args.no_report)
         failed = [r for r in records if r["status"] == "failed"]
-        print(f"{len(records) - len(failed)}/{len(records)} cells done; report in {plan.output}")
+        where = (
+            f"no report written (--no-report); `report {args.grid}` writes it"
+            if args.no_report
+            else (f"report in {plan.output}")
+        )
+        print(f"{len(records) - len(failed)}/{len(records)} cells done; {where}")
         return 1 if failed else 0
     print(json.dumps(write_report(plan), indent=2))
     return 0

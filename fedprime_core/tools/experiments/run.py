@@ -102,8 +102,13 @@ def run_cell(plan: Plan, cell: Cell, home: Path, echo: bool = True, app_dir: Pat
     }
 
 
-def run_plan(plan: Plan, echo: bool = True) -> list[dict[str, Any]]:
-    """Run every unfinished cell in order, then write the report. Returns the cell records."""
+def run_plan(plan: Plan, echo: bool = True, report: bool = True) -> list[dict[str, Any]]:
+    """Run every unfinished cell in order, then write the report (unless ``report`` is false). Returns the cell records.
+
+    ``report=False`` is for a study read blind until it is complete: a pilot read for its spread
+    only (:mod:`.power`), or a session that ends with some seeds run, leaves no tables with
+    means or differences beside its run folders.
+    """
     plan.output.mkdir(parents=True, exist_ok=True)
     home = plan.output / ".flwr-home"
     home.mkdir(exist_ok=True)
@@ -129,7 +134,8 @@ def run_plan(plan: Plan, echo: bool = True) -> list[dict[str, Any]]:
     finally:
         stop_marked(f"FLWR_HOME={home}")  # the local SuperLink flwr run left in the background
         shutil.rmtree(staged, ignore_errors=True)
-    write_report(plan)
+    if report:
+        write_report(plan)
     return records
 
 
