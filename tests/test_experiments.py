@@ -764,27 +764,32 @@ def _evaluated_run(plan, cell, accuracies: dict[int, float]) -> None:
     (run / "summary.json").write_text(json.dumps({"metric": "accuracy", "final": final, "best": final}))
 
 
-def test_levelling_off_reads_each_runs_gain_between_its_last_two_evaluations(tmp_path):
-    from fedprime_core.tools.experiments.report import levelling
-
+def _level_plan(tmp_path, seeds: int, level_off: str):
+    """align vs position over ``seeds`` seeds, 4 rounds, the clients' own test as the primary column."""
     grid = write_grid(
         tmp_path,
         "level",
-        """
-base: {num-server-rounds: 4, missing-setting: miss-both, method: fedprime}
+        f"""
+base: {{num-server-rounds: 4, missing-setting: miss-both, method: fedprime}}
 grids:
-  merge: {inter-merge: [align, position], seed: [0, 1, 2]}
+  merge: {{inter-merge: [align, position], seed: {list(range(seeds))}}}
 tables:
   merge:
     extra:
-      - {key: client-eval/test-accuracy, over: final, scale: 100, label: clients' own test}
+      - {{key: client-eval/test-accuracy, over: final, scale: 100, label: clients' own test}}
     primary: clients' own test
-    level-off: 1.0
+    level-off: {level_off}
     differences:
-      - {key: inter-merge, value: align, minus: position}
+      - {{key: inter-merge, value: align, minus: position}}
 """,
     )
-    plan = load_plan(grid)
+    return load_plan(grid)
+
+
+def test_levelling_off_reads_each_runs_gain_between_its_last_two_evaluations(tmp_path):
+    from fedprime_core.tools.experiments.report import levelling
+
+    plan = _level_plan(tmp_path, seeds=3, level_off="1.0")
     table = plan.tables[0]
     assert table.level_off == 1.0
     # align gains 0.4, 0.6, 0.5 points from round 2 to 4 (levelled off); position 3, 2, 4 (not).
@@ -810,24 +815,7 @@ tables:
 def test_a_run_with_one_evaluation_or_unfinished_is_no_part_of_the_levelling(tmp_path):
     from fedprime_core.tools.experiments.report import levelling
 
-    grid = write_grid(
-        tmp_path,
-        "level",
-        """
-base: {num-server-rounds: 4, missing-setting: miss-both, method: fedprime}
-grids:
-  merge: {inter-merge: [align, position], seed: [0, 1]}
-tables:
-  merge:
-    extra:
-      - {key: client-eval/test-accuracy, over: final, scale: 100, label: own}
-    primary: own
-    level-off: 2
-    differences:
-      - {key: inter-merge, value: align, minus: position}
-""",
-    )
-    plan = load_plan(grid)
+    plan = _level_plan(tmp_path, seeds=2, level_off="2")
     cells = {(c.config["inter-merge"], c.config["seed"]): c for c in plan.cells}
     _evaluated_run(plan, cells[("align", 0)], {2: 0.5, 3: 0.52})
     _evaluated_run(plan, cells[("align", 1)], {4: 0.9})  # one evaluation: no gain to read
