@@ -93,11 +93,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "run":
         records = run_plan(plan, echo=not args.quiet, report=not args.no_report)
         failed = [r for r in records if r["status"] == "failed"]
-        where = (
-            f"no report written (--no-report); `report {args.grid}` writes it"
-            if args.no_report
-            else (f"report in {plan.output}")
-        )
+        if args.no_report:
+            where = f"no report written (--no-report); `report {args.grid}` writes it"
+        else:
+            where = f"report in {plan.output}"
         print(f"{len(records) - len(failed)}/{len(records)} cells done; {where}")
         return 1 if failed else 0
     print(json.dumps(write_report(plan), indent=2))

@@ -96,6 +96,11 @@ def _history(plan: Plan, cell: Cell) -> list[dict[str, Any]]:
     return _HISTORIES[key]
 
 
+def _trained_records(history: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
+    """The records of a run's trained rounds: round 0 (before training) and skipped rounds left out."""
+    return [r for r in history if r.get("round", 0) > 0 and not r.get("skipped")]
+
+
 def _mean_std(values: Sequence[float]) -> tuple[float, float, int]:
     arr = np.array([v for v in values if v is not None], dtype=float)
     if arr.size == 0:
@@ -234,7 +239,7 @@ def round_results(history: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
 
 
 def _alignment_changed_nothing(history: Sequence[Mapping[str, Any]]) -> bool:
-    trained = [r for r in history if r.get("round", 0) > 0 and not r.get("skipped")]
+    trained = _trained_records(history)
     return bool(trained) and all(r.get(NOOP_FLAG) == 1 for r in trained)
 
 
@@ -290,8 +295,7 @@ def extra_value(history: Sequence[Mapping[str, Any]], column: ExtraColumn) -> fl
     """One run's value of an extra column, from its round records (``None`` if no round has it)."""
     values = [
         value
-        for record in history
-        if record.get("round", 0) > 0 and not record.get("skipped")
+        for record in _trained_records(history)
         for value in (_round_value(record, column, scaled=False),)
         if value is not None
     ]
@@ -441,6 +445,20 @@ def comparison(plan: Plan, table: TableSpec) -> dict[str, Any]:
 TRAIN_LOSS_CURVE = ExtraColumn(key="train-loss", over="final", label="train loss")
 
 
+def _finished_groups(plan: Plan, table: TableSpec) -> tuple[list[str], dict[tuple, list[Cell]]]:
+    """The table's finished runs grouped as its value rows are: ``(keys, {group: cells})``.
+
+    ``keys`` are :func:`varying_keys`; a group is the JSON text of each key's value (seeds pooled),
+    in the order the table's cells first show it.
+    """
+    keys = varying_keys(plan, table)
+    groups: dict[tuple, list[Cell]] = {}
+    for cell in _table_cells(plan, table):
+        if _summary(plan, cell) is not None:
+            groups.setdefault(tuple(json.dumps(cell.config[k]) for k in keys), []).append(cell)
+    return keys, groups
+
+
 def table_curves(plan: Plan, table: TableSpec) -> dict[str, Any]:
     """Per-round curves of a comparison table's arms: the train loss and every ``over: final`` column.
 
@@ -456,16 +474,12 @@ def table_curves(plan: Plan, table: TableSpec) -> dict[str, Any]:
         and sample std (0 for one run) over the group's runs that recorded the column in that
         round, and how many did.
     """
-    keys = varying_keys(plan, table)
+    keys, groups = _finished_groups(plan, table)
     same = (TRAIN_LOSS_CURVE.key, TRAIN_LOSS_CURVE.per, TRAIN_LOSS_CURVE.scale)
     columns = [TRAIN_LOSS_CURVE, *(c for c in table.extra if c.over == "final" and (c.key, c.per, c.scale) != same)]
-    groups: dict[tuple, list[Cell]] = {}
-    for cell in _table_cells(plan, table):
-        if _summary(plan, cell) is not None:
-            groups.setdefault(tuple(json.dumps(cell.config[k]) for k in keys), []).append(cell)
     curves = []
     for group, members in groups.items():
-        histories = [[r for r in _history(plan, c) if r.get("round", 0) > 0 and not r.get("skipped")] for c in members]
+        histories = [_trained_records(_history(plan, c)) for c in members]
         for column in columns:
             by_round: dict[int, list[float]] = defaultdict(list)
             for history in histories:
@@ -587,25 +601,22 @@ def levelling(plan: Plan, table: TableSpec) -> list[dict[str, Any]]:
     if table.level_off is None or table.primary is None:
         return []
     column = next(e for e in table.extra if e.title == table.primary)
-    keys = varying_keys(plan, table)
-    groups: dict[tuple, list[tuple[tuple[int, int], float]]] = {}
-    for cell in _table_cells(plan, table):
-        if _summary(plan, cell) is None:
-            continue
-        values = {
-            int(record["round"]): value
-            for record in _history(plan, cell)
-            if record.get("round", 0) > 0 and not record.get("skipped")
-            for value in (_round_value(record, column),)
-            if value is not None
-        }
-        if len(values) < 2:
-            continue
-        before, last = sorted(values)[-2:]
-        group = tuple(json.dumps(cell.config[k]) for k in keys)
-        groups.setdefault(group, []).append(((before, last), values[last] - values[before]))
+    keys, groups = _finished_groups(plan, table)
     out = []
-    for group, runs in groups.items():
+    for group, members in groups.items():
+        runs = []  # ((from, to), gain) of each run with two rounds that recorded the column
+        for cell in members:
+            values = {
+                int(record["round"]): value
+                for record in _trained_records(_history(plan, cell))
+                for value in (_round_value(record, column),)
+                if value is not None
+            }
+            if len(values) >= 2:
+                before, last = sorted(values)[-2:]
+                runs.append(((before, last), values[last] - values[before]))
+        if not runs:
+            continue
         stat = _stats([gain for _, gain in runs])
         out.append(
             {
@@ -622,9 +633,9 @@ def levelling(plan: Plan, table: TableSpec) -> list[dict[str, Any]]:
 
 def _levelling_lines(plan: Plan, table: TableSpec) -> list[str]:
     """The ``Levelling off`` section of ``<table>.md``; writes ``<table>_levelling.csv`` beside it."""
-    rows = levelling(plan, table)
     if table.level_off is None:
         return []
+    rows = levelling(plan, table)
     keys = varying_keys(plan, table)
     lines = [
         "",
