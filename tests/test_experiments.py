@@ -12,7 +12,7 @@ import pytest
 from fedprime_core.config import ConfigError
 from fedprime_core.data.missing import TEST_SETTINGS
 from fedprime_core.tools.experiments.__main__ import main
-from fedprime_core.tools.experiments.plan import by_seed, cell_name, load_plan, stale_settings
+from fedprime_core.tools.experiments.plan import by_seed, cell_name, completed_rounds, load_plan, stale_settings
 from fedprime_core.tools.experiments.report import comparison, curve_label, table_rows, varying_keys, write_report
 from fedprime_core.tools.experiments.run import cell_status, run_cell, run_plan
 from tests.planted_runs import fake_run
@@ -874,3 +874,104 @@ tables:
     assert not list(plan.output.glob("merge*")) and (plan.output / "cells.json").is_file()
     assert main(["run", str(grid), "--quiet"]) == 0  # the default writes the report
     assert (plan.output / "merge.md").is_file()
+
+
+def _grid_in(folder: Path, name: str, body: str) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    grid = folder / f"{name}.yaml"
+    grid.write_text(f"name: {name}\noutput: {folder / 'out'}\n{body}")
+    return grid
+
+
+def _finished(plan, cell, accuracy: float, rounds: int = 2) -> None:
+    """A finished cell as the runner leaves it: results, its config.json and a checkpoint at the last round."""
+    fake_run(plan, cell, accuracy, 100.0, 4)
+    (plan.runs_dir / cell.name / "config.json").write_text(json.dumps(cell.config))
+    (plan.runs_dir / cell.name / "checkpoint.json").write_text(json.dumps({"round": rounds}))
+
+
+def test_a_follow_up_grid_reuses_another_grids_finished_runs_of_the_same_cells(tmp_path, capsys):
+    base = "base: {num-server-rounds: 2, missing-setting: miss-both}\n"
+    study = load_plan(
+        _grid_in(
+            tmp_path / "study", "study", base + "grids:\n  main: {method: [fedprime, fed-inter], seed: [0, 1, 2]}\n"
+        )
+    )
+    by_name = {(c.config["method"], c.config["seed"]): c for c in study.cells}
+    for seed in (0, 1):
+        _finished(study, by_name[("fedprime", seed)], 0.60 + seed / 100)
+    _finished(study, by_name[("fed-inter", 0)], 0.5)
+    partial = study.runs_dir / by_name[("fedprime", 2)].name  # still running in the study: never reused
+    _finished(study, by_name[("fedprime", 2)], 0.9, rounds=1)
+    follow = _grid_in(
+        tmp_path / "follow",
+        "follow",
+        base
+        + f"reuse: [{study.output}]\n"
+        + """grids:
+  ours: {method: [fedprime], seed: [0, 1, 2]}
+  switch: {method: [fedprime], readout: [first-prompt], seed: [0, 1, 2]}
+tables:
+  readout:
+    grids: [ours, switch]
+    differences:
+      - {key: readout, value: first-prompt, minus: cls}
+""",
+    )
+    plan = load_plan(follow)
+    assert plan.reuse == (study.output,)
+    ours = {c.config["seed"]: c for c in plan.cells if c.config["readout"] == "cls"}
+    assert ours[0].name == by_name[("fedprime", 0)].name  # the same settings name the same cell
+    assert plan.run_dir(ours[0]) == study.runs_dir / ours[0].name
+    assert plan.reused_from(ours[2]) is None and plan.run_dir(ours[2]) == plan.runs_dir / ours[2].name
+    assert cell_status(plan, ours[1]) == ("done", 2) and cell_status(plan, ours[2]) == ("todo", 0)
+
+    assert main(["plan", str(follow)]) == 0
+    listing = capsys.readouterr().out
+    assert f"{ours[0].name}  [ours]  (reused from {study.output})" in listing
+    assert f"todo        0  {ours[2].name}" in listing
+
+    switch = {c.config["seed"]: c for c in plan.cells if c.config["readout"] == "first-prompt"}
+    for seed in (0, 1, 2):
+        _finished(plan, switch[seed], 0.7)
+    record = run_cell(plan, ours[0], tmp_path / "home")
+    assert record == {
+        "cell": ours[0].name,
+        "status": "done",
+        "skipped": True,
+        "reused-from": str(study.runs_dir / ours[0].name),
+    }
+    assert not (plan.runs_dir / ours[0].name).exists()  # nothing copied or written
+    data = comparison(plan, plan.tables[0])
+    cls_row = next(r for r in data["rows"] if r["key"] == {"readout": "cls"})
+    assert cls_row["runs"] == 2  # the two reused finished runs; the study's partial seed 2 is not one
+    assert cls_row["stats"]["full-modal"]["mean"] == pytest.approx(60.5)
+    assert data["differences"][0]["runs"] == 2  # paired with the reused runs, seed by seed
+    # the study's own folder is untouched, and a changed setting there is not reused
+    assert completed_rounds(partial) == 1
+    stored = json.loads((study.runs_dir / ours[1].name / "config.json").read_text())
+    (study.runs_dir / ours[1].name / "config.json").write_text(json.dumps({**stored, "lr": 0.5}))
+    assert load_plan(follow).reused_from(ours[1]) is None
+    # the runner skips what is reused and says from where (every other cell is finished here)
+    (study.runs_dir / ours[1].name / "config.json").write_text(json.dumps(stored))
+    _finished(plan, ours[2], 0.6)
+    assert main(["run", str(follow), "--no-report", "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("reused from") == 2 and "6/6 cells done" in out
+
+
+@pytest.mark.parametrize(
+    ("reuse", "message"),
+    [
+        ("{a: 1}", "'reuse' must list other grids' output folders"),
+        ("[OWN]", "names this grid's own output"),
+        ("[NOWHERE]", "has no runs/ folder"),
+    ],
+)
+def test_a_bad_reuse_names_the_problem(tmp_path, reuse, message):
+    own = tmp_path / "g" / "out"
+    (own / "runs").mkdir(parents=True)
+    reuse = reuse.replace("OWN", str(own)).replace("NOWHERE", str(tmp_path / "nowhere"))
+    grid = _grid_in(tmp_path / "g", "g", f"reuse: {reuse}\ngrids:\n  main: {{method: [fedprime], seed: [0]}}\n")
+    with pytest.raises(ConfigError, match=message):
+        load_plan(grid)

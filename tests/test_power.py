@@ -68,6 +68,8 @@ def test_the_detectable_difference_of_degenerate_pairs():
     assert np.isnan(detectable_difference(1.0, 1)) and np.isnan(detectable_difference(float("nan"), 5))
     with pytest.raises(ValueError, match="power and alpha"):
         detectable_difference(1.0, 5, power=1.0)
+    # power at or under alpha: no difference at all is already "detected" that often
+    assert detectable_difference(1.0, 3, 0.01, 0.05) == 0.0 == detectable_difference(1.0, 3, 0.05, 0.05)
 
 
 def test_the_sd_bound_is_the_chi_square_quantile():

@@ -28,6 +28,11 @@ is named by its method, setting, eta and seed plus a hash of its non-default set
 with other settings is refused, naming them (:func:`.plan.stale_settings`).
 ``centralized-p`` cells run with one SuperNode.
 
+A follow-up grid may share arms with an earlier one: ``reuse: [<the other grid's output>]``
+makes a finished run there stand for an identical cell here (same name, so same settings;
+checked against its ``config.json``). It is read in place and never written; a cell the other
+grid has not finished runs here (:meth:`.plan.Plan.reused_from`).
+
 Outputs under ``output/``: ``runs/<cell>/`` (each run's results and its flwr log),
 ``main_table.md/.csv`` (the paper's main layout: method rows per training setting, the
 five test settings as columns, mean and std over seeds), ``ablation_table.md/.csv``,

@@ -67,10 +67,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             elif status == "partial" and missing_checkpoint_arrays(plan.runs_dir / cell.name):
                 status = "restart"  # its arrays are gone: `run` sets the folder aside and starts over
             adopt, _ = resumable_folder(plan, cell)
+            reused = plan.reused_from(cell)
+            note = ""
             if adopt is not None:
                 status, completed = "resumes", completed_rounds(adopt)
-            resumes = f"  (resumes {adopt.name})" if adopt is not None else ""
-            print(f"{status:8s} {completed:4d}  {cell.name}  [{', '.join(cell.grids)}]{resumes}")
+                note = f"  (resumes {adopt.name})"
+            elif reused is not None:
+                note = f"  (reused from {reused.parent.parent})"
+            print(f"{status:8s} {completed:4d}  {cell.name}  [{', '.join(cell.grids)}]{note}")
         print(f"{len(plan.cells)} cells; output {plan.output}")
         return 0
     if args.command == "power":

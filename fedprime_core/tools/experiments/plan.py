@@ -68,10 +68,40 @@ class Plan:
     metric: str
     base_dir: Path = Path(".")
     tables: tuple[TableSpec, ...] = ()
+    reuse: tuple[Path, ...] = ()
+    """Other grids' output folders whose finished runs stand for this grid's identical cells."""
 
     @property
     def runs_dir(self) -> Path:
         return self.output / "runs"
+
+    def reused_from(self, cell: Cell) -> Path | None:
+        """The run folder of another grid's output (``reuse``) that stands for ``cell``, if one does.
+
+        One does when this grid has no folder of its own for the cell, and a ``reuse`` output
+        holds a *finished* run of the same name (its checkpoint reached the cell's
+        ``num-server-rounds``) made with the cell's settings (:func:`stale_settings` is empty).
+        The first such output in the order written wins. A partial run there is never
+        reused (its own grid may still be running it), nor written to: the cell runs here.
+        """
+        if not self.reuse or (self.runs_dir / cell.name).exists():
+            return None
+        for output in self.reuse:
+            folder = output / "runs" / cell.name
+            done = completed_rounds(folder)
+            if done is None or done < int(cell.config["num-server-rounds"]):
+                continue
+            try:
+                stored = json.loads((folder / "config.json").read_text())
+            except (OSError, ValueError):
+                continue
+            if isinstance(stored, dict) and not stale_settings(cell.config, stored):
+                return folder
+        return None
+
+    def run_dir(self, cell: Cell) -> Path:
+        """Where ``cell``'s run is read from: a reused finished run (:meth:`reused_from`), else its own folder."""
+        return self.reused_from(cell) or self.runs_dir / cell.name
 
     def resolve_paths(self, config: Mapping[str, Any]) -> dict[str, Any]:
         """``config`` with relative file settings made absolute against the grid file's folder.
@@ -209,7 +239,7 @@ def stale_settings(config: Mapping[str, Any], stored: Mapping[str, Any]) -> list
 def folder_settings_changed(plan: Plan, cell: Cell) -> list[str]:
     """:func:`stale_settings` of the cell against its run folder's ``config.json`` (none without one)."""
     try:
-        stored = json.loads((plan.runs_dir / cell.name / "config.json").read_text())
+        stored = json.loads((plan.run_dir(cell) / "config.json").read_text())
     except (OSError, ValueError):
         return []
     return stale_settings(cell.config, stored)
@@ -259,7 +289,7 @@ def resumable_folder(plan: Plan, cell: Cell) -> tuple[Path | None, list[Path]]:
     cell has a folder of its own, when there is none, or when there are several (ambiguous:
     ``candidates`` names them, and nothing is adopted).
     """
-    if (plan.runs_dir / cell.name).exists() or not plan.runs_dir.is_dir():
+    if (plan.runs_dir / cell.name).exists() or not plan.runs_dir.is_dir() or plan.reused_from(cell) is not None:
         return None, []
     prefix = cell.name.rsplit("-", 1)[0] + "-"
     named = {c.name for c in plan.cells}
@@ -287,7 +317,7 @@ def load_plan(path: str | Path) -> Plan:
     """
     path = Path(path)
     spec = read_yaml_mapping(path, "grid file", ConfigError)
-    unknown = set(spec) - {"name", "output", "federation", "base", "grids", "description", "tables"}
+    unknown = set(spec) - {"name", "output", "federation", "base", "grids", "description", "tables", "reuse"}
     if unknown:
         raise ConfigError(f"grid file {path}: unknown top-level key(s) {sorted(unknown)}")
     if not isinstance(spec.get("grids"), dict) or not spec["grids"]:
@@ -295,6 +325,7 @@ def load_plan(path: str | Path) -> Plan:
     name = str(spec.get("name") or path.stem)
     output = Path(spec.get("output") or f"results/experiments/{name}")
     output = output if output.is_absolute() else APP_DIR / output
+    reuse = _parse_reuse(path, spec.get("reuse"), output)
     base = dict(spec.get("base") or {})
     cells: dict[str, Cell] = {}
     for grid_name, axes in spec["grids"].items():
@@ -324,8 +355,40 @@ def load_plan(path: str | Path) -> Plan:
     metric = headline.pop() if len(headline) == 1 else "accuracy"  # a mixed grid: accuracy, which every set has
     tables = _parse_tables(path, spec.get("tables"), spec["grids"], tuple(cells.values()))
     return Plan(
-        name, output, dict(spec.get("federation") or {}), tuple(cells.values()), metric, path.parent.resolve(), tables
+        name,
+        output,
+        dict(spec.get("federation") or {}),
+        tuple(cells.values()),
+        metric,
+        path.parent.resolve(),
+        tables,
+        reuse,
     )
+
+
+def _parse_reuse(path: Path, raw: Any, output: Path) -> tuple[Path, ...]:
+    """The ``reuse`` list: other grids' output folders (relative ones as ``output`` is), each existing."""
+    if raw is None:
+        return ()
+    entries = [raw] if isinstance(raw, str) else raw
+    if not isinstance(entries, list) or not all(isinstance(e, str) and e for e in entries):
+        raise ConfigError(
+            f"grid file {path}: 'reuse' must list other grids' output folders, e.g. "
+            f"[experiments/fashion-study-results], got {raw!r}"
+        )
+    folders = []
+    for entry in entries:
+        folder = Path(entry).expanduser()
+        folder = folder if folder.is_absolute() else APP_DIR / folder
+        if folder.resolve() == output.resolve():
+            raise ConfigError(f"grid file {path}: 'reuse' names this grid's own output {entry!r}")
+        if not (folder / "runs").is_dir():
+            raise ConfigError(
+                f"grid file {path}: 'reuse' folder {entry!r} has no runs/ folder ({folder / 'runs'}); "
+                "name the 'output' of the grid whose runs this one shares"
+            )
+        folders.append(folder)
+    return tuple(folders)
 
 
 _TABLE_KEYS = {"grids", "round", "extra", "differences", "primary", "pool", "level-off"}

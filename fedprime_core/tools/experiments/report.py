@@ -30,7 +30,7 @@ from .significance import detectable_difference, holm, paired_t
 
 LOGGER = logging.getLogger(__name__)
 #: Run folders already named as left out (each is named once per process).
-_LEFT_OUT: set[tuple[Path, str]] = set()
+_LEFT_OUT: set[Path] = set()
 #: (config.json, its mtime_ns and size) -> :func:`~.plan.folder_settings_changed`: a report reads
 #: each cell's summary and history, and the folder's config.json once for both.
 _CHANGED: dict[tuple[Path, int, int], list[str]] = {}
@@ -49,7 +49,7 @@ def _stands_for(plan: Plan, cell: Cell) -> bool:
     A folder that may not is left out of every table and plot, as the runner refuses to reuse it
     (:func:`~.plan.folder_settings_changed`), and a warning names it.
     """
-    path = plan.runs_dir / cell.name / "config.json"
+    path = plan.run_dir(cell) / "config.json"
     try:
         stat = path.stat()
     except OSError:
@@ -58,14 +58,14 @@ def _stands_for(plan: Plan, cell: Cell) -> bool:
     if key not in _CHANGED:
         _CHANGED[key] = folder_settings_changed(plan, cell)
     changed = _CHANGED[key]
-    if changed and (plan.runs_dir, cell.name) not in _LEFT_OUT:
-        _LEFT_OUT.add((plan.runs_dir, cell.name))
+    if changed and path not in _LEFT_OUT:
+        _LEFT_OUT.add(path)
         LOGGER.warning("left out of the report: %s was made with other settings: %s", cell.name, "; ".join(changed))
     return not changed
 
 
 def _summary(plan: Plan, cell: Cell) -> dict[str, Any] | None:
-    path = plan.runs_dir / cell.name / "summary.json"
+    path = plan.run_dir(cell) / "summary.json"
     if not path.is_file() or not _stands_for(plan, cell):
         return None
     summary = json.loads(path.read_text())
@@ -79,7 +79,7 @@ def _history(plan: Plan, cell: Cell) -> list[dict[str, Any]]:
     plots; the cache is keyed on the file's path, mtime and size, so a run that moved on is read
     again. Callers must not change the records.
     """
-    path = plan.runs_dir / cell.name / "metrics.json"
+    path = plan.run_dir(cell) / "metrics.json"
     try:
         stat = path.stat()
     except OSError:

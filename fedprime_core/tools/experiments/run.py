@@ -27,7 +27,7 @@ from .report import write_report
 
 def cell_status(plan: Plan, cell: Cell) -> tuple[str, int]:
     """``("done" | "partial" | "todo", completed rounds)`` from the cell's checkpoint."""
-    completed = completed_rounds(plan.runs_dir / cell.name)
+    completed = completed_rounds(plan.run_dir(cell))
     if completed is None:
         return "todo", 0
     return ("done" if completed >= int(cell.config["num-server-rounds"]) else "partial"), completed
@@ -39,6 +39,9 @@ def run_cell(plan: Plan, cell: Cell, home: Path, echo: bool = True, app_dir: Pat
     ``app_dir``: where ``flwr run .`` runs (a :func:`~fedprime_core.tools.launch.stage_app` copy; default: the
     repository).
     """
+    reused = plan.reused_from(cell)
+    if reused is not None:  # another grid's finished run of the same cell: read there, never written
+        return {"cell": cell.name, "status": "done", "skipped": True, "reused-from": str(reused)}
     adopted, candidates = resumable_folder(plan, cell)
     if adopted is not None:
         adopted.rename(plan.runs_dir / cell.name)  # the same run, under the name its new rounds give it
@@ -147,7 +150,9 @@ def progress_line(
     The estimate is the mean duration of the cells this invocation ran (finished cells that
     were skipped do not count) times the cells still to run.
     """
-    outcome = "skipped (already done)" if record.get("skipped") else record["status"]
+    outcome = record["status"]
+    if record.get("skipped"):
+        outcome = f"reused from {record['reused-from']}" if "reused-from" in record else "skipped (already done)"
     took = f" in {format_duration(record['seconds'])}" if "seconds" in record else ""
     durations = [r["seconds"] for r in records if "seconds" in r]
     if to_run == 0:

@@ -107,8 +107,8 @@ def detectable_difference(sd: float, n: int, power: float = 0.8, alpha: float = 
 
     What a comparison could have found: with the sd its pairs showed, a true difference this
     large (in the sd's units) is declared at level ``alpha`` with probability ``power``. 0 when
-    ``sd == 0`` (every pair shows the difference exactly); nan with fewer than 2 pairs or a
-    non-finite sd.
+    ``sd == 0`` (every pair shows the difference exactly) or ``power <= alpha``; nan with fewer
+    than 2 pairs or a non-finite sd.
     """
     if not 0 < power < 1 or not 0 < alpha < 1:
         raise ValueError(f"power and alpha must lie in (0, 1), got {power} and {alpha}")
@@ -116,7 +116,7 @@ def detectable_difference(sd: float, n: int, power: float = 0.8, alpha: float = 
         return float("nan")
     if sd < 0:
         raise ValueError(f"the paired sd must be >= 0, got {sd}")
-    if sd == 0:
+    if sd == 0 or power <= alpha:  # a test without any difference already rejects with probability alpha
         return 0.0
     high = sd
     while paired_power(sd, n, high, alpha) < power:  # power grows with the difference, to 1
