@@ -13,7 +13,14 @@ from fedprime_core.config import ConfigError
 from fedprime_core.data.missing import TEST_SETTINGS
 from fedprime_core.tools.experiments.__main__ import main
 from fedprime_core.tools.experiments.plan import by_seed, cell_name, completed_rounds, load_plan, stale_settings
-from fedprime_core.tools.experiments.report import comparison, curve_label, table_rows, varying_keys, write_report
+from fedprime_core.tools.experiments.report import (
+    comparison,
+    curve_label,
+    table_rows,
+    varying_keys,
+    write_comparison,
+    write_report,
+)
 from fedprime_core.tools.experiments.run import cell_status, run_cell, run_plan
 from tests.planted_runs import fake_run
 
@@ -975,3 +982,57 @@ def test_a_bad_reuse_names_the_problem(tmp_path, reuse, message):
     grid = _grid_in(tmp_path / "g", "g", f"reuse: {reuse}\ngrids:\n  main: {{method: [fedprime], seed: [0]}}\n")
     with pytest.raises(ConfigError, match=message):
         load_plan(grid)
+
+
+def test_a_report_flags_final_values_from_an_earlier_round_and_client_evaluations_with_fewer_clients(tmp_path):
+    from fedprime_core.tools.experiments.report import run_checks
+
+    grid = write_grid(
+        tmp_path,
+        "checks",
+        """
+base: {num-server-rounds: 2, missing-setting: miss-both}
+grids:
+  main: {method: [fedprime, fed-intra], seed: [0, 1]}
+tables:
+  main:
+    extra:
+      - {key: client-eval/test-accuracy, over: final, scale: 100, label: clients' own test}
+      - {key: train-loss, over: final}
+""",
+    )
+    plan = load_plan(grid)
+    table = plan.tables[0]
+    for cell in plan.cells:
+        planted_run(plan, cell, 0.5, 1.0)
+    data = write_comparison(plan, table)
+    assert data["rows"] and run_checks(plan, table) == []
+    assert "covers as many clients in every run: yes." in (plan.output / "main.md").read_text()
+
+    def rewrite(cell, change):
+        path = plan.runs_dir / cell.name / "metrics.json"
+        rounds = json.loads(path.read_text())
+        change(rounds)
+        path.write_text(json.dumps(rounds))
+
+    first, second, third, fourth = plan.cells
+    rewrite(first, lambda rounds: rounds[-1].pop("client-eval"))  # the last round's evaluation is missing
+    for cell, clients in ((second, 4), (third, 4), (fourth, 3)):  # one client's evaluation failed in one run
+
+        def per_client(rounds, clients=clients):
+            for record in rounds[1:]:
+                record["client-eval-per-client"] = {f"c{i}": {"test-accuracy": 0.5} for i in range(clients)}
+
+        rewrite(cell, per_client)
+    notes = run_checks(plan, table)
+    assert len(notes) == 2
+    assert notes[0] == (
+        f"{first.name}: 'clients' own test' comes from round 1, not from the run's last round 2 "
+        "(that round recorded no value)"
+    )
+    assert notes[1] == (
+        f"'clients' own test': client-side evaluation covered 4 clients in 2 runs and fewer in 1: {fourth.name} (3)"
+    )
+    write_comparison(plan, table)
+    text = (plan.output / "main.md").read_text()
+    assert "covers as many clients in every run: no, 2 findings:" in text and f"- {first.name}: " in text

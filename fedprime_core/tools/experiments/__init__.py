@@ -72,7 +72,9 @@ that column and Holm's adjustment over the table's rows (``<table>_tests.csv``;
 power at its pairs' sd and Holm's first alpha (:func:`.significance.detectable_difference`).
 ``level-off: <number>`` (with an ``over: final`` primary column) adds whether each arm had
 levelled off: its mean per-run gain between the last two rounds that recorded the column, under
-the number (``<table>_levelling.csv``; :func:`.report.levelling`).
+the number (``<table>_levelling.csv``; :func:`.report.levelling`). Every table's md ends with
+its runs' checks (:func:`.report.run_checks`): a final value taken from an earlier round than the
+run's last, or a client-side column covering fewer clients in some runs.
 
 Modules: :mod:`.plan` reads a grid file into a :class:`~.plan.Plan` of cells, :mod:`.run`
 runs the cells as real federations, :mod:`.report` writes the tables and plots from their

@@ -676,6 +676,76 @@ def _p_text(value: float, fmt: str = "{:.4f}") -> str:
     return "-" if np.isnan(value) else fmt.format(value)
 
 
+def run_checks(plan: Plan, table: TableSpec) -> list[str]:
+    """What could make a table's finished runs unlike each other, found in their round records.
+
+    Two checks, on every finished run of the table (no accuracy is read, only where values come
+    from and how many clients gave them):
+
+    * an ``over: final`` column whose last recorded value comes from an earlier round than the
+      run's last round (e.g. the final round's evaluation is missing, so round 15's would stand
+      for round 20's);
+    * a ``client-eval/...`` column whose final value covers fewer clients in some runs than in
+      others (a client whose evaluation failed is left out of the mean, and which clients fail
+      may depend on the method).
+
+    Returns:
+        One sentence per finding (empty when every run passes); each is also logged.
+    """
+    notes: list[str] = []
+    counts: dict[str, dict[str, int]] = {}
+    for cell in _table_cells(plan, table):
+        if _summary(plan, cell) is None:
+            continue
+        history = _history(plan, cell)
+        if not history:
+            continue
+        last = max(int(r.get("round", 0)) for r in history)
+        for column in table.extra:
+            if column.over != "final":
+                continue
+            records = [r for r in _trained_records(history) if _round_value(r, column) is not None]
+            if not records:
+                continue
+            used = records[-1]
+            if int(used["round"]) != last:
+                notes.append(
+                    f"{cell.name}: '{column.title}' comes from round {used['round']}, not from the run's last "
+                    f"round {last} (that round recorded no value)"
+                )
+            per_client = used.get("client-eval-per-client") if column.key.startswith("client-eval/") else None
+            if isinstance(per_client, Mapping):
+                counts.setdefault(column.title, {})[cell.name] = len(per_client)
+    for title, by_run in counts.items():
+        usual = max(by_run.values())
+        fewer = {name: n for name, n in sorted(by_run.items()) if n < usual}
+        if fewer:
+            listed = ", ".join(f"{name} ({n})" for name, n in fewer.items())
+            notes.append(
+                f"'{title}': client-side evaluation covered {usual} clients in {len(by_run) - len(fewer)} runs "
+                f"and fewer in {len(fewer)}: {listed}"
+            )
+    for note in notes:
+        LOGGER.warning("%s, table %s: %s", plan.name, table.name, note)
+    return notes
+
+
+def _check_lines(plan: Plan, table: TableSpec) -> list[str]:
+    """The md section of :func:`run_checks` (what was checked, and what it found)."""
+    notes = run_checks(plan, table)
+    lines = [
+        "",
+        "## Checks",
+        "",
+        "Each finished run's 'final' values come from its last round, and each client-side column covers as "
+        "many clients in every run: "
+        + ("yes." if not notes else f"no, {len(notes)} finding{'s' * (len(notes) != 1)}:"),
+    ]
+    if notes:
+        lines += ["", *(f"- {note}" for note in notes)]
+    return lines
+
+
 def write_comparison(plan: Plan, table: TableSpec) -> dict[str, Any]:
     """``<output>/<table>.md`` and ``.csv`` (long format: one line per row and column)."""
     data = comparison(plan, table)
@@ -779,6 +849,7 @@ def write_comparison(plan: Plan, table: TableSpec) -> dict[str, Any]:
                 figures = (f"{test[x]:.6g}" for x in ("mean", "lo", "hi", "t", "p", "holm", "alpha", "detectable"))
                 writer.writerow([test["difference"], group, table.primary, test["n"], test["noop"], *figures])
     lines += _levelling_lines(plan, table)
+    lines += _check_lines(plan, table)
     stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
     with open(stem.with_suffix(".csv"), "w", newline="") as handle:
         writer = csv.writer(handle)
