@@ -1036,3 +1036,37 @@ tables:
     write_comparison(plan, table)
     text = (plan.output / "main.md").read_text()
     assert "covers as many clients in every run: no, 2 findings:" in text and f"- {first.name}: " in text
+
+
+def test_plan_estimates_the_unfinished_cells_from_the_rounds_the_finished_ones_took(tmp_path, capsys):
+    from fedprime_core.tools.experiments.plan import estimate_remaining
+
+    grid = write_grid(
+        tmp_path,
+        "cost",
+        "base: {num-server-rounds: 4, missing-setting: miss-both}\n"
+        "grids:\n  main: {method: [fedprime, fedavg-p, pfpt], seed: [0, 1, 2]}\n"
+        "  slow: {method: [fedprime], lr: [0.5], seed: [0]}\n",
+    )
+    plan = load_plan(grid)
+    cells = {(c.config["method"], c.config["seed"], c.config["lr"]): c for c in plan.cells}
+
+    def ran(cell, seconds: list[float], finished: bool) -> None:
+        run = plan.runs_dir / cell.name
+        run.mkdir(parents=True)
+        rounds = [{"round": 0, "round-seconds": 999.0}]  # round 0 (evaluation before training) is no round's cost
+        rounds += [{"round": r, "round-seconds": s} for r, s in enumerate(seconds, 1)]
+        (run / "metrics.json").write_text(json.dumps(rounds))
+        (run / "checkpoint.json").write_text(json.dumps({"round": len(seconds) if not finished else 4}))
+
+    lr = 0.05
+    ran(cells[("fedprime", 0, lr)], [10.0] * 4, True)
+    ran(cells[("fedprime", 1, lr)], [30.0] * 4, True)  # the arm's median: 20 s a round
+    ran(cells[("fedavg-p", 0, lr)], [100.0] * 4, True)
+    ran(cells[("fedavg-p", 1, lr)], [100.0], False)  # partial: 3 rounds left
+    left = estimate_remaining(plan)
+    # fedprime s2: 4 x 20; fedprime lr 0.5 (no run of its own arm): its method's median, 4 x 20;
+    # fedavg-p s1: 3 x 100, s2: 4 x 100; pfpt: no finished run, not counted
+    assert left == {"cells": 7, "seconds": 80 + 80 + 300 + 400, "unknown": 3}
+    assert main(["plan", str(grid)]) == 0
+    assert "7 cells to run: about 14m20s of rounds for 4 of them" in capsys.readouterr().out

@@ -9,10 +9,12 @@ import sys
 from collections.abc import Sequence
 
 from ...config import ConfigError
+from ...progress import format_duration
 from . import __doc__ as GUIDE
 from .plan import (
     by_seed,
     completed_rounds,
+    estimate_remaining,
     folder_settings_changed,
     load_plan,
     missing_checkpoint_arrays,
@@ -75,6 +77,20 @@ def main(argv: Sequence[str] | None = None) -> int:
             elif reused is not None:
                 note = f"  (reused from {reused.parent.parent})"
             print(f"{status:8s} {completed:4d}  {cell.name}  [{', '.join(cell.grids)}]{note}")
+        left = estimate_remaining(plan)
+        known = left["cells"] - left["unknown"]
+        if known:
+            print(
+                f"{left['cells']} cells to run: about {format_duration(left['seconds'])} of rounds for {known} of them "
+                "(each arm's median seconds per round in its finished runs)"
+                + (
+                    f"; {left['unknown']} of methods with no finished run in this grid are not counted"
+                    if left["unknown"]
+                    else ""
+                )
+            )
+        elif left["cells"]:
+            print(f"{left['cells']} cells to run; no finished run of their methods in this grid to time them by")
         print(f"{len(plan.cells)} cells; output {plan.output}")
         return 0
     if args.command == "power":

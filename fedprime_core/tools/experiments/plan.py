@@ -309,6 +309,63 @@ def resumable_folder(plan: Plan, cell: Cell) -> tuple[Path | None, list[Path]]:
     return (candidates[0] if len(candidates) == 1 else None), candidates
 
 
+def _seconds_per_round(run_dir: Path) -> float | None:
+    """Mean wall seconds of a run's rounds (its ``metrics.json`` ``round-seconds``); ``None`` without any."""
+    try:
+        history = json.loads((run_dir / "metrics.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(history, list):
+        return None
+    seconds = [
+        float(r["round-seconds"])
+        for r in history
+        if isinstance(r, dict) and isinstance(r.get("round-seconds"), (int, float)) and r.get("round", 0) > 0
+    ]
+    return sum(seconds) / len(seconds) if seconds else None
+
+
+def estimate_remaining(plan: Plan) -> dict[str, Any]:
+    """How long the plan's unfinished cells will take, from the rounds its finished cells took.
+
+    Each unfinished cell costs its rounds still to run times the median seconds per round of
+    the finished runs of its arm (every setting but the seed the same), or, without one, of
+    its method. Round wall time only (a cell's start-up of a minute or so is not in it), on
+    whatever machine and load the finished runs had. Reads no result but ``round-seconds``.
+
+    Returns:
+        ``{"cells": unfinished cells, "seconds": the estimate over the cells it covers,
+        "unknown": cells of a method without any finished run}``.
+    """
+    from statistics import median
+
+    by_arm: dict[str, list[float]] = {}
+    by_method: dict[str, list[float]] = {}
+    unfinished: list[tuple[Cell, int]] = []
+    for cell in plan.cells:
+        rounds = int(cell.config["num-server-rounds"])
+        done = completed_rounds(plan.run_dir(cell)) or 0
+        if done < rounds:
+            unfinished.append((cell, rounds - done))
+            continue
+        per_round = _seconds_per_round(plan.run_dir(cell))
+        if per_round is not None:
+            by_arm.setdefault(_arm(cell), []).append(per_round)
+            by_method.setdefault(cell.config["method"], []).append(per_round)
+    seconds, unknown = 0.0, 0
+    for cell, left in unfinished:
+        measured = by_arm.get(_arm(cell)) or by_method.get(cell.config["method"])
+        if measured:
+            seconds += left * median(measured)
+        else:
+            unknown += 1
+    return {"cells": len(unfinished), "seconds": seconds, "unknown": unknown}
+
+
+def _arm(cell: Cell) -> str:
+    return json.dumps({k: v for k, v in cell.config.items() if k != "seed"}, sort_keys=True)
+
+
 def load_plan(path: str | Path) -> Plan:
     """Parse and validate a grid file; every cell's configuration is checked up front.
 
