@@ -221,7 +221,12 @@ def test_by_seed_runs_every_arm_of_a_seed_before_the_next_seed(tmp_path, capsys)
     assert {c.name for c in ordered} == {c.name for c in plan.cells}  # the same cells under the same names
     capsys.readouterr()
     assert main(["plan", str(grid), "--by-seed"]) == 0
-    listed = [line.split()[2] for line in capsys.readouterr().out.splitlines()[:-1]]
+    lines = capsys.readouterr().out.splitlines()
+    listed = [line.split()[2] for line in lines if line.split()[0] in ("todo", "partial", "done")]
+    assert (
+        len(listed) == len(plan.cells)
+        and lines[-2] == "8 cells to run; no finished run of their methods in this grid to time them by"
+    )
     assert listed == [c.name for c in ordered]
 
 
@@ -965,6 +970,10 @@ tables:
     assert main(["run", str(follow), "--no-report", "--quiet"]) == 0
     out = capsys.readouterr().out
     assert out.count("reused from") == 2 and "6/6 cells done" in out
+    # what to commit: this grid's own finished folders, not the reused ones, not the study's partial
+    assert main(["plan", str(follow), "--finished"]) == 0
+    listed = capsys.readouterr().out.split()
+    assert sorted(listed) == sorted(str(plan.runs_dir / c.name) for c in (*switch.values(), ours[2]))
 
 
 @pytest.mark.parametrize(

@@ -46,6 +46,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="run: do not write the tables and plots at the end (a study read blind until complete; "
         "write them later with the report command)",
     )
+    parser.add_argument(
+        "--finished",
+        action="store_true",
+        help="plan: print only the run folders of this grid's finished cells, one per line (not partial ones, "
+        "not ones reused from another grid), e.g. to commit them: git add $(... plan GRID --finished)",
+    )
     sizing = parser.add_argument_group("power: the pilot's paired spread and the seeds it needs (no means shown)")
     sizing.add_argument("--table", help="the comparison table to size (default: every table of the grid)")
     sizing.add_argument("--column", help="the column to size on (default: the table's first extra column)")
@@ -61,6 +67,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     if args.by_seed:
         plan = dataclasses.replace(plan, cells=by_seed(plan.cells))
+    if args.command == "plan" and args.finished:
+        for cell in plan.cells:
+            own = plan.runs_dir / cell.name
+            if cell_status(plan, cell)[0] == "done" and plan.reused_from(cell) is None and own.is_dir():
+                print(own)
+        return 0
     if args.command == "plan":
         for cell in plan.cells:
             status, completed = cell_status(plan, cell)
