@@ -35,6 +35,7 @@ from .method.methods import (
     METHOD_SPECS,
     OPTIMIZERS,
     PFPT_STEPS,
+    POOLER_INITS,
     READOUTS,
     SELECTIONS,
     default_sweeps,
@@ -463,6 +464,16 @@ OPTIONS: tuple[Option, ...] = (
         READOUTS,
         affects=("model",),
     ),
+    Option(
+        "pooler-init",
+        str,
+        "pretrained",
+        "How the pooler starts: from the backbone's pretrained pooler where it has one, or, for comparison "
+        "only, drawn N(0, 0.02) as the reference code's models start it (docs/findings/reference-code.md, D4). "
+        "A backbone without a pretrained pooler starts it at random either way.",
+        POOLER_INITS,
+        affects=("model",),
+    ),
     # --- missing modalities and partitions ----------------------------------------
     Option(
         "missing-setting",
@@ -788,6 +799,7 @@ class RunConfig:
     map_prompt_depth: int = 6
     map_prompt_init: str = "normal"
     readout: str = "cls"
+    pooler_init: str = "pretrained"
     missing_setting: str = "miss-both"
     eta: float = 0.7
     missing_alpha: float = 1.0
@@ -979,6 +991,11 @@ def _check_consistency(cfg: RunConfig) -> None:
                 f"with personal inter pools ({', '.join(PERSONALISED_METHODS)}) and inter-merge='align' (got "
                 f"method={cfg.method!r}, inter-merge={cfg.inter_merge!r}); leave it at {default!r}"
             )
+    if cfg.pooler_init == "random" and not cfg.exchange_pooler:
+        raise ConfigError(
+            "run config key 'pooler-init' = 'random' starts the pooler at random, and 'exchange-pooler' = false "
+            "would keep that random map frozen: set exchange-pooler=true to train it, or pooler-init='pretrained'"
+        )
     if cfg.pooler_rank and not cfg.exchange_pooler:
         raise ConfigError(
             f"run config key 'pooler-rank' = {cfg.pooler_rank} trains a low-rank update of the pooler, but "

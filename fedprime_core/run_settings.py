@@ -55,7 +55,7 @@ def train_settings(cfg: RunConfig) -> TrainSettings:
 
 def prompted_model(backbone: Backbone, cfg: RunConfig, num_classes: int, seed: int) -> PromptedModel:
     """The model a run of ``cfg`` trains: its method, prompt sizes and communication keys
-    (``query-rank``, ``exchange-pooler``, ``head-rank``, ``pooler-rank``) and ``readout``."""
+    (``query-rank``, ``exchange-pooler``, ``head-rank``, ``pooler-rank``), ``readout`` and ``pooler-init``."""
     return PromptedModel(
         backbone,
         method_spec(cfg.method),
@@ -66,4 +66,5 @@ def prompted_model(backbone: Backbone, cfg: RunConfig, num_classes: int, seed: i
         head_rank=cfg.head_rank,
         pooler_rank=cfg.pooler_rank,
         readout=cfg.readout,
+        pooler_init=cfg.pooler_init,
     )

@@ -103,6 +103,8 @@ def test_pyproject_app_config_matches_the_schema():
         ({"method": "fedavg-p", "map-prompt-init": "ones"}, "use one of: normal, reference"),
         ({"method": "fedavg-p", "readout": "first-prompt"}, "only methods with a retrieval pool"),
         ({"readout": "pooled"}, "use one of: cls, first-prompt"),
+        ({"pooler-init": "random", "exchange-pooler": False}, "keep that random map frozen"),
+        ({"pooler-init": "zeros"}, "use one of: pretrained, random"),
     ],
 )
 def test_bad_values_name_the_key_and_the_fix(values, fragment):
@@ -255,4 +257,5 @@ def test_the_reference_prompt_init_is_a_fedavg_p_setting_and_old_runs_count_as_n
 
     assert parse_run_config({"method": "fedavg-p", "map-prompt-init": "reference"}).map_prompt_init == "reference"
     assert parse_run_config({"method": "fed-inter", "readout": "first-prompt"}).readout == "first-prompt"
+    assert parse_run_config({"method": "fedavg-p", "pooler-init": "random"}).pooler_init == "random"
     assert stored_value({"method": "fedavg-p"}, "map-prompt-init") == "normal"  # runs before the key existed

@@ -227,3 +227,22 @@ def test_pretrained_source_is_a_checked_directory_or_a_hub_id(tmp_path):
             resolve(str(tmp_path / "absent"))
     (tmp_path / "config.json").write_text("{}")
     assert resolve_vilt_source(str(tmp_path)) == str(tmp_path)
+
+
+def test_a_random_pooler_start_ignores_the_pretrained_pooler_and_changes_nothing_else(tiny_vilt):
+    """pooler-init=random (comparison only, D4): the reference's models start the pooler at random."""
+    backbone, _ = tiny_vilt
+    pretrained = backbone.pooler_init()
+    assert pretrained is not None  # the generated ViLT carries a pooler, as the real one does
+    settings = PromptSettings(tau=6, kappa=2)
+    ours = trainable_state(PromptedModel(backbone, method_spec("fedprime"), 8, settings, seed=3))
+    rand = trainable_state(PromptedModel(backbone, method_spec("fedprime"), 8, settings, seed=3, pooler_init="random"))
+    assert np.array_equal(ours["pooler.weight"], pretrained["weight"].numpy())
+    assert not np.allclose(rand["pooler.weight"], ours["pooler.weight"])
+    assert 0.015 < rand["pooler.weight"].std() < 0.025 and not rand["pooler.bias"].any()  # N(0, 0.02), zero bias
+    assert set(ours) == set(rand)
+    assert all(np.array_equal(ours[k], rand[k]) for k in ours if not k.startswith("pooler."))  # the same draws
+    with pytest.raises(ValueError, match="'pretrained', 'random'"):
+        PromptedModel(backbone, method_spec("fedprime"), 8, settings, pooler_init="zeros")
+    with pytest.raises(ValueError, match="frozen"):
+        PromptedModel(backbone, method_spec("fedprime"), 8, settings, train_pooler=False, pooler_init="random")

@@ -16,6 +16,9 @@ MAP_PROMPT_INITS = ("normal", "reference")
 #: What the pooler reads: the final state of the [CLS] token (ours, every method), or of the first
 #: retrieved prompt, as the reference's Fed-Inter and Fed-Prime do (comparison only: D5).
 READOUTS = ("cls", "first-prompt")
+#: How the pooler starts: from the backbone's pretrained pooler where it has one (ours), or drawn
+#: N(0, 0.02) like the head, as the reference code's models do (comparison only: D4).
+POOLER_INITS = ("pretrained", "random")
 #: The local optimizers (:func:`fedprime_core.method.training.make_optimizer`).
 OPTIMIZERS = ("sgd", "adam", "adamw")
 

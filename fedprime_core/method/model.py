@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from ..backbones.base import Backbone, Batch
-from .methods import MAP_PROMPT_INITS, READOUTS, MethodSpec
+from .methods import MAP_PROMPT_INITS, POOLER_INITS, READOUTS, MethodSpec
 from .retrieval import cosine_relevance, retrieval_regulariser, select_prompts
 
 #: Missing-modality patterns, in the order of missing-aware prompt sets.
@@ -361,6 +361,9 @@ class PromptedModel(nn.Module):
         readout: ``"cls"`` the pooler reads the [CLS] token's final state; ``"first-prompt"``
             the first retrieval prompt's (the first pool's most relevant prompt; the reference's
             Fed-Inter and Fed-Prime, comparison only); needs a retrieval pool.
+        pooler_init: ``"pretrained"`` the pooler starts from the backbone's pretrained pooler
+            where it has one; ``"random"`` from N(0, 0.02) with zero bias whatever the backbone
+            (the reference code's models, comparison only); needs ``train_pooler``.
 
     The low-rank factors of the head and pooler are drawn from their own generator, so every
     other part starts as in the dense model of the same seed.
@@ -377,6 +380,7 @@ class PromptedModel(nn.Module):
         head_rank: int = 0,
         pooler_rank: int = 0,
         readout: str = "cls",
+        pooler_init: str = "pretrained",
     ) -> None:
         super().__init__()
         if readout not in READOUTS:
@@ -384,6 +388,11 @@ class PromptedModel(nn.Module):
         if readout == "first-prompt" and not spec.pools:
             raise ValueError(f"readout 'first-prompt' reads a retrieved prompt; method {spec.name!r} has no pool")
         self.readout = readout
+        if pooler_init not in POOLER_INITS:
+            raise ValueError(f"pooler_init {pooler_init!r} is not one of {POOLER_INITS}")
+        if pooler_init == "random" and not train_pooler:
+            raise ValueError("pooler_init 'random' with train_pooler=False would keep a random pooler frozen")
+        self.pooler_init = pooler_init
         if pooler_rank and not train_pooler:
             raise ValueError(
                 f"pooler rank {pooler_rank} trains an update of the pooler, which train_pooler=False keeps frozen "
@@ -446,7 +455,8 @@ class PromptedModel(nn.Module):
     ) -> nn.Module:
         """Initialise the head's dense layers and return the pooler (dense, or :class:`LowRankPooler`).
 
-        The pooler starts from the backbone's pretrained pooler where it has one. The dense
+        The pooler starts from the backbone's pretrained pooler where it has one (unless
+        ``pooler_init="random"``: then from its own N(0, 0.02) draw, zero bias). The dense
         layers' weights are drawn from ``generator`` in the reference's order (pooler, head
         ``d -> 2d``, head ``2d -> C``) whether or not a layer is low-rank, so the parts that
         a dense and a low-rank model share start identical for one seed (the paired
@@ -462,7 +472,7 @@ class PromptedModel(nn.Module):
                 if isinstance(module, nn.Linear):
                     module.weight.copy_(weight)
                     module.bias.zero_()
-            if pretrained is not None:
+            if pretrained is not None and self.pooler_init == "pretrained":
                 pooler_weight, pooler_bias = pretrained["weight"], pretrained["bias"]
             if dense_pooler is None:
                 return LowRankPooler(pooler_weight, pooler_bias, pooler_rank, factor_generator)
