@@ -9,6 +9,7 @@ import itertools
 import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from statistics import median
 from typing import Any
 
 from ...config import (
@@ -337,18 +338,17 @@ def estimate_remaining(plan: Plan) -> dict[str, Any]:
         ``{"cells": unfinished cells, "seconds": the estimate over the cells it covers,
         "unknown": cells of a method without any finished run}``.
     """
-    from statistics import median
-
     by_arm: dict[str, list[float]] = {}
     by_method: dict[str, list[float]] = {}
     unfinished: list[tuple[Cell, int]] = []
     for cell in plan.cells:
         rounds = int(cell.config["num-server-rounds"])
-        done = completed_rounds(plan.run_dir(cell)) or 0
+        folder = plan.run_dir(cell)
+        done = completed_rounds(folder) or 0
         if done < rounds:
             unfinished.append((cell, rounds - done))
             continue
-        per_round = _seconds_per_round(plan.run_dir(cell))
+        per_round = _seconds_per_round(folder)
         if per_round is not None:
             by_arm.setdefault(_arm(cell), []).append(per_round)
             by_method.setdefault(cell.config["method"], []).append(per_round)
