@@ -1079,3 +1079,39 @@ def test_plan_estimates_the_unfinished_cells_from_the_rounds_the_finished_ones_t
     assert left == {"cells": 7, "seconds": 80 + 80 + 300 + 400, "unknown": 3}
     assert main(["plan", str(grid)]) == 0
     assert "7 cells to run: about 14m20s of rounds for 4 of them" in capsys.readouterr().out
+
+
+def test_a_blind_grid_writes_no_tables_until_every_cell_is_done(tmp_path, capsys):
+    from fedprime_core.tools.experiments.plan import unfinished_cells
+
+    body = """
+blind: true
+base: {num-server-rounds: 2, missing-setting: miss-both}
+grids:
+  merge: {method: [fedprime], inter-merge: [align, position], seed: [0, 1]}
+tables:
+  merge:
+    differences:
+      - {key: inter-merge, value: align, minus: position}
+"""
+    grid = write_grid(tmp_path, "blind", body)
+    plan = load_plan(grid)
+    assert plan.blind
+    for cell in plan.cells[:3]:
+        fake_run(plan, cell, 0.5, 100.0, 4)
+        (plan.runs_dir / cell.name / "checkpoint.json").write_text(json.dumps({"round": 2}))
+    assert [c.name for c in unfinished_cells(plan)] == [plan.cells[3].name]
+    capsys.readouterr()
+    assert main(["report", str(grid)]) == 2
+    err = capsys.readouterr().err
+    assert "is read blind ('blind: true') and 1 of its 4 cells are not done" in err and "--unblind" in err
+    assert not list(plan.output.glob("merge*"))
+    assert main(["report", str(grid), "--unblind"]) == 0 and (plan.output / "merge.md").is_file()
+    (plan.output / "merge.md").unlink()
+    fake_run(plan, plan.cells[3], 0.5, 100.0, 4)
+    (plan.runs_dir / plan.cells[3].name / "checkpoint.json").write_text(json.dumps({"round": 2}))
+    assert main(["run", str(grid), "--quiet"]) == 0  # complete: the runner writes the report as usual
+    assert "4/4 cells done; report in" in capsys.readouterr().out and (plan.output / "merge.md").is_file()
+    write_grid(tmp_path, "blind", body.replace("blind: true", "blind: yes please"))
+    with pytest.raises(ConfigError, match="'blind' must be true or false"):
+        load_plan(grid)

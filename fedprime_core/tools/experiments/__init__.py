@@ -31,7 +31,9 @@ with other settings is refused, naming them (:func:`.plan.stale_settings`).
 A follow-up grid may share arms with an earlier one: ``reuse: [<the other grid's output>]``
 makes a finished run there stand for an identical cell here (same name, so same settings;
 checked against its ``config.json``). It is read in place and never written; a cell the other
-grid has not finished runs here (:meth:`.plan.Plan.reused_from`).
+grid has not finished runs here (:meth:`.plan.Plan.reused_from`). ``blind: true`` keeps a study
+read blind until it is complete: no tables or plots while any cell is unfinished (``report``
+refuses, naming how many are left; ``report --unblind`` reads it early).
 
 Outputs under ``output/``: ``runs/<cell>/`` (each run's results and its flwr log),
 ``main_table.md/.csv`` (the paper's main layout: method rows per training setting, the

@@ -19,6 +19,7 @@ from .plan import (
     load_plan,
     missing_checkpoint_arrays,
     resumable_folder,
+    unfinished_cells,
 )
 from .power import format_power, pilot_power
 from .report import write_report
@@ -51,6 +52,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         action="store_true",
         help="plan: print only the run folders of this grid's finished cells, one per line (not partial ones, "
         "not ones reused from another grid), e.g. to commit them: git add $(... plan GRID --finished)",
+    )
+    parser.add_argument(
+        "--unblind",
+        action="store_true",
+        help="report: write the tables of a grid marked 'blind: true' before all its cells are done "
+        "(this reads the study early; say so wherever its results are reported)",
     )
     sizing = parser.add_argument_group("power: the pilot's paired spread and the seeds it needs (no means shown)")
     sizing.add_argument("--table", help="the comparison table to size (default: every table of the grid)")
@@ -125,12 +132,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "run":
         records = run_plan(plan, echo=not args.quiet, report=not args.no_report)
         failed = [r for r in records if r["status"] == "failed"]
+        left = unfinished_cells(plan) if plan.blind else []
         if args.no_report:
             where = f"no report written (--no-report); `report {args.grid}` writes it"
+        elif left:
+            where = (
+                f"no report written: the grid is blind until all {len(plan.cells)} cells are done ({len(left)} left)"
+            )
         else:
             where = f"report in {plan.output}"
         print(f"{len(records) - len(failed)}/{len(records)} cells done; {where}")
         return 1 if failed else 0
+    left = unfinished_cells(plan) if plan.blind else []
+    if left and not args.unblind:
+        print(
+            f"error: grid {args.grid} is read blind ('blind: true') and {len(left)} of its {len(plan.cells)} cells "
+            f"are not done (e.g. {left[0].name}); finish them with `run`, or pass --unblind to read it early",
+            file=sys.stderr,
+        )
+        return 2
     print(json.dumps(write_report(plan), indent=2))
     return 0
 

@@ -71,6 +71,8 @@ class Plan:
     tables: tuple[TableSpec, ...] = ()
     reuse: tuple[Path, ...] = ()
     """Other grids' output folders whose finished runs stand for this grid's identical cells."""
+    blind: bool = False
+    """Read blind until complete: no tables or plots while any cell is unfinished (:func:`unfinished_cells`)."""
 
     @property
     def runs_dir(self) -> Path:
@@ -310,6 +312,15 @@ def resumable_folder(plan: Plan, cell: Cell) -> tuple[Path | None, list[Path]]:
     return (candidates[0] if len(candidates) == 1 else None), candidates
 
 
+def unfinished_cells(plan: Plan) -> list[Cell]:
+    """The plan's cells whose run (its own, or a reused one) has not reached its ``num-server-rounds``."""
+    return [
+        cell
+        for cell in plan.cells
+        if (completed_rounds(plan.run_dir(cell)) or 0) < int(cell.config["num-server-rounds"])
+    ]
+
+
 def _seconds_per_round(run_dir: Path) -> float | None:
     """Mean wall seconds of a run's rounds (its ``metrics.json`` ``round-seconds``); ``None`` without any."""
     try:
@@ -374,7 +385,7 @@ def load_plan(path: str | Path) -> Plan:
     """
     path = Path(path)
     spec = read_yaml_mapping(path, "grid file", ConfigError)
-    unknown = set(spec) - {"name", "output", "federation", "base", "grids", "description", "tables", "reuse"}
+    unknown = set(spec) - {"name", "output", "federation", "base", "grids", "description", "tables", "reuse", "blind"}
     if unknown:
         raise ConfigError(f"grid file {path}: unknown top-level key(s) {sorted(unknown)}")
     if not isinstance(spec.get("grids"), dict) or not spec["grids"]:
@@ -383,6 +394,9 @@ def load_plan(path: str | Path) -> Plan:
     output = Path(spec.get("output") or f"results/experiments/{name}")
     output = output if output.is_absolute() else APP_DIR / output
     reuse = _parse_reuse(path, spec.get("reuse"), output)
+    blind = spec.get("blind", False)
+    if not isinstance(blind, bool):
+        raise ConfigError(f"grid file {path}: 'blind' must be true or false, got {blind!r}")
     base = dict(spec.get("base") or {})
     cells: dict[str, Cell] = {}
     for grid_name, axes in spec["grids"].items():
@@ -420,6 +434,7 @@ def load_plan(path: str | Path) -> Plan:
         path.parent.resolve(),
         tables,
         reuse,
+        blind,
     )
 
 

@@ -21,6 +21,7 @@ from .plan import (
     folder_settings_changed,
     missing_checkpoint_arrays,
     resumable_folder,
+    unfinished_cells,
 )
 from .report import write_report
 
@@ -110,7 +111,8 @@ def run_plan(plan: Plan, echo: bool = True, report: bool = True) -> list[dict[st
 
     ``report=False`` is for a study read blind until it is complete: a pilot read for its spread
     only (:mod:`.power`), or a session that ends with some seeds run, leaves no tables with
-    means or differences beside its run folders.
+    means or differences beside its run folders. A ``blind`` grid writes none either while any
+    cell is unfinished, whatever ``report`` says.
     """
     plan.output.mkdir(parents=True, exist_ok=True)
     home = plan.output / ".flwr-home"
@@ -137,7 +139,7 @@ def run_plan(plan: Plan, echo: bool = True, report: bool = True) -> list[dict[st
     finally:
         stop_marked(f"FLWR_HOME={home}")  # the local SuperLink flwr run left in the background
         shutil.rmtree(staged, ignore_errors=True)
-    if report:
+    if report and not (plan.blind and unfinished_cells(plan)):
         write_report(plan)
     return records
 
