@@ -1115,3 +1115,71 @@ tables:
     write_grid(tmp_path, "blind", body.replace("blind: true", "blind: yes please"))
     with pytest.raises(ConfigError, match="'blind' must be true or false"):
         load_plan(grid)
+
+
+@pytest.mark.parametrize(
+    ("holm_p", "mean", "lo", "hi", "expected"),
+    [
+        (0.001, 3.0, 1.5, 4.5, "higher"),
+        (0.001, -2.5, -3.5, -1.5, "lower"),
+        (0.01, 0.8, 0.3, 1.3, "higher (under the margin)"),
+        (0.40, 0.2, -1.1, 1.5, "no difference of 2 or more"),
+        (0.40, 0.2, -2.6, 3.0, "inconclusive"),
+        (0.06, 1.2, -0.1, 2.5, "inconclusive"),
+        (float("nan"), 1.0, float("nan"), float("nan"), "untested"),
+    ],
+)
+def test_the_reading_rule_words_each_test_as_declared(holm_p, mean, lo, hi, expected):
+    from fedprime_core.tools.experiments.report import verdict
+
+    assert verdict({"holm": holm_p, "mean": mean, "lo": lo, "hi": hi}, margin=2.0) == expected
+
+
+def test_a_table_with_a_margin_gives_each_test_its_verdict(tmp_path):
+    grid = write_grid(
+        tmp_path,
+        "words",
+        """
+base: {num-server-rounds: 2, missing-setting: miss-both}
+grids:
+  main: {method: [fedprime, fed-intra, fed-inter], seed: [0, 1, 2, 3]}
+tables:
+  main:
+    primary: same-as-train
+    margin: 2
+    differences:
+      - {key: method, value: fedprime, minus: fed-intra}
+      - {key: method, value: fedprime, minus: fed-inter}
+""",
+    )
+    plan = load_plan(grid)
+    assert plan.tables[0].margin == 2.0
+    noise = {0: 0.001, 1: -0.002, 2: 0.003, 3: 0.0}
+    for cell in plan.cells:
+        seed, method = cell.config["seed"], cell.config["method"]
+        gain = {"fedprime": 0.10, "fed-intra": 0.0, "fed-inter": 0.10}[method]  # 10 points over fed-intra
+        fake_run(plan, cell, 0.5 + gain + (noise[seed] if method != "fed-inter" else 0.0), 100.0, 4)
+    write_report(plan)
+    lines = (plan.output / "main_tests.csv").read_text().splitlines()
+    assert lines[0].endswith(",alpha,detectable_80,verdict")
+    rows = {line.split(",")[0]: line for line in lines[1:]}
+    assert rows["method = fedprime minus method = fed-intra"].endswith(",higher")
+    assert rows["method = fedprime minus method = fed-inter"].endswith(",no difference of 2 or more")
+    assert "| detectable (80%) | verdict |" in (plan.output / "main.md").read_text()
+
+
+@pytest.mark.parametrize(
+    ("margin", "primary", "message"),
+    [("0", "same-as-train", "'margin' must be a number > 0"), ("2", None, "names no 'primary'")],
+)
+def test_a_bad_margin_names_the_problem(tmp_path, margin, primary, message):
+    table = f"    margin: {margin}\n" + (f"    primary: {primary}\n" if primary else "")
+    grid = write_grid(
+        tmp_path,
+        "m",
+        "grids:\n  main: {method: [fedprime, fed-intra], seed: [0, 1]}\ntables:\n  main:\n"
+        + table
+        + "    differences:\n      - {key: method, value: fedprime, minus: fed-intra}\n",
+    )
+    with pytest.raises(ConfigError, match=message):
+        load_plan(grid)

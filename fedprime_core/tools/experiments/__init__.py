@@ -72,6 +72,8 @@ length). A table's ``primary: <column>`` adds each difference row's two-sided pa
 that column and Holm's adjustment over the table's rows (``<table>_tests.csv``;
 :func:`.report.primary_tests`), each row with the smallest difference it could detect with 80%
 power at its pairs' sd and Holm's first alpha (:func:`.significance.detectable_difference`).
+``margin: <number>`` (with ``primary``) words each test by a reading rule declared with the grid
+(:func:`.report.verdict`: higher, lower, no difference of the margin or more, inconclusive).
 ``level-off: <number>`` (with an ``over: final`` primary column) adds whether each arm had
 levelled off: its mean per-run gain between the last two rounds that recorded the column, under
 the number (``<table>_levelling.csv``; :func:`.report.levelling`). Every table's md ends with

@@ -203,6 +203,9 @@ class TableSpec:
     """The levelling-off threshold of the primary column, in its units: an arm whose mean per-run gain
     between the last two rounds that recorded the column is under it has levelled off
     (:func:`~.report.levelling`). Needs ``primary`` to be an ``over: final`` extra column."""
+    margin: float | None = None
+    """The smallest difference of practical interest on the primary column, in its units: each test
+    row gets a verdict by the reading rule of :func:`~.report.verdict`. Needs ``primary``."""
 
 
 def cell_name(config: Mapping[str, Any]) -> str:
@@ -463,7 +466,7 @@ def _parse_reuse(path: Path, raw: Any, output: Path) -> tuple[Path, ...]:
     return tuple(folders)
 
 
-_TABLE_KEYS = {"grids", "round", "extra", "differences", "primary", "pool", "level-off"}
+_TABLE_KEYS = {"grids", "round", "extra", "differences", "primary", "pool", "level-off", "margin"}
 _EXTRA_KEYS = {"key", "per", "over", "scale", "label"}
 _OVER = ("mean", "final", "sum", "max", "min")
 #: A table's metric columns (the run's summary): each test setting, then val; a comparison table's extra
@@ -547,6 +550,18 @@ def _parse_tables(path: Path, raw: Any, grids: Mapping[str, Any], cells: tuple[C
                     f"'over: final' extra columns {final}, got {primary!r}"
                 )
             level_off = float(level_off)
+        margin = body.get("margin")
+        if margin is not None:
+            if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not margin > 0:
+                raise ConfigError(
+                    f"{where}: 'margin' must be a number > 0 (the smallest difference of interest, in the primary "
+                    f"column's units), got {margin!r}"
+                )
+            if primary is None:
+                raise ConfigError(
+                    f"{where}: 'margin' words the tests of the primary column; the table names no 'primary'"
+                )
+            margin = float(margin)
         spec = TableSpec(
             str(name),
             tuple(names),
@@ -557,6 +572,7 @@ def _parse_tables(path: Path, raw: Any, grids: Mapping[str, Any], cells: tuple[C
             primary,
             tuple(pool),
             level_off,
+            margin,
         )
         tables.append(spec)
     return tuple(tables)

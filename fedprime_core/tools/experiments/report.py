@@ -558,6 +558,29 @@ def _cell_text(stat: Mapping[str, float], interval: bool = False) -> str:
     return text
 
 
+def verdict(test: Mapping[str, Any], margin: float, level: float = 0.05) -> str:
+    """The reading rule for one test row, declared before a study is read, applied mechanically.
+
+    * ``higher`` / ``lower``: the Holm-adjusted p is under ``level``; the first arm minus the
+      second is positive / negative. ``(under the margin)`` is added when the mean difference
+      is smaller than ``margin`` in size: significant, but smaller than what was worth finding.
+    * ``no difference of <margin> or more``: not significant, and the 95% interval lies inside
+      ``(-margin, +margin)``.
+    * ``inconclusive``: not significant, and the interval reaches past either bound (so neither
+      a difference nor its absence at the margin is shown; the interval says how wide).
+    * ``untested``: fewer than 2 pairs, or no spread to test with.
+    """
+    holm_p, mean, lo, hi = (float(test[k]) for k in ("holm", "mean", "lo", "hi"))
+    if not np.isfinite(holm_p):
+        return "untested"
+    if holm_p < level:
+        word = "higher" if mean > 0 else "lower"
+        return word + (" (under the margin)" if abs(mean) < margin else "")
+    if np.isfinite(lo) and np.isfinite(hi) and -margin < lo and hi < margin:
+        return f"no difference of {margin:g} or more"
+    return "inconclusive"
+
+
 def primary_tests(data: Mapping[str, Any], table: TableSpec, power: float = 0.8) -> list[dict[str, Any]]:
     """Each difference row of :func:`comparison` tested on ``table.primary``: paired t and Holm.
 
@@ -567,7 +590,7 @@ def primary_tests(data: Mapping[str, Any], table: TableSpec, power: float = 0.8)
     and ``detectable``: the smallest true difference the row's pairs detect with ``power`` at its sd
     and at ``alpha`` = 0.05 / (the rows in the Holm family), Holm's first step
     (:func:`~.significance.detectable_difference`), so a row whose spread came out wide reads as the
-    weaker test it is.
+    weaker test it is; with ``table.margin``, ``verdict`` (:func:`verdict`).
     """
     tests = []
     for row in data["differences"]:
@@ -581,6 +604,8 @@ def primary_tests(data: Mapping[str, Any], table: TableSpec, power: float = 0.8)
         test["holm"] = adjusted
         test["alpha"] = 0.05 / family
         test["detectable"] = detectable_difference(test["sd"], test["n"], power, test["alpha"])
+        if table.margin is not None:
+            test["verdict"] = verdict(test, table.margin)
     return tests
 
 
@@ -812,17 +837,31 @@ def write_comparison(plan: Plan, table: TableSpec) -> dict[str, Any]:
             "comparisons of the methods as run) on the table's primary column; Holm's step-down adjustment "
             "over every row of this section.",
             "",
-            "The last column is the smallest true difference each row could detect with 80% power at its "
+            "'detectable (80%)' is the smallest true difference each row could detect with 80% power at its "
             "pairs' sd, at alpha 0.05 / (the rows tested), Holm's first step.",
+            *(
+                [
+                    "",
+                    f"'verdict' applies the table's reading rule at its margin of {table.margin:g}: higher or lower "
+                    "when Holm p < 0.05 ('under the margin' when the mean difference is smaller than it); 'no "
+                    f"difference of {table.margin:g} or more' when not significant and the 95% interval lies inside "
+                    f"(-{table.margin:g}, +{table.margin:g}); otherwise inconclusive.",
+                ]
+                if table.margin is not None
+                else []
+            ),
             "",
-            "| difference | group | pairs | no-op pairs | mean [95% CI] | t | p | Holm p | detectable (80%) |",
-            "|---|---|---|---|---|---|---|---|---|",
+            "| difference | group | pairs | no-op pairs | mean [95% CI] | t | p | Holm p | detectable (80%) |"
+            + (" verdict |" if table.margin is not None else ""),
+            "|---|---|---|---|---|---|---|---|---|" + ("---|" if table.margin is not None else ""),
         ]
         for test in tests:
             group = ", ".join(f"{k}={v}" for k, v in test["group"].items()) or "-"
             interval = f"{test['mean']:+.2f} [{test['lo']:+.2f}, {test['hi']:+.2f}]"
             figures = [_p_text(test["t"], "{:+.2f}"), _p_text(test["p"]), _p_text(test["holm"])]
             figures.append(_p_text(test["detectable"], "{:.2f}"))
+            if "verdict" in test:
+                figures.append(test["verdict"])
             cells = [test["difference"], group, str(test["n"]), str(test["noop"]), interval, *figures]
             lines.append("| " + " | ".join(cells) + " |")
         with open(plan.output / f"{table.name}_tests.csv", "w", newline="") as handle:
@@ -842,12 +881,16 @@ def write_comparison(plan: Plan, table: TableSpec) -> dict[str, Any]:
                     "holm_p",
                     "alpha",
                     "detectable_80",
+                    *(["verdict"] if table.margin is not None else []),
                 ]
             )
             for test in tests:
                 group = ";".join(f"{k}={v}" for k, v in test["group"].items())
                 figures = (f"{test[x]:.6g}" for x in ("mean", "lo", "hi", "t", "p", "holm", "alpha", "detectable"))
-                writer.writerow([test["difference"], group, table.primary, test["n"], test["noop"], *figures])
+                verdicts = [test["verdict"]] if "verdict" in test else []
+                writer.writerow(
+                    [test["difference"], group, table.primary, test["n"], test["noop"], *figures, *verdicts]
+                )
     lines += _levelling_lines(plan, table)
     lines += _check_lines(plan, table)
     stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
