@@ -12,6 +12,7 @@ from ...config import ConfigError
 from ...progress import format_duration
 from . import __doc__ as GUIDE
 from .plan import (
+    Plan,
     by_seed,
     completed_rounds,
     estimate_remaining,
@@ -74,75 +75,84 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     if args.by_seed:
         plan = dataclasses.replace(plan, cells=by_seed(plan.cells))
-    if args.command == "plan" and args.finished:
+    command = {"plan": _plan, "power": _power, "run": _run, "report": _report}[args.command]
+    return command(args, plan)
+
+
+def _plan(args: argparse.Namespace, plan: Plan) -> int:
+    """List every cell's status (or, with ``--finished``, only the own finished run folders) and the time left."""
+    if args.finished:
         for cell in plan.cells:
             own = plan.runs_dir / cell.name
             if cell_status(plan, cell)[0] == "done" and plan.reused_from(cell) is None and own.is_dir():
                 print(own)
         return 0
-    if args.command == "plan":
-        for cell in plan.cells:
-            status, completed = cell_status(plan, cell)
-            if folder_settings_changed(plan, cell):
-                status = "stale"
-            elif status == "partial" and missing_checkpoint_arrays(plan.runs_dir / cell.name):
-                status = "restart"  # its arrays are gone: `run` sets the folder aside and starts over
-            adopt, _ = resumable_folder(plan, cell)
-            reused = plan.reused_from(cell)
-            note = ""
-            if adopt is not None:
-                status, completed = "resumes", completed_rounds(adopt)
-                note = f"  (resumes {adopt.name})"
-            elif reused is not None:
-                note = f"  (reused from {reused.parent.parent})"
-            print(f"{status:8s} {completed:4d}  {cell.name}  [{', '.join(cell.grids)}]{note}")
-        left = estimate_remaining(plan)
-        known = left["cells"] - left["unknown"]
-        if known:
-            print(
-                f"{left['cells']} cells to run: about {format_duration(left['seconds'])} of rounds for {known} of them "
-                "(each arm's median seconds per round in its finished runs)"
-                + (
-                    f"; {left['unknown']} of methods with no finished run in this grid are not counted"
-                    if left["unknown"]
-                    else ""
-                )
-            )
-        elif left["cells"]:
-            print(f"{left['cells']} cells to run; no finished run of their methods in this grid to time them by")
-        print(f"{len(plan.cells)} cells; output {plan.output}")
-        return 0
-    if args.command == "power":
-        tables = [t for t in plan.tables if args.table in (None, t.name)]
-        if not tables:
-            names = ", ".join(t.name for t in plan.tables) or "none"
-            print(f"error: grid {args.grid} has no table {args.table!r} (its tables: {names})", file=sys.stderr)
+    for cell in plan.cells:
+        status, completed = cell_status(plan, cell)
+        if folder_settings_changed(plan, cell):
+            status = "stale"
+        elif status == "partial" and missing_checkpoint_arrays(plan.runs_dir / cell.name):
+            status = "restart"  # its arrays are gone: `run` sets the folder aside and starts over
+        adopt, _ = resumable_folder(plan, cell)
+        reused = plan.reused_from(cell)
+        note = ""
+        if adopt is not None:
+            status, completed = "resumes", completed_rounds(adopt)
+            note = f"  (resumes {adopt.name})"
+        elif reused is not None:
+            note = f"  (reused from {reused.parent.parent})"
+        print(f"{status:8s} {completed:4d}  {cell.name}  [{', '.join(cell.grids)}]{note}")
+    left = estimate_remaining(plan)
+    known = left["cells"] - left["unknown"]
+    if known:
+        uncounted = f"; {left['unknown']} of methods with no finished run in this grid are not counted"
+        print(
+            f"{left['cells']} cells to run: about {format_duration(left['seconds'])} of rounds for {known} of them "
+            "(each arm's median seconds per round in its finished runs)" + (uncounted if left["unknown"] else "")
+        )
+    elif left["cells"]:
+        print(f"{left['cells']} cells to run; no finished run of their methods in this grid to time them by")
+    print(f"{len(plan.cells)} cells; output {plan.output}")
+    return 0
+
+
+def _power(args: argparse.Namespace, plan: Plan) -> int:
+    """The pilot's paired spread per comparison and the seeds it needs (no means), also as JSON."""
+    tables = [t for t in plan.tables if args.table in (None, t.name)]
+    if not tables:
+        names = ", ".join(t.name for t in plan.tables) or "none"
+        print(f"error: grid {args.grid} has no table {args.table!r} (its tables: {names})", file=sys.stderr)
+        return 2
+    for table in tables:
+        try:
+            result = pilot_power(plan, table, args.column, args.delta, args.power, args.alpha, args.confidence)
+        except ValueError as exc:
+            print(f"error: {exc}", file=sys.stderr)
             return 2
-        for table in tables:
-            try:
-                result = pilot_power(plan, table, args.column, args.delta, args.power, args.alpha, args.confidence)
-            except ValueError as exc:
-                print(f"error: {exc}", file=sys.stderr)
-                return 2
-            print(format_power(result) + "\n")
-            path = plan.output / f"power-{table.name}.json"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(json.dumps(result, indent=2) + "\n")
-        return 0
-    if args.command == "run":
-        records = run_plan(plan, echo=not args.quiet, report=not args.no_report)
-        failed = [r for r in records if r["status"] == "failed"]
-        left = unfinished_cells(plan) if plan.blind else []
-        if args.no_report:
-            where = f"no report written (--no-report); `report {args.grid}` writes it"
-        elif left:
-            where = (
-                f"no report written: the grid is blind until all {len(plan.cells)} cells are done ({len(left)} left)"
-            )
-        else:
-            where = f"report in {plan.output}"
-        print(f"{len(records) - len(failed)}/{len(records)} cells done; {where}")
-        return 1 if failed else 0
+        print(format_power(result) + "\n")
+        path = plan.output / f"power-{table.name}.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(result, indent=2) + "\n")
+    return 0
+
+
+def _run(args: argparse.Namespace, plan: Plan) -> int:
+    """Run what is not done; then the report, unless ``--no-report`` or a blind grid is unfinished."""
+    records = run_plan(plan, echo=not args.quiet, report=not args.no_report)
+    failed = [r for r in records if r["status"] == "failed"]
+    left = unfinished_cells(plan) if plan.blind else []
+    if args.no_report:
+        where = f"no report written (--no-report); `report {args.grid}` writes it"
+    elif left:
+        where = f"no report written: the grid is blind until all {len(plan.cells)} cells are done ({len(left)} left)"
+    else:
+        where = f"report in {plan.output}"
+    print(f"{len(records) - len(failed)}/{len(records)} cells done; {where}")
+    return 1 if failed else 0
+
+
+def _report(args: argparse.Namespace, plan: Plan) -> int:
+    """The tables and plots of the finished cells (a blind grid: only once every cell is done, or ``--unblind``)."""
     left = unfinished_cells(plan) if plan.blind else []
     if left and not args.unblind:
         print(
