@@ -85,3 +85,11 @@ def test_the_experiment_runner_says_which_cell_and_how_long_is_left():
     line = progress_line(3, 29, records[-1], 200.0, records, to_run=1)
     assert line == "== cell 3/29 failed in 2m00s | 3m20s elapsed, about 1m30s left (1 cell to run)"
     assert progress_line(29, 29, records[-1], 200.0, records, to_run=0).endswith("nothing left to run")
+    # the grid's own timing of each arm, when it covers every cell still to run
+    ahead = {"cells": 2, "seconds": 5400.0, "unknown": 0}
+    line = progress_line(3, 29, records[-1], 200.0, records, to_run=2, estimate=ahead)
+    assert line.endswith("about 1h30m of rounds left (2 cells to run, at each arm's seconds per round)")
+    partial = {"cells": 2, "seconds": 2700.0, "unknown": 1}  # an arm not timed yet: the mean duration instead
+    assert progress_line(3, 29, records[-1], 200.0, records, to_run=2, estimate=partial).endswith(
+        "about 3m00s left (2 cells to run)"
+    )

@@ -340,8 +340,8 @@ def _seconds_per_round(run_dir: Path) -> float | None:
     return sum(seconds) / len(seconds) if seconds else None
 
 
-def estimate_remaining(plan: Plan) -> dict[str, Any]:
-    """How long the plan's unfinished cells will take, from the rounds its finished cells took.
+def estimate_remaining(plan: Plan, cells: Sequence[Cell] | None = None) -> dict[str, Any]:
+    """How long the unfinished cells among ``cells`` (default: all) take, from the rounds the finished cells took.
 
     Each unfinished cell costs its rounds still to run times the median seconds per round of
     the finished runs of its arm (every setting but the seed the same), or, without one, of
@@ -355,12 +355,14 @@ def estimate_remaining(plan: Plan) -> dict[str, Any]:
     by_arm: dict[str, list[float]] = {}
     by_method: dict[str, list[float]] = {}
     unfinished: list[tuple[Cell, int]] = []
+    wanted = {c.name for c in (plan.cells if cells is None else cells)}
     for cell in plan.cells:
         rounds = int(cell.config["num-server-rounds"])
         folder = plan.run_dir(cell)
         done = completed_rounds(folder) or 0
         if done < rounds:
-            unfinished.append((cell, rounds - done))
+            if cell.name in wanted:
+                unfinished.append((cell, rounds - done))
             continue
         per_round = _seconds_per_round(folder)
         if per_round is not None:

@@ -17,6 +17,7 @@ from .plan import (
     Cell,
     Plan,
     completed_rounds,
+    estimate_remaining,
     federation_args,
     folder_settings_changed,
     missing_checkpoint_arrays,
@@ -131,11 +132,9 @@ def run_plan(plan: Plan, echo: bool = True, report: bool = True) -> list[dict[st
                 why = record.get("reason") or f"exit {record['exit-code']}; see {plan.runs_dir / cell.name}"
                 print(f"!! cell {cell.name} failed: {why}", flush=True)
             (plan.output / "cells.json").write_text(json.dumps(records, indent=2))
-            to_run = sum(cell_status(plan, c)[0] != "done" for c in plan.cells[index:])
-            print(
-                progress_line(index, total, record, time.perf_counter() - started, records, to_run),
-                flush=True,
-            )
+            ahead = estimate_remaining(plan, plan.cells[index:])
+            line = progress_line(index, total, record, time.perf_counter() - started, records, ahead["cells"], ahead)
+            print(line, flush=True)
     finally:
         stop_marked(f"FLWR_HOME={home}")  # the local SuperLink flwr run left in the background
         shutil.rmtree(staged, ignore_errors=True)
@@ -145,12 +144,20 @@ def run_plan(plan: Plan, echo: bool = True, report: bool = True) -> list[dict[st
 
 
 def progress_line(
-    index: int, total: int, record: dict[str, Any], elapsed: float, records: Sequence[dict[str, Any]], to_run: int
+    index: int,
+    total: int,
+    record: dict[str, Any],
+    elapsed: float,
+    records: Sequence[dict[str, Any]],
+    to_run: int,
+    estimate: dict[str, Any] | None = None,
 ) -> str:
     """``== cell 3/29 done in 58s | 2m04s elapsed, about 25m10s left (26 cells to run)``.
 
-    The estimate is the mean duration of the cells this invocation ran (finished cells that
-    were skipped do not count) times the cells still to run.
+    The estimate is ``estimate`` (:func:`~.plan.estimate_remaining` of the cells still to run:
+    each arm's seconds per round in the grid's finished runs) when it covers every one of
+    them; else the mean duration of the cells this invocation ran (finished cells that were
+    skipped do not count) times the cells still to run.
     """
     outcome = record["status"]
     if record.get("skipped"):
@@ -159,6 +166,11 @@ def progress_line(
     durations = [r["seconds"] for r in records if "seconds" in r]
     if to_run == 0:
         left = "nothing left to run"
+    elif estimate is not None and estimate["cells"] == to_run and not estimate["unknown"]:
+        left = (
+            f"about {format_duration(estimate['seconds'])} of rounds left ({to_run} cell{'s' * (to_run != 1)} "
+            "to run, at each arm's seconds per round)"
+        )
     elif durations:
         mean = sum(durations) / len(durations)
         left = f"about {format_duration(mean * to_run)} left ({to_run} cell{'s' * (to_run != 1)} to run)"
