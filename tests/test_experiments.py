@@ -29,6 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def write_grid(tmp_path: Path, name: str, body: str) -> Path:
     """A grid file ``<tmp_path>/<name>.yaml`` named ``name``, writing to ``<tmp_path>/out``, with ``body`` after."""
+    tmp_path.mkdir(parents=True, exist_ok=True)
     grid = tmp_path / f"{name}.yaml"
     grid.write_text(f"name: {name}\noutput: {tmp_path / 'out'}\n{body}")
     return grid
@@ -861,8 +862,14 @@ def test_a_bad_level_off_is_refused_with_what_to_fix(tmp_path, table, message):
         load_plan(grid)
 
 
+def _finished(plan, cell, accuracy: float, rounds: int = 2) -> None:
+    """A finished cell as the runner leaves it: results, its config.json and a checkpoint at the last round."""
+    fake_run(plan, cell, accuracy, 100.0, 4)
+    (plan.runs_dir / cell.name / "config.json").write_text(json.dumps(cell.config))
+    (plan.runs_dir / cell.name / "checkpoint.json").write_text(json.dumps({"round": rounds}))
+
+
 def test_run_with_no_report_leaves_no_tables_for_a_study_read_blind(tmp_path, capsys):
-    from tests.planted_runs import fake_run
 
     grid = write_grid(
         tmp_path,
@@ -879,8 +886,7 @@ tables:
     )
     plan = load_plan(grid)
     for cell in plan.cells:  # every cell finished: the runner skips them all and runs no federation
-        fake_run(plan, cell, 0.5, 100.0, 4)
-        (plan.runs_dir / cell.name / "checkpoint.json").write_text(json.dumps({"round": 2}))
+        _finished(plan, cell, 0.5)
     assert main(["run", str(grid), "--no-report", "--quiet"]) == 0
     assert "4/4 cells done; no report written (--no-report)" in capsys.readouterr().out
     assert not list(plan.output.glob("merge*")) and (plan.output / "cells.json").is_file()
@@ -888,24 +894,10 @@ tables:
     assert (plan.output / "merge.md").is_file()
 
 
-def _grid_in(folder: Path, name: str, body: str) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    grid = folder / f"{name}.yaml"
-    grid.write_text(f"name: {name}\noutput: {folder / 'out'}\n{body}")
-    return grid
-
-
-def _finished(plan, cell, accuracy: float, rounds: int = 2) -> None:
-    """A finished cell as the runner leaves it: results, its config.json and a checkpoint at the last round."""
-    fake_run(plan, cell, accuracy, 100.0, 4)
-    (plan.runs_dir / cell.name / "config.json").write_text(json.dumps(cell.config))
-    (plan.runs_dir / cell.name / "checkpoint.json").write_text(json.dumps({"round": rounds}))
-
-
 def test_a_follow_up_grid_reuses_another_grids_finished_runs_of_the_same_cells(tmp_path, capsys):
     base = "base: {num-server-rounds: 2, missing-setting: miss-both}\n"
     study = load_plan(
-        _grid_in(
+        write_grid(
             tmp_path / "study", "study", base + "grids:\n  main: {method: [fedprime, fed-inter], seed: [0, 1, 2]}\n"
         )
     )
@@ -915,7 +907,7 @@ def test_a_follow_up_grid_reuses_another_grids_finished_runs_of_the_same_cells(t
     _finished(study, by_name[("fed-inter", 0)], 0.5)
     partial = study.runs_dir / by_name[("fedprime", 2)].name  # still running in the study: never reused
     _finished(study, by_name[("fedprime", 2)], 0.9, rounds=1)
-    follow = _grid_in(
+    follow = write_grid(
         tmp_path / "follow",
         "follow",
         base
@@ -988,7 +980,7 @@ def test_a_bad_reuse_names_the_problem(tmp_path, reuse, message):
     own = tmp_path / "g" / "out"
     (own / "runs").mkdir(parents=True)
     reuse = reuse.replace("OWN", str(own)).replace("NOWHERE", str(tmp_path / "nowhere"))
-    grid = _grid_in(tmp_path / "g", "g", f"reuse: {reuse}\ngrids:\n  main: {{method: [fedprime], seed: [0]}}\n")
+    grid = write_grid(tmp_path / "g", "g", f"reuse: {reuse}\ngrids:\n  main: {{method: [fedprime], seed: [0]}}\n")
     with pytest.raises(ConfigError, match=message):
         load_plan(grid)
 
@@ -1098,8 +1090,7 @@ tables:
     plan = load_plan(grid)
     assert plan.blind
     for cell in plan.cells[:3]:
-        fake_run(plan, cell, 0.5, 100.0, 4)
-        (plan.runs_dir / cell.name / "checkpoint.json").write_text(json.dumps({"round": 2}))
+        _finished(plan, cell, 0.5)
     assert [c.name for c in unfinished_cells(plan)] == [plan.cells[3].name]
     capsys.readouterr()
     assert main(["report", str(grid)]) == 2
@@ -1108,8 +1099,7 @@ tables:
     assert not list(plan.output.glob("merge*"))
     assert main(["report", str(grid), "--unblind"]) == 0 and (plan.output / "merge.md").is_file()
     (plan.output / "merge.md").unlink()
-    fake_run(plan, plan.cells[3], 0.5, 100.0, 4)
-    (plan.runs_dir / plan.cells[3].name / "checkpoint.json").write_text(json.dumps({"round": 2}))
+    _finished(plan, plan.cells[3], 0.5)
     assert main(["run", str(grid), "--quiet"]) == 0  # complete: the runner writes the report as usual
     assert "4/4 cells done; report in" in capsys.readouterr().out and (plan.output / "merge.md").is_file()
     write_grid(tmp_path, "blind", body.replace("blind: true", "blind: yes please"))

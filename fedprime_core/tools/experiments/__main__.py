@@ -13,6 +13,7 @@ from ...progress import format_duration
 from . import __doc__ as GUIDE
 from .plan import (
     Plan,
+    blind_cells_left,
     by_seed,
     completed_rounds,
     estimate_remaining,
@@ -20,7 +21,6 @@ from .plan import (
     load_plan,
     missing_checkpoint_arrays,
     resumable_folder,
-    unfinished_cells,
 )
 from .power import format_power, pilot_power
 from .report import write_report
@@ -83,8 +83,8 @@ def _plan(args: argparse.Namespace, plan: Plan) -> int:
     """List every cell's status (or, with ``--finished``, only the own finished run folders) and the time left."""
     if args.finished:
         for cell in plan.cells:
-            own = plan.runs_dir / cell.name
-            if cell_status(plan, cell)[0] == "done" and plan.reused_from(cell) is None and own.is_dir():
+            own = plan.runs_dir / cell.name  # a folder of its own is never reused from elsewhere
+            if own.is_dir() and cell_status(plan, cell)[0] == "done":
                 print(own)
         return 0
     for cell in plan.cells:
@@ -140,7 +140,7 @@ def _run(args: argparse.Namespace, plan: Plan) -> int:
     """Run what is not done; then the report, unless ``--no-report`` or a blind grid is unfinished."""
     records = run_plan(plan, echo=not args.quiet, report=not args.no_report)
     failed = [r for r in records if r["status"] == "failed"]
-    left = unfinished_cells(plan) if plan.blind else []
+    left = blind_cells_left(plan)
     if args.no_report:
         where = f"no report written (--no-report); `report {args.grid}` writes it"
     elif left:
@@ -153,7 +153,7 @@ def _run(args: argparse.Namespace, plan: Plan) -> int:
 
 def _report(args: argparse.Namespace, plan: Plan) -> int:
     """The tables and plots of the finished cells (a blind grid: only once every cell is done, or ``--unblind``)."""
-    left = unfinished_cells(plan) if plan.blind else []
+    left = blind_cells_left(plan)
     if left and not args.unblind:
         print(
             f"error: grid {args.grid} is read blind ('blind: true') and {len(left)} of its {len(plan.cells)} cells "

@@ -315,13 +315,19 @@ def resumable_folder(plan: Plan, cell: Cell) -> tuple[Path | None, list[Path]]:
     return (candidates[0] if len(candidates) == 1 else None), candidates
 
 
+def rounds_left(plan: Plan, cell: Cell) -> int:
+    """The rounds ``cell``'s run (its own, or a reused one) has still to run before its ``num-server-rounds``."""
+    return max(0, int(cell.config["num-server-rounds"]) - (completed_rounds(plan.run_dir(cell)) or 0))
+
+
 def unfinished_cells(plan: Plan) -> list[Cell]:
-    """The plan's cells whose run (its own, or a reused one) has not reached its ``num-server-rounds``."""
-    return [
-        cell
-        for cell in plan.cells
-        if (completed_rounds(plan.run_dir(cell)) or 0) < int(cell.config["num-server-rounds"])
-    ]
+    """The plan's cells with rounds left to run (:func:`rounds_left`)."""
+    return [cell for cell in plan.cells if rounds_left(plan, cell)]
+
+
+def blind_cells_left(plan: Plan) -> list[Cell]:
+    """The unfinished cells that keep a ``blind`` grid's tables closed; none for a grid that is not blind."""
+    return unfinished_cells(plan) if plan.blind else []
 
 
 def _seconds_per_round(run_dir: Path) -> float | None:
@@ -357,14 +363,12 @@ def estimate_remaining(plan: Plan, cells: Sequence[Cell] | None = None) -> dict[
     unfinished: list[tuple[Cell, int]] = []
     wanted = {c.name for c in (plan.cells if cells is None else cells)}
     for cell in plan.cells:
-        rounds = int(cell.config["num-server-rounds"])
-        folder = plan.run_dir(cell)
-        done = completed_rounds(folder) or 0
-        if done < rounds:
+        left = rounds_left(plan, cell)
+        if left:
             if cell.name in wanted:
-                unfinished.append((cell, rounds - done))
+                unfinished.append((cell, left))
             continue
-        per_round = _seconds_per_round(folder)
+        per_round = _seconds_per_round(plan.run_dir(cell))
         if per_round is not None:
             by_arm.setdefault(_arm(cell), []).append(per_round)
             by_method.setdefault(cell.config["method"], []).append(per_round)

@@ -291,14 +291,21 @@ def _round_value(record: Mapping[str, Any], column: ExtraColumn, scaled: bool = 
     return float(value) * (column.scale if scaled else 1.0)
 
 
-def extra_value(history: Sequence[Mapping[str, Any]], column: ExtraColumn) -> float | None:
-    """One run's value of an extra column, from its round records (``None`` if no round has it)."""
-    values = [
-        value
+def _recorded(
+    history: Sequence[Mapping[str, Any]], column: ExtraColumn, scaled: bool = True
+) -> list[tuple[Mapping[str, Any], float]]:
+    """``(record, value)`` of each trained round of a run that recorded ``column`` (:func:`_round_value`), in order."""
+    return [
+        (record, value)
         for record in _trained_records(history)
-        for value in (_round_value(record, column, scaled=False),)
+        for value in (_round_value(record, column, scaled),)
         if value is not None
     ]
+
+
+def extra_value(history: Sequence[Mapping[str, Any]], column: ExtraColumn) -> float | None:
+    """One run's value of an extra column, from its round records (``None`` if no round has it)."""
+    values = [value for _, value in _recorded(history, column, scaled=False)]
     if not values:
         return None
     reduce = {"mean": np.mean, "final": lambda v: v[-1], "sum": np.sum, "max": np.max, "min": np.min}[column.over]
@@ -479,14 +486,12 @@ def table_curves(plan: Plan, table: TableSpec) -> dict[str, Any]:
     columns = [TRAIN_LOSS_CURVE, *(c for c in table.extra if c.over == "final" and (c.key, c.per, c.scale) != same)]
     curves = []
     for group, members in groups.items():
-        histories = [_trained_records(_history(plan, c)) for c in members]
+        histories = [_history(plan, c) for c in members]
         for column in columns:
             by_round: dict[int, list[float]] = defaultdict(list)
             for history in histories:
-                for record in history:
-                    value = _round_value(record, column)
-                    if value is not None:
-                        by_round[int(record["round"])].append(value)
+                for record, value in _recorded(history, column):
+                    by_round[int(record["round"])].append(value)
             if not by_round:
                 continue
             rounds = sorted(by_round)
@@ -631,12 +636,7 @@ def levelling(plan: Plan, table: TableSpec) -> list[dict[str, Any]]:
     for group, members in groups.items():
         runs = []  # ((from, to), gain) of each run with two rounds that recorded the column
         for cell in members:
-            values = {
-                int(record["round"]): value
-                for record in _trained_records(_history(plan, cell))
-                for value in (_round_value(record, column),)
-                if value is not None
-            }
+            values = {int(record["round"]): value for record, value in _recorded(_history(plan, cell), column)}
             if len(values) >= 2:
                 before, last = sorted(values)[-2:]
                 runs.append(((before, last), values[last] - values[before]))
@@ -729,10 +729,10 @@ def run_checks(plan: Plan, table: TableSpec) -> list[str]:
         for column in table.extra:
             if column.over != "final":
                 continue
-            records = [r for r in _trained_records(history) if _round_value(r, column) is not None]
-            if not records:
+            recorded = _recorded(history, column)
+            if not recorded:
                 continue
-            used = records[-1]
+            used = recorded[-1][0]
             if int(used["round"]) != last:
                 notes.append(
                     f"{cell.name}: '{column.title}' comes from round {used['round']}, not from the run's last "

@@ -16,13 +16,13 @@ from ..launch import flower_env, run_flwr, stage_app, stop_marked
 from .plan import (
     Cell,
     Plan,
+    blind_cells_left,
     completed_rounds,
     estimate_remaining,
     federation_args,
     folder_settings_changed,
     missing_checkpoint_arrays,
     resumable_folder,
-    unfinished_cells,
 )
 from .report import write_report
 
@@ -138,7 +138,7 @@ def run_plan(plan: Plan, echo: bool = True, report: bool = True) -> list[dict[st
     finally:
         stop_marked(f"FLWR_HOME={home}")  # the local SuperLink flwr run left in the background
         shutil.rmtree(staged, ignore_errors=True)
-    if report and not (plan.blind and unfinished_cells(plan)):
+    if report and not blind_cells_left(plan):
         write_report(plan)
     return records
 
