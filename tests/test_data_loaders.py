@@ -399,6 +399,10 @@ def test_missing_split_files(tmp_path: Path) -> None:
     (root / "test.jsonl").unlink()
     with pytest.raises(DataError, match=r"test split file .*test\.jsonl' does not exist"):
         load_dataset("food101", root)
+    # A folder with no file of the layout asked for: every file that layout needs is named.
+    with pytest.raises(DataError, match=r"holds no split file; expected food101_train\.arrow, .* \(arrow layout\)"):
+        load_dataset("food101", root, layout="arrow")
+    (root / "food101_test.arrow").write_bytes(b"")  # one file of the layout, but not train
     with pytest.raises(DataError, match=r"train split file .*food101_train\.arrow' does not exist"):
         load_dataset("food101", root, layout="arrow")
 

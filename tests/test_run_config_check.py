@@ -65,6 +65,47 @@ def test_the_string_is_read_as_flower_reads_it(tmp_path):
         parse_run_config_args(["tau=3", str(toml)])
 
 
+def test_a_toml_file_is_checked_as_flwr_run_reads_it(tmp_path, capsys):
+    toml = tmp_path / "run.toml"
+    toml.write_text('method = "fed-inter"\nnum-server-rounds = 2\n')
+    assert main(["check", str(toml)]) == 0
+    assert 'method = "fed-inter"' in capsys.readouterr().out
+    toml.write_text("num-server-round = 2\n")
+    assert main(["check", str(toml)]) == 2
+    assert "did you mean 'num-server-rounds'?" in capsys.readouterr().err
+
+
+def _file_cases(tmp_path):
+    table = tmp_path / "table.yaml"
+    table.write_text("0: {complete: 0.5, text-missing: 0.5, image-missing: 0.5}\n")  # sums to 1.5
+    empty = tmp_path / "empty-site"
+    empty.mkdir()
+    return [
+        (f'missing-table="{tmp_path}/absent.yaml"', "absent.yaml' does not exist"),
+        (f'missing-table="{table}"', "table.yaml"),
+        (f'dataset="food101" data-dir="{tmp_path}/nowhere"', "run config key 'data-dir': dataset root"),
+        (f'dataset="food101" data-dir="{empty}"', "cannot detect the layout of food101"),
+        (f'dataset="food101" data-dir="{empty}" data-layout="jsonl"', "holds no split file; expected train.jsonl"),
+        (f'resume="{tmp_path}/no-run"', "no checkpoint.json there"),
+    ]
+
+
+def test_the_files_a_run_config_names_are_checked(tmp_path, capsys):
+    for run_config, message in _file_cases(tmp_path):
+        code = check(run_config)
+        err = capsys.readouterr().err
+        if message is None:
+            assert code == 0, err
+            continue
+        assert code == 2, run_config
+        assert err.startswith("error: ") and message in err and "Traceback" not in err, err
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "checkpoint.json").write_text("{}")
+    (tmp_path / "good.yaml").write_text("default: {complete: 0.3, text-missing: 0.35, image-missing: 0.35}\n")
+    assert check(f'resume="{run}" missing-table="{tmp_path}/good.yaml"') == 0, capsys.readouterr().err
+
+
 def test_the_check_runs_as_a_command():
     cmd = [sys.executable, "-m", "fedprime_core.tools.cli", "check", "--run-config", "num-server-round=3"]
     out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)

@@ -100,6 +100,36 @@ def write_class_list(path: str | Path, classes: Sequence[str]) -> None:
     Path(path).write_text("".join(f"{c}\n" for c in classes), encoding="utf-8")
 
 
+def check_dataset_root(name: str, root: str | Path, layout: str = "auto") -> str:
+    """Whether ``root`` can hold dataset ``name`` in ``layout``, without reading a row.
+
+    What :func:`load_dataset` checks first, for a quick check at the edge (``cli check``):
+    the layout is known, the root is a folder, and it holds a split file of that layout
+    (under ``"auto"``, of either).
+
+    Returns:
+        The layout, ``"jsonl"`` or ``"arrow"`` (detected under ``"auto"``).
+
+    Raises:
+        DataError: an unknown layout, a root that is not a folder, or no split file; the
+            message names the files expected.
+    """
+    spec = _spec(name)
+    root = Path(os.path.abspath(os.fspath(root)))
+    if layout not in DATA_LAYOUTS:
+        raise DataError(f"unknown layout {layout!r}; expected one of {', '.join(DATA_LAYOUTS)}")
+    if not root.is_dir():
+        raise DataError(
+            f"dataset root {str(root)!r} does not exist or is not a folder; expected it to hold "
+            f"{_expected(spec, layout)}"
+        )
+    if layout == "auto":
+        return _detect_layout(spec, root)
+    if not any((root / f).is_file() for f in spec.split_files(layout).values()):
+        raise DataError(f"{spec.name}: {str(root)!r} holds no split file; expected {_expected(spec, layout)}")
+    return layout
+
+
 def load_dataset(
     name: str,
     root: str | Path,
@@ -225,15 +255,7 @@ def load_dataset(
     if unknown_splits:
         raise ValueError(f"required splits must be among {_SPLITS}, got {unknown_splits}")
     root = Path(os.path.abspath(os.fspath(root)))
-    if layout not in DATA_LAYOUTS:
-        raise DataError(f"unknown layout {layout!r}; expected one of {', '.join(DATA_LAYOUTS)}")
-    if not root.is_dir():
-        raise DataError(
-            f"dataset root {str(root)!r} does not exist or is not a folder; expected it to hold "
-            f"{_expected(spec, layout)}"
-        )
-    if layout == "auto":
-        layout = _detect_layout(spec, root)
+    layout = check_dataset_root(name, root, layout)
     single_label = spec.single_label.get(mmimdb_protocol)
     multilabel = spec.is_multilabel(mmimdb_protocol)
 
@@ -272,9 +294,6 @@ def load_dataset(
             )
         skipped_empty[split] = got.empty
         raws[split] = labels.single_label(got.rows, split, spec, mmimdb_protocol) if single_label else got.rows
-    if not any(path.is_file() for path in paths):
-        raise DataError(f"{spec.name}: {str(root)!r} holds no split file; expected {_expected(spec, layout)}")
-
     listed, source = _class_list(root, classes)
     if single_label and not listed and not num_classes:
         num_classes = spec.single_label_classes

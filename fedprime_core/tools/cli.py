@@ -6,7 +6,11 @@ python -m fedprime_core.tools.cli toml experiment.yaml > experiment.toml   # for
 
 ``check`` validates in a fraction of a second what a ``flwr run`` would find out only once its
 ServerApp starts (or, for a misspelt key, what the SuperLink refuses with nothing but
-"[code: 15] Invalid run configuration."): every key, every value, and the rules between keys.
+"[code: 15] Invalid run configuration."): every key, every value, the rules between keys, and
+the files the config names (the ``missing-table`` file and every entry in it, that ``data-dir``
+is a folder holding a split file of the dataset's layout, that ``resume`` names a run folder
+with a checkpoint). It reads no data row: a bad row is found by the server's check before
+round 1.
 It reads the run config as ``flwr run --run-config`` does (space-separated ``key=value`` with
 TOML values, strings in double quotes; or a ``.toml`` file), or a YAML file of the experiments.
 Exit status 0: valid (the full config is printed as TOML); 2: an error, named on stderr.
@@ -22,7 +26,12 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from ..config import ConfigError, config_to_dict, load_yaml_config, parse_run_config
+from ..config import ConfigError, RunConfig, config_to_dict, load_yaml_config, parse_run_config
+from ..data.datasets import dataset as dataset_spec
+from ..data.loaders import check_dataset_root
+from ..data.missing import check_missing_table
+from ..data.records import DataError
+from ..results import find_checkpoint
 
 try:
     import tomllib
@@ -94,6 +103,25 @@ def _flatten(table: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def check_files(cfg: RunConfig) -> None:
+    """The files a valid run config names, checked without reading a data row.
+
+    Raises:
+        DataError: the ``missing-table`` file is absent or malformed, or ``data-dir`` is not a
+            folder holding a split file of the dataset (under ``data-layout``).
+        FileNotFoundError: ``resume`` names no run folder with a checkpoint.
+    """
+    if cfg.missing_table:
+        check_missing_table(cfg.missing_table)
+    if cfg.data_dir and not dataset_spec(cfg.dataset).generated:
+        try:
+            check_dataset_root(cfg.dataset, Path(cfg.data_dir).expanduser(), cfg.data_layout)
+        except DataError as exc:
+            raise DataError(f"run config key 'data-dir': {exc}") from None
+    if cfg.resume:
+        find_checkpoint(cfg.resume)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m fedprime_core.tools.cli",
@@ -106,7 +134,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     check = sub.add_parser(
         "check", help="validate a run config (flwr run's --run-config string, or a YAML file) and print it in full"
     )
-    check.add_argument("yaml", nargs="?", help="a YAML file of run-config keys")
+    check.add_argument("yaml", nargs="?", help="a YAML (or .toml) file of run-config keys")
     check.add_argument(
         "--run-config",
         action="append",
@@ -119,6 +147,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             values = parse_run_config_args(args.run_config)
             if args.yaml:
                 values = {**load_yaml_config(args.yaml), **values}
+        elif args.yaml and args.command == "check" and args.yaml.endswith(".toml"):
+            values = parse_run_config_args([args.yaml])
         elif args.yaml:
             values = load_yaml_config(args.yaml)
         else:
@@ -126,9 +156,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "toml":
             sys.stdout.write(to_toml(values))
         else:
-            sys.stdout.write(to_toml(config_to_dict(parse_run_config(values))))
+            cfg = parse_run_config(values)
+            check_files(cfg)
+            sys.stdout.write(to_toml(config_to_dict(cfg)))
             print(f"# run config OK: {len(values)} key(s) set, the rest default", file=sys.stderr)
-    except ConfigError as exc:
+    except (ConfigError, DataError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return 0
