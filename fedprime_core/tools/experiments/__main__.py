@@ -105,7 +105,7 @@ def _plan(args: argparse.Namespace, plan: Plan) -> int:
     left = estimate_remaining(plan)
     known = left["cells"] - left["unknown"]
     if known:
-        uncounted = f"; {left['unknown']} of methods with no finished run in this grid are not counted"
+        uncounted = f"; {left['unknown']} cell(s) of methods with no finished run in this grid are not counted"
         print(
             f"{left['cells']} cells to run: about {format_duration(left['seconds'])} of rounds for {known} of them "
             "(each arm's median seconds per round in its finished runs)" + (uncounted if left["unknown"] else "")
