@@ -678,7 +678,8 @@ OPTIONS: tuple[Option, ...] = (
         "true: the pooler (d x d, started from the backbone's pretrained pooler) is trained and "
         "averaged like the head; false: the pretrained pooler stays frozen and never travels (needs a "
         "backbone with a pretrained pooler; saves d x d + d numbers each way, but cost fedprime 5-7 "
-        "points on the tiny backbones, docs/findings/communication.md) (every profile: true). true, false or 'profile'.",
+        "points on the tiny backbones, docs/findings/communication.md) (every profile: true). "
+        "true, false or 'profile'.",
         profile=True,
         affects=("model",),
     ),

@@ -75,30 +75,30 @@ def test_a_toml_file_is_checked_as_flwr_run_reads_it(tmp_path, capsys):
     assert "did you mean 'num-server-rounds'?" in capsys.readouterr().err
 
 
-def _file_cases(tmp_path):
-    table = tmp_path / "table.yaml"
-    table.write_text("0: {complete: 0.5, text-missing: 0.5, image-missing: 0.5}\n")  # sums to 1.5
-    empty = tmp_path / "empty-site"
-    empty.mkdir()
-    return [
-        (f'missing-table="{tmp_path}/absent.yaml"', "absent.yaml' does not exist"),
-        (f'missing-table="{table}"', "table.yaml"),
-        (f'dataset="food101" data-dir="{tmp_path}/nowhere"', "run config key 'data-dir': dataset root"),
-        (f'dataset="food101" data-dir="{empty}"', "cannot detect the layout of food101"),
-        (f'dataset="food101" data-dir="{empty}" data-layout="jsonl"', "holds no split file; expected train.jsonl"),
-        (f'resume="{tmp_path}/no-run"', "no checkpoint.json there"),
-    ]
+@pytest.mark.parametrize(
+    ("run_config", "message"),
+    [
+        ('missing-table="{tmp}/absent.yaml"', "absent.yaml' does not exist"),
+        ('missing-table="{tmp}/bad-table.yaml"', "bad-table.yaml"),
+        ('dataset="food101" data-dir="{tmp}/nowhere"', "run config key 'data-dir': dataset root"),
+        ('dataset="food101" data-dir="{tmp}/empty-site"', "cannot detect the layout of food101"),
+        (
+            'dataset="food101" data-dir="{tmp}/empty-site" data-layout="jsonl"',
+            "holds no split file; expected train.jsonl",
+        ),
+        ('resume="{tmp}/no-run"', "no checkpoint.json there"),
+    ],
+)
+def test_a_file_the_run_config_names_is_checked(run_config, message, tmp_path, capsys):
+    # its mixture sums to 1.5
+    (tmp_path / "bad-table.yaml").write_text("0: {complete: 0.5, text-missing: 0.5, image-missing: 0.5}\n")
+    (tmp_path / "empty-site").mkdir()
+    assert check(run_config.format(tmp=tmp_path)) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and "Traceback" not in err, err
 
 
-def test_the_files_a_run_config_names_are_checked(tmp_path, capsys):
-    for run_config, message in _file_cases(tmp_path):
-        code = check(run_config)
-        err = capsys.readouterr().err
-        if message is None:
-            assert code == 0, err
-            continue
-        assert code == 2, run_config
-        assert err.startswith("error: ") and message in err and "Traceback" not in err, err
+def test_files_that_are_there_pass_the_check(tmp_path, capsys):
     run = tmp_path / "run"
     run.mkdir()
     (run / "checkpoint.json").write_text("{}")
