@@ -1173,3 +1173,113 @@ def test_a_bad_margin_names_the_problem(tmp_path, margin, primary, message):
     )
     with pytest.raises(ConfigError, match=message):
         load_plan(grid)
+
+
+def _per_client_run(plan, cell, accuracies: dict[str, float], examples: dict[str, int]) -> None:
+    """A finished two-round run whose client-side evaluation holds each client's own test accuracy."""
+    run = plan.runs_dir / cell.name
+    run.mkdir(parents=True)
+    rounds = [{"round": 0, "eval": {}}]
+    for r in (1, 2):
+        per_client = {
+            c: {"test-accuracy": accuracies[c] * r / 2, "test-num-examples": examples[c], "num-examples": 1}
+            for c in accuracies
+        }
+        total = sum(examples[c] for c in accuracies)
+        mean = sum(per_client[c]["test-accuracy"] * examples[c] for c in accuracies) / total
+        record = {"round": r, "train-loss": 1.0 / r, "skipped": False}
+        record["client-eval"] = {"test-accuracy": mean, "test-num-examples": total}
+        record["client-eval-per-client"] = per_client
+        rounds.append(record)
+    (run / "metrics.json").write_text(json.dumps(rounds))
+    final = {"round": 2, **{s: 0.5 for s in ("val", *TEST_SETTINGS)}}
+    (run / "summary.json").write_text(json.dumps({"metric": "accuracy", "final": final, "best": final}))
+
+
+def test_a_column_over_some_clients_is_their_sample_weighted_mean_with_paired_differences(tmp_path):
+    """Planted per-client accuracies: a ``clients`` column is the weighted mean of those clients only, per
+    round (so its curve too), and the table pairs it by seed like any column."""
+    from fedprime_core.tools.experiments.report import run_checks, table_curves
+
+    grid = write_grid(
+        tmp_path,
+        "kinds",
+        """
+base: {num-server-rounds: 2, missing-setting: miss-both}
+grids:
+  main: {method: [fedprime, fed-intra], seed: [0, 1, 2]}
+tables:
+  main:
+    extra:
+      - {key: client-eval/test-accuracy, over: final, scale: 100, label: all clients}
+      - {key: client-eval/test-accuracy, over: final, scale: 100, clients: [0, 2], label: even sites}
+      - {key: client-eval/test-accuracy, over: final, scale: 100, clients: [1, 3]}
+    primary: all clients
+    differences:
+      - {key: method, value: fedprime, minus: fed-intra}
+""",
+    )
+    plan = load_plan(grid)
+    table = plan.tables[0]
+    odd = "client-eval/test-accuracy of clients 1, 3 (final)"
+    assert [c.title for c in table.extra] == ["all clients", "even sites", odd]
+    examples = {"0": 100, "1": 200, "2": 300, "3": 400}
+    for cell in plan.cells:
+        seed, ours = cell.config["seed"], cell.config["method"] == "fedprime"
+        # fedprime: 10 points better on the even sites, the same on the odd ones; seeds shift every client.
+        acc = {c: 0.4 + 0.05 * seed + 0.1 * (ours and int(c) % 2 == 0) + 0.01 * int(c) for c in examples}
+        _per_client_run(plan, cell, acc, examples)
+    data = comparison(plan, table)
+    row = next(r for r in data["rows"] if r["key"] == {"method": "fedprime"})
+    # seed 0: even sites (0.5 * 100 + 0.52 * 300) / 400 = 0.515; odd sites (0.41 * 200 + 0.43 * 400) / 600.
+    assert row["stats"]["even sites"]["mean"] == pytest.approx(100 * (0.515 + 0.05))
+    assert row["stats"][odd]["mean"] == pytest.approx(100 * ((0.41 * 200 + 0.43 * 400) / 600 + 0.05))
+    (diff,) = data["differences"]
+    assert diff["runs"] == 3
+    assert diff["stats"]["even sites"]["mean"] == pytest.approx(10.0) and diff["stats"]["even sites"]["std"] < 1e-9
+    assert diff["stats"][odd]["mean"] == pytest.approx(0.0, abs=1e-9)
+    assert diff["stats"]["all clients"]["mean"] == pytest.approx(10.0 * 400 / 1000)
+    curves = {(c["key"]["method"], c["column"]): c for c in table_curves(plan, table)["curves"]}
+    assert curves[("fedprime", "even sites")]["rounds"] == [1, 2]
+    assert curves[("fedprime", "even sites")]["mean"] == pytest.approx([100 * 0.565 / 2, 100 * 0.565])
+    write_report(plan)
+    text = (plan.output / "main.md").read_text()
+    assert "| even sites |" in text and "10.00 ± 0.00" in text
+
+    # A run whose last round lacks one client of a group: that group's final value is not taken from a
+    # mean over the others; it falls back to the last round that had them all, and the checks say so.
+    first = plan.cells[0]
+    path = plan.runs_dir / first.name / "metrics.json"
+    rounds = json.loads(path.read_text())
+    del rounds[-1]["client-eval-per-client"]["2"]
+    path.write_text(json.dumps(rounds))
+    notes = run_checks(plan, table)
+    assert any(note.startswith(f"{first.name}: 'even sites' comes from round 1") for note in notes)
+    assert not any("'" + odd + "' comes from" in note for note in notes)
+
+
+@pytest.mark.parametrize(
+    ("entry", "message"),
+    [
+        ("{key: train-loss, over: final, clients: [0]}", "needs a 'client-eval/<metric>' key"),
+        ("{key: client-eval/test-accuracy, per: sampled, clients: [0]}", "and no 'per'"),
+        ("{key: client-eval/test-accuracy, clients: []}", "non-empty list of client ids"),
+        ("{key: client-eval/test-accuracy, clients: 3}", "non-empty list of client ids"),
+        ("{key: client-eval/test-accuracy, clients: [0, -1]}", "integers >= 0"),
+        ("{key: client-eval/test-accuracy, clients: [a]}", "integers >= 0"),
+        ("{key: client-eval/test-accuracy, clients: [1, 2, 1]}", r"client id\(s\) \[1\] more than once"),
+        (
+            "{key: client-eval/test-accuracy, clients: [0], label: x}\n"
+            "      - {key: client-eval/test-accuracy, label: x}",
+            r"two extra columns have the title \['x'\]",
+        ),
+    ],
+)
+def test_a_bad_clients_entry_names_the_problem(tmp_path, entry, message):
+    grid = write_grid(
+        tmp_path,
+        "c",
+        f"grids:\n  main: {{method: [fedprime], seed: [0]}}\ntables:\n  main:\n    extra:\n      - {entry}\n",
+    )
+    with pytest.raises(ConfigError, match=message):
+        load_plan(grid)

@@ -59,7 +59,8 @@ seeds), then the extra columns (mean ± std over seeds of each run's value: ``ov
 rounds that have ``key``, each divided by ``per`` of the same round if given, times
 ``scale``; ``key`` may be a ``/`` path into a round record, e.g. ``client-eval/test-accuracy``,
 the clients' own test sets, or ``eval-top-tau/miss-both/accuracy``, the server's evaluation
-with the tau most popular inter centres, which reads ``eval`` where that is the same model).
+with the tau most popular inter centres, which reads ``eval`` where that is the same model;
+``clients: [ids]`` on a ``client-eval/`` key restricts it to those clients' sample-weighted mean).
 A difference pairs every run having ``key: value`` with the run whose configuration is the
 same except ``key: minus`` (so matched on seed and every other key), and reports the mean,
 std and a 95% t confidence interval of the per-pair differences, for every column, over all

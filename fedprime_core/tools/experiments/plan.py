@@ -129,12 +129,18 @@ class ExtraColumn:
     over: str = "mean"
     scale: float = 1.0
     label: str = ""
+    #: A ``client-eval/<metric>`` column over these client ids only: each round's sample-weighted mean
+    #: of the clients' own ``<metric>`` (``client-eval-per-client``), ``None`` in a round that lacks one
+    #: of them. ``None``: the round's value as recorded (every client).
+    clients: tuple[str, ...] | None = None
 
     @property
     def title(self) -> str:
         if self.label:
             return self.label
         base = f"{self.key} / {self.per}" if self.per else self.key
+        if self.clients is not None:
+            base += f" of clients {', '.join(self.clients)}"
         return f"{base} ({self.over})"
 
 
@@ -473,7 +479,7 @@ def _parse_reuse(path: Path, raw: Any, output: Path) -> tuple[Path, ...]:
 
 
 _TABLE_KEYS = {"grids", "round", "extra", "differences", "primary", "pool", "level-off", "margin"}
-_EXTRA_KEYS = {"key", "per", "over", "scale", "label"}
+_EXTRA_KEYS = {"key", "per", "over", "scale", "label", "clients"}
 _OVER = ("mean", "final", "sum", "max", "min")
 #: A table's metric columns (the run's summary): each test setting, then val; a comparison table's extra
 #: columns come after them.
@@ -520,7 +526,14 @@ def _parse_tables(path: Path, raw: Any, grids: Mapping[str, Any], cells: tuple[C
                 scale = float(item.get("scale", 1.0))
             except (TypeError, ValueError):
                 raise ConfigError(f"{where}: extra column {item['key']!r}: 'scale' must be a number") from None
-            extras.append(ExtraColumn(str(item["key"]), item.get("per"), over, scale, str(item.get("label", ""))))
+            clients = _parse_clients(f"{where}: extra column {item['key']!r}", item)
+            extras.append(
+                ExtraColumn(str(item["key"]), item.get("per"), over, scale, str(item.get("label", "")), clients)
+            )
+        titles = [e.title for e in extras]
+        repeated = sorted({t for t in titles if titles.count(t) > 1})
+        if repeated:
+            raise ConfigError(f"{where}: two extra columns have the title {repeated}; give each its own 'label'")
         table_cells = [c for c in cells if set(c.grids) & set(names)]
         differences = []
         for item in body.get("differences") or []:
@@ -582,6 +595,26 @@ def _parse_tables(path: Path, raw: Any, grids: Mapping[str, Any], cells: tuple[C
         )
         tables.append(spec)
     return tuple(tables)
+
+
+def _parse_clients(where: str, item: Mapping[str, Any]) -> tuple[str, ...] | None:
+    """An extra column's ``clients``: distinct client ids (integers >= 0, e.g. a missing table's
+    partition ids), for a ``client-eval/<metric>`` key only; ``None`` when the entry has none."""
+    if "clients" not in item:
+        return None
+    raw = item["clients"]
+    if not str(item["key"]).startswith("client-eval/") or item.get("per") is not None:
+        raise ConfigError(
+            f"{where}: 'clients' restricts a client-side column to some clients; it needs a "
+            f"'client-eval/<metric>' key (e.g. client-eval/test-accuracy) and no 'per', got key {item['key']!r}"
+        )
+    ids = raw if isinstance(raw, list) else None
+    if not ids or any(isinstance(c, bool) or not isinstance(c, int) or c < 0 for c in ids):
+        raise ConfigError(f"{where}: 'clients' must be a non-empty list of client ids (integers >= 0), got {raw!r}")
+    if len(set(ids)) != len(ids):
+        repeated = sorted({c for c in ids if ids.count(c) > 1})
+        raise ConfigError(f"{where}: 'clients' lists client id(s) {repeated} more than once")
+    return tuple(str(c) for c in ids)
 
 
 def _parse_difference(where: str, item: Any, cells: Sequence[Cell], option_keys: set[str]) -> Difference:

@@ -278,8 +278,47 @@ def no_op_pair(
     return None
 
 
+def _finite(value: Any) -> bool:
+    return not isinstance(value, bool) and isinstance(value, (int, float)) and bool(np.isfinite(value))
+
+
+def clients_value(record: Mapping[str, Any], metric: str, clients: Sequence[str]) -> float | None:
+    """The sample-weighted mean of ``metric`` over ``clients`` in one round's client-side evaluation.
+
+    Reads ``client-eval-per-client`` (client id -> its metrics) and weighs each client's ``metric``
+    by its ``test-num-examples`` for a ``test-*`` metric, by its ``num-examples`` otherwise: the
+    weighting of the round's ``client-eval`` means, restricted to ``clients``.
+
+    Returns:
+        The mean, or ``None`` when the round has no such evaluation or lacks one of ``clients``
+        (a mean over some of a group's clients is not comparable between runs).
+    """
+    per_client = record.get("client-eval-per-client")
+    if not isinstance(per_client, Mapping):
+        return None
+    weight_key = "test-num-examples" if metric.startswith(CLIENT_TEST_PREFIX) else "num-examples"
+    total = weighted = 0.0
+    for client in clients:
+        scores = per_client.get(client)
+        if not isinstance(scores, Mapping):
+            return None
+        value, weight = scores.get(metric), scores.get(weight_key)
+        if not _finite(value) or not _finite(weight) or weight <= 0:
+            return None
+        total += float(weight)
+        weighted += float(weight) * float(value)
+    return weighted / total
+
+
 def _round_value(record: Mapping[str, Any], column: ExtraColumn, scaled: bool = True) -> float | None:
-    """One round's value of a column (``per`` applied, and ``scale`` if ``scaled``), ``None`` if absent."""
+    """One round's value of a column (``per`` applied, and ``scale`` if ``scaled``), ``None`` if absent.
+
+    A column with ``clients`` reads :func:`clients_value` (those clients' weighted mean) instead of
+    the round's recorded mean over every client.
+    """
+    if column.clients is not None:
+        value = clients_value(record, column.key.removeprefix("client-eval/"), column.clients)
+        return None if value is None else value * (column.scale if scaled else 1.0)
     value = _lookup(record, column.key)
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not np.isfinite(value):
         return None
@@ -528,15 +567,20 @@ def write_table_curves(plan: Plan, table: TableSpec) -> list[Path]:
             for r, n, mean, std in zip(curve["rounds"], curve["n"], curve["mean"], curve["std"]):
                 writer.writerow([*(curve["key"][k] for k in keys), curve["column"], r, n, f"{mean:.6g}", f"{std:.6g}"])
     columns = [c for c in data["columns"] if any(cv["column"] == c for cv in data["curves"])]
-    fig, axes = plt.subplots(1, len(columns), figsize=(5.2 * len(columns), 4), squeeze=False)
-    for ax, column in zip(axes[0], columns):
+    across = min(len(columns), 4)  # panels per row: a table with many columns wraps instead of widening
+    down = -(-len(columns) // across)
+    fig, axes = plt.subplots(down, across, figsize=(5.2 * across, 4 * down), squeeze=False)
+    panels = axes.ravel()
+    for ax in panels[len(columns) :]:
+        ax.set_visible(False)
+    for ax, column in zip(panels, columns):
         for curve in (cv for cv in data["curves"] if cv["column"] == column):
             label = " ".join(f"{k}={curve['key'][k]}" for k in keys) or "all runs"
             mean, std = np.array(curve["mean"]), np.array(curve["std"])
             (line,) = ax.plot(curve["rounds"], mean, marker=".", label=f"{label} (n={max(curve['n'])})")
             ax.fill_between(curve["rounds"], mean - std, mean + std, color=line.get_color(), alpha=0.15)
         ax.set(title=column, xlabel="round")
-    axes[0][-1].legend(fontsize=7)
+    panels[len(columns) - 1].legend(fontsize=7)
     fig.suptitle(f"{plan.name}: {table.name}, per round (mean ± std over seeds)")
     fig.tight_layout()
     fig.savefig(stem.with_suffix(".png"), dpi=110)
