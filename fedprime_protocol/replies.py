@@ -266,12 +266,16 @@ class ReplyLimits:
 
     Attributes:
         max_examples: the most samples one reply may claim (``max-client-examples``).
-        known_train: the ``num-train`` the client reported before (its identity record),
-            when it did: a train reply may claim no more.
+        known_train: the ``num-train`` the client reported before (its identity record, or
+            its site's data check), when it did: a train reply may claim no more.
+        known_val, known_test: likewise its ``num-val`` and ``num-test``: an evaluate reply
+            may claim no more ``num-examples`` and ``test-num-examples``.
     """
 
     max_examples: int = 1_000_000
     known_train: int | None = None
+    known_val: int | None = None
+    known_test: int | None = None
 
 
 def parse_record(
@@ -343,12 +347,21 @@ def parse_train_metrics(
 def parse_evaluate_metrics(
     values: Mapping[str, Any] | None, limits: ReplyLimits
 ) -> tuple[dict[str, float | int], list[str]]:
-    """The evaluate metrics, typed; ``num-examples`` and ``test-num-examples`` at most ``limits.max_examples``."""
+    """The evaluate metrics, typed; ``num-examples`` and ``test-num-examples`` at most ``limits.max_examples``
+    and at most the ``num-val`` and ``num-test`` the client reported before (``limits.known_val``,
+    ``limits.known_test``), where it did."""
     metrics, reasons = parse_record(values, EVALUATE_METRICS, "metrics", required=("num-examples",))
-    for key in ("num-examples", "test-num-examples"):
+    for key, known, name in (
+        ("num-examples", limits.known_val, "num-val"),
+        ("test-num-examples", limits.known_test, "num-test"),
+    ):
         count = metrics.get(key, 0)
-        if not reasons and count > limits.max_examples:
+        if reasons:
+            break
+        if count > limits.max_examples:
             reasons.append(f"{key} {count} exceeds max-client-examples ({limits.max_examples})")
+        elif known is not None and count > known:
+            reasons.append(f"{key} {count} exceeds the {name} it reported when it identified itself ({known})")
     return metrics, reasons
 
 

@@ -83,8 +83,9 @@ def run_folder(cfg: RunConfig) -> Path:
 
 def prepare_run(
     cfg: RunConfig, run_dir: Path | None = None
-) -> tuple[Path, dict[str, np.ndarray] | None, list[dict[str, Any]], dict[str, Any], dict[str, Any] | None]:
-    """The run folder and, when resuming, the checkpointed state, history, client info and inter pools.
+) -> tuple[Path, dict[str, np.ndarray] | None, list[dict[str, Any]], dict[str, Any], dict[str, Any] | None, str | None]:
+    """The run folder and, when resuming, the checkpointed state, history, client info, inter pools and
+    the federation's frozen-backbone fingerprint (``None`` for a fresh run, or where none was recorded).
 
     Call it holding the folder's :class:`~fedprime_core.runlock.RunLock`, so nobody
     writes the checkpoint while it is read.
@@ -107,6 +108,7 @@ def prepare_run(
             list(meta.get("history", [])),
             dict(meta.get("clients", {})),
             meta.get("inter-pool"),
+            meta.get("fingerprint") if isinstance(meta.get("fingerprint"), str) else None,
         )
     if (run_dir / CHECKPOINT_META).exists():
         raise ConfigError(
@@ -114,7 +116,21 @@ def prepare_run(
             f"set resume='{run_dir}' to continue it or choose another run-name"
         )
     run_dir.mkdir(parents=True, exist_ok=True)
-    return run_dir, None, [], {}, None
+    return run_dir, None, [], {}, None, None
+
+
+def server_fingerprint(cfg: RunConfig, server_eval: bool, *, resumed: bool, recorded: str | None) -> str | None:
+    """The frozen backbone's fingerprint every reply is checked against (a reply made with another
+    backbone would train another model).
+
+    The server's own backbone's when it loads one anyway (a fresh run builds the initial state
+    from it; a run with server-side evaluation evaluates with it). A resumed run without
+    server-side evaluation takes the one its checkpoint recorded, so no reply can set it; only
+    where the checkpoint recorded none does the first reply that carries one set it.
+    """
+    if server_eval or not resumed:
+        return runtime.process_backbone(cfg).fingerprint
+    return recorded
 
 
 def folder_problem(run_dir: Path | str, exc: OSError) -> str:
@@ -144,7 +160,7 @@ def main(grid: Grid, context: Context) -> None:
     watchdog = guard = None
     try:
         try:
-            run_dir, state, history, clients, inter_record = prepare_run(cfg, lock.path.parent)
+            run_dir, state, history, clients, inter_record, resumed_fingerprint = prepare_run(cfg, lock.path.parent)
         except (ConfigError, FileNotFoundError, ValueError) as exc:
             cannot_start(exc)
             raise
@@ -155,7 +171,7 @@ def main(grid: Grid, context: Context) -> None:
         guard = RunGuard(run_dir, address).start()  # marks the summary failed if this process is killed
         if cfg.superlink_timeout > 0 and address:
             watchdog = SuperLinkWatchdog(address, cfg.superlink_timeout).start()
-        _run(cfg, grid, run_dir, state, history, clients, inter_record, watchdog)
+        _run(cfg, grid, run_dir, state, history, clients, inter_record, watchdog, resumed_fingerprint)
     finally:
         if watchdog is not None:
             watchdog.stop()
@@ -175,6 +191,7 @@ def _run(
     clients: dict[str, Any],
     inter_record: dict[str, Any] | None,
     watchdog: SuperLinkWatchdog | None,
+    resumed_fingerprint: str | None = None,
 ) -> None:
     try:
         census, failed = node_census(grid, cfg, watchdog)
@@ -202,9 +219,7 @@ def _run(
     server_eval = cfg.server_eval and runtime.has_data(cfg)
     if cfg.server_eval and not server_eval:
         log(WARNING, "the run config names no data-dir for the server: no server-side evaluation (client-side only)")
-    fingerprint = None
-    if server_eval or state is None:
-        fingerprint = runtime.process_backbone(cfg).fingerprint
+    fingerprint = server_fingerprint(cfg, server_eval, resumed=state is not None, recorded=resumed_fingerprint)
     verdicts = site_verdicts(census, failed, labels_fingerprint=labels.fingerprint, backbone_fingerprint=fingerprint)
     admit_sites(cfg, grid, run_dir, verdicts, labels.metric == "macro_f1", clients)
     if state is None:

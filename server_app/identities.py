@@ -26,6 +26,16 @@ from fedprime_protocol.messages import SITE_CHECK, identity_query, parse_identit
 from .sites import SiteVerdict, reply_site_check, site_verdicts
 from .transport import Dispatch, Transport, node_of
 
+#: The sample counts a node's identity (or its site's data check) gives, which bound its later replies.
+COUNT_FIELDS = ("num-train", "num-val", "num-test")
+
+
+def checked_counts(check: Mapping[str, Any] | None) -> dict[str, int]:
+    """The sample counts of a site's passed data check (typed by the protocol's schema); none otherwise."""
+    if not isinstance(check, Mapping) or check.get("ok") is not True:
+        return {}
+    return {k: check[k] for k in COUNT_FIELDS if isinstance(check.get(k), int) and not isinstance(check.get(k), bool)}
+
 
 class NodeIdentities:
     """The clients behind the node ids, the sites refused, and the federation's fingerprints.
@@ -61,10 +71,14 @@ class NodeIdentities:
         self.sites_only: bool | None = None
 
     def learn_census(self, census: Mapping[int, Mapping[str, Any]]) -> None:
-        """Keep what the nodes said before round 1 (:func:`server_app.census.node_census`): clients and records."""
+        """Keep what the nodes said before round 1 (:func:`server_app.census.node_census`): clients and records
+        (a site's with the sample counts its data check found, which bound what its replies may claim)."""
         self.node_clients.update({node: str(info["client-id"]) for node, info in census.items() if "client-id" in info})
         self.node_records.update(
-            {node: {k: v for k, v in info.items() if k != SITE_CHECK} for node, info in census.items()}
+            {
+                node: {**{k: v for k, v in info.items() if k != SITE_CHECK}, **checked_counts(info.get(SITE_CHECK))}
+                for node, info in census.items()
+            }
         )
 
     def identify(self, grid: Grid, node_ids: list[int], server_round: int, outcomes: list[ClientOutcome]) -> list[int]:
@@ -103,7 +117,7 @@ class NodeIdentities:
                     outcomes.append(ClientOutcome(node, client, "rejected", f"refused: {verdict.reason}", "data"))
                     continue
                 self.node_clients[node] = client
-                self.node_records[node] = record
+                self.node_records[node] = {**record, **checked_counts(reply_site_check(reply))}
             for node in unknown:
                 if node not in answered:
                     status, reason = self.transport.silent_reason(node, "the identity query")
@@ -158,6 +172,11 @@ class NodeIdentities:
     def known_train(self, node: int) -> int | None:
         """The ``num-train`` ``node`` gave when it identified itself (``None``: it did not say)."""
         return self.node_records.get(node, {}).get("num-train")
+
+    def known_counts(self, node: int) -> dict[str, int]:
+        """``num-train``, ``num-val`` and ``num-test`` as ``node`` gave them when it identified itself (if it did)."""
+        record = self.node_records.get(node, {})
+        return {k: record[k] for k in COUNT_FIELDS if isinstance(record.get(k), int)}
 
     def reference_problems(self, info: Mapping[str, Any]) -> list[str]:
         """Why a reply's client record (``info``) does not fit the federation: another frozen backbone or

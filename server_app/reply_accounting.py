@@ -214,7 +214,8 @@ class ReplyAccounting:
         """Client id -> its metrics, in client order, of the evaluate replies to ``sent`` that parse.
 
         Each reply's metrics are parsed at :func:`~fedprime_protocol.messages.parse_evaluate_reply`
-        (known names, finite values in range, counts at most ``max-client-examples``); a reply
+        (known names, finite values in range, counts at most ``max-client-examples`` and at most
+        the ``num-val`` / ``num-test`` the node gave when it identified itself); a reply
         that does not fit, or is an error, is logged with its reason and left out. A node the
         server does not know names itself by its claimed client id (if safe) or ``node-<id>``.
         ``carried``: ids of train messages of ``sent`` that asked to evaluate first; their
@@ -223,7 +224,6 @@ class ReplyAccounting:
         """
         per_client: dict[str, dict[str, float]] = {}
         destinations = sent.destinations()
-        limits = ReplyLimits(max_examples=self.cfg.max_client_examples)
         seen: set[int] = set()
         for message in replies:
             node = node_of(message, destinations)
@@ -235,7 +235,9 @@ class ReplyAccounting:
                 log(WARNING, "round %d: node %s did not evaluate: %s", server_round, node, reason)
                 continue
             inside_train = message.metadata.reply_to_message_id in carried
-            metrics, reason = parse_evaluate_reply(message, limits, record_name=EVALUATION if inside_train else METRICS)
+            metrics, reason = parse_evaluate_reply(
+                message, self._limits(node), record_name=EVALUATION if inside_train else METRICS
+            )
             if metrics is None:
                 if reason:
                     log(
@@ -257,9 +259,15 @@ class ReplyAccounting:
         return {c: per_client[c] for c in sorted(per_client, key=client_order)}
 
     def _limits(self, node: int) -> ReplyLimits:
-        """What a reply from ``node`` may claim: ``max-client-examples``, and the ``num-train``
-        the node gave when it identified itself (if it did)."""
-        return ReplyLimits(max_examples=self.cfg.max_client_examples, known_train=self.identities.known_train(node))
+        """What a reply from ``node`` may claim: ``max-client-examples``, and the ``num-train``,
+        ``num-val`` and ``num-test`` the node gave when it identified itself (those it gave)."""
+        known = self.identities.known_counts(node)
+        return ReplyLimits(
+            max_examples=self.cfg.max_client_examples,
+            known_train=known.get("num-train"),
+            known_val=known.get("num-val"),
+            known_test=known.get("num-test"),
+        )
 
     def _parse_train(
         self, message: Message, node: int, client: str | None, sent: Dispatch
@@ -270,7 +278,11 @@ class ReplyAccounting:
         )
         if update is None:
             return None, info, reasons
-        if self.model.personal and client is not None and update.client_id != client:
+        # Every method: a node answers for the client it identified as. A reply naming another client
+        # would otherwise take that client's place (its slot in clients.json, its personal pools, and
+        # the rejection of the honest node when both replied). centralized-p's one owner holds all the
+        # data and names itself "centralized", whatever its node config said: nobody to stand in for.
+        if client is not None and update.client_id != client and not self.spec.centralized:
             return None, info, [f"reply is from client {update.client_id!r} but node {node} identified as {client!r}"]
         expected = self.model.expected_shapes()
         reasons = validate_update(

@@ -120,8 +120,7 @@ class ReplyRound:
         self.arrays, messages = {}, []
         for node in nodes:
             client = str(node - 1)
-            if self.strategy.model.personal:
-                identities.node_clients[node] = client
+            identities.node_clients[node] = client  # every method identifies its nodes before it samples them
             self.arrays[node] = self.strategy.model.client_arrays(client)
             message = Message(
                 content=instruction_content(self.arrays[node], ConfigRecord({"server-round": 1})),

@@ -103,6 +103,25 @@ def test_census_records_and_verdicts_before_round_one():
     assert identities.sites_only is False
 
 
+def test_the_counts_of_a_sites_passed_data_check_bound_its_replies_and_a_failed_checks_do_not():
+    identities = _identities()
+    checked = {"ok": True, "num-train": 40, "num-val": 5, "num-test": 20, "num-classes": 3}
+    identities.learn_census(
+        {
+            1: {"client-id": "a", SITE_CHECK: checked},
+            2: {"client-id": "b", SITE_CHECK: {"ok": False, "num-train": 10**6}},
+            3: {"client-id": "c", "partition-id": 2, "num-partitions": 4},  # a partition: no check, no counts
+        }
+    )
+    assert identities.known_counts(1) == {"num-train": 40, "num-val": 5, "num-test": 20}
+    assert identities.known_train(1) == 40
+    assert identities.known_counts(2) == identities.known_counts(3) == identities.known_counts(9) == {}
+    # A site met after round 1: the counts of the check it sent with its identity.
+    late = ({"client-id": "site-z"}, {"ok": True, "num-train": 12, "num-val": 3, "num-test": 7})
+    assert identities.identify(IdentityGrid({4: late}), [4], 3, []) == [4]
+    assert identities.known_counts(4) == {"num-train": 12, "num-val": 3, "num-test": 7}
+
+
 def test_the_first_fingerprint_sets_the_reference_and_another_is_refused_for_what_it_is():
     identities = _identities(backbone_fingerprint="B1")
     assert identities.reference_problems({}) == []
@@ -112,3 +131,31 @@ def test_the_first_fingerprint_sets_the_reference_and_another_is_refused_for_wha
     assert "frozen backbone fingerprint B2 differs from the federation's B1" in backbone
     both = identities.reference_problems({"backbone-fingerprint": "B2", "labels-fingerprint": "L2"})
     assert len(both) == 2 and "class list fingerprint L2 differs" in both[1]
+
+
+def test_a_resumed_run_without_server_data_checks_replies_against_its_recorded_fingerprint(quick_config):
+    """No reply can set the backbone fingerprint of a resumed run: it is the one the checkpoint recorded
+    (the server's own when it loads its backbone anyway: a fresh run, or server-side evaluation)."""
+    from pathlib import Path
+
+    import numpy as np
+
+    from fedprime_core import runtime
+    from fedprime_core.config import config_to_dict
+    from fedprime_core.results import save_checkpoint
+    from server_app.app import prepare_run, server_fingerprint
+
+    cfg = quick_config(method="fed-intra", run_name="first")
+    folder = Path(cfg.results_dir) / "first"
+    folder.mkdir(parents=True)
+    save_checkpoint(folder, {"x": np.zeros(1)}, {"round": 1, "config": config_to_dict(cfg), "fingerprint": "B1"})
+    resumed = quick_config(method="fed-intra", run_name="first", resume=str(folder))
+    recorded = prepare_run(resumed)[-1]
+    assert recorded == "B1" and prepare_run(quick_config(method="fed-intra", run_name="fresh"))[-1] is None
+    assert server_fingerprint(resumed, False, resumed=True, recorded=recorded) == "B1"
+    own = runtime.process_backbone(resumed).fingerprint
+    assert server_fingerprint(resumed, True, resumed=True, recorded=recorded) == own
+    assert server_fingerprint(cfg, False, resumed=False, recorded=None) == own
+    identities = _identities(backbone_fingerprint=server_fingerprint(resumed, False, resumed=True, recorded=recorded))
+    assert "differs from the federation's B1" in identities.reference_problems({"backbone-fingerprint": "evil"})[0]
+    assert identities.reference_problems({"backbone-fingerprint": "B1"}) == []

@@ -93,3 +93,23 @@ def test_evaluate_replies_are_kept_per_client_in_client_order_and_named_safely(r
     assert per_client["site-c"]["accuracy"] == 0.5
     known = accounting.evaluate(1, [reply(1, good, "somebody-else")], sent)
     assert list(known) == ["0"]  # the client the server knows the node as
+
+
+def test_a_sites_checked_counts_bound_what_its_train_and_evaluate_replies_claim(round_):
+    """A site whose data check found 50 training, 10 validation and 30 test samples cannot claim more later
+    (its train reply's own client record says 104: a reply's record is not what bounds it)."""
+    accounting, sent = round_.strategy.replies, round_.strategy.train_sent
+    round_.strategy.identities.node_records[4] = {"client-id": "3", "num-train": 50, "num-val": 10, "num-test": 30}
+    tally = accounting.train(1, [round_.honest(node) for node in (*HONEST, HOSTILE)], sent)
+    assert _statuses(tally)[-1] == (4, "3", "rejected")
+    reason = "num-examples 94 exceeds the num-train it reported when it identified itself (50)"
+    assert tally.outcomes[-1].reason == reason
+
+    def evaluation(node, **counts):
+        metrics = {"num-examples": 10, "loss": 1.0, "accuracy": 0.5, "macro_f1": 0.4, "micro_f1": 0.5}
+        metrics.update({"test-num-examples": 30, "test-loss": 1.0, "test-accuracy": 0.9, **counts})
+        return Message(content=RecordDict({"metrics": MetricRecord(metrics)}), reply_to=round_.sent[node - 1])
+
+    assert list(accounting.evaluate(1, [evaluation(1), evaluation(4)], sent)) == ["0", "3"]  # at the bounds
+    for counts in ({"num-examples": 11}, {"test-num-examples": 31}):
+        assert list(accounting.evaluate(1, [evaluation(1, **counts), evaluation(4, **counts)], sent)) == ["0"]

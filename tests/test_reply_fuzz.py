@@ -162,13 +162,30 @@ def test_no_client_id_sorts_wrong_or_crashes_the_order():
     assert set(ordered[4:]) == {"²", "①", "site-a", ""}
 
 
-def test_two_nodes_claiming_one_client_id_do_not_both_count():
-    parts = parts_of("fed-intra")
-    parts["client"]["client-id"] = "0"  # node 1's id
-    outcome = play("fed-intra", parts)
+@pytest.mark.parametrize("method", ["fed-intra", "fedprime"])
+def test_a_node_answering_for_another_client_is_rejected_whichever_replies_first(method):
+    """Node 4 (client "3") claims client "0", node 1's; then node 1 claims "3", node 4's. Either way the
+    impostor is rejected, the honest node counts, and clients.json keeps each client on its own node."""
+    parts = parts_of(method)
+    parts["client"]["client-id"] = "0"
+    outcome = play(method, parts)
     assert outcome["status"][HOSTILE] == "rejected"
-    assert "client-id '0' is also claimed by node 1" in " ".join(outcome["metrics"][-1]["rejected-reasons"])
-    assert same_outcome(outcome, baseline("fed-intra"))
+    assert "reply is from client '0' but node 4 identified as '3'" in " ".join(
+        outcome["metrics"][-1]["rejected-reasons"]
+    )
+    assert same_outcome(outcome, baseline(method))
+
+    with tempfile.TemporaryDirectory() as tmp:
+        round_ = ReplyRound(method, Path(tmp) / "fuzz")
+        impostor = round_.reply_parts(1)
+        impostor["client"]["client-id"] = "3"  # the lower node id claims the higher one's client
+        replies = [round_.message(1, impostor), round_.honest(2), round_.honest(3), round_.honest(HOSTILE)]
+        outcome = round_.run(replies)
+    assert outcome["status"] == {1: "rejected", 2: "accepted", 3: "accepted", HOSTILE: "accepted"}
+    assert outcome["clients"]["3"]["node-id"] == HOSTILE
+    assert "reply is from client '3' but node 1 identified as '0'" in " ".join(
+        outcome["metrics"][-1]["rejected-reasons"]
+    )
 
 
 def evaluation_replies(round_: ReplyRound, record: str, fourth: dict[str, Any]) -> list:
