@@ -286,7 +286,12 @@ class ReplyAccounting:
             return None, info, [f"reply is from client {update.client_id!r} but node {node} identified as {client!r}"]
         expected = self.model.expected_shapes()
         reasons = validate_update(
-            update, expected, self.spec.pools, self.cfg.max_update_norm, self.pattern_usage_required
+            update,
+            expected,
+            self.spec.pools,
+            self.cfg.max_update_norm,
+            self.pattern_usage_required,
+            max_uses_per_example=self.cfg.local_epochs * self.cfg.kappa,
         )
         return update, info, reasons
 

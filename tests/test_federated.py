@@ -65,6 +65,27 @@ def test_each_bad_reply_is_rejected_with_its_reason(mutate, fragment):
     assert any(fragment in r for r in found), found
 
 
+def test_usage_counts_are_bounded_by_the_samples_that_could_make_them():
+    """10 samples, 2 epochs, kappa 3: at most (10 + 1) x 6 = 66 uses of a pool (60 when every pass is counted);
+    the counts weigh the merged inter centres, so more would outweigh the samples trained. Real local training
+    counts exactly samples x epochs x kappa (tests/test_training.py), so an honest reply is never refused."""
+
+    def check(counts, num=10):
+        update = good_update(num_examples=num, usage={"inter": np.array(counts)})
+        return validate_update(update, EXPECTED, ["inter"], max_norm=100.0, max_uses_per_example=2 * 3)
+
+    assert check([30, 30, 0, 0]) == [] and check([66, 0, 0, 0]) == []
+    assert check([60.0, 6.0, 0.0, 0.0]) == []  # integer-valued floats count the same
+    [reason] = check([10**12, 0, 0, 0])
+    assert reason == (
+        "usage counts for pool 'inter' add up to 1000000000000, more than 10 samples can make "
+        "(at most 66: (num-examples + 1) x local-epochs x kappa)"
+    )
+    assert check([67, 0, 0, 0]) != [] and check([67, 0, 0, 0], num=11) == []
+    assert validate_update(good_update(usage={"inter": np.array([10**12, 0, 0, 0])}), EXPECTED, ["inter"], 100.0) == []
+    assert check([5, 0, 0, 0], num=0) == ["num-examples must be a positive integer, got 0"]  # one reason, not two
+
+
 def test_norm_and_finiteness_are_exact_where_the_squares_overflow_the_dtype():
     """float16 squares of 300 overflow (max 65504): the values are finite and the norm is in bounds."""
     update = good_update()

@@ -113,3 +113,37 @@ def test_a_sites_checked_counts_bound_what_its_train_and_evaluate_replies_claim(
     assert list(accounting.evaluate(1, [evaluation(1), evaluation(4)], sent)) == ["0", "3"]  # at the bounds
     for counts in ({"num-examples": 11}, {"test-num-examples": 31}):
         assert list(accounting.evaluate(1, [evaluation(1, **counts), evaluation(4, **counts)], sent)) == ["0"]
+
+
+@pytest.mark.parametrize(
+    "method", ["fedprime", "fed-inter", "fed-intra", "fedavg-p", "pfpt", "fedprox-p", "centralized-p"]
+)
+def test_every_methods_honest_replies_pass_every_check(quick_config, method):
+    """The real ClientApp's replies, two local epochs at kappa 3 (usage counts exactly at their bound), two
+    rounds with client-side evaluation: none is refused, so the reply checks cost an honest federation nothing."""
+    from flwr.app import Context
+
+    from fedprime_core.config import config_to_dict
+    from server_app.app import main as server_main
+    from tests.loopback import LoopbackGrid, history
+
+    cfg = quick_config(
+        method=method,
+        run_name=method,
+        num_server_rounds=2,
+        local_epochs=2,
+        kappa=3,
+        fraction_evaluate=1.0,
+        client_test_samples=20,
+        max_train_samples=120,
+        max_test_samples=24,
+        server_eval=False,
+    )
+    run_config = config_to_dict(cfg)
+    server_main(LoopbackGrid(run_config, 3), Context(1, 0, {}, RecordDict(), run_config))
+    rounds = [r for r in history(cfg) if r["round"] >= 1]
+    owners = 1 if method == "centralized-p" else 3
+    assert [(r["accepted"], r["rejected"]) for r in rounds] == [(owners, 0)] * 2, [
+        r["rejected-reasons"] for r in rounds
+    ]
+    assert len(rounds[-1]["client-eval-per-client"]) == owners

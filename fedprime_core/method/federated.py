@@ -95,6 +95,7 @@ def validate_update(
     pools: Sequence[str],
     max_norm: float,
     pattern_usage_required: Sequence[str] = (),
+    max_uses_per_example: int | None = None,
 ) -> list[str]:
     """Every reason to reject a client update; an empty list means it is valid.
 
@@ -106,7 +107,9 @@ def validate_update(
     a usage-count vector per pool whose length equals that pool's size, with non-negative
     integer counts and at least one use; pattern-usage tables (when sent) of shape
     ``(3, pool size)`` whose columns add up to the usage counts; a positive integer
-    sample count. Never raises, whatever it is given.
+    sample count; and, with ``max_uses_per_example``, at most that many uses of each pool
+    per sample (the counts weigh the merged inter centres, so one client must not outweigh
+    the samples it trained). Never raises, whatever it is given.
 
     Args:
         update: the candidate :class:`ClientUpdate` (anything is accepted and checked).
@@ -115,9 +118,13 @@ def validate_update(
         max_norm: bound on each array's L2 norm.
         pattern_usage_required: pools whose pattern-usage table must be sent (the
             alignment compares retrieval profiles: ``align-on = usage``).
+        max_uses_per_example: ``local-epochs x kappa``: a sample selects at most ``kappa``
+            prompts of a pool at each of its passes, so a pool's counts add up to at most
+            ``(num-examples + 1) x`` this (``num-examples`` is the samples seen over the
+            epochs, divided by the epochs and rounded down). ``None``: no bound.
     """
     try:
-        return _validate(update, expected, pools, max_norm, pattern_usage_required)
+        return _validate(update, expected, pools, max_norm, pattern_usage_required, max_uses_per_example)
     except Exception as exc:  # noqa: BLE001 - a validator must survive any malformed record
         return [f"malformed update: {type(exc).__name__}: {exc}"]
 
@@ -128,6 +135,7 @@ def _validate(
     pools: Sequence[str],
     max_norm: float,
     pattern_usage_required: Sequence[str] = (),
+    max_uses_per_example: int | None = None,
 ) -> list[str]:
     if not isinstance(update, ClientUpdate):
         return [f"update is a {type(update).__name__}, not a ClientUpdate"]
@@ -195,6 +203,16 @@ def _validate(
         if np.any(counts < 0) or counts.sum() <= 0:
             reasons.append(f"usage counts for pool {pool!r} must be non-negative with at least one use")
             continue
+        valid_num = not isinstance(num, bool) and isinstance(num, (int, np.integer)) and num > 0
+        if max_uses_per_example is not None and valid_num:
+            most = (int(num) + 1) * max_uses_per_example
+            total = int(counts.astype(np.float64).sum()) if counts.dtype.kind == "f" else int(counts.sum())
+            if total > most:
+                reasons.append(
+                    f"usage counts for pool {pool!r} add up to {total}, more than {num} samples can make "
+                    f"(at most {most}: (num-examples + 1) x local-epochs x kappa)"
+                )
+                continue
         table = update.pattern_usage.get(pool) if isinstance(update.pattern_usage, Mapping) else None
         if table is None and pool in pattern_usage_required:
             reasons.append(f"pattern usage for pool {pool!r} is missing (align-on = usage compares it)")
