@@ -86,8 +86,8 @@ class SyntheticGrid:
 
     Node ``i`` (ids ``1..n``) is client ``str(i - 1)``. A train message is answered with its
     own arrays plus a random change of ``drift`` per entry (a delta under ``upload-delta``),
-    ``num-examples`` drawn per client, usage counts with a few unused prompts, and a
-    pattern-usage table that adds up to them. Replies wait to be pulled, as on a SuperLink;
+    ``num-examples`` drawn per client, usage counts as training makes them (``kappa`` per sample
+    and epoch, a few prompts unused), and a pattern-usage table that adds up to them. Replies wait to be pulled, as on a SuperLink;
     sent messages are not kept.
     """
 
@@ -139,12 +139,16 @@ class SyntheticGrid:
             k: v + (self.rng.standard_normal(v.shape) * self.drift).astype(np.float32) for k, v in received.items()
         }
         tau_of = {pool: received[f"pools.{pool}.prompts"].shape[0] for pool in method_spec(self.cfg.method).pools}
+        num = int(self.rng.integers(20, 200))
         usage, patterns = {}, {}
         for pool, size in tau_of.items():
-            table = self.rng.integers(0, 40, size=(3, size)) * (self.rng.random(size) > 0.2)
-            table[:, 0] += 1  # at least one use
+            # As real training counts them: kappa selections per sample and epoch, spread over the
+            # prompts in use (a few unused) and the three missing patterns.
+            used = self.rng.random(size) > 0.2
+            used[0] = True
+            per_pattern = self.rng.multinomial(num * self.cfg.local_epochs * self.cfg.kappa, [0.3, 0.35, 0.35])
+            table = np.stack([self.rng.multinomial(k, used / used.sum()) for k in per_pattern])
             patterns[pool], usage[pool] = table, table.sum(axis=0)
-        num = int(self.rng.integers(20, 200))
         info = {
             "client-id": client,
             "partition-id": int(client),
