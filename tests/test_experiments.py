@@ -1213,7 +1213,7 @@ tables:
     extra:
       - {key: client-eval/test-accuracy, over: final, scale: 100, label: all clients}
       - {key: client-eval/test-accuracy, over: final, scale: 100, clients: [0, 2], label: even sites}
-      - {key: client-eval/test-accuracy, over: final, scale: 100, clients: [1, 3]}
+      - {key: client-eval/test-accuracy, over: final, scale: 100, clients: [1, '3']}
     primary: all clients
     differences:
       - {key: method, value: fedprime, minus: fed-intra}
@@ -1265,9 +1265,11 @@ tables:
         ("{key: client-eval/test-accuracy, per: sampled, clients: [0]}", "and no 'per'"),
         ("{key: client-eval/test-accuracy, clients: []}", "non-empty list of client ids"),
         ("{key: client-eval/test-accuracy, clients: 3}", "non-empty list of client ids"),
-        ("{key: client-eval/test-accuracy, clients: [0, -1]}", "integers >= 0"),
-        ("{key: client-eval/test-accuracy, clients: [a]}", "integers >= 0"),
-        ("{key: client-eval/test-accuracy, clients: [1, 2, 1]}", r"client id\(s\) \[1\] more than once"),
+        ("{key: client-eval/test-accuracy, clients: [0, -1]}", "partition ids >= 0"),
+        ("{key: client-eval/test-accuracy, clients: ['../x']}", "partition ids >= 0, or sites' client ids"),
+        ("{key: client-eval/test-accuracy, clients: [1.5]}", "partition ids >= 0"),
+        ("{key: client-eval/test-accuracy, clients: [1, 2, 1]}", r"client id\(s\) \['1'\] more than once"),
+        ("{key: client-eval/test-accuracy, clients: [1, '1']}", r"client id\(s\) \['1'\] more than once"),
         (
             "{key: client-eval/test-accuracy, clients: [0], label: x}\n"
             "      - {key: client-eval/test-accuracy, label: x}",

@@ -598,8 +598,11 @@ def _parse_tables(path: Path, raw: Any, grids: Mapping[str, Any], cells: tuple[C
 
 
 def _parse_clients(where: str, item: Mapping[str, Any]) -> tuple[str, ...] | None:
-    """An extra column's ``clients``: distinct client ids (integers >= 0, e.g. a missing table's
-    partition ids), for a ``client-eval/<metric>`` key only; ``None`` when the entry has none."""
+    """An extra column's ``clients``: distinct client ids, for a ``client-eval/<metric>`` key only
+    (``None`` when the entry has none). An id is a partition id (an integer >= 0, as a missing
+    table names it) or a site's own client id (``site-a``: the node config's ``client-id``)."""
+    from ...identity import client_id_problem
+
     if "clients" not in item:
         return None
     raw = item["clients"]
@@ -609,12 +612,22 @@ def _parse_clients(where: str, item: Mapping[str, Any]) -> tuple[str, ...] | Non
             f"'client-eval/<metric>' key (e.g. client-eval/test-accuracy) and no 'per', got key {item['key']!r}"
         )
     ids = raw if isinstance(raw, list) else None
-    if not ids or any(isinstance(c, bool) or not isinstance(c, int) or c < 0 for c in ids):
-        raise ConfigError(f"{where}: 'clients' must be a non-empty list of client ids (integers >= 0), got {raw!r}")
-    if len(set(ids)) != len(ids):
-        repeated = sorted({c for c in ids if ids.count(c) > 1})
+
+    def bad(c: Any) -> bool:
+        if isinstance(c, bool) or not isinstance(c, (int, str)):
+            return True
+        return c < 0 if isinstance(c, int) else client_id_problem(c) is not None
+
+    if not ids or any(bad(c) for c in ids):
+        raise ConfigError(
+            f"{where}: 'clients' must be a non-empty list of client ids (partition ids >= 0, or sites' "
+            f"client ids such as site-a), got {raw!r}"
+        )
+    names = [str(c) for c in ids]
+    if len(set(names)) != len(names):
+        repeated = sorted({c for c in names if names.count(c) > 1})
         raise ConfigError(f"{where}: 'clients' lists client id(s) {repeated} more than once")
-    return tuple(str(c) for c in ids)
+    return tuple(names)
 
 
 def _parse_difference(where: str, item: Any, cells: Sequence[Cell], option_keys: set[str]) -> Difference:
