@@ -87,8 +87,8 @@ class SyntheticGrid:
     Node ``i`` (ids ``1..n``) is client ``str(i - 1)``. A train message is answered with its
     own arrays plus a random change of ``drift`` per entry (a delta under ``upload-delta``),
     ``num-examples`` drawn per client, usage counts as training makes them (``kappa`` per sample
-    and epoch, a few prompts unused), and a pattern-usage table that adds up to them. Replies wait to be pulled, as on a SuperLink;
-    sent messages are not kept.
+    and epoch, a few prompts unused), and a pattern-usage table that adds up to them. Replies
+    wait to be pulled, as on a SuperLink; sent messages are not kept.
     """
 
     pull_interval = 0.0
