@@ -120,6 +120,27 @@ def process_backbone(cfg: RunConfig) -> LoadedBackbone:
     return _cached(key, build)
 
 
+def read_dataset(cfg: RunConfig, verify_images: bool) -> DatasetSplits:
+    """The on-disk dataset ``cfg`` names, read as a run reads it (no cache; :func:`load_splits` caches).
+
+    ``verify_images``: decode every image now (what a run does); ``False`` for tools that only
+    count or select rows. Every split file is optional here.
+    """
+    from .data.loaders import load_dataset
+
+    return load_dataset(
+        cfg.dataset,
+        cfg.data_dir,
+        layout=cfg.data_layout,
+        num_classes=cfg.num_classes,
+        skip_bad_rows=cfg.skip_bad_rows,
+        verify_images=verify_images,
+        classes=class_list(cfg) or None,
+        mmimdb_protocol=cfg.mmimdb_protocol,
+        required=(),
+    )
+
+
 def load_splits(cfg: RunConfig) -> DatasetSplits:
     """The dataset's train/dev/test splits in ``cfg.data_dir``, cached per process.
 
@@ -136,22 +157,10 @@ def load_splits(cfg: RunConfig) -> DatasetSplits:
 
             splits = make_embedded_dataset(cfg.seed, image_features=features)
         else:
-            from .data.loaders import load_dataset
-
             # Every image is decoded here (once per process: the splits are cached), so a
             # corrupt one is an error naming its row (or a skipped, counted row with
             # skip-bad-rows) before training starts, never a client that fails in every round.
-            splits = load_dataset(
-                cfg.dataset,
-                cfg.data_dir,
-                layout=cfg.data_layout,
-                num_classes=cfg.num_classes,
-                skip_bad_rows=cfg.skip_bad_rows,
-                verify_images=True,
-                classes=class_list(cfg) or None,
-                mmimdb_protocol=cfg.mmimdb_protocol,
-                required=(),
-            )
+            splits = read_dataset(cfg, verify_images=True)
         LOGGER.info(
             "dataset %s: %d train / %d dev / %d test samples, %d classes, read in %s",
             cfg.dataset,

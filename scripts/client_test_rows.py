@@ -17,8 +17,7 @@ import types
 
 from fedprime_core import runtime
 from fedprime_core.backbones import needs_image_features
-from fedprime_core.config import cache_key, class_list, parse_run_config
-from fedprime_core.data.loaders import load_dataset
+from fedprime_core.config import cache_key, parse_run_config
 from fedprime_core.tools.experiments.plan import load_plan
 
 
@@ -38,17 +37,7 @@ def main() -> None:
             continue
         cfg = parse_run_config(values)
         if splits is None:
-            splits = load_dataset(
-                cfg.dataset,
-                cfg.data_dir,
-                layout=cfg.data_layout,
-                num_classes=cfg.num_classes,
-                skip_bad_rows=cfg.skip_bad_rows,
-                verify_images=False,
-                classes=class_list(cfg) or None,
-                mmimdb_protocol=cfg.mmimdb_protocol,
-                required=(),
-            )
+            splits = runtime.read_dataset(cfg, verify_images=False)  # as a run reads it, images undecoded
         runtime._CACHE[cache_key(cfg, "splits")] = splits
         backbone = cache_key(cfg, "backbone") + (cache_key(cfg, "splits") if needs_image_features(cfg.backbone) else ())
         runtime._CACHE[backbone] = types.SimpleNamespace(processor=None)  # shards only keep the processor
