@@ -112,12 +112,13 @@ class NodeIdentities:
                     outcomes.append(ClientOutcome(node, None, "rejected", f"no identity: {one_line(reason)}"))
                     continue
                 client = record["client-id"]
-                verdict = self._check_site(node, client, reply)
+                check = reply_site_check(reply)  # one that cannot be read refuses the site, with the reason
+                verdict = self._check_site(node, client, check)
                 if verdict is not None and verdict.refused:
                     outcomes.append(ClientOutcome(node, client, "rejected", f"refused: {verdict.reason}", "data"))
                     continue
                 self.node_clients[node] = client
-                self.node_records[node] = {**record, **checked_counts(reply_site_check(reply))}
+                self.node_records[node] = {**record, **checked_counts(check)}
             for node in unknown:
                 if node not in answered:
                     status, reason = self.transport.silent_reason(node, "the identity query")
@@ -152,12 +153,12 @@ class NodeIdentities:
                 self.refused[verdict.node] = verdict.reason
             self.sites_only = (self.sites_only is not False) and verdict.is_site
 
-    def _check_site(self, node: int, client: str, reply: Message) -> SiteVerdict | None:
-        """The verdict on a node met after round 1, from its identity reply (logged, kept, and in clients.json)."""
-        record = reply_site_check(reply)  # one that cannot be read refuses the site, with the reason
-        if record is None:
+    def _check_site(self, node: int, client: str, check: dict[str, Any] | None) -> SiteVerdict | None:
+        """The verdict on a node met after round 1, from the data check it sent with its identity
+        (:func:`~server_app.sites.reply_site_check`; ``None``: no site); logged, kept, and in clients.json."""
+        if check is None:
             return None
-        census = {node: {"client-id": client, SITE_CHECK: record}}
+        census = {node: {"client-id": client, SITE_CHECK: check}}
         verdict = site_verdicts(
             census, labels_fingerprint=self.reference_labels, backbone_fingerprint=self.reference_fingerprint
         )[node]

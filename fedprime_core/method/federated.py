@@ -141,7 +141,8 @@ def _validate(
         return [f"update is a {type(update).__name__}, not a ClientUpdate"]
     reasons: list[str] = []
     num = update.num_examples
-    if isinstance(num, bool) or not isinstance(num, (int, np.integer)) or num <= 0:
+    valid_num = not isinstance(num, bool) and isinstance(num, (int, np.integer)) and num > 0
+    if not valid_num:
         reasons.append(f"num-examples must be a positive integer, got {num!r}")
     state = update.state
     if not isinstance(state, Mapping):
@@ -203,7 +204,6 @@ def _validate(
         if np.any(counts < 0) or counts.sum() <= 0:
             reasons.append(f"usage counts for pool {pool!r} must be non-negative with at least one use")
             continue
-        valid_num = not isinstance(num, bool) and isinstance(num, (int, np.integer)) and num > 0
         if max_uses_per_example is not None and valid_num:
             most = (int(num) + 1) * max_uses_per_example
             total = int(counts.astype(np.float64).sum()) if counts.dtype.kind == "f" else int(counts.sum())

@@ -320,7 +320,7 @@ def _round_value(record: Mapping[str, Any], column: ExtraColumn, scaled: bool = 
         value = clients_value(record, column.key.removeprefix("client-eval/"), column.clients)
         return None if value is None else value * (column.scale if scaled else 1.0)
     value = _lookup(record, column.key)
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not np.isfinite(value):
+    if not _finite(value):
         return None
     if column.per is not None:
         per = _lookup(record, column.per)
